@@ -1,0 +1,249 @@
+"""The SQL record: tables, the `results` view and the engine.
+
+The database is the record of what happened to every file; the folders only follow it.
+The same code runs on SQLite (embedded default: WAL, busy_timeout, foreign keys) and on
+PostgreSQL (several workers share one database).
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    create_engine,
+    event,
+    text,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
+from sqlalchemy.types import Enum as SAEnum
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class ImageStatus(str, enum.Enum):
+    pending = "pending"
+    processing = "processing"
+    done = "done"
+    failed = "failed"
+    duplicate = "duplicate"
+
+
+class ModelKind(str, enum.Enum):
+    standardizer = "standardizer"
+    classifier = "classifier"
+
+
+class RunStatus(str, enum.Enum):
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    rejected = "rejected"
+
+
+def _str_enum(cls: type[enum.Enum], name: str) -> SAEnum:
+    # Stored as VARCHAR + CHECK on every backend: adding a state later is a plain migration.
+    return SAEnum(cls, name=name, native_enum=False, length=16, values_callable=lambda e: [m.value for m in e])
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {datetime: DateTime(timezone=True), dict[str, Any]: JSON}
+
+
+class Image(Base):
+    """One file that arrived in the drop folder (a duplicate arrival gets its own row)."""
+
+    __tablename__ = "images"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sha256: Mapped[str | None] = mapped_column(String(64))
+    duplicate_of_id: Mapped[int | None] = mapped_column(ForeignKey("images.id", ondelete="SET NULL"))
+    source_name: Mapped[str] = mapped_column(String(512))
+    site: Mapped[str] = mapped_column(String(128))
+    status: Mapped[ImageStatus] = mapped_column(_str_enum(ImageStatus, "image_status"), index=True)
+    error: Mapped[str | None] = mapped_column(Text)
+    size_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    format: Mapped[str | None] = mapped_column(String(16))
+    width: Mapped[int | None] = mapped_column(Integer)
+    height: Mapped[int | None] = mapped_column(Integer)
+    study_uid: Mapped[str | None] = mapped_column(String(64))
+    series_uid: Mapped[str | None] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str | None] = mapped_column(String(64), index=True)
+    acquisition_time: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    institution: Mapped[str | None] = mapped_column(String(256))
+    patient_pseudonym: Mapped[str | None] = mapped_column(String(64), index=True)
+    claimed_by: Mapped[str | None] = mapped_column(String(128))
+    claimed_at: Mapped[datetime | None]
+    received_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    processed_at: Mapped[datetime | None]
+    archive_path: Mapped[str | None] = mapped_column(String(1024))
+
+    predictions: Mapped[list["Prediction"]] = relationship(back_populates="image", cascade="all, delete-orphan")
+
+    __table_args__ = (
+        # One claim per content: the same bytes dropped twice become a `duplicate` row
+        # pointing at the first, which is the only row holding the sha256 uniquely.
+        Index(
+            "uq_images_sha256_original",
+            "sha256",
+            unique=True,
+            sqlite_where=text("duplicate_of_id IS NULL"),
+            postgresql_where=text("duplicate_of_id IS NULL"),
+        ),
+    )
+
+
+class ModelVersion(Base):
+    """A checkpoint the service has loaded or the retraining job has produced."""
+
+    __tablename__ = "model_versions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[ModelKind] = mapped_column(_str_enum(ModelKind, "model_kind"))
+    name: Mapped[str] = mapped_column(String(128))
+    path: Mapped[str] = mapped_column(String(1024))
+    sha256: Mapped[str] = mapped_column(String(64))
+    header: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    active: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    promoted_at: Mapped[datetime | None]
+
+    __table_args__ = (Index("uq_model_versions_kind_sha256", "kind", "sha256", unique=True),)
+
+
+class Prediction(Base):
+    __tablename__ = "predictions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), index=True)
+    label: Mapped[str] = mapped_column(String(64))
+    confidence: Mapped[float] = mapped_column(Float)
+    probabilities: Mapped[dict[str, Any]]
+    standardizer_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
+    classifier_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"))
+    latency_ms: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    image: Mapped[Image] = relationship(back_populates="predictions")
+    standardizer_version: Mapped[ModelVersion | None] = relationship(foreign_keys=[standardizer_version_id])
+    classifier_version: Mapped[ModelVersion] = relationship(foreign_keys=[classifier_version_id])
+
+
+class TrainingRun(Base):
+    __tablename__ = "training_runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[ModelKind] = mapped_column(_str_enum(ModelKind, "model_kind"))
+    status: Mapped[RunStatus] = mapped_column(_str_enum(RunStatus, "run_status"))
+    trigger: Mapped[str] = mapped_column(String(32), default="manual")
+    params: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    images_used: Mapped[int | None] = mapped_column(Integer)
+    model_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
+    log_path: Mapped[str | None] = mapped_column(String(1024))
+    error: Mapped[str | None] = mapped_column(Text)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None]
+
+
+class Review(Base):
+    """A label confirmed (or corrected) by a hematologist."""
+
+    __tablename__ = "reviews"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), index=True)
+    label: Mapped[str] = mapped_column(String(64))
+    reviewer: Mapped[str] = mapped_column(String(128))
+    comment: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+# What lab staff query: one row per image with its latest prediction and latest review.
+# Migrations keep their own frozen copy of this text; change both together.
+RESULTS_VIEW_SQL = """
+CREATE VIEW results AS
+SELECT
+    i.id AS image_id,
+    i.source_name,
+    i.site,
+    i.status,
+    i.error,
+    i.sha256,
+    i.duplicate_of_id,
+    i.study_uid,
+    i.series_uid,
+    i.sop_instance_uid,
+    i.patient_pseudonym,
+    i.received_at,
+    i.processed_at,
+    i.archive_path,
+    p.label,
+    p.confidence,
+    p.probabilities,
+    p.latency_ms,
+    s.name AS standardizer,
+    s.sha256 AS standardizer_sha256,
+    c.name AS classifier,
+    c.sha256 AS classifier_sha256,
+    r.label AS reviewed_label,
+    r.reviewer
+FROM images i
+LEFT JOIN predictions p
+    ON p.id = (SELECT MAX(p2.id) FROM predictions p2 WHERE p2.image_id = i.id)
+LEFT JOIN model_versions s ON s.id = p.standardizer_version_id
+LEFT JOIN model_versions c ON c.id = p.classifier_version_id
+LEFT JOIN reviews r
+    ON r.id = (SELECT MAX(r2.id) FROM reviews r2 WHERE r2.image_id = i.id)
+"""
+
+
+def _tune_sqlite(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+def make_engine(url: str, **kwargs: Any) -> Engine:
+    """An engine tuned for a long-running daemon; creates the SQLite file's folder if needed."""
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 30}, **kwargs)
+        event.listen(engine, "connect", _tune_sqlite)
+        return engine
+    return create_engine(url, pool_pre_ping=True, **kwargs)
+
+
+def make_sessionmaker(engine: Engine) -> sessionmaker:
+    return sessionmaker(engine, expire_on_commit=False)
