@@ -1,0 +1,157 @@
+"""Filing: move a handled file out of the drop folder, into the archive or quarantine.
+
+Inputs are never deleted except by a move. A destination name is reserved atomically
+(``O_CREAT | O_EXCL``) and the file is renamed over the reservation, so two workers never
+overwrite each other; across filesystems the move is copy + fsync + unlink. A symbolic link
+is moved as a link (its target is never touched or read).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import stat
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+from PIL import Image as PILImage
+
+MAX_NAME_TRIES = 10_000
+
+
+class FilingError(OSError):
+    """A file could not be moved out of the drop folder; it is still where it was."""
+
+
+def dated_folder(root: Path, when: datetime) -> Path:
+    """`root/YYYY/MM/DD` for `when` (pass an aware UTC time for one calendar across sites)."""
+    return Path(root) / f"{when:%Y}" / f"{when:%m}" / f"{when:%d}"
+
+
+def _numbered(name: str, n: int) -> str:
+    if n == 0:
+        return name
+    stem, suffix = os.path.splitext(name)
+    return f"{stem}__{n}{suffix}"
+
+
+def reserve_name(folder: Path, name: str, *, also_free: Callable[[Path], bool] = lambda p: True) -> Path:
+    """Create an empty placeholder at the first free `name`, `name__1`, ... in `folder` and return it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for n in range(MAX_NAME_TRIES):
+        target = folder / _numbered(name, n)
+        if not also_free(target):
+            continue
+        try:
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o640)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return target
+    raise FilingError(f"no free name for {name} in {folder} after {MAX_NAME_TRIES} tries")
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _copy_across(source: Path, target: Path, st: os.stat_result) -> None:
+    """Move between filesystems: copy into the reservation, fsync, then unlink the source."""
+    if stat.S_ISLNK(st.st_mode):
+        temp = target.with_name(f".{target.name}.link-{os.getpid()}")
+        os.symlink(os.readlink(source), temp)
+        os.replace(temp, target)
+    else:
+        with open(os.open(source, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)), "rb") as src, open(target, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+            dst.flush()
+            os.fsync(dst.fileno())
+        if target.stat().st_size != st.st_size:
+            raise FilingError(f"copy of {source} to {target} is incomplete; the original was kept")
+        os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    _fsync_dir(target.parent)
+    os.unlink(source)
+
+
+def move_into(path: Path, folder: Path, *, also_free: Callable[[Path], bool] = lambda p: True) -> Path:
+    """Move `path` (a file or a symlink, never followed) into `folder` under a free name."""
+    path = Path(path)
+    st = os.lstat(path)
+    target = reserve_name(folder, path.name, also_free=also_free)
+    try:
+        if stat.S_ISLNK(st.st_mode):
+            os.unlink(target)  # rename(2) of a link over a regular file is allowed, but keep it explicit
+            os.rename(path, target)
+        else:
+            os.rename(path, target)
+        _fsync_dir(target.parent)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            _discard(target)
+            raise FilingError(f"cannot move {path} to {target}: {exc.strerror}") from exc
+        try:
+            _copy_across(path, target, st)
+        except OSError as copy_exc:
+            _discard(target)
+            raise FilingError(f"cannot copy {path} to {target}: {copy_exc}") from copy_exc
+    return target
+
+
+def _discard(target: Path) -> None:
+    """Remove a reservation or partial copy after a failed move (the source is still in place)."""
+    try:
+        os.unlink(target)
+    except OSError:
+        pass
+
+
+def archive_file(path: Path, archive_root: Path, when: datetime) -> Path:
+    """Move a handled file to `archive_root/YYYY/MM/DD/<name>` (``name__1.ext`` on a clash)."""
+    return move_into(Path(path), dated_folder(archive_root, when))
+
+
+def quarantine_file(path: Path, quarantine_root: Path, reason: str, detail: str, when: datetime | None = None) -> Path:
+    """Move a refused or broken file to `quarantine_root/YYYY/MM/DD/` with `<name>.error.txt` beside it."""
+    when = when or datetime.now(timezone.utc)
+    source = Path(path)
+    target = move_into(source, dated_folder(quarantine_root, when),
+                       also_free=lambda p: not os.path.lexists(error_note_path(p)))
+    note = error_note_path(target)
+    temp = note.with_name(f".{note.name}.{os.getpid()}.tmp")
+    temp.write_text(f"reason: {reason}\ndetail: {detail}\ntime: {when.isoformat()}\nsource: {source}\n", encoding="utf-8")
+    os.replace(temp, note)
+    _fsync_dir(note.parent)
+    return target
+
+
+def error_note_path(quarantined: Path) -> Path:
+    return quarantined.with_name(quarantined.name + ".error.txt")
+
+
+def save_standardized(image: PILImage.Image, archived_path: Path) -> Path:
+    """Write the standardized picture as `<stem>.standardized.png` next to the archived original."""
+    archived_path = Path(archived_path)
+    target = reserve_name(archived_path.parent, f"{archived_path.stem}.standardized.png")
+    temp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        image.convert("RGB").save(temp, format="PNG")
+        os.replace(temp, target)
+    except BaseException:
+        for leftover in (temp, target):
+            try:
+                os.unlink(leftover)
+            except OSError:
+                pass
+        raise
+    return target

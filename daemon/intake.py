@@ -1,0 +1,469 @@
+"""Intake: hash a ready file, claim it in SQL, decode it into an RGB picture.
+
+The claim is the one place where "each file is processed once" is decided: the first row
+holding a sha256 (``duplicate_of_id IS NULL``) is unique per content, enforced by the
+partial unique index ``uq_images_sha256_original``. Decoding accepts PNG, JPEG, TIFF and BMP
+through Pillow with bomb limits, and DICOM through pydicom; the patient ID is kept only as
+a keyed HMAC pseudonym and the patient name is never read.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import os
+import socket
+import stat
+import warnings
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+from PIL import Image as PILImage
+from PIL import ImageFile, ImageOps, UnidentifiedImageError
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_color_lut
+from pydicom.valuerep import DT
+from sqlalchemy import or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from daemon.config import ConfigError
+from daemon.store import Image, ImageStatus, utcnow
+
+PILLOW_FORMATS = ("PNG", "JPEG", "TIFF", "BMP")
+CHUNK = 1 << 20
+
+
+# --- errors -----------------------------------------------------------------------------
+
+
+class IntakeError(Exception):
+    """A file cannot be taken in; `.reason` is a short code stored with the quarantined file."""
+
+    reason = "unreadable"
+
+    def __init__(self, message: str, *, reason: str | None = None) -> None:
+        super().__init__(message)
+        if reason is not None:
+            self.reason = reason
+
+    @property
+    def message(self) -> str:
+        return str(self)
+
+
+class UnreadableImage(IntakeError):
+    """The file claims a supported format but its content is broken (corrupt, truncated, empty)."""
+
+    reason = "corrupt"
+
+
+class UnsupportedFormat(IntakeError):
+    """The content is not one of PNG, JPEG, TIFF, BMP or single-frame DICOM."""
+
+    reason = "unsupported_format"
+
+
+class RefusedFile(IntakeError):
+    """The file is refused before reading: symlink, hard link, not a regular file, too large."""
+
+    reason = "refused"
+
+
+class PseudonymSecretMissing(ConfigError):
+    """A DICOM file carries a patient ID but no pseudonym secret is configured."""
+
+
+# --- files and hashing ----------------------------------------------------------------------
+
+
+def open_regular(path: str | os.PathLike[str]) -> BinaryIO:
+    """Open a regular, singly-linked file for reading without following a symlink."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise UnreadableImage(f"{path} disappeared before it could be read", reason="missing") from None
+    except OSError as exc:
+        if os.path.islink(path):
+            raise RefusedFile(f"{path} is a symbolic link; links are never followed", reason="symlink") from None
+        raise UnreadableImage(f"cannot open {path}: {exc.strerror}; check the file's permissions",
+                              reason="unreadable") from None
+    handle = os.fdopen(fd, "rb")
+    st = os.fstat(handle.fileno())
+    if not stat.S_ISREG(st.st_mode):
+        handle.close()
+        raise RefusedFile(f"{path} is not a regular file", reason="not_regular_file")
+    if st.st_nlink > 1:
+        handle.close()
+        raise RefusedFile(f"{path} has {st.st_nlink} hard links; copy the file instead of linking it", reason="hard_link")
+    return handle
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """The sha256 of a file's bytes (hex), read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open_regular(path) as handle:
+        while chunk := handle.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# --- claims ---------------------------------------------------------------------------------
+
+
+def worker_id() -> str:
+    """This process as it appears in ``images.claimed_by``: ``host:pid``."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class ClaimOutcome(str, enum.Enum):
+    claimed = "claimed"  # this worker owns the row: decode, classify, file it
+    duplicate = "duplicate"  # same bytes already recorded: a duplicate row was added; archive the file
+    in_progress = "in_progress"  # this very file is being processed by a live claim: leave it alone
+    unfiled = "unfiled"  # already processed but never moved (crash after commit): just file it
+
+
+@dataclass(frozen=True)
+class ClaimResult:
+    outcome: ClaimOutcome
+    image_id: int  # the row to update (for `duplicate`: the new duplicate row)
+    duplicate_of_id: int | None = None
+    reclaimed: bool = False  # a pending (released) row was taken over
+    original_status: ImageStatus | None = None  # for `unfiled`: done or failed, i.e. archive or quarantine
+
+    @property
+    def is_duplicate(self) -> bool:
+        return self.outcome is ClaimOutcome.duplicate
+
+
+def claim(session: Session, *, sha256: str, source_name: str, site: str, size_bytes: int | None) -> ClaimResult:
+    """Claim the content `sha256` for this worker, or record the arrival as a duplicate.
+
+    Does not commit: commit right after, so that other workers see the claim. `source_name`
+    is the path relative to the drop folder (posix separators).
+    """
+    now = utcnow()
+    row = Image(sha256=sha256, source_name=source_name, site=site, size_bytes=size_bytes,
+                status=ImageStatus.processing, claimed_by=worker_id(), claimed_at=now, received_at=now)
+    try:
+        with session.begin_nested():
+            session.add(row)
+            session.flush()
+        return ClaimResult(ClaimOutcome.claimed, row.id)
+    except IntegrityError as exc:
+        conflict = exc  # the savepoint was rolled back; the outer transaction is still usable
+
+    original = session.scalars(
+        select(Image).where(Image.sha256 == sha256, Image.duplicate_of_id.is_(None)).with_for_update()
+    ).one_or_none()
+    if original is None:  # not the sha256 index: a genuine schema error
+        raise conflict
+    if original.status is ImageStatus.pending:
+        taken = session.execute(
+            update(Image)
+            .where(Image.id == original.id, Image.status == ImageStatus.pending)
+            .values(status=ImageStatus.processing, claimed_by=worker_id(), claimed_at=now, error=None,
+                    source_name=source_name, size_bytes=size_bytes)
+            .execution_options(synchronize_session=False)
+        ).rowcount
+        session.expire(original)
+        if taken == 1:
+            return ClaimResult(ClaimOutcome.claimed, original.id, reclaimed=True)
+        session.refresh(original)
+    same_file = original.source_name == source_name
+    if same_file and original.status is ImageStatus.processing:
+        return ClaimResult(ClaimOutcome.in_progress, original.id)
+    if same_file and original.status in (ImageStatus.done, ImageStatus.failed) and original.archive_path is None:
+        return ClaimResult(ClaimOutcome.unfiled, original.id, original_status=original.status)
+
+    duplicate = Image(sha256=sha256, duplicate_of_id=original.id, source_name=source_name, site=site,
+                      size_bytes=size_bytes, status=ImageStatus.duplicate, received_at=now, processed_at=now)
+    session.add(duplicate)
+    session.flush()
+    return ClaimResult(ClaimOutcome.duplicate, duplicate.id, duplicate_of_id=original.id)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def release_stale_claims(session: Session, older_than_s: float, *, startup: bool = False) -> int:
+    """Reset stale `processing` claims to `pending` so that the file can be claimed again.
+
+    Stale means: claimed more than `older_than_s` seconds ago, or claimed on this host by a
+    process that no longer exists, or (``startup=True``, before this worker holds anything)
+    claimed under this very ``host:pid`` by an earlier life (pid 1 in containers).
+    Returns how many rows were released; does not commit.
+    """
+    host, me = socket.gethostname(), worker_id()
+    cutoff = utcnow() - timedelta(seconds=older_than_s)
+    dead: list[str] = []
+    rows = session.execute(
+        select(Image.claimed_by).where(Image.status == ImageStatus.processing, Image.claimed_by.like(f"{host}:%")).distinct()
+    ).scalars()
+    for owner in rows:
+        pid_text = owner.rsplit(":", 1)[-1]
+        if owner == me:
+            if startup:
+                dead.append(owner)
+        elif not pid_text.isdigit() or not _pid_alive(int(pid_text)):
+            dead.append(owner)
+    stale = or_(Image.claimed_at < cutoff, Image.claimed_at.is_(None), Image.claimed_by.in_(dead))
+    result = session.execute(
+        update(Image)
+        .where(Image.status == ImageStatus.processing, Image.duplicate_of_id.is_(None), stale)
+        .values(status=ImageStatus.pending, claimed_by=None, claimed_at=None)
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount or 0
+
+
+def next_pending(session: Session, limit: int) -> list[Image]:
+    """Claim up to `limit` pending rows for this worker (``FOR UPDATE SKIP LOCKED`` on PostgreSQL).
+
+    The rows come back as `processing`, claimed by this worker; resolve ``source_name``
+    against the drop folder to find the file. Does not commit: commit right after.
+    """
+    rows = list(session.scalars(
+        select(Image)
+        .where(Image.status == ImageStatus.pending, Image.duplicate_of_id.is_(None))
+        .order_by(Image.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    ))
+    now = utcnow()
+    for row in rows:
+        row.status, row.claimed_by, row.claimed_at = ImageStatus.processing, worker_id(), now
+    session.flush()
+    return rows
+
+
+# --- decoding -------------------------------------------------------------------------------
+
+
+@dataclass
+class DecodedImage:
+    image: PILImage.Image  # RGB, 8 bits per channel
+    format: str  # "PNG" | "JPEG" | "TIFF" | "BMP" | "DICOM"
+    width: int
+    height: int
+    # Keys are `images` column names, ready for setattr: study_uid, series_uid, sop_instance_uid,
+    # acquisition_time (aware datetime), institution, patient_pseudonym. Empty for non-DICOM.
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def decode_image(path: str | os.PathLike[str], *, max_pixels: int, max_bytes: int,
+                 pseudonym_secret: str = "") -> DecodedImage:
+    """Fully decode `path` into an RGB picture, or raise an :class:`IntakeError` saying why not.
+
+    `max_bytes` is checked before anything is read (``settings.watch.max_file_mb`` * 2**20),
+    `max_pixels` before pixel data is decoded (``settings.watch.max_pixels``).
+    """
+    name = Path(path).name
+    with open_regular(path) as handle:
+        size = os.fstat(handle.fileno()).st_size
+        if size == 0:
+            raise UnreadableImage(f"{name} is empty (0 bytes); was the copy interrupted?", reason="empty")
+        if size > max_bytes:
+            raise RefusedFile(f"{name} is {size / 2**20:.1f} MiB, over the {max_bytes / 2**20:.1f} MiB limit "
+                              "([watch] max_file_mb)", reason="too_large")
+        head = handle.read(132)
+        handle.seek(0)
+        if head[128:132] == b"DICM" or name.lower().endswith(".dcm"):
+            return _decode_dicom(handle, name, max_pixels=max_pixels, pseudonym_secret=pseudonym_secret)
+        return _decode_pillow(handle, name, max_pixels=max_pixels)
+
+
+def _decode_pillow(handle: BinaryIO, name: str, *, max_pixels: int) -> DecodedImage:
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        raise ConfigError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is on; stainbridge needs it off to refuse truncated files")
+    PILImage.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", PILImage.DecompressionBombWarning)
+            img = PILImage.open(handle, formats=list(PILLOW_FORMATS))
+            if img.format not in PILLOW_FORMATS:
+                raise UnsupportedFormat(f"{name}: {img.format} images are not accepted; "
+                                        f"send {', '.join(PILLOW_FORMATS)} or DICOM")
+            if img.width * img.height > max_pixels:
+                raise RefusedFile(f"{name} is {img.width}x{img.height} pixels, over the {max_pixels} limit "
+                                  "([watch] max_pixels)", reason="decompression_bomb")
+            if getattr(img, "n_frames", 1) > 1:
+                raise UnsupportedFormat(f"{name} has {img.n_frames} frames/pages; multi-frame images are not "
+                                        "supported, split the frames into separate files", reason="multi_frame")
+            img.load()
+    except IntakeError:
+        raise
+    except (PILImage.DecompressionBombError, PILImage.DecompressionBombWarning) as exc:
+        raise RefusedFile(f"{name} is refused as a decompression bomb: {exc}", reason="decompression_bomb") from None
+    except UnidentifiedImageError:
+        raise UnsupportedFormat(f"{name} is not a PNG, JPEG, TIFF, BMP or DICOM file (its content is not "
+                                "recognized, whatever its extension says)") from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, KeyError, MemoryError) as exc:
+        text = str(exc) or type(exc).__name__
+        reason = "truncated" if "truncat" in text.lower() else "corrupt"
+        raise UnreadableImage(f"{name} cannot be decoded ({reason}): {text}", reason=reason) from None
+    fmt = img.format
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception:  # a broken EXIF block must not lose an otherwise good image
+        pass
+    rgb = to_rgb(img)
+    return DecodedImage(rgb, fmt, rgb.width, rgb.height, {})
+
+
+def _scale_to_uint8(array: np.ndarray, max_value: float) -> np.ndarray:
+    scaled = array.astype(np.float64) * (255.0 / max(max_value, 1.0))
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def to_rgb(img: PILImage.Image) -> PILImage.Image:
+    """Any Pillow mode as 8-bit RGB: wide grays scaled by their range, alpha composited on white."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        array = np.asarray(img)
+        if mode.startswith("I;16"):
+            top = 65535.0
+        elif mode == "I":
+            top = 65535.0 if array.min() >= 0 and array.max() <= 65535 else None
+        else:
+            top = 1.0 if array.min() >= 0 and array.max() <= 1.0 else None
+        if top is None:  # unusual ranges (signed 32-bit, HDR float): stretch min..max
+            low = float(array.min())
+            array, top = array.astype(np.float64) - low, max(float(array.max()) - low, 1e-12)
+        gray = _scale_to_uint8(array, top)
+        return PILImage.fromarray(np.dstack([gray] * 3), "RGB")
+    if mode == "P":
+        img = img.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = PILImage.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return PILImage.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV, RGBX
+
+
+def pseudonymize(patient_id: str, secret: str) -> str:
+    """HMAC-SHA256 of the patient ID keyed with the site secret (hex)."""
+    return hmac.new(secret.encode("utf-8"), patient_id.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+def require_secret(secret: str) -> str:
+    if not secret:
+        raise PseudonymSecretMissing(
+            "a DICOM file carries a patient ID but no pseudonym secret is configured; set [site] pseudonym_secret "
+            "(or STAINBRIDGE_SITE_PSEUDONYM_SECRET) to a long random string and keep it stable: patient IDs "
+            "are stored only as HMAC-SHA256 pseudonyms keyed with it"
+        )
+    return secret
+
+
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo is not None else value.astimezone()
+
+
+def _dicom_text(ds: Any, keyword: str, limit: int) -> str | None:
+    value = ds.get(keyword)
+    text = str(value).strip() if value is not None else ""
+    return text[:limit] or None
+
+
+def _dicom_time(ds: Any) -> datetime | None:
+    """AcquisitionDateTime, else AcquisitionDate+Time, else ContentDate+Time, as an aware datetime.
+
+    A value without a UTC offset takes TimezoneOffsetFromUTC, else this machine's local zone
+    (DICOM times are local to the site that acquired them).
+    """
+    candidates = [ds.get("AcquisitionDateTime")]
+    for date_kw, time_kw in (("AcquisitionDate", "AcquisitionTime"), ("ContentDate", "ContentTime")):
+        if ds.get(date_kw):
+            candidates.append(f"{ds.get(date_kw)}{ds.get(time_kw) or ''}")
+    offset = str(ds.get("TimezoneOffsetFromUTC") or "").strip()
+    for raw in candidates:
+        text = str(raw or "").strip()
+        if not text:
+            continue
+        if offset and "+" not in text and "-" not in text:
+            text += offset
+        try:
+            value = DT(text)
+        except ValueError:
+            continue
+        return _aware(datetime.combine(value.date(), value.timetz()))
+    return None
+
+
+def _dicom_metadata(ds: Any, pseudonym_secret: str) -> dict[str, Any]:
+    patient_id = str(ds.get("PatientID") or "").strip()  # the patient name is never read
+    return {
+        "study_uid": _dicom_text(ds, "StudyInstanceUID", 64),
+        "series_uid": _dicom_text(ds, "SeriesInstanceUID", 64),
+        "sop_instance_uid": _dicom_text(ds, "SOPInstanceUID", 64),
+        "acquisition_time": _dicom_time(ds),
+        "institution": _dicom_text(ds, "InstitutionName", 256),
+        "patient_pseudonym": pseudonymize(patient_id, require_secret(pseudonym_secret)) if patient_id else None,
+    }
+
+
+def _decode_dicom(handle: BinaryIO, name: str, *, max_pixels: int, pseudonym_secret: str) -> DecodedImage:
+    try:
+        ds = dcmread(handle)
+    except InvalidDicomError:
+        raise UnsupportedFormat(f"{name} is not a DICOM Part 10 file (no 'DICM' marker after the 128-byte preamble); "
+                                "export it with a file meta header") from None
+    except Exception as exc:  # pydicom raises many types on damaged headers
+        raise UnreadableImage(f"{name}: the DICOM file cannot be parsed (damaged or cut short): {exc}") from None
+    metadata = _dicom_metadata(ds, pseudonym_secret)
+    if "PixelData" not in ds:
+        raise UnreadableImage(f"{name} is a DICOM file without pixel data (not an image)", reason="dicom_no_pixels")
+    frames = int(ds.get("NumberOfFrames") or 1)
+    if frames > 1:
+        raise UnsupportedFormat(f"{name} has {frames} frames: multi-frame not supported, split frames into "
+                                "single-frame files", reason="multi_frame")
+    rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+    if rows * cols > max_pixels:
+        raise RefusedFile(f"{name} is {cols}x{rows} pixels, over the {max_pixels} limit ([watch] max_pixels)",
+                          reason="decompression_bomb")
+    photometric = str(ds.get("PhotometricInterpretation") or "").strip().upper()
+    try:
+        ds.pixel_array_options(as_rgb=True)  # YBR_FULL / YBR_FULL_422 are converted to RGB by pydicom
+        array = ds.pixel_array
+    except (NotImplementedError, RuntimeError) as exc:
+        syntax = ds.file_meta.get("TransferSyntaxUID")
+        raise UnsupportedFormat(f"{name}: no installed decoder for transfer syntax {syntax} "
+                                f"({getattr(syntax, 'name', '?')}): {exc}", reason="unsupported_transfer_syntax") from None
+    except Exception as exc:
+        text = str(exc) or type(exc).__name__
+        reason = "truncated" if any(k in text.lower() for k in ("truncat", "less than expected")) else "corrupt"
+        raise UnreadableImage(f"{name}: the DICOM pixel data cannot be decoded ({reason}): {text}", reason=reason) from None
+    bits = int(ds.get("BitsStored") or ds.get("BitsAllocated") or 8)
+    if photometric in ("MONOCHROME1", "MONOCHROME2") and array.ndim == 2:
+        if int(ds.get("PixelRepresentation") or 0) == 1:
+            array = array.astype(np.int64) + (1 << (bits - 1))
+        gray = _scale_to_uint8(array, float((1 << bits) - 1))
+        if photometric == "MONOCHROME1":
+            gray = 255 - gray
+        rgb = np.dstack([gray] * 3)
+    elif photometric == "PALETTE COLOR":
+        mapped = apply_color_lut(array, ds)
+        rgb = mapped if mapped.dtype == np.uint8 else _scale_to_uint8(mapped, 65535.0)
+    elif photometric in ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT") and array.ndim == 3:
+        rgb = array if array.dtype == np.uint8 else _scale_to_uint8(array, float((1 << bits) - 1))
+    else:
+        raise UnsupportedFormat(f"{name}: photometric interpretation {photometric or 'missing'} with pixel shape "
+                                f"{array.shape} is not supported", reason="unsupported_photometric")
+    image = PILImage.fromarray(np.ascontiguousarray(rgb[..., :3], dtype=np.uint8), "RGB")
+    return DecodedImage(image, "DICOM", image.width, image.height, metadata)

@@ -1,0 +1,213 @@
+"""Drop-folder watcher: readiness, events as hints, rescans, and refusals of links."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from daemon.config import load_settings
+from daemon.watcher import Candidate, DropFolderWatcher, FileObservation, is_ignored_name, is_ready, iter_candidates
+
+QUIET = 30.0  # long, so that only events (or an explicit later `now`) make a file ready
+
+
+def settings_for(tmp_path: Path, *, polling: bool = False, quiet: float = QUIET, rescan: float = 3600.0):
+    env = {
+        "STAINBRIDGE_PATHS_STATE": str(tmp_path / "state"),
+        "STAINBRIDGE_PATHS_DROP": str(tmp_path / "drop"),
+        "STAINBRIDGE_PATHS_ARCHIVE": str(tmp_path / "drop" / "archive"),
+        "STAINBRIDGE_WATCH_POLLING": str(polling).lower(),
+        "STAINBRIDGE_WATCH_QUIET_SECONDS": str(quiet),
+        "STAINBRIDGE_WATCH_RESCAN_SECONDS": str(rescan),
+    }
+    (tmp_path / "drop").mkdir(exist_ok=True)
+    return load_settings(environ=env)
+
+
+@pytest.fixture
+def watcher(tmp_path):
+    w = DropFolderWatcher(settings_for(tmp_path))
+    w.start()
+    yield w
+    w.stop()
+
+
+def wait_for(watcher: DropFolderWatcher, name: str, timeout: float = 5.0) -> list[Candidate]:
+    """Poll ready_files() with the real clock until `name` shows up (events only, no quiet time)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready = watcher.ready_files()
+        if any(c.source_name == name for c in ready):
+            return ready
+        time.sleep(0.05)
+    return []
+
+
+@pytest.mark.parametrize(
+    "event_ready,last_change,now,expected",
+    [
+        (False, 100.0, 100.5, False),  # still inside the quiet time
+        (False, 100.0, 102.0, True),  # quiet for exactly quiet_seconds
+        (False, 100.0, 150.0, True),
+        (True, 100.0, 100.0, True),  # close-write or move-in: ready at once
+        (True, 100.0, 100.1, True),
+    ],
+)
+def test_is_ready_table(event_ready, last_change, now, expected):
+    """A file is ready after a close/move event, or once unchanged for quiet_seconds."""
+    observed = FileObservation(size=10, mtime_ns=1, inode=1, last_change=last_change, event_ready=event_ready)
+    assert is_ready(observed, now, quiet_seconds=2.0) is expected
+
+
+@pytest.mark.parametrize("name,ignored", [("a.png", False), ("a.png.part", True), ("a.tmp", True), ("a.crdownload", True),
+                                          ("a.png~", True), (".hidden.png", True), ("Thumbs.db", True), ("IM0001", False)])
+def test_ignored_names(name, ignored):
+    """Temporary, hidden and desktop-clutter names are ignored; extension-less DICOM names are not."""
+    assert is_ignored_name(name) is ignored
+
+
+def test_close_write_makes_file_ready(watcher, tmp_path):
+    """A file written and closed is ready at once, without waiting the quiet time."""
+    (tmp_path / "drop" / "a.png").write_bytes(b"x" * 100)
+    ready = wait_for(watcher, "a.png")
+    assert [(c.source_name, c.size, c.refusal) for c in ready] == [("a.png", 100, None)]
+    assert watcher.healthy()
+
+
+def test_atomic_rename_makes_file_ready(watcher, tmp_path):
+    """A .part file is ignored until it is renamed, then it is ready at once."""
+    part = tmp_path / "drop" / "b.png.part"
+    part.write_bytes(b"y" * 10)
+    time.sleep(0.3)
+    assert watcher.ready_files(now=time.monotonic() + 10 * QUIET) == []
+    os.rename(part, tmp_path / "drop" / "b.png")
+    assert [c.source_name for c in wait_for(watcher, "b.png")] == ["b.png"]
+
+
+def test_folder_moved_in_is_seen_without_rescan(watcher, tmp_path):
+    """Files of a folder moved into the drop folder are observed from the event, ready after the quiet time."""
+    batch = tmp_path / "batch"
+    batch.mkdir()
+    (batch / "i.png").write_bytes(b"i")
+    os.rename(batch, tmp_path / "drop" / "batch")
+    time.sleep(0.5)
+    assert watcher.ready_files() == []  # a new folder's files may still be being written
+    assert [c.source_name for c in watcher.ready_files(now=time.monotonic() + QUIET)] == ["batch/i.png"]
+
+
+def test_quiet_time_makes_unevented_file_ready(tmp_path):
+    """Without events (found by a scan), a file is ready once stable for quiet_seconds."""
+    (tmp_path / "drop").mkdir()
+    (tmp_path / "drop" / "c.png").write_bytes(b"z")
+    w = DropFolderWatcher(settings_for(tmp_path))
+    w.rescan(now=1000.0)
+    assert w.ready_files(now=1000.0 + QUIET / 2) == []
+    assert [c.source_name for c in w.ready_files(now=1000.0 + QUIET)] == ["c.png"]
+    assert w.ready_files(now=1000.0 + 2 * QUIET) == []  # handed out once
+
+
+def test_growing_file_restarts_quiet_time(tmp_path):
+    """A file that keeps growing is not ready until it stops changing."""
+    path = tmp_path / "drop" / "d.png"
+    w = DropFolderWatcher(settings_for(tmp_path))
+    (tmp_path / "drop").mkdir(exist_ok=True)
+    path.write_bytes(b"1")
+    w.rescan(now=0.0)
+    path.write_bytes(b"12")
+    assert w.ready_files(now=QUIET - 1) == []
+    assert w.ready_files(now=2 * QUIET - 2) == []  # changed at QUIET - 1
+    assert [c.size for c in w.ready_files(now=2 * QUIET)] == [2]
+
+
+def test_rescan_finds_file_created_while_stopped(tmp_path):
+    """A file dropped while the watcher was down is found by the start-up scan."""
+    settings = settings_for(tmp_path)
+    first = DropFolderWatcher(settings)
+    first.start()
+    first.stop()
+    assert not first.healthy()
+    (tmp_path / "drop" / "sub").mkdir()
+    (tmp_path / "drop" / "sub" / "e.png").write_bytes(b"e")
+    second = DropFolderWatcher(settings)
+    second.start()
+    try:
+        ready = second.ready_files(now=time.monotonic() + QUIET)
+        assert [c.source_name for c in ready] == ["sub/e.png"]
+    finally:
+        second.stop()
+
+
+def test_symlink_and_hard_link_refused(watcher, tmp_path):
+    """Symlinks and hard-linked files come back as refusals with a reason, never followed."""
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(b"secret")
+    (tmp_path / "drop" / "link.png").symlink_to(outside)
+    (tmp_path / "drop" / "hard.png").write_bytes(b"h")
+    os.link(tmp_path / "drop" / "hard.png", tmp_path / "drop" / "hard2.png")
+    watcher.rescan()
+    ready = {c.source_name: c for c in watcher.ready_files(now=time.monotonic())}
+    assert ready["link.png"].refusal == "symlink" and ready["link.png"].path == tmp_path / "drop" / "link.png"
+    assert ready["hard.png"].refusal == "hard_link" and ready["hard2.png"].refusal == "hard_link"
+    watcher.rescan()
+    assert watcher.ready_files(now=time.monotonic() + QUIET) == []  # refused once, not on every rescan
+
+
+def test_archive_and_hidden_folders_skipped(watcher, tmp_path):
+    """Files in an archive folder inside the drop folder, or in dot-folders, are never candidates."""
+    for folder in ("archive/2026/11/26", ".staging"):
+        (tmp_path / "drop" / folder).mkdir(parents=True)
+        (tmp_path / "drop" / folder / "f.png").write_bytes(b"f")
+    watcher.rescan()
+    assert watcher.ready_files(now=time.monotonic() + 2 * QUIET) == []
+
+
+def test_moved_out_file_is_forgotten(watcher, tmp_path):
+    """A file moved away before it is ready is not handed out."""
+    path = tmp_path / "drop" / "g.png"
+    path.write_bytes(b"g")
+    watcher.rescan()
+    os.rename(path, tmp_path / "elsewhere.png")
+    assert watcher.ready_files(now=time.monotonic() + QUIET) == []
+
+
+def test_forget_lets_a_left_file_come_back(tmp_path):
+    """A delivered file left in place is handed out again after forget() and a rescan."""
+    (tmp_path / "drop").mkdir()
+    (tmp_path / "drop" / "h.png").write_bytes(b"h")
+    w = DropFolderWatcher(settings_for(tmp_path))
+    w.rescan(now=0.0)
+    [candidate] = w.ready_files(now=QUIET)
+    w.rescan(now=QUIET)
+    assert w.ready_files(now=3 * QUIET) == []
+    w.forget(candidate.path)
+    w.rescan(now=3 * QUIET)
+    assert [c.source_name for c in w.ready_files(now=4 * QUIET)] == ["h.png"]
+
+
+def test_polling_observer_sees_files(tmp_path):
+    """With polling (network shares) a new file is still seen and becomes ready after the quiet time."""
+    w = DropFolderWatcher(settings_for(tmp_path, polling=True, quiet=1.0))
+    w.start()
+    try:
+        (tmp_path / "drop" / "p.png").write_bytes(b"p")
+        assert [c.source_name for c in wait_for(w, "p.png", timeout=8.0)] == ["p.png"]
+        assert w.healthy()
+    finally:
+        w.stop()
+
+
+def test_iter_candidates_for_ingest(tmp_path):
+    """One-shot ingest lists files in folders (skipping temp names) and explicit files, links refused."""
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    (tmp_path / "in" / "a.png").write_bytes(b"a")
+    (tmp_path / "in" / "sub" / "b.dcm").write_bytes(b"b")
+    (tmp_path / "in" / "c.png.part").write_bytes(b"c")
+    (tmp_path / "in" / "l.png").symlink_to(tmp_path / "in" / "a.png")
+    (tmp_path / "single.bmp").write_bytes(b"s")
+    found = {c.source_name: c.refusal for c in iter_candidates([tmp_path / "in", tmp_path / "single.bmp"])}
+    assert found == {"a.png": None, "l.png": "symlink", "sub/b.dcm": None, "single.bmp": None}
+    with pytest.raises(FileNotFoundError):
+        list(iter_candidates([tmp_path / "missing"]))
