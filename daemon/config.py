@@ -185,11 +185,10 @@ def _path_or_none(value: Any) -> Path | None:
     return Path(text).expanduser().absolute() if text else None
 
 
-def _path(value: Any) -> Path:
+def _state_path(value: Any) -> Path:
+    # Empty means the default, so the documented config file can spell every key out.
     text = str(value).strip()
-    if not text:
-        raise ValueError("expected a folder path")
-    return Path(text).expanduser().absolute()
+    return Path(text).expanduser().absolute() if text else PathsSettings().state
 
 
 def _text(value: Any) -> str:
@@ -239,7 +238,7 @@ def _cron(value: Any) -> str:
 
 
 VALIDATORS: dict[tuple[str, str], Callable[[Any], Any]] = {
-    ("paths", "state"): _path,
+    ("paths", "state"): _state_path,
     ("paths", "drop"): _path_or_none,
     ("paths", "archive"): _path_or_none,
     ("paths", "quarantine"): _path_or_none,

@@ -67,7 +67,14 @@ class RunStatus(str, enum.Enum):
 
 def _str_enum(cls: type[enum.Enum], name: str) -> SAEnum:
     # Stored as VARCHAR + CHECK on every backend: adding a state later is a plain migration.
-    return SAEnum(cls, name=name, native_enum=False, length=16, values_callable=lambda e: [m.value for m in e])
+    return SAEnum(
+        cls,
+        name=name,
+        native_enum=False,
+        create_constraint=True,
+        length=16,
+        values_callable=lambda e: [m.value for m in e],
+    )
 
 
 class Base(DeclarativeBase):

@@ -1,0 +1,286 @@
+"""`stainbridge` command line: parse, load settings, configure logging, hand over.
+
+Each command lives in its own module exposing ``add_arguments(parser)`` and
+``run(args) -> int``; that module is imported only when its command is invoked (or asked
+for ``--help``), so one command's heavy imports never slow down another. ``db`` and
+``config`` are built in here. Every command accepts ``--config FILE`` before or after
+its name (else ``$STAINBRIDGE_CONFIG``, else the built-in defaults).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from types import ModuleType
+from typing import Any, Callable, Sequence
+
+from daemon.config import CONFIG_ENV, ConfigError, Settings, load_settings
+
+PROG = "stainbridge"
+
+# Command path -> module with add_arguments(parser) and run(args) -> int.
+COMMANDS: dict[tuple[str, ...], str] = {
+    ("synth",): "models.synthetic",
+    ("train", "classifier"): "models.train_classifier",
+    ("train", "cyclegan"): "models.train_cyclegan",
+    ("eval",): "models.evaluate",
+    ("bench", "accuracy"): "models.bench_accuracy",
+    ("bench", "throughput"): "models.bench_throughput",
+    ("run",): "daemon.service",
+    ("ingest",): "daemon.ingest",
+    ("status",): "daemon.status",
+    ("demo",): "daemon.demo",
+}
+
+HELP: dict[tuple[str, ...], str] = {
+    ("synth",): "write a synthetic labeled cell-image folder",
+    ("train",): "train a model",
+    ("train", "classifier"): "train the ResNet classifier on a labeled folder",
+    ("train", "cyclegan"): "train the CycleGAN stain standardizer on two unlabeled folders",
+    ("eval",): "evaluate a classifier (and standardizer) on a labeled folder",
+    ("bench",): "benchmarks",
+    ("bench", "accuracy"): "cross-hospital accuracy of every standardization method",
+    ("bench", "throughput"): "images per second through standardizer and classifier",
+    ("run",): "run the service in the foreground (systemd runs this)",
+    ("ingest",): "run the pipeline once over files or folders",
+    ("status",): "show queue, model versions and recent results",
+    ("demo",): "end-to-end demonstration on synthetic data",
+    ("db",): "database schema (Alembic)",
+    ("db", "upgrade"): "migrate the database to the newest schema",
+    ("db", "current"): "print the database's schema revision",
+    ("config",): "configuration",
+    ("config", "check"): "validate and print the effective configuration",
+}
+
+# Planned commands that this version does not ship yet.
+NOT_YET: dict[str, str] = {
+    "models": "list and promote model versions",
+    "retrain": "start the retraining job now",
+    "review": "record expert-confirmed labels",
+    "reprocess": "classify stored images again with the active models",
+    "report": "summaries of results per site and period",
+    "export": "export results",
+}
+
+HELP.update({(name,): f"{text} (not available yet)" for name, text in NOT_YET.items()})
+
+_GROUPS = sorted({path[0] for path in [*COMMANDS, ("db", "upgrade"), ("config", "check")] if len(path) > 1})
+
+
+class CommandNotAvailable(Exception):
+    """The command is part of the interface but not built into this version."""
+
+
+def _version() -> str:
+    try:
+        return version("stainbridge")
+    except PackageNotFoundError:
+        return "unknown (not installed; run pip install -e .)"
+
+
+def _common() -> argparse.ArgumentParser:
+    # SUPPRESS: a sub-command's absent --config must not overwrite one given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config",
+        metavar="FILE",
+        default=argparse.SUPPRESS,
+        help=f"TOML configuration file (default: ${CONFIG_ENV}, else built-in defaults)",
+    )
+    return common
+
+
+def _requested_path(argv: Sequence[str]) -> tuple[str, ...]:
+    """The command words in argv, skipping global options (used before the full parse)."""
+    words: list[str] = []
+    skip = False
+    for token in argv:
+        if skip:
+            skip = False
+            continue
+        if token == "--config":
+            skip = True
+            continue
+        if token.startswith("-"):
+            continue
+        words.append(token)
+        if len(words) == 2 or words[0] not in _GROUPS:
+            break
+    return tuple(words)
+
+
+def _load_command(path: tuple[str, ...]) -> ModuleType:
+    module_name = COMMANDS[path]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name == module_name:
+            raise CommandNotAvailable(" ".join(path)) from None
+        raise
+    if not (callable(getattr(module, "add_arguments", None)) and callable(getattr(module, "run", None))):
+        raise TypeError(f"{module_name} must define add_arguments(parser) and run(args) to serve `{PROG} {' '.join(path)}`")
+    return module
+
+
+def build_parser(selected: tuple[str, ...] = ()) -> tuple[argparse.ArgumentParser, ModuleType | None]:
+    """The full parser; only the selected command's module is imported to add its arguments."""
+    common = _common()
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Standardize blood-smear cell images to the reference stain, classify them, record results in SQL.",
+    )
+    parser.add_argument("--config", metavar="FILE", default=None, help=f"TOML configuration file (default: ${CONFIG_ENV})")
+    parser.add_argument("--version", action="version", version=f"{PROG} {_version()}")
+    top = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    groups: dict[str, argparse._SubParsersAction] = {}
+    selected_module: ModuleType | None = None
+
+    def add(path: tuple[str, ...], description: str | None = None) -> argparse.ArgumentParser:
+        if len(path) == 1:
+            return top.add_parser(path[0], parents=[common], help=HELP.get(path), description=description)
+        if path[0] not in groups:
+            group = top.add_parser(path[0], parents=[common], help=HELP.get(path[:1]))
+            groups[path[0]] = group.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
+        return groups[path[0]].add_parser(path[1], parents=[common], help=HELP.get(path))
+
+    for path in COMMANDS:
+        sub = add(path)
+        sub.set_defaults(command_path=path)
+        if path == selected:
+            selected_module = _load_command(path)
+            selected_module.add_arguments(sub)
+
+    add(("db", "upgrade")).set_defaults(command_path=("db", "upgrade"), handler=_db_upgrade)
+    add(("db", "current")).set_defaults(command_path=("db", "current"), handler=_db_current)
+    check = add(("config", "check"))
+    check.add_argument("--json", action="store_true", help="print JSON instead of TOML")
+    check.set_defaults(command_path=("config", "check"), handler=_config_check)
+    for name, text in NOT_YET.items():
+        add((name,), description=f"{text} (not available yet in this version)").set_defaults(command_path=(name,))
+    return parser, selected_module
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(args.config)
+
+
+def _configure_logging(settings: Settings | None) -> None:
+    from daemon.logs import configure_logging
+
+    if settings is None:
+        configure_logging()
+    else:
+        configure_logging(settings.logging.level, settings.logging.format)
+
+
+def _db_upgrade(args: argparse.Namespace) -> int:
+    from daemon.schema import SchemaError, current_revision, safe_url, upgrade_database
+
+    settings = _settings(args)
+    _configure_logging(settings)
+    try:
+        upgrade_database(settings.database_url)
+        revision = current_revision(settings.database_url)
+    except SchemaError as exc:
+        print(f"{PROG}: database error: {exc}", file=sys.stderr)
+        return 1
+    print(f"{safe_url(settings.database_url)} is at revision {revision} (head)")
+    return 0
+
+
+def _db_current(args: argparse.Namespace) -> int:
+    from daemon.schema import SchemaError, current_revision, head_revision
+
+    settings = _settings(args)
+    _configure_logging(settings)
+    try:
+        current = current_revision(settings.database_url)
+        head = head_revision()
+    except SchemaError as exc:
+        print(f"{PROG}: database error: {exc}", file=sys.stderr)
+        return 1
+    print(current or "none")
+    if current != head:
+        print(f"{PROG}: the newest revision is {head}; run `{PROG} db upgrade`", file=sys.stderr)
+    return 0
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))
+
+
+def render_toml(effective: dict[str, dict[str, Any]]) -> str:
+    lines: list[str] = []
+    for section, values in effective.items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            lines.append(f"# {key} is not set" if value is None else f"{key} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _config_check(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    effective = settings.effective()
+    if args.json:
+        print(json.dumps({"source": settings.source, **effective}, indent=2, default=str))
+    else:
+        print(f"# effective configuration ({settings.source})")
+        print(render_toml(effective), end="")
+    print(f"{PROG}: configuration is valid ({settings.source})", file=sys.stderr)
+    return 0
+
+
+def _dispatch(args: argparse.Namespace, module: ModuleType | None) -> int:
+    handler: Callable[[argparse.Namespace], int] | None = getattr(args, "handler", None)
+    if handler is not None:
+        return handler(args)
+    assert module is not None, "the selected command's module was loaded while parsing"
+    if COMMANDS[args.command_path].startswith("daemon."):
+        _configure_logging(_settings(args))
+    else:
+        # models/ commands do not need the configuration; a broken file must not stop them.
+        try:
+            settings: Settings | None = _settings(args)
+        except ConfigError:
+            settings = None
+        _configure_logging(settings)
+    return int(module.run(args) or 0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `stainbridge` console script; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    selected = _requested_path(argv)
+    if selected and selected[0] in NOT_YET:
+        print(f"{PROG} {selected[0]}: not available yet in this version", file=sys.stderr)
+        return 2
+    try:
+        parser, module = build_parser(selected if selected in COMMANDS else ())
+        args = parser.parse_args(argv)
+        return _dispatch(args, module)
+    except CommandNotAvailable as exc:
+        print(f"{PROG} {exc}: not available yet in this version", file=sys.stderr)
+        return 2
+    except ConfigError as exc:
+        print(f"{PROG}: configuration error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # Output piped into `head` and the like: stop quietly, as other command-line tools do.
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keeps interpreter shutdown from failing again
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

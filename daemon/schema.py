@@ -1,0 +1,114 @@
+"""Database schema management: Alembic, run from code (`stainbridge db upgrade | db current`).
+
+The Alembic configuration is built here; the scripts live in the installed ``migrations``
+package, so the commands work from any directory and from an installed wheel.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.pool import NullPool
+
+from daemon.store import make_engine
+
+
+class SchemaError(RuntimeError):
+    """A migration could not be applied or the schema version could not be read."""
+
+
+class DatabaseUnavailable(SchemaError):
+    """The database named by the URL cannot be reached or opened."""
+
+
+def safe_url(url: str) -> str:
+    """The URL with its password hidden, for messages and logs."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<unparseable database URL>"
+
+
+def alembic_config(url: str) -> Config:
+    """An Alembic Config built in code: scripts from the `migrations` package, this URL."""
+    import migrations
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(Path(migrations.__file__).resolve().parent))
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    cfg.attributes["url"] = url
+    return cfg
+
+
+def head_revision() -> str:
+    """The newest revision the installed code knows about."""
+    head = ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+    if head is None:
+        raise SchemaError("the migrations package holds no revisions; the installation is incomplete")
+    return head
+
+
+def _engine(url: str) -> Engine:
+    try:
+        return make_engine(url, poolclass=NullPool)
+    except (ArgumentError, ImportError, OSError) as exc:
+        raise DatabaseUnavailable(f"database URL {safe_url(url)} is not usable: {exc}") from None
+
+
+def _check_reachable(engine: Engine, url: str) -> None:
+    try:
+        with engine.connect():
+            pass
+    except SQLAlchemyError as exc:
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        raise DatabaseUnavailable(
+            f"cannot open the database at {safe_url(url)}: {reason}; check [database] url "
+            "(or STAINBRIDGE_DATABASE_URL) and that the server is running"
+        ) from None
+
+
+def upgrade_database(url: str, revision: str = "head") -> None:
+    """Bring the database at `url` to `revision` (a no-op when it is already there)."""
+    engine = _engine(url)
+    try:
+        _check_reachable(engine, url)
+    finally:
+        engine.dispose()
+    try:
+        command.upgrade(alembic_config(url), revision)
+    except SQLAlchemyError as exc:
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        raise SchemaError(f"migrating {safe_url(url)} to {revision} failed: {reason}") from exc
+
+
+def downgrade_database(url: str, revision: str) -> None:
+    """Take the database at `url` back to `revision` ("base" removes every table)."""
+    engine = _engine(url)
+    try:
+        _check_reachable(engine, url)
+    finally:
+        engine.dispose()
+    try:
+        command.downgrade(alembic_config(url), revision)
+    except SQLAlchemyError as exc:
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        raise SchemaError(f"downgrading {safe_url(url)} to {revision} failed: {reason}") from exc
+
+
+def current_revision(url: str) -> str | None:
+    """The revision the database is at, or None when it has never been migrated."""
+    engine = _engine(url)
+    try:
+        _check_reachable(engine, url)
+        with engine.connect() as connection:
+            return MigrationContext.configure(connection).get_current_revision()
+    except SQLAlchemyError as exc:
+        raise SchemaError(f"reading the schema version of {safe_url(url)} failed: {exc}") from exc
+    finally:
+        engine.dispose()

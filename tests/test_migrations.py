@@ -1,0 +1,118 @@
+"""Alembic from code: the migrations build exactly the ORM schema, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import inspect, text
+
+from daemon.schema import current_revision, downgrade_database, head_revision, upgrade_database
+from daemon.store import RESULTS_VIEW_SQL, Base, make_engine
+
+TABLES = {"images", "predictions", "model_versions", "training_runs", "reviews"}
+
+
+def schema_diff(url: str) -> list:
+    engine = make_engine(url)
+    try:
+        with engine.connect() as connection:
+            context = MigrationContext.configure(connection, opts={"compare_type": True})
+            return compare_metadata(context, Base.metadata)
+    finally:
+        engine.dispose()
+
+
+def test_upgrade_builds_the_orm_schema(database_url: str) -> None:
+    """After `upgrade head`, autogenerate finds no difference between the database and the ORM."""
+    assert current_revision(database_url) is None
+    upgrade_database(database_url)
+    assert current_revision(database_url) == head_revision()
+    assert schema_diff(database_url) == []
+
+
+def test_upgrade_twice_is_a_no_op(database_url: str) -> None:
+    """A second upgrade changes nothing and keeps the data."""
+    upgrade_database(database_url)
+    engine = make_engine(database_url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(text(
+                "INSERT INTO images (source_name, site, status, received_at) VALUES ('a.png', 's', 'done', :t)"),
+                {"t": datetime.now(timezone.utc)})
+        upgrade_database(database_url)
+        with engine.connect() as connection:
+            assert connection.execute(text("SELECT count(*) FROM images")).scalar() == 1
+    finally:
+        engine.dispose()
+    assert current_revision(database_url) == head_revision()
+    assert schema_diff(database_url) == []
+
+
+def test_downgrade_to_base_removes_everything(database_url: str) -> None:
+    """`downgrade base` drops every table and the results view."""
+    upgrade_database(database_url)
+    downgrade_database(database_url, "base")
+    engine = make_engine(database_url)
+    try:
+        inspector = inspect(engine)
+        assert not TABLES & set(inspector.get_table_names())
+        assert "results" not in inspector.get_view_names()
+    finally:
+        engine.dispose()
+    assert current_revision(database_url) is None
+
+
+def test_results_view_joins_latest_prediction_and_review(database_url: str) -> None:
+    """The results view shows one row per image with its newest prediction, models and review."""
+    upgrade_database(database_url)
+    now = datetime.now(timezone.utc)
+    engine = make_engine(database_url)
+    try:
+        with engine.begin() as c:
+            c.execute(text(
+                "INSERT INTO model_versions (id, kind, name, path, sha256, header, metrics, active, created_at) VALUES "
+                "(1, 'classifier', 'resnet18-v1', '/m/c1', 'c1', '{}', '{}', false, :t), "
+                "(2, 'classifier', 'resnet18-v2', '/m/c2', 'c2', '{}', '{}', true, :t), "
+                "(3, 'standardizer', 'cyclegan-v1', '/m/s1', 's1', '{}', '{}', true, :t)"), {"t": now})
+            c.execute(text(
+                "INSERT INTO images (id, sha256, source_name, site, status, received_at) VALUES "
+                "(1, 'aa', 'one.png', 'hospital-x', 'done', :t), (2, 'bb', 'two.png', 'hospital-x', 'pending', :t)"),
+                {"t": now})
+            prediction = ("INSERT INTO predictions (id, image_id, label, confidence, probabilities, "
+                          "standardizer_version_id, classifier_version_id, latency_ms, created_at) VALUES "
+                          "(:id, 1, :label, :conf, '{}', :std, :clf, 2.0, :t)")
+            c.execute(text(prediction), {"id": 1, "label": "monocyte", "conf": 0.6, "std": None, "clf": 1, "t": now})
+            c.execute(text(prediction), {"id": 2, "label": "lymphocyte", "conf": 0.9, "std": 3, "clf": 2,
+                                         "t": now + timedelta(seconds=1)})
+            review = "INSERT INTO reviews (id, image_id, label, reviewer, created_at) VALUES (:id, 1, :label, 'dr', :t)"
+            c.execute(text(review), {"id": 1, "label": "monocyte", "t": now})
+            c.execute(text(review), {"id": 2, "label": "lymphocyte", "t": now})
+        with engine.connect() as c:
+            rows = c.execute(text(
+                "SELECT image_id, label, confidence, standardizer, classifier, classifier_sha256, reviewed_label "
+                "FROM results ORDER BY image_id")).all()
+    finally:
+        engine.dispose()
+    assert [tuple(r) for r in rows] == [
+        (1, "lymphocyte", 0.9, "cyclegan-v1", "resnet18-v2", "c2", "lymphocyte"),
+        (2, None, None, None, None, None, None),
+    ]
+
+
+def test_migrated_view_matches_the_store_definition(sqlite_url: str, tmp_path) -> None:
+    """The frozen view in the migrations has the columns of store.RESULTS_VIEW_SQL (update both together)."""
+    upgrade_database(sqlite_url)
+    reference_url = f"sqlite:///{tmp_path / 'reference.db'}"
+    reference = make_engine(reference_url)
+    migrated = make_engine(sqlite_url)
+    try:
+        Base.metadata.create_all(reference)
+        with reference.begin() as connection:
+            connection.exec_driver_sql(RESULTS_VIEW_SQL)
+        columns = [[col["name"] for col in inspect(engine).get_columns("results")] for engine in (reference, migrated)]
+    finally:
+        reference.dispose()
+        migrated.dispose()
+    assert columns[0] == columns[1]
