@@ -11,72 +11,40 @@ from __future__ import annotations
 
 import enum
 import hashlib
-import hmac
 import os
 import socket
 import stat
 import warnings
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image as PILImage
 from PIL import ImageFile, ImageOps, UnidentifiedImageError
-from pydicom import dcmread
-from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_color_lut
-from pydicom.valuerep import DT
 from sqlalchemy import or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from daemon.config import ConfigError
+from daemon.dicom import (
+    PseudonymSecretMissing,
+    decode_dicom,
+    pseudonymize,
+    scale_to_uint8,
+)
+from daemon.errors import IntakeError, RefusedFile, UnreadableImage, UnsupportedFormat
 from daemon.store import Image, ImageStatus, utcnow
+
+__all__ = [
+    "IntakeError", "UnreadableImage", "UnsupportedFormat", "RefusedFile", "PseudonymSecretMissing",
+    "open_regular", "sha256_file", "worker_id", "ClaimOutcome", "ClaimResult", "claim",
+    "release_stale_claims", "next_pending", "DecodedImage", "decode_image", "to_rgb", "pseudonymize",
+]
 
 PILLOW_FORMATS = ("PNG", "JPEG", "TIFF", "BMP")
 CHUNK = 1 << 20
-
-
-# --- errors -----------------------------------------------------------------------------
-
-
-class IntakeError(Exception):
-    """A file cannot be taken in; `.reason` is a short code stored with the quarantined file."""
-
-    reason = "unreadable"
-
-    def __init__(self, message: str, *, reason: str | None = None) -> None:
-        super().__init__(message)
-        if reason is not None:
-            self.reason = reason
-
-    @property
-    def message(self) -> str:
-        return str(self)
-
-
-class UnreadableImage(IntakeError):
-    """The file claims a supported format but its content is broken (corrupt, truncated, empty)."""
-
-    reason = "corrupt"
-
-
-class UnsupportedFormat(IntakeError):
-    """The content is not one of PNG, JPEG, TIFF, BMP or single-frame DICOM."""
-
-    reason = "unsupported_format"
-
-
-class RefusedFile(IntakeError):
-    """The file is refused before reading: symlink, hard link, not a regular file, too large."""
-
-    reason = "refused"
-
-
-class PseudonymSecretMissing(ConfigError):
-    """A DICOM file carries a patient ID but no pseudonym secret is configured."""
 
 
 # --- files and hashing ----------------------------------------------------------------------
@@ -281,7 +249,8 @@ def decode_image(path: str | os.PathLike[str], *, max_pixels: int, max_bytes: in
         head = handle.read(132)
         handle.seek(0)
         if head[128:132] == b"DICM" or name.lower().endswith(".dcm"):
-            return _decode_dicom(handle, name, max_pixels=max_pixels, pseudonym_secret=pseudonym_secret)
+            image, metadata = decode_dicom(handle, name, max_pixels=max_pixels, pseudonym_secret=pseudonym_secret)
+            return DecodedImage(image, "DICOM", image.width, image.height, metadata)
         return _decode_pillow(handle, name, max_pixels=max_pixels)
 
 
@@ -323,11 +292,6 @@ def _decode_pillow(handle: BinaryIO, name: str, *, max_pixels: int) -> DecodedIm
     return DecodedImage(rgb, fmt, rgb.width, rgb.height, {})
 
 
-def _scale_to_uint8(array: np.ndarray, max_value: float) -> np.ndarray:
-    scaled = array.astype(np.float64) * (255.0 / max(max_value, 1.0))
-    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
-
-
 def to_rgb(img: PILImage.Image) -> PILImage.Image:
     """Any Pillow mode as 8-bit RGB: wide grays scaled by their range, alpha composited on white."""
     mode = img.mode
@@ -344,7 +308,7 @@ def to_rgb(img: PILImage.Image) -> PILImage.Image:
         if top is None:  # unusual ranges (signed 32-bit, HDR float): stretch min..max
             low = float(array.min())
             array, top = array.astype(np.float64) - low, max(float(array.max()) - low, 1e-12)
-        gray = _scale_to_uint8(array, top)
+        gray = scale_to_uint8(array, top)
         return PILImage.fromarray(np.dstack([gray] * 3), "RGB")
     if mode == "P":
         img = img.convert("RGBA")
@@ -356,114 +320,3 @@ def to_rgb(img: PILImage.Image) -> PILImage.Image:
     return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV, RGBX
 
 
-def pseudonymize(patient_id: str, secret: str) -> str:
-    """HMAC-SHA256 of the patient ID keyed with the site secret (hex)."""
-    return hmac.new(secret.encode("utf-8"), patient_id.encode("utf-8"), hashlib.sha256).hexdigest()
-
-
-def require_secret(secret: str) -> str:
-    if not secret:
-        raise PseudonymSecretMissing(
-            "a DICOM file carries a patient ID but no pseudonym secret is configured; set [site] pseudonym_secret "
-            "(or STAINBRIDGE_SITE_PSEUDONYM_SECRET) to a long random string and keep it stable: patient IDs "
-            "are stored only as HMAC-SHA256 pseudonyms keyed with it"
-        )
-    return secret
-
-
-def _aware(value: datetime) -> datetime:
-    return value if value.tzinfo is not None else value.astimezone()
-
-
-def _dicom_text(ds: Any, keyword: str, limit: int) -> str | None:
-    value = ds.get(keyword)
-    text = str(value).strip() if value is not None else ""
-    return text[:limit] or None
-
-
-def _dicom_time(ds: Any) -> datetime | None:
-    """AcquisitionDateTime, else AcquisitionDate+Time, else ContentDate+Time, as an aware datetime.
-
-    A value without a UTC offset takes TimezoneOffsetFromUTC, else this machine's local zone
-    (DICOM times are local to the site that acquired them).
-    """
-    candidates = [ds.get("AcquisitionDateTime")]
-    for date_kw, time_kw in (("AcquisitionDate", "AcquisitionTime"), ("ContentDate", "ContentTime")):
-        if ds.get(date_kw):
-            candidates.append(f"{ds.get(date_kw)}{ds.get(time_kw) or ''}")
-    offset = str(ds.get("TimezoneOffsetFromUTC") or "").strip()
-    for raw in candidates:
-        text = str(raw or "").strip()
-        if not text:
-            continue
-        if offset and "+" not in text and "-" not in text:
-            text += offset
-        try:
-            value = DT(text)
-        except ValueError:
-            continue
-        return _aware(datetime.combine(value.date(), value.timetz()))
-    return None
-
-
-def _dicom_metadata(ds: Any, pseudonym_secret: str) -> dict[str, Any]:
-    patient_id = str(ds.get("PatientID") or "").strip()  # the patient name is never read
-    return {
-        "study_uid": _dicom_text(ds, "StudyInstanceUID", 64),
-        "series_uid": _dicom_text(ds, "SeriesInstanceUID", 64),
-        "sop_instance_uid": _dicom_text(ds, "SOPInstanceUID", 64),
-        "acquisition_time": _dicom_time(ds),
-        "institution": _dicom_text(ds, "InstitutionName", 256),
-        "patient_pseudonym": pseudonymize(patient_id, require_secret(pseudonym_secret)) if patient_id else None,
-    }
-
-
-def _decode_dicom(handle: BinaryIO, name: str, *, max_pixels: int, pseudonym_secret: str) -> DecodedImage:
-    try:
-        ds = dcmread(handle)
-    except InvalidDicomError:
-        raise UnsupportedFormat(f"{name} is not a DICOM Part 10 file (no 'DICM' marker after the 128-byte preamble); "
-                                "export it with a file meta header") from None
-    except Exception as exc:  # pydicom raises many types on damaged headers
-        raise UnreadableImage(f"{name}: the DICOM file cannot be parsed (damaged or cut short): {exc}") from None
-    metadata = _dicom_metadata(ds, pseudonym_secret)
-    if "PixelData" not in ds:
-        raise UnreadableImage(f"{name} is a DICOM file without pixel data (not an image)", reason="dicom_no_pixels")
-    frames = int(ds.get("NumberOfFrames") or 1)
-    if frames > 1:
-        raise UnsupportedFormat(f"{name} has {frames} frames: multi-frame not supported, split frames into "
-                                "single-frame files", reason="multi_frame")
-    rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
-    if rows * cols > max_pixels:
-        raise RefusedFile(f"{name} is {cols}x{rows} pixels, over the {max_pixels} limit ([watch] max_pixels)",
-                          reason="decompression_bomb")
-    photometric = str(ds.get("PhotometricInterpretation") or "").strip().upper()
-    try:
-        ds.pixel_array_options(as_rgb=True)  # YBR_FULL / YBR_FULL_422 are converted to RGB by pydicom
-        array = ds.pixel_array
-    except (NotImplementedError, RuntimeError) as exc:
-        syntax = ds.file_meta.get("TransferSyntaxUID")
-        raise UnsupportedFormat(f"{name}: no installed decoder for transfer syntax {syntax} "
-                                f"({getattr(syntax, 'name', '?')}): {exc}", reason="unsupported_transfer_syntax") from None
-    except Exception as exc:
-        text = str(exc) or type(exc).__name__
-        reason = "truncated" if any(k in text.lower() for k in ("truncat", "less than expected")) else "corrupt"
-        raise UnreadableImage(f"{name}: the DICOM pixel data cannot be decoded ({reason}): {text}", reason=reason) from None
-    bits = int(ds.get("BitsStored") or ds.get("BitsAllocated") or 8)
-    if photometric in ("MONOCHROME1", "MONOCHROME2") and array.ndim == 2:
-        if int(ds.get("PixelRepresentation") or 0) == 1:
-            array = array.astype(np.int64) + (1 << (bits - 1))
-        gray = _scale_to_uint8(array, float((1 << bits) - 1))
-        if photometric == "MONOCHROME1":
-            gray = 255 - gray
-        rgb = np.dstack([gray] * 3)
-    elif photometric == "PALETTE COLOR":
-        mapped = apply_color_lut(array, ds)
-        rgb = mapped if mapped.dtype == np.uint8 else _scale_to_uint8(mapped, 65535.0)
-    elif photometric in ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT") and array.ndim == 3:
-        rgb = array if array.dtype == np.uint8 else _scale_to_uint8(array, float((1 << bits) - 1))
-    else:
-        raise UnsupportedFormat(f"{name}: photometric interpretation {photometric or 'missing'} with pixel shape "
-                                f"{array.shape} is not supported", reason="unsupported_photometric")
-    image = PILImage.fromarray(np.ascontiguousarray(rgb[..., :3], dtype=np.uint8), "RGB")
-    return DecodedImage(image, "DICOM", image.width, image.height, metadata)

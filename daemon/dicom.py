@@ -1,0 +1,146 @@
+"""DICOM intake: pixel data through pydicom's installed handlers, metadata with pseudonyms.
+
+Files are read without ``force``; the patient ID is kept only as an HMAC-SHA256 pseudonym
+keyed with the site secret, and the patient name is never read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from datetime import datetime
+from typing import Any, BinaryIO
+
+import numpy as np
+from PIL import Image as PILImage
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_color_lut
+from pydicom.valuerep import DT
+
+from daemon.config import ConfigError
+from daemon.errors import RefusedFile, UnreadableImage, UnsupportedFormat
+
+
+class PseudonymSecretMissing(ConfigError):
+    """A DICOM file carries a patient ID but no pseudonym secret is configured."""
+
+
+def scale_to_uint8(array: np.ndarray, max_value: float) -> np.ndarray:
+    scaled = array.astype(np.float64) * (255.0 / max(max_value, 1.0))
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def pseudonymize(patient_id: str, secret: str) -> str:
+    """HMAC-SHA256 of the patient ID keyed with the site secret (hex)."""
+    return hmac.new(secret.encode("utf-8"), patient_id.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+def require_secret(secret: str) -> str:
+    if not secret:
+        raise PseudonymSecretMissing(
+            "a DICOM file carries a patient ID but no pseudonym secret is configured; set [site] pseudonym_secret "
+            "(or STAINBRIDGE_SITE_PSEUDONYM_SECRET) to a long random string and keep it stable: patient IDs "
+            "are stored only as HMAC-SHA256 pseudonyms keyed with it"
+        )
+    return secret
+
+
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo is not None else value.astimezone()
+
+
+def _dicom_text(ds: Any, keyword: str, limit: int) -> str | None:
+    value = ds.get(keyword)
+    text = str(value).strip() if value is not None else ""
+    return text[:limit] or None
+
+
+def _dicom_time(ds: Any) -> datetime | None:
+    """AcquisitionDateTime, else AcquisitionDate+Time, else ContentDate+Time, as an aware datetime.
+
+    A value without a UTC offset takes TimezoneOffsetFromUTC, else this machine's local zone
+    (DICOM times are local to the site that acquired them).
+    """
+    candidates = [ds.get("AcquisitionDateTime")]
+    for date_kw, time_kw in (("AcquisitionDate", "AcquisitionTime"), ("ContentDate", "ContentTime")):
+        if ds.get(date_kw):
+            candidates.append(f"{ds.get(date_kw)}{ds.get(time_kw) or ''}")
+    offset = str(ds.get("TimezoneOffsetFromUTC") or "").strip()
+    for raw in candidates:
+        text = str(raw or "").strip()
+        if not text:
+            continue
+        if offset and "+" not in text and "-" not in text:
+            text += offset
+        try:
+            value = DT(text)
+        except ValueError:
+            continue
+        return _aware(datetime.combine(value.date(), value.timetz()))
+    return None
+
+
+def _dicom_metadata(ds: Any, pseudonym_secret: str) -> dict[str, Any]:
+    patient_id = str(ds.get("PatientID") or "").strip()  # the patient name is never read
+    return {
+        "study_uid": _dicom_text(ds, "StudyInstanceUID", 64),
+        "series_uid": _dicom_text(ds, "SeriesInstanceUID", 64),
+        "sop_instance_uid": _dicom_text(ds, "SOPInstanceUID", 64),
+        "acquisition_time": _dicom_time(ds),
+        "institution": _dicom_text(ds, "InstitutionName", 256),
+        "patient_pseudonym": pseudonymize(patient_id, require_secret(pseudonym_secret)) if patient_id else None,
+    }
+
+
+def decode_dicom(handle: BinaryIO, name: str, *, max_pixels: int,
+                 pseudonym_secret: str) -> tuple[PILImage.Image, dict[str, Any]]:
+    """The RGB picture and the `images` metadata columns of a single-frame DICOM file."""
+    try:
+        ds = dcmread(handle)
+    except InvalidDicomError:
+        raise UnsupportedFormat(f"{name} is not a DICOM Part 10 file (no 'DICM' marker after the 128-byte preamble); "
+                                "export it with a file meta header") from None
+    except Exception as exc:  # pydicom raises many types on damaged headers
+        raise UnreadableImage(f"{name}: the DICOM file cannot be parsed (damaged or cut short): {exc}") from None
+    metadata = _dicom_metadata(ds, pseudonym_secret)
+    if "PixelData" not in ds:
+        raise UnreadableImage(f"{name} is a DICOM file without pixel data (not an image)", reason="dicom_no_pixels")
+    frames = int(ds.get("NumberOfFrames") or 1)
+    if frames > 1:
+        raise UnsupportedFormat(f"{name} has {frames} frames: multi-frame not supported, split frames into "
+                                "single-frame files", reason="multi_frame")
+    rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+    if rows * cols > max_pixels:
+        raise RefusedFile(f"{name} is {cols}x{rows} pixels, over the {max_pixels} limit ([watch] max_pixels)",
+                          reason="decompression_bomb")
+    photometric = str(ds.get("PhotometricInterpretation") or "").strip().upper()
+    try:
+        ds.pixel_array_options(as_rgb=True)  # YBR_FULL / YBR_FULL_422 are converted to RGB by pydicom
+        array = ds.pixel_array
+    except (NotImplementedError, RuntimeError) as exc:
+        syntax = ds.file_meta.get("TransferSyntaxUID")
+        raise UnsupportedFormat(f"{name}: no installed decoder for transfer syntax {syntax} "
+                                f"({getattr(syntax, 'name', '?')}): {exc}", reason="unsupported_transfer_syntax") from None
+    except Exception as exc:
+        text = str(exc) or type(exc).__name__
+        reason = "truncated" if any(k in text.lower() for k in ("truncat", "less than expected")) else "corrupt"
+        raise UnreadableImage(f"{name}: the DICOM pixel data cannot be decoded ({reason}): {text}", reason=reason) from None
+    bits = int(ds.get("BitsStored") or ds.get("BitsAllocated") or 8)
+    if photometric in ("MONOCHROME1", "MONOCHROME2") and array.ndim == 2:
+        if int(ds.get("PixelRepresentation") or 0) == 1:
+            array = array.astype(np.int64) + (1 << (bits - 1))
+        gray = scale_to_uint8(array, float((1 << bits) - 1))
+        if photometric == "MONOCHROME1":
+            gray = 255 - gray
+        rgb = np.dstack([gray] * 3)
+    elif photometric == "PALETTE COLOR":
+        mapped = apply_color_lut(array, ds)
+        rgb = mapped if mapped.dtype == np.uint8 else scale_to_uint8(mapped, 65535.0)
+    elif photometric in ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT") and array.ndim == 3:
+        rgb = array if array.dtype == np.uint8 else scale_to_uint8(array, float((1 << bits) - 1))
+    else:
+        raise UnsupportedFormat(f"{name}: photometric interpretation {photometric or 'missing'} with pixel shape "
+                                f"{array.shape} is not supported", reason="unsupported_photometric")
+    image = PILImage.fromarray(np.ascontiguousarray(rgb[..., :3], dtype=np.uint8), "RGB")
+    return image, metadata
