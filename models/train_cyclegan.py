@@ -1,0 +1,303 @@
+"""stainbridge train cyclegan: an unpaired stain standardizer G (incoming lab X -> reference lab Y).
+
+    stainbridge train cyclegan --source DIR --reference DIR --out FILE [--preset tiny|full] [--epochs N]
+        [--seed N] [--resume] [--size PX] [--semantic-classifier FILE --semantic-weight W]
+
+Unpaired and label-free: every image below --source (the incoming lab, searched recursively) and
+below --reference is used as an unlabeled image; class folders, if any, are ignored, so no label
+can leak into the GAN. Networks, losses, image pool and schedule come from models.cyclegan (Zhu et
+al. 2017: LSGAN, cycle lambda 10, identity 0.5, pool 50, Adam 2e-4 (0.5, 0.999), constant then
+linear decay over the second half of the epochs).
+
+Semantic term (optional, --semantic-classifier): a frozen classifier trained on the reference lab
+should give the same class distribution on G(x) as on x after a colour-only Reinhard normalization
+to the reference stain (whose statistics travel in that classifier's header):
+    L_sem = KL( p(reinhard(x)) || p(G(x)) ) * --semantic-weight
+and likewise for a reference image and its cycle G(F(y)) (there Reinhard is nearly the identity).
+Colour is the GAN's job; the term only penalises changing what the classifier sees in the cell.
+
+Only G is kept in the final checkpoint (kind "standardizer"); the full state (G, F, D_X, D_Y and
+both optimizers) is written to ``<out>.state`` after each epoch for --resume, and a sample grid
+(rows: real X, G(X), F(G(X))) to ``<out>.samples.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import random
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+from torchvision.utils import make_grid, save_image
+
+from models import baselines, checkpoint, classifier, cyclegan, data
+from models import training_utils as tu
+
+# Explicit flags override these. tiny: seconds on a CPU for ~50 images per side; full: a GPU run.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {"generator": "tiny", "discriminator": "tiny", "size": 64, "epochs": 2, "batch_size": 4},
+    "full": {"generator": "full", "discriminator": "full", "size": 256, "epochs": 20, "batch_size": 4},
+}
+SAMPLE_ROWS = 8
+
+
+class TrainingError(Exception):
+    """The folders or options cannot train a standardizer (empty folder, torchrun, bad classifier)."""
+
+
+def resolve_options(args: argparse.Namespace) -> argparse.Namespace:
+    for key, value in PRESETS[args.preset].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if args.size % 4:
+        raise TrainingError(f"--size must be a multiple of 4 for the ResNet generator, got {args.size}")
+    return args
+
+
+def forever(loader: DataLoader) -> Iterator[Tensor]:
+    """Cycle a loader endlessly, reshuffling on every pass."""
+    while True:
+        yield from loader
+
+
+class SemanticConsistency:
+    """KL(p(reinhard(real)) || p(translated)) under a frozen reference-lab classifier (see module doc)."""
+
+    def __init__(self, path: str | Path, device: torch.device) -> None:
+        state, header = checkpoint.load_checkpoint(path)
+        if header.get("kind") != "classifier":
+            raise TrainingError(f"--semantic-classifier {path} is a {header.get('kind')!r} checkpoint, not a classifier")
+        try:
+            model = classifier.build_classifier(arch=header["architecture"], num_classes=len(header["classes"]))
+            model.load_state_dict(state)
+            self.size = int(header["input_size"])
+            self.mean = torch.tensor(header["normalization"]["mean"], device=device).view(1, 3, 1, 1)
+            self.std = torch.tensor(header["normalization"]["std"], device=device).view(1, 3, 1, 1)
+            self.colour = baselines.Reinhard.from_stats(header.get("reference_stain") or {})
+        except (KeyError, TypeError, ValueError, RuntimeError, baselines.BaselineError) as exc:
+            raise TrainingError(f"--semantic-classifier {path} cannot serve as the frozen classifier ({exc}); "
+                                "pass a checkpoint written by `stainbridge train classifier`") from exc
+        self.model = model.to(device).eval().requires_grad_(False)
+        self.name = Path(path).name
+        self.sha256 = checkpoint.file_sha256(path)
+
+    def _logits(self, images01: Tensor) -> Tensor:
+        if images01.shape[-1] != self.size:
+            images01 = F.interpolate(images01, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        return self.model((images01 - self.mean) / self.std).float()
+
+    def __call__(self, real: Tensor, translated: Tensor) -> Tensor:
+        """Images in [-1, 1]; gradients flow into ``translated`` only."""
+        with torch.no_grad():
+            anchor = self.colour(((real.detach().float() + 1) / 2).cpu()).to(real.device)
+            target = F.softmax(self._logits(anchor), dim=1)
+        log_p = F.log_softmax(self._logits((translated + 1) / 2), dim=1)
+        return F.kl_div(log_p, target, reduction="batchmean")
+
+
+def train_one_epoch(nets: dict[str, nn.Module], opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer,
+                    xs: Iterator[Tensor], ys: Iterator[Tensor], steps: int, pools: dict[str, cyclegan.ImagePool],
+                    semantic: cyclegan.SemanticTerm | None, device: torch.device, epoch: int,
+                    args: argparse.Namespace) -> dict[str, float]:
+    gan_loss = cyclegan.GANLoss().to(device)
+    fmt = tu.memory_format(device)
+    for net in nets.values():
+        net.train()
+    progress = tu.Progress(steps, desc=f"epoch {epoch + 1}/{args.epochs}")
+    for _ in range(steps):
+        real_x = (next(xs).to(device, non_blocking=True) * 2 - 1).contiguous(memory_format=fmt)
+        real_y = (next(ys).to(device, non_blocking=True) * 2 - 1).contiguous(memory_format=fmt)
+        # generators: the discriminators are held fixed while G and F learn to fool them
+        nets["d_x"].requires_grad_(False)
+        nets["d_y"].requires_grad_(False)
+        with tu.autocast(device):
+            step = cyclegan.generator_losses(g_xy=nets["g_xy"], g_yx=nets["g_yx"], d_x=nets["d_x"], d_y=nets["d_y"],
+                                             real_x=real_x, real_y=real_y, gan_loss=gan_loss, semantic=semantic)
+        opt_g.zero_grad(set_to_none=True)
+        step.total.backward()
+        opt_g.step()
+        # discriminators, on a mix of current and pooled fakes
+        nets["d_x"].requires_grad_(True)
+        nets["d_y"].requires_grad_(True)
+        with tu.autocast(device):
+            loss_d_y = cyclegan.discriminator_loss(nets["d_y"], real_y, pools["y"].query(step.fake_y), gan_loss)
+            loss_d_x = cyclegan.discriminator_loss(nets["d_x"], real_x, pools["x"].query(step.fake_x), gan_loss)
+        opt_d.zero_grad(set_to_none=True)
+        (loss_d_x + loss_d_y).backward()
+        opt_d.step()
+        progress.update(1, **{k: v.item() for k, v in step.losses.items()}, d_x=loss_d_x.item(), d_y=loss_d_y.item())
+    return progress.averages()
+
+
+@torch.inference_mode()
+def save_samples(g_xy: nn.Module, g_yx: nn.Module, batch: Tensor, path: Path, device: torch.device) -> None:
+    """A PNG grid: row 1 real X, row 2 G(X) (standardized), row 3 F(G(X)) (reconstructed)."""
+    g_xy.eval()
+    g_yx.eval()
+    real = batch.to(device) * 2 - 1
+    fake = g_xy(real)
+    rec = g_yx(fake)
+    rows = torch.cat([real, fake, rec]).float().cpu()
+    grid = make_grid((rows + 1) / 2, nrow=batch.shape[0], padding=2, pad_value=1.0)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    save_image(grid, tmp)
+    tmp.replace(path)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--source", required=True, help="incoming-lab images (unlabeled, searched recursively)")
+    parser.add_argument("--reference", required=True, help="reference-lab images (labels ignored)")
+    parser.add_argument("--out", required=True, help="standardizer checkpoint to write (.safetensors)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
+                        help="tiny: ngf 16, 3 blocks, 64 px crops, CPU seconds; full: ngf 64, 9 blocks, 256 px, GPU")
+    parser.add_argument("--epochs", type=int, default=None, help="half constant lr, half linear decay")
+    parser.add_argument("--size", type=int, default=None, help="training crop in pixels (multiple of 4)")
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--steps-per-epoch", type=int, default=None,
+                        help="default: max(#source, #reference) / batch size")
+    parser.add_argument("--source-scale", type=float, default=1.0,
+                        help="zoom applied to source images first (the site's geometry scale)")
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--semantic-classifier", default=None, help="frozen reference-lab classifier checkpoint")
+    parser.add_argument("--semantic-weight", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resume", action="store_true", help="continue from <out>.state")
+    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Train a stainbridge CycleGAN standardizer", add_help=add_help)
+    add_arguments(parser)
+    return parser
+
+
+def main(args: argparse.Namespace) -> str:
+    """Train and write the standardizer checkpoint; returns its sha256."""
+    started = time.monotonic()
+    args = resolve_options(args)
+    dist = tu.init_distributed()
+    if dist.distributed:
+        tu.cleanup_distributed(dist)
+        raise TrainingError("train cyclegan runs in one process on one GPU; start it without torchrun")
+    tu.seed_everything(args.seed)
+    device = tu.select_device(args.device, dist)
+    fmt = tu.memory_format(device)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    # data: unlabeled on both sides
+    source_paths = data.list_unlabeled(args.source)
+    reference_paths = data.list_unlabeled(args.reference)
+    gen = torch.Generator().manual_seed(args.seed)
+
+    def loader(paths: list[Path], scale: float) -> DataLoader:
+        tf = data.train_transform(args.size, color_augment=False, scale_augment=(1.0, 1.15), base_scale=scale)
+        return DataLoader(data.UnlabeledImages(paths, tf), batch_size=args.batch_size, shuffle=True,
+                          drop_last=len(paths) >= args.batch_size, num_workers=args.workers, generator=gen,
+                          pin_memory=device.type == "cuda")
+
+    xs = forever(loader(source_paths, args.source_scale))
+    ys = forever(loader(reference_paths, 1.0))
+    steps = args.steps_per_epoch or max(1, max(len(source_paths), len(reference_paths)) // args.batch_size)
+    eval_tf = data.eval_transform(args.size, scale=args.source_scale)
+    every = max(1, len(source_paths) // SAMPLE_ROWS)
+    sample_batch = torch.stack([eval_tf(data.load_rgb(p)) for p in source_paths[::every][:SAMPLE_ROWS]])
+
+    # networks, optimizers, schedules
+    g_args = dict(cyclegan.GENERATOR_PRESETS[args.generator])
+    d_args = dict(cyclegan.DISCRIMINATOR_PRESETS[args.discriminator])
+    nets = {"g_xy": cyclegan.build_generator(**g_args), "g_yx": cyclegan.build_generator(**g_args),
+            "d_x": cyclegan.build_discriminator(**d_args), "d_y": cyclegan.build_discriminator(**d_args)}
+    for net in nets.values():
+        net.to(device, memory_format=fmt)
+    opt_g = cyclegan.make_optimizer(itertools.chain(nets["g_xy"].parameters(), nets["g_yx"].parameters()), lr=args.lr)
+    opt_d = cyclegan.make_optimizer(itertools.chain(nets["d_x"].parameters(), nets["d_y"].parameters()), lr=args.lr)
+    constant = (args.epochs + 1) // 2
+    sched_g = cyclegan.make_scheduler(opt_g, n_epochs=constant, n_epochs_decay=args.epochs - constant)
+    sched_d = cyclegan.make_scheduler(opt_d, n_epochs=constant, n_epochs_decay=args.epochs - constant)
+    pools = {"x": cyclegan.ImagePool(50, rng=random.Random(args.seed)),
+             "y": cyclegan.ImagePool(50, rng=random.Random(args.seed + 1))}
+    semantic = None
+    semantic_info: dict[str, Any] | None = None
+    if args.semantic_classifier:
+        consistency = SemanticConsistency(args.semantic_classifier, device)
+        semantic = cyclegan.SemanticTerm(fn=consistency, weight=args.semantic_weight, pairs=("x_to_y", "y_cycle"))
+        semantic_info = {"classifier": consistency.name, "sha256": consistency.sha256,
+                         "weight": args.semantic_weight, "loss": "kl(p(reinhard(real)) || p(translated))",
+                         "pairs": list(semantic.pairs)}
+
+    # resume
+    state_file = tu.state_path(out)
+    optimizers = {"g": opt_g, "d": opt_d}
+    schedulers = {"g": sched_g, "d": sched_d}
+    start_epoch, history = 0, []
+    if args.resume:
+        header = tu.load_training_state(state_file, modules=nets, optimizers=optimizers, schedulers=schedulers)
+        start_epoch, history = header["epoch"], list(header["extra"].get("history", []))
+        print(f"resumed from {state_file} after epoch {start_epoch}", file=sys.stderr)
+
+    samples_png = Path(f"{out}.samples.png")
+    for epoch in range(start_epoch, args.epochs):
+        stats = train_one_epoch(nets, opt_g, opt_d, xs, ys, steps, pools, semantic, device, epoch, args)
+        sched_g.step()
+        sched_d.step()
+        history.append({"epoch": epoch + 1, **stats})
+        print(json.dumps(history[-1]), file=sys.stderr)
+        tu.save_training_state(state_file, modules=nets, optimizers=optimizers, schedulers=schedulers,
+                               epoch=epoch + 1, extra={"history": history, "out": str(out)})
+        save_samples(nets["g_xy"], nets["g_yx"], sample_batch, samples_png, device)
+
+    header = {
+        "kind": "standardizer",
+        "architecture": "resnet_generator",
+        "arch_args": g_args,
+        "input_size": args.size,
+        "value_range": [-1.0, 1.0],
+        "direction": "source->reference",
+        "training_data": {
+            "source": {"root": str(Path(args.source).resolve()), "images": len(source_paths),
+                       "scale": args.source_scale},
+            "reference": {"root": str(Path(args.reference).resolve()), "images": len(reference_paths)},
+            "labels_used": False,
+        },
+        "metrics": {"final": history[-1] if history else {}, "history": history},
+        "discriminator_args": d_args,
+        "semantic": semantic_info,
+        "epochs": args.epochs,
+        "steps_per_epoch": steps,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+        "train_seconds": round(time.monotonic() - started, 1),
+        "code_version": checkpoint.code_version(),
+    }
+    generator_state = {k: v.detach().cpu() for k, v in nets["g_xy"].state_dict().items()}
+    sha = checkpoint.save_checkpoint(out, generator_state, tu.jsonable(header))
+    if not samples_png.exists():
+        save_samples(nets["g_xy"], nets["g_yx"], sample_batch, samples_png, device)
+    print(json.dumps({"out": str(out), "sha256": sha, "samples": str(samples_png)}), file=sys.stderr)
+    print(sha)
+    return sha
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        main(args)
+    except (TrainingError, tu.TrainingStateError, checkpoint.CheckpointError, data.DataError,
+            baselines.BaselineError) as exc:
+        print(f"stainbridge train cyclegan: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run(get_args_parser().parse_args()))
