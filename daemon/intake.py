@@ -257,7 +257,8 @@ def decode_image(path: str | os.PathLike[str], *, max_pixels: int, max_bytes: in
 def _decode_pillow(handle: BinaryIO, name: str, *, max_pixels: int) -> DecodedImage:
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         raise ConfigError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is on; stainbridge needs it off to refuse truncated files")
-    PILImage.MAX_IMAGE_PIXELS = max_pixels
+    # Pillow's bomb check reads a process-wide limit: set ours for this decode, then restore it.
+    previous_limit, PILImage.MAX_IMAGE_PIXELS = PILImage.MAX_IMAGE_PIXELS, max_pixels
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", PILImage.DecompressionBombWarning)
@@ -283,6 +284,8 @@ def _decode_pillow(handle: BinaryIO, name: str, *, max_pixels: int) -> DecodedIm
         text = str(exc) or type(exc).__name__
         reason = "truncated" if "truncat" in text.lower() else "corrupt"
         raise UnreadableImage(f"{name} cannot be decoded ({reason}): {text}", reason=reason) from None
+    finally:
+        PILImage.MAX_IMAGE_PIXELS = previous_limit
     fmt = img.format
     try:
         img = ImageOps.exif_transpose(img)
