@@ -1,0 +1,191 @@
+"""`stainbridge status [--json]`: what the service has done and what is waiting.
+
+Reads the database and the drop folder only; it never needs the models or a GPU, so it can run
+while the service is busy. On a new SQLite database it first creates the schema (the same
+migrations the service runs at start-up); on PostgreSQL it asks for `stainbridge db upgrade`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from daemon.config import ConfigError, Settings, load_settings
+from daemon.registry import active_versions
+from daemon.schema import (
+    SchemaError,
+    current_revision,
+    head_revision,
+    safe_url,
+    upgrade_database,
+)
+from daemon.store import Image, ImageStatus, make_engine, make_sessionmaker, utcnow
+from daemon.watcher import is_ignored_name
+
+
+class DatabaseNotReady(SchemaError):
+    """The database schema is missing or older than this code, and we may not migrate it."""
+
+
+def prepare_database(url: str) -> None:
+    """SQLite: run the migrations (embedded default). PostgreSQL: refuse unless at head.
+
+    On a shared PostgreSQL server several workers start at once, and schema changes are an
+    operator's decision, so the service only checks the revision there. Raises SchemaError
+    (DatabaseUnavailable, DatabaseNotReady) with a message that says what to do.
+    """
+    if url.startswith("sqlite"):
+        upgrade_database(url)
+        return
+    current, head = current_revision(url), head_revision()
+    if current != head:
+        raise DatabaseNotReady(
+            f"database schema is at revision {current or 'none (empty database)'}, this code needs {head}; "
+            "run `stainbridge db upgrade` (with the same --config) and start again"
+        )
+
+
+def error_reason(error: str | None) -> str:
+    """The short reason code of a stored error ("decode: truncated file" -> "decode")."""
+    if not error:
+        return "unknown"
+    head = error.split(":", 1)[0].strip()
+    return head if head and " " not in head else "other"
+
+
+def count_waiting(settings: Settings) -> int:
+    """Files in the drop folder that the watcher will take (hidden and temporary names excluded)."""
+    drop = settings.drop_dir
+    if not drop.is_dir():
+        return 0
+    skip = (settings.archive_dir, settings.quarantine_dir)
+    waiting = 0
+    for path in drop.rglob("*"):
+        if any(path == s or s in path.parents for s in skip):
+            continue
+        if any(is_ignored_name(part) for part in path.relative_to(drop).parts):
+            continue
+        if path.is_file() or path.is_symlink():
+            waiting += 1
+    return waiting
+
+
+def next_retraining(settings: Settings, now: datetime | None = None) -> str:
+    if not settings.retraining.enabled:
+        return "disabled"
+    from apscheduler.triggers.cron import CronTrigger
+
+    trigger = CronTrigger.from_crontab(settings.retraining.schedule)
+    now = now or datetime.now(trigger.timezone)
+    fire = trigger.get_next_fire_time(None, now)
+    return fire.isoformat(timespec="minutes") if fire else "never"
+
+
+@dataclass
+class StatusReport:
+    site: str
+    database: str
+    drop_folder: str
+    waiting: int
+    processed_today: int
+    failed_today: int
+    failed_total: int
+    failures_by_reason: dict[str, int]
+    duplicates_total: int
+    processing: int
+    throughput_per_min: float
+    models: list[dict[str, Any]] = field(default_factory=list)
+    next_retraining: str = "disabled"
+
+
+def _local_midnight_utc() -> datetime:
+    local_now = datetime.now().astimezone()
+    midnight = local_now.replace(hour=0, minute=0, second=0, microsecond=0)
+    return midnight.astimezone(UTC)
+
+
+def _count(session: Session, *conditions: Any) -> int:
+    return int(session.scalar(select(func.count(Image.id)).where(*conditions)) or 0)
+
+
+def collect(settings: Settings, session: Session) -> StatusReport:
+    """Gather the report from the database and the drop folder."""
+    today = _local_midnight_utc()
+    hour_ago = utcnow() - timedelta(hours=1)
+    finished = Image.status.in_([ImageStatus.done, ImageStatus.failed])
+    failed = Image.status == ImageStatus.failed
+    reasons: dict[str, int] = {}
+    for error, n in session.execute(select(Image.error, func.count(Image.id)).where(failed).group_by(Image.error)):
+        reasons[error_reason(error)] = reasons.get(error_reason(error), 0) + int(n)
+    last_hour = _count(session, finished, Image.processed_at >= hour_ago)
+    models = [
+        {"kind": v.kind.value, "name": v.name, "sha256": v.sha256[:12], "id": v.id}
+        for v in active_versions(session)
+    ]
+    return StatusReport(
+        site=settings.site.name,
+        database=safe_url(settings.database_url),
+        drop_folder=str(settings.drop_dir),
+        waiting=count_waiting(settings),
+        processed_today=_count(session, Image.status == ImageStatus.done, Image.processed_at >= today),
+        failed_today=_count(session, failed, Image.processed_at >= today),
+        failed_total=_count(session, failed),
+        failures_by_reason=dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))),
+        duplicates_total=_count(session, Image.status == ImageStatus.duplicate),
+        processing=_count(session, Image.status.in_([ImageStatus.pending, ImageStatus.processing])),
+        throughput_per_min=round(last_hour / 60.0, 2),
+        models=models,
+        next_retraining=next_retraining(settings),
+    )
+
+
+def render(report: StatusReport) -> str:
+    lines = [
+        f"site                {report.site}",
+        f"database            {report.database}",
+        f"drop folder         {report.drop_folder}",
+        f"waiting             {report.waiting} file(s) in the drop folder, {report.processing} claimed",
+        f"processed today     {report.processed_today}",
+        f"failed              {report.failed_today} today, {report.failed_total} in total",
+    ]
+    for reason, n in report.failures_by_reason.items():
+        lines.append(f"  {reason:<18}{n}")
+    lines += [
+        f"duplicates          {report.duplicates_total} in total",
+        f"throughput          {report.throughput_per_min:.2f} images/min over the last hour",
+    ]
+    if report.models:
+        for model in report.models:
+            lines.append(f"{model['kind']:<20}{model['name']}  sha256 {model['sha256']}")
+    else:
+        lines.append("models              none registered yet (the service records them at start-up)")
+    lines.append(f"next retraining     {report.next_retraining}")
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        settings = load_settings(args.config)
+        prepare_database(settings.database_url)
+    except (ConfigError, SchemaError) as exc:
+        print(f"stainbridge status: {exc}", file=sys.stderr)
+        return 1
+    engine = make_engine(settings.database_url)
+    try:
+        with make_sessionmaker(engine)() as session:
+            report = collect(settings, session)
+    finally:
+        engine.dispose()
+    print(json.dumps(asdict(report), indent=2) if args.json else render(report))
+    return 0

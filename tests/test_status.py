@@ -1,0 +1,84 @@
+"""`stainbridge status`: queue, counts, failures by reason, throughput, models, next retraining."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from datetime import datetime, timedelta
+
+from daemon import status
+from daemon.registry import register_model
+from daemon.schema import upgrade_database
+from daemon.store import (
+    Image,
+    ImageStatus,
+    ModelKind,
+    make_engine,
+    make_sessionmaker,
+    utcnow,
+)
+
+
+def test_status_on_a_new_sqlite_database_creates_the_schema_and_reports_zeros(run_stainbridge, tmp_path):
+    """A brand-new SQLite state folder: status migrates it and prints an all-zero JSON report."""
+    env = {"STAINBRIDGE_PATHS_STATE": str(tmp_path / "state")}
+    result = run_stainbridge("status", "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert (report["waiting"], report["processed_today"], report["failed_total"]) == (0, 0, 0)
+    assert report["models"] == [] and report["next_retraining"] == "disabled"
+    assert (tmp_path / "state" / "stainbridge.db").exists()
+
+
+def test_status_on_postgres_without_migrations_says_to_run_db_upgrade(postgres_url, monkeypatch, capsys):
+    """On an un-migrated PostgreSQL database status exits 1 and names `stainbridge db upgrade`."""
+    monkeypatch.setenv("STAINBRIDGE_DATABASE_URL", postgres_url)
+    assert status.run(argparse.Namespace(config=None, json=False)) == 1
+    assert "stainbridge db upgrade" in capsys.readouterr().err
+
+
+def test_status_counts_failures_throughput_models_and_waiting_files(settings_factory, database_url):
+    """Counts today's and all failures by reason, throughput over the last hour, active models and waiting files."""
+    settings = settings_factory(database_url=database_url, retraining_enabled=True, retraining_schedule="30 3 * * *")
+    upgrade_database(database_url)
+    now = utcnow()
+    old = now - timedelta(days=3)
+    engine = make_engine(database_url)
+    try:
+        with make_sessionmaker(engine).begin() as session:
+            rows = [
+                ("a.png", ImageStatus.done, None, now), ("b.png", ImageStatus.done, None, now),
+                ("c.png", ImageStatus.failed, "corrupt: c.png cannot be decoded", now),
+                ("d.png", ImageStatus.failed, "symlink: d.png: links are never followed", now),
+                ("e.png", ImageStatus.failed, "corrupt: e.png cannot be decoded", old),
+            ]
+            added = [Image(sha256=f"{i:064x}", source_name=name, site="s", status=state, error=error,
+                           received_at=when, processed_at=when) for i, (name, state, error, when) in enumerate(rows)]
+            session.add_all(added)
+            session.flush()
+            session.add(Image(sha256=added[0].sha256, duplicate_of_id=added[0].id, source_name="f.png", site="s",
+                              status=ImageStatus.duplicate, received_at=now, processed_at=now))
+            register_model(session, ModelKind.classifier, "/m/clf.safetensors", "c" * 64, {"architecture": "resnet18"})
+            register_model(session, ModelKind.standardizer, "none", "d" * 64, {})
+        settings.drop_dir.mkdir(parents=True)
+        for name in ("x.png", "y.dcm", ".hidden.png", "z.png.part"):
+            (settings.drop_dir / name).write_bytes(b"x")
+        with make_sessionmaker(engine)() as session:
+            report = status.collect(settings, session)
+    finally:
+        engine.dispose()
+    assert report.waiting == 2
+    assert (report.processed_today, report.failed_today, report.failed_total) == (2, 2, 3)
+    assert report.failures_by_reason == {"corrupt": 2, "symlink": 1}
+    assert report.duplicates_total == 1
+    assert report.throughput_per_min == round(4 / 60, 2)
+    assert [(m["kind"], m["sha256"]) for m in report.models] == [("standardizer", "d" * 12), ("classifier", "c" * 12)]
+    fire = datetime.fromisoformat(report.next_retraining)
+    assert (fire.hour, fire.minute) == (3, 30) and fire > datetime.now(fire.tzinfo)
+    text = status.render(report)
+    assert "corrupt" in text and "c" * 12 in text and "images/min" in text
+
+
+def test_next_retraining_is_disabled_unless_enabled(settings_factory):
+    """With [retraining] enabled = false the report says "disabled"."""
+    assert status.next_retraining(settings_factory()) == "disabled"
