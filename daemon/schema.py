@@ -7,6 +7,7 @@ package, so the commands work from any directory and from an installed wheel.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 from alembic import command
 from alembic.config import Config
@@ -75,30 +76,25 @@ def _check_reachable(engine: Engine, url: str) -> None:
 
 def upgrade_database(url: str, revision: str = "head") -> None:
     """Bring the database at `url` to `revision` (a no-op when it is already there)."""
-    engine = _engine(url)
-    try:
-        _check_reachable(engine, url)
-    finally:
-        engine.dispose()
-    try:
-        command.upgrade(alembic_config(url), revision)
-    except SQLAlchemyError as exc:
-        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-        raise SchemaError(f"migrating {safe_url(url)} to {revision} failed: {reason}") from exc
+    _run_alembic(command.upgrade, "migrating", url, revision)
 
 
 def downgrade_database(url: str, revision: str) -> None:
     """Take the database at `url` back to `revision` ("base" removes every table)."""
+    _run_alembic(command.downgrade, "downgrading", url, revision)
+
+
+def _run_alembic(action: Callable[[Config, str], None], verb: str, url: str, revision: str) -> None:
     engine = _engine(url)
     try:
         _check_reachable(engine, url)
     finally:
         engine.dispose()
     try:
-        command.downgrade(alembic_config(url), revision)
+        action(alembic_config(url), revision)
     except SQLAlchemyError as exc:
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-        raise SchemaError(f"downgrading {safe_url(url)} to {revision} failed: {reason}") from exc
+        raise SchemaError(f"{verb} {safe_url(url)} to {revision} failed: {reason}") from exc
 
 
 def current_revision(url: str) -> str | None:
