@@ -36,6 +36,8 @@ __all__ = [
     "resolve_device",
     "load_classifier",
     "load_standardizer",
+    "wrap_generator",
+    "place_model",
     "prepare_batch",
     "run_batch",
 ]
@@ -76,7 +78,8 @@ def _memory_format(device: torch.device) -> torch.memory_format:
     return torch.channels_last if device.type == "cuda" else torch.contiguous_format
 
 
-def _place(model: nn.Module, device: torch.device) -> nn.Module:
+def place_model(model: nn.Module, device: torch.device) -> nn.Module:
+    """Move a network to ``device`` for inference (channels_last on CUDA, eval, no gradients)."""
     return model.to(device=device, memory_format=_memory_format(device)).eval().requires_grad_(False)
 
 
@@ -206,7 +209,7 @@ def load_classifier(path: str | Path, *, device: str = "cpu", expected_sha256: s
         raise ModelMismatch(f"{path}: unsupported classifier arch_args {sorted(arch_args)}; only 'num_classes' is known")
     model = build_classifier(arch=arch, num_classes=len(classes))
     _load_state(model, state, path)
-    return Classifier(_place(model, dev), header, name=path.stem, sha256=sha, device=dev)
+    return Classifier(place_model(model, dev), header, name=path.stem, sha256=sha, device=dev)
 
 
 def load_standardizer(
@@ -240,8 +243,15 @@ def load_standardizer(
     except (TypeError, ValueError) as exc:
         raise ModelMismatch(f"{path}: header arch_args {header.get('arch_args')!r} do not fit {arch}: {exc}") from exc
     _load_state(generator, state, path)
-    generator = _place(generator, dev)
-    return Standardizer(_GeneratorFn(generator, dev), name=path.stem, header=header, sha256=sha, device=dev)
+    return wrap_generator(generator, name=path.stem, header=header, sha256=sha, device=dev)
+
+
+def wrap_generator(
+    generator: nn.Module, *, name: str, header: dict, sha256: str | None = None, device: torch.device | str = "cpu"
+) -> Standardizer:
+    """A CycleGAN generator (X -> reference) as a Standardizer on ``device``."""
+    dev = torch.device(device)
+    return Standardizer(_GeneratorFn(place_model(generator, dev), dev), name=name, header=header, sha256=sha256, device=dev)
 
 
 def _classical(method: str, classifier: Classifier | None) -> Standardizer:
