@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.colour_generator import build_colour_generator
+
 __all__ = [
     "NORM_LAYERS",
     "UPSAMPLERS",
@@ -239,13 +241,20 @@ def build_generator(*, ngf: int = 64, n_blocks: int = 9, upsample: str = "transp
     return init_weights(ResnetGenerator(ngf=ngf, n_blocks=n_blocks, upsample=upsample, norm=norm))
 
 
-def build_discriminator(*, ndf: int = 64, n_layers: int = 3, norm: str = "instance") -> NLayerDiscriminator:
-    """A PatchGAN discriminator, initialized N(0, 0.02)."""
-    return init_weights(NLayerDiscriminator(ndf=ndf, n_layers=n_layers, norm=norm))
+def build_discriminator(*, ndf: int = 64, n_layers: int = 3, norm: str = "instance", pool: int = 1) -> nn.Module:
+    """A PatchGAN discriminator, initialized N(0, 0.02). ``pool > 1`` puts ``nn.AvgPool2d(pool)`` in
+    front, so it judges colour rather than fine texture (needed by the colour-only generator)."""
+    if pool < 1:
+        raise ValueError(f"pool must be >= 1, got {pool}")
+    disc = init_weights(NLayerDiscriminator(ndf=ndf, n_layers=n_layers, norm=norm))
+    return nn.Sequential(nn.AvgPool2d(pool), disc) if pool > 1 else disc
 
 
 # Architecture names a standardizer checkpoint's header may carry -> builder.
-GENERATORS: dict[str, Callable[..., nn.Module]] = {"resnet_generator": build_generator}
+GENERATORS: dict[str, Callable[..., nn.Module]] = {
+    "resnet_generator": build_generator,
+    "pointwise_colour": build_colour_generator,
+}
 
 
 # --------------------------------------------------------------------------- losses

@@ -2,6 +2,11 @@
 
     stainbridge train cyclegan --source DIR --reference DIR --out FILE [--preset tiny|full] [--epochs N]
         [--seed N] [--resume] [--size PX] [--semantic-classifier FILE --semantic-weight W]
+        [--generator resnet|colour] [--discriminator-pool N] [--generator-lr LR] [--semantic-teacher reinhard|raw]
+
+--preset colour is the colour-only recipe (models.colour_generator): a per-pixel colour generator that
+cannot change morphology, PatchGAN ndf 16 / 2 layers behind AvgPool2d(4), generator lr 1e-3
+(discriminators --lr 2e-4), 64 px, batch 8 and, with --semantic-classifier, weight 5 and the raw teacher.
 
 Unpaired and label-free: every image below --source (the incoming lab, searched recursively) and
 below --reference is used as an unlabeled image; class folders, if any, are ignored, so no label
@@ -15,6 +20,9 @@ to the reference stain (whose statistics travel in that classifier's header):
     L_sem = KL( p(reinhard(x)) || p(G(x)) ) * --semantic-weight
 and likewise for a reference image and its cycle G(F(y)) (there Reinhard is nearly the identity).
 Colour is the GAN's job; the term only penalises changing what the classifier sees in the cell.
+With --semantic-teacher raw the target is instead the classifier's 8-view dihedral TTA softmax on the
+untranslated source image, on the x_to_y pair only: L_sem = KL( TTA p(x) || p(G(x)) ) * weight. It is
+computed (no gradient) on each source batch as drawn, i.e. on the same random crop G sees.
 
 Only G is kept in the final checkpoint (kind "standardizer"); the full state (G, F, D_X, D_Y and
 both optimizers) is written to ``<out>.state`` after each epoch for --resume, and a sample grid
@@ -39,14 +47,21 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torchvision.utils import make_grid, save_image
 
-from models import baselines, checkpoint, classifier, cyclegan, data
+from models import baselines, checkpoint, classifier, colour_generator, cyclegan, data
 from models import training_utils as tu
 
-# Explicit flags override these. tiny: seconds on a CPU for ~50 images per side; full: a GPU run.
+# Explicit flags override these. tiny: seconds on a CPU for ~50 images per side; full: a GPU run;
+# colour: the colour-only generator recipe (see module doc).
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"generator": "tiny", "discriminator": "tiny", "size": 64, "epochs": 2, "batch_size": 4},
     "full": {"generator": "full", "discriminator": "full", "size": 256, "epochs": 20, "batch_size": 4},
+    "colour": {"generator_type": "colour", "discriminator": "tiny", "discriminator_pool": 4, "generator_lr": 1e-3,
+               "semantic_weight": 5.0, "semantic_teacher": "raw", "size": 64, "epochs": 2, "batch_size": 8},
 }
+# Applied after the preset, for anything neither it nor a flag set.
+FALLBACKS: dict[str, Any] = {"generator_type": "resnet", "generator": "tiny", "discriminator_pool": 1,
+                             "semantic_weight": 1.0, "semantic_teacher": "reinhard"}
+COLOUR_ARGS: dict[str, int] = {"hidden": 32, "layers": 2}
 SAMPLE_ROWS = 8
 
 
@@ -55,10 +70,14 @@ class TrainingError(Exception):
 
 
 def resolve_options(args: argparse.Namespace) -> argparse.Namespace:
-    for key, value in PRESETS[args.preset].items():
+    for key, value in [*PRESETS[args.preset].items(), *FALLBACKS.items()]:
         if getattr(args, key, None) is None:
             setattr(args, key, value)
-    if args.size % 4:
+    if args.generator_lr is None:
+        args.generator_lr = args.lr
+    if args.discriminator_pool < 1:
+        raise TrainingError(f"--discriminator-pool must be >= 1, got {args.discriminator_pool}")
+    if args.generator_type == "resnet" and args.size % 4:
         raise TrainingError(f"--size must be a multiple of 4 for the ResNet generator, got {args.size}")
     return args
 
@@ -95,13 +114,39 @@ class SemanticConsistency:
             images01 = F.interpolate(images01, size=(self.size, self.size), mode="bilinear", align_corners=False)
         return self.model((images01 - self.mean) / self.std).float()
 
+    def target(self, real: Tensor) -> Tensor:
+        """Teacher probabilities for real images in [-1, 1]: the classifier on their Reinhard normalization."""
+        anchor = self.colour(((real.detach().float() + 1) / 2).cpu()).to(real.device)
+        return F.softmax(self._logits(anchor), dim=1)
+
     def __call__(self, real: Tensor, translated: Tensor) -> Tensor:
         """Images in [-1, 1]; gradients flow into ``translated`` only."""
         with torch.no_grad():
-            anchor = self.colour(((real.detach().float() + 1) / 2).cpu()).to(real.device)
-            target = F.softmax(self._logits(anchor), dim=1)
+            target = self.target(real)
         log_p = F.log_softmax(self._logits((translated + 1) / 2), dim=1)
         return F.kl_div(log_p, target, reduction="batchmean")
+
+
+class RawTeacherConsistency(SemanticConsistency):
+    """KL(TTA p(real) || p(translated)): the teacher is the mean softmax over the 8 dihedral views
+    of the untranslated source image (no colour normalization), used on the x_to_y pair."""
+
+    def target(self, real: Tensor) -> Tensor:
+        images01 = (real.detach().float() + 1) / 2
+        views = colour_generator.dihedral_views(images01)
+        return torch.stack([F.softmax(self._logits(v), dim=1) for v in views]).mean(0)
+
+
+def build_nets(args: argparse.Namespace) -> tuple[str, dict[str, Any], dict[str, Any], dict[str, nn.Module]]:
+    """(architecture, generator arch_args, discriminator args, {g_xy, g_yx, d_x, d_y}) for the options."""
+    if args.generator_type == "colour":
+        arch, g_args, build = "pointwise_colour", dict(COLOUR_ARGS), colour_generator.build_colour_generator
+    else:
+        arch, g_args, build = "resnet_generator", dict(cyclegan.GENERATOR_PRESETS[args.generator]), cyclegan.build_generator
+    d_args = dict(cyclegan.DISCRIMINATOR_PRESETS[args.discriminator], pool=args.discriminator_pool)
+    nets = {"g_xy": build(**g_args), "g_yx": build(**g_args),
+            "d_x": cyclegan.build_discriminator(**d_args), "d_y": cyclegan.build_discriminator(**d_args)}
+    return arch, g_args, d_args, nets
 
 
 def train_one_epoch(nets: dict[str, nn.Module], opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer,
@@ -158,7 +203,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reference", required=True, help="reference-lab images (labels ignored)")
     parser.add_argument("--out", required=True, help="standardizer checkpoint to write (.safetensors)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
-                        help="tiny: ngf 16, 3 blocks, 64 px crops, CPU seconds; full: ngf 64, 9 blocks, 256 px, GPU")
+                        help="tiny: ngf 16, 3 blocks, 64 px crops, CPU seconds; full: ngf 64, 9 blocks, 256 px, GPU; "
+                             "colour: colour-only generator recipe (see --generator colour)")
+    parser.add_argument("--generator", dest="generator_type", choices=("resnet", "colour"), default=None,
+                        help="resnet (default): ResNet CycleGAN generator; colour: per-pixel colour-only generator "
+                             "that cannot change morphology (use with --discriminator-pool 4)")
+    parser.add_argument("--discriminator-pool", type=int, default=None,
+                        help="average-pool factor in front of the discriminators (default 1; 4 with --generator colour)")
     parser.add_argument("--epochs", type=int, default=None, help="half constant lr, half linear decay")
     parser.add_argument("--size", type=int, default=None, help="training crop in pixels (multiple of 4)")
     parser.add_argument("--batch-size", type=int, default=None)
@@ -166,9 +217,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="default: max(#source, #reference) / batch size")
     parser.add_argument("--source-scale", type=float, default=1.0,
                         help="zoom applied to source images first (the site's geometry scale)")
-    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--lr", type=float, default=2e-4, help="discriminator (and default generator) learning rate")
+    parser.add_argument("--generator-lr", type=float, default=None, help="default: --lr (colour preset: 1e-3)")
     parser.add_argument("--semantic-classifier", default=None, help="frozen reference-lab classifier checkpoint")
-    parser.add_argument("--semantic-weight", type=float, default=1.0)
+    parser.add_argument("--semantic-weight", type=float, default=None, help="default 1 (colour preset: 5)")
+    parser.add_argument("--semantic-teacher", choices=("reinhard", "raw"), default=None,
+                        help="reinhard (default): KL to p(reinhard(x)) on x_to_y and y_cycle; raw: KL to the "
+                             "8-view dihedral TTA p(x) of the untranslated source, x_to_y only (colour preset)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="continue from <out>.state")
     parser.add_argument("--workers", type=int, default=0)
@@ -214,13 +269,11 @@ def main(args: argparse.Namespace) -> str:
     sample_batch = torch.stack([eval_tf(data.load_rgb(p)) for p in source_paths[::every][:SAMPLE_ROWS]])
 
     # networks, optimizers, schedules
-    g_args = dict(cyclegan.GENERATOR_PRESETS[args.generator])
-    d_args = dict(cyclegan.DISCRIMINATOR_PRESETS[args.discriminator])
-    nets = {"g_xy": cyclegan.build_generator(**g_args), "g_yx": cyclegan.build_generator(**g_args),
-            "d_x": cyclegan.build_discriminator(**d_args), "d_y": cyclegan.build_discriminator(**d_args)}
+    architecture, g_args, d_args, nets = build_nets(args)
     for net in nets.values():
         net.to(device, memory_format=fmt)
-    opt_g = cyclegan.make_optimizer(itertools.chain(nets["g_xy"].parameters(), nets["g_yx"].parameters()), lr=args.lr)
+    opt_g = cyclegan.make_optimizer(itertools.chain(nets["g_xy"].parameters(), nets["g_yx"].parameters()),
+                                    lr=args.generator_lr)
     opt_d = cyclegan.make_optimizer(itertools.chain(nets["d_x"].parameters(), nets["d_y"].parameters()), lr=args.lr)
     constant = (args.epochs + 1) // 2
     sched_g = cyclegan.make_scheduler(opt_g, n_epochs=constant, n_epochs_decay=args.epochs - constant)
@@ -230,11 +283,13 @@ def main(args: argparse.Namespace) -> str:
     semantic = None
     semantic_info: dict[str, Any] | None = None
     if args.semantic_classifier:
-        consistency = SemanticConsistency(args.semantic_classifier, device)
-        semantic = cyclegan.SemanticTerm(fn=consistency, weight=args.semantic_weight, pairs=("x_to_y", "y_cycle"))
-        semantic_info = {"classifier": consistency.name, "sha256": consistency.sha256,
-                         "weight": args.semantic_weight, "loss": "kl(p(reinhard(real)) || p(translated))",
-                         "pairs": list(semantic.pairs)}
+        raw = args.semantic_teacher == "raw"
+        consistency = (RawTeacherConsistency if raw else SemanticConsistency)(args.semantic_classifier, device)
+        semantic = cyclegan.SemanticTerm(fn=consistency, weight=args.semantic_weight,
+                                         pairs=("x_to_y",) if raw else ("x_to_y", "y_cycle"))
+        loss = "kl(tta8(p(real)) || p(translated))" if raw else "kl(p(reinhard(real)) || p(translated))"
+        semantic_info = {"classifier": consistency.name, "sha256": consistency.sha256, "weight": args.semantic_weight,
+                         "teacher": args.semantic_teacher, "loss": loss, "pairs": list(semantic.pairs)}
 
     # resume
     state_file = tu.state_path(out)
@@ -259,7 +314,7 @@ def main(args: argparse.Namespace) -> str:
 
     header = {
         "kind": "standardizer",
-        "architecture": "resnet_generator",
+        "architecture": architecture,
         "arch_args": g_args,
         "input_size": args.size,
         "value_range": [-1.0, 1.0],
@@ -273,6 +328,10 @@ def main(args: argparse.Namespace) -> str:
         "metrics": {"final": history[-1] if history else {}, "history": history},
         "discriminator_args": d_args,
         "semantic": semantic_info,
+        "training_options": {"preset": args.preset, "generator": args.generator_type,
+                             "discriminator_pool": args.discriminator_pool, "generator_lr": args.generator_lr,
+                             "discriminator_lr": args.lr, "semantic_teacher": args.semantic_teacher,
+                             "semantic_weight": args.semantic_weight if semantic_info else None},
         "epochs": args.epochs,
         "steps_per_epoch": steps,
         "batch_size": args.batch_size,
