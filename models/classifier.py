@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models import ResNet, resnet18, resnet34
 
+from models import small_resnet
+
 __all__ = [
     "ARCHITECTURES",
     "LOSSES",
@@ -25,7 +27,13 @@ __all__ = [
 ]
 
 # Architecture names a classifier checkpoint's header may carry -> torchvision constructor.
-ARCHITECTURES: dict[str, Callable[..., ResNet]] = {"resnet18": resnet18, "resnet34": resnet34}
+# torchvision constructors (weights=None, fresh head); plus the CPU-sized width-16 ResNet-18 of
+# models.small_resnet, which builds its own head and has no ImageNet weights.
+ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
+    "resnet18": resnet18,
+    "resnet34": resnet34,
+    small_resnet.ARCHITECTURE: small_resnet.build_small_resnet18,
+}
 
 
 class PretrainedWeightsError(Exception):
@@ -79,7 +87,7 @@ def _load_backbone(model: ResNet, path: Path, arch: str) -> None:
 # --------------------------------------------------------------------------- builder
 
 
-def build_classifier(*, arch: str, num_classes: int, pretrained_file: str | Path | None = None) -> ResNet:
+def build_classifier(*, arch: str, num_classes: int, pretrained_file: str | Path | None = None) -> nn.Module:
     """A torchvision ResNet with a fresh ``num_classes`` head; the backbone comes from
     ``pretrained_file`` (ImageNet weights on local disk) when given, else random init."""
     try:
@@ -88,6 +96,8 @@ def build_classifier(*, arch: str, num_classes: int, pretrained_file: str | Path
         raise ValueError(f"unknown classifier architecture {arch!r}; choose one of {sorted(ARCHITECTURES)}") from None
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+    if arch == small_resnet.ARCHITECTURE:
+        return constructor(num_classes=num_classes, pretrained_file=pretrained_file)
     model = constructor(weights=None)
     if pretrained_file is not None:
         _load_backbone(model, Path(pretrained_file), arch)

@@ -1,0 +1,213 @@
+"""Training steps of the cross-hospital benchmark, on in-memory tensors from ``models.bench_data``.
+
+The loops are the repository's own (``models.train_classifier.train_one_epoch``/``evaluate``,
+``models.train_cyclegan.train_one_epoch`` with ``models.cyclegan``'s losses, pool and schedule);
+what differs from ``stainbridge train ...`` is the data (decoded once, geometry-normalized by the
+site magnification) and the classifier's strong stain augmentation (``models.stain_augment``).
+Every checkpoint carries the usual header: training data, metrics, code version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+import random
+import statistics
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from models import (
+    baselines,
+    checkpoint,
+    classifier,
+    cyclegan,
+    data,
+    semantic,
+    stain_augment,
+)
+from models import train_classifier as tc
+from models import train_cyclegan as tg
+from models import training_utils as tu
+from models.bench_data import BenchData, to_float
+
+__all__ = [
+    "adapt_classifier",
+    "batches",
+    "build_model",
+    "classifier_header",
+    "load_reference_classifier",
+    "train_reference_classifier",
+    "train_standardizer",
+]
+
+
+def build_model(arch: str, num_classes: int) -> nn.Module:
+    """Any of ``models.classifier.ARCHITECTURES`` (resnet18/34, or the CPU-sized ``resnet18_w16``)."""
+    return classifier.build_classifier(arch=arch, num_classes=num_classes)
+
+
+def batches(x: Tensor, y: Tensor, batch_size: int) -> list[tuple[Tensor, Tensor]]:
+    """Fixed evaluation batches of [0,1] floats from uint8 images."""
+    return [(to_float(x[i:i + batch_size]), y[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+
+
+def _fit(model: nn.Module, loader: Any, *, epochs: int, lr: float, device: torch.device, log: Any) -> list[dict]:
+    """AdamW with a cosine schedule (as ``stainbridge train classifier``) and the project's focal loss (gamma 2)."""
+    criterion = classifier.make_loss("focal", gamma=2.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1))
+    prep = tc.InputPrep(device, tc.NORMALIZATION)
+    history = []
+    for epoch in range(epochs):
+        stats = tc.train_one_epoch(model, criterion, opt, loader, prep, epoch, argparse.Namespace(epochs=epochs), True)
+        sched.step()
+        history.append({"epoch": epoch + 1, **{f"train_{k}": v for k, v in stats.items()}})
+        log(json.dumps(history[-1]))
+    return history
+
+
+def classifier_header(d: BenchData, *, arch: str, metrics: dict[str, Any], history: list[dict], extra: dict[str, Any],
+                      reference_root: str | Path, split_path: Path) -> dict[str, Any]:
+    counts = {c: int((d.train_labels == i).sum()) for i, c in enumerate(d.classes)}
+    fraction = statistics.median(data.estimate_cell_fraction(im) for im in d.stain_images)
+    return {
+        "kind": "classifier", "architecture": arch, "arch_args": {"num_classes": len(d.classes)},
+        "classes": d.classes, "input_size": d.size, "normalization": tc.NORMALIZATION,
+        "geometry": {"reference_cell_fraction": float(fraction), **d.geometry},
+        "reference_stain": baselines.fit_reference_stats(d.stain_images),
+        "training_data": {"root": str(Path(reference_root).resolve()), "counts": counts,
+                          "split_counts": {k: len(d.manifest[k]) for k in ("train", "val", "test")},
+                          "split_manifest": split_path.name,
+                          "split_manifest_sha256": hashlib.sha256(split_path.read_bytes()).hexdigest(), **extra},
+        "metrics": {**metrics, "history": history}, "loss": "focal", "gamma": 2.0,
+        "code_version": checkpoint.code_version(),
+    }
+
+
+def _scores(model: nn.Module, d: BenchData, device: torch.device) -> dict[str, Any]:
+    prep = tc.InputPrep(device, tc.NORMALIZATION)
+    out: dict[str, Any] = {}
+    for name, x, y in (("val", d.val, d.val_labels), ("test", d.test, d.test_labels)):
+        if len(x):
+            out.update(tc.summary(tc.evaluate(model, batches(x, y, 256), prep, d.classes), name))
+    return out
+
+
+def train_reference_classifier(d: BenchData, out: Path, *, arch: str, epochs: int, batch_size: int, lr: float,
+                               strength: float, seed: int, reference_root: str | Path, device: torch.device,
+                               log: Any = print) -> tuple[nn.Module, dict[str, Any]]:
+    """Train on the reference train split with stain augmentation; write checkpoint + split manifest."""
+    started = time.monotonic()
+    tu.seed_everything(seed)
+    model = build_model(arch, len(d.classes)).to(device)
+    loader = stain_augment.AugmentedBatches(d.train_base, d.train_labels, out=d.size, batch_size=batch_size,
+                                            strength=strength, cover=d.cover, seed=seed)
+    history = _fit(model, loader, epochs=epochs, lr=lr, device=device, log=log)
+    split_path = Path(f"{out}.split.json")
+    data.write_manifest(d.manifest, split_path)
+    header = classifier_header(d, arch=arch, metrics=_scores(model, d, device), history=history,
+                               reference_root=reference_root, split_path=split_path,
+                               extra={"augmentation": f"models.stain_augment strength {strength}"})
+    header.update(epochs=epochs, seed=seed, train_seconds=round(time.monotonic() - started, 1))
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    header["sha256"] = checkpoint.save_checkpoint(out, state, tu.jsonable(header))
+    return model.eval(), header
+
+
+def load_reference_classifier(path: Path, d: BenchData, device: torch.device) -> tuple[nn.Module, dict] | None:
+    """The checkpoint at ``path`` if it was trained for these classes, size and geometry, else None."""
+    if not path.exists():
+        return None
+    state, header = checkpoint.load_checkpoint(path)
+    geo = header.get("geometry") or {}
+    if (header.get("kind") != "classifier" or header.get("classes") != d.classes or header.get("input_size") != d.size
+            or abs(float(geo.get("window_fraction", -1)) - d.geometry["window_fraction"]) > 1e-9):
+        return None
+    model = build_model(header["architecture"], len(d.classes))
+    model.load_state_dict(state)
+    header["sha256"] = checkpoint.file_sha256(path)
+    return model.to(device).eval(), header
+
+
+def _dihedral_stream(x: Tensor, batch_size: int, g: torch.Generator) -> Iterator[Tensor]:
+    """Endless random batches of [0,1] images from uint8 x, each batch turned and flipped at random."""
+    while True:
+        idx = torch.randint(len(x), (batch_size,), generator=g)
+        b = torch.rot90(to_float(x[idx]), int(torch.randint(4, (1,), generator=g)), (2, 3))
+        yield b.flip(3) if torch.rand(1, generator=g) < 0.5 else b
+
+
+def train_standardizer(target: Tensor, reference: Tensor, out: Path, *, generator: str, discriminator: str,
+                       epochs: int, steps: int, batch_size: int, semantic_term: cyclegan.SemanticTerm | None,
+                       semantic_info: dict | None, training_data: dict[str, Any], seed: int, device: torch.device,
+                       log: Any = print) -> tuple[nn.Module, nn.Module, dict[str, Any]]:
+    """CycleGAN X=target -> Y=reference on unlabeled uint8 images; returns (G_XY, G_YX, header)."""
+    started = time.monotonic()
+    tu.seed_everything(seed)
+    g_args = dict(cyclegan.GENERATOR_PRESETS[generator])
+    d_args = dict(cyclegan.DISCRIMINATOR_PRESETS[discriminator])
+    nets = {"g_xy": cyclegan.build_generator(**g_args), "g_yx": cyclegan.build_generator(**g_args),
+            "d_x": cyclegan.build_discriminator(**d_args), "d_y": cyclegan.build_discriminator(**d_args)}
+    for net in nets.values():
+        net.to(device)
+    opt_g = cyclegan.make_optimizer(itertools.chain(nets["g_xy"].parameters(), nets["g_yx"].parameters()))
+    opt_d = cyclegan.make_optimizer(itertools.chain(nets["d_x"].parameters(), nets["d_y"].parameters()))
+    constant = (epochs + 1) // 2
+    scheds = [cyclegan.make_scheduler(o, n_epochs=constant, n_epochs_decay=epochs - constant) for o in (opt_g, opt_d)]
+    pools = {"x": cyclegan.ImagePool(50, rng=random.Random(seed)), "y": cyclegan.ImagePool(50, rng=random.Random(seed + 1))}
+    g = torch.Generator().manual_seed(seed)
+    xs, ys = _dihedral_stream(target, batch_size, g), _dihedral_stream(reference, batch_size, g)
+    history = []
+    for epoch in range(epochs):
+        stats = tg.train_one_epoch(nets, opt_g, opt_d, xs, ys, steps, pools, semantic_term, device, epoch,
+                                   argparse.Namespace(epochs=epochs))
+        for s in scheds:
+            s.step()
+        history.append({"epoch": epoch + 1, **stats})
+        log(json.dumps(history[-1]))
+    header = {
+        "kind": "standardizer", "architecture": "resnet_generator", "arch_args": g_args,
+        "input_size": int(target.shape[-1]), "value_range": [-1.0, 1.0], "direction": "source->reference",
+        "training_data": {**training_data, "labels_used": False},
+        "metrics": {"final": history[-1] if history else {}, "history": history},
+        "discriminator_args": d_args, "semantic": semantic_info, "epochs": epochs, "steps_per_epoch": steps,
+        "batch_size": batch_size, "seed": seed, "train_seconds": round(time.monotonic() - started, 1),
+        "code_version": checkpoint.code_version(),
+    }
+    state = {k: v.detach().cpu() for k, v in nets["g_xy"].state_dict().items()}
+    header["sha256"] = checkpoint.save_checkpoint(out, state, tu.jsonable(header))
+    return nets["g_xy"].eval(), nets["g_yx"].eval(), header
+
+
+def adapt_classifier(model: nn.Module, header: dict[str, Any], d: BenchData, translated: Tensor, out: Path, *,
+                     epochs: int, batch_size: int, lr: float, strength: float, seed: int, device: torch.device,
+                     standardizer_sha: str, log: Any = print) -> tuple[nn.Module, dict[str, Any]]:
+    """Fine-tune a copy of the reference classifier on translated reference images (e.g. G(F(y)),
+    labels of y) mixed with augmented reference images; write it as a classifier checkpoint."""
+    started = time.monotonic()
+    tu.seed_everything(seed)
+    tuned = build_model(header["architecture"], len(d.classes))
+    tuned.load_state_dict(model.state_dict())
+    tuned.to(device)
+    reference = stain_augment.AugmentedBatches(d.train_base, d.train_labels, out=d.size, batch_size=batch_size,
+                                               strength=strength, cover=d.cover, seed=seed + 1)
+    loader = semantic.MixedBatches(translated, d.train_labels, reference, seed=seed)
+    history = _fit(tuned, loader, epochs=epochs, lr=lr, device=device, log=log)
+    new = dict(header)
+    new["training_data"] = {**header["training_data"], "fine_tuned_from": header.get("sha256"),
+                            "translated_by_standardizer": standardizer_sha,
+                            "translated_images": "G(F(y)) of the reference train split, labels of y"}
+    new["metrics"] = {**_scores(tuned, d, device), "history": history}
+    new.update(epochs=epochs, seed=seed, train_seconds=round(time.monotonic() - started, 1))
+    new.pop("sha256", None)
+    state = {k: v.detach().cpu() for k, v in tuned.state_dict().items()}
+    new["sha256"] = checkpoint.save_checkpoint(out, state, tu.jsonable(new))
+    return tuned.eval(), new
+

@@ -1,0 +1,109 @@
+"""`stainbridge bench accuracy`: the cross-hospital benchmark on small synthetic labs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from models import (
+    bench_accuracy,
+    checkpoint,
+    inference,
+    semantic,
+    site_geometry,
+    stain_augment,
+    synthetic,
+)
+
+torch.set_num_threads(1)
+
+EVAL_KEYS = {"classes", "n", "accuracy", "balanced_accuracy", "balanced_accuracy_min10", "per_class_recall",
+             "confusion_matrix"}
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, int]:
+    base = tmp_path_factory.mktemp("bench")
+    synthetic.write_dataset(base / "reference", protocol="reference", per_class=10, size=64, seed=0)
+    synthetic.write_dataset(base / "incoming", protocol="incoming", per_class=4, size=64, seed=1)
+    out = base / "out"
+    args = bench_accuracy.get_args_parser().parse_args(
+        ["--reference", str(base / "reference"), "--target", str(base / "incoming"), "--preset", "tiny",
+         "--out-dir", str(out), "--json", str(out / "r.json"), "--gan-steps", "3", "--threads", "1"])
+    code = bench_accuracy.run(args)
+    return out, json.loads((out / "r.json").read_text()), code
+
+
+def test_tiny_preset_writes_every_method_with_eval_keys(bench: tuple[Path, dict, int]) -> None:
+    """The tiny preset exits 0 and reports raw, the classical baselines and the CycleGAN variants, each with the eval keys."""
+    _, result, code = bench
+    assert code == 0
+    methods = result["methods"]
+    for name in ("raw", "reinhard", "macenko", "histmatch", "cyclegan", "cyclegan_semantic",
+                 "cyclegan_semantic_adapted", "cyclegan_semantic_inductive", "raw_tta", "cyclegan_semantic_tta"):
+        assert EVAL_KEYS <= set(methods[name]), name
+        assert methods[name]["n"] == 20
+    setup = result["setup"]
+    assert setup["resolution_px"] == 32 and setup["mode"] == "both" and setup["preset"] == "tiny"
+    assert setup["target_labels_used_for"] == "scoring only"
+    assert {"prepare_s", "classifier_s", "total_s"} <= set(setup["times"])
+    assert setup["geometry"]["magnification"] > 0
+
+
+def test_report_grid_and_checkpoints_are_written(bench: tuple[Path, dict, int]) -> None:
+    """results.md lists every method, grid.png has one row per shown method, checkpoint headers carry data and metrics."""
+    out, result, _ = bench
+    table = (out / "results.md").read_text()
+    assert all(f"| {name} |" in table for name in result["methods"])
+    with Image.open(out / "grid.png") as grid:
+        assert grid.width > 150 and grid.height > 72 * 5
+    _, header = checkpoint.load_checkpoint(out / "classifier.safetensors")
+    assert header["training_data"]["counts"] and "test_accuracy" in header["metrics"]
+    _, sh = checkpoint.load_checkpoint(out / "standardizer_cyclegan_semantic_inductive_fold0.safetensors")
+    assert sh["training_data"]["labels_used"] is False
+    assert sh["training_data"]["source"]["scored_images_seen"] is False and sh["training_data"]["source"]["images"] == 10
+    assert inference.load_standardizer(str(out / "standardizer_cyclegan_semantic_transductive.safetensors"))
+
+
+def test_existing_classifier_is_reused(bench: tuple[Path, dict, int], tmp_path: Path) -> None:
+    """A second run over the same out-dir reuses the classifier instead of training it again."""
+    out, result, _ = bench
+    ref = Path(result["setup"]["reference"])
+    args = bench_accuracy.get_args_parser().parse_args(
+        ["--reference", str(ref), "--target", result["setup"]["target"], "--preset", "tiny", "--out-dir", str(out),
+         "--json", str(tmp_path / "again.json"), "--mode", "transductive", "--gan-steps", "1", "--threads", "1"])
+    again = bench_accuracy.main(args)
+    assert again["setup"]["classifier"]["reused"] is True
+    assert again["methods"]["raw"] == result["methods"]["raw"]
+    assert "cyclegan_semantic_inductive" not in again["methods"]
+
+
+def test_stain_augment_keeps_range_and_varies_per_image() -> None:
+    """Stain augmentation returns images in [0,1] and gives two copies of one image different colours."""
+    x = torch.rand(1, 3, 16, 16).repeat(2, 1, 1, 1)
+    y = stain_augment.stain_augment(x, 1.0, torch.Generator().manual_seed(0))
+    assert y.shape == x.shape and 0 <= y.min() and y.max() <= 1
+    assert not torch.allclose(y[0], y[1])
+
+
+def test_structure_loss_ignores_colour_but_not_texture() -> None:
+    """The structure term is ~0 for a recoloured cell and clearly positive for the same cell with invented texture."""
+    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    cell = torch.sigmoid(8 - ((yy - 16) ** 2 + (xx - 16) ** 2).sqrt())  # a soft dark disc
+    x = (0.9 - 0.6 * cell).expand(1, 3, 32, 32)
+    recoloured = x * torch.tensor([0.8, 0.6, 1.0]).view(1, 3, 1, 1) + torch.tensor([0.1, 0.0, 0.0]).view(1, 3, 1, 1)
+    textured = (x + 0.2 * torch.rand(1, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * cell).clamp(0, 1)
+    assert semantic.structure_loss(x, recoloured) < 0.1 * semantic.structure_loss(x, textured)
+
+
+def test_site_magnification_from_nucleus_areas() -> None:
+    """Twice the nucleus area in native pixels means half the linear magnification, and crops keep the window."""
+    assert site_geometry.site_magnification(100.0, 400.0) == pytest.approx(0.5)
+    img = Image.new("RGB", (100, 100), "white")
+    assert site_geometry.crop_window(img, window_px=150, out_size=32).size == (32, 32)
+    with pytest.raises(site_geometry.GeometryEstimateError):
+        site_geometry.site_magnification(0.0, 1.0)
