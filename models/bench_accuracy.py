@@ -2,6 +2,7 @@
 
     stainbridge bench accuracy --reference DIR --target DIR [--preset tiny|cpu|full] [--json OUT]
         [--out-dir DIR] [--size PX] [--mode transductive|inductive|both] [--threads N]
+        [--variants cyclegan cyclegan_semantic cyclegan_colour] [--markdown FILE] [--grid FILE]
 
 1. Geometry (``models.bench_data``/``models.site_geometry``): reference images are cut to a centred
    window, target images to the window of the same physical width (site magnification estimated
@@ -12,6 +13,9 @@
    the reference training windows); a plain CycleGAN; the CycleGAN with the class-preservation and
    structure terms (``models.semantic``); and that CycleGAN with the classifier fine-tuned on
    G(F(y)), reference images sent through the round trip with their labels ("adapted").
+   Also "cyclegan_colour", the colour-only recipe (``models.colour_generator``, as ``stainbridge train
+   cyclegan --preset colour``): per-pixel generator, discriminators behind AvgPool2d(4), generator lr
+   1e-3, KL(8-view TTA p(x) || p(G(x))) weight 5 under the frozen classifier; no classifier adaptation.
    The CycleGANs train on unlabeled images only.
 4. Scoring on the labeled target images, each method also with 8-fold dihedral test-time
    augmentation (``_tta``). Target labels are used for nothing else.
@@ -55,18 +59,26 @@ PRESETS: dict[str, dict[str, Any]] = {
     # minutes on a CPU with small synthetic folders
     "tiny": {"size": 32, "window_fraction": 0.6, "arch": "resnet18_w16", "epochs": 2, "batch_size": 32,
              "lr": 1e-3, "gan_epochs": 2, "gan_steps": 8, "gan_batch": 4, "generator": "tiny",
-             "discriminator": "tiny", "adapt_epochs": 1},
+             "discriminator": "tiny", "adapt_epochs": 1, "colour_epochs": 2, "colour_steps": 4, "colour_batch": 4,
+             "colour_pool": 2},  # 32 px / 4 would leave the tiny PatchGAN a 1x1 map
     # the CPU study on real data: 64 px, well under an hour on 2 cores
     "cpu": {"size": 64, "window_fraction": 0.6, "arch": "resnet18_w16", "epochs": 16, "batch_size": 64,
             "lr": 1e-3, "gan_epochs": 4, "gan_steps": 100, "gan_batch": 4, "generator": "tiny",
-            "discriminator": "tiny", "adapt_epochs": 2},
+            "discriminator": "tiny", "adapt_epochs": 2, "colour_epochs": 4, "colour_steps": 200, "colour_batch": 8,
+            "colour_pool": 4},
     # a GPU
     "full": {"size": 128, "window_fraction": 0.6, "arch": "resnet18", "epochs": 30, "batch_size": 128,
              "lr": 2e-3, "gan_epochs": 10, "gan_steps": 400, "gan_batch": 8, "generator": "small",
-             "discriminator": "small", "adapt_epochs": 5},
+             "discriminator": "small", "adapt_epochs": 5, "colour_epochs": 10, "colour_steps": 400, "colour_batch": 8,
+             "colour_pool": 4},
 }
 CLASSICAL = ("reinhard", "macenko", "histmatch")
-LEARNED = ("cyclegan", "cyclegan_semantic")
+LEARNED = ("cyclegan", "cyclegan_semantic", "cyclegan_colour")
+ADAPTED = ("cyclegan_semantic",)  # variants that also fine-tune the classifier on G(F(y))
+# cyclegan_colour: the colour-only recipe of `stainbridge train cyclegan --preset colour` (models.colour_generator):
+# per-pixel generator, PatchGAN behind AvgPool2d(4), generator lr 1e-3, raw-teacher semantic KL weight 5.
+COLOUR = {"architecture": "pointwise_colour", "generator_args": dict(tg.COLOUR_ARGS), "discriminator": "tiny",
+          "generator_lr": 1e-3, "discriminator_lr": 2e-4, "semantic_weight": 5.0}
 STAIN_STRENGTH = 1.0
 
 
@@ -106,9 +118,17 @@ def _standardize(fn: Any, images01: Tensor, batch_size: int = 128) -> Tensor:
     return torch.cat([fn(images01[i:i + batch_size]).float().clamp(0, 1) for i in range(0, len(images01), batch_size)])
 
 
-def _semantic_term(variant: str, model: nn.Module, header: dict, classifier_path: Path) -> tuple[Any, dict | None]:
+def _semantic_term(variant: str, model: nn.Module, header: dict, classifier_path: Path,
+                   device: torch.device) -> tuple[Any, dict | None]:
     if variant == "cyclegan":
         return None, None
+    if variant == "cyclegan_colour":
+        # KL(8-view dihedral TTA p(x) || p(G(x))) under the frozen bench classifier, x_to_y only
+        consistency = tg.RawTeacherConsistency(classifier_path, device)
+        w = COLOUR["semantic_weight"]
+        term = cyclegan.SemanticTerm(fn=consistency, weight=w, pairs=("x_to_y",))
+        return term, {"classifier": consistency.name, "sha256": consistency.sha256, "weight": w, "teacher": "raw",
+                      "loss": "kl(tta8(p(real)) || p(translated))", "pairs": list(term.pairs)}
     anchor = baselines.Reinhard.from_stats(header["reference_stain"])
     consistency = semantic.ClassConsistency(model, header["normalization"], anchor)
     fn = semantic.StructureAndClass(consistency, structure_weight=1.0)
@@ -137,12 +157,20 @@ def run_learned(variant: str, mode: str, d: bench_data.BenchData, model: nn.Modu
     reference = d.train
     infos = []
     for fold, (fit, held) in enumerate(_folds(n, mode, opts.seed)):
-        term, info = _semantic_term(variant, model, header, cls_path)
+        term, info = _semantic_term(variant, model, header, cls_path, device)
         ckpt = out_dir / f"standardizer_{variant}_{mode}{'' if mode == 'transductive' else f'_fold{fold}'}.safetensors"
         _log(f"training {ckpt.name} on {len(fit)} target + {len(reference)} reference images (unlabeled)")
+        if variant == "cyclegan_colour":
+            train_kw: dict[str, Any] = {
+                "generator": opts.generator, "discriminator": COLOUR["discriminator"], "epochs": opts.colour_epochs,
+                "steps": opts.colour_steps, "batch_size": opts.colour_batch, "architecture": COLOUR["architecture"],
+                "generator_args": COLOUR["generator_args"], "discriminator_pool": opts.colour_pool,
+                "generator_lr": COLOUR["generator_lr"], "discriminator_lr": COLOUR["discriminator_lr"]}
+        else:
+            train_kw = {"generator": opts.generator, "discriminator": opts.discriminator, "epochs": opts.gan_epochs,
+                        "steps": opts.gan_steps, "batch_size": opts.gan_batch}
         g_xy, g_yx, sh = bench_train.train_standardizer(
-            d.target[fit], reference, ckpt, generator=opts.generator, discriminator=opts.discriminator,
-            epochs=opts.gan_epochs, steps=opts.gan_steps, batch_size=opts.gan_batch, semantic_term=term,
+            d.target[fit], reference, ckpt, **train_kw, semantic_term=term,
             semantic_info=info, seed=opts.seed + fold, device=device, log=_log,
             training_data={"source": {"root": str(Path(opts.target).resolve()), "images": len(fit), "mode": mode,
                                       "fold": fold, "scored_images_seen": mode == "transductive"},
@@ -155,7 +183,7 @@ def run_learned(variant: str, mode: str, d: bench_data.BenchData, model: nn.Modu
         probs["plain"][held] = predict(model, gx, tta=False, device=device)
         probs["tta"][held] = predict(model, gx, tta=True, device=device)
         entry = {"checkpoint": ckpt.name, "sha256": sh["sha256"], "train_seconds": sh["train_seconds"]}
-        if variant != "cyclegan" and opts.adapt_epochs > 0:
+        if variant in ADAPTED and opts.adapt_epochs > 0:
             gfy = semantic.translate(g_xy, semantic.translate(g_yx, bench_data.to_float(reference)))
             tuned, th = bench_train.adapt_classifier(
                 model, header, d, gfy, out_dir / f"classifier_adapted_{variant}_{mode}_fold{fold}.safetensors",
@@ -169,7 +197,7 @@ def run_learned(variant: str, mode: str, d: bench_data.BenchData, model: nn.Modu
     suffix = "" if mode == "transductive" else "_inductive"
     results[f"{variant}{suffix}"] = (probs["plain"], standardized)
     results[f"{variant}{suffix}_tta"] = (probs["tta"], standardized)
-    if variant != "cyclegan" and opts.adapt_epochs > 0:
+    if variant in ADAPTED and opts.adapt_epochs > 0:
         results[f"{variant}_adapted{suffix}"] = (probs["adapted"], standardized)
         results[f"{variant}_adapted{suffix}_tta"] = (probs["adapted_tta"], standardized)
     return {"results": results, "runs": infos}
@@ -191,7 +219,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arch", choices=("resnet18", "resnet34", "resnet18_w16"), default=None,
                         help="classifier; resnet18_w16 (models.small_resnet) is the CPU preset's")
     parser.add_argument("--epochs", type=int, default=None, help="classifier epochs")
-    parser.add_argument("--gan-steps", type=int, default=None, help="CycleGAN steps per epoch")
+    parser.add_argument("--gan-steps", type=int, default=None,
+                        help="CycleGAN steps per epoch (cyclegan, cyclegan_semantic)")
+    parser.add_argument("--colour-steps", type=int, default=None,
+                        help="steps per epoch of cyclegan_colour (cpu preset: 4 epochs x 200, batch 8)")
+    parser.add_argument("--variants", nargs="+", choices=LEARNED, default=None,
+                        help="learned standardizers to train (default: all)")
+    parser.add_argument("--markdown", default=None, help="markdown report (default <out-dir>/results.md)")
+    parser.add_argument("--grid", default=None, help="example grid PNG (default <out-dir>/grid.png)")
     parser.add_argument("--magnification", type=float, default=None,
                         help="target px -> reference px; estimated from nucleus areas when omitted")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -262,7 +297,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     runs: dict[str, Any] = {}
     modes = ("transductive", "inductive") if opts.mode == "both" else (opts.mode,)
     for mode in modes:
-        for variant in LEARNED:
+        for variant in (opts.variants or LEARNED):
             if variant == "cyclegan" and mode == "inductive" and opts.mode == "both":
                 continue  # the plain CycleGAN is the known failure; its transductive run shows it
             t = time.monotonic()
@@ -294,9 +329,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     json_path = Path(opts.json) if opts.json else out_dir / "results.json"
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(result, indent=2))
-    (out_dir / "results.md").write_text(bench_report.markdown(result))
-    bench_report.grid(images, d.target_labels, d.classes).save(out_dir / "grid.png")
-    _log(f"wrote {json_path}, {out_dir / 'results.md'}, {out_dir / 'grid.png'} in {times['total_s']} s")
+    md_path = Path(opts.markdown) if opts.markdown else out_dir / "results.md"
+    grid_path = Path(opts.grid) if opts.grid else out_dir / "grid.png"
+    md_path.write_text(bench_report.markdown(result))
+    bench_report.grid(images, d.target_labels, d.classes).save(grid_path)
+    _log(f"wrote {json_path}, {md_path}, {grid_path} in {times['total_s']} s")
     return result
 
 

@@ -147,18 +147,33 @@ def _dihedral_stream(x: Tensor, batch_size: int, g: torch.Generator) -> Iterator
 def train_standardizer(target: Tensor, reference: Tensor, out: Path, *, generator: str, discriminator: str,
                        epochs: int, steps: int, batch_size: int, semantic_term: cyclegan.SemanticTerm | None,
                        semantic_info: dict | None, training_data: dict[str, Any], seed: int, device: torch.device,
-                       log: Any = print) -> tuple[nn.Module, nn.Module, dict[str, Any]]:
-    """CycleGAN X=target -> Y=reference on unlabeled uint8 images; returns (G_XY, G_YX, header)."""
+                       log: Any = print, architecture: str = "resnet_generator",
+                       generator_args: dict[str, Any] | None = None, discriminator_pool: int = 1,
+                       generator_lr: float = 2e-4, discriminator_lr: float = 2e-4,
+                       ) -> tuple[nn.Module, nn.Module, dict[str, Any]]:
+    """CycleGAN X=target -> Y=reference on unlabeled uint8 images; returns (G_XY, G_YX, header).
+
+    By default G and F are ``cyclegan.GENERATOR_PRESETS[generator]`` ResNet generators. Any other
+    ``architecture`` of ``cyclegan.GENERATORS`` (e.g. ``"pointwise_colour"``) is built from
+    ``generator_args``; ``discriminator_pool > 1`` puts AvgPool2d in front of both discriminators."""
     started = time.monotonic()
     tu.seed_everything(seed)
-    g_args = dict(cyclegan.GENERATOR_PRESETS[generator])
+    if architecture == "resnet_generator":
+        g_args = dict(cyclegan.GENERATOR_PRESETS[generator])
+    else:
+        g_args = dict(generator_args or {})
+    build = cyclegan.GENERATORS[architecture]
     d_args = dict(cyclegan.DISCRIMINATOR_PRESETS[discriminator])
-    nets = {"g_xy": cyclegan.build_generator(**g_args), "g_yx": cyclegan.build_generator(**g_args),
+    if discriminator_pool != 1:
+        d_args["pool"] = discriminator_pool
+    nets = {"g_xy": build(**g_args), "g_yx": build(**g_args),
             "d_x": cyclegan.build_discriminator(**d_args), "d_y": cyclegan.build_discriminator(**d_args)}
     for net in nets.values():
         net.to(device)
-    opt_g = cyclegan.make_optimizer(itertools.chain(nets["g_xy"].parameters(), nets["g_yx"].parameters()))
-    opt_d = cyclegan.make_optimizer(itertools.chain(nets["d_x"].parameters(), nets["d_y"].parameters()))
+    opt_g = cyclegan.make_optimizer(itertools.chain(nets["g_xy"].parameters(), nets["g_yx"].parameters()),
+                                    lr=generator_lr)
+    opt_d = cyclegan.make_optimizer(itertools.chain(nets["d_x"].parameters(), nets["d_y"].parameters()),
+                                    lr=discriminator_lr)
     constant = (epochs + 1) // 2
     scheds = [cyclegan.make_scheduler(o, n_epochs=constant, n_epochs_decay=epochs - constant) for o in (opt_g, opt_d)]
     pools = {"x": cyclegan.ImagePool(50, rng=random.Random(seed)), "y": cyclegan.ImagePool(50, rng=random.Random(seed + 1))}
@@ -173,11 +188,14 @@ def train_standardizer(target: Tensor, reference: Tensor, out: Path, *, generato
         history.append({"epoch": epoch + 1, **stats})
         log(json.dumps(history[-1]))
     header = {
-        "kind": "standardizer", "architecture": "resnet_generator", "arch_args": g_args,
+        "kind": "standardizer", "architecture": architecture, "arch_args": g_args,
         "input_size": int(target.shape[-1]), "value_range": [-1.0, 1.0], "direction": "source->reference",
         "training_data": {**training_data, "labels_used": False},
         "metrics": {"final": history[-1] if history else {}, "history": history},
-        "discriminator_args": d_args, "semantic": semantic_info, "epochs": epochs, "steps_per_epoch": steps,
+        "discriminator_args": d_args, "semantic": semantic_info,
+        "training_options": {"generator_lr": generator_lr, "discriminator_lr": discriminator_lr,
+                             "discriminator_pool": discriminator_pool},
+        "epochs": epochs, "steps_per_epoch": steps,
         "batch_size": batch_size, "seed": seed, "train_seconds": round(time.monotonic() - started, 1),
         "code_version": checkpoint.code_version(),
     }

@@ -44,7 +44,8 @@ def test_tiny_preset_writes_every_method_with_eval_keys(bench: tuple[Path, dict,
     assert code == 0
     methods = result["methods"]
     for name in ("raw", "reinhard", "macenko", "histmatch", "cyclegan", "cyclegan_semantic",
-                 "cyclegan_semantic_adapted", "cyclegan_semantic_inductive", "raw_tta", "cyclegan_semantic_tta"):
+                 "cyclegan_semantic_adapted", "cyclegan_semantic_inductive", "raw_tta", "cyclegan_semantic_tta",
+                 "cyclegan_colour", "cyclegan_colour_tta", "cyclegan_colour_inductive", "cyclegan_colour_inductive_tta"):
         assert EVAL_KEYS <= set(methods[name]), name
         assert methods[name]["n"] == 20
     setup = result["setup"]
@@ -52,6 +53,21 @@ def test_tiny_preset_writes_every_method_with_eval_keys(bench: tuple[Path, dict,
     assert setup["target_labels_used_for"] == "scoring only"
     assert {"prepare_s", "classifier_s", "total_s"} <= set(setup["times"])
     assert setup["geometry"]["magnification"] > 0
+    assert "cyclegan_colour_adapted" not in methods  # the colour variant does not fine-tune the classifier
+
+
+def test_colour_variant_checkpoint_is_a_pointwise_colour_standardizer(bench: tuple[Path, dict, int]) -> None:
+    """cyclegan_colour writes a pointwise_colour standardizer (pooled tiny D, raw-teacher KL weight 5) that loads."""
+    out, _, _ = bench
+    path = out / "standardizer_cyclegan_colour_transductive.safetensors"
+    _, sh = checkpoint.load_checkpoint(path)
+    assert sh["architecture"] == "pointwise_colour" and sh["arch_args"] == {"hidden": 32, "layers": 2}
+    assert sh["discriminator_args"] == {"ndf": 16, "n_layers": 2, "pool": 2}  # tiny preset (32 px); cpu/full: 4
+    assert bench_accuracy.PRESETS["cpu"]["colour_pool"] == 4
+    assert sh["training_options"]["generator_lr"] == 1e-3 and sh["training_options"]["discriminator_lr"] == 2e-4
+    assert sh["semantic"]["weight"] == 5.0 and sh["semantic"]["teacher"] == "raw"
+    assert sh["semantic"]["pairs"] == ["x_to_y"] and sh["training_data"]["labels_used"] is False
+    assert inference.load_standardizer(str(path))
 
 
 def test_report_grid_and_checkpoints_are_written(bench: tuple[Path, dict, int]) -> None:
@@ -75,11 +91,15 @@ def test_existing_classifier_is_reused(bench: tuple[Path, dict, int], tmp_path: 
     ref = Path(result["setup"]["reference"])
     args = bench_accuracy.get_args_parser().parse_args(
         ["--reference", str(ref), "--target", result["setup"]["target"], "--preset", "tiny", "--out-dir", str(out),
-         "--json", str(tmp_path / "again.json"), "--mode", "transductive", "--gan-steps", "1", "--threads", "1"])
+         "--json", str(tmp_path / "again.json"), "--markdown", str(tmp_path / "again.md"),
+         "--grid", str(tmp_path / "again.png"), "--mode", "transductive", "--variants", "cyclegan_colour",
+         "--colour-steps", "1", "--threads", "1"])
     again = bench_accuracy.main(args)
     assert again["setup"]["classifier"]["reused"] is True
     assert again["methods"]["raw"] == result["methods"]["raw"]
     assert "cyclegan_semantic_inductive" not in again["methods"]
+    assert "cyclegan_colour" in again["methods"] and "cyclegan_semantic" not in again["methods"]
+    assert (tmp_path / "again.md").exists() and (tmp_path / "again.png").exists()
 
 
 def test_stain_augment_keeps_range_and_varies_per_image() -> None:
