@@ -8,6 +8,7 @@ in pytest's summary (`-ra`), never silently.
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -163,3 +164,13 @@ def run_stainbridge(stainbridge_exe: Path, tmp_path: Path) -> Callable[..., subp
         )
 
     return run
+
+
+@pytest.fixture
+def restore_logging():
+    """Code under test configures logging in this process; leave the root logger as it was."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)

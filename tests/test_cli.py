@@ -11,16 +11,7 @@ from daemon import cli
 from daemon.schema import head_revision
 
 
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """cli.main() configures logging in this process; leave the root logger as it was."""
-    import logging
-
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
+pytestmark = pytest.mark.usefixtures("restore_logging")
 
 
 def test_db_upgrade_twice_then_current_prints_head(run_stainbridge, tmp_path: Path) -> None:

@@ -11,14 +11,7 @@ import pytest
 from daemon.logs import configure_logging, get_logger
 
 
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """Leave the root logger as the test found it."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
+pytestmark = pytest.mark.usefixtures("restore_logging")
 
 
 def lines(stream: io.StringIO) -> list[dict]:
