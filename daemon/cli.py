@@ -18,22 +18,22 @@ from importlib.metadata import PackageNotFoundError, version
 from types import ModuleType
 from typing import Any, Callable, Sequence
 
-from daemon.config import CONFIG_ENV, ConfigError, Settings, load_settings
+from stainbridge.daemon.config import CONFIG_ENV, ConfigError, Settings, load_settings
 
 PROG = "stainbridge"
 
 # Command path -> module with add_arguments(parser) and run(args) -> int.
 COMMANDS: dict[tuple[str, ...], str] = {
-    ("synth",): "models.synthetic",
-    ("train", "classifier"): "models.train_classifier",
-    ("train", "cyclegan"): "models.train_cyclegan",
-    ("eval",): "models.evaluate",
-    ("bench", "accuracy"): "models.bench_accuracy",
-    ("bench", "throughput"): "models.bench_throughput",
-    ("run",): "daemon.service",
-    ("ingest",): "daemon.ingest",
-    ("status",): "daemon.status",
-    ("demo",): "daemon.demo",
+    ("synth",): "stainbridge.models.imaging.synthetic",
+    ("train", "classifier"): "stainbridge.models.training.classifier",
+    ("train", "cyclegan"): "stainbridge.models.training.cyclegan",
+    ("eval",): "stainbridge.models.bench.evaluate",
+    ("bench", "accuracy"): "stainbridge.models.bench.accuracy",
+    ("bench", "throughput"): "stainbridge.models.bench.throughput",
+    ("run",): "stainbridge.daemon.service",
+    ("ingest",): "stainbridge.daemon.ingest",
+    ("status",): "stainbridge.daemon.status",
+    ("demo",): "stainbridge.daemon.demo",
 }
 
 HELP: dict[tuple[str, ...], str] = {
@@ -169,7 +169,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _configure_logging(settings: Settings | None) -> None:
-    from daemon.logs import configure_logging
+    from stainbridge.daemon.logs import configure_logging
 
     if settings is None:
         configure_logging()
@@ -178,7 +178,7 @@ def _configure_logging(settings: Settings | None) -> None:
 
 
 def _db_upgrade(args: argparse.Namespace) -> int:
-    from daemon.schema import SchemaError, current_revision, safe_url, upgrade_database
+    from stainbridge.daemon.schema import SchemaError, current_revision, safe_url, upgrade_database
 
     settings = _settings(args)
     _configure_logging(settings)
@@ -193,7 +193,7 @@ def _db_upgrade(args: argparse.Namespace) -> int:
 
 
 def _db_current(args: argparse.Namespace) -> int:
-    from daemon.schema import SchemaError, current_revision, head_revision
+    from stainbridge.daemon.schema import SchemaError, current_revision, head_revision
 
     settings = _settings(args)
     _configure_logging(settings)
@@ -244,7 +244,7 @@ def _dispatch(args: argparse.Namespace, module: ModuleType | None) -> int:
     if handler is not None:
         return handler(args)
     assert module is not None, "the selected command's module was loaded while parsing"
-    if COMMANDS[args.command_path].startswith("daemon."):
+    if COMMANDS[args.command_path].startswith("stainbridge.daemon."):
         _configure_logging(_settings(args))
     else:
         # models/ commands do not need the configuration; a broken file must not stop them.

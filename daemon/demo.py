@@ -52,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "daemon.cli", *args]
+    return [sys.executable, "-m", "stainbridge.daemon.cli", *args]
 
 
 def _child_env() -> dict[str, str]:
@@ -79,7 +79,7 @@ def _run_logged(cmd: list[str], log: Path, what: str) -> None:
 
 def make_data(root: Path, per_class: int) -> dict[str, Path]:
     """Reference (training), incoming (unlabeled GAN training) and incoming held-out test images."""
-    from models.synthetic import write_dataset
+    from stainbridge.models.imaging.synthetic import write_dataset
 
     sets = {
         "reference": (root / "reference", "reference", 40, 5),
@@ -231,7 +231,7 @@ def raw_accuracy(classifier: Path, drop_names: dict[str, Path], truth: dict[str,
     import torch
     from PIL import Image
 
-    from models.inference import load_classifier, load_standardizer, run_batch
+    from stainbridge.models.inference import load_classifier, load_standardizer, run_batch
 
     torch.set_num_threads(1)
     model = load_classifier(classifier, device="cpu")

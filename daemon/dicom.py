@@ -18,8 +18,8 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_color_lut
 from pydicom.valuerep import DT
 
-from daemon.config import ConfigError
-from daemon.errors import RefusedFile, UnreadableImage, UnsupportedFormat
+from stainbridge.daemon.config import ConfigError
+from stainbridge.daemon.errors import RefusedFile, UnreadableImage, UnsupportedFormat
 
 
 class PseudonymSecretMissing(ConfigError):

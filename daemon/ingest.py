@@ -20,19 +20,19 @@ import sys
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from daemon.config import ConfigError, load_settings
-from daemon.logs import get_logger
-from daemon.pipeline import (
+from stainbridge.daemon.config import ConfigError, load_settings
+from stainbridge.daemon.logs import get_logger
+from stainbridge.daemon.pipeline import (
     BatchReport,
     ModelConfigError,
     Pipeline,
     absolute_candidates,
     load_models,
 )
-from daemon.schema import SchemaError, safe_url
-from daemon.status import prepare_database
-from daemon.store import make_engine, make_sessionmaker
-from daemon.watcher import iter_candidates
+from stainbridge.daemon.schema import SchemaError, safe_url
+from stainbridge.daemon.status import prepare_database
+from stainbridge.daemon.store import make_engine, make_sessionmaker
+from stainbridge.daemon.watcher import iter_candidates
 
 log = get_logger(__name__)
 

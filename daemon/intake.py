@@ -27,15 +27,15 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from daemon.config import ConfigError
-from daemon.dicom import (
+from stainbridge.daemon.config import ConfigError
+from stainbridge.daemon.dicom import (
     PseudonymSecretMissing,
     decode_dicom,
     pseudonymize,
     scale_to_uint8,
 )
-from daemon.errors import IntakeError, RefusedFile, UnreadableImage, UnsupportedFormat
-from daemon.store import Image, ImageStatus, utcnow
+from stainbridge.daemon.errors import IntakeError, RefusedFile, UnreadableImage, UnsupportedFormat
+from stainbridge.daemon.store import Image, ImageStatus, utcnow
 
 __all__ = [
     "IntakeError", "UnreadableImage", "UnsupportedFormat", "RefusedFile", "PseudonymSecretMissing",

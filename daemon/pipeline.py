@@ -57,14 +57,14 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from daemon import filing, intake
-from daemon.config import ConfigError, Settings
-from daemon.logs import get_logger
-from daemon.registry import register_model
-from daemon.store import Image, ImageStatus, ModelKind, Prediction, utcnow
-from daemon.watcher import Candidate
-from models.checkpoint import CheckpointError
-from models.inference import (
+from stainbridge.daemon import filing, intake
+from stainbridge.daemon.config import ConfigError, Settings
+from stainbridge.daemon.logs import get_logger
+from stainbridge.daemon.registry import register_model
+from stainbridge.daemon.store import Image, ImageStatus, ModelKind, Prediction, utcnow
+from stainbridge.daemon.watcher import Candidate
+from stainbridge.models.checkpoint import CheckpointError
+from stainbridge.models.inference import (
     Classifier,
     DeviceUnavailable,
     ModelMismatch,

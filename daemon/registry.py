@@ -14,7 +14,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from daemon.store import ModelKind, ModelVersion, utcnow
+from stainbridge.daemon.store import ModelKind, ModelVersion, utcnow
 
 
 def _model_name(kind: ModelKind, path: str, header: dict[str, Any]) -> str:

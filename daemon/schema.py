@@ -17,7 +17,7 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
-from daemon.store import make_engine
+from stainbridge.daemon.store import make_engine
 
 
 class SchemaError(RuntimeError):
@@ -38,7 +38,7 @@ def safe_url(url: str) -> str:
 
 def alembic_config(url: str) -> Config:
     """An Alembic Config built in code: scripts from the `migrations` package, this URL."""
-    import migrations
+    from stainbridge import migrations
 
     cfg = Config()
     cfg.set_main_option("script_location", str(Path(migrations.__file__).resolve().parent))

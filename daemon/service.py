@@ -31,14 +31,14 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from daemon import intake, sdnotify
-from daemon.config import ConfigError, Settings, load_settings
-from daemon.logs import get_logger
-from daemon.pipeline import STALE_CLAIM_SECONDS, ModelConfigError, Pipeline, load_models
-from daemon.schema import SchemaError, safe_url
-from daemon.status import prepare_database
-from daemon.store import make_engine, make_sessionmaker
-from daemon.watcher import Candidate, DropFolderWatcher, WatcherError
+from stainbridge.daemon import intake, sdnotify
+from stainbridge.daemon.config import ConfigError, Settings, load_settings
+from stainbridge.daemon.logs import get_logger
+from stainbridge.daemon.pipeline import STALE_CLAIM_SECONDS, ModelConfigError, Pipeline, load_models
+from stainbridge.daemon.schema import SchemaError, safe_url
+from stainbridge.daemon.status import prepare_database
+from stainbridge.daemon.store import make_engine, make_sessionmaker
+from stainbridge.daemon.watcher import Candidate, DropFolderWatcher, WatcherError
 
 log = get_logger(__name__)
 

@@ -17,17 +17,17 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from daemon.config import ConfigError, Settings, load_settings
-from daemon.registry import active_versions
-from daemon.schema import (
+from stainbridge.daemon.config import ConfigError, Settings, load_settings
+from stainbridge.daemon.registry import active_versions
+from stainbridge.daemon.schema import (
     SchemaError,
     current_revision,
     head_revision,
     safe_url,
     upgrade_database,
 )
-from daemon.store import Image, ImageStatus, make_engine, make_sessionmaker, utcnow
-from daemon.watcher import is_ignored_name
+from stainbridge.daemon.store import Image, ImageStatus, make_engine, make_sessionmaker, utcnow
+from stainbridge.daemon.watcher import is_ignored_name
 
 
 class DatabaseNotReady(SchemaError):

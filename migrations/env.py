@@ -10,7 +10,7 @@ from alembic import context
 from sqlalchemy.engine import Connection
 from sqlalchemy.pool import NullPool
 
-from daemon.store import NAMING_CONVENTION, Base, make_engine
+from stainbridge.daemon.store import NAMING_CONVENTION, Base, make_engine
 
 config = context.config
 target_metadata = Base.metadata

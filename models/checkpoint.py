@@ -122,7 +122,7 @@ def load_checkpoint(path: str | Path, *, expected_sha256: str | None = None) -> 
     if data.startswith(_ZIP_MAGIC) or (_looks_like_pickle(data) and not _has_safetensors_preamble(data)):
         raise CheckpointError(
             f"{path} is a pickle-based PyTorch file; stainbridge never unpickles checkpoints. "
-            "Convert it with: python -c \"import torch; from models.checkpoint import save_checkpoint; "
+            "Convert it with: python -c \"import torch; from stainbridge.models.checkpoint import save_checkpoint; "
             f"save_checkpoint('OUT.safetensors', torch.load('{path}', weights_only=True), HEADER)\" "
             "where HEADER is the dict described in models/checkpoint.py (kind, architecture, arch_args, ...)"
         )

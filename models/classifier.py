@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models import ResNet, resnet18, resnet34
 
-from models import small_resnet
+from stainbridge.models import small_resnet
 
 __all__ = [
     "ARCHITECTURES",

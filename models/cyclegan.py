@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.colour_generator import build_colour_generator
+from stainbridge.models.colour_generator import build_colour_generator
 
 __all__ = [
     "NORM_LAYERS",

@@ -21,10 +21,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from models import baselines, data
-from models.checkpoint import CheckpointError, file_sha256, load_checkpoint
-from models.classifier import ARCHITECTURES, build_classifier
-from models.cyclegan import GENERATORS
+from stainbridge.models.checkpoint import CheckpointError, file_sha256, load_checkpoint
+from stainbridge.models.classifier import ARCHITECTURES, build_classifier
+from stainbridge.models.cyclegan import GENERATORS
+from stainbridge.models.imaging import classical, data
 
 __all__ = [
     "CLASSICAL_STANDARDIZERS",
@@ -264,8 +264,8 @@ def _classical(method: str, classifier: Classifier | None) -> Standardizer:
             "retrain the classifier with this stainbridge version or use a CycleGAN standardizer"
         )
     try:
-        fn = baselines.build_standardizer(method, stats)
-    except baselines.BaselineError as exc:
+        fn = classical.build_standardizer(method, stats)
+    except classical.BaselineError as exc:
         raise ModelMismatch(f"classifier {classifier.name}: its reference_stain statistics do not serve {method!r}: {exc}") from exc
     header = {"kind": "standardizer", "architecture": method, "reference_stain": stats, "classifier_sha256": classifier.sha256}
     return Standardizer(fn, name=method, header=header, sha256=None)

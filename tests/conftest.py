@@ -21,7 +21,7 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from daemon.config import SECTIONS, Settings, env_name, load_settings
+from stainbridge.daemon.config import SECTIONS, Settings, env_name, load_settings
 
 DEFAULT_POSTGRES_URL = "postgresql+psycopg://stainbridge:stainbridge@127.0.0.1:5432/postgres"
 POSTGRES_ENV = "STAINBRIDGE_TEST_POSTGRES_URL"

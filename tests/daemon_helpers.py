@@ -25,10 +25,10 @@ import torch
 from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
 
-from models import synthetic
-from models.checkpoint import save_checkpoint
-from models.classifier import build_classifier
-from models.cyclegan import build_generator
+from stainbridge.models.checkpoint import save_checkpoint
+from stainbridge.models.classifier import build_classifier
+from stainbridge.models.cyclegan import build_generator
+from stainbridge.models.imaging import synthetic
 
 CLASSES = list(synthetic.CLASSES)
 SIZE = 32

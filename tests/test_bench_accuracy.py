@@ -9,15 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from models import (
-    bench_accuracy,
-    checkpoint,
-    inference,
-    semantic,
-    site_geometry,
-    stain_augment,
-    synthetic,
-)
+from stainbridge.models import checkpoint, inference
+from stainbridge.models.bench import accuracy as bench_accuracy
+from stainbridge.models.imaging import site_geometry, stain_augment, synthetic
+from stainbridge.models.training import semantic
 
 torch.set_num_threads(1)
 

@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from daemon.cli import main
-from models.checkpoint import save_checkpoint
-from models.classifier import build_classifier
-from models.synthetic import CLASSES
+from stainbridge.daemon.cli import main
+from stainbridge.models.checkpoint import save_checkpoint
+from stainbridge.models.classifier import build_classifier
+from stainbridge.models.imaging.synthetic import CLASSES
 
 
 def test_prints_and_writes_images_per_second_for_each_stage(tmp_path, capsys):

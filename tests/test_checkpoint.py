@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from models import checkpoint as ck
+from stainbridge.models import checkpoint as ck
 
 HEADER = {"kind": "classifier", "architecture": "resnet18", "arch_args": {}, "classes": ["a", "b"], "input_size": 64}
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torchvision.models import resnet18
 
-from models import classifier as clf
+from stainbridge.models import classifier as clf
 
 
 def batch(n: int = 8, c: int = 5, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

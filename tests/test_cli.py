@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon import cli
-from daemon.schema import head_revision
-
+from stainbridge.daemon import cli
+from stainbridge.daemon.schema import head_revision
 
 pytestmark = pytest.mark.usefixtures("restore_logging")
 
@@ -62,7 +61,7 @@ def test_planned_commands_say_not_available(command: str, capsys: pytest.Capture
 
 def test_unbuilt_command_module_exits_2(run_stainbridge, monkeypatch: pytest.MonkeyPatch) -> None:
     """A command whose module is not installed exits 2 with a message naming the command."""
-    monkeypatch.setitem(cli.COMMANDS, ("demo",), "daemon.no_such_module_for_test")
+    monkeypatch.setitem(cli.COMMANDS, ("demo",), "stainbridge.daemon.no_such_module_for_test")
     assert cli.main(["demo"]) == 2
     result = run_stainbridge("models", "--help")
     assert result.returncode == 2
@@ -71,7 +70,7 @@ def test_unbuilt_command_module_exits_2(run_stainbridge, monkeypatch: pytest.Mon
 
 def test_missing_module_message(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """The not-available message names the full command path."""
-    monkeypatch.setitem(cli.COMMANDS, ("bench", "throughput"), "models.no_such_bench_for_test")
+    monkeypatch.setitem(cli.COMMANDS, ("bench", "throughput"), "stainbridge.models.no_such_bench_for_test")
     assert cli.main(["bench", "throughput", "--help"]) == 2
     assert "stainbridge bench throughput: not available yet in this version" in capsys.readouterr().err
 
@@ -107,7 +106,7 @@ def test_import_is_lazy() -> None:
     import subprocess
 
     code = (
-        "import sys; from daemon import cli; cli.build_parser(('db', 'upgrade'));"
+        "import sys; from stainbridge.daemon import cli; cli.build_parser(('db', 'upgrade'));"
         "print(sorted(m for m in cli.COMMANDS.values() if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

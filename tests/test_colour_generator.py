@@ -7,21 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from models import (
-    baselines,
-    checkpoint,
-    classifier,
-    cyclegan,
-    data,
-    inference,
-    synthetic,
-)
-from models import train_cyclegan as tg
-from models.colour_generator import (
+from stainbridge.models import checkpoint, classifier, cyclegan, inference
+from stainbridge.models.colour_generator import (
     PointwiseColourGenerator,
     build_colour_generator,
     dihedral_views,
 )
+from stainbridge.models.imaging import classical, data, synthetic
+from stainbridge.models.training import cyclegan as tg
 
 torch.set_num_threads(1)
 
@@ -91,7 +84,7 @@ def _classifier(reference: Path, out: Path) -> Path:
         "kind": "classifier", "architecture": "resnet18", "arch_args": {"num_classes": 5},
         "classes": list(synthetic.CLASSES), "input_size": 64,
         "normalization": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
-        "reference_stain": baselines.fit_reference_stats(images)})
+        "reference_stain": classical.fit_reference_stats(images)})
     return out
 
 

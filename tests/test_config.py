@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.config import SECTIONS, ConfigError, load_settings
+from stainbridge.daemon.config import SECTIONS, ConfigError, load_settings
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "config" / "stainbridge.toml"

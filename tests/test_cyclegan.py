@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from models import cyclegan as cg
+from stainbridge.models import cyclegan as cg
 
 
 def n_params(module: torch.nn.Module) -> int:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from models import data, synthetic
+from stainbridge.models.imaging import data, synthetic
 
 
 def _touch_images(root: Path, names: dict[str, list[str]]) -> None:

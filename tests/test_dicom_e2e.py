@@ -7,8 +7,8 @@ import pytest
 from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.pool import NullPool
 
-from daemon.intake import pseudonymize
-from daemon.schema import upgrade_database
+from stainbridge.daemon.intake import pseudonymize
+from stainbridge.daemon.schema import upgrade_database
 from tests import dicom_factory
 from tests.daemon_helpers import (
     Daemon,

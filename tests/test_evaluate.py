@@ -9,8 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from models import baselines, checkpoint, classifier, data, synthetic
-from models import evaluate as ev
+from stainbridge.models import checkpoint, classifier, metrics
+from stainbridge.models.bench import evaluate as ev
+from stainbridge.models.imaging import classical, data, synthetic
 
 torch.set_num_threads(1)
 
@@ -37,7 +38,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "classes": list(synthetic.CLASSES), "input_size": 64,
         "normalization": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
         "geometry": {"reference_cell_fraction": 0.12},
-        "reference_stain": baselines.fit_reference_stats(images),
+        "reference_stain": classical.fit_reference_stats(images),
         "training_data": {"root": str(reference.resolve())}})
     return {"reference": reference, "incoming": incoming, "clf": clf, "base": base}
 
@@ -51,7 +52,7 @@ def test_classification_metrics_balanced_accuracy_over_present_classes() -> None
     classes = ["a", "b", "c"]
     y_true = [0] * 10 + [1] * 2
     y_pred = [0] * 8 + [2] * 2 + [1, 0]
-    m = ev.classification_metrics(y_true, y_pred, classes)
+    m = metrics.classification_metrics(y_true, y_pred, classes)
     assert m["n"] == 12 and m["accuracy"] == pytest.approx(9 / 12)
     assert m["per_class_recall"] == {"a": 0.8, "b": 0.5, "c": None}
     assert m["balanced_accuracy"] == pytest.approx(0.65)

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image as PILImage
 
-from daemon import filing
-from daemon.filing import FilingError, archive_file, quarantine_file, save_standardized
+from stainbridge.daemon import filing
+from stainbridge.daemon.filing import FilingError, archive_file, quarantine_file, save_standardized
 
 WHEN = datetime(2026, 11, 26, 1, 30, tzinfo=timezone.utc)
 

@@ -10,10 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from models import baselines, inference, synthetic
-from models.checkpoint import CheckpointError, save_checkpoint
-from models.classifier import build_classifier
-from models.cyclegan import build_generator
+from stainbridge.models import inference
+from stainbridge.models.checkpoint import CheckpointError, save_checkpoint
+from stainbridge.models.classifier import build_classifier
+from stainbridge.models.cyclegan import build_generator
+from stainbridge.models.imaging import classical, synthetic
 
 CLASSES = ["basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"]
 SIZE = 64
@@ -27,7 +28,7 @@ def cells(protocol: str, n: int, size: int = 80) -> list[Image.Image]:
 
 @functools.cache
 def reference_stats() -> dict:
-    return baselines.fit_reference_stats(cells("reference", 5))
+    return classical.fit_reference_stats(cells("reference", 5))
 
 
 def classifier_header() -> dict:

@@ -17,8 +17,8 @@ import pytest
 from PIL import Image as PILImage
 from sqlalchemy import select
 
-from daemon.config import ConfigError
-from daemon.intake import (
+from stainbridge.daemon.config import ConfigError
+from stainbridge.daemon.intake import (
     ClaimOutcome,
     IntakeError,
     PseudonymSecretMissing,
@@ -33,7 +33,7 @@ from daemon.intake import (
     sha256_file,
     worker_id,
 )
-from daemon.store import Base, Image, ImageStatus, make_engine, make_sessionmaker, utcnow
+from stainbridge.daemon.store import Base, Image, ImageStatus, make_engine, make_sessionmaker, utcnow
 from tests import dicom_factory
 
 LIMITS = {"max_pixels": 50_000_000, "max_bytes": 200 * 2**20}

@@ -8,8 +8,7 @@ import logging
 
 import pytest
 
-from daemon.logs import configure_logging, get_logger
-
+from stainbridge.daemon.logs import configure_logging, get_logger
 
 pytestmark = pytest.mark.usefixtures("restore_logging")
 

@@ -8,8 +8,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect, text
 
-from daemon.schema import current_revision, downgrade_database, head_revision, upgrade_database
-from daemon.store import RESULTS_VIEW_SQL, Base, make_engine
+from stainbridge.daemon.schema import current_revision, downgrade_database, head_revision, upgrade_database
+from stainbridge.daemon.store import RESULTS_VIEW_SQL, Base, make_engine
 
 TABLES = {"images", "predictions", "model_versions", "training_runs", "reviews"}
 

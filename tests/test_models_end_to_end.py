@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from models import checkpoint
+from stainbridge.models import checkpoint
 
 EVAL_KEYS = {"classes", "n", "accuracy", "balanced_accuracy", "per_class_recall", "confusion_matrix"}
 Runner = Callable[..., subprocess.CompletedProcess[str]]

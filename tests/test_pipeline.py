@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from daemon import ingest, intake
-from daemon import pipeline as pipeline_module
-from daemon.pipeline import ModelConfigError, Pipeline, load_models
-from daemon.registry import active_versions, register_model
-from daemon.service import Service
-from daemon.store import (
+from stainbridge.daemon import ingest, intake
+from stainbridge.daemon import pipeline as pipeline_module
+from stainbridge.daemon.pipeline import ModelConfigError, Pipeline, load_models
+from stainbridge.daemon.registry import active_versions, register_model
+from stainbridge.daemon.service import Service
+from stainbridge.daemon.store import (
     Image,
     ImageStatus,
     ModelKind,
@@ -27,7 +27,7 @@ from daemon.store import (
     make_engine,
     make_sessionmaker,
 )
-from daemon.watcher import iter_candidates
+from stainbridge.daemon.watcher import iter_candidates
 from tests.daemon_helpers import CLASSES, build_tiny_models, write_cell, write_config
 
 

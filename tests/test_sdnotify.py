@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from daemon import sdnotify
+from stainbridge.daemon import sdnotify
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.schema import upgrade_database
+from stainbridge.daemon.schema import upgrade_database
 from tests.daemon_helpers import (
     Daemon,
     bomb_png,

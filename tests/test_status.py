@@ -6,10 +6,10 @@ import argparse
 import json
 from datetime import datetime, timedelta
 
-from daemon import status
-from daemon.registry import register_model
-from daemon.schema import upgrade_database
-from daemon.store import (
+from stainbridge.daemon import status
+from stainbridge.daemon.registry import register_model
+from stainbridge.daemon.schema import upgrade_database
+from stainbridge.daemon.store import (
     Image,
     ImageStatus,
     ModelKind,

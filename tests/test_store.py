@@ -7,8 +7,8 @@ from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from daemon.schema import upgrade_database
-from daemon.store import (
+from stainbridge.daemon.schema import upgrade_database
+from stainbridge.daemon.store import (
     Image,
     ImageStatus,
     ModelKind,

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from models import synthetic
+from stainbridge.models.imaging import synthetic
 
 
 def _files(root: Path) -> dict[str, bytes]:

@@ -13,9 +13,10 @@ import pytest
 import torch
 from torch import nn
 
-from models import checkpoint, classifier, synthetic
-from models import train_classifier as tc
-from models import training_utils as tu
+from stainbridge.models import checkpoint, classifier
+from stainbridge.models.imaging import synthetic
+from stainbridge.models.training import classifier as tc
+from stainbridge.models.training import runtime as tu
 
 torch.set_num_threads(1)
 
@@ -159,7 +160,7 @@ def test_torchrun_two_processes_train_one_checkpoint(reference_dir: Path, tmp_pa
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "models.train_classifier", "--data", str(reference_dir), "--out", str(out), "--epochs", "1"],
+         "-m", "stainbridge.models.training.classifier", "--data", str(reference_dir), "--out", str(out), "--epochs", "1"],
         capture_output=True, text=True, timeout=300, env=env, cwd=Path(__file__).resolve().parents[1])
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == [checkpoint.file_sha256(out)]

@@ -8,9 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from models import baselines, checkpoint, classifier, data, inference, synthetic
-from models import train_cyclegan as tg
-from models import training_utils as tu
+from stainbridge.models import checkpoint, classifier, inference
+from stainbridge.models.imaging import classical, data, synthetic
+from stainbridge.models.training import cyclegan as tg
+from stainbridge.models.training import runtime as tu
 
 torch.set_num_threads(1)
 
@@ -80,7 +81,7 @@ def test_semantic_classifier_adds_a_kl_term(folders: tuple[Path, Path], tmp_path
         "kind": "classifier", "architecture": "resnet18", "arch_args": {"num_classes": 5},
         "classes": list(synthetic.CLASSES), "input_size": 64,
         "normalization": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
-        "reference_stain": baselines.fit_reference_stats(images)})
+        "reference_stain": classical.fit_reference_stats(images)})
     out = tmp_path / "std.safetensors"
     train(folders, out, "--epochs", "1", "--semantic-classifier", str(clf), "--semantic-weight", "0.5")
     _, header = checkpoint.load_checkpoint(out)

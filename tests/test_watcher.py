@@ -8,8 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from daemon.config import load_settings
-from daemon.watcher import Candidate, DropFolderWatcher, FileObservation, is_ignored_name, is_ready, iter_candidates
+from stainbridge.daemon.config import load_settings
+from stainbridge.daemon.watcher import (
+    Candidate,
+    DropFolderWatcher,
+    FileObservation,
+    is_ignored_name,
+    is_ready,
+    iter_candidates,
+)
 
 QUIET = 30.0  # long, so that only events (or an explicit later `now`) make a file ready
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from models import checkpoint
+from stainbridge.models import checkpoint
 
 STATE_KIND = "training_state"
 

@@ -47,8 +47,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torchvision.utils import make_grid, save_image
 
-from models import baselines, checkpoint, classifier, colour_generator, cyclegan, data
-from models import training_utils as tu
+from stainbridge.models import checkpoint, classifier, colour_generator, cyclegan
+from stainbridge.models.imaging import classical, data
+from stainbridge.models.training import runtime as tu
 
 # Explicit flags override these. tiny: seconds on a CPU for ~50 images per side; full: a GPU run;
 # colour: the colour-only generator recipe (see module doc).
@@ -101,8 +102,8 @@ class SemanticConsistency:
             self.size = int(header["input_size"])
             self.mean = torch.tensor(header["normalization"]["mean"], device=device).view(1, 3, 1, 1)
             self.std = torch.tensor(header["normalization"]["std"], device=device).view(1, 3, 1, 1)
-            self.colour = baselines.Reinhard.from_stats(header.get("reference_stain") or {})
-        except (KeyError, TypeError, ValueError, RuntimeError, baselines.BaselineError) as exc:
+            self.colour = classical.Reinhard.from_stats(header.get("reference_stain") or {})
+        except (KeyError, TypeError, ValueError, RuntimeError, classical.BaselineError) as exc:
             raise TrainingError(f"--semantic-classifier {path} cannot serve as the frozen classifier ({exc}); "
                                 "pass a checkpoint written by `stainbridge train classifier`") from exc
         self.model = model.to(device).eval().requires_grad_(False)
@@ -352,7 +353,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         main(args)
     except (TrainingError, tu.TrainingStateError, checkpoint.CheckpointError, data.DataError,
-            baselines.BaselineError) as exc:
+            classical.BaselineError) as exc:
         print(f"stainbridge train cyclegan: {exc}", file=sys.stderr)
         return 2
     return 0

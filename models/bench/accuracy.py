@@ -41,19 +41,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from models import (
-    baselines,
-    bench_data,
-    bench_report,
-    bench_train,
-    checkpoint,
-    cyclegan,
-    semantic,
-    site_geometry,
-)
-from models import train_classifier as tc
-from models import train_cyclegan as tg
-from models.evaluate import classification_metrics
+from stainbridge.models import checkpoint, cyclegan
+from stainbridge.models.bench import data as bench_data
+from stainbridge.models.bench import report as bench_report
+from stainbridge.models.bench import training as bench_train
+from stainbridge.models.imaging import classical, site_geometry
+from stainbridge.models.metrics import classification_metrics
+from stainbridge.models.training import classifier as tc
+from stainbridge.models.training import cyclegan as tg
+from stainbridge.models.training import semantic
 
 PRESETS: dict[str, dict[str, Any]] = {
     # minutes on a CPU with small synthetic folders
@@ -129,7 +125,7 @@ def _semantic_term(variant: str, model: nn.Module, header: dict, classifier_path
         term = cyclegan.SemanticTerm(fn=consistency, weight=w, pairs=("x_to_y",))
         return term, {"classifier": consistency.name, "sha256": consistency.sha256, "weight": w, "teacher": "raw",
                       "loss": "kl(tta8(p(real)) || p(translated))", "pairs": list(term.pairs)}
-    anchor = baselines.Reinhard.from_stats(header["reference_stain"])
+    anchor = classical.Reinhard.from_stats(header["reference_stain"])
     consistency = semantic.ClassConsistency(model, header["normalization"], anchor)
     fn = semantic.StructureAndClass(consistency, structure_weight=1.0)
     term = cyclegan.SemanticTerm(fn=fn, weight=1.0, pairs=("x_to_y", "y_cycle"))
@@ -288,7 +284,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     outputs: dict[str, tuple[Tensor, Tensor]] = {}
     t = time.monotonic()
     for name in ("raw", *CLASSICAL):
-        xs = x if name == "raw" else _standardize(baselines.build_standardizer(name, stats), x)
+        xs = x if name == "raw" else _standardize(classical.build_standardizer(name, stats), x)
         images[name] = xs
         outputs[name] = (predict(model, xs, tta=False, device=device), xs)
         outputs[f"{name}_tta"] = (predict(model, xs, tta=True, device=device), xs)
@@ -341,7 +337,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         main(args)
     except (BenchError, bench_data.BenchDataError, site_geometry.GeometryEstimateError, checkpoint.CheckpointError,
-            baselines.BaselineError, tg.TrainingError, OSError) as exc:
+            classical.BaselineError, tg.TrainingError, OSError) as exc:
         print(f"stainbridge bench accuracy: {exc}", file=sys.stderr)
         return 2
     return 0

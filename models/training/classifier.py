@@ -32,9 +32,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
-from models import baselines, checkpoint, classifier, data
-from models import training_utils as tu
-from models.evaluate import classification_metrics
+from stainbridge.models import checkpoint, classifier
+from stainbridge.models.imaging import classical, data
+from stainbridge.models.metrics import classification_metrics
+from stainbridge.models.training import runtime as tu
 
 # Explicit flags override these. tiny: seconds on a laptop CPU for ~100 images; full: a GPU run.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -62,7 +63,7 @@ def resolve_options(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def make_criterion(args: argparse.Namespace) -> nn.Module:
-    """models.classifier's FocalLoss (or plain cross-entropy); no label smoothing, which would blunt
+    """stainbridge.models.classifier's FocalLoss (or plain cross-entropy); no label smoothing, which would blunt
     the confidences the daemon stores."""
     return classifier.make_loss(args.loss, gamma=args.gamma)
 
@@ -91,7 +92,7 @@ def reference_statistics(root: Path, rel_paths: Sequence[str]) -> tuple[dict[str
         with Image.open(root / rel) as im:
             images.append(im.convert("RGB"))
     fraction = statistics.median(data.estimate_cell_fraction(im) for im in images)
-    return {"reference_cell_fraction": float(fraction)}, baselines.fit_reference_stats(images)
+    return {"reference_cell_fraction": float(fraction)}, classical.fit_reference_stats(images)
 
 
 class InputPrep:

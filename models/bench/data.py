@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from models import data, site_geometry
+from stainbridge.models.imaging import data, site_geometry
 
 __all__ = ["BenchData", "BenchDataError", "center_window", "prepare", "to_float", "to_uint8"]
 

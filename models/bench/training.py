@@ -23,19 +23,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from models import (
-    baselines,
-    checkpoint,
-    classifier,
-    cyclegan,
-    data,
-    semantic,
-    stain_augment,
-)
-from models import train_classifier as tc
-from models import train_cyclegan as tg
-from models import training_utils as tu
-from models.bench_data import BenchData, to_float
+from stainbridge.models import checkpoint, classifier, cyclegan
+from stainbridge.models.bench.data import BenchData, to_float
+from stainbridge.models.imaging import classical, data, stain_augment
+from stainbridge.models.training import classifier as tc
+from stainbridge.models.training import cyclegan as tg
+from stainbridge.models.training import runtime as tu
+from stainbridge.models.training import semantic
 
 __all__ = [
     "adapt_classifier",
@@ -81,7 +75,7 @@ def classifier_header(d: BenchData, *, arch: str, metrics: dict[str, Any], histo
         "kind": "classifier", "architecture": arch, "arch_args": {"num_classes": len(d.classes)},
         "classes": d.classes, "input_size": d.size, "normalization": tc.NORMALIZATION,
         "geometry": {"reference_cell_fraction": float(fraction), **d.geometry},
-        "reference_stain": baselines.fit_reference_stats(d.stain_images),
+        "reference_stain": classical.fit_reference_stats(d.stain_images),
         "training_data": {"root": str(Path(reference_root).resolve()), "counts": counts,
                           "split_counts": {k: len(d.manifest[k]) for k in ("train", "val", "test")},
                           "split_manifest": split_path.name,

@@ -25,7 +25,7 @@ from collections.abc import Iterable
 
 from PIL import Image
 
-from models import data
+from stainbridge.models.imaging import data
 
 __all__ = ["GeometryEstimateError", "crop_window", "nucleus_area", "site_magnification"]
 

@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models import inference
-from models.classifier import build_classifier
-from models.cyclegan import GENERATOR_PRESETS, build_generator
-from models.synthetic import CLASSES
+from stainbridge.models import inference
+from stainbridge.models.classifier import build_classifier
+from stainbridge.models.cyclegan import GENERATOR_PRESETS, build_generator
+from stainbridge.models.imaging.synthetic import CLASSES
 
 PRESETS = {
     # preset: generator preset, classifier input size, batch size

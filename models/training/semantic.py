@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from models import stain_augment
+from stainbridge.models.imaging import stain_augment
 
 __all__ = ["ClassConsistency", "MixedBatches", "StructureAndClass", "luminance_gradients", "structure_loss", "translate"]
 
