@@ -31,9 +31,9 @@ COMMANDS: dict[tuple[str, ...], str] = {
     ("bench", "accuracy"): "stainbridge.models.bench.accuracy",
     ("bench", "throughput"): "stainbridge.models.bench.throughput",
     ("run",): "stainbridge.daemon.service",
-    ("ingest",): "stainbridge.daemon.ingest",
-    ("status",): "stainbridge.daemon.status",
-    ("demo",): "stainbridge.daemon.demo",
+    ("ingest",): "stainbridge.daemon.commands.ingest",
+    ("status",): "stainbridge.daemon.commands.status",
+    ("demo",): "stainbridge.daemon.commands.demo",
 }
 
 HELP: dict[tuple[str, ...], str] = {

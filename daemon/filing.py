@@ -18,6 +18,8 @@ from typing import Callable
 
 from PIL import Image as PILImage
 
+from stainbridge.models.inference import fsync_dir
+
 MAX_NAME_TRIES = 10_000
 
 
@@ -53,19 +55,6 @@ def reserve_name(folder: Path, name: str, *, also_free: Callable[[Path], bool] =
     raise FilingError(f"no free name for {name} in {folder} after {MAX_NAME_TRIES} tries")
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _copy_across(source: Path, target: Path, st: os.stat_result) -> None:
     """Move between filesystems: copy into the reservation, fsync, then unlink the source."""
     if stat.S_ISLNK(st.st_mode):
@@ -80,7 +69,7 @@ def _copy_across(source: Path, target: Path, st: os.stat_result) -> None:
         if target.stat().st_size != st.st_size:
             raise FilingError(f"copy of {source} to {target} is incomplete; the original was kept")
         os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
     os.unlink(source)
 
 
@@ -95,7 +84,7 @@ def move_into(path: Path, folder: Path, *, also_free: Callable[[Path], bool] = l
             os.rename(path, target)
         else:
             os.rename(path, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
     except OSError as exc:
         if exc.errno != errno.EXDEV:
             _discard(target)
@@ -131,7 +120,7 @@ def quarantine_file(path: Path, quarantine_root: Path, reason: str, detail: str,
     temp = note.with_name(f".{note.name}.{os.getpid()}.tmp")
     temp.write_text(f"reason: {reason}\ndetail: {detail}\ntime: {when.isoformat()}\nsource: {source}\n", encoding="utf-8")
     os.replace(temp, note)
-    _fsync_dir(note.parent)
+    fsync_dir(note.parent)
     return target
 
 

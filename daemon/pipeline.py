@@ -63,8 +63,8 @@ from stainbridge.daemon.logs import get_logger
 from stainbridge.daemon.registry import register_model
 from stainbridge.daemon.store import Image, ImageStatus, ModelKind, Prediction, utcnow
 from stainbridge.daemon.watcher import Candidate
-from stainbridge.models.checkpoint import CheckpointError
 from stainbridge.models.inference import (
+    CheckpointError,
     Classifier,
     DeviceUnavailable,
     ModelMismatch,

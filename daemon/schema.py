@@ -108,3 +108,25 @@ def current_revision(url: str) -> str | None:
         raise SchemaError(f"reading the schema version of {safe_url(url)} failed: {exc}") from exc
     finally:
         engine.dispose()
+
+
+class DatabaseNotReady(SchemaError):
+    """The database schema is missing or older than this code, and we may not migrate it."""
+
+
+def prepare_database(url: str) -> None:
+    """SQLite: run the migrations (embedded default). PostgreSQL: refuse unless at head.
+
+    On a shared PostgreSQL server several workers start at once, and schema changes are an
+    operator's decision, so the service only checks the revision there. Raises SchemaError
+    (DatabaseUnavailable, DatabaseNotReady) with a message that says what to do.
+    """
+    if url.startswith("sqlite"):
+        upgrade_database(url)
+        return
+    current, head = current_revision(url), head_revision()
+    if current != head:
+        raise DatabaseNotReady(
+            f"database schema is at revision {current or 'none (empty database)'}, this code needs {head}; "
+            "run `stainbridge db upgrade` (with the same --config) and start again"
+        )

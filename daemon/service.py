@@ -35,8 +35,7 @@ from stainbridge.daemon import intake, sdnotify
 from stainbridge.daemon.config import ConfigError, Settings, load_settings
 from stainbridge.daemon.logs import get_logger
 from stainbridge.daemon.pipeline import STALE_CLAIM_SECONDS, ModelConfigError, Pipeline, load_models
-from stainbridge.daemon.schema import SchemaError, safe_url
-from stainbridge.daemon.status import prepare_database
+from stainbridge.daemon.schema import SchemaError, prepare_database, safe_url
 from stainbridge.daemon.store import make_engine, make_sessionmaker
 from stainbridge.daemon.watcher import Candidate, DropFolderWatcher, WatcherError
 

@@ -97,7 +97,7 @@ def save_checkpoint(path: str | Path, state_dict: dict[str, Tensor], header: dic
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return sha
 
 
@@ -178,10 +178,11 @@ def _read_header(path: Path, data: bytes) -> dict:
     return header
 
 
-def _fsync_dir(folder: Path) -> None:
-    # Make the rename durable; not supported on every platform/filesystem.
+def fsync_dir(folder: str | os.PathLike[str]) -> None:
+    """Make a rename or a new entry in ``folder`` durable: fsync the directory itself (a no-op where the
+    platform or filesystem cannot). Shared with the daemon's filing through the inference surface."""
     try:
-        fd = os.open(folder, os.O_RDONLY)
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     except OSError:
         return
     try:

@@ -21,13 +21,17 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from stainbridge.models.checkpoint import CheckpointError, file_sha256, load_checkpoint
+from stainbridge.models.checkpoint import CheckpointError, file_sha256, fsync_dir, load_checkpoint
 from stainbridge.models.classifier import ARCHITECTURES, build_classifier
 from stainbridge.models.cyclegan import GENERATORS
 from stainbridge.models.imaging import classical, data
 
+# The daemon's whole view of models/: everything it imports from the package is named here.
 __all__ = [
     "CLASSICAL_STANDARDIZERS",
+    "CheckpointError",
+    "file_sha256",
+    "fsync_dir",
     "ModelMismatch",
     "DeviceUnavailable",
     "Classifier",

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from stainbridge.daemon import ingest, intake
+from stainbridge.daemon import intake
 from stainbridge.daemon import pipeline as pipeline_module
+from stainbridge.daemon.commands import ingest
 from stainbridge.daemon.pipeline import ModelConfigError, Pipeline, load_models
 from stainbridge.daemon.registry import active_versions, register_model
 from stainbridge.daemon.service import Service

@@ -6,7 +6,7 @@ import argparse
 import json
 from datetime import datetime, timedelta
 
-from stainbridge.daemon import status
+from stainbridge.daemon.commands import status
 from stainbridge.daemon.registry import register_model
 from stainbridge.daemon.schema import upgrade_database
 from stainbridge.daemon.store import (

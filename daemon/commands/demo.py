@@ -79,8 +79,6 @@ def _run_logged(cmd: list[str], log: Path, what: str) -> None:
 
 def make_data(root: Path, per_class: int) -> dict[str, Path]:
     """Reference (training), incoming (unlabeled GAN training) and incoming held-out test images."""
-    from stainbridge.models.imaging.synthetic import write_dataset
-
     sets = {
         "reference": (root / "reference", "reference", 40, 5),
         "incoming-train": (root / "incoming-train", "incoming", 16, 1),
@@ -92,9 +90,11 @@ def make_data(root: Path, per_class: int) -> dict[str, Path]:
             print(f"   {name}: reusing {folder}")
             continue
         shutil.rmtree(folder, ignore_errors=True)
-        counts = write_dataset(folder, protocol=protocol, per_class=n, size=SIZE, seed=seed)
+        _run_logged(_cli("synth", "--out", str(folder), "--protocol", protocol, "--per-class", str(n),
+                         "--size", str(SIZE), "--seed", str(seed)),
+                    root / "logs" / f"synth-{name}.log", f"drew {n} {protocol}-stain images per class ({name})")
+        counts = {d.name: sum(1 for _ in d.iterdir()) for d in sorted(folder.iterdir()) if d.is_dir()}
         marker.write_text(json.dumps(counts))
-        print(f"   {name}: {sum(counts.values())} {protocol}-stain images in {folder}")
     return {name: spec[0] for name, spec in sets.items()}
 
 

@@ -29,8 +29,7 @@ from stainbridge.daemon.pipeline import (
     absolute_candidates,
     load_models,
 )
-from stainbridge.daemon.schema import SchemaError, safe_url
-from stainbridge.daemon.status import prepare_database
+from stainbridge.daemon.schema import SchemaError, prepare_database, safe_url
 from stainbridge.daemon.store import make_engine, make_sessionmaker
 from stainbridge.daemon.watcher import iter_candidates
 

@@ -21,35 +21,11 @@ from stainbridge.daemon.config import ConfigError, Settings, load_settings
 from stainbridge.daemon.registry import active_versions
 from stainbridge.daemon.schema import (
     SchemaError,
-    current_revision,
-    head_revision,
+    prepare_database,
     safe_url,
-    upgrade_database,
 )
 from stainbridge.daemon.store import Image, ImageStatus, make_engine, make_sessionmaker, utcnow
 from stainbridge.daemon.watcher import is_ignored_name
-
-
-class DatabaseNotReady(SchemaError):
-    """The database schema is missing or older than this code, and we may not migrate it."""
-
-
-def prepare_database(url: str) -> None:
-    """SQLite: run the migrations (embedded default). PostgreSQL: refuse unless at head.
-
-    On a shared PostgreSQL server several workers start at once, and schema changes are an
-    operator's decision, so the service only checks the revision there. Raises SchemaError
-    (DatabaseUnavailable, DatabaseNotReady) with a message that says what to do.
-    """
-    if url.startswith("sqlite"):
-        upgrade_database(url)
-        return
-    current, head = current_revision(url), head_revision()
-    if current != head:
-        raise DatabaseNotReady(
-            f"database schema is at revision {current or 'none (empty database)'}, this code needs {head}; "
-            "run `stainbridge db upgrade` (with the same --config) and start again"
-        )
 
 
 def error_reason(error: str | None) -> str:
