@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -74,9 +75,14 @@ def test_service_side_models_never_import_training_or_bench() -> None:
 def test_wheel_installs_only_the_stainbridge_namespace(tmp_path: Path) -> None:
     """The built wheel holds `stainbridge/` and its dist-info only, and `stainbridge --help` runs from a
     fresh virtualenv that has that wheel and nothing of the repository on its path."""
-    dist = tmp_path / "dist"
+    # Build from a copy of what the wheel is made of, so setuptools' build/ folder stays out of the checkout.
+    source, dist = tmp_path / "source", tmp_path / "dist"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "daemon", "models", "migrations"):
+        copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copy2
+        copy(ROOT / name, source / name, **({"ignore": shutil.ignore_patterns("__pycache__")} if copy is shutil.copytree else {}))
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                            "-w", str(dist), str(ROOT)], capture_output=True, text=True, cwd=tmp_path)
+                            "-w", str(dist), str(source)], capture_output=True, text=True, cwd=tmp_path)
     assert build.returncode == 0, build.stderr
     wheel = next(dist.glob("stainbridge-*.whl"))
     with zipfile.ZipFile(wheel) as zf:

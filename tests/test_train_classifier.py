@@ -16,7 +16,7 @@ from torch import nn
 from stainbridge.models import checkpoint, classifier
 from stainbridge.models.imaging import synthetic
 from stainbridge.models.training import classifier as tc
-from stainbridge.models.training import runtime as tu
+from stainbridge.models.training import resume
 
 torch.set_num_threads(1)
 
@@ -75,8 +75,8 @@ def test_resume_continues_from_saved_state(reference_dir: Path, tmp_path: Path, 
     """--resume restarts after the last saved epoch instead of training from scratch."""
     out = tmp_path / "clf.safetensors"
     train(reference_dir, out, "--epochs", "1")
-    _, state_header = checkpoint.load_checkpoint(tu.state_path(out))
-    assert state_header["kind"] == tu.STATE_KIND and state_header["epoch"] == 1
+    _, state_header = checkpoint.load_checkpoint(resume.state_path(out))
+    assert state_header["kind"] == resume.STATE_KIND and state_header["epoch"] == 1
 
     epochs_run: list[int] = []
     real_epoch = tc.train_one_epoch
@@ -131,10 +131,10 @@ def test_training_state_round_trips_optimizer_and_scheduler(tmp_path: Path) -> N
         opt.step()
         sched.step()
     path = tmp_path / "run.state"
-    tu.save_training_state(path, modules={"m": model}, optimizers={"o": opt}, schedulers={"s": sched},
+    resume.save_training_state(path, modules={"m": model}, optimizers={"o": opt}, schedulers={"s": sched},
                            epoch=3, extra={"note": "x"})
     model2, opt2, sched2 = make()
-    header = tu.load_training_state(path, modules={"m": model2}, optimizers={"o": opt2}, schedulers={"s": sched2})
+    header = resume.load_training_state(path, modules={"m": model2}, optimizers={"o": opt2}, schedulers={"s": sched2})
     assert header["epoch"] == 3 and header["extra"] == {"note": "x"}
     assert torch.equal(model.weight, model2.weight)
     for p, p2 in zip(model.parameters(), model2.parameters(), strict=True):
@@ -149,9 +149,9 @@ def test_resume_refuses_a_state_for_other_modules(tmp_path: Path) -> None:
     model = nn.Linear(2, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     path = tmp_path / "run.state"
-    tu.save_training_state(path, modules={"a": model}, optimizers={"o": opt}, epoch=1)
-    with pytest.raises(tu.TrainingStateError, match="delete the state file"):
-        tu.load_training_state(path, modules={"b": model}, optimizers={"o": opt})
+    resume.save_training_state(path, modules={"a": model}, optimizers={"o": opt}, epoch=1)
+    with pytest.raises(resume.TrainingStateError, match="delete the state file"):
+        resume.load_training_state(path, modules={"b": model}, optimizers={"o": opt})
 
 
 def test_torchrun_two_processes_train_one_checkpoint(reference_dir: Path, tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from PIL import Image
 from stainbridge.models import checkpoint, classifier, inference
 from stainbridge.models.imaging import classical, data, synthetic
 from stainbridge.models.training import cyclegan as tg
-from stainbridge.models.training import runtime as tu
+from stainbridge.models.training import resume
 
 torch.set_num_threads(1)
 
@@ -64,7 +64,7 @@ def test_resume_continues_the_gan_from_its_state(folders: tuple[Path, Path], tmp
     """--resume restores G, F, both discriminators and optimizers and runs only the remaining epochs."""
     out = tmp_path / "std.safetensors"
     train(folders, out, "--epochs", "1")
-    _, state = checkpoint.load_checkpoint(tu.state_path(out))
+    _, state = checkpoint.load_checkpoint(resume.state_path(out))
     assert state["epoch"] == 1 and state["modules"] == ["d_x", "d_y", "g_xy", "g_yx"]
     train(folders, out, "--epochs", "2", "--resume")
     _, header = checkpoint.load_checkpoint(out)

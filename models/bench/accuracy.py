@@ -120,13 +120,12 @@ def _semantic_term(variant: str, model: nn.Module, header: dict, classifier_path
         return None, None
     if variant == "cyclegan_colour":
         # KL(8-view dihedral TTA p(x) || p(G(x))) under the frozen bench classifier, x_to_y only
-        consistency = tg.RawTeacherConsistency(classifier_path, device)
+        consistency = semantic.ClassConsistency.from_checkpoint(classifier_path, device, teacher="raw")
         w = COLOUR["semantic_weight"]
-        term = cyclegan.SemanticTerm(fn=consistency, weight=w, pairs=("x_to_y",))
-        return term, {"classifier": consistency.name, "sha256": consistency.sha256, "weight": w, "teacher": "raw",
-                      "loss": "kl(tta8(p(real)) || p(translated))", "pairs": list(term.pairs)}
+        term = cyclegan.SemanticTerm(fn=consistency, weight=w, pairs=consistency.pairs)
+        return term, {**consistency.describe(), "weight": w}
     anchor = classical.Reinhard.from_stats(header["reference_stain"])
-    consistency = semantic.ClassConsistency(model, header["normalization"], anchor)
+    consistency = semantic.ClassConsistency(model, header["normalization"], anchor=anchor)
     fn = semantic.StructureAndClass(consistency, structure_weight=1.0)
     term = cyclegan.SemanticTerm(fn=fn, weight=1.0, pairs=("x_to_y", "y_cycle"))
     return term, {"classifier": classifier_path.name, "sha256": header.get("sha256"), "weight": 1.0,

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import itertools
 import json
-import random
 import statistics
 import time
 from collections.abc import Iterator
@@ -156,46 +154,28 @@ def train_standardizer(target: Tensor, reference: Tensor, out: Path, *, generato
         g_args = dict(cyclegan.GENERATOR_PRESETS[generator])
     else:
         g_args = dict(generator_args or {})
-    build = cyclegan.GENERATORS[architecture]
     d_args = dict(cyclegan.DISCRIMINATOR_PRESETS[discriminator])
     if discriminator_pool != 1:
         d_args["pool"] = discriminator_pool
-    nets = {"g_xy": build(**g_args), "g_yx": build(**g_args),
-            "d_x": cyclegan.build_discriminator(**d_args), "d_y": cyclegan.build_discriminator(**d_args)}
-    for net in nets.values():
-        net.to(device)
-    opt_g = cyclegan.make_optimizer(itertools.chain(nets["g_xy"].parameters(), nets["g_yx"].parameters()),
-                                    lr=generator_lr)
-    opt_d = cyclegan.make_optimizer(itertools.chain(nets["d_x"].parameters(), nets["d_y"].parameters()),
-                                    lr=discriminator_lr)
-    constant = (epochs + 1) // 2
-    scheds = [cyclegan.make_scheduler(o, n_epochs=constant, n_epochs_decay=epochs - constant) for o in (opt_g, opt_d)]
-    pools = {"x": cyclegan.ImagePool(50, rng=random.Random(seed)), "y": cyclegan.ImagePool(50, rng=random.Random(seed + 1))}
+    setup = tg.build_setup(architecture=architecture, generator_args=g_args, discriminator_args=d_args,
+                           epochs=epochs, generator_lr=generator_lr, discriminator_lr=discriminator_lr, seed=seed,
+                           device=device)
     g = torch.Generator().manual_seed(seed)
     xs, ys = _dihedral_stream(target, batch_size, g), _dihedral_stream(reference, batch_size, g)
     history = []
     for epoch in range(epochs):
-        stats = tg.train_one_epoch(nets, opt_g, opt_d, xs, ys, steps, pools, semantic_term, device, epoch,
-                                   argparse.Namespace(epochs=epochs))
-        for s in scheds:
-            s.step()
+        stats = setup.train_epoch(xs, ys, steps=steps, epoch=epoch, epochs=epochs, semantic=semantic_term,
+                                  device=device)
         history.append({"epoch": epoch + 1, **stats})
         log(json.dumps(history[-1]))
-    header = {
-        "kind": "standardizer", "architecture": architecture, "arch_args": g_args,
-        "input_size": int(target.shape[-1]), "value_range": [-1.0, 1.0], "direction": "source->reference",
-        "training_data": {**training_data, "labels_used": False},
-        "metrics": {"final": history[-1] if history else {}, "history": history},
-        "discriminator_args": d_args, "semantic": semantic_info,
-        "training_options": {"generator_lr": generator_lr, "discriminator_lr": discriminator_lr,
-                             "discriminator_pool": discriminator_pool},
-        "epochs": epochs, "steps_per_epoch": steps,
-        "batch_size": batch_size, "seed": seed, "train_seconds": round(time.monotonic() - started, 1),
-        "code_version": checkpoint.code_version(),
-    }
-    state = {k: v.detach().cpu() for k, v in nets["g_xy"].state_dict().items()}
-    header["sha256"] = checkpoint.save_checkpoint(out, state, tu.jsonable(header))
-    return nets["g_xy"].eval(), nets["g_yx"].eval(), header
+    header = tg.standardizer_header(
+        setup, input_size=int(target.shape[-1]), training_data=training_data, history=history,
+        semantic_info=semantic_info, epochs=epochs, steps=steps, batch_size=batch_size, seed=seed,
+        training_options={"generator_lr": generator_lr, "discriminator_lr": discriminator_lr,
+                          "discriminator_pool": discriminator_pool},
+        train_seconds=time.monotonic() - started)
+    header["sha256"] = checkpoint.save_checkpoint(out, setup.generator_state(), tu.jsonable(header))
+    return setup.nets["g_xy"].eval(), setup.nets["g_yx"].eval(), header
 
 
 def adapt_classifier(model: nn.Module, header: dict[str, Any], d: BenchData, translated: Tensor, out: Path, *,

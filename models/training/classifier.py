@@ -35,6 +35,7 @@ from torch.utils.data.distributed import DistributedSampler
 from stainbridge.models import checkpoint, classifier
 from stainbridge.models.imaging import classical, data
 from stainbridge.models.metrics import classification_metrics
+from stainbridge.models.training import resume
 from stainbridge.models.training import runtime as tu
 
 # Explicit flags override these. tiny: seconds on a laptop CPU for ~100 images; full: a GPU run.
@@ -230,10 +231,10 @@ def _train(args: argparse.Namespace, dist: tu.DistInfo) -> str:
             model, device_ids=[dist.local_rank] if device.type == "cuda" else None)
 
     # resume
-    state_file = tu.state_path(out)
+    state_file = resume.state_path(out)
     start_epoch, history = 0, []
     if args.resume:
-        header = tu.load_training_state(state_file, modules={"model": model},
+        header = resume.load_training_state(state_file, modules={"model": model},
                                         optimizers={"optimizer": optimizer}, schedulers={"scheduler": scheduler})
         start_epoch, history = header["epoch"], list(header["extra"].get("history", []))
         scheduler.T_max = max(args.epochs, 1)  # --epochs may extend a finished run
@@ -251,7 +252,7 @@ def _train(args: argparse.Namespace, dist: tu.DistInfo) -> str:
                         **(summary(val, "val") if val else {})})
         if dist.is_main:
             print(json.dumps(history[-1]), file=sys.stderr)
-            tu.save_training_state(state_file, modules={"model": model}, optimizers={"optimizer": optimizer},
+            resume.save_training_state(state_file, modules={"model": model}, optimizers={"optimizer": optimizer},
                                    schedulers={"scheduler": scheduler}, epoch=epoch + 1,
                                    extra={"history": history, "arch": args.arch, "out": str(out)})
         tu.barrier(dist)
@@ -300,7 +301,7 @@ def _train(args: argparse.Namespace, dist: tu.DistInfo) -> str:
 def run(args: argparse.Namespace) -> int:
     try:
         main(args)
-    except (TrainingError, tu.TrainingStateError, checkpoint.CheckpointError, data.DataError,
+    except (TrainingError, resume.TrainingStateError, checkpoint.CheckpointError, data.DataError,
             classifier.PretrainedWeightsError) as exc:
         print(f"stainbridge train classifier: {exc}", file=sys.stderr)
         return 2

@@ -38,17 +38,18 @@ import random
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torchvision.utils import make_grid, save_image
 
-from stainbridge.models import checkpoint, classifier, colour_generator, cyclegan
+from stainbridge.models import checkpoint, cyclegan
 from stainbridge.models.imaging import classical, data
+from stainbridge.models.training import resume, semantic
 from stainbridge.models.training import runtime as tu
 
 # Explicit flags override these. tiny: seconds on a CPU for ~50 images per side; full: a GPU run;
@@ -89,76 +90,102 @@ def forever(loader: DataLoader) -> Iterator[Tensor]:
         yield from loader
 
 
-class SemanticConsistency:
-    """KL(p(reinhard(real)) || p(translated)) under a frozen reference-lab classifier (see module doc)."""
-
-    def __init__(self, path: str | Path, device: torch.device) -> None:
-        state, header = checkpoint.load_checkpoint(path)
-        if header.get("kind") != "classifier":
-            raise TrainingError(f"--semantic-classifier {path} is a {header.get('kind')!r} checkpoint, not a classifier")
-        try:
-            model = classifier.build_classifier(arch=header["architecture"], num_classes=len(header["classes"]))
-            model.load_state_dict(state)
-            self.size = int(header["input_size"])
-            self.mean = torch.tensor(header["normalization"]["mean"], device=device).view(1, 3, 1, 1)
-            self.std = torch.tensor(header["normalization"]["std"], device=device).view(1, 3, 1, 1)
-            self.colour = classical.Reinhard.from_stats(header.get("reference_stain") or {})
-        except (KeyError, TypeError, ValueError, RuntimeError, classical.BaselineError) as exc:
-            raise TrainingError(f"--semantic-classifier {path} cannot serve as the frozen classifier ({exc}); "
-                                "pass a checkpoint written by `stainbridge train classifier`") from exc
-        self.model = model.to(device).eval().requires_grad_(False)
-        self.name = Path(path).name
-        self.sha256 = checkpoint.file_sha256(path)
-
-    def _logits(self, images01: Tensor) -> Tensor:
-        if images01.shape[-1] != self.size:
-            images01 = F.interpolate(images01, size=(self.size, self.size), mode="bilinear", align_corners=False)
-        return self.model((images01 - self.mean) / self.std).float()
-
-    def target(self, real: Tensor) -> Tensor:
-        """Teacher probabilities for real images in [-1, 1]: the classifier on their Reinhard normalization."""
-        anchor = self.colour(((real.detach().float() + 1) / 2).cpu()).to(real.device)
-        return F.softmax(self._logits(anchor), dim=1)
-
-    def __call__(self, real: Tensor, translated: Tensor) -> Tensor:
-        """Images in [-1, 1]; gradients flow into ``translated`` only."""
-        with torch.no_grad():
-            target = self.target(real)
-        log_p = F.log_softmax(self._logits((translated + 1) / 2), dim=1)
-        return F.kl_div(log_p, target, reduction="batchmean")
-
-
-class RawTeacherConsistency(SemanticConsistency):
-    """KL(TTA p(real) || p(translated)): the teacher is the mean softmax over the 8 dihedral views
-    of the untranslated source image (no colour normalization), used on the x_to_y pair."""
-
-    def target(self, real: Tensor) -> Tensor:
-        images01 = (real.detach().float() + 1) / 2
-        views = colour_generator.dihedral_views(images01)
-        return torch.stack([F.softmax(self._logits(v), dim=1) for v in views]).mean(0)
-
-
-def build_nets(args: argparse.Namespace) -> tuple[str, dict[str, Any], dict[str, Any], dict[str, nn.Module]]:
-    """(architecture, generator arch_args, discriminator args, {g_xy, g_yx, d_x, d_y}) for the options."""
+def generator_spec(args: argparse.Namespace) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """(architecture of ``cyclegan.GENERATORS``, generator arch_args, discriminator args) for the options."""
     if args.generator_type == "colour":
-        arch, g_args, build = "pointwise_colour", dict(COLOUR_ARGS), colour_generator.build_colour_generator
+        arch, g_args = "pointwise_colour", dict(COLOUR_ARGS)
     else:
-        arch, g_args, build = "resnet_generator", dict(cyclegan.GENERATOR_PRESETS[args.generator]), cyclegan.build_generator
-    d_args = dict(cyclegan.DISCRIMINATOR_PRESETS[args.discriminator], pool=args.discriminator_pool)
-    nets = {"g_xy": build(**g_args), "g_yx": build(**g_args),
-            "d_x": cyclegan.build_discriminator(**d_args), "d_y": cyclegan.build_discriminator(**d_args)}
-    return arch, g_args, d_args, nets
+        arch, g_args = "resnet_generator", dict(cyclegan.GENERATOR_PRESETS[args.generator])
+    return arch, g_args, dict(cyclegan.DISCRIMINATOR_PRESETS[args.discriminator], pool=args.discriminator_pool)
+
+
+@dataclass
+class CycleGANSetup:
+    """Everything one CycleGAN run trains (Zhu et al. 2017, sec. 4 and the reference implementation):
+    G: X->Y and F: Y->X, discriminators D_X and D_Y, one Adam per pair, constant-then-linear-decay
+    schedules, and the two 50-image pools of generated images the discriminators learn from."""
+
+    architecture: str
+    generator_args: dict[str, Any]
+    discriminator_args: dict[str, Any]
+    nets: dict[str, nn.Module]
+    optimizers: dict[str, torch.optim.Optimizer]
+    schedulers: dict[str, torch.optim.lr_scheduler.LRScheduler]
+    pools: dict[str, cyclegan.ImagePool]
+
+    def train_epoch(self, xs: Iterator[Tensor], ys: Iterator[Tensor], *, steps: int, epoch: int, epochs: int,
+                    semantic: cyclegan.SemanticTerm | None, device: torch.device) -> dict[str, float]:
+        """One epoch of ``steps`` batches, then one step of both schedules; returns mean losses."""
+        stats = train_one_epoch(self.nets, self.optimizers["g"], self.optimizers["d"], xs, ys, steps, self.pools,
+                                semantic, device, epoch, epochs)
+        for schedule in self.schedulers.values():
+            schedule.step()
+        return stats
+
+    def generator_state(self) -> dict[str, Tensor]:
+        """The state of G (X -> Y), the only network a standardizer checkpoint keeps."""
+        return {k: v.detach().cpu() for k, v in self.nets["g_xy"].state_dict().items()}
+
+
+def build_setup(*, architecture: str, generator_args: dict[str, Any], discriminator_args: dict[str, Any],
+                epochs: int, generator_lr: float, discriminator_lr: float, seed: int, device: torch.device,
+                memory_format: torch.memory_format = torch.contiguous_format) -> CycleGANSetup:
+    """Networks on ``device``, optimizers, schedules (half constant, half linear decay) and pools."""
+    build = cyclegan.GENERATORS[architecture]
+    nets = {"g_xy": build(**generator_args), "g_yx": build(**generator_args),
+            "d_x": cyclegan.build_discriminator(**discriminator_args),
+            "d_y": cyclegan.build_discriminator(**discriminator_args)}
+    for net in nets.values():
+        net.to(device, memory_format=memory_format)
+    optimizers = {
+        "g": cyclegan.make_optimizer(itertools.chain(nets["g_xy"].parameters(), nets["g_yx"].parameters()),
+                                     lr=generator_lr),
+        "d": cyclegan.make_optimizer(itertools.chain(nets["d_x"].parameters(), nets["d_y"].parameters()),
+                                     lr=discriminator_lr),
+    }
+    constant = (epochs + 1) // 2
+    schedulers = {k: cyclegan.make_scheduler(o, n_epochs=constant, n_epochs_decay=epochs - constant)
+                  for k, o in optimizers.items()}
+    pools = {"x": cyclegan.ImagePool(50, rng=random.Random(seed)), "y": cyclegan.ImagePool(50, rng=random.Random(seed + 1))}
+    return CycleGANSetup(architecture, dict(generator_args), dict(discriminator_args), nets, optimizers, schedulers,
+                         pools)
+
+
+def standardizer_header(setup: CycleGANSetup, *, input_size: int, training_data: dict[str, Any],
+                        history: list[dict[str, Any]], semantic_info: dict[str, Any] | None,
+                        training_options: dict[str, Any], epochs: int, steps: int, batch_size: int, seed: int,
+                        train_seconds: float) -> dict[str, Any]:
+    """The contract a standardizer checkpoint carries (what ``models.inference.load_standardizer`` reads)."""
+    return {
+        "kind": "standardizer",
+        "architecture": setup.architecture,
+        "arch_args": setup.generator_args,
+        "input_size": input_size,
+        "value_range": [-1.0, 1.0],
+        "direction": "source->reference",
+        "training_data": {**training_data, "labels_used": False},
+        "metrics": {"final": history[-1] if history else {}, "history": history},
+        "discriminator_args": setup.discriminator_args,
+        "semantic": semantic_info,
+        "training_options": training_options,
+        "epochs": epochs,
+        "steps_per_epoch": steps,
+        "batch_size": batch_size,
+        "seed": seed,
+        "train_seconds": round(train_seconds, 1),
+        "code_version": checkpoint.code_version(),
+    }
 
 
 def train_one_epoch(nets: dict[str, nn.Module], opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer,
                     xs: Iterator[Tensor], ys: Iterator[Tensor], steps: int, pools: dict[str, cyclegan.ImagePool],
                     semantic: cyclegan.SemanticTerm | None, device: torch.device, epoch: int,
-                    args: argparse.Namespace) -> dict[str, float]:
+                    epochs: int) -> dict[str, float]:
     gan_loss = cyclegan.GANLoss().to(device)
     fmt = tu.memory_format(device)
     for net in nets.values():
         net.train()
-    progress = tu.Progress(steps, desc=f"epoch {epoch + 1}/{args.epochs}")
+    progress = tu.Progress(steps, desc=f"epoch {epoch + 1}/{epochs}")
     for _ in range(steps):
         real_x = (next(xs).to(device, non_blocking=True) * 2 - 1).contiguous(memory_format=fmt)
         real_y = (next(ys).to(device, non_blocking=True) * 2 - 1).contiguous(memory_format=fmt)
@@ -270,80 +297,55 @@ def main(args: argparse.Namespace) -> str:
     sample_batch = torch.stack([eval_tf(data.load_rgb(p)) for p in source_paths[::every][:SAMPLE_ROWS]])
 
     # networks, optimizers, schedules
-    architecture, g_args, d_args, nets = build_nets(args)
-    for net in nets.values():
-        net.to(device, memory_format=fmt)
-    opt_g = cyclegan.make_optimizer(itertools.chain(nets["g_xy"].parameters(), nets["g_yx"].parameters()),
-                                    lr=args.generator_lr)
-    opt_d = cyclegan.make_optimizer(itertools.chain(nets["d_x"].parameters(), nets["d_y"].parameters()), lr=args.lr)
-    constant = (args.epochs + 1) // 2
-    sched_g = cyclegan.make_scheduler(opt_g, n_epochs=constant, n_epochs_decay=args.epochs - constant)
-    sched_d = cyclegan.make_scheduler(opt_d, n_epochs=constant, n_epochs_decay=args.epochs - constant)
-    pools = {"x": cyclegan.ImagePool(50, rng=random.Random(args.seed)),
-             "y": cyclegan.ImagePool(50, rng=random.Random(args.seed + 1))}
-    semantic = None
+    architecture, g_args, d_args = generator_spec(args)
+    setup = build_setup(architecture=architecture, generator_args=g_args, discriminator_args=d_args,
+                        epochs=args.epochs, generator_lr=args.generator_lr, discriminator_lr=args.lr,
+                        seed=args.seed, device=device, memory_format=fmt)
+    semantic_term = None
     semantic_info: dict[str, Any] | None = None
     if args.semantic_classifier:
-        raw = args.semantic_teacher == "raw"
-        consistency = (RawTeacherConsistency if raw else SemanticConsistency)(args.semantic_classifier, device)
-        semantic = cyclegan.SemanticTerm(fn=consistency, weight=args.semantic_weight,
-                                         pairs=("x_to_y",) if raw else ("x_to_y", "y_cycle"))
-        loss = "kl(tta8(p(real)) || p(translated))" if raw else "kl(p(reinhard(real)) || p(translated))"
-        semantic_info = {"classifier": consistency.name, "sha256": consistency.sha256, "weight": args.semantic_weight,
-                         "teacher": args.semantic_teacher, "loss": loss, "pairs": list(semantic.pairs)}
+        consistency = semantic.ClassConsistency.from_checkpoint(args.semantic_classifier, device,
+                                                                teacher=args.semantic_teacher)
+        semantic_term = cyclegan.SemanticTerm(fn=consistency, weight=args.semantic_weight,
+                                              pairs=consistency.pairs)
+        semantic_info = {**consistency.describe(), "weight": args.semantic_weight}
 
     # resume
-    state_file = tu.state_path(out)
-    optimizers = {"g": opt_g, "d": opt_d}
-    schedulers = {"g": sched_g, "d": sched_d}
+    state_file = resume.state_path(out)
     start_epoch, history = 0, []
     if args.resume:
-        header = tu.load_training_state(state_file, modules=nets, optimizers=optimizers, schedulers=schedulers)
+        header = resume.load_training_state(state_file, modules=setup.nets, optimizers=setup.optimizers,
+                                        schedulers=setup.schedulers)
         start_epoch, history = header["epoch"], list(header["extra"].get("history", []))
         print(f"resumed from {state_file} after epoch {start_epoch}", file=sys.stderr)
 
     samples_png = Path(f"{out}.samples.png")
     for epoch in range(start_epoch, args.epochs):
-        stats = train_one_epoch(nets, opt_g, opt_d, xs, ys, steps, pools, semantic, device, epoch, args)
-        sched_g.step()
-        sched_d.step()
+        stats = setup.train_epoch(xs, ys, steps=steps, epoch=epoch, epochs=args.epochs, semantic=semantic_term,
+                                  device=device)
         history.append({"epoch": epoch + 1, **stats})
         print(json.dumps(history[-1]), file=sys.stderr)
-        tu.save_training_state(state_file, modules=nets, optimizers=optimizers, schedulers=schedulers,
-                               epoch=epoch + 1, extra={"history": history, "out": str(out)})
-        save_samples(nets["g_xy"], nets["g_yx"], sample_batch, samples_png, device)
+        resume.save_training_state(state_file, modules=setup.nets, optimizers=setup.optimizers,
+                               schedulers=setup.schedulers, epoch=epoch + 1,
+                               extra={"history": history, "out": str(out)})
+        save_samples(setup.nets["g_xy"], setup.nets["g_yx"], sample_batch, samples_png, device)
 
-    header = {
-        "kind": "standardizer",
-        "architecture": architecture,
-        "arch_args": g_args,
-        "input_size": args.size,
-        "value_range": [-1.0, 1.0],
-        "direction": "source->reference",
-        "training_data": {
+    header = standardizer_header(
+        setup, input_size=args.size, history=history, semantic_info=semantic_info,
+        training_data={
             "source": {"root": str(Path(args.source).resolve()), "images": len(source_paths),
                        "scale": args.source_scale},
             "reference": {"root": str(Path(args.reference).resolve()), "images": len(reference_paths)},
-            "labels_used": False,
         },
-        "metrics": {"final": history[-1] if history else {}, "history": history},
-        "discriminator_args": d_args,
-        "semantic": semantic_info,
-        "training_options": {"preset": args.preset, "generator": args.generator_type,
-                             "discriminator_pool": args.discriminator_pool, "generator_lr": args.generator_lr,
-                             "discriminator_lr": args.lr, "semantic_teacher": args.semantic_teacher,
-                             "semantic_weight": args.semantic_weight if semantic_info else None},
-        "epochs": args.epochs,
-        "steps_per_epoch": steps,
-        "batch_size": args.batch_size,
-        "seed": args.seed,
-        "train_seconds": round(time.monotonic() - started, 1),
-        "code_version": checkpoint.code_version(),
-    }
-    generator_state = {k: v.detach().cpu() for k, v in nets["g_xy"].state_dict().items()}
-    sha = checkpoint.save_checkpoint(out, generator_state, tu.jsonable(header))
+        training_options={"preset": args.preset, "generator": args.generator_type,
+                          "discriminator_pool": args.discriminator_pool, "generator_lr": args.generator_lr,
+                          "discriminator_lr": args.lr, "semantic_teacher": args.semantic_teacher,
+                          "semantic_weight": args.semantic_weight if semantic_info else None},
+        epochs=args.epochs, steps=steps, batch_size=args.batch_size, seed=args.seed,
+        train_seconds=time.monotonic() - started)
+    sha = checkpoint.save_checkpoint(out, setup.generator_state(), tu.jsonable(header))
     if not samples_png.exists():
-        save_samples(nets["g_xy"], nets["g_yx"], sample_batch, samples_png, device)
+        save_samples(setup.nets["g_xy"], setup.nets["g_yx"], sample_batch, samples_png, device)
     print(json.dumps({"out": str(out), "sha256": sha, "samples": str(samples_png)}), file=sys.stderr)
     print(sha)
     return sha
@@ -352,8 +354,8 @@ def main(args: argparse.Namespace) -> str:
 def run(args: argparse.Namespace) -> int:
     try:
         main(args)
-    except (TrainingError, tu.TrainingStateError, checkpoint.CheckpointError, data.DataError,
-            classical.BaselineError) as exc:
+    except (TrainingError, semantic.TeacherError, resume.TrainingStateError, checkpoint.CheckpointError,
+            data.DataError, classical.BaselineError) as exc:
         print(f"stainbridge train cyclegan: {exc}", file=sys.stderr)
         return 2
     return 0

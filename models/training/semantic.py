@@ -4,8 +4,9 @@ A plain CycleGAN recolours another lab's cells convincingly but invents chromati
 reference classifier then calls lymphocytes something else (our BCCD probe: lymphocyte recall
 0.03-0.09). Two terms, added to the generator objective through ``models.cyclegan.SemanticTerm``:
 
-- class preservation (``models.train_cyclegan.SemanticConsistency``): a frozen reference-lab
-  classifier must give G(x) the class distribution it gives a colour-only (Reinhard) version of x;
+- class preservation (:class:`ClassConsistency`): a frozen reference-lab classifier must give G(x)
+  the class distribution it gives a colour-only (Reinhard) version of x (or, with the "raw" teacher,
+  its 8-view prediction on x itself);
 - structure: the luminance gradients of G(x) must follow those of x (each normalized by its mean
   magnitude, so contrast may change but edges may not move or appear), which forbids invented
   texture while leaving colour free.
@@ -19,13 +20,18 @@ exactly what it will see after standardization.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stainbridge.models.imaging import stain_augment
+from stainbridge.models import checkpoint, classifier
+from stainbridge.models.colour_generator import dihedral_views
+from stainbridge.models.imaging import classical, stain_augment
 
-__all__ = ["ClassConsistency", "MixedBatches", "StructureAndClass", "luminance_gradients", "structure_loss", "translate"]
+__all__ = ["TEACHERS", "ClassConsistency", "MixedBatches", "StructureAndClass", "TeacherError", "luminance_gradients",
+           "structure_loss", "translate"]
 
 
 def luminance_gradients(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -44,33 +50,83 @@ def structure_loss(real: Tensor, translated: Tensor) -> Tensor:
     return total
 
 
-class ClassConsistency:
-    """KL(p(anchor(real)) || p(translated)) under a frozen classifier held in memory, the same term as
-    ``models.train_cyclegan.SemanticConsistency`` (which loads torchvision architectures from a file).
-    ``anchor`` is a colour-only normalization such as ``models.baselines.Reinhard``; images in [-1, 1]."""
+class TeacherError(ValueError):
+    """The checkpoint given as the frozen teacher classifier cannot serve as one."""
 
-    def __init__(self, model: nn.Module, normalization: dict[str, list[float]],
-                 anchor: Callable[[Tensor], Tensor]) -> None:
+
+TEACHERS = ("reinhard", "raw")
+
+
+class ClassConsistency:
+    """KL(teacher(real) || p(translated)) under a frozen reference-lab classifier; images in [-1, 1].
+
+    teacher "reinhard": p(anchor(real)), ``anchor`` a colour-only normalization to the reference
+    stain (``classical.Reinhard``), applied to (x, G(x)) and (y, G(F(y))). teacher "raw": the mean
+    softmax over the 8 dihedral views of the untranslated source, on (x, G(x)) only.
+    Gradients flow into ``translated`` only.
+    """
+
+    def __init__(self, model: nn.Module, normalization: dict[str, list[float]], *, teacher: str = "reinhard",
+                 anchor: Callable[[Tensor], Tensor] | None = None, input_size: int | None = None,
+                 name: str = "", sha256: str | None = None) -> None:
+        if teacher not in TEACHERS:
+            raise TeacherError(f"unknown semantic teacher {teacher!r}; choose one of {', '.join(TEACHERS)}")
+        if teacher == "reinhard" and anchor is None:
+            raise TeacherError("the reinhard teacher needs the reference stain statistics (anchor)")
         self.model = model.eval().requires_grad_(False)
         device = next(model.parameters()).device
         self.mean = torch.tensor(normalization["mean"], device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(normalization["std"], device=device).view(1, 3, 1, 1)
-        self.anchor = anchor
+        self.teacher, self.anchor, self.size, self.name, self.sha256 = teacher, anchor, input_size, name, sha256
+        self.pairs: tuple[str, ...] = ("x_to_y",) if teacher == "raw" else ("x_to_y", "y_cycle")
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: torch.device, *, teacher: str = "reinhard") -> ClassConsistency:
+        """The teacher from a checkpoint written by `stainbridge train classifier` (its header carries the
+        architecture, normalization, input size and the reference stain statistics)."""
+        state, header = checkpoint.load_checkpoint(path)
+        if header.get("kind") != "classifier":
+            raise TeacherError(f"--semantic-classifier {path} is a {header.get('kind')!r} checkpoint, not a classifier")
+        try:
+            model = classifier.build_classifier(arch=header["architecture"], num_classes=len(header["classes"]))
+            model.load_state_dict(state)
+            anchor = classical.Reinhard.from_stats(header.get("reference_stain") or {}) if teacher == "reinhard" else None
+            return cls(model.to(device), header["normalization"], teacher=teacher, anchor=anchor,
+                       input_size=int(header["input_size"]), name=Path(path).name,
+                       sha256=checkpoint.file_sha256(path))
+        except (KeyError, TypeError, ValueError, RuntimeError, classical.BaselineError) as exc:
+            raise TeacherError(f"--semantic-classifier {path} cannot serve as the frozen classifier ({exc}); "
+                               "pass a checkpoint written by `stainbridge train classifier`") from exc
+
+    def describe(self) -> dict[str, object]:
+        """What a standardizer checkpoint records about the term (its weight is the caller's)."""
+        loss = "kl(tta8(p(real)) || p(translated))" if self.teacher == "raw" else "kl(p(reinhard(real)) || p(translated))"
+        return {"classifier": self.name, "sha256": self.sha256, "teacher": self.teacher, "loss": loss,
+                "pairs": list(self.pairs)}
 
     def _logits(self, images01: Tensor) -> Tensor:
+        if self.size and images01.shape[-1] != self.size:
+            images01 = F.interpolate(images01, size=(self.size, self.size), mode="bilinear", align_corners=False)
         return self.model((images01 - self.mean) / self.std).float()
+
+    def target(self, real: Tensor) -> Tensor:
+        """Teacher probabilities for real images in [-1, 1]."""
+        images01 = (real.detach().float() + 1) / 2
+        if self.teacher == "raw":
+            return torch.stack([F.softmax(self._logits(v), dim=1) for v in dihedral_views(images01)]).mean(0)
+        anchored = self.anchor(images01.cpu()).to(real.device)  # type: ignore[misc]
+        return F.softmax(self._logits(anchored), dim=1)
 
     def __call__(self, real: Tensor, translated: Tensor) -> Tensor:
         with torch.no_grad():
-            anchor = self.anchor(((real.detach().float() + 1) / 2).cpu()).to(real.device)
-            target = torch.softmax(self._logits(anchor), dim=1)
-        log_p = torch.log_softmax(self._logits((translated.float() + 1) / 2), dim=1)
-        return torch.nn.functional.kl_div(log_p, target, reduction="batchmean")
+            target = self.target(real)
+        log_p = F.log_softmax(self._logits((translated.float() + 1) / 2), dim=1)
+        return F.kl_div(log_p, target, reduction="batchmean")
 
 
 class StructureAndClass:
     """``fn(real, translated)`` for ``models.cyclegan.SemanticTerm``: class preservation (a callable
-    such as ``SemanticConsistency``, may be None) plus ``structure_weight`` times the structure loss."""
+    such as ``ClassConsistency``, may be None) plus ``structure_weight`` times the structure loss."""
 
     def __init__(self, class_term: Callable[[Tensor, Tensor], Tensor] | None, *, structure_weight: float = 1.0,
                  class_weight: float = 1.0) -> None:
