@@ -55,9 +55,10 @@ class ModelsSettings:
 @dataclass(frozen=True)
 class SiteSettings:
     name: str = "default"
-    # Geometry normalization: "auto" estimates the magnification from the stained cell area,
-    # a number rescales every image by that factor, 1.0 leaves the scale alone.
-    scale: str = "1.0"
+    # Geometry: "profile" uses the magnification in the standardizer's site profile (estimated
+    # without labels when it was trained); a number sets the magnification by hand; "auto" zooms
+    # each frame by its stained-cell fraction.
+    scale: str = "profile"
     pseudonym_secret: str = ""
 
 
@@ -215,14 +216,14 @@ def _standardizer(value: Any) -> str:
 
 def _scale(value: Any) -> str:
     text = str(value).strip().lower()
-    if text == "auto":
+    if text in ("profile", "auto"):
         return text
     try:
         number = float(text)
     except ValueError:
-        raise ValueError("allowed values: auto, or a positive number (1.0 = no rescaling)") from None
+        raise ValueError("allowed values: profile, auto, or a positive number (1.0 = no rescaling)") from None
     if not 0.05 <= number <= 20:
-        raise ValueError("allowed values: auto, or a number between 0.05 and 20")
+        raise ValueError("allowed values: profile, auto, or a number between 0.05 and 20")
     return repr(number)
 
 

@@ -1,8 +1,18 @@
-"""Inference surface used by the daemon and by ``stainbridge eval``.
+"""The one inference path, shared by the service, `ingest`, `eval` and `bench accuracy`.
 
-    images (PIL) -> prepare_batch (geometry normalization, [0,1] tensor)
-                 -> Standardizer (stain -> reference style, [0,1])
-                 -> Classifier.predict (header normalization, ResNet, softmax)
+    images (PIL) -> prepare_batch (geometry: the site's magnification, [0,1] tensor)
+                 -> classify_batch: Standardizer (stain -> reference style, [0,1])
+                                    -> Classifier.predict (header normalization, ResNet, softmax;
+                                       optionally the mean over the 8 dihedral views)
+    run_batch = prepare_batch + classify_batch, with a BatchResult per image.
+
+Geometry (``resolve_geometry``): a classifier whose header records the reference window
+(``geometry.reference_window_px``, the bench's classifiers) sees every image cut to the window of
+the same physical width: ``reference_window_px / magnification`` native pixels, where the
+magnification (target pixels -> reference pixels) comes from the standardizer's site profile
+(``site_profile.magnification``, estimated without labels when it was trained) or from a number
+given by hand (``[site] scale``). Other classifiers see the whole frame zoomed by ``scale``
+("auto": by the stained-cell fraction).
 
 Networks are rebuilt from the checkpoint header (``architecture`` + ``arch_args``, looked up
 in explicit dicts) and any inconsistency raises :class:`ModelMismatch`. On CUDA the networks
@@ -24,7 +34,7 @@ from torch import Tensor, nn
 from stainbridge.models.checkpoint import CheckpointError, file_sha256, fsync_dir, load_checkpoint
 from stainbridge.models.classifier import ARCHITECTURES, build_classifier
 from stainbridge.models.cyclegan import GENERATORS
-from stainbridge.models.imaging import classical, data
+from stainbridge.models.imaging import classical, data, site_geometry
 
 # The daemon's whole view of models/: everything it imports from the package is named here.
 __all__ = [
@@ -42,7 +52,11 @@ __all__ = [
     "load_standardizer",
     "wrap_generator",
     "place_model",
+    "Geometry",
+    "resolve_geometry",
     "prepare_batch",
+    "predict_views",
+    "classify_batch",
     "run_batch",
 ]
 
@@ -310,27 +324,91 @@ def _to_images(batch: Tensor) -> list[Image.Image]:
     return [Image.fromarray(arr) for arr in u8]
 
 
-def prepare_batch(
-    images: list[Image.Image], *, size: int, scale: str = "1.0", reference_cell_fraction: float | None = None
-) -> Tensor:
-    """Geometry-normalize each image to ``size`` x ``size`` (``scale``: "auto" or a zoom factor
-    as text; "auto" needs ``reference_cell_fraction``) and stack them as [N,3,size,size] in [0,1]."""
+@dataclass(frozen=True)
+class Geometry:
+    """How an image becomes the classifier's input square.
+
+    ``window_px`` set: cut the centred window of ``window_px`` native pixels (the reference window
+    divided by the site magnification), padding with the border colour where the crop is smaller.
+    Otherwise: the whole frame zoomed by ``scale`` ("auto" or a number as text)."""
+
+    size: int
+    window_px: float | None = None
+    magnification: float | None = None
+    scale: str = "1.0"
+    reference_cell_fraction: float | None = None
+    source: str = "frame"
+
+    def apply(self, img: Image.Image) -> Image.Image:
+        if self.window_px is not None:
+            return site_geometry.crop_window(img.convert("RGB"), window_px=self.window_px, out_size=self.size)
+        return data.normalize_geometry(img, scale=self.scale, out_size=self.size,
+                                       reference_cell_fraction=self.reference_cell_fraction)
+
+
+SCALE_FROM_PROFILE = "profile"
+
+
+def resolve_geometry(classifier: Classifier, standardizer: Standardizer | None = None, *,
+                     scale: str = SCALE_FROM_PROFILE) -> Geometry:
+    """The geometry for this pair of models. ``scale``: "profile" (the magnification in the
+    standardizer's site profile, 1.0 when it has none), a number (the magnification by hand), or
+    "auto" (the legacy frame zoom by stained-cell fraction)."""
+    geo = classifier.header.get("geometry") or {}
+    window, fraction = geo.get("reference_window_px"), geo.get("reference_cell_fraction")
+    text = str(scale).strip().lower()
+    if text == "auto" or not window:
+        # Classifiers from before the reference window was recorded only know frame zooms.
+        frame_scale = "1.0" if text == SCALE_FROM_PROFILE else text
+        return Geometry(classifier.input_size, scale=frame_scale, reference_cell_fraction=fraction,
+                        source=f"frame zoom {frame_scale}")
+    if text == SCALE_FROM_PROFILE:
+        profile = (standardizer.header.get("site_profile") if standardizer is not None else None) or {}
+        magnification = float(profile.get("magnification") or 1.0)
+        source = f"site profile ({profile.get('method', 'estimated')})" if profile else "no site profile"
+    else:
+        try:
+            magnification, source = float(text), "[site] scale"
+        except ValueError:
+            raise ModelMismatch(f"scale must be 'profile', 'auto' or a number, got {scale!r}") from None
+    if not magnification > 0:
+        raise ModelMismatch(f"the site magnification must be a positive number, got {magnification!r}")
+    return Geometry(classifier.input_size, window_px=float(window) / magnification, magnification=magnification,
+                    source=source)
+
+
+def prepare_batch(images: list[Image.Image], geometry: Geometry) -> Tensor:
+    """Each image through ``geometry``, stacked as [N,3,size,size] in [0,1]."""
     if not images:
         raise ValueError("prepare_batch needs at least one image")
-    scale_arg: float | str = scale if str(scale).strip().lower() == "auto" else str(scale)
-    normalized = [
-        data.normalize_geometry(img, scale=scale_arg, out_size=size, reference_cell_fraction=reference_cell_fraction) for img in images
-    ]
-    return torch.stack([_to_tensor(img) for img in normalized])
+    return torch.stack([_to_tensor(geometry.apply(img)) for img in images])
 
 
-def run_batch(images: list[Image.Image], standardizer: Standardizer, classifier: Classifier, *, scale: str = "1.0") -> list[BatchResult]:
-    """Geometry normalization -> stain standardization -> classification, for one micro-batch."""
-    fraction = (classifier.header.get("geometry") or {}).get("reference_cell_fraction")
-    batch = prepare_batch(images, size=classifier.input_size, scale=scale, reference_cell_fraction=fraction)
+def _dihedral(batch: Tensor) -> list[Tensor]:
+    return [torch.rot90(batch, k, (2, 3)).flip(3) if flip else torch.rot90(batch, k, (2, 3))
+            for k in range(4) for flip in (False, True)]
+
+
+def predict_views(classifier: Classifier, standardized: Tensor, *, tta: bool = False) -> Tensor:
+    """Softmax probabilities [N,C] on the CPU; with ``tta`` the mean over the 8 turns and flips."""
+    if not tta:
+        return classifier.predict(standardized)
+    return torch.stack([classifier.predict(v) for v in _dihedral(standardized)]).mean(0)
+
+
+def classify_batch(batch: Tensor, standardizer: Standardizer, classifier: Classifier, *,
+                   tta: bool = False) -> tuple[Tensor, Tensor]:
+    """(probabilities [N,C] on the CPU, standardized batch) for a prepared [0,1] batch."""
     batch = batch.to(classifier.device, non_blocking=True)  # stays there through both networks
     standardized = standardizer(batch)
-    probs = classifier.predict(standardized)
+    return predict_views(classifier, standardized, tta=tta), standardized
+
+
+def run_batch(images: list[Image.Image], standardizer: Standardizer, classifier: Classifier, *,
+              scale: str = SCALE_FROM_PROFILE, tta: bool = False) -> list[BatchResult]:
+    """Geometry -> stain standardization -> classification (-> TTA), for one micro-batch."""
+    geometry = resolve_geometry(classifier, standardizer, scale=scale)
+    probs, standardized = classify_batch(prepare_batch(images, geometry), standardizer, classifier, tta=tta)
     results = []
     for p, image in zip(probs, _to_images(standardized)):
         top = int(torch.argmax(p))

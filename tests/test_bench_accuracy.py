@@ -122,3 +122,52 @@ def test_site_magnification_from_nucleus_areas() -> None:
     assert site_geometry.crop_window(img, window_px=150, out_size=32).size == (32, 32)
     with pytest.raises(site_geometry.GeometryEstimateError):
         site_geometry.site_magnification(0.0, 1.0)
+
+
+def test_service_ingest_and_eval_score_exactly_what_the_bench_scores(bench: tuple[Path, dict, int], tmp_path: Path,
+                                                                     run_stainbridge) -> None:
+    """One path: the bench's classifier and colour standardizer, run through `stainbridge ingest` into SQL
+    (the service's pipeline, geometry from the standardizer's site profile) and through `stainbridge eval`,
+    label every target image as the bench did, so all three report the same accuracy."""
+    out, result, _ = bench
+    target = out.parent / "incoming"
+    classifier = out / "classifier.safetensors"
+    standardizer = out / "standardizer_cyclegan_colour_transductive.safetensors"
+    _, header = checkpoint.load_checkpoint(standardizer)
+    assert header["site_profile"]["magnification"] == pytest.approx(result["setup"]["geometry"]["magnification"])
+    expected = result["methods"]["cyclegan_colour"]
+
+    evaluated = run_stainbridge("eval", "--classifier", str(classifier), "--data", str(target), "--standardizer",
+                                str(standardizer), "--split", "all", "--device", "cpu", "--json", str(tmp_path / "e.json"))
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert json.loads((tmp_path / "e.json").read_text())["confusion_matrix"] == expected["confusion_matrix"]
+
+    db = tmp_path / "one-path.db"
+    config = tmp_path / "one-path.toml"
+    config.write_text(f"""[paths]
+state = "{tmp_path / 'state'}"
+drop = "{tmp_path / 'drop'}"
+archive = "{tmp_path / 'archive'}"
+quarantine = "{tmp_path / 'quarantine'}"
+[database]
+url = "sqlite:///{db}"
+[models]
+classifier = "{classifier}"
+standardizer = "{standardizer}"
+device = "cpu"
+[site]
+name = "synthetic-incoming"
+""", encoding="utf-8")
+    ingested = run_stainbridge("ingest", "--config", str(config), str(target), timeout=300)
+    assert ingested.returncode == 0, ingested.stderr + ingested.stdout
+    from sqlalchemy import create_engine, text
+    engine = create_engine(f"sqlite:///{db}")
+    with engine.connect() as connection:
+        rows = connection.execute(text("SELECT source_name, label FROM results WHERE status = 'done'")).all()
+    engine.dispose()
+    classes = result["methods"]["raw"]["classes"]
+    matrix = [[0] * len(classes) for _ in classes]
+    for source, label in rows:
+        matrix[classes.index(Path(source).parent.name)][classes.index(label)] += 1
+    assert len(rows) == expected["n"]
+    assert matrix == expected["confusion_matrix"]

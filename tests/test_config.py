@@ -26,7 +26,7 @@ def test_defaults_without_file_or_environment() -> None:
     assert settings.models.device == "auto"
     assert settings.models.batch_size == 16
     assert settings.models.standardizer == "none"
-    assert settings.site.scale == "1.0"
+    assert settings.site.scale == "profile"
     assert settings.retraining.schedule == "0 2 * * *"
     assert settings.logging.format == "auto"
     assert settings.drop_dir == settings.state_dir / "drop"

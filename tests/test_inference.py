@@ -85,7 +85,7 @@ def test_builtin_standardizers_run(classifier: inference.Classifier, spec: str) 
     """The built-in standardizers run with the classifier's reference stats and keep [0,1] and shape."""
     standardizer = inference.load_standardizer(spec, classifier=classifier)
     assert standardizer.name == spec and standardizer.sha256 is None
-    batch = inference.prepare_batch(cells("incoming", 2), size=SIZE, scale="1.0")
+    batch = inference.prepare_batch(cells("incoming", 2), inference.Geometry(SIZE))
     out = standardizer(batch)
     assert out.shape == batch.shape and out.min() >= 0 and out.max() <= 1
     if spec == "none":
@@ -104,7 +104,7 @@ def test_prepare_batch_geometry(classifier: inference.Classifier) -> None:
     """prepare_batch returns [N,3,size,size] in [0,1], for a numeric and an automatic scale."""
     images = cells("incoming", 2, size=100)
     for scale in ("1.0", "auto"):
-        batch = inference.prepare_batch(images, size=48, scale=scale, reference_cell_fraction=0.3)
+        batch = inference.prepare_batch(images, inference.Geometry(48, scale=scale, reference_cell_fraction=0.3))
         assert batch.shape == (2, 3, 48, 48) and batch.dtype == torch.float32
         assert 0 <= batch.min() and batch.max() <= 1
 

@@ -41,13 +41,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from stainbridge.models import checkpoint, cyclegan
+from stainbridge.models import checkpoint, cyclegan, inference
 from stainbridge.models.bench import data as bench_data
 from stainbridge.models.bench import report as bench_report
 from stainbridge.models.bench import training as bench_train
 from stainbridge.models.imaging import classical, site_geometry
 from stainbridge.models.metrics import classification_metrics
-from stainbridge.models.training import classifier as tc
 from stainbridge.models.training import cyclegan as tg
 from stainbridge.models.training import semantic
 
@@ -89,29 +88,30 @@ def _log(msg: str) -> None:
 # --------------------------------------------------------------------------- prediction
 
 
+def as_classifier(model: nn.Module, header: dict[str, Any], name: str, device: torch.device) -> inference.Classifier:
+    """An in-memory network as the service's Classifier (same normalization, same predict)."""
+    return inference.Classifier(model.eval(), header, name=name, sha256=header.get("sha256") or "", device=device)
+
+
 @torch.inference_mode()
-def predict(model: nn.Module, images01: Tensor, *, tta: bool, device: torch.device, batch_size: int = 256) -> Tensor:
-    """Softmax probabilities; with tta, the mean over the 8 turns and flips of each image."""
-    prep = tc.InputPrep(device, tc.NORMALIZATION)
-    model.eval()
-    out = []
+def score(images01: Tensor, standardizer: inference.Standardizer, clf: inference.Classifier, *,
+          batch_size: int = 256) -> dict[str, Tensor]:
+    """The service's path on prepared target windows: standardizer, then the classifier's softmax
+    without and with the 8-view TTA. Returns {"plain", "tta", "standardized"} on the CPU."""
+    plain, tta, standardized = [], [], []
     for i in range(0, len(images01), batch_size):
-        x = images01[i:i + batch_size]
-        views = [torch.rot90(x, k, (2, 3)).flip(3) if f else torch.rot90(x, k, (2, 3))
-                 for k in range(4) for f in (False, True)] if tta else [x]
-        out.append(torch.stack([torch.softmax(model(prep(v)).float(), 1).cpu() for v in views]).mean(0))
-    return torch.cat(out)
+        std = standardizer(images01[i:i + batch_size].to(clf.device))
+        plain.append(inference.predict_views(clf, std))
+        tta.append(inference.predict_views(clf, std, tta=True))
+        standardized.append(std.float().cpu())
+    return {"plain": torch.cat(plain), "tta": torch.cat(tta), "standardized": torch.cat(standardized)}
 
 
-def score(probs: Tensor, labels: Tensor, classes: list[str]) -> dict[str, Any]:
+def metrics_of(probs: Tensor, labels: Tensor, classes: list[str]) -> dict[str, Any]:
     return classification_metrics(labels.tolist(), probs.argmax(1).tolist(), classes)
 
 
 # --------------------------------------------------------------------------- standardizers
-
-
-def _standardize(fn: Any, images01: Tensor, batch_size: int = 128) -> Tensor:
-    return torch.cat([fn(images01[i:i + batch_size]).float().clamp(0, 1) for i in range(0, len(images01), batch_size)])
 
 
 def _semantic_term(variant: str, model: nn.Module, header: dict, classifier_path: Path,
@@ -145,6 +145,7 @@ def _folds(n: int, mode: str, seed: int) -> list[tuple[Tensor, Tensor]]:
 def run_learned(variant: str, mode: str, d: bench_data.BenchData, model: nn.Module, header: dict, cls_path: Path,
                 opts: argparse.Namespace, out_dir: Path, device: torch.device) -> dict[str, Any]:
     """Train the variant's standardizer(s) for one mode; returns method name -> probabilities etc."""
+    clf = as_classifier(model, header, cls_path.stem, device)
     n = len(d.target)
     results: dict[str, Any] = {}
     probs = {k: torch.zeros(n, len(d.classes)) for k in ("plain", "tta", "adapted", "adapted_tta")}
@@ -166,26 +167,27 @@ def run_learned(variant: str, mode: str, d: bench_data.BenchData, model: nn.Modu
                         "steps": opts.gan_steps, "batch_size": opts.gan_batch}
         g_xy, g_yx, sh = bench_train.train_standardizer(
             d.target[fit], reference, ckpt, **train_kw, semantic_term=term,
-            semantic_info=info, seed=opts.seed + fold, device=device, log=_log,
+            semantic_info=info, seed=opts.seed + fold, device=device, log=_log, site_profile=d.site_profile,
             training_data={"source": {"root": str(Path(opts.target).resolve()), "images": len(fit), "mode": mode,
                                       "fold": fold, "scored_images_seen": mode == "transductive"},
                            "reference": {"root": str(Path(opts.reference).resolve()), "images": len(reference),
                                          "split": "train"},
                            "geometry": d.geometry})
         x = bench_data.to_float(d.target[held])
-        gx = semantic.translate(g_xy, x)
-        standardized[held] = gx
-        probs["plain"][held] = predict(model, gx, tta=False, device=device)
-        probs["tta"][held] = predict(model, gx, tta=True, device=device)
+        standardizer = inference.wrap_generator(g_xy, name=ckpt.stem, header=sh, sha256=sh["sha256"], device=device)
+        scored = score(x, standardizer, clf)
+        standardized[held] = scored["standardized"]
+        probs["plain"][held], probs["tta"][held] = scored["plain"], scored["tta"]
         entry = {"checkpoint": ckpt.name, "sha256": sh["sha256"], "train_seconds": sh["train_seconds"]}
         if variant in ADAPTED and opts.adapt_epochs > 0:
             gfy = semantic.translate(g_xy, semantic.translate(g_yx, bench_data.to_float(reference)))
+            tuned_path = out_dir / f"classifier_adapted_{variant}_{mode}_fold{fold}.safetensors"
             tuned, th = bench_train.adapt_classifier(
-                model, header, d, gfy, out_dir / f"classifier_adapted_{variant}_{mode}_fold{fold}.safetensors",
+                model, header, d, gfy, tuned_path,
                 epochs=opts.adapt_epochs, batch_size=opts.batch_size, lr=opts.lr / 5, strength=STAIN_STRENGTH,
                 seed=opts.seed + fold, device=device, standardizer_sha=sh["sha256"], log=_log)
-            probs["adapted"][held] = predict(tuned, gx, tta=False, device=device)
-            probs["adapted_tta"][held] = predict(tuned, gx, tta=True, device=device)
+            adapted = score(x, standardizer, as_classifier(tuned, th, tuned_path.stem, device))
+            probs["adapted"][held], probs["adapted_tta"][held] = adapted["plain"], adapted["tta"]
             entry.update(adapted_classifier=th["sha256"], adapted_train_seconds=th["train_seconds"],
                          adapted_reference_test_accuracy=th["metrics"].get("test_accuracy"))
         infos.append(entry)
@@ -277,16 +279,16 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     times["classifier_s"] = round(time.monotonic() - t, 1)
 
     x = bench_data.to_float(d.target)
-    stats = header["reference_stain"]
+    clf = as_classifier(model, header, cls_path.stem, device)
     methods: dict[str, Any] = {}
     images: dict[str, Tensor] = {"raw": x}
     outputs: dict[str, tuple[Tensor, Tensor]] = {}
     t = time.monotonic()
     for name in ("raw", *CLASSICAL):
-        xs = x if name == "raw" else _standardize(classical.build_standardizer(name, stats), x)
-        images[name] = xs
-        outputs[name] = (predict(model, xs, tta=False, device=device), xs)
-        outputs[f"{name}_tta"] = (predict(model, xs, tta=True, device=device), xs)
+        scored = score(x, inference.load_standardizer("none" if name == "raw" else name, classifier=clf), clf)
+        images[name] = scored["standardized"]
+        outputs[name] = (scored["plain"], scored["standardized"])
+        outputs[f"{name}_tta"] = (scored["tta"], scored["standardized"])
     times["classical_s"] = round(time.monotonic() - t, 1)
 
     runs: dict[str, Any] = {}
@@ -304,7 +306,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             images.setdefault(key, r["results"][key][1])
 
     for name, (probs, _) in outputs.items():
-        methods[name] = score(probs, d.target_labels, d.classes)
+        methods[name] = metrics_of(probs, d.target_labels, d.classes)
     times["total_s"] = round(time.monotonic() - started, 1)
     setup = {
         "reference": str(Path(opts.reference).resolve()), "target": str(Path(opts.target).resolve()),

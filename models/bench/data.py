@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from stainbridge.models import inference
 from stainbridge.models.imaging import data, site_geometry
 
 __all__ = ["BenchData", "BenchDataError", "center_window", "prepare", "to_float", "to_uint8"]
@@ -54,6 +55,13 @@ class BenchData:
     manifest: dict[str, Any]
     geometry: dict[str, Any] = field(default_factory=dict)
     stain_images: list[Image.Image] = field(default_factory=list)  # reference windows for stain statistics
+
+    @property
+    def site_profile(self) -> dict[str, Any]:
+        """What a standardizer trained on this target carries for the service: its magnification."""
+        method = self.geometry.get("method", "nucleus_area") if self.geometry.get("estimated") else "manual"
+        return {"magnification": float(self.geometry["magnification"]), "method": method,
+                "reference_window_px": float(self.geometry["reference_window_px"])}
 
 
 def to_uint8(img: Image.Image) -> Tensor:
@@ -134,6 +142,7 @@ def prepare(reference: str | Path, target: str | Path, *, size: int, window_frac
     def labels(split: str) -> Tensor:
         return torch.tensor([index[Path(rel).parts[0]] for rel in manifest[split]], dtype=torch.long)
 
+    target_geometry = inference.Geometry(size, window_px=window_px / magnification, magnification=magnification)
     base = stack(paths("train"), window_px * cover, round(size * cover))
     step = max(1, len(manifest["train"]) // STAIN_SAMPLE)
     stain_images = [site_geometry.crop_window(data.load_rgb(p), window_px=window_px, out_size=size)
@@ -143,7 +152,8 @@ def prepare(reference: str | Path, target: str | Path, *, size: int, window_frac
         train_base=base, train_labels=labels("train"), train=center_window(base, cover, size),
         val=stack(paths("val"), window_px, size), val_labels=labels("val"),
         test=stack(paths("test"), window_px, size), test_labels=labels("test"),
-        target=stack([p for p, _ in target_items], window_px / magnification, size),
+        # the target through the service's own geometry (models.inference), windowed by the site magnification
+        target=torch.stack([to_uint8(target_geometry.apply(data.load_rgb(p))) for p, _ in target_items]),
         target_labels=torch.tensor([index[label] for _, label in target_items], dtype=torch.long),
         target_paths=[str(p) for p, _ in target_items],
         manifest=manifest, geometry=geometry, stain_images=stain_images,

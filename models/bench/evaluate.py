@@ -1,7 +1,7 @@
 """stainbridge eval: accuracy of a classifier (optionally behind a standardizer) on a labeled folder.
 
     stainbridge eval --classifier clf.safetensors --data DIR [--standardizer FILE|none|reinhard|macenko|histmatch]
-                     [--json FILE] [--split test|all] [--scale auto|X] [--batch-size N] [--device auto|cpu|cuda]
+                     [--json FILE] [--split test|all] [--scale profile|auto|X] [--tta] [--batch-size N] [--device auto|cpu|cuda]
 
 The images go through the same path as in the daemon (models.inference: geometry normalization,
 standardizer, classifier). With ``--split test`` (the default) and a data folder that is the one the
@@ -66,8 +66,8 @@ def select_images(data_root: Path, classifier_path: Path, header: dict[str, Any]
 
 
 def evaluate_folder(classifier: inference.Classifier, standardizer: inference.Standardizer,
-                    items: Sequence[tuple[Path, str]], *, scale: str = "1.0",
-                    batch_size: int = 32) -> dict[str, Any]:
+                    items: Sequence[tuple[Path, str]], *, scale: str = inference.SCALE_FROM_PROFILE,
+                    tta: bool = False, batch_size: int = 32) -> dict[str, Any]:
     """Run every image through standardizer + classifier in batches and return the metrics."""
     classes = list(classifier.classes)
     unknown = sorted({label for _, label in items} - set(classes))
@@ -84,7 +84,7 @@ def evaluate_folder(classifier: inference.Classifier, standardizer: inference.St
         for path, _ in chunk:
             with Image.open(path) as im:
                 images.append(im.convert("RGB"))
-        results = inference.run_batch(images, standardizer, classifier, scale=scale)
+        results = inference.run_batch(images, standardizer, classifier, scale=scale, tta=tta)
         y_true += [index[label] for _, label in chunk]
         y_pred += [index[r.label] for r in results]
         progress.update(len(chunk))
@@ -99,8 +99,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default=None, help="write the metrics here (+ <stem>.confusion.png)")
     parser.add_argument("--split", choices=("test", "all"), default="test",
                         help="test: only the held-out test images when --data is the training folder")
-    parser.add_argument("--scale", default="1.0",
-                        help="geometry normalization: 'auto' (match the training cell size) or a zoom factor")
+    parser.add_argument("--scale", default=inference.SCALE_FROM_PROFILE,
+                        help="geometry: 'profile' (the standardizer's site magnification, the service's default), "
+                             "a magnification by hand, or 'auto' (frame zoom by stained-cell fraction)")
+    parser.add_argument("--tta", action="store_true", help="average over the 8 turns and flips of each image")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
 
@@ -118,7 +120,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     standardizer = inference.load_standardizer(args.standardizer, device=device, classifier=classifier)
     data_root = Path(args.data)
     items, used = select_images(data_root, clf_path, classifier.header, args.split)
-    metrics = evaluate_folder(classifier, standardizer, items, scale=str(args.scale), batch_size=args.batch_size)
+    metrics = evaluate_folder(classifier, standardizer, items, scale=str(args.scale), tta=args.tta,
+                              batch_size=args.batch_size)
     metrics.update({
         "split": used,
         "data": str(data_root),

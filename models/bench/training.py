@@ -72,7 +72,9 @@ def classifier_header(d: BenchData, *, arch: str, metrics: dict[str, Any], histo
     return {
         "kind": "classifier", "architecture": arch, "arch_args": {"num_classes": len(d.classes)},
         "classes": d.classes, "input_size": d.size, "normalization": tc.NORMALIZATION,
-        "geometry": {"reference_cell_fraction": float(fraction), **d.geometry},
+        # the reference side only: the target's magnification belongs to the standardizer's site profile
+        "geometry": {"reference_cell_fraction": float(fraction),
+                     **{k: d.geometry[k] for k in ("window_fraction", "reference_side_px", "reference_window_px")}},
         "reference_stain": classical.fit_reference_stats(d.stain_images),
         "training_data": {"root": str(Path(reference_root).resolve()), "counts": counts,
                           "split_counts": {k: len(d.manifest[k]) for k in ("train", "val", "test")},
@@ -142,6 +144,7 @@ def train_standardizer(target: Tensor, reference: Tensor, out: Path, *, generato
                        log: Any = print, architecture: str = "resnet_generator",
                        generator_args: dict[str, Any] | None = None, discriminator_pool: int = 1,
                        generator_lr: float = 2e-4, discriminator_lr: float = 2e-4,
+                       site_profile: dict[str, Any] | None = None,
                        ) -> tuple[nn.Module, nn.Module, dict[str, Any]]:
     """CycleGAN X=target -> Y=reference on unlabeled uint8 images; returns (G_XY, G_YX, header).
 
@@ -174,6 +177,8 @@ def train_standardizer(target: Tensor, reference: Tensor, out: Path, *, generato
         training_options={"generator_lr": generator_lr, "discriminator_lr": discriminator_lr,
                           "discriminator_pool": discriminator_pool},
         train_seconds=time.monotonic() - started)
+    if site_profile:
+        header["site_profile"] = site_profile
     header["sha256"] = checkpoint.save_checkpoint(out, setup.generator_state(), tu.jsonable(header))
     return setup.nets["g_xy"].eval(), setup.nets["g_yx"].eval(), header
 

@@ -86,14 +86,19 @@ def load_split(args: argparse.Namespace, data_root: Path, out: Path) -> dict[str
 
 
 def reference_statistics(root: Path, rel_paths: Sequence[str]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """geometry (median cell fraction) and reference stain stats from an evenly spaced training sample."""
+    """geometry and reference stain stats from an evenly spaced training sample. The geometry records the
+    reference window (the whole frame: the classifier trains on full frames), so that the one inference
+    path can cut other labs' images to the same physical width."""
     step = max(1, len(rel_paths) // STAT_SAMPLE)
     images = []
     for rel in list(rel_paths)[::step][:STAT_SAMPLE]:
         with Image.open(root / rel) as im:
             images.append(im.convert("RGB"))
     fraction = statistics.median(data.estimate_cell_fraction(im) for im in images)
-    return {"reference_cell_fraction": float(fraction)}, classical.fit_reference_stats(images)
+    window = statistics.median(min(im.size) for im in images)
+    geometry = {"reference_cell_fraction": float(fraction), "reference_window_px": float(window),
+                "window_fraction": 1.0}
+    return geometry, classical.fit_reference_stats(images)
 
 
 class InputPrep:
