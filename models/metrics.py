@@ -1,14 +1,20 @@
-"""Classification metrics and the confusion-matrix picture, shared by training, `eval`, the
-benchmarks and the lab report."""
+"""Classification metrics, the confusion-matrix picture and a label-free stain-likeness score, shared
+by training, `eval`, the benchmarks and the lab report."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+from torch import Tensor
 
-__all__ = ["MIN_IMAGES_FOR_BALANCED", "classification_metrics", "draw_confusion_matrix"]
+from stainbridge.models.imaging import classical
+from stainbridge.models.imaging.data import otsu_threshold
+
+__all__ = ["MIN_IMAGES_FOR_BALANCED", "STAIN_REGIONS", "classification_metrics", "draw_confusion_matrix",
+           "stain_distance", "stain_region_colours"]
 
 MIN_IMAGES_FOR_BALANCED = 10
 
@@ -78,3 +84,47 @@ def draw_confusion_matrix(matrix: Sequence[Sequence[int]], classes: Sequence[str
             tw = font.getlength(value)
             draw.text((x + (cell - tw) / 2, y + cell // 2 - 8), value, fill="black", font=font)
     return img
+
+
+# --------------------------------------------------------------------------- stain likeness
+
+STAIN_REGIONS = ("background", "other_stained", "nucleus")
+_MIN_REGION_PIXELS = 8
+# The score averages the two regions whose colour is the stain's and not the content's: the other
+# stained pixels mix red cells (pink) with white-cell cytoplasm (blue-grey) in proportions that
+# follow framing and cell class, so they are reported but not averaged.
+SCORED_REGIONS = ("background", "nucleus")
+
+
+def stain_region_colours(images01: Tensor) -> dict[str, np.ndarray]:
+    """Per image, the mean CIE L*a*b* colour of three stain regions found from optical density alone:
+    background (low total OD), nucleus (stained and absorbing red light: azure/methylene blue) and the
+    other stained pixels (red cells, cytoplasm). Each threshold is Otsu's, per image, so the regions
+    follow the stain rather than fixed colours. Returns region -> [n_images_with_region, 3]."""
+    rgb = images01.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+    od = -np.log(np.clip(rgb, 1 / 255, 1.0))
+    lab = classical.rgb_to_lab(rgb)
+    colours: dict[str, list[np.ndarray]] = {r: [] for r in STAIN_REGIONS}
+    for i in range(len(rgb)):
+        total, red = od[i].sum(-1), od[i][..., 0]
+        stained = total > otsu_threshold(total.ravel())
+        if stained.sum() < _MIN_REGION_PIXELS or (~stained).sum() < _MIN_REGION_PIXELS:
+            continue
+        nucleus = stained & (red > otsu_threshold(red[stained]))
+        for region, mask in (("background", ~stained), ("other_stained", stained & ~nucleus), ("nucleus", nucleus)):
+            if mask.sum() >= _MIN_REGION_PIXELS:
+                colours[region].append(lab[i][mask].mean(0))
+    return {r: np.asarray(v, dtype=np.float64).reshape(-1, 3) for r, v in colours.items()}
+
+
+def stain_distance(images01: Tensor, reference: dict[str, np.ndarray]) -> dict[str, Any]:
+    """How far the images' stain is from the reference lab's, label-free: per region, the CIE76 colour
+    difference (Delta E*ab; about 2.3 is a just-noticeable difference) between the median region
+    colour of the images and of the reference images (``stain_region_colours`` of reference images);
+    ``delta_e`` is the mean over background and nucleus (``SCORED_REGIONS``). Lower is more
+    reference-like; splitting by region keeps framing and cell content out of it."""
+    ours = stain_region_colours(images01)
+    regions = {r: float(np.linalg.norm(np.median(ours[r], 0) - np.median(reference[r], 0)))
+               for r in STAIN_REGIONS if len(ours[r]) and len(reference[r])}
+    scored = [regions[r] for r in SCORED_REGIONS if r in regions]
+    return {"delta_e": float(np.mean(scored)) if scored else None, "delta_e_regions": regions}

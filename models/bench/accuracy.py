@@ -46,7 +46,7 @@ from stainbridge.models.bench import data as bench_data
 from stainbridge.models.bench import report as bench_report
 from stainbridge.models.bench import training as bench_train
 from stainbridge.models.imaging import classical, site_geometry
-from stainbridge.models.metrics import classification_metrics
+from stainbridge.models.metrics import classification_metrics, stain_distance, stain_region_colours
 from stainbridge.models.training import cyclegan as tg
 from stainbridge.models.training import semantic
 
@@ -305,8 +305,17 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             key = variant if mode == "transductive" else f"{variant}_inductive"
             images.setdefault(key, r["results"][key][1])
 
-    for name, (probs, _) in outputs.items():
-        methods[name] = metrics_of(probs, d.target_labels, d.classes)
+    # label-free: how reference-like each method's output looks (stain colours of background, pink and
+    # nucleus pixels vs the held-out reference windows), and how much it changed the pixels
+    reference_colours = stain_region_colours(bench_data.to_float(d.test))
+    stain_scores: dict[int, dict[str, Any]] = {}
+    for name, (probs, standardized) in outputs.items():
+        key = id(standardized)  # TTA rows share their method's images
+        if key not in stain_scores:
+            stain_scores[key] = {**stain_distance(standardized, reference_colours),
+                                 "pixel_change": float((standardized - x).abs().mean())}
+        methods[name] = {**metrics_of(probs, d.target_labels, d.classes), **stain_scores[key]}
+    reference_self = stain_distance(bench_data.to_float(d.val), reference_colours)["delta_e"]
     times["total_s"] = round(time.monotonic() - started, 1)
     setup = {
         "reference": str(Path(opts.reference).resolve()), "target": str(Path(opts.target).resolve()),
@@ -317,6 +326,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                                                "reference_metrics": {k: v for k, v in header["metrics"].items()
                                                                      if k != "history"}},
         "standardizer_runs": runs, "target_images": len(d.target), "target_labels_used_for": "scoring only",
+        "stain_delta_e_reference_val": reference_self,
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "device": str(device), "cuda": torch.cuda.get_device_name(0) if device.type == "cuda" else None},
         "times": times, "code_version": checkpoint.code_version(),

@@ -36,13 +36,18 @@ def markdown(result: dict[str, Any]) -> str:
          f"resolution {setup['resolution_px']} px; preset {setup['preset']}; labels used for scoring only."),
         f"Balanced accuracy (headline) = mean recall over the classes with >= 10 target images: {', '.join(min10)}.",
         "",
+        ("Stain Delta E = CIE76 distance of the median background / pink / nucleus colours to the reference's "
+         f"(label-free; lower is more reference-like; reference validation images: "
+         f"{_f(setup.get('stain_delta_e_reference_val'))}); pixel change = mean |output - input|."),
+        "",
         ("| method | standardizer saw scored images | balanced acc (>=10 img classes) | balanced acc (all present) "
-         "| accuracy | " + " | ".join(f"recall {c} (n={support[c]})" for c in classes) + " |"),
-        "|---|---|---|---|---|" + "---|" * len(classes),
+         "| accuracy | stain Delta E | pixel change | " + " | ".join(f"recall {c} (n={support[c]})" for c in classes) + " |"),
+        "|---|---|---|---|---|---|---|" + "---|" * len(classes),
     ]
     for name, m in methods.items():
         lines.append(f"| {name} | {_mode(name)} | {_f(m['balanced_accuracy_min10'])} | {_f(m['balanced_accuracy'])} "
-                     f"| {_f(m['accuracy'])} | " + " | ".join(_f(m['per_class_recall'][c]) for c in classes) + " |")
+                     f"| {_f(m['accuracy'])} | {_f(m.get('delta_e'))} | {_f(m.get('pixel_change'))} | "
+                     + " | ".join(_f(m['per_class_recall'][c]) for c in classes) + " |")
     lines += ["", "Confusion matrices (rows: true class, columns: predicted; order " + ", ".join(classes) + "):", ""]
     for name, m in methods.items():
         lines.append(f"- {name}: {m['confusion_matrix']}")

@@ -199,7 +199,8 @@ class UnlabeledImages(Dataset):
 # ---------------------------------------------------------------------------- geometry
 
 
-def _otsu(values: np.ndarray, bins: int = 128) -> float:
+def otsu_threshold(values: np.ndarray, bins: int = 128) -> float:
+    """The threshold that best splits ``values`` into two classes (Otsu 1979)."""
     hist, edges = np.histogram(values, bins=bins)
     centers = (edges[:-1] + edges[1:]) / 2
     w0 = np.cumsum(hist)
@@ -251,7 +252,7 @@ def cell_mask(img: Image.Image) -> np.ndarray:
     lo, hi = np.percentile(score, [5, 99.5])
     if hi - lo < 0.15:  # flat image: nothing stained stands out
         return np.zeros(score.shape, dtype=bool)
-    threshold = max(_otsu(score), lo + 0.35 * (hi - lo))
+    threshold = max(otsu_threshold(score), lo + 0.35 * (hi - lo))
     mask = _dilate(score > threshold, 2)  # join nuclear lobes and granules into one object
     labels = _label_components(mask)
     ids, areas = np.unique(labels[labels > 0], return_counts=True)
