@@ -12,7 +12,9 @@ is at most ``[retraining] margin`` worse. It must pass every check that has imag
 - label-free checks on held-out recent images (never trained on):
   ``tta_agreement`` (share of images whose label equals the classifier's 8-view TTA prediction
   on the raw image), ``distribution_shift`` (total variation distance between the predicted
-  class mix and the raw-TTA class mix; lower is better) and ``mean_confidence``.
+  class mix and the raw-TTA class mix; lower is better) and ``mean_confidence`` (the mean
+  probability given to the raw-TTA label: a constant or black output can be very confident, but
+  not in the labels the raw images support).
 
 What it cannot catch without labels: a candidate that moves images towards a plausible but wrong
 class as consistently as the raw image does (agreement with the raw TTA prediction rewards
@@ -157,7 +159,7 @@ def evaluate(settings: Settings, classifier: Classifier, active: Standardizer, c
             per["tta_agreement"].append(sum(a == b for a, b in zip(labels, raw)) / len(raw))
             mix = _class_mix(labels, len(index))
             per["distribution_shift"].append(0.5 * sum(abs(a - b) for a, b in zip(mix, raw_mix)))
-            per["mean_confidence"].append(sum(max(p) for p in probs) / len(probs))
+            per["mean_confidence"].append(sum(p[k] for p, k in zip(probs, raw)) / len(probs))
         for name, (a, c) in per.items():
             checks.append(Check(name, a, c, images=len(images), higher_is_better=name != "distribution_shift"))
 
