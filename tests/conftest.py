@@ -179,6 +179,6 @@ def restore_logging():
 @pytest.fixture(scope="session")
 def lab(tmp_path_factory: pytest.TempPathFactory):
     """Synthetic reference/incoming images, a tiny trained classifier and a broken standardizer (once per session)."""
-    from retraining_helpers import build_lab
+    from tests.retraining_helpers import build_lab
 
     return build_lab(tmp_path_factory.mktemp("lab"))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from daemon_helpers import GEN_ARGS, STAINBRIDGE, SIZE, subprocess_env
+from tests.daemon_helpers import GEN_ARGS, STAINBRIDGE, SIZE, subprocess_env
 from stainbridge.daemon.config import Settings
 from stainbridge.daemon.intake import sha256_file
 from stainbridge.daemon.pipeline import load_models

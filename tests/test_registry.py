@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 
-from daemon_helpers import build_tiny_models
+from tests.daemon_helpers import build_tiny_models
 from stainbridge.daemon import cli, registry
 from stainbridge.daemon.schema import upgrade_database
 from stainbridge.daemon.store import ModelKind, VersionState, make_engine, make_sessionmaker

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from daemon_helpers import wait_for
-from retraining_helpers import archive_incoming, open_world
+from tests.daemon_helpers import wait_for
+from tests.retraining_helpers import archive_incoming, open_world
 from stainbridge.daemon import cli, registry, retraining
 from stainbridge.daemon.store import ModelKind, ModelVersion, RunStatus, TrainingRun, VersionState
 
