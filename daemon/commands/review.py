@@ -63,8 +63,12 @@ def import_reviews(session: Session, path: Path) -> int:
         key, label = (row.get("image") or "").strip(), (row.get("label") or "").strip()
         if not label:
             continue
-        condition = Image.sha256 == key.lower() if not key.isdigit() else Image.id == int(key)
-        image = session.scalars(select(Image).where(condition, Image.duplicate_of_id.is_(None))).first()
+        image = None
+        if len(key) == 64 and all(c in "0123456789abcdef" for c in key.lower()):  # a sha256, even if all digits
+            image = session.scalars(select(Image).where(Image.sha256 == key.lower(),
+                                                        Image.duplicate_of_id.is_(None))).first()
+        elif key.isdigit():
+            image = session.get(Image, int(key))
         if image is None:
             problems.append(f"line {line}: unknown image {key!r}")
         if labels and label not in labels:
