@@ -123,3 +123,6 @@ def test_retrain_now_json(world, lab, monkeypatch, capsys, restore_logging) -> N
     out = json.loads(capsys.readouterr().out)
     assert set(out) == {"run_id", "status", "candidate_id", "promoted", "reason", "metrics"}
     assert out["status"] == "skipped" and out["promoted"] is False
+    assert cli.main(["status", "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["last_retraining"]["status"] == "skipped" and status["reviews_total"] == 0
