@@ -225,13 +225,18 @@ class Service:
             self.pipeline.models = new
 
     def _start_scheduler(self) -> None:
-        failed = recover_runs(self.pipeline.sessions)
-        if failed:
-            self.log.warning("training_runs_failed_at_startup", count=failed)
-        if not self.settings.retraining.enabled:
-            return
-        self.scheduler = RetrainingScheduler(self.settings, self.engine)
-        self.scheduler.start()
+        """Mark runs of a dead process failed; start the nightly job. A failure here leaves inference running."""
+        try:
+            failed = recover_runs(self.pipeline.sessions)
+            if failed:
+                self.log.warning("training_runs_failed_at_startup", count=failed)
+            if self.settings.retraining.enabled:
+                self.scheduler = RetrainingScheduler(self.settings, self.engine)
+                self.scheduler.start()
+        except Exception as exc:  # noqa: BLE001 - classification must go on without the nightly job
+            self.log.error("retraining_scheduler_failed", error=f"{type(exc).__name__}: {exc}",
+                           action="retraining is off until the service restarts; see the error")
+            self.scheduler = None
 
     # health ----------------------------------------------------------------------------------
 
