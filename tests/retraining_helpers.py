@@ -107,3 +107,21 @@ class FakeClock:
 
 def local(year: int, month: int, day: int, hour: int, minute: int = 0) -> datetime:
     return datetime(year, month, day, hour, minute).astimezone().astimezone(timezone.utc)
+
+
+class EventRecorder:
+    """Stands in for a module's structlog logger: records event names, whatever logging is configured."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict]] = []
+
+    def _record(self, event: str, **values) -> None:
+        self.events.append((event, values))
+
+    info = warning = error = exception = debug = _record
+
+    def bind(self, **_values) -> "EventRecorder":
+        return self
+
+    def names(self) -> list[str]:
+        return [name for name, _ in self.events]

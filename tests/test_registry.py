@@ -9,6 +9,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 
 from tests.daemon_helpers import build_tiny_models
+from tests.retraining_helpers import EventRecorder
 from stainbridge.daemon import cli, registry
 from stainbridge.daemon.schema import upgrade_database
 from stainbridge.daemon.store import ModelKind, VersionState, make_engine, make_sessionmaker
@@ -51,7 +52,7 @@ def test_promote_and_rollback_walk_the_history(sessions) -> None:
             registry.rollback(s, ModelKind.standardizer)
 
 
-def test_a_changed_file_is_refused_on_load_and_at_start_up(sqlite_url, tmp_path, capsys) -> None:
+def test_a_changed_file_is_refused_on_load_and_at_start_up(sqlite_url, tmp_path, monkeypatch) -> None:
     """Bytes changed at a registered path: loading refuses with `checkpoint_changed`, start-up does not register them."""
     upgrade_database(sqlite_url)
     engine = make_engine(sqlite_url)
@@ -60,13 +61,14 @@ def test_a_changed_file_is_refused_on_load_and_at_start_up(sqlite_url, tmp_path,
     with sessions.begin() as s:
         version = registry.register_model(s, ModelKind.standardizer, str(tiny.standardizer), tiny.standardizer_sha256, {})
     tiny.standardizer.write_bytes(tiny.classifier.read_bytes())  # same path, other bytes
+    recorder = EventRecorder()
+    monkeypatch.setattr(registry, "log", recorder)
     with pytest.raises(registry.RegistryError, match="has changed since it was registered"):
         registry.load_version(version, device="cpu")
     with sessions.begin() as s:
         assert registry.register_configured(s, ModelKind.standardizer, str(tiny.standardizer), "f" * 64, {}) is None
         assert len(registry.list_versions(s)) == 1
-    captured = capsys.readouterr()
-    assert (captured.out + captured.err).count("checkpoint_changed") == 2
+    assert recorder.names() == ["checkpoint_changed", "checkpoint_changed"]
     engine.dispose()
 
 
