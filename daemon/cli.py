@@ -34,6 +34,10 @@ COMMANDS: dict[tuple[str, ...], str] = {
     ("ingest",): "stainbridge.daemon.commands.ingest",
     ("status",): "stainbridge.daemon.commands.status",
     ("demo",): "stainbridge.daemon.commands.demo",
+    ("models",): "stainbridge.daemon.commands.models",
+    ("retrain",): "stainbridge.daemon.commands.retrain",
+    ("review",): "stainbridge.daemon.commands.review",
+    ("reprocess",): "stainbridge.daemon.commands.reprocess",
 }
 
 HELP: dict[tuple[str, ...], str] = {
@@ -49,6 +53,10 @@ HELP: dict[tuple[str, ...], str] = {
     ("ingest",): "run the pipeline once over files or folders",
     ("status",): "show queue, model versions and recent results",
     ("demo",): "end-to-end demonstration on synthetic data",
+    ("models",): "list, register, promote and roll back model versions",
+    ("retrain",): "run the retraining job now",
+    ("review",): "import or export expert-confirmed labels",
+    ("reprocess",): "classify stored images again with the active models",
     ("db",): "database schema (Alembic)",
     ("db", "upgrade"): "migrate the database to the newest schema",
     ("db", "current"): "print the database's schema revision",
@@ -58,10 +66,6 @@ HELP: dict[tuple[str, ...], str] = {
 
 # Planned commands that this version does not ship yet.
 NOT_YET: dict[str, str] = {
-    "models": "list and promote model versions",
-    "retrain": "start the retraining job now",
-    "review": "record expert-confirmed labels",
-    "reprocess": "classify stored images again with the active models",
     "report": "summaries of results per site and period",
     "export": "export results",
 }

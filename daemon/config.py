@@ -50,6 +50,7 @@ class ModelsSettings:
     classifier: str = ""
     device: str = "auto"
     batch_size: int = 16
+    poll_seconds: float = 10.0  # how often the running service looks for a newly promoted version
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,20 @@ class RetrainingSettings:
     enabled: bool = False
     schedule: str = "0 2 * * *"
     min_new_images: int = 200
+    reference: Path | None = None  # labeled reference-hospital folder (one sub-folder per class)
+    window_days: int = 30  # recent archived images considered by the job
+    max_images: int = 2000  # at most this many of them (the newest)
+    held_out_fraction: float = 0.2  # of those, kept out of training for the gate's label-free checks
+    preset: str = "colour"  # `stainbridge train cyclegan --preset`
+    epochs: int = 2
+    steps_per_epoch: int = 0  # 0: one pass over the data per epoch
+    device: str = "auto"
+    nice: int = 10  # priority decrease of the training subprocess
+    timeout_minutes: float = 240.0
+    margin: float = 0.02  # a candidate may be at most this much worse than the active version on each check
+    min_reviews: int = 30  # reviewed images needed before reviewed accuracy is part of the gate
+    max_gate_images: int = 200  # images per gate check (reference split, held-out recent images)
+    review_below: float = 0.6  # `review export` lists predictions less confident than this
 
 
 @dataclass(frozen=True)
@@ -170,6 +185,28 @@ def _positive(kind: type) -> Callable[[Any], Any]:
     return check
 
 
+def _fraction(value: Any) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError("expected a number between 0 and 1") from None
+    if isinstance(value, bool) or not 0.0 <= number <= 1.0:
+        raise ValueError("expected a number between 0 and 1")
+    return number
+
+
+def _non_negative_int(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError("expected an integer >= 0")
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ValueError("expected an integer >= 0") from None
+    if number < 0 or (isinstance(value, float) and not value.is_integer()):
+        raise ValueError("expected an integer >= 0")
+    return number
+
+
 def _boolean(value: Any) -> bool:
     if isinstance(value, bool):
         return value
@@ -248,6 +285,7 @@ VALIDATORS: dict[tuple[str, str], Callable[[Any], Any]] = {
     ("models", "classifier"): _text,
     ("models", "device"): _choice(*DEVICES),
     ("models", "batch_size"): _positive(int),
+    ("models", "poll_seconds"): _positive(float),
     ("site", "name"): _text,
     ("site", "scale"): _scale,
     ("site", "pseudonym_secret"): _text,
@@ -261,6 +299,20 @@ VALIDATORS: dict[tuple[str, str], Callable[[Any], Any]] = {
     ("retraining", "enabled"): _boolean,
     ("retraining", "schedule"): _cron,
     ("retraining", "min_new_images"): _positive(int),
+    ("retraining", "reference"): _path_or_none,
+    ("retraining", "window_days"): _positive(int),
+    ("retraining", "max_images"): _positive(int),
+    ("retraining", "held_out_fraction"): _fraction,
+    ("retraining", "preset"): _choice("colour", "tiny", "full"),
+    ("retraining", "epochs"): _positive(int),
+    ("retraining", "steps_per_epoch"): _non_negative_int,
+    ("retraining", "device"): _choice(*DEVICES),
+    ("retraining", "nice"): _non_negative_int,
+    ("retraining", "timeout_minutes"): _positive(float),
+    ("retraining", "margin"): _fraction,
+    ("retraining", "min_reviews"): _positive(int),
+    ("retraining", "max_gate_images"): _positive(int),
+    ("retraining", "review_below"): _fraction,
     ("logging", "level"): _choice(*LOG_LEVELS),
     ("logging", "format"): _choice(*LOG_FORMATS),
 }

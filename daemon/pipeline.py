@@ -57,10 +57,9 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from stainbridge.daemon import filing, intake
+from stainbridge.daemon import filing, intake, registry
 from stainbridge.daemon.config import ConfigError, Settings
 from stainbridge.daemon.logs import get_logger
-from stainbridge.daemon.registry import register_model
 from stainbridge.daemon.store import Image, ImageStatus, ModelKind, Prediction, utcnow
 from stainbridge.daemon.watcher import Candidate
 from stainbridge.models.inference import (
@@ -114,16 +113,29 @@ def load_models(settings: Settings, sessions: sessionmaker) -> LoadedModels:
         standardizer = load_standardizer(std_spec, device=settings.models.device, classifier=classifier)
     except (CheckpointError, ModelMismatch, DeviceUnavailable, FileNotFoundError, OSError, ValueError) as exc:
         raise ModelConfigError(f"cannot load the configured models: {exc}") from None
+    s_path = std_spec if standardizer.sha256 is None else str(Path(std_spec).resolve())
+    s_sha = standardizer.sha256 or builtin_sha256(standardizer.header)
     with sessions.begin() as session:
-        c_version = register_model(session, ModelKind.classifier, str(Path(spec).resolve()), classifier.sha256,
-                                   classifier.header)
-        s_path = std_spec if standardizer.sha256 is None else str(Path(std_spec).resolve())
-        s_sha = standardizer.sha256 or builtin_sha256(standardizer.header)
-        s_version = register_model(session, ModelKind.standardizer, s_path, s_sha, standardizer.header)
-        ids = c_version.id, s_version.id
+        # A new configured file becomes active; a known one defers to the registry (promotions stick).
+        registry.register_configured(session, ModelKind.classifier, str(Path(spec).resolve()), classifier.sha256,
+                                     classifier.header)
+        registry.register_configured(session, ModelKind.standardizer, s_path, s_sha, standardizer.header)
+        c_active = registry.active_version(session, ModelKind.classifier)
+        s_active = registry.active_version(session, ModelKind.standardizer)
+    if c_active is None or s_active is None:
+        raise ModelConfigError("the registry has no active model to serve; fix [models] or run "
+                               "`stainbridge models promote ID`")
+    try:
+        if c_active.sha256 != classifier.sha256:
+            classifier = registry.load_version(c_active, device=settings.models.device)
+        if s_active.sha256 != s_sha:
+            standardizer = registry.load_version(s_active, device=settings.models.device, classifier=classifier)
+    except (registry.RegistryError, ModelMismatch, DeviceUnavailable, OSError, ValueError) as exc:
+        raise ModelConfigError(f"cannot load the active registry version: {exc}") from None
     log.info("models_loaded", classifier=classifier.name, classifier_sha256=classifier.sha256[:12],
-             standardizer=standardizer.name, standardizer_sha256=s_sha[:12], device=str(classifier.device))
-    return LoadedModels(classifier, standardizer, *ids)
+             standardizer=standardizer.name, standardizer_sha256=s_active.sha256[:12], device=str(classifier.device),
+             classifier_version=c_active.id, standardizer_version=s_active.id)
+    return LoadedModels(classifier, standardizer, c_active.id, s_active.id)
 
 
 # --- one batch ------------------------------------------------------------------------------

@@ -1,24 +1,47 @@
-"""Model versions: which checkpoints produced which results.
+"""The model registry: every checkpoint the service may use, and which one serves.
 
-Every checkpoint the service loads is recorded once per (kind, sha256) in ``model_versions``;
-predictions point at those rows, so a result can always be traced to the exact file bytes.
-Registering a checkpoint makes it the active version of its kind.
+Each checkpoint is one ``model_versions`` row per (kind, sha256), in one of three states:
+``candidate`` (registered, not serving), ``active`` (serving new predictions) and ``retired``
+(served once). The database allows exactly one active version per kind (a partial unique index),
+so two workers promoting at once cannot both win. Predictions point at the versions that made
+them, so a result can always be traced to the exact file bytes.
+
+The sha256 is checked on every load (``load_version``): a file changed at the same path is
+refused with a ``checkpoint_changed`` log line, never silently registered as something else.
+
+The configured files (``[models]``) and the registry meet at start-up (``register_configured``):
+a file the registry has never seen becomes the active version (the operator changed the
+configuration); a file it knows changes nothing, so a version promoted by the nightly job or by
+``stainbridge models promote`` stays active across restarts.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from stainbridge.daemon.store import ModelKind, ModelVersion, utcnow
+from stainbridge.daemon.config import STANDARDIZER_BUILTINS
+from stainbridge.daemon.logs import get_logger
+from stainbridge.daemon.store import ModelKind, ModelVersion, VersionState, utcnow
+
+if TYPE_CHECKING:  # the inference path (torch) is imported only by what loads models, not by `status`
+    from stainbridge.models.inference import Classifier, Standardizer
+
+log = get_logger(__name__)
+
+BUILTIN_STANDARDIZERS = STANDARDIZER_BUILTINS
+
+
+class RegistryError(Exception):
+    """A registry change or load is not possible; the message says what to do instead."""
 
 
 def _model_name(kind: ModelKind, path: str, header: dict[str, Any]) -> str:
-    if path in ("none", "reinhard", "macenko", "histmatch"):
+    if path in BUILTIN_STANDARDIZERS:
         return path
     stem = Path(path).name
     for suffix in (".safetensors", ".pt"):
@@ -27,50 +50,190 @@ def _model_name(kind: ModelKind, path: str, header: dict[str, Any]) -> str:
     return f"{stem} ({architecture})" if architecture else stem
 
 
+def is_builtin(version: ModelVersion) -> bool:
+    return version.kind is ModelKind.standardizer and version.path in BUILTIN_STANDARDIZERS
+
+
+def find_version(session: Session, kind: ModelKind | str, sha256: str) -> ModelVersion | None:
+    return session.scalars(
+        select(ModelVersion).where(ModelVersion.kind == ModelKind(kind), ModelVersion.sha256 == sha256)
+    ).one_or_none()
+
+
+def active_version(session: Session, kind: ModelKind | str) -> ModelVersion | None:
+    return session.scalars(
+        select(ModelVersion).where(ModelVersion.kind == ModelKind(kind), ModelVersion.state == VersionState.active)
+    ).one_or_none()
+
+
+def active_versions(session: Session) -> list[ModelVersion]:
+    """The active version of each kind (standardizer first), for status and reports."""
+    rows = session.scalars(select(ModelVersion).where(ModelVersion.state == VersionState.active)).all()
+    return sorted(rows, key=lambda v: (v.kind.value != "standardizer", v.id))
+
+
+def list_versions(session: Session) -> list[ModelVersion]:
+    return list(session.scalars(select(ModelVersion).order_by(ModelVersion.kind, ModelVersion.id)).all())
+
+
+def activate(session: Session, version: ModelVersion, *, reason: str | None = None) -> ModelVersion:
+    """Make ``version`` the active one of its kind; the previous active one is retired.
+
+    The old row is retired (and flushed) before the new one is marked, so the one-active index
+    never sees two. The caller commits.
+    """
+    if version.state is VersionState.active:
+        return version
+    session.execute(
+        update(ModelVersion)
+        .where(ModelVersion.kind == version.kind, ModelVersion.id != version.id,
+               ModelVersion.state == VersionState.active)
+        .values(state=VersionState.retired)
+        .execution_options(synchronize_session="fetch")
+    )
+    session.flush()
+    version.state = VersionState.active
+    version.promoted_at = utcnow()
+    if reason:
+        version.reason = reason
+    session.flush()
+    return version
+
+
 def register_model(
-    session: Session, kind: ModelKind | str, path: str, sha256: str, header: dict[str, Any]
+    session: Session, kind: ModelKind | str, path: str, sha256: str, header: dict[str, Any], *,
+    state: VersionState = VersionState.active, training_run_id: int | None = None,
 ) -> ModelVersion:
-    """Record a checkpoint (once per kind and sha256), make it the active one of its kind.
+    """Record a checkpoint once per kind and sha256; ``state=active`` (the default) also activates it.
 
     The caller commits. A concurrent worker registering the same file at the same time is
     handled: the unique index decides and the existing row is reused.
     """
     kind = ModelKind(kind)
-    version = session.scalars(
-        select(ModelVersion).where(ModelVersion.kind == kind, ModelVersion.sha256 == sha256)
-    ).one_or_none()
+    version = find_version(session, kind, sha256)
     if version is None:
         try:
             with session.begin_nested():
                 version = ModelVersion(
-                    kind=kind,
-                    name=_model_name(kind, path, header)[:128],
-                    path=str(path)[:1024],
-                    sha256=sha256,
-                    header=header,
-                    metrics=dict(header.get("metrics") or {}),
-                    active=False,
+                    kind=kind, name=_model_name(kind, path, header)[:128], path=str(path)[:1024], sha256=sha256,
+                    header=header, metrics=dict(header.get("metrics") or {}), state=VersionState.candidate,
+                    training_run_id=training_run_id,
                 )
                 session.add(version)
                 session.flush()
         except IntegrityError:
-            version = session.scalars(
-                select(ModelVersion).where(ModelVersion.kind == kind, ModelVersion.sha256 == sha256)
-            ).one()
-    session.execute(
-        update(ModelVersion)
-        .where(ModelVersion.kind == kind, ModelVersion.id != version.id, ModelVersion.active.is_(True))
-        .values(active=False)
-    )
-    if not version.active:
-        version.active = True
-        version.promoted_at = utcnow()
+            version = find_version(session, kind, sha256)
+            assert version is not None
     version.path = str(path)[:1024]
+    if state is VersionState.active:
+        activate(session, version)
     session.flush()
     return version
 
 
-def active_versions(session: Session) -> list[ModelVersion]:
-    """The active version of each kind (standardizer first), for status and reports."""
-    rows = session.scalars(select(ModelVersion).where(ModelVersion.active.is_(True))).all()
-    return sorted(rows, key=lambda v: (v.kind.value != "standardizer", v.id))
+def register_configured(session: Session, kind: ModelKind, path: str, sha256: str,
+                        header: dict[str, Any]) -> ModelVersion | None:
+    """Start-up: a configured checkpoint the registry has never seen becomes active; a known one
+    changes nothing. A file whose bytes changed at a registered path is refused (None, logged)."""
+    known = find_version(session, kind, sha256)
+    if known is not None:
+        if active_version(session, kind) is None:
+            activate(session, known)
+        return known
+    if path not in BUILTIN_STANDARDIZERS:
+        same_path = session.scalars(
+            select(ModelVersion).where(ModelVersion.kind == kind, ModelVersion.path == str(path)[:1024])
+        ).first()
+        if same_path is not None:
+            log.error("checkpoint_changed", kind=kind.value, path=path, registered_version=same_path.id,
+                      registered_sha256=same_path.sha256[:12], file_sha256=sha256[:12],
+                      action="refused; restore the file, or copy it to a new name and set [models] to it, "
+                             "or run `stainbridge models register PATH`")
+            return None
+    return register_model(session, kind, path, sha256, header)
+
+
+def verify_file(version: ModelVersion) -> None:
+    """Raise RegistryError unless the version's file still has its registered sha256."""
+    if is_builtin(version):
+        return
+    from stainbridge.models.inference import file_sha256
+
+    try:
+        actual = file_sha256(version.path)
+    except OSError as exc:
+        raise RegistryError(f"version {version.id} ({version.name}): cannot read {version.path}: "
+                            f"{exc.strerror or exc}; restore the file or roll back with "
+                            f"`stainbridge models rollback {version.kind.value}`") from None
+    if actual != version.sha256:
+        log.error("checkpoint_changed", kind=version.kind.value, path=version.path, version=version.id,
+                  registered_sha256=version.sha256[:12], file_sha256=actual[:12])
+        raise RegistryError(f"version {version.id} ({version.name}): {version.path} has changed since it was "
+                            f"registered (sha256 {actual[:12]}, registered {version.sha256[:12]}); restore the "
+                            "file, or register the new file as a new version with `stainbridge models register`")
+
+
+def load_version(version: ModelVersion, *, device: str,
+                 classifier: Classifier | None = None) -> Classifier | Standardizer:
+    """Load a registered version through the inference path, its bytes checked against the registry."""
+    from stainbridge.models.inference import CheckpointError, load_classifier, load_standardizer
+
+    verify_file(version)
+    try:
+        if version.kind is ModelKind.classifier:
+            return load_classifier(version.path, device=device, expected_sha256=version.sha256)
+        if is_builtin(version):
+            return load_standardizer(version.path, device=device, classifier=classifier)
+        return load_standardizer(version.path, device=device, classifier=classifier, expected_sha256=version.sha256)
+    except CheckpointError as exc:
+        log.error("checkpoint_changed", kind=version.kind.value, path=version.path, version=version.id,
+                  error=str(exc))
+        raise RegistryError(str(exc)) from None
+
+
+def promote(session: Session, version_id: int, *, reason: str | None = None) -> ModelVersion:
+    """Make a registered version active after checking its file; the caller commits."""
+    version = session.get(ModelVersion, version_id)
+    if version is None:
+        raise RegistryError(f"no model version {version_id}; see `stainbridge models list`")
+    verify_file(version)
+    return activate(session, version, reason=reason or "promoted by hand")
+
+
+def rollback(session: Session, kind: ModelKind | str) -> tuple[ModelVersion, ModelVersion]:
+    """Retire the active version of ``kind`` and re-activate the one that served before it.
+
+    Walks back through history: the previous one is the retired version promoted most recently
+    before the current one. Returns (retired, now active); the caller commits.
+    """
+    kind = ModelKind(kind)
+    current = active_version(session, kind)
+    if current is None:
+        raise RegistryError(f"no active {kind.value} to roll back")
+    query = select(ModelVersion).where(ModelVersion.kind == kind, ModelVersion.state == VersionState.retired,
+                                       ModelVersion.promoted_at.is_not(None))
+    if current.promoted_at is not None:
+        query = query.where(ModelVersion.promoted_at < current.promoted_at)
+    previous = session.scalars(query.order_by(ModelVersion.promoted_at.desc(), ModelVersion.id.desc())).first()
+    if previous is None:
+        raise RegistryError(f"no earlier {kind.value} version to roll back to; promote one with "
+                            "`stainbridge models promote ID`")
+    verify_file(previous)
+    promoted_at = previous.promoted_at
+    current.state = VersionState.retired
+    current.reason = "rolled back"
+    session.flush()
+    previous.state = VersionState.active
+    previous.promoted_at = promoted_at  # kept, so a second rollback walks further back
+    session.flush()
+    return current, previous
+
+
+def describe(version: ModelVersion) -> dict[str, Any]:
+    """The `models list --json` object of one version."""
+    return {
+        "id": version.id, "kind": version.kind.value, "name": version.name, "state": version.state.value,
+        "sha256": version.sha256, "created_at": version.created_at.isoformat() if version.created_at else None,
+        "metrics": version.metrics or {}, "path": version.path, "training_run_id": version.training_run_id,
+        "reason": version.reason,
+    }

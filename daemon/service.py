@@ -33,8 +33,11 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from stainbridge.daemon import intake, sdnotify
 from stainbridge.daemon.config import ConfigError, Settings, load_settings
+from stainbridge.daemon.hotswap import ModelSwapper
 from stainbridge.daemon.logs import get_logger
 from stainbridge.daemon.pipeline import STALE_CLAIM_SECONDS, ModelConfigError, Pipeline, load_models
+from stainbridge.daemon.retraining import recover_runs
+from stainbridge.daemon.scheduler import RetrainingScheduler
 from stainbridge.daemon.schema import SchemaError, prepare_database, safe_url
 from stainbridge.daemon.store import make_engine, make_sessionmaker
 from stainbridge.daemon.watcher import Candidate, DropFolderWatcher, WatcherError
@@ -65,6 +68,8 @@ class Service:
         self._last_release = time.monotonic()
         self._db_ok = True
         self.handled = 0
+        self.swapper: ModelSwapper | None = None
+        self.scheduler: RetrainingScheduler | None = None
 
     # lifecycle -------------------------------------------------------------------------------
 
@@ -78,6 +83,7 @@ class Service:
             models = load_models(s, sessions)
             self.pipeline = Pipeline(s, sessions, models)
             self.pipeline.recover()
+            self.swapper = ModelSwapper(s, sessions)
             for folder in (s.drop_dir, s.archive_dir, s.quarantine_dir):
                 folder.mkdir(parents=True, exist_ok=True)
             self.watcher = DropFolderWatcher(s)
@@ -96,6 +102,7 @@ class Service:
         interval = sdnotify.watchdog_interval()
         if interval:
             threading.Thread(target=self._watchdog, args=(interval,), name="watchdog", daemon=True).start()
+        self._start_scheduler()
 
     def run(self) -> int:
         """Start, loop until a signal, stop; returns the process exit code."""
@@ -120,6 +127,8 @@ class Service:
             return 0
         finally:
             self._stop.set()
+            if self.scheduler is not None:
+                self.scheduler.shutdown()
             if self.watcher is not None:
                 self.watcher.stop()
             if self.engine is not None:
@@ -150,6 +159,7 @@ class Service:
         assert self.pipeline is not None and self.watcher is not None, "call start() first"
         self._heartbeat = time.monotonic()
         self._release_abandoned_claims()
+        self._swap_models()
         batch = self._next_batch()
         if not batch:
             return 0
@@ -200,6 +210,33 @@ class Service:
             return  # run_once reports database errors
         if released:
             self.log.warning("claims_released", count=released)
+
+    # retraining: model swaps between batches, the nightly job ------------------------------------
+
+    def _swap_models(self) -> None:
+        """At a batch boundary: switch to newly promoted registry versions (verified, or refused)."""
+        if self.swapper is None:
+            return
+        try:
+            new = self.swapper.check(self.pipeline.models)
+        except SQLAlchemyError:
+            return  # run_once reports database errors
+        if new is not None:
+            self.pipeline.models = new
+
+    def _start_scheduler(self) -> None:
+        """Mark runs of a dead process failed; start the nightly job. A failure here leaves inference running."""
+        try:
+            failed = recover_runs(self.pipeline.sessions)
+            if failed:
+                self.log.warning("training_runs_failed_at_startup", count=failed)
+            if self.settings.retraining.enabled:
+                self.scheduler = RetrainingScheduler(self.settings, self.engine)
+                self.scheduler.start()
+        except Exception as exc:  # noqa: BLE001 - classification must go on without the nightly job
+            self.log.error("retraining_scheduler_failed", error=f"{type(exc).__name__}: {exc}",
+                           action="retraining is off until the service restarts; see the error")
+            self.scheduler = None
 
     # health ----------------------------------------------------------------------------------
 

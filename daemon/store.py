@@ -15,7 +15,6 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
-    Boolean,
     DateTime,
     Float,
     ForeignKey,
@@ -58,11 +57,23 @@ class ModelKind(str, enum.Enum):
     classifier = "classifier"
 
 
+class VersionState(str, enum.Enum):
+    """A model version's place in the registry: exactly one `active` per kind (a partial unique index)."""
+
+    candidate = "candidate"  # registered (by hand or by the nightly job), not serving
+    active = "active"  # what the service uses for new predictions
+    retired = "retired"  # served once; `models rollback` may bring it back
+
+
 class RunStatus(str, enum.Enum):
+    """A retraining run: `running`, then `skipped` (too few new images), `failed` (training crashed
+    or was killed), `rejected` (the gate refused the candidate) or `succeeded` (candidate promoted)."""
+
     running = "running"
     succeeded = "succeeded"
     failed = "failed"
     rejected = "rejected"
+    skipped = "skipped"
 
 
 def _str_enum(cls: type[enum.Enum], name: str) -> SAEnum:
@@ -137,11 +148,24 @@ class ModelVersion(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     header: Mapped[dict[str, Any]] = mapped_column(default=dict)
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
-    active: Mapped[bool] = mapped_column(Boolean, default=False)
+    state: Mapped[VersionState] = mapped_column(_str_enum(VersionState, "version_state"),
+                                                default=VersionState.candidate)
+    # The run that trained it (training_runs.id; no FK: training_runs.model_version_id points back).
+    training_run_id: Mapped[int | None] = mapped_column(Integer)
+    reason: Mapped[str | None] = mapped_column(Text)  # why the gate refused it (or why it was promoted)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     promoted_at: Mapped[datetime | None]
 
-    __table_args__ = (Index("uq_model_versions_kind_sha256", "kind", "sha256", unique=True),)
+    __table_args__ = (
+        Index("uq_model_versions_kind_sha256", "kind", "sha256", unique=True),
+        # Exactly one active version per kind, enforced by the database, not only by code.
+        Index("uq_model_versions_one_active", "kind", unique=True,
+              sqlite_where=text("state = 'active'"), postgresql_where=text("state = 'active'")),
+    )
+
+    @property
+    def active(self) -> bool:
+        return self.state is VersionState.active
 
 
 class Prediction(Base):
@@ -172,6 +196,10 @@ class TrainingRun(Base):
     params: Mapped[dict[str, Any]] = mapped_column(default=dict)
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
     images_used: Mapped[int | None] = mapped_column(Integer)
+    reference_images: Mapped[int | None] = mapped_column(Integer)
+    held_out_images: Mapped[int | None] = mapped_column(Integer)
+    reason: Mapped[str | None] = mapped_column(Text)  # why it was skipped, refused, promoted or failed
+    worker: Mapped[str | None] = mapped_column(String(128))  # host:pid running it (a dead pid: failed)
     model_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
     log_path: Mapped[str | None] = mapped_column(String(1024))
     error: Mapped[str | None] = mapped_column(Text)

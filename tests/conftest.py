@@ -174,3 +174,11 @@ def restore_logging():
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
+
+
+@pytest.fixture(scope="session")
+def lab(tmp_path_factory: pytest.TempPathFactory):
+    """Synthetic reference/incoming images, a tiny trained classifier and a broken standardizer (once per session)."""
+    from tests.retraining_helpers import build_lab
+
+    return build_lab(tmp_path_factory.mktemp("lab"))

@@ -24,7 +24,17 @@ from stainbridge.daemon.schema import (
     prepare_database,
     safe_url,
 )
-from stainbridge.daemon.store import Image, ImageStatus, make_engine, make_sessionmaker, utcnow
+from stainbridge.daemon.store import (
+    Image,
+    ImageStatus,
+    ModelVersion,
+    Review,
+    TrainingRun,
+    VersionState,
+    make_engine,
+    make_sessionmaker,
+    utcnow,
+)
 from stainbridge.daemon.watcher import is_ignored_name
 
 
@@ -79,6 +89,9 @@ class StatusReport:
     throughput_per_min: float
     models: list[dict[str, Any]] = field(default_factory=list)
     next_retraining: str = "disabled"
+    reviews_total: int = 0
+    candidates: int = 0
+    last_retraining: dict[str, Any] | None = None
 
 
 def _local_midnight_utc() -> datetime:
@@ -119,7 +132,21 @@ def collect(settings: Settings, session: Session) -> StatusReport:
         throughput_per_min=round(last_hour / 60.0, 2),
         models=models,
         next_retraining=next_retraining(settings),
+        **_retraining_status(session),
     )
+
+
+def _retraining_status(session: Session) -> dict[str, Any]:
+    """Reviews recorded, candidates waiting, and the last retraining run with its outcome."""
+    last = session.scalars(select(TrainingRun).order_by(TrainingRun.id.desc()).limit(1)).first()
+    return {
+        "reviews_total": int(session.scalar(select(func.count(Review.id))) or 0),
+        "candidates": int(session.scalar(select(func.count(ModelVersion.id))
+                                         .where(ModelVersion.state == VersionState.candidate)) or 0),
+        "last_retraining": None if last is None else {
+            "run_id": last.id, "status": last.status.value, "started_at": last.started_at.isoformat(),
+            "reason": last.reason, "candidate_id": last.model_version_id},
+    }
 
 
 def render(report: StatusReport) -> str:
@@ -143,6 +170,10 @@ def render(report: StatusReport) -> str:
     else:
         lines.append("models              none registered yet (the service records them at start-up)")
     lines.append(f"next retraining     {report.next_retraining}")
+    if report.last_retraining:
+        last = report.last_retraining
+        lines.append(f"last retraining     run {last['run_id']} {last['status']} ({last['started_at'][:16]}): {last['reason']}")
+    lines.append(f"reviews             {report.reviews_total} recorded, {report.candidates} candidate model(s) waiting")
     return "\n".join(lines)
 
 

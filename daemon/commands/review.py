@@ -1,0 +1,129 @@
+"""`stainbridge review import CSV | review export [--out CSV]`: expert-confirmed labels.
+
+``export`` writes the low-confidence queue: classified images without a review whose latest
+prediction is less confident than ``[retraining] review_below``, least confident first, with an
+empty ``label`` column for the hematologist to fill in. ``import`` reads such a file back (columns
+``image`` = image id or sha256, ``label``, ``reviewer``, optional ``time`` (ISO 8601) and
+``comment``; rows with an empty label are skipped). It is all or nothing: unknown images and
+labels the active classifier does not know are all reported and nothing is written.
+Reviews feed the promotion gate, ``status`` and the ``results`` view.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from stainbridge.daemon import registry
+from stainbridge.daemon.commands.models import database
+from stainbridge.daemon.config import ConfigError, load_settings
+from stainbridge.daemon.schema import SchemaError
+from stainbridge.daemon.store import Image, ImageStatus, ModelKind, Prediction, Review
+
+EXPORT_COLUMNS = ["image", "sha256", "source_name", "archive_path", "predicted", "confidence", "label", "reviewer",
+                  "time", "comment"]
+
+
+class ReviewFileError(Exception):
+    """The CSV cannot be imported; the message lists every problem."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    sub.add_parser("import", help="record reviewed labels from a CSV (all or nothing)").add_argument("csv", metavar="CSV")
+    export = sub.add_parser("export", help="write the low-confidence review queue as CSV")
+    export.add_argument("--out", default="-", metavar="CSV", help="file to write (default: standard output)")
+    export.add_argument("--limit", type=int, default=500, help="at most this many images (default 500)")
+
+
+def known_labels(session: Session) -> set[str]:
+    active = registry.active_version(session, ModelKind.classifier)
+    return set((active.header or {}).get("classes") or []) if active else set()
+
+
+def import_reviews(session: Session, path: Path) -> int:
+    """Validate every row, then add them all; raise ReviewFileError listing the problems. Caller commits."""
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            rows = list(csv.DictReader(handle))
+    except OSError as exc:
+        raise ReviewFileError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if rows and not {"image", "label"} <= set(rows[0]):
+        raise ReviewFileError(f"{path}: needs the columns image, label, reviewer (found {', '.join(rows[0])})")
+    labels = known_labels(session)
+    problems: list[str] = []
+    reviews: list[Review] = []
+    for line, row in enumerate(rows, start=2):
+        key, label = (row.get("image") or "").strip(), (row.get("label") or "").strip()
+        if not label:
+            continue
+        image = None
+        if len(key) == 64 and all(c in "0123456789abcdef" for c in key.lower()):  # a sha256, even if all digits
+            image = session.scalars(select(Image).where(Image.sha256 == key.lower(),
+                                                        Image.duplicate_of_id.is_(None))).first()
+        elif key.isdigit():
+            image = session.get(Image, int(key))
+        if image is None:
+            problems.append(f"line {line}: unknown image {key!r}")
+        if labels and label not in labels:
+            problems.append(f"line {line}: unknown label {label!r} (the classifier knows {', '.join(sorted(labels))})")
+        when = datetime.now(timezone.utc)
+        if (row.get("time") or "").strip():
+            try:
+                when = datetime.fromisoformat(row["time"].strip())
+                when = when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+            except ValueError:
+                problems.append(f"line {line}: time {row['time']!r} is not ISO 8601 (2026-12-01T09:30)")
+        if image is not None:
+            reviews.append(Review(image_id=image.id, label=label, reviewer=(row.get("reviewer") or "unknown")[:128],
+                                  comment=(row.get("comment") or None), created_at=when))
+    if problems:
+        raise ReviewFileError(f"{path}: nothing imported; fix these {len(problems)} problem(s):\n  " + "\n  ".join(problems))
+    session.add_all(reviews)
+    return len(reviews)
+
+
+def review_queue(session: Session, below: float, limit: int) -> list[dict[str, object]]:
+    latest = select(Prediction.image_id, func.max(Prediction.id).label("pid")).group_by(Prediction.image_id).subquery()
+    rows = session.execute(
+        select(Image, Prediction).join(latest, latest.c.image_id == Image.id).join(Prediction, Prediction.id == latest.c.pid)
+        .outerjoin(Review, Review.image_id == Image.id)
+        .where(Image.status == ImageStatus.done, Review.id.is_(None), Prediction.confidence < below)
+        .order_by(Prediction.confidence, Image.id).limit(limit)
+    ).all()
+    return [{"image": i.id, "sha256": i.sha256, "source_name": i.source_name, "archive_path": i.archive_path or "",
+             "predicted": p.label, "confidence": round(p.confidence, 4), "label": "", "reviewer": "", "time": "",
+             "comment": ""} for i, p in rows]
+
+
+def run(args: argparse.Namespace) -> int:
+    name = f"stainbridge review {args.action}"
+    try:
+        settings = load_settings(args.config)
+        with database(settings) as sessions, sessions() as session:
+            if args.action == "import":
+                count = import_reviews(session, Path(args.csv))
+                session.commit()
+                print(f"imported {count} review(s)")
+                return 0
+            queue = review_queue(session, settings.retraining.review_below, args.limit)
+    except (ConfigError, SchemaError, ReviewFileError) as exc:
+        print(f"{name}: {exc}", file=sys.stderr)
+        return 1
+    out = sys.stdout if args.out == "-" else open(args.out, "w", newline="", encoding="utf-8")  # noqa: SIM115
+    try:
+        writer = csv.DictWriter(out, fieldnames=EXPORT_COLUMNS)
+        writer.writeheader()
+        writer.writerows(queue)
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    print(f"{len(queue)} image(s) below confidence {settings.retraining.review_below} written to "
+          f"{'standard output' if args.out == '-' else args.out}", file=sys.stderr)
+    return 0

@@ -1,0 +1,96 @@
+"""Reprocess: classify stored images again with the active models, adding prediction rows.
+
+Old prediction rows stay (the ``results`` view shows the newest), so every result remains
+auditable: which versions said what, and when. Images are read from where they were filed:
+the archive, or the quarantine for failures with a transient reason (``TRANSIENT_REASONS``:
+the models or the configuration failed, not the file). A reprocessed failure becomes ``done``.
+Scoring goes through the one inference path (``run_batch``), in micro-batches.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from sqlalchemy import func, or_, select
+from sqlalchemy.orm import sessionmaker
+
+from stainbridge.daemon import intake
+from stainbridge.daemon.config import Settings
+from stainbridge.daemon.logs import get_logger
+from stainbridge.daemon.pipeline import LoadedModels
+from stainbridge.daemon.store import Image, ImageStatus, Prediction, utcnow
+from stainbridge.models.inference import run_batch
+
+log = get_logger(__name__)
+
+# Failure reasons that say nothing about the file itself: worth another try with other models.
+TRANSIENT_REASONS = ("inference", "configuration", "decode_error", "database")
+
+
+@dataclass
+class ReprocessReport:
+    selected: int = 0
+    classified: int = 0
+    unreadable: dict[str, int] = field(default_factory=dict)
+
+
+def select_images(sessions: sessionmaker, *, since: datetime | None = None, status: str = "done",
+                  model_version: int | None = None) -> list[tuple[int, str, str]]:
+    """(id, status, filed path) of the images to reprocess, oldest first."""
+    query = select(Image.id, Image.status, Image.archive_path).where(Image.archive_path.is_not(None))
+    if status == "failed":
+        query = query.where(Image.status == ImageStatus.failed,
+                            or_(*[Image.error.like(f"{reason}:%") for reason in TRANSIENT_REASONS]))
+    else:
+        query = query.where(Image.status == ImageStatus.done)
+    if since is not None:
+        query = query.where(Image.received_at >= since)
+    if model_version is not None:
+        latest = select(func.max(Prediction.id)).group_by(Prediction.image_id)
+        made_by = select(Prediction.image_id).where(
+            Prediction.id.in_(latest),
+            or_(Prediction.classifier_version_id == model_version, Prediction.standardizer_version_id == model_version))
+        query = query.where(Image.id.in_(made_by))
+    with sessions() as session:
+        return [(i, s.value, p) for i, s, p in session.execute(query.order_by(Image.id)).all()]
+
+
+def reprocess(settings: Settings, sessions: sessionmaker, models: LoadedModels,
+              images: list[tuple[int, str, str]]) -> ReprocessReport:
+    report = ReprocessReport(selected=len(images))
+    size = settings.models.batch_size
+    for start in range(0, len(images), size):
+        chunk, decoded = images[start:start + size], []
+        began = time.perf_counter()
+        for image_id, _status, path in chunk:
+            try:
+                picture = intake.decode_image(Path(path), max_pixels=settings.watch.max_pixels,
+                                              max_bytes=int(settings.watch.max_file_mb * 2**20),
+                                              pseudonym_secret=settings.site.pseudonym_secret)
+            except Exception as exc:  # noqa: BLE001 - a missing or unreadable file is counted, not fatal
+                reason = getattr(exc, "reason", type(exc).__name__)
+                report.unreadable[reason] = report.unreadable.get(reason, 0) + 1
+                log.warning("reprocess_unreadable", image_id=image_id, path=path, error=str(exc))
+                continue
+            decoded.append((image_id, picture.image))
+        if not decoded:
+            continue
+        results = run_batch([img for _, img in decoded], models.standardizer, models.classifier,
+                            scale=settings.site.scale)
+        latency = (time.perf_counter() - began) * 1000 / len(decoded)
+        now = utcnow()
+        with sessions.begin() as session:
+            for (image_id, _), result in zip(decoded, results, strict=True):
+                session.add(Prediction(image_id=image_id, label=result.label, confidence=result.confidence,
+                                       probabilities=result.probabilities,
+                                       standardizer_version_id=models.standardizer_version_id,
+                                       classifier_version_id=models.classifier_version_id,
+                                       latency_ms=round(latency, 3), created_at=now))
+                image = session.get(Image, image_id)
+                if image.status is ImageStatus.failed:
+                    image.status, image.error, image.processed_at = ImageStatus.done, None, now
+        report.classified += len(decoded)
+    return report

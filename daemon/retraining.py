@@ -1,0 +1,280 @@
+"""The retraining job: train a candidate standardizer on recent images, gate it, promote it or not.
+
+One run, in order (each run is a ``training_runs`` row; every outcome is one of its states):
+
+1. ``running`` row with the worker (host:pid) and the options;
+2. data: archived incoming images received in the last ``window_days`` (newest first, at most
+   ``max_images``); fewer than ``min_new_images`` new ones since the last run -> ``skipped`` with
+   the reason. A stable share (by sha256) is held out for the gate and never trained on;
+3. ``stainbridge train cyclegan`` in a subprocess, ``nice``-d in the child, its output in the
+   run's log file (``<state>/retraining/run-N/train.log``). A crash, a kill, a timeout or the
+   service stopping -> ``failed`` with the reason; the service is another process and goes on;
+4. the checkpoint registered as a ``candidate`` (sha256, header, training run);
+5. the gate (``daemon.promotion``): passed -> promoted (``succeeded``), refused -> it stays a
+   candidate with the reason (``rejected``).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import sessionmaker
+
+from stainbridge.daemon import intake, promotion, registry
+from stainbridge.daemon.config import Settings
+from stainbridge.daemon.logs import get_logger
+from stainbridge.daemon.store import (
+    Image,
+    ImageStatus,
+    ModelKind,
+    ModelVersion,
+    Review,
+    RunStatus,
+    TrainingRun,
+    VersionState,
+    utcnow,
+)
+
+log = get_logger(__name__)
+
+# The child lowers its own priority, then runs the same CLI an operator would.
+CHILD = "import os, sys; os.nice(int(sys.argv[1])); from stainbridge.daemon.cli import main; sys.exit(main(sys.argv[2:]))"
+
+
+class TrainingFailed(Exception):
+    """The training subprocess did not produce a checkpoint; the message says why."""
+
+
+@dataclass
+class RetrainResult:
+    """What `stainbridge retrain --now --json` prints."""
+
+    run_id: int
+    status: str
+    candidate_id: int | None = None
+    promoted: bool = False
+    reason: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def as_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def recover_runs(sessions: sessionmaker) -> int:
+    """Runs left `running` by a dead process on this host become `failed` (call at start-up)."""
+    host = intake.worker_id().split(":")[0]
+    count = 0
+    with sessions.begin() as session:
+        for run in session.scalars(select(TrainingRun).where(TrainingRun.status == RunStatus.running)):
+            worker_host, _, pid = (run.worker or "").rpartition(":")
+            if worker_host == host and pid.isdigit() and not _alive(int(pid)):
+                run.status, run.finished_at = RunStatus.failed, utcnow()
+                run.reason = run.error = f"the process running it ({run.worker}) died"
+                count += 1
+    return count
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _finish(sessions: sessionmaker, run_id: int, status: RunStatus, reason: str, **values: Any) -> None:
+    with sessions.begin() as session:
+        run = session.get(TrainingRun, run_id)
+        run.status, run.reason, run.finished_at = status, reason[:4000], utcnow()
+        for key, value in values.items():
+            setattr(run, key, value)
+
+
+def recent_images(settings: Settings, sessions: sessionmaker, now: datetime) -> list[tuple[str, Path]]:
+    """(sha256, archived file) of the newest classified images in the window, files that still exist."""
+    cfg = settings.retraining
+    with sessions() as session:
+        rows = session.execute(
+            select(Image.sha256, Image.archive_path)
+            .where(Image.status == ImageStatus.done, Image.archive_path.is_not(None),
+                   Image.received_at >= now - timedelta(days=cfg.window_days))
+            .order_by(Image.received_at.desc(), Image.id.desc()).limit(cfg.max_images)
+        ).all()
+    return [(sha, Path(p)) for sha, p in rows if sha and Path(p).is_file()]
+
+
+def _new_since_last_run(sessions: sessionmaker, run_id: int) -> int:
+    with sessions() as session:
+        last = session.scalar(
+            select(func.max(TrainingRun.started_at))
+            .where(TrainingRun.id != run_id, TrainingRun.status.in_([RunStatus.succeeded, RunStatus.rejected]))
+        )
+        query = select(func.count(Image.id)).where(Image.status == ImageStatus.done)
+        if last is not None:
+            query = query.where(Image.received_at > last)
+        return int(session.scalar(query) or 0)
+
+
+def split_held_out(images: list[tuple[str, Path]], fraction: float) -> tuple[list[Path], list[Path]]:
+    """(train, held out): a stable share by sha256, so a file is held out in every run or in none."""
+    threshold = int(fraction * 1000)
+    train = [p for sha, p in images if int(sha[:8], 16) % 1000 >= threshold]
+    held = [p for sha, p in images if int(sha[:8], 16) % 1000 < threshold]
+    return train, held
+
+
+def reviewed_images(sessions: sessionmaker) -> list[tuple[Path, str]]:
+    """(archived file, latest reviewed label) of every reviewed image whose file still exists."""
+    with sessions() as session:
+        latest = select(func.max(Review.id)).group_by(Review.image_id)
+        rows = session.execute(
+            select(Image.archive_path, Review.label).join(Review, Review.image_id == Image.id)
+            .where(Review.id.in_(latest), Image.archive_path.is_not(None))
+        ).all()
+    return [(Path(p), label) for p, label in rows if Path(p).is_file()]
+
+
+def train_command(settings: Settings, source: Path, out: Path, semantic_classifier: str | None) -> list[str]:
+    cfg = settings.retraining
+    cmd = [sys.executable, "-c", CHILD, str(cfg.nice), "train", "cyclegan", "--source", str(source),
+           "--reference", str(cfg.reference), "--out", str(out), "--preset", cfg.preset,
+           "--epochs", str(cfg.epochs), "--device", cfg.device]
+    if cfg.steps_per_epoch:
+        cmd += ["--steps-per-epoch", str(cfg.steps_per_epoch)]
+    if semantic_classifier:
+        cmd += ["--semantic-classifier", semantic_classifier]
+    return cmd
+
+
+def run_training(cmd: list[str], log_path: Path, *, timeout: float, stop: threading.Event | None) -> None:
+    """Run the training subprocess to the end; raise TrainingFailed on any other outcome."""
+    env = dict(os.environ)
+    with log_path.open("ab") as out:
+        child = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                 start_new_session=True)
+    log.info("training_started", pid=child.pid, log=str(log_path))
+    deadline = time.monotonic() + timeout
+    while child.poll() is None:
+        if stop is not None and stop.is_set():
+            child.kill()
+            child.wait()
+            raise TrainingFailed("the service stopped during training; the run will be tried again on schedule")
+        if time.monotonic() > deadline:
+            child.kill()
+            child.wait()
+            raise TrainingFailed(f"training ran past [retraining] timeout_minutes ({timeout / 60:.0f}) and was killed")
+        time.sleep(0.2)
+    if child.returncode != 0:
+        how = (f"was killed by {signal.Signals(-child.returncode).name}" if child.returncode < 0
+               else f"exited with status {child.returncode}")
+        tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] if log_path.exists() else []
+        raise TrainingFailed(f"training {how}; see {log_path}" + (f" ({tail[0][:300]})" if tail else ""))
+
+
+def run_retraining(settings: Settings, sessions: sessionmaker, *, trigger: str = "manual",
+                   now: datetime | None = None, stop: threading.Event | None = None) -> RetrainResult:
+    """One retraining run, start to finish; never raises for a failed run (it is recorded)."""
+    now = now or utcnow()
+    cfg = settings.retraining
+    with sessions.begin() as session:
+        run = TrainingRun(kind=ModelKind.standardizer, status=RunStatus.running, trigger=trigger,
+                          worker=intake.worker_id(), started_at=now,
+                          params={"preset": cfg.preset, "epochs": cfg.epochs, "steps_per_epoch": cfg.steps_per_epoch,
+                                  "window_days": cfg.window_days, "max_images": cfg.max_images,
+                                  "reference": str(cfg.reference) if cfg.reference else None})
+        session.add(run)
+        session.flush()
+        run_id = run.id
+    bound = log.bind(run=run_id, trigger=trigger)
+    bound.info("retraining_started")
+    try:
+        result = _run(settings, sessions, run_id, now, stop)
+    except TrainingFailed as exc:
+        _finish(sessions, run_id, RunStatus.failed, str(exc), error=str(exc))
+        result = RetrainResult(run_id, RunStatus.failed.value, reason=str(exc))
+    except Exception as exc:  # noqa: BLE001 - a bug in one run must leave a row and a working service
+        bound.exception("retraining_crashed")
+        reason = f"{type(exc).__name__}: {exc}"
+        _finish(sessions, run_id, RunStatus.failed, reason, error=reason)
+        result = RetrainResult(run_id, RunStatus.failed.value, reason=reason)
+    bound.info("retraining_finished", status=result.status, candidate=result.candidate_id,
+               promoted=result.promoted, reason=result.reason)
+    return result
+
+
+def _run(settings: Settings, sessions: sessionmaker, run_id: int, now: datetime,
+         stop: threading.Event | None) -> RetrainResult:
+    cfg = settings.retraining
+
+    def skipped(reason: str, **values: Any) -> RetrainResult:
+        _finish(sessions, run_id, RunStatus.skipped, reason, **values)
+        return RetrainResult(run_id, RunStatus.skipped.value, reason=reason)
+
+    if cfg.reference is None or not cfg.reference.is_dir():
+        return skipped(f"no reference images: set [retraining] reference to the reference hospital's labeled "
+                       f"folder (now {cfg.reference or 'unset'})")
+    new = _new_since_last_run(sessions, run_id)
+    if new < cfg.min_new_images:
+        return skipped(f"{new} new images since the last run, fewer than [retraining] min_new_images "
+                       f"({cfg.min_new_images})", images_used=0)
+    train, held_out = split_held_out(recent_images(settings, sessions, now), cfg.held_out_fraction)
+    if not train:
+        return skipped("no archived images in the window to train on", images_used=0)
+
+    run_dir = settings.state_dir / "retraining" / f"run-{run_id}"
+    source = run_dir / "source"
+    source.mkdir(parents=True, exist_ok=True)
+    for i, path in enumerate(train):
+        (source / f"{i:06d}{path.suffix.lower()}").symlink_to(path.resolve())
+    out, log_path = run_dir / "standardizer.safetensors", run_dir / "train.log"
+    with sessions.begin() as session:
+        run = session.get(TrainingRun, run_id)
+        run.images_used, run.held_out_images, run.log_path = len(train), len(held_out), str(log_path)
+        c_active = registry.active_version(session, ModelKind.classifier)
+        s_active = registry.active_version(session, ModelKind.standardizer)
+    if c_active is None or s_active is None:
+        raise TrainingFailed("no active classifier or standardizer in the registry; start the service once "
+                             "or run `stainbridge models promote ID`")
+    semantic = None if registry.is_builtin(c_active) else c_active.path
+    run_training(train_command(settings, source, out, semantic), log_path,
+                 timeout=cfg.timeout_minutes * 60, stop=stop)
+
+    device = settings.models.device
+    classifier = registry.load_version(c_active, device=device)
+    active = registry.load_version(s_active, device=device, classifier=classifier)
+    from stainbridge.models.inference import load_standardizer
+
+    candidate = load_standardizer(str(out), device=device, classifier=classifier)
+    with sessions.begin() as session:
+        version = registry.register_model(session, ModelKind.standardizer, str(out), candidate.sha256,
+                                          candidate.header, state=VersionState.candidate, training_run_id=run_id)
+        candidate_id = version.id
+        session.get(TrainingRun, run_id).model_version_id = candidate_id
+    gate = promotion.evaluate(settings, classifier, active, candidate, held_out=held_out,
+                              reviewed=reviewed_images(sessions), reference=cfg.reference)
+    metrics = {"gate": gate.metrics(), "training": (candidate.header.get("metrics") or {}).get("final", {})}
+    with sessions.begin() as session:
+        version = session.get(ModelVersion, candidate_id)
+        version.metrics = {**(version.metrics or {}), "gate": gate.metrics()}
+        if gate.passed:
+            registry.activate(session, version, reason=gate.reason)
+        else:
+            version.reason = gate.reason
+        run = session.get(TrainingRun, run_id)
+        run.metrics = metrics
+        run.reference_images = next((c.images for c in gate.checks if c.name == "reference_accuracy"), None)
+    status = RunStatus.succeeded if gate.passed else RunStatus.rejected
+    _finish(sessions, run_id, status, gate.reason)
+    return RetrainResult(run_id, status.value, candidate_id, gate.passed, gate.reason, metrics)

@@ -1,0 +1,158 @@
+"""The nightly job inside `stainbridge run`: APScheduler 3, one job, run once per slot.
+
+The job lives in the database's ``apscheduler_jobs`` table under a fixed id, added with
+``replace_existing`` (a restart never duplicates it), ``max_instances=1``, ``coalesce`` and a
+misfire grace of an hour: a service that was down at 02:00 and is back by 03:00 still runs that
+night's job. A restart keeps the pending run time of an unchanged schedule, so a reboot at 02:00
+does not silently move the run to tomorrow. The cron trigger reads ``[retraining] schedule`` in
+local time.
+
+Several workers share one job (and one database): only one of them runs it. On PostgreSQL a
+session advisory lock (``pg_try_advisory_lock``) decides, on SQLite a file lock in the state
+folder; the winner then checks that no scheduled run started in this slot yet, so a worker
+whose clock or wake-up lags does not run the same night twice.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.cron import CronTrigger
+from sqlalchemy import select, text
+from sqlalchemy.engine import Engine
+
+from stainbridge.daemon.config import Settings
+from stainbridge.daemon.logs import get_logger
+from stainbridge.daemon.store import TrainingRun, make_sessionmaker
+
+log = get_logger(__name__)
+
+JOB_ID = "stainbridge-retraining"
+JOBS_TABLE = "apscheduler_jobs"
+LOCK_KEY = 0x53_42_52_54  # "SBRT": the advisory lock every worker of one database contends for
+MISFIRE_GRACE_SECONDS = 3600
+
+# What `fire` runs in this process (set by RetrainingScheduler.start): the job store keeps a
+# reference to `fire` only, so the stored job needs no pickled state of a particular process.
+_runner: Callable[[], Any] | None = None
+
+
+def fire() -> None:
+    """The stored job's function."""
+    if _runner is None:
+        log.warning("retraining_job_without_service")
+        return
+    _runner()
+
+
+def latest_slot(trigger: CronTrigger, now: datetime) -> datetime:
+    """The most recent time at or before ``now`` that the schedule names."""
+    slot, start = None, now - timedelta(days=400)
+    fire_time = trigger.get_next_fire_time(None, start)
+    while fire_time is not None and fire_time <= now:
+        slot = fire_time
+        fire_time = trigger.get_next_fire_time(fire_time, fire_time + timedelta(seconds=1))
+    return slot or now
+
+
+@contextmanager
+def job_lock(settings: Settings, engine: Engine) -> Iterator[bool]:
+    """Yield True in the one worker that may run the job now, False in the others."""
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as connection:
+            got = bool(connection.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": LOCK_KEY}).scalar())
+            connection.commit()
+            try:
+                yield got
+            finally:
+                if got:
+                    connection.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": LOCK_KEY})
+                    connection.commit()
+        return
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    with (settings.state_dir / "retraining.lock").open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def run_scheduled(settings: Settings, engine: Engine, *, now: datetime | None = None,
+                  stop: threading.Event | None = None) -> Any:
+    """The scheduled job: under the lock, once per schedule slot. Returns the RetrainResult or None."""
+    from stainbridge.daemon.retraining import run_retraining
+
+    trigger = CronTrigger.from_crontab(settings.retraining.schedule)
+    now = now or datetime.now(timezone.utc)
+    sessions = make_sessionmaker(engine)
+    with job_lock(settings, engine) as got:
+        if not got:
+            log.info("retraining_running_elsewhere")
+            return None
+        slot = latest_slot(trigger, now.astimezone(trigger.timezone))
+        with sessions() as session:
+            earlier = session.scalar(select(TrainingRun.id).where(TrainingRun.trigger == "schedule",
+                                                                  TrainingRun.started_at >= slot).limit(1))
+        if earlier is not None:
+            log.info("retraining_already_ran", slot=slot.isoformat(), run=earlier)
+            return None
+        return run_retraining(settings, sessions, trigger="schedule", now=now.astimezone(timezone.utc), stop=stop)
+
+
+class RetrainingScheduler:
+    """APScheduler in the service's process; ``start()`` adds (or keeps) the one job."""
+
+    def __init__(self, settings: Settings, engine: Engine, *,
+                 clock: Callable[[], datetime] | None = None, runner: Callable[[], Any] | None = None) -> None:
+        self.settings, self.engine = settings, engine
+        self.clock = clock or (lambda: datetime.now(timezone.utc))
+        self.trigger = CronTrigger.from_crontab(settings.retraining.schedule)
+        self.stop_event = threading.Event()
+        self.runner = runner or self._run
+        self.scheduler = BackgroundScheduler(
+            jobstores={"default": SQLAlchemyJobStore(engine=engine, tablename=JOBS_TABLE)},
+            executors={"default": {"type": "threadpool", "max_workers": 1}},
+            timezone=self.trigger.timezone,
+        )
+
+    def _run(self) -> Any:
+        return run_scheduled(self.settings, self.engine, now=self.clock(), stop=self.stop_event)
+
+    def start(self) -> None:
+        global _runner
+        _runner = self.runner
+        self.scheduler.start(paused=True)
+        existing = self.scheduler.get_job(JOB_ID)
+        keep: dict[str, Any] = {}
+        if existing is not None and str(existing.trigger) == str(self.trigger) and existing.next_run_time:
+            keep["next_run_time"] = existing.next_run_time  # a missed run stays due (within the grace)
+        job = self.scheduler.add_job(fire, trigger=self.trigger, id=JOB_ID, name="nightly retraining",
+                                     replace_existing=True, max_instances=1, coalesce=True,
+                                     misfire_grace_time=MISFIRE_GRACE_SECONDS, **keep)
+        self.scheduler.resume()
+        log.info("retraining_scheduled", schedule=self.settings.retraining.schedule,
+                 next_run=job.next_run_time.isoformat() if job.next_run_time else None)
+
+    def next_run_time(self) -> datetime | None:
+        job = self.scheduler.get_job(JOB_ID)
+        return job.next_run_time if job else None
+
+    def shutdown(self) -> None:
+        """Stop: a running job kills its training subprocess and records the run as failed."""
+        global _runner
+        self.stop_event.set()
+        if self.scheduler.running:
+            self.scheduler.shutdown(wait=True)
+        _runner = None

@@ -1,0 +1,97 @@
+"""The model registry: states, one active version per kind in the database, sha256 on every load, the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import IntegrityError
+
+from tests.daemon_helpers import build_tiny_models
+from tests.retraining_helpers import EventRecorder
+from stainbridge.daemon import cli, registry
+from stainbridge.daemon.schema import upgrade_database
+from stainbridge.daemon.store import ModelKind, VersionState, make_engine, make_sessionmaker
+
+
+@pytest.fixture
+def sessions(database_url):
+    upgrade_database(database_url)
+    engine = make_engine(database_url)
+    yield make_sessionmaker(engine)
+    engine.dispose()
+
+
+def test_the_database_allows_one_active_version_per_kind(sessions) -> None:
+    """A second active row of the same kind is refused by the partial unique index, not only by code."""
+    insert = ("INSERT INTO model_versions (kind, name, path, sha256, header, metrics, state, created_at) "
+              "VALUES ('classifier', :n, '/m', :n, '{}', '{}', :state, CURRENT_TIMESTAMP)")
+    with sessions.begin() as session:
+        session.execute(text(insert), {"n": "a", "state": "active"})
+        session.execute(text(insert), {"n": "b", "state": "retired"})
+        session.execute(text(insert.replace("'classifier'", "'standardizer'")), {"n": "c", "state": "active"})
+    with pytest.raises(IntegrityError), sessions.begin() as session:
+        session.execute(text(insert), {"n": "d", "state": "active"})
+
+
+def test_promote_and_rollback_walk_the_history(sessions) -> None:
+    """Promote retires the old active version; rollback re-activates the one before it, then the one before that."""
+    with sessions.begin() as s:
+        a = registry.register_model(s, ModelKind.standardizer, "none", "a" * 64, {})
+        b = registry.register_model(s, ModelKind.standardizer, "reinhard", "b" * 64, {}, state=VersionState.candidate)
+        c = registry.register_model(s, ModelKind.standardizer, "macenko", "c" * 64, {}, state=VersionState.candidate)
+        assert (a.state, b.state) == (VersionState.active, VersionState.candidate)
+        registry.promote(s, b.id)
+        registry.promote(s, c.id)
+        assert [v.id for v in registry.active_versions(s)] == [c.id]
+        assert (a.state, b.state) == (VersionState.retired, VersionState.retired)
+        assert registry.rollback(s, ModelKind.standardizer)[1].id == b.id
+        assert registry.rollback(s, ModelKind.standardizer)[1].id == a.id
+        with pytest.raises(registry.RegistryError, match="no earlier standardizer"):
+            registry.rollback(s, ModelKind.standardizer)
+
+
+def test_a_changed_file_is_refused_on_load_and_at_start_up(sqlite_url, tmp_path, monkeypatch) -> None:
+    """Bytes changed at a registered path: loading refuses with `checkpoint_changed`, start-up does not register them."""
+    upgrade_database(sqlite_url)
+    engine = make_engine(sqlite_url)
+    sessions = make_sessionmaker(engine)
+    tiny = build_tiny_models(tmp_path / "m")
+    with sessions.begin() as s:
+        version = registry.register_model(s, ModelKind.standardizer, str(tiny.standardizer), tiny.standardizer_sha256, {})
+    tiny.standardizer.write_bytes(tiny.classifier.read_bytes())  # same path, other bytes
+    recorder = EventRecorder()
+    monkeypatch.setattr(registry, "log", recorder)
+    with pytest.raises(registry.RegistryError, match="has changed since it was registered"):
+        registry.load_version(version, device="cpu")
+    with sessions.begin() as s:
+        assert registry.register_configured(s, ModelKind.standardizer, str(tiny.standardizer), "f" * 64, {}) is None
+        assert len(registry.list_versions(s)) == 1
+    assert recorder.names() == ["checkpoint_changed", "checkpoint_changed"]
+    engine.dispose()
+
+
+def test_models_commands(sqlite_url, tmp_path, monkeypatch, capsys, restore_logging) -> None:
+    """`models register` adds a candidate, `promote` activates it, `list --json` shows states, `rollback` undoes it."""
+    tiny = build_tiny_models(tmp_path / "m")
+    monkeypatch.setenv("STAINBRIDGE_DATABASE_URL", sqlite_url)
+    monkeypatch.setenv("STAINBRIDGE_PATHS_STATE", str(tmp_path / "state"))
+    upgrade_database(sqlite_url)
+    engine = make_engine(sqlite_url)
+    with make_sessionmaker(engine).begin() as s:
+        registry.register_model(s, ModelKind.classifier, str(tiny.classifier), tiny.classifier_sha256, {"classes": []})
+        registry.register_model(s, ModelKind.standardizer, "none", "0" * 64, {})
+    engine.dispose()
+    assert cli.main(["models", "register", str(tiny.standardizer)]) == 0
+    assert cli.main(["models", "promote", "3"]) == 0
+    capsys.readouterr()
+    assert cli.main(["models", "list", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert {k for v in listed for k in v} >= {"id", "kind", "name", "state", "sha256", "created_at", "metrics"}
+    assert [(v["id"], v["kind"], v["state"]) for v in listed] == [
+        (1, "classifier", "active"), (2, "standardizer", "retired"), (3, "standardizer", "active")]
+    assert listed[2]["sha256"] == tiny.standardizer_sha256
+    assert cli.main(["models", "rollback", "standardizer"]) == 0
+    assert cli.main(["models", "promote", "99"]) == 1
+    assert "no model version 99" in capsys.readouterr().err

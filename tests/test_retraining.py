@@ -1,0 +1,128 @@
+"""The retraining job: a run produces a candidate, the gate promotes or refuses it, failures are recorded."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from tests.daemon_helpers import wait_for
+from tests.retraining_helpers import archive_incoming, open_world
+from stainbridge.daemon import cli, registry, retraining
+from stainbridge.daemon.store import ModelKind, ModelVersion, RunStatus, TrainingRun, VersionState
+
+
+def _settings(settings_factory, lab, standardizer, **overrides):
+    values = dict(models_classifier=lab.classifier, models_standardizer=standardizer, models_device="cpu",
+                  retraining_reference=lab.reference, retraining_min_new_images=5, retraining_epochs=1,
+                  retraining_steps_per_epoch=2, retraining_device="cpu", retraining_held_out_fraction=0.3)
+    values.update(overrides)
+    return settings_factory(**values)
+
+
+@pytest.fixture
+def world(settings_factory, lab, request):
+    """Settings, sessions and 20 archived incoming images; the active standardizer is the test's param."""
+    standardizer = getattr(request, "param", "none")
+    settings = _settings(settings_factory, lab, lab.broken if standardizer == "broken" else standardizer)
+    engine, sessions = open_world(settings)
+    archive_incoming(settings, sessions, lab)
+    yield settings, sessions
+    engine.dispose()
+
+
+@pytest.mark.parametrize("world", ["broken"], indirect=True)
+def test_nightly_run_trains_a_candidate_and_promotes_it_over_a_worse_active(world, lab) -> None:
+    """A run trains a standardizer in a subprocess, registers it as a candidate and promotes it past a broken active one."""
+    settings, sessions = world
+    result = retraining.run_retraining(settings, sessions, trigger="schedule")
+    assert result.status == "succeeded", result.reason
+    assert result.promoted and result.candidate_id
+    assert result.metrics["gate"]["checks"]["reference_accuracy"]["candidate"] > \
+        result.metrics["gate"]["checks"]["reference_accuracy"]["active"]
+    with sessions() as session:
+        run = session.get(TrainingRun, result.run_id)
+        assert run.status is RunStatus.succeeded and run.images_used > 0 and run.held_out_images > 0
+        assert run.finished_at is not None and Path(run.log_path).is_file() and run.model_version_id == result.candidate_id
+        active = registry.active_version(session, ModelKind.standardizer)
+        assert active.id == result.candidate_id and active.training_run_id == run.id
+        broken = session.scalars(select(ModelVersion).where(ModelVersion.path == str(lab.broken.resolve()))).one()
+        assert broken.state is VersionState.retired
+
+
+def test_broken_candidate_is_refused_and_stays_a_candidate(world, lab, monkeypatch) -> None:
+    """A candidate that paints cells black is refused with the failing checks named; the active version stays."""
+    settings, sessions = world
+    copy = f"import shutil, sys; a = sys.argv; shutil.copy({str(lab.broken)!r}, a[a.index('--out') + 1])"
+    monkeypatch.setattr(retraining, "CHILD", copy)
+    result = retraining.run_retraining(settings, sessions)
+    assert result.status == "rejected" and not result.promoted
+    assert "reference_accuracy" in result.reason and "worse than the active version" in result.reason
+    with sessions() as session:
+        candidate = session.get(ModelVersion, result.candidate_id)
+        assert candidate.state is VersionState.candidate and candidate.reason == result.reason
+        assert registry.active_version(session, ModelKind.standardizer).path == "none"
+
+
+def test_killed_training_is_recorded_as_failed(world, monkeypatch, tmp_path) -> None:
+    """SIGKILL to the (niced) training subprocess leaves a failed run naming the signal, and no candidate."""
+    settings, sessions = world
+    pidfile = tmp_path / "child.pid"
+    monkeypatch.setattr(retraining, "CHILD", "import os, sys, time; os.nice(int(sys.argv[1])); "
+                        f"open({str(pidfile)!r}, 'w').write(str(os.getpid())); time.sleep(120)")
+    results = []
+    worker = threading.Thread(target=lambda: results.append(retraining.run_retraining(settings, sessions)))
+    worker.start()
+    pid = int(wait_for(lambda: pidfile.exists() and pidfile.read_text(), 60, "the training child's pid"))
+    assert os.getpriority(os.PRIO_PROCESS, pid) >= os.getpriority(os.PRIO_PROCESS, 0) + 10
+    os.kill(pid, signal.SIGKILL)
+    worker.join(60)
+    (result,) = results
+    assert result.status == "failed" and "SIGKILL" in result.reason and result.candidate_id is None
+    with sessions() as session:
+        run = session.get(TrainingRun, result.run_id)
+        assert run.status is RunStatus.failed and run.finished_at is not None and "SIGKILL" in run.error
+        assert session.scalar(select(ModelVersion.id).where(ModelVersion.state == VersionState.candidate)) is None
+
+
+def test_too_few_new_images_skip_with_a_recorded_reason(settings_factory, lab) -> None:
+    """Below [retraining] min_new_images the run is `skipped` and says how many there were."""
+    settings = _settings(settings_factory, lab, "none", retraining_min_new_images=1000)
+    engine, sessions = open_world(settings)
+    try:
+        archive_incoming(settings, sessions, lab)
+        result = retraining.run_retraining(settings, sessions)
+        assert result.status == "skipped" and "20 new images" in result.reason and "min_new_images" in result.reason
+    finally:
+        engine.dispose()
+
+
+def test_a_run_left_running_by_a_dead_process_becomes_failed(world) -> None:
+    """At start-up, runs of a dead process on this host are marked failed (a crash mid-run leaves no `running` row)."""
+    settings, sessions = world
+    with sessions.begin() as session:
+        session.add(TrainingRun(kind=ModelKind.standardizer, status=RunStatus.running, worker=f"{os.uname().nodename}:999999"))
+    assert retraining.recover_runs(sessions) == 1
+    with sessions() as session:
+        assert session.scalars(select(TrainingRun.status)).all() == [RunStatus.failed]
+
+
+def test_retrain_now_json(world, lab, monkeypatch, capsys, restore_logging) -> None:
+    """`retrain --now --json` prints run_id, status, candidate_id, promoted, reason and metrics."""
+    settings, _ = world
+    for key, value in {"PATHS_STATE": settings.state_dir, "DATABASE_URL": settings.database_url,
+                       "MODELS_CLASSIFIER": lab.classifier, "MODELS_DEVICE": "cpu",
+                       "RETRAINING_REFERENCE": lab.reference, "RETRAINING_MIN_NEW_IMAGES": 1000}.items():
+        monkeypatch.setenv(f"STAINBRIDGE_{key}", str(value))
+    assert cli.main(["retrain", "--now", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) == {"run_id", "status", "candidate_id", "promoted", "reason", "metrics"}
+    assert out["status"] == "skipped" and out["promoted"] is False
+    assert cli.main(["status", "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["last_retraining"]["status"] == "skipped" and status["reviews_total"] == 0

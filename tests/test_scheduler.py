@@ -1,0 +1,126 @@
+"""The nightly schedule: APScheduler with a controllable clock, restarts, and two workers."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from sqlalchemy import select, text
+
+from tests.daemon_helpers import wait_for
+from tests.retraining_helpers import FakeClock, local
+from stainbridge.daemon import retraining, scheduler
+from stainbridge.daemon.schema import upgrade_database
+from stainbridge.daemon.store import ModelKind, RunStatus, TrainingRun, make_engine, make_sessionmaker
+
+
+def _engine(settings_factory, url):
+    settings = settings_factory(database_url=url, retraining_enabled=True, retraining_schedule="0 2 * * *")
+    upgrade_database(settings.database_url)
+    return settings, make_engine(settings.database_url)
+
+
+@pytest.fixture
+def engine(settings_factory, sqlite_url):
+    settings, engine = _engine(settings_factory, sqlite_url)
+    yield settings, engine
+    engine.dispose()
+
+
+@pytest.fixture
+def any_engine(settings_factory, database_url):
+    """Both backends: a SQLite file (file lock) and PostgreSQL (advisory lock)."""
+    settings, engine = _engine(settings_factory, database_url)
+    yield settings, engine
+    engine.dispose()
+
+
+def _scheduler(settings, engine, clock, calls):
+    return scheduler.RetrainingScheduler(settings, engine, clock=clock, runner=lambda: calls.append(clock()))
+
+
+def test_the_job_is_stored_once_with_its_options_and_a_restart_keeps_it(engine, monkeypatch) -> None:
+    """Fixed id, max_instances=1, coalesce, an hour's misfire grace; a second start replaces, never duplicates."""
+    settings, eng = engine
+    clock = FakeClock(monkeypatch, local(2026, 12, 1, 1, 30))
+    calls: list = []
+    for _ in range(2):  # the service started, stopped and started again
+        sched = _scheduler(settings, eng, clock, calls)
+        sched.start()
+        job = sched.scheduler.get_job(scheduler.JOB_ID)
+        assert (job.max_instances, job.coalesce, job.misfire_grace_time) == (1, True, 3600)
+        assert sched.next_run_time() == local(2026, 12, 1, 2)
+        sched.shutdown()
+    with eng.connect() as connection:
+        assert connection.execute(text(f"SELECT id FROM {scheduler.JOBS_TABLE}")).scalars().all() == [scheduler.JOB_ID]
+    assert calls == []
+
+
+def test_the_clock_reaching_the_schedule_runs_the_job_once(engine, monkeypatch) -> None:
+    """At 02:00 the job runs once and the next run moves to the following night."""
+    settings, eng = engine
+    clock = FakeClock(monkeypatch, local(2026, 12, 1, 1, 59, ))
+    calls: list = []
+    sched = _scheduler(settings, eng, clock, calls)
+    sched.start()
+    try:
+        clock.advance(minutes=1, seconds=5)
+        sched.scheduler.wakeup()
+        wait_for(lambda: calls, 30, "the job to run at 02:00")
+        wait_for(lambda: sched.next_run_time() == local(2026, 12, 2, 2), 30, "the next run to be tomorrow")
+        sched.scheduler.wakeup()
+        assert len(calls) == 1
+    finally:
+        sched.shutdown()
+
+
+def test_a_service_down_at_two_still_runs_that_nights_job(engine, monkeypatch) -> None:
+    """Stopped before 02:00 and started again at 02:30: the missed run is kept and runs (within the hour's grace)."""
+    settings, eng = engine
+    clock = FakeClock(monkeypatch, local(2026, 12, 1, 1, 50))
+    calls: list = []
+    first = _scheduler(settings, eng, clock, calls)
+    first.start()
+    first.shutdown()
+    clock.advance(minutes=40)
+    second = _scheduler(settings, eng, clock, calls)
+    second.start()
+    try:
+        wait_for(lambda: calls, 30, "the missed 02:00 run after the restart")
+        wait_for(lambda: second.next_run_time() == local(2026, 12, 2, 2), 30, "the next run to be tomorrow")
+        assert len(calls) == 1
+    finally:
+        second.shutdown()
+
+
+def test_two_workers_run_the_job_once(any_engine, monkeypatch) -> None:
+    """Two workers firing at the same 02:00 (and one firing late) start one run between them."""
+    settings, eng = any_engine
+    sessions = make_sessionmaker(eng)
+    started = threading.Barrier(2)
+
+    def fake_run(settings, sessions, *, trigger, now, stop):
+        with sessions.begin() as session:
+            session.add(TrainingRun(kind=ModelKind.standardizer, status=RunStatus.skipped, trigger=trigger,
+                                    started_at=now))
+        time.sleep(0.5)  # hold the lock while the other worker tries
+        return "ran"
+
+    monkeypatch.setattr(retraining, "run_retraining", fake_run)
+    at_two = local(2026, 12, 1, 2, 0)
+    results: list = []
+
+    def worker() -> None:
+        started.wait(10)
+        results.append(scheduler.run_scheduled(settings, eng, now=at_two))
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    results.append(scheduler.run_scheduled(settings, eng, now=local(2026, 12, 1, 2, 20)))  # a late third wake-up
+    assert sorted(map(str, results)) == ["None", "None", "ran"]
+    with sessions() as session:
+        assert len(session.scalars(select(TrainingRun.id)).all()) == 1
