@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 from sqlalchemy import create_engine, text
@@ -155,14 +155,15 @@ def stage_files(images: list[Path], staging: Path) -> list[Path]:
     return staged
 
 
-def log_stages(log: Path) -> tuple[dict[str, float], int]:
+def log_stages(log: Path, dropped_at: datetime | None = None) -> tuple[dict[str, float], int]:
     """Per-run seconds the service's JSON log lets us separate, summed over its batches.
 
     Per batch the pipeline logs one ``classified`` line per image right after the results commit
     (with ``latency_ms``: decode plus the image's share of inference), then files the images, then
     logs ``batch``. So: ``move`` = batch line - last classified line; ``decode_and_inference`` =
     sum of latency_ms; ``intake_and_database`` = the rest of the batch (hash, per-image claim
-    transactions, the results commit, batch waiting)."""
+    transactions, the results commit, watcher scans and batch waiting). The first batch starts
+    at ``dropped_at`` (the first rename), not at ``ready``."""
     move = decode_infer = rest = 0.0
     batches = 0
     previous_end: datetime | None = None
@@ -175,7 +176,7 @@ def log_stages(log: Path) -> tuple[dict[str, float], int]:
             continue
         event = entry.get("event")
         if event == "ready":
-            previous_end = when
+            previous_end = max(when, dropped_at) if dropped_at is not None else when
         elif event == "classified":
             classified.append((when, float(entry.get("latency_ms") or 0.0) / 1000))
         elif event == "batch" and classified:
@@ -210,7 +211,7 @@ def run_service(images: list[Path], root: Path, *, classifier: Path, standardize
         service.wait_ready(timeout)
         startup = time.monotonic() - started
         engine = create_engine(f"sqlite:///{root / 'stainbridge.db'}")
-        t0 = time.perf_counter()
+        t0, dropped_at = time.perf_counter(), datetime.now(timezone.utc)
         for path in staged:
             os.rename(path, drop / path.name)
         handled = 0
@@ -239,6 +240,6 @@ def run_service(images: list[Path], root: Path, *, classifier: Path, standardize
     if code != 0:
         raise ServiceRunError(f"`stainbridge run` exited {code} on SIGTERM (expected 0); log: {service.log}\n"
                               + service.tail())
-    stages, batches = log_stages(service.log)
+    stages, batches = log_stages(service.log, dropped_at)
     return ServiceResult(images=len(staged), seconds=seconds, failed=failed, peak_rss_mb=peak,
                          startup_seconds=startup, exit_code=code, log_stages=stages, batches=batches)

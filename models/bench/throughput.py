@@ -110,6 +110,12 @@ def _stages(inproc: dict[str, float], n: int, service: dict | None) -> dict:
                        "source": "service log: results logged -> batch logged (archive moves, directory fsyncs, "
                                  "archive_path commit)"}
         total = 1000 * service["seconds"] / n
+        service_infer = 1000 * log["decode_and_inference"] / n
+        out["other"] = {"ms_per_image": round(max(0.0, total - sum(v["ms_per_image"] for v in out.values())), 3),
+                        "source": "service time the stages above do not explain: its own decode + inference "
+                                  f"(latency_ms in its log) took {service_infer:.2f} ms per image against "
+                                  f"{sum(ms[k] for k in ('decode', 'geometry', 'standardizer', 'classifier')):.2f} "
+                                  "in-process; logging, watcher, start of the first batch"}
     else:
         total = sum(ms.values())
     for value in out.values():
