@@ -18,6 +18,8 @@ from stainbridge.models.checkpoint import save_checkpoint
 from stainbridge.models.classifier import build_classifier
 from stainbridge.models.imaging.synthetic import CLASSES
 
+torch.set_num_threads(1)  # a shared CPU: one math thread per process (as the other model tests do)
+
 KEYS = {"device", "images", "naive", "pipeline", "service", "speedup_vs_naive", "stages", "peak_rss_mb"}
 
 
