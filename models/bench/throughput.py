@@ -95,31 +95,44 @@ def _rate(done: int, seconds: float) -> dict:
     return {"images_per_s": round(done / seconds, 2) if seconds > 0 else None, "images": done, "seconds": round(seconds, 3)}
 
 
+COMPUTE = ("decode", "geometry", "standardizer", "classifier")
+
+
 def _stages(inproc: dict[str, float], n: int, service: dict | None) -> dict:
-    """Milliseconds per image per stage, and each stage's share of the service's time per image
-    (of the in-process sum when the service did not run)."""
+    """Per stage: milliseconds per image measured in-process (batched) and its share of the
+    service's files-to-rows time per image.
+
+    The service's log gives decode + inference together (``latency_ms``); it is split over decode,
+    geometry, standardizer and classifier in the proportions measured in-process. Database and
+    move come from the log (``service_run.log_stages``); "other" is what none of them explains.
+    Without a service run the shares are of the in-process sum."""
     ms = {k: 1000 * v / n for k, v in inproc.items()}
-    out = {k: {"ms_per_image": round(v, 3), "source": "in-process, batched"} for k, v in ms.items()}
-    if service is not None:
-        log, batches = service["log_stages"], max(service["batches"], 1)
-        out["database"] = {"ms_per_image": round(1000 * max(0.0, log["intake_and_database"] - inproc["hash"]) / n, 3),
-                           "source": "service log: batch time before the results are logged, minus decode and "
-                                     "inference (latency_ms) and the in-process hash time; includes the per-image "
-                                     f"claim transactions, the results commit and batch waiting ({batches} batches)"}
-        out["move"] = {"ms_per_image": round(1000 * log["move"] / n, 3),
-                       "source": "service log: results logged -> batch logged (archive moves, directory fsyncs, "
-                                 "archive_path commit)"}
-        total = 1000 * service["seconds"] / n
-        service_infer = 1000 * log["decode_and_inference"] / n
-        out["other"] = {"ms_per_image": round(max(0.0, total - sum(v["ms_per_image"] for v in out.values())), 3),
-                        "source": "service time the stages above do not explain: its own decode + inference "
-                                  f"(latency_ms in its log) took {service_infer:.2f} ms per image against "
-                                  f"{sum(ms[k] for k in ('decode', 'geometry', 'standardizer', 'classifier')):.2f} "
-                                  "in-process; logging, watcher, start of the first batch"}
-    else:
+    out: dict[str, dict] = {k: {"ms_per_image": round(v, 3), "source": "in-process, batched"} for k, v in ms.items()}
+    if service is None:
         total = sum(ms.values())
-    for value in out.values():
-        value["share"] = round(value["ms_per_image"] / total, 3) if total > 0 else None
+        for value in out.values():
+            value["share"] = round(value["ms_per_image"] / total, 3) if total > 0 else None
+        return out
+    log, total = service["log_stages"], 1000 * service["seconds"] / n
+    service_ms = {"hash": ms["hash"]}
+    compute_inproc, compute_service = sum(ms[k] for k in COMPUTE), 1000 * log["decode_and_inference"] / n
+    for k in COMPUTE:
+        service_ms[k] = compute_service * ms[k] / compute_inproc if compute_inproc > 0 else 0.0
+    service_ms["database"] = max(0.0, 1000 * log["intake_and_database"] / n - ms["hash"])
+    service_ms["move"] = 1000 * log["move"] / n
+    service_ms["other"] = max(0.0, total - sum(service_ms.values()))
+    out["database"] = {"ms_per_image": round(service_ms["database"], 3),
+                       "source": "service log: each batch's time before its results are logged, minus decode and "
+                                 "inference (latency_ms) and the in-process hash time: the per-image claim "
+                                 "transactions, the results transaction, the watcher's scans, batch waiting"}
+    out["move"] = {"ms_per_image": round(service_ms["move"], 3),
+                   "source": "service log: results logged -> batch logged (renames into the archive, a directory "
+                             "fsync per file, the archive_path transaction)"}
+    out["other"] = {"ms_per_image": round(service_ms["other"], 3),
+                    "source": "service time between batches that no stage above explains (loop, logging)"}
+    for k, value in out.items():
+        value["service_ms_per_image"] = round(service_ms[k], 3)
+        value["share"] = round(service_ms[k] / total, 3) if total > 0 else None
     return out
 
 
@@ -197,10 +210,14 @@ def _print(result: dict) -> None:
             ratio = result["speedup_vs_naive"].get(mode)
             extra = f"  ({ratio:.2f}x naive)" if ratio else ""
             print(f"  {mode:<9} {result[mode]['images_per_s']:>9.1f} images/s{extra}")
-    print("  stages (ms per image, share):")
+    with_service = result["service"] is not None
+    print("  stages, ms per image in-process" + (", in the service, share of the service's time:" if with_service
+                                                 else ", share of the in-process sum:"))
     for stage, value in result["stages"].items():
         share = f"{value['share']:.0%}" if value.get("share") is not None else "-"
-        print(f"    {stage:<13} {value['ms_per_image']:>8.2f} ms  {share:>4}")
+        in_service = f"{value['service_ms_per_image']:>8.2f}" if with_service else ""
+        inproc = f"{value['ms_per_image']:>8.2f}" if value["source"].startswith("in-process") else f"{'-':>8}"
+        print(f"    {stage:<13} {inproc} {in_service}  {share:>4}")
     rss = result["peak_rss_mb"]
     print(f"  peak RSS: bench process {rss['bench_process']} MiB, service {rss['service']} MiB")
 
