@@ -197,6 +197,7 @@ def log_stages(log: Path, dropped_at: datetime | None = None) -> tuple[dict[str,
 def run_service(images: list[Path], root: Path, *, classifier: Path, standardizer: str, device: str,
                 batch_size: int, timeout: float) -> ServiceResult:
     """Start the service on a fresh folder, drop ``images``, time them to committed rows, stop it."""
+    root = root.resolve()  # the config names absolute paths, whatever the service's working directory
     root.mkdir(parents=True, exist_ok=True)
     config = write_config(root, classifier=classifier, standardizer=standardizer, device=device,
                           batch_size=batch_size)
