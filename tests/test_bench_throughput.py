@@ -98,3 +98,25 @@ def test_log_stages_splits_batches_into_move_inference_and_the_rest(tmp_path: Pa
     assert stages["move"] == pytest.approx(0.1)
     assert stages["decode_and_inference"] == pytest.approx(0.2)
     assert stages["intake_and_database"] == pytest.approx(0.3001)
+
+
+def test_compile_falls_back_to_eager_when_compiling_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--compile` must never cost the run: a compiler error leaves both networks eager and says why."""
+    from stainbridge.models import inference
+    from stainbridge.models.bench import throughput
+
+    classifier_path, standardizer_path = throughput._random_checkpoints("cpu", tmp_path)
+    classifier = inference.load_classifier(classifier_path, device="cpu")
+    standardizer = inference.load_standardizer(str(standardizer_path), device="cpu", classifier=classifier)
+    eager_model = classifier.model
+
+    def broken_compile(module: torch.nn.Module) -> torch.nn.Module:
+        def fail(*args: object, **kwargs: object) -> None:
+            raise RuntimeError("no C++ compiler")
+        return fail  # type: ignore[return-value]
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    outcome = inference.compile_networks(standardizer, classifier, torch.rand(2, 3, 64, 64))
+    assert outcome.startswith("eager (RuntimeError: no C++ compiler")
+    assert classifier.model is eager_model
+    assert classifier.predict(torch.rand(1, 3, 64, 64)).shape == (1, len(CLASSES))
