@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from sqlalchemy import create_engine, text
@@ -171,7 +171,7 @@ def log_stages(log: Path, dropped_at: datetime | None = None) -> tuple[dict[str,
     for line in log.read_text(errors="replace").splitlines():
         try:
             entry = json.loads(line)
-            when = datetime.fromisoformat(entry["timestamp"].replace("Z", "+00:00"))
+            when = datetime.fromisoformat(entry["timestamp"])
         except (ValueError, KeyError, TypeError, AttributeError):
             continue
         event = entry.get("event")
@@ -212,7 +212,7 @@ def run_service(images: list[Path], root: Path, *, classifier: Path, standardize
         service.wait_ready(timeout)
         startup = time.monotonic() - started
         engine = create_engine(f"sqlite:///{root / 'stainbridge.db'}")
-        t0, dropped_at = time.perf_counter(), datetime.now(timezone.utc)
+        t0, dropped_at = time.perf_counter(), datetime.now(UTC)
         for path in staged:
             os.rename(path, drop / path.name)
         handled = 0

@@ -16,8 +16,8 @@ import hashlib
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -102,24 +102,18 @@ def stage_times(paths: list[Path], standardizer: inference.Standardizer, classif
     geometry = inference.resolve_geometry(classifier, standardizer)
     totals = dict.fromkeys(("hash", "decode", "geometry", "standardizer", "classifier"), 0.0)
 
-    def timed(stage: str, fn: Callable[[], object]) -> object:
+    def timed(stage: str, fn: Callable[..., Any], *args: Any) -> Any:
         start = time.perf_counter()
-        out = fn()
+        out = fn(*args)
         _sync(device)
         totals[stage] += time.perf_counter() - start
         return out
 
     for chunk in _batches(paths, batch_size):
-        timed("hash", lambda: [hashlib.sha256(p.read_bytes()).hexdigest() for p in chunk])
-        images = timed("decode", lambda: [decode(p) for p in chunk])
-        batch = timed("geometry", lambda: inference.prepare_batch(images, geometry).to(device))
-        standardized = timed("standardizer", lambda: standardizer(batch))
-        timed("classifier", lambda: inference.predict_views(classifier, standardized))
+        timed("hash", lambda files: [hashlib.sha256(p.read_bytes()).hexdigest() for p in files], chunk)
+        images = timed("decode", lambda files: [decode(p) for p in files], chunk)
+        batch = timed("geometry", lambda pictures: inference.prepare_batch(pictures, geometry).to(device), images)
+        standardized = timed("standardizer", standardizer, batch)
+        timed("classifier", inference.predict_views, classifier, standardized)
     return totals
 
-
-def random_batch(classifier: inference.Classifier, n: int) -> torch.Tensor:
-    """A [n,3,S,S] batch in [0,1] at the classifier's input size (for warm-ups and compile checks)."""
-    rng = np.random.default_rng(0)
-    size = classifier.input_size
-    return torch.from_numpy(rng.random((n, 3, size, size), dtype=np.float32))
