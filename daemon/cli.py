@@ -261,9 +261,10 @@ def _passive_openmp() -> None:
 
     Spinning threads take the CPU from decoding, hashing, SQLite and every other process on a
     shared machine. Measured on the 2-core development CPU (load average 7): a width-16 ResNet-18
-    batch ran at 11 images/s with the default (active) wait and 145 images/s with PASSIVE; the
-    service went from 3.7 to 10 images/s. libgomp reads the variable once, when torch is first
-    imported, so this runs before any command module is loaded.
+    batch ran at 11 images/s with the default (active) wait and 145 images/s with PASSIVE;
+    `bench throughput --preset cpu` measured the service at 7.9 -> 13.4 images/s (loaded) and
+    21.9 -> 32.9 (quiet). libgomp reads the variable once, when torch is first imported, so this
+    runs before any command module is loaded.
     """
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
