@@ -21,6 +21,9 @@ run channels_last under bf16 autocast; on CPU in float32. Everything runs in inf
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -48,10 +51,12 @@ __all__ = [
     "Standardizer",
     "BatchResult",
     "resolve_device",
+    "full_precision",
     "load_classifier",
     "load_standardizer",
     "wrap_generator",
     "place_model",
+    "compile_networks",
     "Geometry",
     "resolve_geometry",
     "prepare_batch",
@@ -87,9 +92,24 @@ def resolve_device(name: str) -> torch.device:
     raise ValueError(f'unknown device {name!r}; use "auto", "cpu" or "cuda"')
 
 
+_FULL_PRECISION: contextvars.ContextVar[bool] = contextvars.ContextVar("full_precision", default=False)
+
+
+@contextlib.contextmanager
+def full_precision() -> Iterator[None]:
+    """Run the networks in float32 even on CUDA inside this block (the naive baseline of
+    `bench throughput`, and numerical checks); outside it, CUDA runs under bf16 autocast."""
+    token = _FULL_PRECISION.set(True)
+    try:
+        yield
+    finally:
+        _FULL_PRECISION.reset(token)
+
+
 def _autocast(device: torch.device):
-    # bf16 on CUDA only; a disabled autocast context on CPU keeps float32.
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    # bf16 on CUDA only (unless full_precision()); a disabled autocast context on CPU keeps float32.
+    enabled = device.type == "cuda" and not _FULL_PRECISION.get()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def _memory_format(device: torch.device) -> torch.memory_format:
@@ -99,6 +119,25 @@ def _memory_format(device: torch.device) -> torch.memory_format:
 def place_model(model: nn.Module, device: torch.device) -> nn.Module:
     """Move a network to ``device`` for inference (channels_last on CUDA, eval, no gradients)."""
     return model.to(device=device, memory_format=_memory_format(device)).eval().requires_grad_(False)
+
+
+def compile_networks(standardizer: "Standardizer", classifier: "Classifier", sample: Tensor) -> str:
+    """``torch.compile`` the classifier and a generator standardizer, checked on ``sample`` (a
+    prepared [N,3,S,S] batch); on any failure both stay eager. Returns "compiled" or
+    "eager (<why>)" for the record."""
+    fn = standardizer._fn
+    eager = (classifier.model, fn.generator if isinstance(fn, _GeneratorFn) else None)
+    try:
+        classifier.model = torch.compile(classifier.model)
+        if isinstance(fn, _GeneratorFn):
+            fn.generator = torch.compile(fn.generator)
+        classify_batch(sample, standardizer, classifier)
+        return "compiled"
+    except Exception as exc:  # noqa: BLE001 - any compiler failure means: run eager
+        classifier.model = eager[0]
+        if isinstance(fn, _GeneratorFn):
+            fn.generator = eager[1]
+        return f"eager ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})"
 
 
 def _load_state(model: nn.Module, state: dict[str, Tensor], path: Path) -> None:

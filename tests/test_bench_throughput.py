@@ -1,44 +1,122 @@
-"""`stainbridge bench throughput` times each inference stage and prints images per second."""
+"""`stainbridge bench throughput`: naive loop, batched pipeline and the real service on the same files.
+
+No timed assertions: the machine is shared; what is checked is that every mode ran over every
+image and that the JSON carries the documented keys.
+"""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from stainbridge.daemon.cli import main
+from stainbridge.models.bench.service_run import log_stages
+from stainbridge.models.bench.throughput_modes import FRAME, make_images
 from stainbridge.models.checkpoint import save_checkpoint
 from stainbridge.models.classifier import build_classifier
 from stainbridge.models.imaging.synthetic import CLASSES
 
+torch.set_num_threads(1)  # a shared CPU: one math thread per process (as the other model tests do)
 
-def test_prints_and_writes_images_per_second_for_each_stage(tmp_path, capsys):
-    """A tiny CPU run reports a positive rate for the standardizer, the classifier and the whole path."""
-    out = tmp_path / "throughput.json"
-    assert main(["bench", "throughput", "--device", "cpu", "--images", "4", "--batch-size", "2", "--json", str(out)]) == 0
+KEYS = {"device", "images", "naive", "pipeline", "service", "speedup_vs_naive", "stages", "peak_rss_mb"}
+
+
+def test_all_three_modes_process_every_image(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """One run: naive, pipeline and the real `stainbridge run` each handle all 6 files; JSON has every key."""
+    out = tmp_path / "tput.json"
+    code = main(["bench", "throughput", "--device", "cpu", "--images", "6", "--batch-size", "4", "--preset", "cpu",
+                 "--workdir", str(tmp_path / "work"), "--json", str(out)])
+    assert code == 0, capsys.readouterr().err
     result = json.loads(out.read_text())
-    assert set(result["images_per_second"]) == {"standardizer", "classifier", "end_to_end"}
-    assert all(rate > 0 for rate in result["images_per_second"].values())
-    assert result["device"] == "cpu" and result["batch_size"] == 2
-    assert "images/s" in capsys.readouterr().out
+    assert KEYS <= set(result)
+    assert result["device"] == "cpu" and result["images"] == 6
+    for mode in ("naive", "pipeline", "service"):
+        assert result[mode]["images"] == 6 and result[mode]["images_per_s"] > 0, mode
+    assert result["service"]["failed"] == 0 and result["service"]["exit_code"] == 0
+    assert set(result["speedup_vs_naive"]) == {"pipeline", "service"}
+    assert {"hash", "decode", "geometry", "standardizer", "classifier", "database", "move"} <= set(result["stages"])
+    assert result["peak_rss_mb"]["bench_process"] > 0 and result["peak_rss_mb"]["service"] > 0
+    # the service really filed every image, and the drop folder is empty again
+    service_dir = tmp_path / "work" / "service"
+    assert len([p for p in (service_dir / "archive").rglob("cell-*") if p.is_file()]) == 6
+    assert not any((service_dir / "drop").iterdir())
+    printed = capsys.readouterr().out
+    assert "images/s" in printed and "x naive" in printed
 
 
-def test_uses_given_checkpoints(tmp_path, capsys):
-    """With --classifier the numbers are for that checkpoint, not a random preset network."""
+def test_images_are_distinct_jpeg_and_png_of_the_reference_frame(tmp_path: Path) -> None:
+    paths = make_images(tmp_path, 4)
+    assert [p.suffix for p in paths] == [".jpg", ".png", ".jpg", ".png"]
+    assert len({p.read_bytes() for p in paths}) == 4
+    with Image.open(paths[0]) as img:
+        assert img.size == FRAME
+
+
+def test_uses_given_checkpoints_in_process_modes(tmp_path: Path) -> None:
+    """With --classifier the numbers are for that checkpoint (standardizer "none"); --modes picks modes."""
     model = build_classifier(arch="resnet18", num_classes=len(CLASSES))
     header = {"kind": "classifier", "architecture": "resnet18", "arch_args": {"num_classes": len(CLASSES)},
               "classes": list(CLASSES), "input_size": 32, "normalization": {"mean": [0.5] * 3, "std": [0.25] * 3}}
     path = tmp_path / "clf.safetensors"
     save_checkpoint(path, {k: v.detach().clone() for k, v in model.state_dict().items()}, header)
     out = tmp_path / "t.json"
-    assert main(["bench", "throughput", "--device", "cpu", "--images", "2", "--batch-size", "2",
-                 "--classifier", str(path), "--json", str(out)]) == 0
+    assert main(["bench", "throughput", "--device", "cpu", "--images", "3", "--batch-size", "2",
+                 "--classifier", str(path), "--modes", "naive,pipeline", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["classifier"] == "clf" and result["input_size"] == 32 and result["standardizer"] == "none"
+    assert result["naive"]["images"] == 3 and result["pipeline"]["images"] == 3 and result["service"] is None
+    assert result["speedup_vs_naive"]["service"] is None
 
 
-def test_cuda_requested_without_a_gpu_is_a_clear_error(capsys):
+def test_unknown_mode_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "throughput", "--device", "cpu", "--images", "1", "--modes", "naive,gpu"]) == 2
+    assert "--modes" in capsys.readouterr().err
+
+
+def test_cuda_requested_without_a_gpu_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
     """Asking for cuda where there is none exits 2 with a message instead of a traceback."""
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     assert main(["bench", "throughput", "--device", "cuda", "--images", "1"]) == 2
     assert "cuda" in capsys.readouterr().err.lower()
+
+
+def test_log_stages_splits_batches_into_move_inference_and_the_rest(tmp_path: Path) -> None:
+    """From the service's JSON log: move = batch - last classified; the rest excludes latency_ms."""
+    lines = [
+        {"event": "ready", "timestamp": "2026-12-01T07:00:00.000000Z"},
+        {"event": "classified", "latency_ms": 100.0, "timestamp": "2026-12-01T07:00:00.500000Z"},
+        {"event": "classified", "latency_ms": 100.0, "timestamp": "2026-12-01T07:00:00.500100Z"},
+        {"event": "batch", "timestamp": "2026-12-01T07:00:00.600100Z"},
+    ]
+    log = tmp_path / "service.log"
+    log.write_text("not json\n" + "\n".join(json.dumps(x) for x in lines) + "\n")
+    stages, batches = log_stages(log)
+    assert batches == 1
+    assert stages["move"] == pytest.approx(0.1)
+    assert stages["decode_and_inference"] == pytest.approx(0.2)
+    assert stages["intake_and_database"] == pytest.approx(0.3001)
+
+
+def test_compile_falls_back_to_eager_when_compiling_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--compile` must never cost the run: a compiler error leaves both networks eager and says why."""
+    from stainbridge.models import inference
+    from stainbridge.models.bench import throughput
+
+    classifier_path, standardizer_path = throughput._random_checkpoints("cpu", tmp_path)
+    classifier = inference.load_classifier(classifier_path, device="cpu")
+    standardizer = inference.load_standardizer(str(standardizer_path), device="cpu", classifier=classifier)
+    eager_model = classifier.model
+
+    def broken_compile(module: torch.nn.Module) -> torch.nn.Module:
+        def fail(*args: object, **kwargs: object) -> None:
+            raise RuntimeError("no C++ compiler")
+        return fail  # type: ignore[return-value]
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    outcome = inference.compile_networks(standardizer, classifier, torch.rand(2, 3, 64, 64))
+    assert outcome.startswith("eager (RuntimeError: no C++ compiler")
+    assert classifier.model is eager_model
+    assert classifier.predict(torch.rand(1, 3, 64, 64)).shape == (1, len(CLASSES))

@@ -1,10 +1,16 @@
-"""`stainbridge bench throughput`: images per second through each stage of the inference path.
+"""`stainbridge bench throughput`: files to results, naive loop vs batched pipeline vs the real service.
 
-Stages are timed one after the other in the same process, so their ratio is meaningful on a
-noisy machine: the standardizer (CycleGAN generator) alone, the classifier alone, and the whole
-`run_batch` from PIL images (geometry normalization + standardizer + classifier + softmax), the
-path the daemon takes. Checkpoints can be given; otherwise networks of the chosen preset are
-built with random weights (speed does not depend on the weights).
+One run, the same generated images (360x363 px, half JPEG, half PNG), three modes:
+
+- naive: one image at a time, PIL decode, float32, the networks called per image;
+- pipeline: the one inference path in-process, batched (decode + ``inference.run_batch``);
+- service: the real `stainbridge run` process on a fresh drop folder and SQLite database, timed
+  from the first file dropped to the last row committed (``models.bench.service_run``).
+
+It prints images/s per mode, the ratios to naive, per-stage time shares (hash, decode, geometry,
+standardizer, classifier measured in-process; database and move from the service's log) and peak
+resident memory. Without checkpoints it builds networks of the preset with random weights (speed
+does not depend on the weights) and saves them as checkpoints for the service to load.
 """
 
 from __future__ import annotations
@@ -12,118 +18,226 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import resource
 import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import Callable
 
-import numpy as np
 import torch
-from PIL import Image
 
 from stainbridge.models import inference
+from stainbridge.models.bench import throughput_modes as modes
+from stainbridge.models.bench.service_run import ServiceRunError, run_service
+from stainbridge.models.checkpoint import CheckpointError, save_checkpoint
 from stainbridge.models.classifier import build_classifier
-from stainbridge.models.cyclegan import GENERATOR_PRESETS, build_generator
+from stainbridge.models.cyclegan import GENERATOR_PRESETS, GENERATORS
 from stainbridge.models.imaging.synthetic import CLASSES
 
-PRESETS = {
-    # preset: generator preset, classifier input size, batch size
-    "tiny": ("tiny", 64, 16),
-    "full": ("full", 256, 32),
+# preset: standardizer (architecture, arch_args), classifier (architecture, input px), batch size, geometry
+PRESETS: dict[str, dict] = {
+    # tiny ResNet generator + torchvision ResNet-18 at 64 px, whole-frame geometry (the old default)
+    "tiny": {"standardizer": ("resnet_generator", GENERATOR_PRESETS["tiny"]), "classifier": ("resnet18", 64),
+             "batch_size": 16, "window": False},
+    # the service's default recipe on a CPU: colour-only CycleGAN generator + width-16 ResNet-18 at 64 px,
+    # cells windowed by the site magnification (as `bench accuracy --preset cpu` trains them)
+    "cpu": {"standardizer": ("pointwise_colour", {"hidden": 32, "layers": 2}), "classifier": ("resnet18_w16", 64),
+            "batch_size": 16, "window": True},
+    # the reference CycleGAN generator at 256 px + ResNet-18 (a GPU's job)
+    "full": {"standardizer": ("resnet_generator", GENERATOR_PRESETS["full"]), "classifier": ("resnet18", 256),
+             "batch_size": 32, "window": False},
 }
+WINDOW_FRACTION = 0.6  # reference window = 0.6 x the 360 px frame, as in bench accuracy's presets
+MAGNIFICATION = 0.9  # a plausible site profile (BCCD -> PBC measured 0.895)
+SERVICE_TIMEOUT_S = 600.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--images", type=int, default=64, help="images timed per stage (default 64)")
+    parser.add_argument("--images", type=int, default=64, help="images per mode (default 64)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
-                        help="network sizes when no checkpoints are given (full: the reference generator at 256 px)")
-    parser.add_argument("--classifier", help="classifier checkpoint (default: random ResNet-18 of the preset)")
-    parser.add_argument("--standardizer", help="CycleGAN checkpoint (default: random generator of the preset)")
-    parser.add_argument("--batch-size", type=int, help="images per batch (default: the preset's)")
+                        help="networks when no checkpoints are given: tiny (default), cpu (the service's recipe: "
+                             "colour-only CycleGAN + resnet18_w16 at 64 px), full (reference generator at 256 px)")
+    parser.add_argument("--classifier", help="classifier checkpoint (default: random network of the preset)")
+    parser.add_argument("--standardizer", help="standardizer checkpoint or none/reinhard/macenko/histmatch "
+                                                "(default: random generator of the preset; 'none' with --classifier)")
+    parser.add_argument("--batch-size", type=int, help="images per batch, in-process and in the service "
+                                                       "(default: the preset's)")
+    parser.add_argument("--modes", default="naive,pipeline,service",
+                        help="comma-separated subset of naive,pipeline,service (default: all three)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the networks for the pipeline mode (eager if compiling fails)")
+    parser.add_argument("--workdir", help="keep images, checkpoints and the service's folder here (default: a temp dir)")
     parser.add_argument("--json", help="also write the numbers here")
 
 
-def _random_models(preset: str, device: torch.device) -> tuple[inference.Standardizer, inference.Classifier]:
-    generator_preset, size, _ = PRESETS[preset]
-    generator = build_generator(**GENERATOR_PRESETS[generator_preset])
-    header = {"kind": "standardizer", "architecture": "resnet_generator", "arch_args": GENERATOR_PRESETS[generator_preset]}
-    standardizer = inference.wrap_generator(generator, name=f"random-{preset}", header=header, device=device)
-    model = inference.place_model(build_classifier(arch="resnet18", num_classes=len(CLASSES)), device)
-    classifier_header = {"kind": "classifier", "architecture": "resnet18", "classes": list(CLASSES), "input_size": size,
-                         "normalization": {"mean": [0.5] * 3, "std": [0.25] * 3}}
-    classifier = inference.Classifier(model, classifier_header, name=f"random-{preset}", sha256="-", device=device)
-    return standardizer, classifier
+def _random_checkpoints(preset: str, folder: Path) -> tuple[Path, Path]:
+    """The preset's networks with random weights, saved as checkpoints the service can load."""
+    spec = PRESETS[preset]
+    arch, size = spec["classifier"]
+    model = build_classifier(arch=arch, num_classes=len(CLASSES))
+    header: dict = {"kind": "classifier", "architecture": arch, "arch_args": {"num_classes": len(CLASSES)},
+                    "classes": list(CLASSES), "input_size": size,
+                    "normalization": {"mean": [0.5] * 3, "std": [0.25] * 3}}
+    std_arch, std_args = spec["standardizer"]
+    std_header: dict = {"kind": "standardizer", "architecture": std_arch, "arch_args": dict(std_args)}
+    if spec["window"]:
+        header["geometry"] = {"reference_window_px": WINDOW_FRACTION * modes.FRAME[0], "window_fraction": WINDOW_FRACTION}
+        std_header["site_profile"] = {"magnification": MAGNIFICATION, "method": "fixed by bench throughput"}
+    classifier_path, standardizer_path = folder / f"random-{preset}-classifier.safetensors", folder / f"random-{preset}-standardizer.safetensors"
+    save_checkpoint(classifier_path, {k: v.detach().clone() for k, v in model.state_dict().items()}, header)
+    generator = GENERATORS[std_arch](**std_args)
+    save_checkpoint(standardizer_path, {k: v.detach().clone() for k, v in generator.state_dict().items()}, std_header)
+    return classifier_path, standardizer_path
 
 
-def _images_per_second(step: Callable[[], object], images_per_step: int, total: int, device: torch.device) -> float:
-    step()  # warm-up: allocator, cuDNN autotuning, lazy initialisation
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    steps = max(1, -(-total // images_per_step))
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return steps * images_per_step / (time.perf_counter() - start)
+def _rate(done: int, seconds: float) -> dict:
+    return {"images_per_s": round(done / seconds, 2) if seconds > 0 else None, "images": done, "seconds": round(seconds, 3)}
+
+
+COMPUTE = ("decode", "geometry", "standardizer", "classifier")
+
+
+def _stages(inproc: dict[str, float], n: int, service: dict | None) -> dict:
+    """Per stage: milliseconds per image measured in-process (batched) and its share of the
+    service's files-to-rows time per image.
+
+    The service's log gives decode + inference together (``latency_ms``); it is split over decode,
+    geometry, standardizer and classifier in the proportions measured in-process. Database and
+    move come from the log (``service_run.log_stages``); "other" is what none of them explains.
+    Without a service run the shares are of the in-process sum."""
+    ms = {k: 1000 * v / n for k, v in inproc.items()}
+    out: dict[str, dict] = {k: {"ms_per_image": round(v, 3), "source": "in-process, batched"} for k, v in ms.items()}
+    if service is None:
+        total = sum(ms.values())
+        for value in out.values():
+            value["share"] = round(value["ms_per_image"] / total, 3) if total > 0 else None
+        return out
+    log, total = service["log_stages"], 1000 * service["seconds"] / n
+    service_ms = {"hash": ms["hash"]}
+    compute_inproc, compute_service = sum(ms[k] for k in COMPUTE), 1000 * log["decode_and_inference"] / n
+    for k in COMPUTE:
+        service_ms[k] = compute_service * ms[k] / compute_inproc if compute_inproc > 0 else 0.0
+    service_ms["database"] = max(0.0, 1000 * log["intake_and_database"] / n - ms["hash"])
+    service_ms["move"] = 1000 * log["move"] / n
+    service_ms["other"] = max(0.0, total - sum(service_ms.values()))
+    out["database"] = {"ms_per_image": round(service_ms["database"], 3),
+                       "source": "service log: each batch's time before its results are logged, minus decode and "
+                                 "inference (latency_ms) and the in-process hash time: the per-image claim "
+                                 "transactions, the results transaction, the watcher's scans, batch waiting"}
+    out["move"] = {"ms_per_image": round(service_ms["move"], 3),
+                   "source": "service log: results logged -> batch logged (renames into the archive, a directory "
+                             "fsync per file, the archive_path transaction)"}
+    out["other"] = {"ms_per_image": round(service_ms["other"], 3),
+                    "source": "service time between batches that no stage above explains (loop, logging)"}
+    for k, value in out.items():
+        value["service_ms_per_image"] = round(service_ms[k], 3)
+        value["share"] = round(service_ms[k] / total, 3) if total > 0 else None
+    return out
 
 
 def measure(args: argparse.Namespace) -> dict:
     device = inference.resolve_device(args.device)
-    _, _, default_batch = PRESETS[args.preset]
-    batch_size = args.batch_size or default_batch
-    if args.classifier:
-        classifier = inference.load_classifier(args.classifier, device=str(device))
-        standardizer = (inference.load_standardizer(args.standardizer, device=str(device), classifier=classifier)
-                        if args.standardizer else inference.load_standardizer("none"))
-    else:
-        standardizer, classifier = _random_models(args.preset, device)
-        if args.standardizer:
-            standardizer = inference.load_standardizer(args.standardizer, device=str(device))
-    size = classifier.input_size
-    rng = np.random.default_rng(0)
-    pictures = [Image.fromarray(rng.integers(0, 256, (size + 32, size + 32, 3), dtype=np.uint8)) for _ in range(batch_size)]
-    batch = torch.rand(batch_size, 3, size, size, device=device)
+    wanted = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = set(wanted) - {"naive", "pipeline", "service"}
+    if unknown or not wanted:
+        raise ValueError(f"--modes takes naive, pipeline and/or service, got {args.modes!r}")
+    batch_size = args.batch_size or PRESETS[args.preset]["batch_size"]
+    with tempfile.TemporaryDirectory(prefix="stainbridge-tput-") as tmp:
+        work = Path(args.workdir) if args.workdir else Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        if args.classifier:
+            classifier_path, standardizer_spec = Path(args.classifier), args.standardizer or "none"
+        else:
+            classifier_path, random_std = _random_checkpoints(args.preset, work)
+            standardizer_spec = args.standardizer or str(random_std)
+        classifier = inference.load_classifier(classifier_path, device=str(device))
+        standardizer = inference.load_standardizer(standardizer_spec, device=str(device), classifier=classifier)
+        started = time.monotonic()
+        paths = modes.make_images(work / "images", args.images)
+        print(f"drew {len(paths)} images of {modes.FRAME[0]}x{modes.FRAME[1]} px in {time.monotonic() - started:.1f} s",
+              flush=True)
+        result: dict = {
+            "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "preset": None if args.classifier else args.preset,
+            "standardizer": standardizer.name, "classifier": classifier.name, "input_size": classifier.input_size,
+            "batch_size": batch_size, "images": len(paths), "formats": {"jpeg": (len(paths) + 1) // 2, "png": len(paths) // 2},
+            "naive": None, "pipeline": None, "service": None,
+        }
+        if "naive" in wanted:
+            result["naive"] = _rate(*modes.naive(paths, standardizer, classifier))
+            print(f"  naive     {result['naive']['images_per_s']:>8} images/s", flush=True)
+        if "pipeline" in wanted:
+            if args.compile:
+                sample = inference.prepare_batch([modes.decode(p) for p in paths[:batch_size]],
+                                                 inference.resolve_geometry(classifier, standardizer))
+                result["compile"] = inference.compile_networks(standardizer, classifier, sample)
+            result["pipeline"] = _rate(*modes.pipeline(paths, standardizer, classifier, batch_size=batch_size))
+            print(f"  pipeline  {result['pipeline']['images_per_s']:>8} images/s", flush=True)
+        inproc = modes.stage_times(paths, standardizer, classifier, batch_size=batch_size)
+        if "service" in wanted:
+            service = run_service(paths, work / "service", classifier=classifier_path.resolve(),
+                                  standardizer=standardizer_spec if not Path(standardizer_spec).exists()
+                                  else str(Path(standardizer_spec).resolve()),
+                                  device=str(device), batch_size=batch_size, timeout=SERVICE_TIMEOUT_S)
+            result["service"] = {**_rate(service.images, service.seconds), "failed": service.failed,
+                                 "startup_s": round(service.startup_seconds, 2), "batches": service.batches,
+                                 "exit_code": service.exit_code,
+                                 "log_stages_s": {k: round(v, 3) for k, v in service.log_stages.items()}}
+            print(f"  service   {result['service']['images_per_s']:>8} images/s", flush=True)
+            service_info = {"seconds": service.seconds, "log_stages": service.log_stages, "batches": service.batches}
+        else:
+            service_info, service = None, None
+        result["stages"] = _stages(inproc, len(paths), service_info)
+        base = (result["naive"] or {}).get("images_per_s")
+        result["speedup_vs_naive"] = {
+            mode: round(result[mode]["images_per_s"] / base, 2) if base and result[mode] else None
+            for mode in ("pipeline", "service")}
+        result["peak_rss_mb"] = {
+            "bench_process": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "service": round(service.peak_rss_mb, 1) if service and service.peak_rss_mb else None}
+    return result
 
-    stages = {
-        "standardizer": lambda: standardizer(batch),
-        "classifier": lambda: classifier.predict(batch),
-        "end_to_end": lambda: inference.run_batch(pictures, standardizer, classifier),
-    }
-    rates = {name: _images_per_second(step, batch_size, args.images, device) for name, step in stages.items()}
-    return {
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "preset": None if args.classifier else args.preset,
-        "standardizer": standardizer.name,
-        "classifier": classifier.name,
-        "input_size": size,
-        "batch_size": batch_size,
-        "images": args.images,
-        "images_per_second": {k: round(v, 2) for k, v in rates.items()},
-        # What share of the end-to-end time the standardizer takes: the bottleneck check.
-        "standardizer_share": round(rates["end_to_end"] / rates["standardizer"], 3),
-    }
+
+def _print(result: dict) -> None:
+    print(f"device {result['device']} ({result['device_name']}), {result['threads']} torch threads, "
+          f"standardizer {result['standardizer']}, classifier {result['classifier']} at {result['input_size']} px, "
+          f"batch {result['batch_size']}, {result['images']} images (JPEG+PNG, 360x363)")
+    for mode in ("naive", "pipeline", "service"):
+        if result[mode]:
+            ratio = result["speedup_vs_naive"].get(mode)
+            extra = f"  ({ratio:.2f}x naive)" if ratio else ""
+            print(f"  {mode:<9} {result[mode]['images_per_s']:>9.1f} images/s{extra}")
+    with_service = result["service"] is not None
+    print("  stages, ms per image in-process" + (", in the service, share of the service's time:" if with_service
+                                                 else ", share of the in-process sum:"))
+    for stage, value in result["stages"].items():
+        share = f"{value['share']:.0%}" if value.get("share") is not None else "-"
+        in_service = f"{value['service_ms_per_image']:>8.2f}" if with_service else ""
+        inproc = f"{value['ms_per_image']:>8.2f}" if value["source"].startswith("in-process") else f"{'-':>8}"
+        print(f"    {stage:<13} {inproc} {in_service}  {share:>4}")
+    rss = result["peak_rss_mb"]
+    print(f"  peak RSS: bench process {rss['bench_process']} MiB, service {rss['service']} MiB")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.images < 1:
         print("stainbridge bench throughput: --images must be at least 1", file=sys.stderr)
         return 2
+    if args.batch_size is not None and args.batch_size < 1:
+        print("stainbridge bench throughput: --batch-size must be at least 1", file=sys.stderr)
+        return 2
     try:
         result = measure(args)
-    except (inference.ModelMismatch, inference.DeviceUnavailable, FileNotFoundError) as exc:
+    except (inference.ModelMismatch, inference.DeviceUnavailable, CheckpointError, FileNotFoundError,
+            ValueError, ServiceRunError) as exc:
         print(f"stainbridge bench throughput: {exc}", file=sys.stderr)
         return 2
-    rates = result["images_per_second"]
-    print(f"device {result['device']} ({result['device_name']}), input {result['input_size']} px, batch {result['batch_size']}")
-    for stage, rate in rates.items():
-        print(f"  {stage:<13} {rate:>10.1f} images/s")
-    print(f"  the standardizer takes {result['standardizer_share']:.0%} of the end-to-end time")
+    _print(result)
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0
 

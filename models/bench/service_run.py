@@ -1,0 +1,246 @@
+"""The service mode of `bench throughput`: the real `stainbridge run` process, files in, rows out.
+
+A fresh state folder (drop, archive, quarantine, SQLite database) and a config file are written;
+`stainbridge run` starts as a subprocess with a notify socket (as systemd would start it) and the
+bench waits for ``READY=1``. The images are staged next to the drop folder, then renamed into it
+one after the other (atomic, so the watcher never sees a half-written file). The clock runs from
+the first rename to the moment ``SELECT count(*) FROM images WHERE status IN ('done','failed')``
+reaches the number of files; then SIGTERM, and the process must exit.
+
+This module talks to the service only through its command line, its config file, its log and
+its database (plain SQL through SQLAlchemy): ``models`` never imports ``daemon``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from sqlalchemy import create_engine, text
+
+DONE_SQL = text("SELECT count(*) FROM images WHERE status IN ('done', 'failed')")
+FAILED_SQL = text("SELECT count(*) FROM images WHERE status = 'failed'")
+POLL_SECONDS = 0.02
+
+
+class ServiceRunError(RuntimeError):
+    """The service could not be started, did not finish the files, or did not stop."""
+
+
+@dataclass
+class ServiceResult:
+    images: int
+    seconds: float  # first file dropped -> last row committed
+    failed: int
+    peak_rss_mb: float | None  # the child's VmHWM
+    startup_seconds: float
+    exit_code: int
+    log_stages: dict[str, float] = field(default_factory=dict)  # seconds, summed over the run, from the log
+    batches: int = 0
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else float("nan")
+
+
+def write_config(root: Path, *, classifier: Path, standardizer: str, device: str, batch_size: int) -> Path:
+    """A config for a fresh service under ``root``: its own drop folder, archive and SQLite file."""
+    config = root / "stainbridge.toml"
+    config.write_text(f"""# Written by `stainbridge bench throughput` (service mode).
+[paths]
+state = "{root}"
+drop = "{root / 'drop'}"
+archive = "{root / 'archive'}"
+quarantine = "{root / 'quarantine'}"
+
+[database]
+url = "sqlite:///{root / 'stainbridge.db'}"
+
+[models]
+classifier = "{classifier}"
+standardizer = "{standardizer}"
+device = "{device}"
+batch_size = {batch_size}
+
+[site]
+name = "bench"
+
+[logging]
+format = "json"
+""", encoding="utf-8")
+    return config
+
+
+def _child_env() -> dict[str, str]:
+    # The configuration comes from the file alone; thread settings (OMP_NUM_THREADS...) pass through.
+    return {k: v for k, v in os.environ.items() if not k.startswith("STAINBRIDGE_") and k != "NOTIFY_SOCKET"}
+
+
+def vm_hwm_mb(pid: int) -> float | None:
+    """A process's peak resident set (VmHWM) in MiB, or None when /proc does not say."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+class ServiceProcess:
+    """`stainbridge run --config FILE` as a child process, ready when it says ``READY=1``."""
+
+    def __init__(self, config: Path, root: Path) -> None:
+        self.log = root / "service.log"
+        self.sock_path = root / "notify.sock"
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(self.sock_path))
+        self.sock.settimeout(0.2)
+        env = {**_child_env(), "NOTIFY_SOCKET": str(self.sock_path)}
+        cmd = [sys.executable, "-m", "stainbridge.daemon.cli", "run", "--config", str(config)]
+        with self.log.open("w") as out:
+            self.process = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+    def tail(self, lines: int = 12) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:]) if self.log.exists() else ""
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ServiceRunError(f"`stainbridge run` exited ({self.process.returncode}) before READY=1; "
+                                      f"its log ({self.log}) ends:\n{self.tail()}")
+            try:
+                message = self.sock.recv(4096).decode(errors="replace")
+            except TimeoutError:
+                continue
+            if "READY=1" in message.splitlines():
+                return
+        raise ServiceRunError(f"`stainbridge run` sent no READY=1 within {timeout:.0f} s; see {self.log}")
+
+    def stop(self, timeout: float = 60.0) -> int:
+        """SIGTERM (the current batch finishes), then wait; kill only if it does not exit in time."""
+        try:
+            if self.process.poll() is None:
+                self.process.send_signal(signal.SIGTERM)
+                try:
+                    self.process.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    self.process.kill()
+                    self.process.wait()
+                    raise ServiceRunError(f"`stainbridge run` did not exit within {timeout:.0f} s of SIGTERM; "
+                                          f"it was killed. Log: {self.log}") from None
+            return self.process.returncode
+        finally:
+            self.sock.close()
+
+
+def stage_files(images: list[Path], staging: Path) -> list[Path]:
+    """Copy the images into a staging folder on the drop folder's filesystem (renames stay atomic)."""
+    staging.mkdir(parents=True, exist_ok=True)
+    staged = []
+    for path in images:
+        target = staging / path.name
+        shutil.copyfile(path, target)
+        staged.append(target)
+    return staged
+
+
+def log_stages(log: Path, dropped_at: datetime | None = None) -> tuple[dict[str, float], int]:
+    """Per-run seconds the service's JSON log lets us separate, summed over its batches.
+
+    Per batch the pipeline logs one ``classified`` line per image right after the results commit
+    (with ``latency_ms``: decode plus the image's share of inference), then files the images, then
+    logs ``batch``. So: ``move`` = batch line - last classified line; ``decode_and_inference`` =
+    sum of latency_ms; ``intake_and_database`` = the rest of the batch (hash, per-image claim
+    transactions, the results commit, watcher scans and batch waiting). The first batch starts
+    at ``dropped_at`` (the first rename), not at ``ready``."""
+    move = decode_infer = rest = 0.0
+    batches = 0
+    previous_end: datetime | None = None
+    classified: list[tuple[datetime, float]] = []
+    for line in log.read_text(errors="replace").splitlines():
+        try:
+            entry = json.loads(line)
+            when = datetime.fromisoformat(entry["timestamp"])
+        except (ValueError, KeyError, TypeError, AttributeError):
+            continue
+        event = entry.get("event")
+        if event == "ready":
+            previous_end = max(when, dropped_at) if dropped_at is not None else when
+        elif event == "classified":
+            classified.append((when, float(entry.get("latency_ms") or 0.0) / 1000))
+        elif event == "batch" and classified:
+            batches += 1
+            last = classified[-1][0]
+            move += (when - last).total_seconds()
+            spent = sum(s for _, s in classified)
+            decode_infer += spent
+            if previous_end is not None:
+                rest += max(0.0, (last - previous_end).total_seconds() - spent)
+            classified = []
+            previous_end = when
+        elif event == "batch":
+            previous_end = when
+    return {"move": move, "decode_and_inference": decode_infer, "intake_and_database": rest}, batches
+
+
+def run_service(images: list[Path], root: Path, *, classifier: Path, standardizer: str, device: str,
+                batch_size: int, timeout: float) -> ServiceResult:
+    """Start the service on a fresh folder, drop ``images``, time them to committed rows, stop it."""
+    root = root.resolve()  # the config names absolute paths, whatever the service's working directory
+    root.mkdir(parents=True, exist_ok=True)
+    config = write_config(root, classifier=classifier, standardizer=standardizer, device=device,
+                          batch_size=batch_size)
+    drop = root / "drop"
+    drop.mkdir(parents=True, exist_ok=True)
+    staged = stage_files(images, root / "staging")
+    started = time.monotonic()
+    service = ServiceProcess(config, root)
+    engine = None
+    peak: float | None = None
+    try:
+        service.wait_ready(timeout)
+        startup = time.monotonic() - started
+        engine = create_engine(f"sqlite:///{root / 'stainbridge.db'}")
+        t0, dropped_at = time.perf_counter(), datetime.now(UTC)
+        for path in staged:
+            os.rename(path, drop / path.name)
+        handled = 0
+        deadline = time.monotonic() + timeout
+        while True:
+            with engine.connect() as connection:
+                handled = int(connection.scalar(DONE_SQL) or 0)
+            if handled >= len(staged):
+                break
+            peak = max(peak or 0.0, vm_hwm_mb(service.process.pid) or 0.0) or None
+            if service.process.poll() is not None:
+                raise ServiceRunError(f"`stainbridge run` exited ({service.process.returncode}) after {handled} of "
+                                      f"{len(staged)} files; its log ({service.log}) ends:\n{service.tail()}")
+            if time.monotonic() > deadline:
+                raise ServiceRunError(f"only {handled} of {len(staged)} files were committed after {timeout:.0f} s; "
+                                      f"see {service.log}")
+            time.sleep(POLL_SECONDS)
+        seconds = time.perf_counter() - t0
+        peak = max(peak or 0.0, vm_hwm_mb(service.process.pid) or 0.0) or None
+        with engine.connect() as connection:
+            failed = int(connection.scalar(FAILED_SQL) or 0)
+    finally:
+        if engine is not None:
+            engine.dispose()
+        code = service.stop()
+    if code != 0:
+        raise ServiceRunError(f"`stainbridge run` exited {code} on SIGTERM (expected 0); log: {service.log}\n"
+                              + service.tail())
+    stages, batches = log_stages(service.log, dropped_at)
+    return ServiceResult(images=len(staged), seconds=seconds, failed=failed, peak_rss_mb=peak,
+                         startup_seconds=startup, exit_code=code, log_stages=stages, batches=batches)

@@ -1,0 +1,63 @@
+"""Where the service's time goes, per stage, on real files: a developer tool, not a test.
+
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python tests/profile_service.py CONFIG.toml N
+
+Start `stainbridge run`'s Service in-process on CONFIG (e.g. the one `bench throughput --workdir
+DIR` writes to DIR/service/stainbridge.toml, with N images copied into its drop folder), wrap the
+pipeline's steps and the watcher's ``ready_files`` in timers, handle N files and print
+milliseconds per image per step. The steps nest: "intake" holds hash, claim and decode; "file"
+holds the moves. Set OMP_WAIT_POLICY yourself: this does not go through the CLI, which sets it.
+"""
+
+from __future__ import annotations
+
+import collections
+import sys
+import time
+from typing import Any
+
+from stainbridge.daemon import pipeline, service, watcher
+from stainbridge.daemon.config import load_settings
+
+SPENT: dict[str, float] = collections.defaultdict(float)
+CALLS: collections.Counter[str] = collections.Counter()
+
+
+def timed(owner: Any, name: str, label: str) -> None:
+    inner = getattr(owner, name)
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            SPENT[label] += time.perf_counter() - started
+            CALLS[label] += 1
+
+    setattr(owner, name, wrapper)
+
+
+def main(config: str, expected: int) -> None:
+    timed(watcher.DropFolderWatcher, "ready_files", "watcher.ready_files (re-stats every known file)")
+    timed(pipeline.Pipeline, "_intake", "intake (hash + claim transaction + decode)")
+    timed(pipeline.intake, "sha256_file", "  hash")
+    timed(pipeline.intake, "claim", "  claim (INSERT + flush, before its commit)")
+    timed(pipeline.intake, "decode_image", "  decode")
+    timed(pipeline.Pipeline, "_infer", "inference (run_batch)")
+    timed(pipeline.Pipeline, "_record", "results transaction")
+    timed(pipeline.Pipeline, "_file", "file (moves + archive_path transaction)")
+    timed(pipeline.filing, "archive_file", "  moves (rename + directory fsync)")
+    worker = service.Service(load_settings(config))
+    worker.start()
+    time.sleep(1.0)
+    handled, started = 0, time.perf_counter()
+    while handled < expected:
+        handled += worker.run_once()
+    seconds = time.perf_counter() - started
+    print(f"handled {handled} files in {seconds:.2f} s = {handled / seconds:.1f} images/s")
+    for label, spent in SPENT.items():
+        print(f"  {label:<50} {1000 * spent / handled:7.2f} ms/image {spent / seconds:5.0%}  ({CALLS[label]} calls)")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]))
