@@ -20,6 +20,7 @@ from pydicom.valuerep import DT
 
 from stainbridge.daemon.config import ConfigError
 from stainbridge.daemon.errors import RefusedFile, UnreadableImage, UnsupportedFormat
+from stainbridge.daemon.failures import storable_text
 
 
 class PseudonymSecretMissing(ConfigError):
@@ -52,8 +53,8 @@ def _aware(value: datetime) -> datetime:
 
 def _dicom_text(ds: Any, keyword: str, limit: int) -> str | None:
     value = ds.get(keyword)
-    text = str(value).strip() if value is not None else ""
-    return text[:limit] or None
+    text = str(value).replace("\x00", " ").strip() if value is not None else ""  # NUL padding
+    return storable_text(text, limit) or None
 
 
 def _dicom_time(ds: Any) -> datetime | None:
@@ -102,7 +103,8 @@ def decode_dicom(handle: BinaryIO, name: str, *, max_pixels: int,
         raise UnsupportedFormat(f"{name} is not a DICOM Part 10 file (no 'DICM' marker after the 128-byte preamble); "
                                 "export it with a file meta header") from None
     except Exception as exc:  # pydicom raises many types on damaged headers
-        raise UnreadableImage(f"{name}: the DICOM file cannot be parsed (damaged or cut short): {exc}") from None
+        raise UnreadableImage(f"{name}: the DICOM file cannot be parsed (damaged or cut short; "
+                              f"{type(exc).__name__})") from None
     metadata = _dicom_metadata(ds, pseudonym_secret)
     if "PixelData" not in ds:
         raise UnreadableImage(f"{name} is a DICOM file without pixel data (not an image)", reason="dicom_no_pixels")
@@ -121,11 +123,13 @@ def decode_dicom(handle: BinaryIO, name: str, *, max_pixels: int,
     except (NotImplementedError, RuntimeError) as exc:
         syntax = ds.file_meta.get("TransferSyntaxUID")
         raise UnsupportedFormat(f"{name}: no installed decoder for transfer syntax {syntax} "
-                                f"({getattr(syntax, 'name', '?')}): {exc}", reason="unsupported_transfer_syntax") from None
+                                f"({getattr(syntax, 'name', '?')})", reason="unsupported_transfer_syntax") from None
     except Exception as exc:
         text = str(exc) or type(exc).__name__
         reason = "truncated" if any(k in text.lower() for k in ("truncat", "less than expected")) else "corrupt"
-        raise UnreadableImage(f"{name}: the DICOM pixel data cannot be decoded ({reason}): {text}", reason=reason) from None
+        # The decoder's own text may quote header values: keep only its class in images.error.
+        raise UnreadableImage(f"{name}: the DICOM pixel data cannot be decoded ({reason}; {type(exc).__name__})",
+                              reason=reason) from None
     bits = int(ds.get("BitsStored") or ds.get("BitsAllocated") or 8)
     if photometric in ("MONOCHROME1", "MONOCHROME2") and array.ndim == 2:
         if int(ds.get("PixelRepresentation") or 0) == 1:

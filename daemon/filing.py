@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import secrets
 import shutil
 import stat
 from datetime import datetime, timezone
@@ -18,6 +19,7 @@ from typing import Callable
 
 from PIL import Image as PILImage
 
+from stainbridge.daemon.failures import storable_text
 from stainbridge.models.inference import fsync_dir
 
 MAX_NAME_TRIES = 10_000
@@ -32,11 +34,20 @@ def dated_folder(root: Path, when: datetime) -> Path:
     return Path(root) / f"{when:%Y}" / f"{when:%m}" / f"{when:%d}"
 
 
+NAME_MAX_BYTES = 255 - len(".error.txt")  # room for the quarantine note beside the file
+
+
 def _numbered(name: str, n: int) -> str:
-    if n == 0:
-        return name
+    """`name`, or `stem__n.ext` on a clash; shortened so that the name and its note fit NAME_MAX."""
     stem, suffix = os.path.splitext(name)
-    return f"{stem}__{n}{suffix}"
+    if len(os.fsencode(suffix)) > 32:
+        stem, suffix = name, ""
+    tail = f"__{n}{suffix}" if n else suffix
+    room = NAME_MAX_BYTES - len(os.fsencode(tail))
+    encoded = os.fsencode(stem)
+    if len(encoded) > room:
+        stem = os.fsdecode(encoded[:room])
+    return f"{stem}{tail}"
 
 
 def reserve_name(folder: Path, name: str, *, also_free: Callable[[Path], bool] = lambda p: True) -> Path:
@@ -116,12 +127,31 @@ def quarantine_file(path: Path, quarantine_root: Path, reason: str, detail: str,
     source = Path(path)
     target = move_into(source, dated_folder(quarantine_root, when),
                        also_free=lambda p: not os.path.lexists(error_note_path(p)))
-    note = error_note_path(target)
-    temp = note.with_name(f".{note.name}.{os.getpid()}.tmp")
-    temp.write_text(f"reason: {reason}\ndetail: {detail}\ntime: {when.isoformat()}\nsource: {source}\n", encoding="utf-8")
-    os.replace(temp, note)
-    fsync_dir(note.parent)
+    text = f"reason: {reason}\ndetail: {detail}\ntime: {when.isoformat()}\nsource: {os.fsencode(source)!r}\n"
+    try:
+        write_error_note(target, storable_text(text, 20_000))
+    except OSError:
+        pass  # the file is filed; the reason is also in images.error
     return target
+
+
+def write_error_note(target: Path, text: str) -> Path:
+    """Write `<target>.error.txt` without ever replacing an existing file of that name."""
+    note = error_note_path(target)
+    temp = note.with_name(f".note.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    temp.write_text(text, encoding="utf-8")
+    try:
+        for n in range(MAX_NAME_TRIES):
+            candidate = note if n == 0 else note.with_name(f"{target.name}.error__{n}.txt")
+            try:
+                os.link(temp, candidate)  # fails if the name exists: an input is never overwritten
+            except FileExistsError:
+                continue
+            fsync_dir(candidate.parent)
+            return candidate
+        raise FilingError(f"no free name for the error note of {target}")
+    finally:
+        os.unlink(temp)
 
 
 def error_note_path(quarantined: Path) -> Path:

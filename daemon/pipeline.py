@@ -49,16 +49,19 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from PIL import Image as PILImage
+from sqlalchemy import select, update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from stainbridge.daemon import filing, intake
 from stainbridge.daemon.config import ConfigError, Settings
+from stainbridge.daemon.failures import error_summary, is_transient, storable_source_name, storable_text
 from stainbridge.daemon.logs import get_logger
 from stainbridge.daemon.registry import register_model
 from stainbridge.daemon.store import Image, ImageStatus, ModelKind, Prediction, utcnow
@@ -139,6 +142,8 @@ class BatchReport:
     refiled: int = 0  # recorded before, filed (or acknowledged) now
     refiled_failed: int = 0  # of those, how many had failed
     skipped: int = 0  # changed while being read, or being processed by another live worker
+    deferred: int = 0  # left in place for a transient reason (models unavailable, configuration)
+    unavailable: str | None = None  # that reason, for the service's health and back-off
     failures: dict[str, int] = field(default_factory=dict)
     left_in_place: list[Path] = field(default_factory=list)  # to be offered again later
 
@@ -147,11 +152,12 @@ class BatchReport:
         return self.done + self.failed + self.duplicates + self.refiled
 
     def add(self, other: BatchReport) -> None:
-        for name in ("done", "failed", "duplicates", "refiled", "refiled_failed", "skipped"):
+        for name in ("done", "failed", "duplicates", "refiled", "refiled_failed", "skipped", "deferred"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for reason, n in other.failures.items():
             self.failures[reason] = self.failures.get(reason, 0) + n
         self.left_in_place += other.left_in_place
+        self.unavailable = self.unavailable or other.unavailable
 
 
 @dataclass
@@ -165,6 +171,7 @@ class _Item:
     seconds: float = 0.0  # decode time
     result: Any = None  # BatchResult
     target: ImageStatus | None = None  # status to file by (done -> archive, failed -> quarantine)
+    deferred: str | None = None  # a transient failure: release the claim, leave the file in place
 
 
 class Pipeline:
@@ -176,6 +183,7 @@ class Pipeline:
         self.file_results = file_results
         self.max_bytes = int(settings.watch.max_file_mb * 2**20)
         self._needs_recovery = False
+        self.heartbeat: Callable[[], None] = lambda: None  # called while hashing (the service's watchdog)
 
     def recover(self) -> int:
         """Release claims left `processing` by dead (or this very) processes; call before work."""
@@ -208,6 +216,33 @@ class Pipeline:
             self._file(to_file, report)
         return report
 
+    def quarantine_poison(self, candidate: Candidate, reason: str) -> Path:
+        """Quarantine a file that broke its batch again and again, alone; record it as failed (``poison``).
+
+        Its claim from the failed attempts (released to ``pending``) becomes the failed row; a file
+        that never got that far gets a new failed row. The file moves first: it leaves the drop folder
+        even when the database refuses anything about it.
+        """
+        self.recover()
+        now = utcnow()
+        detail = storable_text(reason, 1000)
+        target = filing.quarantine_file(candidate.path, self.settings.quarantine_dir, "poison", detail, now)
+        values = {"status": ImageStatus.failed, "error": f"poison: {detail}", "processed_at": now, "claimed_by": None,
+                  "archive_path": storable_text(str(target), 1024)}
+        with self.sessions.begin() as session:
+            updated = session.execute(
+                update(Image)
+                .where(Image.source_name == candidate.source_name, Image.status == ImageStatus.pending,
+                       Image.duplicate_of_id.is_(None))
+                .values(**values)
+                .execution_options(synchronize_session=False)
+            ).rowcount
+            if not updated:
+                session.add(Image(sha256=None, source_name=candidate.source_name, site=self.settings.site.name,
+                                  size_bytes=candidate.size, received_at=now, **values))
+        log.error("quarantined_poison", source=candidate.source_name, reason=detail)
+        return target
+
     # intake ----------------------------------------------------------------------------------
 
     def _intake(self, candidate: Candidate, report: BatchReport) -> _Item | None:
@@ -217,7 +252,13 @@ class Pipeline:
             item.reason, item.detail = candidate.refusal, f"{candidate.source_name}: {candidate.detail}"
             return item
         try:
-            item.sha256 = intake.sha256_file(candidate.path)
+            st = os.lstat(candidate.path)
+            if st.st_size > self.max_bytes:  # before hashing: a huge file on a slow share is never read
+                item.reason = "too_large"
+                item.detail = (f"{candidate.source_name} is {st.st_size / 2**20:.1f} MiB, over the "
+                               f"{self.max_bytes / 2**20:.1f} MiB limit ([watch] max_file_mb)")
+                return item
+            item.sha256 = intake.sha256_file(candidate.path, on_chunk=self.heartbeat)
             st = os.lstat(candidate.path)
         except intake.IntakeError as exc:
             item.reason, item.detail = exc.reason, str(exc)
@@ -225,19 +266,30 @@ class Pipeline:
         except FileNotFoundError:
             report.skipped += 1
             return None
+        except OSError as exc:  # EIO, ESTALE on a network share: this file, not the service
+            item.reason = "unreadable"
+            item.detail = f"{candidate.source_name} cannot be read ({exc.strerror or exc}); drop it again"
+            return item
         if st.st_size != candidate.size or abs(st.st_mtime - candidate.mtime) > 1e-3:
             bound.info("changed_while_reading")  # still being written: the watcher offers it again
             report.skipped += 1
             return None
         bound = bound.bind(image=item.sha256[:12])
-        with self.sessions.begin() as session:
-            previous = self._unfiled_twin(session, item.sha256, candidate.source_name, ImageStatus.duplicate)
-            if previous is not None:
-                item.image_id, item.target = previous.id, ImageStatus.duplicate
-                report.refiled += 1
-                return item
-            claimed = intake.claim(session, sha256=item.sha256, source_name=candidate.source_name,
-                                   site=self.settings.site.name, size_bytes=st.st_size)
+        try:
+            with self.sessions.begin() as session:
+                previous = self._unfiled_twin(session, item.sha256, candidate.source_name, ImageStatus.duplicate)
+                if previous is not None:
+                    item.image_id, item.target = previous.id, ImageStatus.duplicate
+                    report.refiled += 1
+                    return item
+                claimed = intake.claim(session, sha256=item.sha256, source_name=candidate.source_name,
+                                       site=self.settings.site.name, size_bytes=st.st_size)
+        except SQLAlchemyError as exc:
+            if is_transient(exc):
+                raise
+            bound.warning("claim_refused", error=error_summary(exc))  # e.g. a value the database rejects
+            item.reason, item.detail = "unrecordable", f"the database refused this file: {error_summary(exc)}"
+            return item
         outcome = claimed.outcome
         item.image_id = claimed.image_id
         if outcome is intake.ClaimOutcome.in_progress:
@@ -262,12 +314,13 @@ class Pipeline:
                                                max_bytes=self.max_bytes,
                                                pseudonym_secret=self.settings.site.pseudonym_secret)
         except intake.IntakeError as exc:
-            item.reason, item.detail = exc.reason, str(exc)
-        except ConfigError as exc:  # e.g. a patient ID but no pseudonym secret configured
-            item.reason, item.detail = "configuration", str(exc)
+            item.reason, item.detail = exc.reason, storable_text(str(exc), 1000)
+        except ConfigError as exc:  # e.g. a patient ID but no pseudonym secret: fix the settings, then it runs
+            bound.error("configuration_missing", error=str(exc))
+            item.deferred = f"configuration: {exc}"
         except Exception as exc:  # noqa: BLE001 - a decoder bug must not stop the other files
-            bound.exception("decode_crashed")
-            item.reason, item.detail = "decode_error", f"{type(exc).__name__}: {exc}"
+            bound.error("decode_crashed", error_type=type(exc).__name__)  # no text: it may quote the file
+            item.reason, item.detail = "decode_error", f"the decoder failed ({type(exc).__name__})"
         item.seconds = time.perf_counter() - started
         return item
 
@@ -283,6 +336,7 @@ class Pipeline:
     # inference -------------------------------------------------------------------------------
 
     def _infer(self, items: list[_Item]) -> None:
+        items = [i for i in items if i.deferred is None]
         if not items:
             return
         m = self.models
@@ -290,25 +344,64 @@ class Pipeline:
         try:
             results = run_batch([i.decoded.image for i in items], m.standardizer, m.classifier,
                                 scale=self.settings.site.scale)
-        except Exception:
+        except Exception as exc:
+            if not self._models_work():  # CUDA out of memory, a driver error: not the files' fault
+                log.error("inference_unavailable", error=error_summary(exc), batch=len(items))
+                for item in items:
+                    item.deferred = f"inference: {error_summary(exc)}"
+                return
             if len(items) > 1:
-                log.warning("batch_failed_retrying_one_by_one", size=len(items), exc_info=True)
+                log.warning("batch_failed_retrying_one_by_one", size=len(items), error=error_summary(exc))
                 for item in items:
                     self._infer([item])
                 return
-            log.exception("inference_failed", source=items[0].candidate.source_name)
-            items[0].reason, items[0].detail = "inference", "the models failed on this image (see the service log)"
+            log.error("inference_failed", source=items[0].candidate.source_name, error=error_summary(exc))
+            items[0].reason, items[0].detail = "inference", "the models fail on this image and work on others"
             return
         share = (time.perf_counter() - started) / len(items)
         for item, result in zip(items, results, strict=True):
             item.result, item.seconds = result, item.seconds + share
 
+    def _models_work(self) -> bool:
+        """Do the models run on a plain probe image? (No: the failure is the GPU's, not the file's.)"""
+        probe = PILImage.new("RGB", (64, 64), (200, 160, 190))
+        try:
+            run_batch([probe], self.models.standardizer, self.models.classifier, scale=self.settings.site.scale)
+        except Exception:  # noqa: BLE001 - any failure here means "the models are unavailable"
+            return False
+        return True
+
     # the one transaction ---------------------------------------------------------------------
 
     def _record(self, items: list[_Item], report: BatchReport) -> list[_Item]:
+        """Record the batch in one transaction; if the database refuses it, file by file.
+
+        A file whose results the database refuses (a value it cannot store) is recorded as
+        failed (``unrecordable``) instead, so that it never holds back the others.
+        """
+        try:
+            return self._record_together(items, report)
+        except SQLAlchemyError as exc:
+            if is_transient(exc):
+                raise
+        recorded: list[_Item] = []
+        for item in items:
+            try:
+                recorded += self._record_together([item], report)
+            except SQLAlchemyError as exc:
+                if is_transient(exc):
+                    raise
+                log.warning("results_refused", source=item.candidate.source_name, error=error_summary(exc))
+                item.result, item.decoded = None, None
+                item.reason, item.detail = "unrecordable", f"the database refused this file's results: {error_summary(exc)}"
+                recorded += self._record_together([item], report)
+        return recorded
+
+    def _record_together(self, items: list[_Item], report: BatchReport) -> list[_Item]:
         now = utcnow()
         me = intake.worker_id()
         recorded: list[_Item] = []
+        counts = BatchReport()
         m = self.models
         with self.sessions.begin() as session:
             for item in items:
@@ -323,7 +416,13 @@ class Pipeline:
                     row = session.get(Image, item.image_id, with_for_update=True)
                     if row is None or row.status is not ImageStatus.processing or row.claimed_by != me:
                         log.warning("claim_lost", source=source, image_id=item.image_id)
-                        report.left_in_place.append(item.candidate.path)
+                        counts.left_in_place.append(item.candidate.path)
+                        continue
+                    if item.deferred is not None:  # transient: give the claim back, try again later
+                        row.status, row.claimed_by, row.claimed_at = ImageStatus.pending, None, None
+                        counts.deferred += 1
+                        counts.unavailable = counts.unavailable or item.deferred
+                        counts.left_in_place.append(item.candidate.path)
                         continue
                 row.processed_at, row.claimed_by = now, None
                 if item.result is not None:
@@ -338,16 +437,17 @@ class Pipeline:
                         classifier_version_id=m.classifier_version_id, latency_ms=round(item.seconds * 1000, 3),
                         created_at=now))
                     item.target = ImageStatus.done
-                    report.done += 1
+                    counts.done += 1
                 else:
                     reason = item.reason or "unknown"
-                    row.status, row.error = ImageStatus.failed, f"{reason}: {item.detail}"[:4000]
+                    row.status, row.error = ImageStatus.failed, storable_text(f"{reason}: {item.detail}")
                     item.target = ImageStatus.failed
-                    report.failed += 1
-                    report.failures[reason] = report.failures.get(reason, 0) + 1
+                    counts.failed += 1
+                    counts.failures[reason] = counts.failures.get(reason, 0) + 1
                 session.flush()
                 item.image_id = row.id
                 recorded.append(item)
+        report.add(counts)  # only once the transaction committed
         for item in recorded:
             bound = log.bind(source=item.candidate.source_name, image=(item.sha256 or "-")[:12])
             if item.target is ImageStatus.done:
@@ -377,20 +477,23 @@ class Pipeline:
                     target = filing.quarantine_file(path, self.settings.quarantine_dir, item.reason, item.detail, when)
                 else:
                     target = filing.archive_file(path, self.settings.archive_dir, when)
-                    if item.result is not None and self.settings.watch.save_standardized:
-                        filing.save_standardized(item.result.standardized, target)
-            except OSError as exc:
-                log.error("filing_failed", source=item.candidate.source_name, error=str(exc))
+            except Exception as exc:  # noqa: BLE001 - this file stays in place; the others are filed
+                log.error("filing_failed", source=item.candidate.source_name, error=error_summary(exc))
                 report.left_in_place.append(path)
                 continue
             filed[item.image_id] = str(target)
+            if item.result is not None and item.target is ImageStatus.done and self.settings.watch.save_standardized:
+                try:
+                    filing.save_standardized(item.result.standardized, target)
+                except Exception as exc:  # noqa: BLE001 - the original is archived and recorded all the same
+                    log.error("standardized_copy_failed", source=item.candidate.source_name, error=error_summary(exc))
         if filed:
             with self.sessions.begin() as session:
                 for image_id, target in filed.items():
-                    session.get(Image, image_id).archive_path = target[:1024]
+                    session.get(Image, image_id).archive_path = storable_text(target, 1024)
 
 
 def absolute_candidates(candidates: Sequence[Candidate]) -> list[Candidate]:
     """Candidates named by their absolute path (what `ingest` records as the source name)."""
-    return [replace(c, source_name=str(Path(c.path).absolute())) for c in candidates]
+    return [replace(c, source_name=storable_source_name(str(Path(c.path).absolute()))) for c in candidates]
 
