@@ -264,7 +264,8 @@ def decode_image(path: str | os.PathLike[str], *, max_pixels: int, max_bytes: in
         head = handle.read(132)
         handle.seek(0)
         if head[128:132] == b"DICM" or name.lower().endswith(".dcm"):
-            image, metadata = decode_dicom(handle, name, max_pixels=max_pixels, pseudonym_secret=pseudonym_secret)
+            image, metadata = decode_dicom(handle, name, max_pixels=max_pixels, pseudonym_secret=pseudonym_secret,
+                                           max_inflated_bytes=min(max_bytes, max_pixels * 6 + (1 << 20)))
             return DecodedImage(image, "DICOM", image.width, image.height, metadata)
         return _decode_pillow(handle, name, max_pixels=max_pixels)
 

@@ -64,7 +64,7 @@ from stainbridge.daemon.config import ConfigError, Settings
 from stainbridge.daemon.failures import error_summary, is_transient, storable_source_name, storable_text
 from stainbridge.daemon.logs import get_logger
 from stainbridge.daemon.registry import register_model
-from stainbridge.daemon.store import Image, ImageStatus, ModelKind, Prediction, utcnow
+from stainbridge.daemon.store import Image, ImageStatus, ModelKind, ModelVersion, Prediction, utcnow
 from stainbridge.daemon.watcher import Candidate
 from stainbridge.models.inference import (
     CheckpointError,
@@ -113,8 +113,14 @@ def load_models(settings: Settings, sessions: sessionmaker) -> LoadedModels:
                                "(or STAINBRIDGE_MODELS_CLASSIFIER)")
     std_spec = settings.models.standardizer
     try:
-        classifier = load_classifier(spec, device=settings.models.device)
-        standardizer = load_standardizer(std_spec, device=settings.models.device, classifier=classifier)
+        # A file at a registered path must still be the registered bytes: overwriting the checkpoint
+        # in place is refused, not silently taken as a new version.
+        with sessions() as session:
+            c_expected = _registered_sha256(session, ModelKind.classifier, spec)
+            s_expected = _registered_sha256(session, ModelKind.standardizer, std_spec)
+        classifier = load_classifier(spec, device=settings.models.device, expected_sha256=c_expected)
+        standardizer = load_standardizer(std_spec, device=settings.models.device, classifier=classifier,
+                                         expected_sha256=s_expected)
     except (CheckpointError, ModelMismatch, DeviceUnavailable, FileNotFoundError, OSError, ValueError) as exc:
         raise ModelConfigError(f"cannot load the configured models: {exc}") from None
     with sessions.begin() as session:
@@ -127,6 +133,16 @@ def load_models(settings: Settings, sessions: sessionmaker) -> LoadedModels:
     log.info("models_loaded", classifier=classifier.name, classifier_sha256=classifier.sha256[:12],
              standardizer=standardizer.name, standardizer_sha256=s_sha[:12], device=str(classifier.device))
     return LoadedModels(classifier, standardizer, *ids)
+
+
+def _registered_sha256(session: Session, kind: ModelKind, spec: str) -> str | None:
+    """The sha256 the registry holds for the active checkpoint of `kind` at `spec`'s path, if any."""
+    if not spec or not Path(spec).is_file():
+        return None  # built-in standardizers (none, reinhard, ...) have no file
+    return session.scalars(
+        select(ModelVersion.sha256).where(ModelVersion.kind == kind, ModelVersion.path == str(Path(spec).resolve()),
+                                          ModelVersion.active.is_(True)).limit(1)
+    ).first()
 
 
 # --- one batch ------------------------------------------------------------------------------
