@@ -190,6 +190,19 @@ class _Item:
     deferred: str | None = None  # a transient failure: release the claim, leave the file in place
 
 
+class _Vanished(Exception):
+    """The file left the drop folder between its hash and its claim."""
+
+
+def _still_there(path: Path, hashed: os.stat_result) -> bool:
+    """The same file (inode, size, mtime) is still at `path`."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return (st.st_ino, st.st_size, st.st_mtime_ns) == (hashed.st_ino, hashed.st_size, hashed.st_mtime_ns)
+
+
 class Pipeline:
     """One code path for the service and `ingest`: ``process(candidates) -> BatchReport``."""
 
@@ -277,6 +290,9 @@ class Pipeline:
             item.sha256 = intake.sha256_file(candidate.path, on_chunk=self.heartbeat)
             st = os.lstat(candidate.path)
         except intake.IntakeError as exc:
+            if exc.reason == "missing":  # filed by another worker, or deleted: nothing to record
+                report.skipped += 1
+                return None
             item.reason, item.detail = exc.reason, str(exc)
             return item
         except FileNotFoundError:
@@ -300,6 +316,12 @@ class Pipeline:
                     return item
                 claimed = intake.claim(session, sha256=item.sha256, source_name=candidate.source_name,
                                        site=self.settings.site.name, size_bytes=st.st_size)
+                if claimed.outcome is intake.ClaimOutcome.duplicate and not _still_there(candidate.path, st):
+                    raise _Vanished  # another worker filed this very file after we hashed it: no duplicate row
+        except _Vanished:
+            bound.info("filed_elsewhere")
+            report.skipped += 1
+            return None
         except SQLAlchemyError as exc:
             if is_transient(exc):
                 raise
@@ -330,6 +352,8 @@ class Pipeline:
                                                max_bytes=self.max_bytes,
                                                pseudonym_secret=self.settings.site.pseudonym_secret)
         except intake.IntakeError as exc:
+            if exc.reason == "missing":  # deleted between the hash and the decode: forget the claim
+                item.deferred = "vanished"
             item.reason, item.detail = exc.reason, storable_text(str(exc), 1000)
         except ConfigError as exc:  # e.g. a patient ID but no pseudonym secret: fix the settings, then it runs
             bound.error("configuration_missing", error=str(exc))
@@ -434,6 +458,9 @@ class Pipeline:
                         log.warning("claim_lost", source=source, image_id=item.image_id)
                         counts.left_in_place.append(item.candidate.path)
                         continue
+                    if item.deferred == "vanished":  # nothing left to process or file: no row at all
+                        session.delete(row)
+                        continue
                     if item.deferred is not None:  # transient: give the claim back, try again later
                         row.status, row.claimed_by, row.claimed_at = ImageStatus.pending, None, None
                         counts.deferred += 1
@@ -509,7 +536,14 @@ class Pipeline:
                     session.get(Image, image_id).archive_path = storable_text(target, 1024)
 
 
-def absolute_candidates(candidates: Sequence[Candidate]) -> list[Candidate]:
-    """Candidates named by their absolute path (what `ingest` records as the source name)."""
-    return [replace(c, source_name=storable_source_name(str(Path(c.path).absolute()))) for c in candidates]
+def absolute_candidates(candidates: Sequence[Candidate], drop_dir: Path | None = None) -> list[Candidate]:
+    """Candidates named as `ingest` records them: relative to the drop folder for files inside it
+    (the name the service gives the same file, so that it is never recorded twice), else absolute."""
+    def name(c: Candidate) -> str:
+        path = Path(c.path).absolute()
+        if drop_dir is not None and Path(drop_dir).absolute() in path.parents:
+            return storable_source_name(path.relative_to(Path(drop_dir).absolute()).as_posix())
+        return storable_source_name(str(path))
+
+    return [replace(c, source_name=name(c)) for c in candidates]
 

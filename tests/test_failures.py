@@ -215,6 +215,26 @@ def test_database_outage_leaves_files_in_place_and_backs_off(make_service, monke
     assert [r.status for r in final] == [ImageStatus.done] * 2
 
 
+def test_ingest_and_service_record_a_drop_folder_file_under_one_name(make_service, tmp_path):
+    """`ingest` of a file in the drop folder records the service's relative name: the service then files it, no twin."""
+    import argparse
+
+    from stainbridge.daemon.commands import ingest
+
+    service = make_service()
+    s = service.settings
+    write_cell(s.drop_dir / "sub" / "both.png", seed=77)
+    config = tmp_path / "ingest.toml"
+    config.write_text(f"""[paths]\ndrop = "{s.drop_dir}"\narchive = "{s.archive_dir}"\nquarantine = "{s.quarantine_dir}"
+state = "{s.state_dir}"\n[database]\nurl = "{s.database_url}"\n[models]\nclassifier = "{s.models.classifier}"
+standardizer = "{s.models.standardizer}"\ndevice = "cpu"\n""")
+    args = argparse.Namespace(config=str(config), paths=[str(s.drop_dir / "sub" / "both.png")], move=False, json=False)
+    assert ingest.run(args) == 0
+    final = settle(service, 1)
+    assert [(r.source_name, r.status) for r in final] == [("sub/both.png", ImageStatus.done)]
+    assert predictions(service) == 1
+
+
 def test_content_that_failed_gets_another_chance_when_dropped_again(make_service, monkeypatch):
     """A file quarantined for a content reason, dropped again, is classified: the same row, no duplicate."""
     service = make_service()
