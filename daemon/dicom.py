@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import zlib
 from datetime import datetime
 from typing import Any, BinaryIO
@@ -101,6 +102,8 @@ def _dicom_metadata(ds: Any, pseudonym_secret: str) -> dict[str, Any]:
 
 
 INFLATE_STEP = 8 << 20  # bytes inflated per step while measuring a deflated file
+MAX_DEFLATE_RATIO = 50  # inflated / file size beyond which a deflated DICOM is refused
+MIN_INFLATE_LIMIT = 16 << 20  # ...unless it inflates to less than this
 
 
 def refuse_deflate_bomb(handle: BinaryIO, name: str, max_inflated_bytes: int) -> None:
@@ -125,7 +128,7 @@ def refuse_deflate_bomb(handle: BinaryIO, name: str, max_inflated_bytes: int) ->
                 total += len(inflater.decompress(chunk, min(INFLATE_STEP, max_inflated_bytes + 1 - total)))
                 if total > max_inflated_bytes:
                     raise RefusedFile(f"{name} is a deflated DICOM file that inflates to more than "
-                                      f"{max_inflated_bytes / 2**20:.0f} MiB ([watch] max_file_mb); refused unread",
+                                      f"{max_inflated_bytes / 2**20:.0f} MiB (a bomb: over {MAX_DEFLATE_RATIO}x its size, or over [watch] max_file_mb); refused",
                                       reason="decompression_bomb")
                 chunk = inflater.unconsumed_tail
     except zlib.error:
@@ -138,7 +141,9 @@ def decode_dicom(handle: BinaryIO, name: str, *, max_pixels: int,
                  pseudonym_secret: str, max_inflated_bytes: int | None = None) -> tuple[PILImage.Image, dict[str, Any]]:
     """The RGB picture and the `images` metadata columns of a single-frame DICOM file."""
     limit = max_inflated_bytes if max_inflated_bytes is not None else max_pixels * 6 + (1 << 20)
-    refuse_deflate_bomb(handle, name, limit)
+    size = os.fstat(handle.fileno()).st_size if hasattr(handle, "fileno") else 0
+    # Pixel data deflates 2-5x; a ratio past MAX_DEFLATE_RATIO is a bomb, whatever the absolute limit.
+    refuse_deflate_bomb(handle, name, min(limit, max(MIN_INFLATE_LIMIT, size * MAX_DEFLATE_RATIO)))
     try:
         ds = dcmread(handle, stop_before_pixels=True)
         # Masked in every later log line: exception texts and tracebacks may quote them.

@@ -23,7 +23,7 @@ from typing import Any, BinaryIO, Callable
 import numpy as np
 from PIL import Image as PILImage
 from PIL import ImageFile, ImageOps, UnidentifiedImageError
-from sqlalchemy import or_, select, update
+from sqlalchemy import delete, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -124,6 +124,7 @@ def claim(session: Session, *, sha256: str, source_name: str, site: str, size_by
         with session.begin_nested():
             session.add(row)
             session.flush()
+        _forget_replaced_content(session, source_name, sha256)
         return ClaimResult(ClaimOutcome.claimed, row.id)
     except IntegrityError as exc:
         conflict = exc  # the savepoint was rolled back; the outer transaction is still usable
@@ -143,6 +144,7 @@ def claim(session: Session, *, sha256: str, source_name: str, site: str, size_by
         ).rowcount
         session.expire(original)
         if taken == 1:
+            _forget_replaced_content(session, source_name, sha256)
             return ClaimResult(ClaimOutcome.claimed, original.id, reclaimed=True)
         session.refresh(original)
     if original.status is ImageStatus.failed and original.archive_path is not None:
@@ -169,6 +171,17 @@ def claim(session: Session, *, sha256: str, source_name: str, site: str, size_by
     session.add(duplicate)
     session.flush()
     return ClaimResult(ClaimOutcome.duplicate, duplicate.id, duplicate_of_id=original.id)
+
+
+def _forget_replaced_content(session: Session, source_name: str, sha256: str) -> None:
+    """Drop released claims (`pending`) of earlier content under this name: that content was replaced
+    (a file still being written when a worker died, a re-export) and no longer exists to be processed."""
+    session.execute(
+        delete(Image)
+        .where(Image.source_name == source_name, Image.status == ImageStatus.pending, Image.sha256 != sha256,
+               Image.duplicate_of_id.is_(None))
+        .execution_options(synchronize_session=False)
+    )
 
 
 def _pid_alive(pid: int) -> bool:

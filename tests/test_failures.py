@@ -235,6 +235,17 @@ standardizer = "{s.models.standardizer}"\ndevice = "cpu"\n""")
     assert predictions(service) == 1
 
 
+def test_released_claim_of_replaced_content_is_not_left_pending(make_service):
+    """A claim released after a crash, whose file was then rewritten, is dropped when the new content is claimed."""
+    service = make_service()
+    with service.pipeline.sessions.begin() as session:
+        intake.claim(session, sha256="a" * 64, source_name="x.png", site="s", size_bytes=100)
+        intake.release_stale_claims(session, 3600, startup=True)  # the worker "died" mid-write of x.png
+    with service.pipeline.sessions.begin() as session:
+        intake.claim(session, sha256="b" * 64, source_name="x.png", site="s", size_bytes=200)
+    assert [(r.sha256[0], r.status) for r in rows(service)] == [("b", ImageStatus.processing)]
+
+
 def test_content_that_failed_gets_another_chance_when_dropped_again(make_service, monkeypatch):
     """A file quarantined for a content reason, dropped again, is classified: the same row, no duplicate."""
     service = make_service()
