@@ -9,13 +9,14 @@ is moved as a link (its target is never touched or read).
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import secrets
 import shutil
 import stat
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from PIL import Image as PILImage
 
@@ -152,6 +153,81 @@ def write_error_note(target: Path, text: str) -> Path:
         raise FilingError(f"no free name for the error note of {target}")
     finally:
         os.unlink(temp)
+
+
+def _matches(name: str, expected: str, *, loose: bool) -> bool:
+    """`name` (as stored) is `expected` or one of its collision-numbered forms (``stem__N.ext``);
+    `loose` (the caller checks the sha256) also accepts the shortened forms of long names."""
+    if name == expected:
+        return True
+    stem, suffix = os.path.splitext(expected)
+    head, sep, rest = name.rpartition("__")
+    if not sep:
+        return loose and len(name) < len(expected) and stem.startswith(os.path.splitext(name)[0])
+    number, dot, tail = rest.partition(".")
+    if not number.isdigit() or (dot + tail) != suffix:
+        return False
+    return head == stem or (loose and bool(head) and stem.startswith(head))
+
+
+def record_moved_files(sessions: Any, settings: Any, limit: int = 1000) -> int:
+    """Fill ``archive_path`` of rows whose file was moved just before a crash (move done, path not recorded).
+
+    Looks only in the dated folders of the day the row was processed (and the next), only for rows
+    whose file is no longer in the drop folder; matches by name and, where the row has one, sha256.
+    Returns how many rows were completed.
+    """
+    from sqlalchemy import select
+
+    from stainbridge.daemon.failures import storable_source_name
+    from stainbridge.daemon.store import Image, ImageStatus
+
+    done = 0
+    with sessions.begin() as session:
+        rows = session.scalars(
+            select(Image).where(Image.status.in_([ImageStatus.done, ImageStatus.failed, ImageStatus.duplicate]),
+                                Image.archive_path.is_(None), Image.processed_at.is_not(None)).limit(limit)
+        ).all()
+        taken: set[str] | None = None
+        for row in rows:
+            if (settings.drop_dir / row.source_name).exists():
+                continue  # still in the drop folder: the next pass files it
+            root = settings.quarantine_dir if row.status is ImageStatus.failed else settings.archive_dir
+            expected = row.source_name.rsplit("/", 1)[-1]
+            if taken is None:
+                taken = set(session.scalars(select(Image.archive_path).where(Image.archive_path.is_not(None))).all())
+            for day in (row.processed_at, row.processed_at + timedelta(days=1)):
+                folder = dated_folder(root, day)
+                found = _find_moved(folder, expected, row.sha256, taken, storable_source_name)
+                if found is not None:
+                    row.archive_path = storable_text(str(found), 1024)
+                    taken.add(row.archive_path)
+                    done += 1
+                    break
+    return done
+
+
+def _find_moved(folder: Path, expected: str, sha256: str | None, taken: set[str], storable) -> Path | None:
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError:
+        return None
+    for entry in entries:
+        path = Path(entry.path)
+        if entry.name.endswith(".error.txt") or not _matches(storable(entry.name), expected, loose=sha256 is not None):
+            continue
+        if storable_text(str(path), 1024) in taken:
+            continue
+        if sha256 is not None:
+            try:
+                with open(os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)), "rb") as handle:
+                    digest = hashlib.file_digest(handle, "sha256").hexdigest()
+            except OSError:
+                continue
+            if digest != sha256:
+                continue
+        return path
+    return None
 
 
 def error_note_path(quarantined: Path) -> Path:

@@ -221,6 +221,8 @@ class Pipeline:
         if released:
             log.warning("claims_released", count=released)
         self._needs_recovery = False
+        if self.file_results:
+            filing.record_moved_files(self.sessions, self.settings)
         return released
 
     def process(self, candidates: Sequence[Candidate]) -> BatchReport:
