@@ -27,7 +27,7 @@ from PIL import Image
 from pydicom import dcmread
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-from stainbridge.daemon.failures import storable_source_name
+from stainbridge.daemon.failures import storable_source_name, storable_text
 from tests import dicom_factory
 from tests.daemon_helpers import bomb_png, cell_bytes, query
 
@@ -157,6 +157,17 @@ class Audit:
                     or self.outside_changed)
 
 
+def _filed_at(archive_path: str) -> bool:
+    """The recorded path exists (names that are not UTF-8 are recorded escaped: compare them so)."""
+    if os.path.lexists(archive_path):
+        return True
+    folder = Path(archive_path).parent
+    try:
+        return any(storable_text(str(p), 1024) == archive_path for p in folder.iterdir())
+    except OSError:
+        return False
+
+
 def audit(url: str, corpus: Corpus) -> Audit:
     rows = query(url, "SELECT id, source_name, status, archive_path FROM images ORDER BY id")
     by_source: dict[str, list[tuple]] = {}
@@ -168,7 +179,7 @@ def audit(url: str, corpus: Corpus) -> Audit:
         found = by_source.get(name, [])
         if len(found) > 1:
             duplicated.append(name)
-        filed = [r for r in found if r[2] in ("done", "failed", "duplicate") and r[3] and os.path.lexists(r[3])]
+        filed = [r for r in found if r[2] in ("done", "failed", "duplicate") and r[3] and _filed_at(r[3])]
         if not filed:
             lost.append(name)
             continue
@@ -214,6 +225,10 @@ class TcpProxy:
         """The server is gone: refuse new connections and reset the open ones."""
         listener, self._listener = self._listener, None
         if listener is not None:
+            try:
+                listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() thread, frees the port
+            except OSError:
+                pass
             listener.close()
         with self._lock:
             for conn in self._connections:

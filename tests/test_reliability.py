@@ -2,10 +2,10 @@
 
 Each scenario ends with an audit (tests/reliability_helpers.py): 0 lost, 0 duplicated, 0 stuck,
 0 exits the test did not cause, files outside the drop folder untouched. Each prints one row of
-the README's Reliability table; with STAINBRIDGE_RELIABILITY_REPORT=FILE the rows are appended to
+the README's Reliability table; with STAINBRIDGE_TEST_RELIABILITY_REPORT=FILE the rows are appended to
 FILE as well:
 
-    STAINBRIDGE_RELIABILITY_REPORT=reliability.md STAINBRIDGE_TEST_POSTGRES_URL=... \
+    STAINBRIDGE_TEST_RELIABILITY_REPORT=reliability.md STAINBRIDGE_TEST_POSTGRES_URL=... \
         .venv/bin/python -m pytest -q -s tests/test_reliability.py
 
 The kill moments come from a seeded random generator (seed printed in the row), so a failing
@@ -29,7 +29,7 @@ from tests.reliability_helpers import Audit, Corpus, TcpProxy, audit, good_cells
 
 pytestmark = pytest.mark.slow
 
-SEED = int(os.environ.get("STAINBRIDGE_RELIABILITY_SEED", "20261201"))
+SEED = int(os.environ.get("STAINBRIDGE_TEST_RELIABILITY_SEED", "20261201"))
 WATCH = {"quiet_seconds": 0.4, "rescan_seconds": 1.0, "batch_wait_seconds": 0.1}
 
 
@@ -63,8 +63,8 @@ def configure(tmp_path: Path, url: str, models, *, service_url: str | None = Non
 def report(scenario: str, repetitions: str, result: Audit, seconds: float) -> None:
     row = (f"| {scenario} | {repetitions} | {result.entries} | {len(result.lost)} | {len(result.duplicated)} "
            f"| {result.stuck} | {seconds:.0f} s |")
-    print(f"\nreliability: {row}")
-    target = os.environ.get("STAINBRIDGE_RELIABILITY_REPORT")
+    print(f"\nreliability: {row}", flush=True)
+    target = os.environ.get("STAINBRIDGE_TEST_RELIABILITY_REPORT")
     if target:
         with open(target, "a", encoding="utf-8") as out:
             out.write(row + "\n")
@@ -207,13 +207,15 @@ def test_two_workers_share_one_database_and_drop_folder(daemons, tiny_models, tm
     config = configure(tmp_path, postgres_url, tiny_models)
     corpus = Corpus(tmp_path / "drop", tmp_path / "outside")
     scratch = tmp_path / "scratch"
-    hostile_entries(corpus, scratch, rng)
+    one = new_daemon(daemons, config, tmp_path / "w1").start(wait_ready=False)
+    two = new_daemon(daemons, config, tmp_path / "w2").start(wait_ready=False)
+    one.wait_message("READY=1", 300)
+    two.wait_message("READY=1", 300)
+    hostile_entries(corpus, scratch, rng)  # dropped once both workers watch the folder
     good_cells(corpus, scratch, 80)
     corpus.finish_writes()
-    one = new_daemon(daemons, config, tmp_path / "w1").start()
-    two = new_daemon(daemons, config, tmp_path / "w2").start()
     wait_for(lambda: query(postgres_url, "SELECT count(*) FROM images WHERE status = 'processing'")[0][0] > 0, 120,
-             "a batch in progress")
+             "a batch in progress", interval=0.02)
     one.signal(signal.SIGKILL)  # mid-batch: its claims must be taken over by the other worker
     one.wait_exit(30)
     good_cells(corpus, scratch, 40, seed0=9000)
