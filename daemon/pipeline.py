@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image as PILImage
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -188,6 +188,7 @@ class _Item:
     result: Any = None  # BatchResult
     target: ImageStatus | None = None  # status to file by (done -> archive, failed -> quarantine)
     deferred: str | None = None  # a transient failure: release the claim, leave the file in place
+    created_row: bool = False  # this batch created the (unclaimed, failed) row of a refused entry
 
 
 class _Vanished(Exception):
@@ -454,6 +455,7 @@ class Pipeline:
                         row = Image(sha256=None, source_name=source, site=self.settings.site.name,
                                     status=ImageStatus.failed, size_bytes=item.candidate.size, received_at=now)
                         session.add(row)
+                        item.created_row = True
                 else:
                     row = session.get(Image, item.image_id, with_for_update=True)
                     if row is None or row.status is not ImageStatus.processing or row.claimed_by != me:
@@ -511,6 +513,7 @@ class Pipeline:
             with self.sessions() as session:  # unfiled failures from before a crash: their stored reason
                 ids = [i.image_id for i in items if i.target is ImageStatus.failed and i.reason is None]
                 errors = dict(session.execute(select(Image.id, Image.error).where(Image.id.in_(ids))).all())
+        vanished: list[int] = []
         for item in items:
             path = item.candidate.path
             when = utcnow()
@@ -522,6 +525,12 @@ class Pipeline:
                     target = filing.quarantine_file(path, self.settings.quarantine_dir, item.reason, item.detail, when)
                 else:
                     target = filing.archive_file(path, self.settings.archive_dir, when)
+            except FileNotFoundError:
+                if item.created_row:  # a refused entry another worker quarantined first: no second row
+                    vanished.append(item.image_id)
+                else:
+                    report.left_in_place.append(path)
+                continue
             except Exception as exc:  # noqa: BLE001 - this file stays in place; the others are filed
                 log.error("filing_failed", source=item.candidate.source_name, error=error_summary(exc))
                 report.left_in_place.append(path)
@@ -532,10 +541,16 @@ class Pipeline:
                     filing.save_standardized(item.result.standardized, target)
                 except Exception as exc:  # noqa: BLE001 - the original is archived and recorded all the same
                     log.error("standardized_copy_failed", source=item.candidate.source_name, error=error_summary(exc))
+        if vanished:
+            with self.sessions.begin() as session:
+                session.execute(delete(Image).where(Image.id.in_(vanished), Image.archive_path.is_(None),
+                                                    Image.sha256.is_(None)))
         if filed:
             with self.sessions.begin() as session:
                 for image_id, target in filed.items():
-                    session.get(Image, image_id).archive_path = storable_text(target, 1024)
+                    row = session.get(Image, image_id)
+                    if row is not None:
+                        row.archive_path = storable_text(target, 1024)
 
 
 def absolute_candidates(candidates: Sequence[Candidate], drop_dir: Path | None = None) -> list[Candidate]:
