@@ -245,7 +245,11 @@ class Pipeline:
             self._needs_recovery = True
             raise
         if self.file_results:
-            self._file(to_file, report)
+            try:
+                self._file(to_file, report)
+            except BaseException:
+                self._needs_recovery = True  # moved files whose archive_path did not commit are found again
+                raise
         return report
 
     def quarantine_poison(self, candidate: Candidate, reason: str) -> Path:
