@@ -235,6 +235,18 @@ def _text(value: Any) -> str:
     return str(value).strip()
 
 
+MIN_PSEUDONYM_SECRET_CHARS = 16
+
+
+def _pseudonym_secret(value: Any) -> str:
+    secret = _text(value)
+    if secret and len(secret) < MIN_PSEUDONYM_SECRET_CHARS:
+        raise ValueError(f"a pseudonym secret of {len(secret)} characters is guessable; use at least "
+                         f"{MIN_PSEUDONYM_SECRET_CHARS} random characters (e.g. `openssl rand -hex 32`), "
+                         "and keep it stable: changing it changes every pseudonym")
+    return secret
+
+
 def _database_url(value: Any) -> str:
     url = _text(value)
     if url and not url.startswith(("sqlite://", "postgresql://", "postgresql+psycopg://")):
@@ -288,7 +300,7 @@ VALIDATORS: dict[tuple[str, str], Callable[[Any], Any]] = {
     ("models", "poll_seconds"): _positive(float),
     ("site", "name"): _text,
     ("site", "scale"): _scale,
-    ("site", "pseudonym_secret"): _text,
+    ("site", "pseudonym_secret"): _pseudonym_secret,
     ("watch", "polling"): _boolean,
     ("watch", "rescan_seconds"): _positive(float),
     ("watch", "quiet_seconds"): _positive(float),

@@ -1,13 +1,17 @@
 """DICOM intake: pixel data through pydicom's installed handlers, metadata with pseudonyms.
 
 Files are read without ``force``; the patient ID is kept only as an HMAC-SHA256 pseudonym
-keyed with the site secret, and the patient name is never read.
+keyed with the site secret, and the patient name is never stored (it is read only to be masked
+in log lines). A deflated file is inflated once, bounded, before pydicom reads it: pydicom would
+inflate all of it in one call, so a 1 MiB file could take gigabytes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import os
+import zlib
 from datetime import datetime
 from typing import Any, BinaryIO
 
@@ -15,11 +19,15 @@ import numpy as np
 from PIL import Image as PILImage
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import _read_file_meta_info, read_preamble
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 from pydicom.pixels import apply_color_lut
 from pydicom.valuerep import DT
 
 from stainbridge.daemon.config import ConfigError
 from stainbridge.daemon.errors import RefusedFile, UnreadableImage, UnsupportedFormat
+from stainbridge.daemon.failures import storable_text
+from stainbridge.daemon.logs import mask_in_free_text
 
 
 class PseudonymSecretMissing(ConfigError):
@@ -52,8 +60,8 @@ def _aware(value: datetime) -> datetime:
 
 def _dicom_text(ds: Any, keyword: str, limit: int) -> str | None:
     value = ds.get(keyword)
-    text = str(value).strip() if value is not None else ""
-    return text[:limit] or None
+    text = str(value).replace("\x00", " ").strip() if value is not None else ""  # NUL padding
+    return storable_text(text, limit) or None
 
 
 def _dicom_time(ds: Any) -> datetime | None:
@@ -93,16 +101,61 @@ def _dicom_metadata(ds: Any, pseudonym_secret: str) -> dict[str, Any]:
     }
 
 
-def decode_dicom(handle: BinaryIO, name: str, *, max_pixels: int,
-                 pseudonym_secret: str) -> tuple[PILImage.Image, dict[str, Any]]:
-    """The RGB picture and the `images` metadata columns of a single-frame DICOM file."""
+INFLATE_STEP = 8 << 20  # bytes inflated per step while measuring a deflated file
+MAX_DEFLATE_RATIO = 50  # inflated / file size beyond which a deflated DICOM is refused
+MIN_INFLATE_LIMIT = 16 << 20  # ...unless it inflates to less than this
+
+
+def refuse_deflate_bomb(handle: BinaryIO, name: str, max_inflated_bytes: int) -> None:
+    """Raise RefusedFile if a deflated-transfer-syntax file inflates past `max_inflated_bytes`.
+
+    Reads the file meta header; for any other transfer syntax it returns at once. The handle is
+    left at its starting position.
+    """
+    start = handle.tell()
     try:
+        try:
+            read_preamble(handle, False)
+            meta = _read_file_meta_info(handle)
+        except Exception:  # noqa: BLE001 - not our question here: dcmread reports a damaged header
+            return
+        if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+            return
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        total = 0
+        while chunk := handle.read(1 << 20):
+            while chunk:
+                total += len(inflater.decompress(chunk, min(INFLATE_STEP, max_inflated_bytes + 1 - total)))
+                if total > max_inflated_bytes:
+                    raise RefusedFile(f"{name} is a deflated DICOM file that inflates to more than "
+                                      f"{max_inflated_bytes / 2**20:.0f} MiB (a bomb: over {MAX_DEFLATE_RATIO}x its size, or over [watch] max_file_mb); refused",
+                                      reason="decompression_bomb")
+                chunk = inflater.unconsumed_tail
+    except zlib.error:
+        raise UnreadableImage(f"{name}: the deflated DICOM data is damaged", reason="corrupt") from None
+    finally:
+        handle.seek(start)
+
+
+def decode_dicom(handle: BinaryIO, name: str, *, max_pixels: int,
+                 pseudonym_secret: str, max_inflated_bytes: int | None = None) -> tuple[PILImage.Image, dict[str, Any]]:
+    """The RGB picture and the `images` metadata columns of a single-frame DICOM file."""
+    limit = max_inflated_bytes if max_inflated_bytes is not None else max_pixels * 6 + (1 << 20)
+    size = os.fstat(handle.fileno()).st_size if hasattr(handle, "fileno") else 0
+    # Pixel data deflates 2-5x; a ratio past MAX_DEFLATE_RATIO is a bomb, whatever the absolute limit.
+    refuse_deflate_bomb(handle, name, min(limit, max(MIN_INFLATE_LIMIT, size * MAX_DEFLATE_RATIO)))
+    try:
+        ds = dcmread(handle, stop_before_pixels=True)
+        # Masked in every later log line: exception texts and tracebacks may quote them.
+        mask_in_free_text(str(ds.get("PatientID") or ""), str(ds.get("PatientName") or ""))
+        handle.seek(0)
         ds = dcmread(handle)
     except InvalidDicomError:
         raise UnsupportedFormat(f"{name} is not a DICOM Part 10 file (no 'DICM' marker after the 128-byte preamble); "
                                 "export it with a file meta header") from None
     except Exception as exc:  # pydicom raises many types on damaged headers
-        raise UnreadableImage(f"{name}: the DICOM file cannot be parsed (damaged or cut short): {exc}") from None
+        raise UnreadableImage(f"{name}: the DICOM file cannot be parsed (damaged or cut short; "
+                              f"{type(exc).__name__})") from None
     metadata = _dicom_metadata(ds, pseudonym_secret)
     if "PixelData" not in ds:
         raise UnreadableImage(f"{name} is a DICOM file without pixel data (not an image)", reason="dicom_no_pixels")
@@ -121,11 +174,13 @@ def decode_dicom(handle: BinaryIO, name: str, *, max_pixels: int,
     except (NotImplementedError, RuntimeError) as exc:
         syntax = ds.file_meta.get("TransferSyntaxUID")
         raise UnsupportedFormat(f"{name}: no installed decoder for transfer syntax {syntax} "
-                                f"({getattr(syntax, 'name', '?')}): {exc}", reason="unsupported_transfer_syntax") from None
+                                f"({getattr(syntax, 'name', '?')})", reason="unsupported_transfer_syntax") from None
     except Exception as exc:
         text = str(exc) or type(exc).__name__
         reason = "truncated" if any(k in text.lower() for k in ("truncat", "less than expected")) else "corrupt"
-        raise UnreadableImage(f"{name}: the DICOM pixel data cannot be decoded ({reason}): {text}", reason=reason) from None
+        # The decoder's own text may quote header values: keep only its class in images.error.
+        raise UnreadableImage(f"{name}: the DICOM pixel data cannot be decoded ({reason}; {type(exc).__name__})",
+                              reason=reason) from None
     bits = int(ds.get("BitsStored") or ds.get("BitsAllocated") or 8)
     if photometric in ("MONOCHROME1", "MONOCHROME2") and array.ndim == 2:
         if int(ds.get("PixelRepresentation") or 0) == 1:

@@ -9,15 +9,18 @@ is moved as a link (its target is never touched or read).
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
+import secrets
 import shutil
 import stat
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from PIL import Image as PILImage
 
+from stainbridge.daemon.failures import storable_text
 from stainbridge.models.inference import fsync_dir
 
 MAX_NAME_TRIES = 10_000
@@ -32,11 +35,20 @@ def dated_folder(root: Path, when: datetime) -> Path:
     return Path(root) / f"{when:%Y}" / f"{when:%m}" / f"{when:%d}"
 
 
+NAME_MAX_BYTES = 255 - len(".error.txt")  # room for the quarantine note beside the file
+
+
 def _numbered(name: str, n: int) -> str:
-    if n == 0:
-        return name
+    """`name`, or `stem__n.ext` on a clash; shortened so that the name and its note fit NAME_MAX."""
     stem, suffix = os.path.splitext(name)
-    return f"{stem}__{n}{suffix}"
+    if len(os.fsencode(suffix)) > 32:
+        stem, suffix = name, ""
+    tail = f"__{n}{suffix}" if n else suffix
+    room = NAME_MAX_BYTES - len(os.fsencode(tail))
+    encoded = os.fsencode(stem)
+    if len(encoded) > room:
+        stem = os.fsdecode(encoded[:room])
+    return f"{stem}{tail}"
 
 
 def reserve_name(folder: Path, name: str, *, also_free: Callable[[Path], bool] = lambda p: True) -> Path:
@@ -116,12 +128,106 @@ def quarantine_file(path: Path, quarantine_root: Path, reason: str, detail: str,
     source = Path(path)
     target = move_into(source, dated_folder(quarantine_root, when),
                        also_free=lambda p: not os.path.lexists(error_note_path(p)))
-    note = error_note_path(target)
-    temp = note.with_name(f".{note.name}.{os.getpid()}.tmp")
-    temp.write_text(f"reason: {reason}\ndetail: {detail}\ntime: {when.isoformat()}\nsource: {source}\n", encoding="utf-8")
-    os.replace(temp, note)
-    fsync_dir(note.parent)
+    text = f"reason: {reason}\ndetail: {detail}\ntime: {when.isoformat()}\nsource: {os.fsencode(source)!r}\n"
+    try:
+        write_error_note(target, storable_text(text, 20_000))
+    except OSError:
+        pass  # the file is filed; the reason is also in images.error
     return target
+
+
+def write_error_note(target: Path, text: str) -> Path:
+    """Write `<target>.error.txt` without ever replacing an existing file of that name."""
+    note = error_note_path(target)
+    temp = note.with_name(f".note.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    temp.write_text(text, encoding="utf-8")
+    try:
+        for n in range(MAX_NAME_TRIES):
+            candidate = note if n == 0 else note.with_name(f"{target.name}.error__{n}.txt")
+            try:
+                os.link(temp, candidate)  # fails if the name exists: an input is never overwritten
+            except FileExistsError:
+                continue
+            fsync_dir(candidate.parent)
+            return candidate
+        raise FilingError(f"no free name for the error note of {target}")
+    finally:
+        os.unlink(temp)
+
+
+def _matches(name: str, expected: str, *, loose: bool) -> bool:
+    """`name` (as stored) is `expected` or one of its collision-numbered forms (``stem__N.ext``);
+    `loose` (the caller checks the sha256) also accepts the shortened forms of long names."""
+    if name == expected:
+        return True
+    stem, suffix = os.path.splitext(expected)
+    head, sep, rest = name.rpartition("__")
+    if not sep:
+        return loose and len(name) < len(expected) and stem.startswith(os.path.splitext(name)[0])
+    number, dot, tail = rest.partition(".")
+    if not number.isdigit() or (dot + tail) != suffix:
+        return False
+    return head == stem or (loose and bool(head) and stem.startswith(head))
+
+
+def record_moved_files(sessions: Any, settings: Any, limit: int = 1000) -> int:
+    """Fill ``archive_path`` of rows whose file was moved just before a crash (move done, path not recorded).
+
+    Looks only in the dated folders of the day the row was processed (and the next), only for rows
+    whose file is no longer in the drop folder; matches by name and, where the row has one, sha256.
+    Returns how many rows were completed.
+    """
+    from sqlalchemy import select
+
+    from stainbridge.daemon.failures import storable_source_name
+    from stainbridge.daemon.store import Image, ImageStatus
+
+    done = 0
+    with sessions.begin() as session:
+        rows = session.scalars(
+            select(Image).where(Image.status.in_([ImageStatus.done, ImageStatus.failed, ImageStatus.duplicate]),
+                                Image.archive_path.is_(None), Image.processed_at.is_not(None)).limit(limit)
+        ).all()
+        taken: set[str] | None = None
+        for row in rows:
+            if (settings.drop_dir / row.source_name).exists():
+                continue  # still in the drop folder: the next pass files it
+            root = settings.quarantine_dir if row.status is ImageStatus.failed else settings.archive_dir
+            expected = row.source_name.rsplit("/", 1)[-1]
+            if taken is None:
+                taken = set(session.scalars(select(Image.archive_path).where(Image.archive_path.is_not(None))).all())
+            for day in (row.processed_at, row.processed_at + timedelta(days=1)):
+                folder = dated_folder(root, day)
+                found = _find_moved(folder, expected, row.sha256, taken, storable_source_name)
+                if found is not None:
+                    row.archive_path = storable_text(str(found), 1024)
+                    taken.add(row.archive_path)
+                    done += 1
+                    break
+    return done
+
+
+def _find_moved(folder: Path, expected: str, sha256: str | None, taken: set[str], storable) -> Path | None:
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError:
+        return None
+    for entry in entries:
+        path = Path(entry.path)
+        if entry.name.endswith(".error.txt") or not _matches(storable(entry.name), expected, loose=sha256 is not None):
+            continue
+        if storable_text(str(path), 1024) in taken:
+            continue
+        if sha256 is not None:
+            try:
+                with open(os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)), "rb") as handle:
+                    digest = hashlib.file_digest(handle, "sha256").hexdigest()
+            except OSError:
+                continue
+            if digest != sha256:
+                continue
+        return path
+    return None
 
 
 def error_note_path(quarantined: Path) -> Path:

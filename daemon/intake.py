@@ -18,12 +18,12 @@ import warnings
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Callable
 
 import numpy as np
 from PIL import Image as PILImage
 from PIL import ImageFile, ImageOps, UnidentifiedImageError
-from sqlalchemy import or_, select, update
+from sqlalchemy import delete, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -72,12 +72,14 @@ def open_regular(path: str | os.PathLike[str]) -> BinaryIO:
     return handle
 
 
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """The sha256 of a file's bytes (hex), read in 1 MiB chunks."""
+def sha256_file(path: str | os.PathLike[str], *, on_chunk: Callable[[], None] | None = None) -> str:
+    """The sha256 of a file's bytes (hex), read in 1 MiB chunks; `on_chunk()` after each (a liveness ping)."""
     digest = hashlib.sha256()
     with open_regular(path) as handle:
         while chunk := handle.read(CHUNK):
             digest.update(chunk)
+            if on_chunk is not None:
+                on_chunk()
     return digest.hexdigest()
 
 
@@ -122,6 +124,7 @@ def claim(session: Session, *, sha256: str, source_name: str, site: str, size_by
         with session.begin_nested():
             session.add(row)
             session.flush()
+        _forget_replaced_content(session, source_name, sha256)
         return ClaimResult(ClaimOutcome.claimed, row.id)
     except IntegrityError as exc:
         conflict = exc  # the savepoint was rolled back; the outer transaction is still usable
@@ -141,6 +144,20 @@ def claim(session: Session, *, sha256: str, source_name: str, site: str, size_by
         ).rowcount
         session.expire(original)
         if taken == 1:
+            _forget_replaced_content(session, source_name, sha256)
+            return ClaimResult(ClaimOutcome.claimed, original.id, reclaimed=True)
+        session.refresh(original)
+    if original.status is ImageStatus.failed and original.archive_path is not None:
+        # Dropped again after a failure (a corrected configuration, a fixed GPU): another chance.
+        taken = session.execute(
+            update(Image)
+            .where(Image.id == original.id, Image.status == ImageStatus.failed, Image.archive_path.is_not(None))
+            .values(status=ImageStatus.processing, claimed_by=worker_id(), claimed_at=now, error=None,
+                    source_name=source_name, size_bytes=size_bytes, archive_path=None, received_at=now)
+            .execution_options(synchronize_session=False)
+        ).rowcount
+        session.expire(original)
+        if taken == 1:
             return ClaimResult(ClaimOutcome.claimed, original.id, reclaimed=True)
         session.refresh(original)
     same_file = original.source_name == source_name
@@ -154,6 +171,17 @@ def claim(session: Session, *, sha256: str, source_name: str, site: str, size_by
     session.add(duplicate)
     session.flush()
     return ClaimResult(ClaimOutcome.duplicate, duplicate.id, duplicate_of_id=original.id)
+
+
+def _forget_replaced_content(session: Session, source_name: str, sha256: str) -> None:
+    """Drop released claims (`pending`) of earlier content under this name: that content was replaced
+    (a file still being written when a worker died, a re-export) and no longer exists to be processed."""
+    session.execute(
+        delete(Image)
+        .where(Image.source_name == source_name, Image.status == ImageStatus.pending, Image.sha256 != sha256,
+               Image.duplicate_of_id.is_(None))
+        .execution_options(synchronize_session=False)
+    )
 
 
 def _pid_alive(pid: int) -> bool:
@@ -249,7 +277,8 @@ def decode_image(path: str | os.PathLike[str], *, max_pixels: int, max_bytes: in
         head = handle.read(132)
         handle.seek(0)
         if head[128:132] == b"DICM" or name.lower().endswith(".dcm"):
-            image, metadata = decode_dicom(handle, name, max_pixels=max_pixels, pseudonym_secret=pseudonym_secret)
+            image, metadata = decode_dicom(handle, name, max_pixels=max_pixels, pseudonym_secret=pseudonym_secret,
+                                           max_inflated_bytes=min(max_bytes, max_pixels * 6 + (1 << 20)))
             return DecodedImage(image, "DICOM", image.width, image.height, metadata)
         return _decode_pillow(handle, name, max_pixels=max_pixels)
 
@@ -276,14 +305,16 @@ def _decode_pillow(handle: BinaryIO, name: str, *, max_pixels: int) -> DecodedIm
     except IntakeError:
         raise
     except (PILImage.DecompressionBombError, PILImage.DecompressionBombWarning) as exc:
-        raise RefusedFile(f"{name} is refused as a decompression bomb: {exc}", reason="decompression_bomb") from None
+        raise RefusedFile(f"{name} is refused as a decompression bomb (over [watch] max_pixels)",
+                          reason="decompression_bomb") from None
     except UnidentifiedImageError:
         raise UnsupportedFormat(f"{name} is not a PNG, JPEG, TIFF, BMP or DICOM file (its content is not "
                                 "recognized, whatever its extension says)") from None
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, KeyError, MemoryError) as exc:
         text = str(exc) or type(exc).__name__
         reason = "truncated" if "truncat" in text.lower() else "corrupt"
-        raise UnreadableImage(f"{name} cannot be decoded ({reason}): {text}", reason=reason) from None
+        # Only the error's class: decoder text can quote the file's own bytes (text chunks, EXIF).
+        raise UnreadableImage(f"{name} cannot be decoded ({reason}; {type(exc).__name__})", reason=reason) from None
     finally:
         PILImage.MAX_IMAGE_PIXELS = previous_limit
     fmt = img.format

@@ -8,9 +8,11 @@ reach the output: :func:`redact_patient_identifiers` masks them in every event.
 
 from __future__ import annotations
 
+import collections
 import logging
 import re
 import sys
+import threading
 from typing import Any, TextIO
 
 import structlog
@@ -42,6 +44,32 @@ _DICOM_PERSON_NAME = re.compile(r"[^\s\^=\"',;:()\[\]{}]+(?:\^[^\s\^=\"',;:()\[\
 
 _HANDLER_MARK = "_stainbridge_handler"
 
+# Identifiers of recently decoded files (patient IDs and names), masked wherever they appear in
+# free text: exception messages and tracebacks quote header values that no key name gives away.
+_RECENT_IDENTIFIERS: collections.OrderedDict[str, None] = collections.OrderedDict()
+_RECENT_LIMIT = 1000
+_recent_lock = threading.Lock()
+
+
+def mask_in_free_text(*values: str) -> None:
+    """Mask these identifiers (e.g. a DICOM file's PatientID) in every later log line, keys or not."""
+    with _recent_lock:
+        for value in values:
+            value = str(value or "").strip()
+            if len(value) >= 3:  # shorter strings would mask ordinary words
+                _RECENT_IDENTIFIERS[value] = None
+                _RECENT_IDENTIFIERS.move_to_end(value)
+        while len(_RECENT_IDENTIFIERS) > _RECENT_LIMIT:
+            _RECENT_IDENTIFIERS.popitem(last=False)
+
+
+def _mask_known(text: str) -> str:
+    with _recent_lock:
+        known = [v for v in _RECENT_IDENTIFIERS if v in text]
+    for value in sorted(known, key=len, reverse=True):
+        text = text.replace(value, REDACTED)
+    return text
+
 
 class _DropAlembicChatter(logging.Filter):
     """Alembic announces its dialect on every run; only the migrations it applies matter."""
@@ -67,6 +95,7 @@ def _is_identifying(key: Any) -> bool:
 
 def _mask(value: Any, depth: int = 0) -> Any:
     if isinstance(value, str):
+        value = _mask_known(value) if _RECENT_IDENTIFIERS else value
         return _DICOM_PERSON_NAME.sub(REDACTED, value) if "^" in value else value
     if depth < 4 and isinstance(value, dict):
         return {k: REDACTED if _is_identifying(k) else _mask(v, depth + 1) for k, v in value.items()}
@@ -114,11 +143,13 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | N
     out = stream if stream is not None else sys.stderr
     console = _use_console(fmt, out)
 
-    final: list[Processor] = [structlog.stdlib.ProcessorFormatter.remove_processors_meta, redact_patient_identifiers]
+    # Tracebacks become text before the masking, so that identifiers quoted in them are masked too.
+    final: list[Processor] = [structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                              structlog.processors.format_exc_info, redact_patient_identifiers]
     if console:
         final.append(structlog.dev.ConsoleRenderer(colors=bool(getattr(out, "isatty", lambda: False)())))
     else:
-        final += [structlog.processors.format_exc_info, structlog.processors.JSONRenderer(sort_keys=False)]
+        final.append(structlog.processors.JSONRenderer(sort_keys=False))
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=[*_shared_processors(), structlog.stdlib.ExtraAdder()], processors=final
     )

@@ -49,18 +49,21 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from PIL import Image as PILImage
+from sqlalchemy import delete, select, update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from stainbridge.daemon import filing, intake, registry
 from stainbridge.daemon.config import ConfigError, Settings
+from stainbridge.daemon.failures import error_summary, is_transient, storable_source_name, storable_text
 from stainbridge.daemon.logs import get_logger
-from stainbridge.daemon.store import Image, ImageStatus, ModelKind, Prediction, utcnow
+from stainbridge.daemon.store import Image, ImageStatus, ModelKind, ModelVersion, Prediction, VersionState, utcnow
 from stainbridge.daemon.watcher import Candidate
 from stainbridge.models.inference import (
     CheckpointError,
@@ -109,8 +112,14 @@ def load_models(settings: Settings, sessions: sessionmaker) -> LoadedModels:
                                "(or STAINBRIDGE_MODELS_CLASSIFIER)")
     std_spec = settings.models.standardizer
     try:
-        classifier = load_classifier(spec, device=settings.models.device)
-        standardizer = load_standardizer(std_spec, device=settings.models.device, classifier=classifier)
+        # A file at a registered path must still be the registered bytes: overwriting the checkpoint
+        # in place is refused, not silently taken as a new version.
+        with sessions() as session:
+            c_expected = _registered_sha256(session, ModelKind.classifier, spec)
+            s_expected = _registered_sha256(session, ModelKind.standardizer, std_spec)
+        classifier = load_classifier(spec, device=settings.models.device, expected_sha256=c_expected)
+        standardizer = load_standardizer(std_spec, device=settings.models.device, classifier=classifier,
+                                         expected_sha256=s_expected)
     except (CheckpointError, ModelMismatch, DeviceUnavailable, FileNotFoundError, OSError, ValueError) as exc:
         raise ModelConfigError(f"cannot load the configured models: {exc}") from None
     s_path = std_spec if standardizer.sha256 is None else str(Path(std_spec).resolve())
@@ -138,6 +147,16 @@ def load_models(settings: Settings, sessions: sessionmaker) -> LoadedModels:
     return LoadedModels(classifier, standardizer, c_active.id, s_active.id)
 
 
+def _registered_sha256(session: Session, kind: ModelKind, spec: str) -> str | None:
+    """The sha256 the registry holds for the active checkpoint of `kind` at `spec`'s path, if any."""
+    if not spec or not Path(spec).is_file():
+        return None  # built-in standardizers (none, reinhard, ...) have no file
+    return session.scalars(
+        select(ModelVersion.sha256).where(ModelVersion.kind == kind, ModelVersion.path == str(Path(spec).resolve()),
+                                          ModelVersion.state == VersionState.active).limit(1)
+    ).first()
+
+
 # --- one batch ------------------------------------------------------------------------------
 
 
@@ -151,6 +170,8 @@ class BatchReport:
     refiled: int = 0  # recorded before, filed (or acknowledged) now
     refiled_failed: int = 0  # of those, how many had failed
     skipped: int = 0  # changed while being read, or being processed by another live worker
+    deferred: int = 0  # left in place for a transient reason (models unavailable, configuration)
+    unavailable: str | None = None  # that reason, for the service's health and back-off
     failures: dict[str, int] = field(default_factory=dict)
     left_in_place: list[Path] = field(default_factory=list)  # to be offered again later
 
@@ -159,11 +180,12 @@ class BatchReport:
         return self.done + self.failed + self.duplicates + self.refiled
 
     def add(self, other: BatchReport) -> None:
-        for name in ("done", "failed", "duplicates", "refiled", "refiled_failed", "skipped"):
+        for name in ("done", "failed", "duplicates", "refiled", "refiled_failed", "skipped", "deferred"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for reason, n in other.failures.items():
             self.failures[reason] = self.failures.get(reason, 0) + n
         self.left_in_place += other.left_in_place
+        self.unavailable = self.unavailable or other.unavailable
 
 
 @dataclass
@@ -177,6 +199,21 @@ class _Item:
     seconds: float = 0.0  # decode time
     result: Any = None  # BatchResult
     target: ImageStatus | None = None  # status to file by (done -> archive, failed -> quarantine)
+    deferred: str | None = None  # a transient failure: release the claim, leave the file in place
+    created_row: bool = False  # this batch created the (unclaimed, failed) row of a refused entry
+
+
+class _Vanished(Exception):
+    """The file left the drop folder between its hash and its claim."""
+
+
+def _still_there(path: Path, hashed: os.stat_result) -> bool:
+    """The same file (inode, size, mtime) is still at `path`."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return (st.st_ino, st.st_size, st.st_mtime_ns) == (hashed.st_ino, hashed.st_size, hashed.st_mtime_ns)
 
 
 class Pipeline:
@@ -188,6 +225,7 @@ class Pipeline:
         self.file_results = file_results
         self.max_bytes = int(settings.watch.max_file_mb * 2**20)
         self._needs_recovery = False
+        self.heartbeat: Callable[[], None] = lambda: None  # called while hashing (the service's watchdog)
 
     def recover(self) -> int:
         """Release claims left `processing` by dead (or this very) processes; call before work."""
@@ -196,6 +234,8 @@ class Pipeline:
         if released:
             log.warning("claims_released", count=released)
         self._needs_recovery = False
+        if self.file_results:
+            filing.record_moved_files(self.sessions, self.settings)
         return released
 
     def process(self, candidates: Sequence[Candidate]) -> BatchReport:
@@ -217,8 +257,39 @@ class Pipeline:
             self._needs_recovery = True
             raise
         if self.file_results:
-            self._file(to_file, report)
+            try:
+                self._file(to_file, report)
+            except BaseException:
+                self._needs_recovery = True  # moved files whose archive_path did not commit are found again
+                raise
         return report
+
+    def quarantine_poison(self, candidate: Candidate, reason: str) -> Path:
+        """Quarantine a file that broke its batch again and again, alone; record it as failed (``poison``).
+
+        Its claim from the failed attempts (released to ``pending``) becomes the failed row; a file
+        that never got that far gets a new failed row. The file moves first: it leaves the drop folder
+        even when the database refuses anything about it.
+        """
+        self.recover()
+        now = utcnow()
+        detail = storable_text(reason, 1000)
+        target = filing.quarantine_file(candidate.path, self.settings.quarantine_dir, "poison", detail, now)
+        values = {"status": ImageStatus.failed, "error": f"poison: {detail}", "processed_at": now, "claimed_by": None,
+                  "archive_path": storable_text(str(target), 1024)}
+        with self.sessions.begin() as session:
+            updated = session.execute(
+                update(Image)
+                .where(Image.source_name == candidate.source_name, Image.status == ImageStatus.pending,
+                       Image.duplicate_of_id.is_(None))
+                .values(**values)
+                .execution_options(synchronize_session=False)
+            ).rowcount
+            if not updated:
+                session.add(Image(sha256=None, source_name=candidate.source_name, site=self.settings.site.name,
+                                  size_bytes=candidate.size, received_at=now, **values))
+        log.error("quarantined_poison", source=candidate.source_name, reason=detail)
+        return target
 
     # intake ----------------------------------------------------------------------------------
 
@@ -229,27 +300,53 @@ class Pipeline:
             item.reason, item.detail = candidate.refusal, f"{candidate.source_name}: {candidate.detail}"
             return item
         try:
-            item.sha256 = intake.sha256_file(candidate.path)
+            st = os.lstat(candidate.path)
+            if st.st_size > self.max_bytes:  # before hashing: a huge file on a slow share is never read
+                item.reason = "too_large"
+                item.detail = (f"{candidate.source_name} is {st.st_size / 2**20:.1f} MiB, over the "
+                               f"{self.max_bytes / 2**20:.1f} MiB limit ([watch] max_file_mb)")
+                return item
+            item.sha256 = intake.sha256_file(candidate.path, on_chunk=self.heartbeat)
             st = os.lstat(candidate.path)
         except intake.IntakeError as exc:
+            if exc.reason == "missing":  # filed by another worker, or deleted: nothing to record
+                report.skipped += 1
+                return None
             item.reason, item.detail = exc.reason, str(exc)
             return item
         except FileNotFoundError:
             report.skipped += 1
             return None
+        except OSError as exc:  # EIO, ESTALE on a network share: this file, not the service
+            item.reason = "unreadable"
+            item.detail = f"{candidate.source_name} cannot be read ({exc.strerror or exc}); drop it again"
+            return item
         if st.st_size != candidate.size or abs(st.st_mtime - candidate.mtime) > 1e-3:
             bound.info("changed_while_reading")  # still being written: the watcher offers it again
             report.skipped += 1
             return None
         bound = bound.bind(image=item.sha256[:12])
-        with self.sessions.begin() as session:
-            previous = self._unfiled_twin(session, item.sha256, candidate.source_name, ImageStatus.duplicate)
-            if previous is not None:
-                item.image_id, item.target = previous.id, ImageStatus.duplicate
-                report.refiled += 1
-                return item
-            claimed = intake.claim(session, sha256=item.sha256, source_name=candidate.source_name,
-                                   site=self.settings.site.name, size_bytes=st.st_size)
+        try:
+            with self.sessions.begin() as session:
+                previous = self._unfiled_twin(session, item.sha256, candidate.source_name, ImageStatus.duplicate)
+                if previous is not None:
+                    item.image_id, item.target = previous.id, ImageStatus.duplicate
+                    report.refiled += 1
+                    return item
+                claimed = intake.claim(session, sha256=item.sha256, source_name=candidate.source_name,
+                                       site=self.settings.site.name, size_bytes=st.st_size)
+                if claimed.outcome is intake.ClaimOutcome.duplicate and not _still_there(candidate.path, st):
+                    raise _Vanished  # another worker filed this very file after we hashed it: no duplicate row
+        except _Vanished:
+            bound.info("filed_elsewhere")
+            report.skipped += 1
+            return None
+        except SQLAlchemyError as exc:
+            if is_transient(exc):
+                raise
+            bound.warning("claim_refused", error=error_summary(exc))  # e.g. a value the database rejects
+            item.reason, item.detail = "unrecordable", f"the database refused this file: {error_summary(exc)}"
+            return item
         outcome = claimed.outcome
         item.image_id = claimed.image_id
         if outcome is intake.ClaimOutcome.in_progress:
@@ -274,12 +371,15 @@ class Pipeline:
                                                max_bytes=self.max_bytes,
                                                pseudonym_secret=self.settings.site.pseudonym_secret)
         except intake.IntakeError as exc:
-            item.reason, item.detail = exc.reason, str(exc)
-        except ConfigError as exc:  # e.g. a patient ID but no pseudonym secret configured
-            item.reason, item.detail = "configuration", str(exc)
+            if exc.reason == "missing":  # deleted between the hash and the decode: forget the claim
+                item.deferred = "vanished"
+            item.reason, item.detail = exc.reason, storable_text(str(exc), 1000)
+        except ConfigError as exc:  # e.g. a patient ID but no pseudonym secret: fix the settings, then it runs
+            bound.error("configuration_missing", error=str(exc))
+            item.deferred = f"configuration: {exc}"
         except Exception as exc:  # noqa: BLE001 - a decoder bug must not stop the other files
-            bound.exception("decode_crashed")
-            item.reason, item.detail = "decode_error", f"{type(exc).__name__}: {exc}"
+            bound.error("decode_crashed", error_type=type(exc).__name__)  # no text: it may quote the file
+            item.reason, item.detail = "decode_error", f"the decoder failed ({type(exc).__name__})"
         item.seconds = time.perf_counter() - started
         return item
 
@@ -295,6 +395,7 @@ class Pipeline:
     # inference -------------------------------------------------------------------------------
 
     def _infer(self, items: list[_Item]) -> None:
+        items = [i for i in items if i.deferred is None]
         if not items:
             return
         m = self.models
@@ -302,25 +403,64 @@ class Pipeline:
         try:
             results = run_batch([i.decoded.image for i in items], m.standardizer, m.classifier,
                                 scale=self.settings.site.scale)
-        except Exception:
+        except Exception as exc:
+            if not self._models_work():  # CUDA out of memory, a driver error: not the files' fault
+                log.error("inference_unavailable", error=error_summary(exc), batch=len(items))
+                for item in items:
+                    item.deferred = f"inference: {error_summary(exc)}"
+                return
             if len(items) > 1:
-                log.warning("batch_failed_retrying_one_by_one", size=len(items), exc_info=True)
+                log.warning("batch_failed_retrying_one_by_one", size=len(items), error=error_summary(exc))
                 for item in items:
                     self._infer([item])
                 return
-            log.exception("inference_failed", source=items[0].candidate.source_name)
-            items[0].reason, items[0].detail = "inference", "the models failed on this image (see the service log)"
+            log.error("inference_failed", source=items[0].candidate.source_name, error=error_summary(exc))
+            items[0].reason, items[0].detail = "inference", "the models fail on this image and work on others"
             return
         share = (time.perf_counter() - started) / len(items)
         for item, result in zip(items, results, strict=True):
             item.result, item.seconds = result, item.seconds + share
 
+    def _models_work(self) -> bool:
+        """Do the models run on a plain probe image? (No: the failure is the GPU's, not the file's.)"""
+        probe = PILImage.new("RGB", (64, 64), (200, 160, 190))
+        try:
+            run_batch([probe], self.models.standardizer, self.models.classifier, scale=self.settings.site.scale)
+        except Exception:  # noqa: BLE001 - any failure here means "the models are unavailable"
+            return False
+        return True
+
     # the one transaction ---------------------------------------------------------------------
 
     def _record(self, items: list[_Item], report: BatchReport) -> list[_Item]:
+        """Record the batch in one transaction; if the database refuses it, file by file.
+
+        A file whose results the database refuses (a value it cannot store) is recorded as
+        failed (``unrecordable``) instead, so that it never holds back the others.
+        """
+        try:
+            return self._record_together(items, report)
+        except SQLAlchemyError as exc:
+            if is_transient(exc):
+                raise
+        recorded: list[_Item] = []
+        for item in items:
+            try:
+                recorded += self._record_together([item], report)
+            except SQLAlchemyError as exc:
+                if is_transient(exc):
+                    raise
+                log.warning("results_refused", source=item.candidate.source_name, error=error_summary(exc))
+                item.result, item.decoded = None, None
+                item.reason, item.detail = "unrecordable", f"the database refused this file's results: {error_summary(exc)}"
+                recorded += self._record_together([item], report)
+        return recorded
+
+    def _record_together(self, items: list[_Item], report: BatchReport) -> list[_Item]:
         now = utcnow()
         me = intake.worker_id()
         recorded: list[_Item] = []
+        counts = BatchReport()
         m = self.models
         with self.sessions.begin() as session:
             for item in items:
@@ -331,11 +471,21 @@ class Pipeline:
                         row = Image(sha256=None, source_name=source, site=self.settings.site.name,
                                     status=ImageStatus.failed, size_bytes=item.candidate.size, received_at=now)
                         session.add(row)
+                        item.created_row = True
                 else:
                     row = session.get(Image, item.image_id, with_for_update=True)
                     if row is None or row.status is not ImageStatus.processing or row.claimed_by != me:
                         log.warning("claim_lost", source=source, image_id=item.image_id)
-                        report.left_in_place.append(item.candidate.path)
+                        counts.left_in_place.append(item.candidate.path)
+                        continue
+                    if item.deferred == "vanished":  # nothing left to process or file: no row at all
+                        session.delete(row)
+                        continue
+                    if item.deferred is not None:  # transient: give the claim back, try again later
+                        row.status, row.claimed_by, row.claimed_at = ImageStatus.pending, None, None
+                        counts.deferred += 1
+                        counts.unavailable = counts.unavailable or item.deferred
+                        counts.left_in_place.append(item.candidate.path)
                         continue
                 row.processed_at, row.claimed_by = now, None
                 if item.result is not None:
@@ -350,16 +500,17 @@ class Pipeline:
                         classifier_version_id=m.classifier_version_id, latency_ms=round(item.seconds * 1000, 3),
                         created_at=now))
                     item.target = ImageStatus.done
-                    report.done += 1
+                    counts.done += 1
                 else:
                     reason = item.reason or "unknown"
-                    row.status, row.error = ImageStatus.failed, f"{reason}: {item.detail}"[:4000]
+                    row.status, row.error = ImageStatus.failed, storable_text(f"{reason}: {item.detail}")
                     item.target = ImageStatus.failed
-                    report.failed += 1
-                    report.failures[reason] = report.failures.get(reason, 0) + 1
+                    counts.failed += 1
+                    counts.failures[reason] = counts.failures.get(reason, 0) + 1
                 session.flush()
                 item.image_id = row.id
                 recorded.append(item)
+        report.add(counts)  # only once the transaction committed
         for item in recorded:
             bound = log.bind(source=item.candidate.source_name, image=(item.sha256 or "-")[:12])
             if item.target is ImageStatus.done:
@@ -378,6 +529,7 @@ class Pipeline:
             with self.sessions() as session:  # unfiled failures from before a crash: their stored reason
                 ids = [i.image_id for i in items if i.target is ImageStatus.failed and i.reason is None]
                 errors = dict(session.execute(select(Image.id, Image.error).where(Image.id.in_(ids))).all())
+        vanished: list[int] = []
         for item in items:
             path = item.candidate.path
             when = utcnow()
@@ -389,20 +541,42 @@ class Pipeline:
                     target = filing.quarantine_file(path, self.settings.quarantine_dir, item.reason, item.detail, when)
                 else:
                     target = filing.archive_file(path, self.settings.archive_dir, when)
-                    if item.result is not None and self.settings.watch.save_standardized:
-                        filing.save_standardized(item.result.standardized, target)
-            except OSError as exc:
-                log.error("filing_failed", source=item.candidate.source_name, error=str(exc))
+            except FileNotFoundError:
+                if item.created_row:  # a refused entry another worker quarantined first: no second row
+                    vanished.append(item.image_id)
+                else:
+                    report.left_in_place.append(path)
+                continue
+            except Exception as exc:  # noqa: BLE001 - this file stays in place; the others are filed
+                log.error("filing_failed", source=item.candidate.source_name, error=error_summary(exc))
                 report.left_in_place.append(path)
                 continue
             filed[item.image_id] = str(target)
+            if item.result is not None and item.target is ImageStatus.done and self.settings.watch.save_standardized:
+                try:
+                    filing.save_standardized(item.result.standardized, target)
+                except Exception as exc:  # noqa: BLE001 - the original is archived and recorded all the same
+                    log.error("standardized_copy_failed", source=item.candidate.source_name, error=error_summary(exc))
+        if vanished:
+            with self.sessions.begin() as session:
+                session.execute(delete(Image).where(Image.id.in_(vanished), Image.archive_path.is_(None),
+                                                    Image.sha256.is_(None)))
         if filed:
             with self.sessions.begin() as session:
                 for image_id, target in filed.items():
-                    session.get(Image, image_id).archive_path = target[:1024]
+                    row = session.get(Image, image_id)
+                    if row is not None:
+                        row.archive_path = storable_text(target, 1024)
 
 
-def absolute_candidates(candidates: Sequence[Candidate]) -> list[Candidate]:
-    """Candidates named by their absolute path (what `ingest` records as the source name)."""
-    return [replace(c, source_name=str(Path(c.path).absolute())) for c in candidates]
+def absolute_candidates(candidates: Sequence[Candidate], drop_dir: Path | None = None) -> list[Candidate]:
+    """Candidates named as `ingest` records them: relative to the drop folder for files inside it
+    (the name the service gives the same file, so that it is never recorded twice), else absolute."""
+    def name(c: Candidate) -> str:
+        path = Path(c.path).absolute()
+        if drop_dir is not None and Path(drop_dir).absolute() in path.parents:
+            return storable_source_name(path.relative_to(Path(drop_dir).absolute()).as_posix())
+        return storable_source_name(str(path))
+
+    return [replace(c, source_name=name(c)) for c in candidates]
 

@@ -28,6 +28,10 @@ class DatabaseUnavailable(SchemaError):
     """The database named by the URL cannot be reached or opened."""
 
 
+class DatabaseUnreachable(DatabaseUnavailable):
+    """The URL is usable but the server does not answer now (down, restarting, network): worth waiting for."""
+
+
 def safe_url(url: str) -> str:
     """The URL with its password hidden, for messages and logs."""
     try:
@@ -68,7 +72,7 @@ def _check_reachable(engine: Engine, url: str) -> None:
             pass
     except SQLAlchemyError as exc:
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-        raise DatabaseUnavailable(
+        raise DatabaseUnreachable(
             f"cannot open the database at {safe_url(url)}: {reason}; check [database] url "
             "(or STAINBRIDGE_DATABASE_URL) and that the server is running"
         ) from None

@@ -8,7 +8,14 @@ drop-folder watcher started (it scans what is already there), then ``READY=1``.
 The loop is ``run()`` repeating ``run_once()``, which takes one micro-batch of ready files
 (up to ``[models] batch_size``, or what arrived within ``[watch] batch_wait_seconds``) through
 the pipeline and returns how many files it handled. ``WATCHDOG=1`` is sent only while the
-watcher thread, the loop and the database (``SELECT 1``) are healthy.
+watcher thread, the loop and the database (``SELECT 1``) are healthy and files are moving: no
+file has waited longer than the watchdog interval while the service kept failing on it.
+
+No error of one file stops the service (see ``daemon.failures``): a transient failure (database,
+models, configuration) leaves the files in place, releases their claims and pauses with a
+growing back-off while ``STATUS=`` says why; any other error is retried with each file alone,
+and a file that fails alone ``MAX_ATTEMPTS`` times is quarantined with its reason. At start-up
+an unreachable database is waited for, with back-off and ``STATUS=``, instead of exiting.
 
 Shutdown like rq: the first SIGTERM/SIGINT sends ``STOPPING=1``, stops taking files and lets
 the current batch finish, then exits 0; a second signal exits at once (128 + signal number).
@@ -25,31 +32,47 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 from types import FrameType
 
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import sessionmaker
 
 from stainbridge.daemon import intake, sdnotify
 from stainbridge.daemon.config import ConfigError, Settings, load_settings
+from stainbridge.daemon.failures import MAX_ATTEMPTS, Backoff, error_summary, is_transient
 from stainbridge.daemon.hotswap import ModelSwapper
 from stainbridge.daemon.logs import get_logger
-from stainbridge.daemon.pipeline import STALE_CLAIM_SECONDS, ModelConfigError, Pipeline, load_models
+from stainbridge.daemon.pipeline import (
+    STALE_CLAIM_SECONDS,
+    BatchReport,
+    LoadedModels,
+    ModelConfigError,
+    Pipeline,
+    load_models,
+)
 from stainbridge.daemon.retraining import recover_runs
 from stainbridge.daemon.scheduler import RetrainingScheduler
-from stainbridge.daemon.schema import SchemaError, prepare_database, safe_url
+from stainbridge.daemon.schema import DatabaseUnreachable, SchemaError, prepare_database, safe_url
 from stainbridge.daemon.store import make_engine, make_sessionmaker
 from stainbridge.daemon.watcher import Candidate, DropFolderWatcher, WatcherError
 
 log = get_logger(__name__)
 
 IDLE_SECONDS = 0.25  # how often an idle loop asks the watcher for ready files
-DB_RETRY_SECONDS = 5.0  # pause after a database error before trying again
+STARTUP_BACKOFF_MAX_SECONDS = 30.0  # longest pause between start-up attempts to reach the database
+MAX_BACKLOG = 1_000  # ready files held in memory between batches
+MAX_TRACKED_ATTEMPTS = 10_000  # files remembered with failed attempts (oldest forgotten first)
 
 
 class StartupError(Exception):
     """The service cannot start; the message says what to fix."""
+
+
+class StoppedDuringStartup(Exception):
+    """A signal arrived while start-up was waiting for the database."""
 
 
 class Service:
@@ -66,7 +89,11 @@ class Service:
         self._backlog: list[Candidate] = []
         self._heartbeat = time.monotonic()
         self._last_release = time.monotonic()
-        self._db_ok = True
+        self._last_progress = time.monotonic()  # files moved, or nothing was waiting
+        self._backoff = Backoff()
+        self._backoff_delay = 0.0
+        self._trouble: str | None = None  # the transient failure being waited out, for STATUS= and health
+        self._attempts: dict[tuple[Path, int, float], int] = {}  # failed attempts of a file, alone
         self.handled = 0
         self.swapper: ModelSwapper | None = None
         self.scheduler: RetrainingScheduler | None = None
@@ -77,11 +104,9 @@ class Service:
         """Everything before READY=1; raises StartupError with a one-line reason."""
         s = self.settings
         try:
-            prepare_database(s.database_url)
-            self.engine = make_engine(s.database_url)
-            sessions = make_sessionmaker(self.engine)
-            models = load_models(s, sessions)
+            sessions, models = self._connect_and_load()
             self.pipeline = Pipeline(s, sessions, models)
+            self.pipeline.heartbeat = self._beat
             self.pipeline.recover()
             self.swapper = ModelSwapper(s, sessions)
             for folder in (s.drop_dir, s.archive_dir, s.quarantine_dir):
@@ -104,12 +129,44 @@ class Service:
             threading.Thread(target=self._watchdog, args=(interval,), name="watchdog", daemon=True).start()
         self._start_scheduler()
 
+    def _connect_and_load(self) -> tuple[sessionmaker, LoadedModels]:
+        """Migrate/check the database and load the models, waiting (with back-off) while it is unreachable."""
+        s = self.settings
+        backoff = Backoff(maximum=STARTUP_BACKOFF_MAX_SECONDS)
+        while True:
+            engine = None
+            try:
+                prepare_database(s.database_url)
+                engine = make_engine(s.database_url)
+                sessions = make_sessionmaker(engine)
+                models = load_models(s, sessions)
+                self.engine = engine
+                return sessions, models
+            except (DatabaseUnreachable, SQLAlchemyError) as exc:
+                if engine is not None:
+                    engine.dispose()
+                if isinstance(exc, SQLAlchemyError) and not is_transient(exc):
+                    raise
+                delay = backoff.failed()
+                reason = error_summary(exc) if isinstance(exc, SQLAlchemyError) else str(exc)
+                self.log.warning("waiting_for_database", database=safe_url(s.database_url), attempt=backoff.failures,
+                                 retry_in_s=delay, error=reason)
+                # EXTEND_TIMEOUT_USEC: systemd's start timeout must not kill a service that is only waiting.
+                sdnotify.notify(f"STATUS=waiting for the database {safe_url(s.database_url)} "
+                                f"(attempt {backoff.failures}, next in {delay:.0f} s)\n"
+                                f"EXTEND_TIMEOUT_USEC={int((delay + 60) * 1e6)}")
+                if self._stop.wait(delay):
+                    raise StoppedDuringStartup() from None
+
     def run(self) -> int:
         """Start, loop until a signal, stop; returns the process exit code."""
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             try:
                 self.start()
+            except StoppedDuringStartup:
+                self.log.info("stopped", handled=0)
+                return 0
             except StartupError as exc:
                 self.log.error("startup_failed", error=str(exc))
                 print(f"stainbridge run: {exc}", file=sys.stderr)
@@ -121,8 +178,14 @@ class Service:
                     print("stainbridge run: the drop-folder watcher thread died; exiting to be restarted",
                           file=sys.stderr)
                     return 2
-                if self.run_once() == 0:
-                    self._stop.wait(IDLE_SECONDS if self._db_ok else DB_RETRY_SECONDS)
+                try:
+                    handled = self.run_once()
+                except Exception as exc:  # noqa: BLE001 - the last guard: the loop never dies of one error
+                    self.log.exception("loop_error", error=error_summary(exc))
+                    handled = 0
+                    self._transient_failure(error_summary(exc), [])
+                if handled == 0:
+                    self._stop.wait(self._backoff_delay if self._trouble else IDLE_SECONDS)
             self.log.info("stopped", handled=self.handled)
             return 0
         finally:
@@ -162,31 +225,98 @@ class Service:
         self._swap_models()
         batch = self._next_batch()
         if not batch:
+            if not self._backlog and self._trouble is None:
+                self._last_progress = time.monotonic()  # nothing waiting: nothing is stuck
             return 0
         try:
             report = self.pipeline.process(batch)
-        except SQLAlchemyError as exc:
-            reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-            self.log.error("database_error", error=reason, batch=len(batch))
-            self._db_ok = False
-            for candidate in batch:  # offer them again once the database is back
-                self.watcher.forget(candidate.path)
-            return 0
-        self._db_ok = True
+        except Exception as exc:  # noqa: BLE001 - sorted below: transient, or find the file that breaks
+            if is_transient(exc):
+                self._transient_failure(error_summary(exc), batch)
+                return 0
+            if len(batch) == 1:
+                return self._failed_alone(batch[0], exc)
+            self.log.warning("batch_failed_retrying_each_file", error=error_summary(exc), batch=len(batch))
+            return sum(self._process_alone(candidate) for candidate in batch)
+        return self._account(report)
+
+    def _account(self, report: BatchReport) -> int:
+        """Book a report: forget files left in place, note progress or the transient trouble."""
         for path in report.left_in_place:
             self.watcher.forget(path)
-        self._heartbeat = time.monotonic()
+        now = self._heartbeat = time.monotonic()
+        if report.handled or report.skipped:
+            self._last_progress = now
+        if report.deferred:
+            self._transient_failure(report.unavailable or "transient failure", [])
+        elif report.handled:
+            self._recovered()
         self.handled += report.handled
         if report.handled:
             self.log.info("batch", done=report.done, failed=report.failed, duplicates=report.duplicates,
                           refiled=report.refiled, skipped=report.skipped)
         return report.handled
 
+    def _process_alone(self, candidate: Candidate) -> int:
+        """One file of a batch that failed as a whole; after MAX_ATTEMPTS failures alone it is quarantined."""
+        try:
+            return self._account(self.pipeline.process([candidate]))
+        except Exception as exc:  # noqa: BLE001
+            if is_transient(exc):
+                self._transient_failure(error_summary(exc), [candidate])
+                return 0
+            return self._failed_alone(candidate, exc)
+
+    def _failed_alone(self, candidate: Candidate, exc: Exception) -> int:
+        """Count a failure of `candidate` on its own; quarantine it at MAX_ATTEMPTS."""
+        key = (candidate.path, candidate.size, candidate.mtime)
+        attempts = self._attempts.get(key, 0) + 1
+        self._attempts[key] = attempts
+        while len(self._attempts) > MAX_TRACKED_ATTEMPTS:
+            self._attempts.pop(next(iter(self._attempts)))
+        self.log.warning("file_failed", source=candidate.source_name, attempt=attempts, error=error_summary(exc))
+        if attempts < MAX_ATTEMPTS:
+            self.watcher.forget(candidate.path)
+            return 0
+        self._attempts.pop(key, None)
+        try:
+            self.pipeline.quarantine_poison(candidate, f"failed {attempts} times: {error_summary(exc)}")
+        except Exception as again:  # noqa: BLE001 - e.g. the database went away just now
+            self.log.error("quarantine_failed", source=candidate.source_name, error=error_summary(again))
+            self.watcher.forget(candidate.path)
+            return 0
+        self._last_progress = time.monotonic()
+        self.handled += 1
+        return 1
+
+    def _transient_failure(self, reason: str, batch: list[Candidate]) -> None:
+        """Leave `batch` in place and pause with back-off; health and STATUS= say why."""
+        self._backoff_delay = self._backoff.failed()
+        self._trouble = reason
+        self.log.error("transient_failure", error=reason, batch=len(batch), retry_in_s=self._backoff_delay)
+        sdnotify.notify(f"STATUS=retrying in {self._backoff_delay:.0f} s: {reason}")
+        for candidate in batch:  # offered again after the pause
+            self.watcher.forget(candidate.path)
+
+    def _recovered(self) -> None:
+        if self._trouble is not None:
+            self.log.info("recovered", after=self._trouble)
+            sdnotify.notify(f"STATUS=watching {self.settings.drop_dir}")
+        self._trouble = None
+        self._backoff.succeeded()
+
+    def _beat(self) -> None:
+        """The loop is alive (also called while hashing a large file)."""
+        self._heartbeat = time.monotonic()
+
     def _next_batch(self) -> list[Candidate]:
         """Up to batch_size ready files, waiting at most batch_wait_seconds for a batch to fill."""
         size = self.settings.models.batch_size
         if len(self._backlog) < size:
             self._backlog += self.watcher.ready_files()
+            for candidate in self._backlog[MAX_BACKLOG:]:  # bounded: the rest is offered again later
+                self.watcher.forget(candidate.path)
+            del self._backlog[MAX_BACKLOG:]
             deadline = time.monotonic() + self.settings.watch.batch_wait_seconds
             while self._backlog and len(self._backlog) < size and not self._stop.is_set():
                 if time.monotonic() >= deadline:
@@ -241,11 +371,17 @@ class Service:
     # health ----------------------------------------------------------------------------------
 
     def healthy(self, max_loop_age: float = 60.0) -> dict[str, bool]:
-        """Watcher thread alive, loop ticked within max_loop_age seconds, database answers."""
+        """Watcher thread alive, loop ticked within max_loop_age seconds, database answers, files move.
+
+        "moving": within max_loop_age seconds files were handled or none were waiting; a service
+        that keeps failing on what is there (database refusing writes, models unavailable) is not.
+        """
+        now = time.monotonic()
         checks = {
             "watcher": self.watcher is not None and self.watcher.healthy(),
-            "loop": time.monotonic() - self._heartbeat < max_loop_age,
+            "loop": now - self._heartbeat < max_loop_age,
             "database": False,
+            "moving": self._trouble is None or now - self._last_progress < max_loop_age,
         }
         if self.engine is not None:
             try:
@@ -257,12 +393,18 @@ class Service:
         return checks
 
     def _watchdog(self, interval: float) -> None:
+        last_status = ""
         while not self._stop.wait(interval / 3):
             checks = self.healthy(max_loop_age=interval)
             if all(checks.values()):
                 sdnotify.notify("WATCHDOG=1")
             else:
-                self.log.warning("unhealthy", **{k: v for k, v in checks.items() if not v})
+                failing = [k for k, v in checks.items() if not v]
+                self.log.warning("unhealthy", **{k: False for k in failing}, trouble=self._trouble)
+                status = f"STATUS=unhealthy ({', '.join(failing)}): {self._trouble or 'see the log'}"
+                if status != last_status:  # once per change, not every ping interval
+                    sdnotify.notify(status)
+                    last_status = status
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

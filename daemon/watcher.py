@@ -24,6 +24,7 @@ from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserverVFS
 
 from stainbridge.daemon.config import Settings
+from stainbridge.daemon.failures import storable_source_name
 
 TEMP_SUFFIXES = (".part", ".partial", ".tmp", ".temp", ".crdownload", ".download", ".filepart", ".swp", "~")
 IGNORED_NAMES = frozenset({"thumbs.db", "desktop.ini"})
@@ -107,10 +108,11 @@ def _walk(root: Path, folder: Path, skip: tuple[Path, ...]) -> Iterator[tuple[Pa
 
 
 def _relative(path: Path, root: Path) -> str:
+    """The source name recorded for `path`: relative to `root`, storable (see failures.storable_source_name)."""
     try:
-        return path.relative_to(root).as_posix()
+        return storable_source_name(path.relative_to(root).as_posix())
     except ValueError:
-        return path.name
+        return storable_source_name(path.name)
 
 
 def iter_candidates(paths: Iterable[str | os.PathLike[str]], *, skip: Iterable[Path] = ()) -> Iterator[Candidate]:
@@ -131,7 +133,8 @@ def iter_candidates(paths: Iterable[str | os.PathLike[str]], *, skip: Iterable[P
                 yield _refused(path, _relative(path, root), entry_st) or Candidate(
                     path, _relative(path, root), entry_st.st_size, entry_st.st_mtime)
         else:
-            yield _refused(root, root.name, st) or Candidate(root, root.name, st.st_size, st.st_mtime)
+            name = storable_source_name(root.name)
+            yield _refused(root, name, st) or Candidate(root, name, st.st_size, st.st_mtime)
 
 
 class _Handler(FileSystemEventHandler):

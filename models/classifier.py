@@ -49,17 +49,20 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
             f"pretrained weights file {path} does not exist; pass a local ImageNet checkpoint "
             "(e.g. torchvision's resnet18-f37072fd.pth) or train without --pretrained"
         )
+    if path.suffix != ".safetensors":
+        # stainbridge never unpickles (README): a .pth file is a pickle, even under weights_only=True.
+        raise PretrainedWeightsError(
+            f"{path} is not a .safetensors file; stainbridge never reads pickle-based files. Convert it once, "
+            "on a machine you trust, and pass the result: python -c \"import torch, safetensors.torch as s; "
+            f"s.save_file(torch.load('{path}', weights_only=True), '{path.with_suffix('.safetensors')}')\""
+        )
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+        from safetensors.torch import load_file
 
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_file(str(path))
     except Exception as exc:  # noqa: BLE001 - any reader failure means the same thing to the user
         raise PretrainedWeightsError(
-            f"cannot read pretrained weights from {path}: {exc}. Use a plain state-dict file "
-            "(.pth readable with weights_only=True, or .safetensors)"
+            f"cannot read pretrained weights from {path}: {exc}. Use a plain .safetensors state-dict file"
         ) from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]

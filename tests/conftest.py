@@ -3,7 +3,8 @@
 `database_url` runs a test once on a fresh SQLite file and once on a fresh PostgreSQL
 database. PostgreSQL comes from $STAINBRIDGE_TEST_POSTGRES_URL (an admin connection that may
 CREATE DATABASE); when no server answers there, those runs are skipped with the reason shown
-in pytest's summary (`-ra`), never silently.
+in pytest's summary (`-ra`), never silently. Under CI (``CI=true``) they fail instead: a CI run
+whose database did not start must not pass with half of its tests skipped.
 """
 
 from __future__ import annotations
@@ -57,7 +58,10 @@ def postgres_admin() -> str:
             connection.execute(text("SELECT 1"))
     except Exception as exc:  # any failure to connect means "no server for these tests"
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-        pytest.skip(f"PostgreSQL not reachable at {_masked(url)} ({reason}); {HOW_TO_START}")
+        message = f"PostgreSQL not reachable at {_masked(url)} ({reason}); {HOW_TO_START}"
+        if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
+            pytest.fail(f"CI=true: {message}", pytrace=False)
+        pytest.skip(message)
     finally:
         engine.dispose()
     return url

@@ -171,6 +171,8 @@ class Daemon:
 
     def start(self, *, wait_ready: bool = True, timeout: float = 90) -> Daemon:
         assert self.process is None or self.process.poll() is not None, "already running"
+        self.receive()
+        self.messages.clear()  # READY=1 of an earlier life must not count for this one
         self.starts += 1
         with self.log_path.open("ab") as log:
             log.write(f"--- start {self.starts} ---\n".encode())

@@ -62,7 +62,7 @@ def test_colour_variant_checkpoint_is_a_pointwise_colour_standardizer(bench: tup
     assert sh["training_options"]["generator_lr"] == 1e-3 and sh["training_options"]["discriminator_lr"] == 2e-4
     assert sh["semantic"]["weight"] == 5.0 and sh["semantic"]["teacher"] == "raw"
     assert sh["semantic"]["pairs"] == ["x_to_y"] and sh["training_data"]["labels_used"] is False
-    assert inference.load_standardizer(str(path))
+    assert_standardizes(inference.load_standardizer(str(path)), sh["architecture"])
 
 
 def test_report_grid_and_checkpoints_are_written(bench: tuple[Path, dict, int]) -> None:
@@ -77,7 +77,18 @@ def test_report_grid_and_checkpoints_are_written(bench: tuple[Path, dict, int]) 
     _, sh = checkpoint.load_checkpoint(out / "standardizer_cyclegan_semantic_inductive_fold0.safetensors")
     assert sh["training_data"]["labels_used"] is False
     assert sh["training_data"]["source"]["scored_images_seen"] is False and sh["training_data"]["source"]["images"] == 10
-    assert inference.load_standardizer(str(out / "standardizer_cyclegan_semantic_transductive.safetensors"))
+    assert_standardizes(inference.load_standardizer(str(out / "standardizer_cyclegan_semantic_transductive.safetensors")),
+                        None)
+
+
+def assert_standardizes(standardizer: inference.Standardizer, architecture: str | None) -> None:
+    """The loaded standardizer maps a batch to the same shape in [0, 1] and says what it is."""
+    batch = torch.rand(2, 3, 32, 32)
+    out = standardizer(batch)
+    assert out.shape == batch.shape and float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+    assert standardizer.sha256 and len(standardizer.sha256) == 64
+    if architecture is not None:
+        assert standardizer.header["architecture"] == architecture
 
 
 def test_existing_classifier_is_reused(bench: tuple[Path, dict, int], tmp_path: Path) -> None:

@@ -94,16 +94,12 @@ def test_unknown_architecture_raises() -> None:
         clf.build_classifier(arch="vgg16", num_classes=5)
 
 
-@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
-def test_pretrained_backbone_loaded_from_local_file(tmp_path: Path, suffix: str) -> None:
+def test_pretrained_backbone_loaded_from_local_file(tmp_path: Path) -> None:
     """A local ImageNet-style file fills the backbone and the fc head is replaced."""
     torch.manual_seed(1)
     imagenet = resnet18(weights=None)
-    path = tmp_path / f"resnet18{suffix}"
-    if suffix == ".pth":
-        torch.save(imagenet.state_dict(), path)
-    else:
-        save_file({k: v.contiguous() for k, v in imagenet.state_dict().items()}, str(path))
+    path = tmp_path / "resnet18.safetensors"
+    save_file({k: v.contiguous() for k, v in imagenet.state_dict().items()}, str(path))
     model = clf.build_classifier(arch="resnet18", num_classes=4, pretrained_file=path)
     assert torch.equal(model.conv1.weight, imagenet.conv1.weight)
     assert torch.equal(model.layer4[1].bn2.running_var, imagenet.layer4[1].bn2.running_var)
@@ -112,10 +108,19 @@ def test_pretrained_backbone_loaded_from_local_file(tmp_path: Path, suffix: str)
 
 def test_pretrained_file_for_other_arch_is_refused(tmp_path: Path) -> None:
     """Weights for a different architecture raise PretrainedWeightsError."""
-    path = tmp_path / "r18.pth"
-    torch.save(resnet18(weights=None).state_dict(), path)
+    path = tmp_path / "r18.safetensors"
+    save_file({k: v.contiguous() for k, v in resnet18(weights=None).state_dict().items()}, str(path))
     with pytest.raises(clf.PretrainedWeightsError, match="resnet34"):
         clf.build_classifier(arch="resnet34", num_classes=4, pretrained_file=path)
+
+
+def test_pickle_pretrained_file_is_refused_unread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A .pth (pickle) file is refused with the conversion command; torch.load is never called."""
+    path = tmp_path / "resnet18.pth"
+    torch.save(resnet18(weights=None).state_dict(), path)
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load must not be called"))
+    with pytest.raises(clf.PretrainedWeightsError, match="never reads pickle"):
+        clf.build_classifier(arch="resnet18", num_classes=4, pretrained_file=path)
 
 
 def test_missing_pretrained_file_is_refused(tmp_path: Path) -> None:

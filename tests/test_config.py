@@ -79,6 +79,13 @@ def test_bad_environment_value_names_the_variable() -> None:
         load_settings(environ={"STAINBRIDGE_WATCH_QUIET_SECONDS": "-1"})
 
 
+def test_short_pseudonym_secret_is_refused() -> None:
+    """A pseudonym secret shorter than 16 characters is refused: a guessable key un-pseudonymizes patients."""
+    with pytest.raises(ConfigError, match="STAINBRIDGE_SITE_PSEUDONYM_SECRET.*at least 16"):
+        load_settings(environ={"STAINBRIDGE_SITE_PSEUDONYM_SECRET": "secret"})
+    assert load_settings(environ={"STAINBRIDGE_SITE_PSEUDONYM_SECRET": "x" * 16}).site.pseudonym_secret == "x" * 16
+
+
 def test_unknown_key_is_rejected(tmp_path: Path) -> None:
     """A misspelt key is an error that lists the known keys, not a silently ignored line."""
     config = write(tmp_path / "s.toml", "[models]\nbatchsize = 4\n")

@@ -106,3 +106,37 @@ def test_save_standardized_beside_original(tmp_path):
     out = save_standardized(image, archived)
     assert out == archived.with_name("cell.standardized.png")
     assert np.asarray(PILImage.open(out)).mean() == 90
+
+
+def test_file_moved_before_a_crash_gets_its_archive_path_back(tmp_path, settings_factory):
+    """A row recorded done whose file was moved but whose archive_path never committed is completed at recovery."""
+    import hashlib
+    from datetime import datetime, timezone
+
+    from stainbridge.daemon.filing import archive_file, record_moved_files
+    from stainbridge.daemon.schema import upgrade_database
+    from stainbridge.daemon.store import Image, ImageStatus, make_engine, make_sessionmaker
+
+    settings = settings_factory()
+    upgrade_database(settings.database_url)
+    engine = make_engine(settings.database_url)
+    try:
+        sessions = make_sessionmaker(engine)
+        now = datetime.now(timezone.utc)
+        settings.drop_dir.mkdir(parents=True)
+        rows = []
+        for name, data in (("a.png", b"first"), ("b/a.png", b"second")):
+            source = settings.drop_dir / name
+            source.parent.mkdir(parents=True, exist_ok=True)
+            source.write_bytes(data)
+            archive_file(source, settings.archive_dir, now)  # moved; the crash came before archive_path
+            rows.append(Image(sha256=hashlib.sha256(data).hexdigest(), source_name=name, site="s",
+                              status=ImageStatus.done, received_at=now, processed_at=now))
+        with sessions.begin() as session:
+            session.add_all(rows)
+        assert record_moved_files(sessions, settings) == 2
+        with sessions() as session:
+            paths = {r.source_name: Path(r.archive_path) for r in session.query(Image)}
+        assert paths["a.png"].read_bytes() == b"first" and paths["b/a.png"].read_bytes() == b"second"
+    finally:
+        engine.dispose()

@@ -110,7 +110,9 @@ def test_micro_batch_is_capped_at_batch_size(service, settings):
     """Six ready files with batch_size 4: one tick handles 4, the next 2."""
     for i in range(6):
         write_cell(settings.drop_dir / f"c{i}.png", seed=10 + i)
-    time.sleep(1.0)  # all six observed and past their quiet time
+    service.watcher.rescan()
+    service._backlog = service.watcher.ready_files(now=time.monotonic() + 60)  # all six, past their quiet time
+    assert len(service._backlog) == 6
     assert service.run_once() == 4
     assert service.run_once() == 2
 
@@ -168,7 +170,6 @@ def test_poison_image_fails_alone(service, sessions, settings, monkeypatch):
     write_cell(settings.drop_dir / "ok1.png", seed=6)
     write_cell(settings.drop_dir / "poison.png", seed=7, size=47)
     write_cell(settings.drop_dir / "ok2.png", seed=8)
-    time.sleep(0.2)
     assert drain(service, 3) == 3
     with sessions() as s:
         status = dict(s.execute(select(Image.source_name, Image.status)).all())
@@ -324,12 +325,15 @@ def test_watchdog_pings_only_while_watcher_loop_and_database_are_healthy(service
     try:
         pinger.start()
         assert b"WATCHDOG=1" in _datagrams_while_ticking(service, listener, 1.0)
-        assert service.healthy() == {"watcher": True, "loop": True, "database": True}
+        assert service.healthy() == {"watcher": True, "loop": True, "database": True, "moving": True}
         service.watcher.stop()
         assert service.healthy()["watcher"] is False
         _datagrams_while_ticking(service, listener, 0.2)  # a ping already on its way may still arrive
-        assert _datagrams_while_ticking(service, listener, 0.6) == []
-        time.sleep(0.5)  # the loop stops ticking: no pings either once it is stale
+        assert not [d for d in _datagrams_while_ticking(service, listener, 0.6) if b"WATCHDOG=1" in d]
+        # The loop stops ticking: once its heartbeat is older than max_loop_age, the loop check fails.
+        deadline = time.monotonic() + 10
+        while service.healthy(max_loop_age=0.3)["loop"] and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert service.healthy(max_loop_age=0.3)["loop"] is False
     finally:
         service._stop.set()

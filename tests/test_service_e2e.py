@@ -89,7 +89,9 @@ def test_ready_after_startup_scan_watchdog_pings_and_stopping_on_sigterm(daemon_
 def test_files_arriving_every_way_are_processed_exactly_once(daemon_factory, database_url, tmp_path):
     """Copied while down (before start), slow chunked copy, atomic rename and a duplicate: each recorded exactly once."""
     drop = tmp_path / "drop"
-    daemon = daemon_factory(database_url)
+    # A quiet time far longer than any pause between chunks, however loaded the machine: the slow
+    # copy becomes ready by its close-write event, never half-written by the clock.
+    daemon = daemon_factory(database_url, watch={"quiet_seconds": 5.0})
     first = write_cell(drop / "down1.png", seed=1).read_bytes()
     write_cell(drop / "sub" / "down2.png", seed=2)
     daemon.start()
@@ -99,7 +101,7 @@ def test_files_arriving_every_way_are_processed_exactly_once(daemon_factory, dat
         for start in range(0, len(data), 2048):
             out.write(data[start:start + 2048])
             out.flush()
-            time.sleep(0.15)
+            time.sleep(0.05)
     staged = write_cell(drop / ".renamed.png.part", seed=4)
     os.rename(staged, drop / "renamed.png")
     wait_for(lambda: finished(database_url) == 4, 60, "four files processed")

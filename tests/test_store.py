@@ -82,6 +82,7 @@ def test_rows_without_content_hash_do_not_collide(session: Session) -> None:
     """Rows whose sha256 is not known yet (NULL) never conflict with each other."""
     session.add_all([image(sha256=None), image(sha256=None)])
     session.commit()
+    assert session.scalar(select(text("count(*)")).select_from(Image).where(Image.sha256.is_(None))) == 2
 
 
 def test_status_outside_the_enum_is_refused(session: Session) -> None:

@@ -99,9 +99,12 @@ def test_folder_moved_in_is_seen_without_rescan(watcher, tmp_path):
     batch = tmp_path / "batch"
     batch.mkdir()
     (batch / "i.png").write_bytes(b"i")
+    moved_at = time.monotonic()
     os.rename(batch, tmp_path / "drop" / "batch")
-    time.sleep(0.5)
-    assert watcher.ready_files() == []  # a new folder's files may still be being written
+    deadline = time.monotonic() + 10
+    while Path(tmp_path / "drop" / "batch" / "i.png") not in watcher._seen and time.monotonic() < deadline:
+        time.sleep(0.02)  # wait for the move event to be observed, not for a fixed time
+    assert watcher.ready_files(now=moved_at) == []  # a new folder's files may still be being written
     assert [c.source_name for c in watcher.ready_files(now=time.monotonic() + QUIET)] == ["batch/i.png"]
 
 

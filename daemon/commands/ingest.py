@@ -62,7 +62,8 @@ def summarize(report: BatchReport, total: int) -> str:
 def run(args: argparse.Namespace) -> int:
     try:
         settings = load_settings(args.config)
-        candidates = absolute_candidates(list(iter_candidates(args.paths, skip=(settings.quarantine_dir,))))
+        candidates = absolute_candidates(list(iter_candidates(args.paths, skip=(settings.quarantine_dir,))),
+                                         settings.drop_dir)
     except ConfigError as exc:
         print(f"stainbridge ingest: configuration error: {exc}", file=sys.stderr)
         return 1

@@ -1,0 +1,228 @@
+"""Reliability: the real `stainbridge run`, a hostile corpus, kill -9 at random moments, outages, two workers.
+
+Each scenario ends with an audit (tests/reliability_helpers.py): 0 lost, 0 duplicated, 0 stuck,
+0 exits the test did not cause, files outside the drop folder untouched. Each prints one row of
+the README's Reliability table; with STAINBRIDGE_TEST_RELIABILITY_REPORT=FILE the rows are appended to
+FILE as well:
+
+    STAINBRIDGE_TEST_RELIABILITY_REPORT=reliability.md STAINBRIDGE_TEST_POSTGRES_URL=... \
+        .venv/bin/python -m pytest -q -s tests/test_reliability.py
+
+The kill moments come from a seeded random generator (seed printed in the row), so a failing
+run can be repeated. Bounded: a few hundred files, tiny models on the CPU, polling with deadlines.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy.engine import make_url
+
+from stainbridge.daemon.schema import upgrade_database
+from tests.daemon_helpers import Daemon, build_tiny_models, query, wait_for, write_config
+from tests.reliability_helpers import Audit, Corpus, TcpProxy, audit, good_cells, hostile_entries
+
+pytestmark = pytest.mark.slow
+
+SEED = int(os.environ.get("STAINBRIDGE_TEST_RELIABILITY_SEED", "20261201"))
+WATCH = {"quiet_seconds": 0.4, "rescan_seconds": 1.0, "batch_wait_seconds": 0.1}
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    return build_tiny_models(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture
+def daemons():
+    made: list[Daemon] = []
+    yield made
+    for daemon in made:
+        daemon.close()
+
+
+def new_daemon(made: list[Daemon], config: Path, workdir: Path) -> Daemon:
+    workdir.mkdir(parents=True, exist_ok=True)
+    daemon = Daemon(config, workdir)
+    made.append(daemon)
+    return daemon
+
+
+def configure(tmp_path: Path, url: str, models, *, service_url: str | None = None) -> Path:
+    if url.startswith("postgresql"):
+        upgrade_database(url)  # the operator's `stainbridge db upgrade`
+    return write_config(tmp_path / "stainbridge.toml", tmp_path, service_url or url, models,
+                        models={"batch_size": 8}, watch=WATCH)
+
+
+def report(scenario: str, repetitions: str, result: Audit, seconds: float) -> None:
+    row = (f"| {scenario} | {repetitions} | {result.entries} | {len(result.lost)} | {len(result.duplicated)} "
+           f"| {result.stuck} | {seconds:.0f} s |")
+    print(f"\nreliability: {row}", flush=True)
+    target = os.environ.get("STAINBRIDGE_TEST_RELIABILITY_REPORT")
+    if target:
+        with open(target, "a", encoding="utf-8") as out:
+            out.write(row + "\n")
+
+
+def wait_until_settled(url: str, corpus: Corpus, timeout: float) -> Audit:
+    def settled() -> Audit | None:
+        result = audit(url, corpus)
+        return result if not result.lost and not result.stuck and not result.left_in_drop else None
+
+    try:
+        return wait_for(settled, timeout, "every entry recorded and filed", interval=1.0)
+    except AssertionError:
+        result = audit(url, corpus)
+        raise AssertionError(f"not settled: {result}") from None
+
+
+def assert_clean(result: Audit, unexpected_exits: int) -> None:
+    assert unexpected_exits == 0
+    assert result.lost == [] and result.duplicated == [] and result.stuck == 0
+    assert result.wrong_outcome == [] and result.left_in_drop == [] and not result.outside_changed
+
+
+def kill_storm(daemon: Daemon, corpus: Corpus, scratch: Path, rng: random.Random, *, kills: int,
+               late_files: int, seed0: int) -> int:
+    """kill -9 at random moments (one SIGTERM among them), more files dropped while down; unexpected exits.
+
+    Every other life is killed without waiting for READY=1: a random moment of start-up (migrations,
+    claims released, the start-up scan) or of its first batches; the others a random moment after
+    READY=1, in the middle of batches. This also keeps the storm's time bounded by half the starts.
+    """
+    unexpected = 0
+    for k in range(kills + 1):
+        if k % 2 == 1:
+            daemon.wait_message("READY=1", 300)
+            time.sleep(rng.uniform(0.2, 2.5))  # a random moment in the run, not a timed assertion
+        else:
+            time.sleep(rng.uniform(0.5, 6.0))  # a random moment of start-up or of the first batches
+        if daemon.process.poll() is not None:
+            unexpected += 1
+        elif k == kills // 2 | 1:  # a life that reached READY=1 (before it, SIGTERM's default action applies)
+            daemon.signal(signal.SIGTERM)  # graceful: finishes its batch, exits 0
+            unexpected += daemon.wait_exit(60) != 0
+        else:
+            daemon.signal(signal.SIGKILL)
+            daemon.wait_exit(30)
+        if k == 0:
+            corpus.finish_writes()
+        if k == 1:
+            good_cells(corpus, scratch, late_files, seed0=seed0, per_folder=40)  # dropped while down
+        daemon.start(wait_ready=False)
+    daemon.wait_message("READY=1", 300)
+    return unexpected
+
+
+@pytest.mark.timeout(1200)
+@pytest.mark.parametrize("files,kills", [(300, 10)])
+def test_kill9_storm_on_sqlite_loses_and_duplicates_nothing(daemons, tiny_models, tmp_path, files, kills):
+    """300 entries (hostile corpus included), 10 kill -9 and a SIGTERM at random moments: 0 lost, duplicated, stuck."""
+    started = time.monotonic()
+    rng = random.Random(SEED)
+    url = f"sqlite:///{tmp_path / 'state' / 'stainbridge.db'}"
+    config = configure(tmp_path, url, tiny_models)
+    corpus = Corpus(tmp_path / "drop", tmp_path / "outside")
+    scratch = tmp_path / "scratch"
+    hostile_entries(corpus, scratch, rng)
+    first = (files - len(corpus.entries)) // 2
+    good_cells(corpus, scratch, first)
+    daemon = new_daemon(daemons, config, tmp_path / "w1").start(wait_ready=False)
+    unexpected = kill_storm(daemon, corpus, scratch, rng, kills=kills, late_files=files - len(corpus.entries),
+                            seed0=5000)
+    result = wait_until_settled(url, corpus, 300)
+    unexpected += daemon.process.poll() is not None
+    assert daemon.stop() == 0
+    report("SQLite, kill -9 storm + SIGTERM", f"{kills} kill -9 + 1 SIGTERM (seed {SEED})", result,
+           time.monotonic() - started)
+    assert_clean(result, unexpected)
+
+
+@pytest.mark.timeout(1200)
+@pytest.mark.postgres
+def test_kill9_storm_on_postgres_loses_and_duplicates_nothing(daemons, tiny_models, tmp_path, postgres_url):
+    """The same storm on PostgreSQL (fewer files: the suite stays bounded)."""
+    started = time.monotonic()
+    rng = random.Random(SEED + 1)
+    config = configure(tmp_path, postgres_url, tiny_models)
+    corpus = Corpus(tmp_path / "drop", tmp_path / "outside")
+    scratch = tmp_path / "scratch"
+    hostile_entries(corpus, scratch, rng)
+    good_cells(corpus, scratch, 60)
+    daemon = new_daemon(daemons, config, tmp_path / "w1").start(wait_ready=False)
+    unexpected = kill_storm(daemon, corpus, scratch, rng, kills=5, late_files=60, seed0=5000)
+    result = wait_until_settled(postgres_url, corpus, 300)
+    unexpected += daemon.process.poll() is not None
+    assert daemon.stop() == 0
+    report("PostgreSQL, kill -9 storm + SIGTERM", f"5 kill -9 + 1 SIGTERM (seed {SEED + 1})", result,
+           time.monotonic() - started)
+    assert_clean(result, unexpected)
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.postgres
+def test_database_outage_at_start_and_mid_run_then_everything_finishes(daemons, tiny_models, tmp_path, postgres_url):
+    """Server unreachable at start (waits, STATUS=) and cut mid-run (retries, no failed rows): all files finish."""
+    started = time.monotonic()
+    proxy = TcpProxy(make_url(postgres_url).port or 5432)
+    service_url = make_url(postgres_url).set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    config = configure(tmp_path, postgres_url, tiny_models, service_url=service_url)
+    corpus = Corpus(tmp_path / "drop", tmp_path / "outside")
+    corpus.outside.mkdir(parents=True)
+    scratch = tmp_path / "scratch"
+    good_cells(corpus, scratch, 40)
+    daemon = new_daemon(daemons, config, tmp_path / "w1")
+    daemon.start(wait_ready=False)  # the proxy is not listening yet: the server is "down"
+    daemon.wait_message("STATUS=waiting for the database", 120)
+    proxy.start()
+    daemon.wait_message("READY=1", 120)
+    wait_for(lambda: (query(postgres_url, "SELECT count(*) FROM images WHERE status = 'done'")[0][0] >= 8), 120,
+             "some files done before the outage")
+    daemon.receive()
+    daemon.messages.clear()  # a retry before the cut must not count as noticing it
+    proxy.cut()
+    good_cells(corpus, scratch, 20, seed0=7000)  # files keep arriving during the outage
+    daemon.wait_message("STATUS=retrying", 120)
+    failed_during = query(postgres_url, "SELECT count(*) FROM images WHERE status = 'failed'")[0][0]
+    proxy.start()
+    result = wait_until_settled(postgres_url, corpus, 240)
+    unexpected = int(daemon.process.poll() is not None)
+    assert daemon.stop() == 0
+    proxy.cut()
+    report("PostgreSQL, server down at start and cut mid-run", "2 outages", result, time.monotonic() - started)
+    assert failed_during == 0
+    assert_clean(result, unexpected)
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.postgres
+def test_two_workers_share_one_database_and_drop_folder(daemons, tiny_models, tmp_path, postgres_url):
+    """Two `stainbridge run` on one database and folder: each entry exactly once; a worker killed mid-batch is taken over."""
+    started = time.monotonic()
+    rng = random.Random(SEED + 2)
+    config = configure(tmp_path, postgres_url, tiny_models)
+    corpus = Corpus(tmp_path / "drop", tmp_path / "outside")
+    scratch = tmp_path / "scratch"
+    one = new_daemon(daemons, config, tmp_path / "w1").start(wait_ready=False)
+    two = new_daemon(daemons, config, tmp_path / "w2").start(wait_ready=False)
+    one.wait_message("READY=1", 300)
+    two.wait_message("READY=1", 300)
+    hostile_entries(corpus, scratch, rng)  # dropped once both workers watch the folder
+    good_cells(corpus, scratch, 80)
+    corpus.finish_writes()
+    wait_for(lambda: query(postgres_url, "SELECT count(*) FROM images WHERE status = 'processing'")[0][0] > 0, 120,
+             "a batch in progress", interval=0.02)
+    one.signal(signal.SIGKILL)  # mid-batch: its claims must be taken over by the other worker
+    one.wait_exit(30)
+    good_cells(corpus, scratch, 40, seed0=9000)
+    result = wait_until_settled(postgres_url, corpus, 300)
+    unexpected = int(two.process.poll() is not None)
+    assert two.stop() == 0
+    report("PostgreSQL, two workers, one killed mid-batch", "1 kill -9", result, time.monotonic() - started)
+    assert_clean(result, unexpected)
