@@ -146,7 +146,21 @@ def reviewed_images(sessions: sessionmaker) -> list[tuple[Path, str]]:
     return [(Path(p), label) for p, label in rows if Path(p).is_file()]
 
 
-def train_command(settings: Settings, source: Path, out: Path, semantic_classifier: str | None) -> list[str]:
+def warm_start(settings: Settings, active: ModelVersion) -> tuple[str | None, str]:
+    """(checkpoint to fine-tune, why): the active standardizer when it is a learned one trained with the
+    configured preset, else None (train from scratch) and the reason."""
+    preset = ((active.header or {}).get("training_options") or {}).get("preset")
+    if registry.is_builtin(active):
+        return None, f"the active standardizer is the built-in {active.path!r}, not a learned one: training from scratch"
+    if preset != settings.retraining.preset:
+        return None, (f"the active standardizer (version {active.id}) was trained with preset {preset!r}, "
+                      f"[retraining] preset is {settings.retraining.preset!r}: training from scratch")
+    registry.verify_file(active)
+    return active.path, f"fine-tuning the active standardizer (version {active.id})"
+
+
+def train_command(settings: Settings, source: Path, out: Path, semantic_classifier: str | None,
+                  init_from: str | None = None) -> list[str]:
     cfg = settings.retraining
     cmd = [sys.executable, "-c", CHILD, str(cfg.nice), "train", "cyclegan", "--source", str(source),
            "--reference", str(cfg.reference), "--out", str(out), "--preset", cfg.preset,
@@ -155,6 +169,8 @@ def train_command(settings: Settings, source: Path, out: Path, semantic_classifi
         cmd += ["--steps-per-epoch", str(cfg.steps_per_epoch)]
     if semantic_classifier:
         cmd += ["--semantic-classifier", semantic_classifier]
+    if init_from:
+        cmd += ["--init-from", init_from]
     return cmd
 
 
@@ -248,7 +264,13 @@ def _run(settings: Settings, sessions: sessionmaker, run_id: int, now: datetime,
         raise TrainingFailed("no active classifier or standardizer in the registry; start the service once "
                              "or run `stainbridge models promote ID`")
     semantic = None if registry.is_builtin(c_active) else c_active.path
-    run_training(train_command(settings, source, out, semantic), log_path,
+    init_from, start = warm_start(settings, s_active)
+    log.info("retraining_warm_start" if init_from else "retraining_from_scratch", run=run_id, reason=start)
+    with sessions.begin() as session:
+        run = session.get(TrainingRun, run_id)
+        run.params = {**(run.params or {}), "init_from": init_from, "init_from_version": s_active.id if init_from
+                      else None, "start": start}
+    run_training(train_command(settings, source, out, semantic, init_from), log_path,
                  timeout=cfg.timeout_minutes * 60, stop=stop)
 
     device = settings.models.device

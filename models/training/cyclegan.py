@@ -3,6 +3,10 @@
     stainbridge train cyclegan --source DIR --reference DIR --out FILE [--preset tiny|full] [--epochs N]
         [--seed N] [--resume] [--size PX] [--semantic-classifier FILE --semantic-weight W]
         [--generator resnet|colour] [--discriminator-pool N] [--generator-lr LR] [--semantic-teacher reinhard|raw]
+        [--init-from STANDARDIZER]
+
+--init-from warm-starts G (X -> reference) from a standardizer checkpoint of the same architecture
+(the nightly job fine-tunes the active standardizer this way); F and the discriminators start fresh.
 
 --preset colour is the colour-only recipe (models.colour_generator): a per-pixel colour generator that
 cannot change morphology, PatchGAN ndf 16 / 2 layers behind AvgPool2d(4), generator lr 1e-3
@@ -82,6 +86,23 @@ def resolve_options(args: argparse.Namespace) -> argparse.Namespace:
     if args.generator_type == "resnet" and args.size % 4:
         raise TrainingError(f"--size must be a multiple of 4 for the ResNet generator, got {args.size}")
     return args
+
+
+def init_generator(setup: "CycleGANSetup", path: str) -> dict[str, Any]:
+    """Warm start: load G (X -> Y) from standardizer checkpoint ``path``; its architecture must be the one
+    these options build. Returns what the new checkpoint's header records about it."""
+    state, header = checkpoint.load_checkpoint(path)
+    theirs = (header.get("kind"), header.get("architecture"), tu.jsonable(header.get("arch_args") or {}))
+    ours = ("standardizer", setup.architecture, tu.jsonable(setup.generator_args))
+    if theirs != ours:
+        raise TrainingError(f"--init-from {path}: it is a {theirs[0]} {theirs[1]} {theirs[2]}, these options build a "
+                            f"standardizer {ours[1]} {ours[2]}; pick the matching --preset/--generator, or drop "
+                            "--init-from to train from scratch")
+    try:
+        setup.nets["g_xy"].load_state_dict(state)
+    except RuntimeError as exc:
+        raise TrainingError(f"--init-from {path}: its weights do not fit {setup.architecture}: {exc}") from None
+    return {"path": str(Path(path).resolve()), "sha256": checkpoint.file_sha256(path)}
 
 
 def forever(loader: DataLoader) -> Iterator[Tensor]:
@@ -254,6 +275,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "8-view dihedral TTA p(x) of the untranslated source, x_to_y only (colour preset)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="continue from <out>.state")
+    parser.add_argument("--init-from", default=None, metavar="STANDARDIZER",
+                        help="fine-tune: start G from this standardizer checkpoint (same architecture)")
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
 
@@ -301,6 +324,7 @@ def main(args: argparse.Namespace) -> str:
     setup = build_setup(architecture=architecture, generator_args=g_args, discriminator_args=d_args,
                         epochs=args.epochs, generator_lr=args.generator_lr, discriminator_lr=args.lr,
                         seed=args.seed, device=device, memory_format=fmt)
+    init_from = init_generator(setup, args.init_from) if args.init_from else None
     semantic_term = None
     semantic_info: dict[str, Any] | None = None
     if args.semantic_classifier:
@@ -340,7 +364,8 @@ def main(args: argparse.Namespace) -> str:
         training_options={"preset": args.preset, "generator": args.generator_type,
                           "discriminator_pool": args.discriminator_pool, "generator_lr": args.generator_lr,
                           "discriminator_lr": args.lr, "semantic_teacher": args.semantic_teacher,
-                          "semantic_weight": args.semantic_weight if semantic_info else None},
+                          "semantic_weight": args.semantic_weight if semantic_info else None,
+                          "init_from": init_from},
         epochs=args.epochs, steps=steps, batch_size=args.batch_size, seed=args.seed,
         train_seconds=time.monotonic() - started)
     sha = checkpoint.save_checkpoint(out, setup.generator_state(), tu.jsonable(header))
