@@ -16,6 +16,12 @@ is at most ``[retraining] margin`` worse. It must pass every check that has imag
   probability given to the raw-TTA label: a constant or black output can be very confident, but
   not in the labels the raw images support).
 
+A candidate classifier (fine-tuned on reviews by the nightly job) is compared with the active one
+behind the active standardizer (``evaluate_classifier``): ``reviewed_accuracy`` on the reviews held
+out of its fine-tuning must not drop at all, ``reference_accuracy`` not by more than the margin.
+The label-free checks do not apply: they measure a standardizer against the classifier's own
+raw-image prediction, which a new classifier changes too.
+
 What it cannot catch without labels: a candidate that moves images towards a plausible but wrong
 class as consistently as the raw image does (agreement with the raw TTA prediction rewards
 leaving the raw prediction alone, so the label-free checks bound harm, not prove gains), or a
@@ -54,6 +60,7 @@ class Check:
     images: int
     higher_is_better: bool = True
     passed: bool = True
+    margin: float | None = None  # None: [retraining] margin
 
 
 @dataclass
@@ -67,18 +74,29 @@ class GateResult:
                 "checks": {c.name: {k: v for k, v in asdict(c).items() if k != "name"} for c in self.checks}}
 
 
-def reference_split(folder: Path, classes: Sequence[str], limit: int) -> list[tuple[Path, str]]:
-    """The reference validation split: every fifth labeled file (by name hash), at most ``limit``."""
+def in_reference_validation(path: Path) -> bool:
+    """Whether a reference file belongs to the gate's validation split (every fifth, by name hash)."""
+    return int(hashlib.sha256(path.name.encode()).hexdigest(), 16) % 5 == 0
+
+
+def reference_items(folder: Path, classes: Sequence[str], *, validation: bool) -> list[tuple[Path, str]]:
+    """(file, class) of the reference folder's validation split, or (``validation=False``) of the rest."""
     items = []
     for class_dir in sorted(p for p in folder.iterdir() if p.is_dir() and p.name in classes):
         for path in sorted(class_dir.iterdir()):
-            if path.suffix.lower() in IMAGE_SUFFIXES and int(hashlib.sha256(path.name.encode()).hexdigest(), 16) % 5 == 0:
+            if path.suffix.lower() in IMAGE_SUFFIXES and in_reference_validation(path) == validation:
                 items.append((path, class_dir.name))
+    return items
+
+
+def reference_split(folder: Path, classes: Sequence[str], limit: int) -> list[tuple[Path, str]]:
+    """The reference validation split: every fifth labeled file (by name hash), at most ``limit``."""
+    items = reference_items(folder, classes, validation=True)
     step = max(1, len(items) // limit) if limit else 1
     return items[::step][:limit]
 
 
-def _load(settings: Settings, paths: Sequence[Path]) -> tuple[list[PILImage.Image], list[int]]:
+def load_images(settings: Settings, paths: Sequence[Path]) -> tuple[list[PILImage.Image], list[int]]:
     """Decode what can be decoded (as the service does); returns the images and their indices."""
     images, kept = [], []
     for i, path in enumerate(paths):
@@ -135,20 +153,13 @@ def evaluate(settings: Settings, classifier: Classifier, active: Standardizer, c
     checks: list[Check] = []
     index = {c: k for k, c in enumerate(classifier.classes)}
 
-    def labeled(name: str, items: Sequence[tuple[Path, str]]) -> None:
-        items = [(p, label) for p, label in items if label in index]
-        images, kept = _load(settings, [p for p, _ in items])
-        if not images:
-            return
-        labels = [index[items[i][1]] for i in kept]
-        scores = [_accuracy(_probabilities(settings, images, s, classifier), labels) for s in (active, candidate)]
-        checks.append(Check(name, *scores, images=len(images)))
-
+    pairs = [(active, classifier), (candidate, classifier)]
     if len(reviewed) >= cfg.min_reviews:
-        labeled("reviewed_accuracy", list(reviewed)[: cfg.max_gate_images])
+        _labeled(settings, checks, "reviewed_accuracy", list(reviewed)[: cfg.max_gate_images], pairs)
     if reference is not None and reference.is_dir():
-        labeled("reference_accuracy", reference_split(reference, classifier.classes, cfg.max_gate_images))
-    images, _ = _load(settings, list(held_out)[: cfg.max_gate_images])
+        _labeled(settings, checks, "reference_accuracy",
+                 reference_split(reference, classifier.classes, cfg.max_gate_images), pairs)
+    images, _ = load_images(settings, list(held_out)[: cfg.max_gate_images])
     if images:
         raw = _tta_raw(settings, images, classifier)
         raw_mix = _class_mix(raw, len(index))
@@ -163,17 +174,56 @@ def evaluate(settings: Settings, classifier: Classifier, active: Standardizer, c
         for name, (a, c) in per.items():
             checks.append(Check(name, a, c, images=len(images), higher_is_better=name != "distribution_shift"))
 
-    failed = []
-    for check in checks:
-        check.active, check.candidate = round(check.active, 4), round(check.candidate, 4)
-        worse = check.active - check.candidate if check.higher_is_better else check.candidate - check.active
-        check.passed = worse <= cfg.margin + 1e-9
-        if not check.passed:
-            failed.append(f"{check.name} {check.candidate:.3f} vs active {check.active:.3f}")
     if not checks:
         return GateResult(False, "no images to compare on: configure [retraining] reference or wait for "
                                  "held-out recent images", checks)
+    return _decide(checks, cfg.margin)
+
+
+def evaluate_classifier(settings: Settings, standardizer: Standardizer, active: Classifier, candidate: Classifier, *,
+                        reviewed: Sequence[tuple[Path, str]], reference: Path | None) -> GateResult:
+    """A fine-tuned classifier against the active one, both behind ``standardizer``: on ``reviewed``
+    (held out of its fine-tuning; no drop allowed) and the reference split (at most the margin)."""
+    cfg = settings.retraining
+    if candidate.classes != active.classes:
+        return GateResult(False, f"the candidate's classes {candidate.classes} differ from the active "
+                                 f"classifier's {active.classes}")
+    checks: list[Check] = []
+    pairs = [(standardizer, active), (standardizer, candidate)]
+    _labeled(settings, checks, "reviewed_accuracy", list(reviewed)[: cfg.max_gate_images], pairs, margin=0.0)
+    if not checks:
+        return GateResult(False, "no held-out reviewed images to compare on: import more reviews "
+                                 "(`stainbridge review import`)", checks)
+    if reference is not None and reference.is_dir():
+        _labeled(settings, checks, "reference_accuracy",
+                 reference_split(reference, active.classes, cfg.max_gate_images), pairs)
+    return _decide(checks, cfg.margin)
+
+
+def _labeled(settings: Settings, checks: list[Check], name: str, items: Sequence[tuple[Path, str]],
+             pairs: Sequence[tuple[Standardizer, Classifier]], *, margin: float | None = None) -> None:
+    """Append the accuracy of (active, candidate) pairs on the labeled ``items`` (none: no check)."""
+    index = {c: k for k, c in enumerate(pairs[0][1].classes)}
+    items = [(p, label) for p, label in items if label in index]
+    images, kept = load_images(settings, [p for p, _ in items])
+    if not images:
+        return
+    labels = [index[items[i][1]] for i in kept]
+    scores = [_accuracy(_probabilities(settings, images, s, c), labels) for s, c in pairs]
+    checks.append(Check(name, *scores, images=len(images), margin=margin))
+
+
+def _decide(checks: list[Check], margin: float) -> GateResult:
+    """Passed when no check is worse than the active version by more than its margin."""
+    failed = []
+    for check in checks:
+        check.active, check.candidate = round(check.active, 4), round(check.candidate, 4)
+        allowed = margin if check.margin is None else check.margin
+        worse = check.active - check.candidate if check.higher_is_better else check.candidate - check.active
+        check.passed = worse <= allowed + 1e-9
+        if not check.passed:
+            failed.append(f"{check.name} {check.candidate:.3f} vs active {check.active:.3f} (margin {allowed})")
     if failed:
-        return GateResult(False, f"worse than the active version by more than {cfg.margin}: " + "; ".join(failed),
+        return GateResult(False, "worse than the active version by more than the margin: " + "; ".join(failed),
                           checks)
     return GateResult(True, "not worse than the active version on " + ", ".join(c.name for c in checks), checks)

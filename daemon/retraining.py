@@ -11,7 +11,9 @@ One run, in order (each run is a ``training_runs`` row; every outcome is one of 
    service stopping -> ``failed`` with the reason; the service is another process and goes on;
 4. the checkpoint registered as a ``candidate`` (sha256, header, training run);
 5. the gate (``daemon.promotion``): passed -> promoted (``succeeded``), refused -> it stays a
-   candidate with the reason (``rejected``).
+   candidate with the reason (``rejected``);
+6. then the classifier half (``daemon.finetuning``): with enough expert reviews, a second run
+   fine-tunes the active classifier; its outcome is in the result's ``metrics.classifier``.
 """
 
 from __future__ import annotations
@@ -94,7 +96,8 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _finish(sessions: sessionmaker, run_id: int, status: RunStatus, reason: str, **values: Any) -> None:
+def finish_run(sessions: sessionmaker, run_id: int, status: RunStatus, reason: str, **values: Any) -> None:
+    """Close a run: its final status, reason and end time (and any other columns given)."""
     with sessions.begin() as session:
         run = session.get(TrainingRun, run_id)
         run.status, run.reason, run.finished_at = status, reason[:4000], utcnow()
@@ -119,7 +122,8 @@ def _new_since_last_run(sessions: sessionmaker, run_id: int) -> int:
     with sessions() as session:
         last = session.scalar(
             select(func.max(TrainingRun.started_at))
-            .where(TrainingRun.id != run_id, TrainingRun.status.in_([RunStatus.succeeded, RunStatus.rejected]))
+            .where(TrainingRun.id != run_id, TrainingRun.kind == ModelKind.standardizer,
+                   TrainingRun.status.in_([RunStatus.succeeded, RunStatus.rejected]))
         )
         query = select(func.count(Image.id)).where(Image.status == ImageStatus.done)
         if last is not None:
@@ -127,23 +131,28 @@ def _new_since_last_run(sessions: sessionmaker, run_id: int) -> int:
         return int(session.scalar(query) or 0)
 
 
+def is_held_out(sha256: str, fraction: float) -> bool:
+    """A stable share by sha256: a file is held out of training in every run or in none."""
+    return int(sha256[:8], 16) % 1000 < int(fraction * 1000)
+
+
 def split_held_out(images: list[tuple[str, Path]], fraction: float) -> tuple[list[Path], list[Path]]:
-    """(train, held out): a stable share by sha256, so a file is held out in every run or in none."""
-    threshold = int(fraction * 1000)
-    train = [p for sha, p in images if int(sha[:8], 16) % 1000 >= threshold]
-    held = [p for sha, p in images if int(sha[:8], 16) % 1000 < threshold]
+    """(train, held out) by :func:`is_held_out`."""
+    train = [p for sha, p in images if not is_held_out(sha, fraction)]
+    held = [p for sha, p in images if is_held_out(sha, fraction)]
     return train, held
 
 
-def reviewed_images(sessions: sessionmaker) -> list[tuple[Path, str]]:
-    """(archived file, latest reviewed label) of every reviewed image whose file still exists."""
+def reviewed_images(sessions: sessionmaker) -> list[tuple[str, Path, str, datetime]]:
+    """(sha256, archived file, latest reviewed label, review time) of reviewed images whose file exists."""
     with sessions() as session:
         latest = select(func.max(Review.id)).group_by(Review.image_id)
         rows = session.execute(
-            select(Image.archive_path, Review.label).join(Review, Review.image_id == Image.id)
-            .where(Review.id.in_(latest), Image.archive_path.is_not(None))
+            select(Image.sha256, Image.archive_path, Review.label, Review.created_at)
+            .join(Review, Review.image_id == Image.id)
+            .where(Review.id.in_(latest), Image.archive_path.is_not(None)).order_by(Image.id)
         ).all()
-    return [(Path(p), label) for p, label in rows if Path(p).is_file()]
+    return [(sha, Path(p), label, at) for sha, p, label, at in rows if Path(p).is_file()]
 
 
 def warm_start(settings: Settings, active: ModelVersion) -> tuple[str | None, str]:
@@ -218,15 +227,20 @@ def run_retraining(settings: Settings, sessions: sessionmaker, *, trigger: str =
     try:
         result = _run(settings, sessions, run_id, now, stop)
     except TrainingFailed as exc:
-        _finish(sessions, run_id, RunStatus.failed, str(exc), error=str(exc))
+        finish_run(sessions, run_id, RunStatus.failed, str(exc), error=str(exc))
         result = RetrainResult(run_id, RunStatus.failed.value, reason=str(exc))
     except Exception as exc:  # noqa: BLE001 - a bug in one run must leave a row and a working service
         bound.exception("retraining_crashed")
         reason = f"{type(exc).__name__}: {exc}"
-        _finish(sessions, run_id, RunStatus.failed, reason, error=reason)
+        finish_run(sessions, run_id, RunStatus.failed, reason, error=reason)
         result = RetrainResult(run_id, RunStatus.failed.value, reason=reason)
     bound.info("retraining_finished", status=result.status, candidate=result.candidate_id,
                promoted=result.promoted, reason=result.reason)
+    if stop is None or not stop.is_set():
+        from stainbridge.daemon import finetuning  # it builds on this module's run helpers
+
+        result.metrics["classifier"] = finetuning.run_classifier_finetune(settings, sessions, trigger=trigger,
+                                                                          now=utcnow(), stop=stop)
     return result
 
 
@@ -235,7 +249,7 @@ def _run(settings: Settings, sessions: sessionmaker, run_id: int, now: datetime,
     cfg = settings.retraining
 
     def skipped(reason: str, **values: Any) -> RetrainResult:
-        _finish(sessions, run_id, RunStatus.skipped, reason, **values)
+        finish_run(sessions, run_id, RunStatus.skipped, reason, **values)
         return RetrainResult(run_id, RunStatus.skipped.value, reason=reason)
 
     if cfg.reference is None or not cfg.reference.is_dir():
@@ -285,7 +299,8 @@ def _run(settings: Settings, sessions: sessionmaker, run_id: int, now: datetime,
         candidate_id = version.id
         session.get(TrainingRun, run_id).model_version_id = candidate_id
     gate = promotion.evaluate(settings, classifier, active, candidate, held_out=held_out,
-                              reviewed=reviewed_images(sessions), reference=cfg.reference)
+                              reviewed=[(p, label) for _, p, label, _ in reviewed_images(sessions)],
+                              reference=cfg.reference)
     metrics = {"gate": gate.metrics(), "training": (candidate.header.get("metrics") or {}).get("final", {})}
     with sessions.begin() as session:
         version = session.get(ModelVersion, candidate_id)
@@ -298,5 +313,5 @@ def _run(settings: Settings, sessions: sessionmaker, run_id: int, now: datetime,
         run.metrics = metrics
         run.reference_images = next((c.images for c in gate.checks if c.name == "reference_accuracy"), None)
     status = RunStatus.succeeded if gate.passed else RunStatus.rejected
-    _finish(sessions, run_id, status, gate.reason)
+    finish_run(sessions, run_id, status, gate.reason)
     return RetrainResult(run_id, status.value, candidate_id, gate.passed, gate.reason, metrics)

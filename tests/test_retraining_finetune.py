@@ -6,13 +6,14 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 from sqlalchemy import select
 
 from tests.daemon_helpers import STAINBRIDGE, subprocess_env
 from tests.retraining_helpers import archive_incoming, open_world
-from stainbridge.daemon import registry, retraining
-from stainbridge.daemon.store import ModelKind, ModelVersion, TrainingRun
-from stainbridge.models.checkpoint import file_sha256, load_checkpoint
+from stainbridge.daemon import cli, registry, retraining
+from stainbridge.daemon.store import Image, ModelKind, ModelVersion, RunStatus, TrainingRun, VersionState
+from stainbridge.models.checkpoint import file_sha256, load_checkpoint, save_checkpoint
 
 
 def _settings(settings_factory, lab, standardizer, **overrides):
@@ -71,3 +72,74 @@ def test_without_a_learned_standardizer_the_job_trains_from_scratch_and_says_why
         assert header["training_options"]["init_from"] is None
     finally:
         engine.dispose()
+
+
+def broken_classifier(lab, path: Path) -> Path:
+    """The lab's classifier with its last layer replaced: every image is called the first class."""
+    state, header = load_checkpoint(lab.classifier)
+    state["fc.weight"] = torch.zeros_like(state["fc.weight"])
+    state["fc.bias"] = torch.tensor([10.0] + [0.0] * (state["fc.bias"].numel() - 1))
+    save_checkpoint(path, state, {**header, "metrics": {"note": "deliberately broken: one class for all"}})
+    return path
+
+
+@pytest.fixture
+def reviewed_world(settings_factory, lab, tmp_path, monkeypatch, restore_logging):
+    """20 archived incoming images, every one reviewed with its true class through `review import`."""
+    settings = _settings(settings_factory, lab, "none", retraining_min_new_images=1000, retraining_min_reviews=10,
+                         retraining_epochs=2)
+    engine, sessions = open_world(settings)
+    archive_incoming(settings, sessions, lab)
+    with sessions() as session:
+        rows = session.execute(select(Image.sha256, Image.source_name)).all()
+    csv = tmp_path / "reviews.csv"
+    csv.write_text("image,label,reviewer\n" + "".join(f"{sha},{name.split('-')[0]},dr a\n" for sha, name in rows))
+    for key, value in {"PATHS_STATE": settings.state_dir, "DATABASE_URL": settings.database_url,
+                       "MODELS_CLASSIFIER": lab.classifier, "MODELS_DEVICE": "cpu"}.items():
+        monkeypatch.setenv(f"STAINBRIDGE_{key}", str(value))
+    assert cli.main(["review", "import", str(csv)]) == 0
+    yield settings, sessions
+    engine.dispose()
+
+
+def test_reviews_fine_tune_the_classifier_and_a_candidate_not_worse_is_promoted(reviewed_world, lab) -> None:
+    """Imported reviews -> nightly run -> a classifier candidate tuned on them, promoted when not worse."""
+    settings, sessions = reviewed_world
+    result = retraining.run_retraining(settings, sessions, trigger="schedule")
+    assert result.status == "skipped"  # the standardizer half: too few new images; the classifier half runs
+    tuned = result.metrics["classifier"]
+    assert tuned["status"] == "succeeded" and tuned["promoted"], tuned["reason"]
+    checks = tuned["metrics"]["gate"]["checks"]
+    assert checks["reviewed_accuracy"]["candidate"] >= checks["reviewed_accuracy"]["active"]
+    assert checks["reviewed_accuracy"]["margin"] == 0.0 and "reference_accuracy" in checks
+    with sessions() as session:
+        run = session.get(TrainingRun, tuned["run_id"])
+        assert run.kind is ModelKind.classifier and run.status is RunStatus.succeeded
+        assert run.images_used + run.held_out_images == 20 and run.held_out_images > 0 and run.reference_images > 0
+        active = registry.active_version(session, ModelKind.classifier)
+        assert active.id == tuned["candidate_id"] and active.training_run_id == run.id
+        assert active.header["finetune"]["reviewed"]["images"] == run.images_used
+        assert session.scalar(select(ModelVersion.state).where(
+            ModelVersion.path == str(lab.classifier.resolve()))) is VersionState.retired
+    again = retraining.run_retraining(settings, sessions)
+    assert again.metrics["classifier"] == {"status": "not run",
+                                           "reason": "no review imported since the last classifier fine-tuning"}
+
+
+def test_a_broken_classifier_candidate_is_refused_and_stays_a_candidate(reviewed_world, lab, monkeypatch,
+                                                                       tmp_path) -> None:
+    """A fine-tune that calls every cell one class is refused on reviewed accuracy; the active classifier stays."""
+    settings, sessions = reviewed_world
+    broken = broken_classifier(lab, tmp_path / "broken-classifier.safetensors")
+    monkeypatch.setattr(retraining, "CHILD", f"import shutil, sys; a = sys.argv; shutil.copy({str(broken)!r}, "
+                                             "a[a.index('--out') + 1])")
+    tuned = retraining.run_retraining(settings, sessions).metrics["classifier"]
+    assert tuned["status"] == "rejected" and not tuned["promoted"]
+    assert "reviewed_accuracy" in tuned["reason"] and "worse than the active version" in tuned["reason"]
+    with sessions() as session:
+        candidate = session.get(ModelVersion, tuned["candidate_id"])
+        assert candidate.kind is ModelKind.classifier and candidate.state is VersionState.candidate
+        assert candidate.reason == tuned["reason"]
+        assert registry.active_version(session, ModelKind.classifier).path == str(lab.classifier.resolve())
+        assert session.get(TrainingRun, tuned["run_id"]).status is RunStatus.rejected
+
