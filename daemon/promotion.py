@@ -68,10 +68,20 @@ class GateResult:
     passed: bool
     reason: str
     checks: list[Check] = field(default_factory=list)
+    site_profile: dict[str, Any] | None = None  # {"active": ..., "candidate": ...} for standardizers
 
     def metrics(self) -> dict[str, Any]:
-        return {"passed": self.passed, "reason": self.reason,
-                "checks": {c.name: {k: v for k, v in asdict(c).items() if k != "name"} for c in self.checks}}
+        out = {"passed": self.passed, "reason": self.reason,
+               "checks": {c.name: {k: v for k, v in asdict(c).items() if k != "name"} for c in self.checks}}
+        if self.site_profile is not None:
+            out["site_profile"] = self.site_profile
+        return out
+
+
+def site_profiles(active: Standardizer, candidate: Standardizer) -> dict[str, Any]:
+    """The site profile (magnification, colour model...) each standardizer's header carries, or None.
+    Each is scored with its own: ``run_batch`` takes the geometry from the standardizer's profile."""
+    return {"active": active.header.get("site_profile"), "candidate": candidate.header.get("site_profile")}
 
 
 def in_reference_validation(path: Path) -> bool:
@@ -176,8 +186,10 @@ def evaluate(settings: Settings, classifier: Classifier, active: Standardizer, c
 
     if not checks:
         return GateResult(False, "no images to compare on: configure [retraining] reference or wait for "
-                                 "held-out recent images", checks)
-    return _decide(checks, cfg.margin)
+                                 "held-out recent images", checks, site_profiles(active, candidate))
+    result = _decide(checks, cfg.margin)
+    result.site_profile = site_profiles(active, candidate)
+    return result
 
 
 def evaluate_classifier(settings: Settings, standardizer: Standardizer, active: Classifier, candidate: Classifier, *,

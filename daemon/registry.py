@@ -235,5 +235,5 @@ def describe(version: ModelVersion) -> dict[str, Any]:
         "id": version.id, "kind": version.kind.value, "name": version.name, "state": version.state.value,
         "sha256": version.sha256, "created_at": version.created_at.isoformat() if version.created_at else None,
         "metrics": version.metrics or {}, "path": version.path, "training_run_id": version.training_run_id,
-        "reason": version.reason,
+        "reason": version.reason, "site_profile": (version.header or {}).get("site_profile"),
     }

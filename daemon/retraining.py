@@ -9,7 +9,9 @@ One run, in order (each run is a ``training_runs`` row; every outcome is one of 
 3. ``stainbridge train cyclegan`` in a subprocess, ``nice``-d in the child, its output in the
    run's log file (``<state>/retraining/run-N/train.log``). A crash, a kill, a timeout or the
    service stopping -> ``failed`` with the reason; the service is another process and goes on;
-4. the checkpoint registered as a ``candidate`` (sha256, header, training run);
+4. the checkpoint registered as a ``candidate`` (sha256, header, training run); its site profile
+   (``header["site_profile"]``, re-estimated by the training from the recent images) is recorded
+   next to the active one's in the run's and the candidate's metrics;
 5. the gate (``daemon.promotion``): passed -> promoted (``succeeded``), refused -> it stays a
    candidate with the reason (``rejected``);
 6. then the classifier half (``daemon.finetuning``): with enough expert reviews, a second run
@@ -301,10 +303,11 @@ def _run(settings: Settings, sessions: sessionmaker, run_id: int, now: datetime,
     gate = promotion.evaluate(settings, classifier, active, candidate, held_out=held_out,
                               reviewed=[(p, label) for _, p, label, _ in reviewed_images(sessions)],
                               reference=cfg.reference)
-    metrics = {"gate": gate.metrics(), "training": (candidate.header.get("metrics") or {}).get("final", {})}
+    metrics = {"gate": gate.metrics(), "training": (candidate.header.get("metrics") or {}).get("final", {}),
+               "site_profile": gate.site_profile}
     with sessions.begin() as session:
         version = session.get(ModelVersion, candidate_id)
-        version.metrics = {**(version.metrics or {}), "gate": gate.metrics()}
+        version.metrics = {**(version.metrics or {}), "gate": gate.metrics(), "site_profile": gate.site_profile}
         if gate.passed:
             registry.activate(session, version, reason=gate.reason)
         else:

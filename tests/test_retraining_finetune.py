@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -143,3 +144,37 @@ def test_a_broken_classifier_candidate_is_refused_and_stays_a_candidate(reviewed
         assert registry.active_version(session, ModelKind.classifier).path == str(lab.classifier.resolve())
         assert session.get(TrainingRun, tuned["run_id"]).status is RunStatus.rejected
 
+
+
+def test_candidate_site_profile_is_recorded_next_to_the_active_one(settings_factory, lab, colour_standardizer,
+                                                                  monkeypatch, tmp_path, capsys,
+                                                                  restore_logging) -> None:
+    """The candidate's re-estimated site profile (its header) shows in the run, the gate and `models list`."""
+    state, header = load_checkpoint(colour_standardizer)
+    profile = {"magnification": 1.25, "method": "nucleus_area", "images": 14}
+    save_checkpoint(tmp_path / "profiled.safetensors", state, {**header, "site_profile": profile})
+    monkeypatch.setattr(retraining, "CHILD", "import shutil, sys; a = sys.argv; "
+                        f"shutil.copy({str(tmp_path / 'profiled.safetensors')!r}, a[a.index('--out') + 1])")
+    settings = _settings(settings_factory, lab, "none")
+    engine, sessions = open_world(settings)
+    try:
+        archive_incoming(settings, sessions, lab)
+        result = retraining.run_retraining(settings, sessions)
+        assert result.candidate_id, result.reason
+        expected = {"active": None, "candidate": profile}
+        assert result.metrics["site_profile"] == expected and result.metrics["gate"]["site_profile"] == expected
+        assert result.metrics["classifier"]["status"] == "not run" and "min_reviews" in result.metrics["classifier"]["reason"]
+        with sessions() as session:
+            assert session.get(TrainingRun, result.run_id).metrics["site_profile"] == expected
+            assert session.get(ModelVersion, result.candidate_id).metrics["site_profile"] == expected
+        for key, value in {"PATHS_STATE": settings.state_dir, "DATABASE_URL": settings.database_url}.items():
+            monkeypatch.setenv(f"STAINBRIDGE_{key}", str(value))
+        capsys.readouterr()
+        assert cli.main(["models", "list", "--json"]) == 0
+        listed = {v["id"]: v for v in json.loads(capsys.readouterr().out)}
+        assert listed[result.candidate_id]["site_profile"] == profile
+        assert listed[result.candidate_id]["metrics"]["site_profile"] == expected
+        assert cli.main(["models", "list"]) == 0
+        assert "[site x1.25, nucleus_area]" in capsys.readouterr().out
+    finally:
+        engine.dispose()

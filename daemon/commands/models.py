@@ -59,6 +59,14 @@ def _register(session: Session, settings: Settings, path: Path) -> registry.Mode
                                    state=VersionState.candidate)
 
 
+def _profile(profile: dict | None) -> str:
+    """The site profile in one word for the listing: its magnification (and how it was estimated)."""
+    if not isinstance(profile, dict) or profile.get("magnification") is None:
+        return ""
+    method = f", {profile['method']}" if profile.get("method") else ""
+    return f"  [site x{float(profile['magnification']):.3g}{method}]"
+
+
 def run(args: argparse.Namespace) -> int:
     name = f"stainbridge models {args.action}"
     try:
@@ -70,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
                     print(json.dumps(versions, indent=2, default=str))
                 for v in [] if args.json else versions:
                     print(f"{v['id']:>4}  {v['kind']:<12} {v['state']:<9} {v['sha256'][:12]}  {v['created_at'][:19]}  "
-                          f"{v['name']}" + (f"  ({v['reason']})" if v["reason"] and v["state"] == "candidate" else ""))
+                          f"{v['name']}" + _profile(v["site_profile"])
+                          + (f"  ({v['reason']})" if v["reason"] and v["state"] == "candidate" else ""))
                 return 0
             if args.action == "register":
                 path = Path(args.path)

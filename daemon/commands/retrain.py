@@ -2,7 +2,8 @@
 
 Same job as the scheduler's (training subprocess, candidate, gate), under the same lock, so it
 never runs alongside a scheduled run of another worker. Exit 0 when the run finished (promoted,
-refused or skipped: see ``status``), 1 when it failed or another worker is running it.
+refused or skipped: see ``status``), 1 when it (or the classifier fine-tuning after it) failed or
+another worker is running it.
 """
 
 from __future__ import annotations
@@ -47,4 +48,11 @@ def run(args: argparse.Namespace) -> int:
         verdict = "promoted" if result.promoted else result.status
         print(f"run {result.run_id}: {verdict}" + (f", candidate {result.candidate_id}" if result.candidate_id else "")
               + f": {result.reason}")
-    return 1 if result.status == "failed" else 0
+        tuned = result.metrics.get("classifier") or {}
+        if tuned:
+            verdict = "promoted" if tuned.get("promoted") else tuned["status"]
+            print(f"classifier{' run ' + str(tuned['run_id']) if tuned.get('run_id') else ''}: {verdict}"
+                  + (f", candidate {tuned['candidate_id']}" if tuned.get("candidate_id") else "")
+                  + f": {tuned.get('reason', '')}")
+    failed = result.status == "failed" or (result.metrics.get("classifier") or {}).get("status") == "failed"
+    return 1 if failed else 0
