@@ -13,16 +13,22 @@ from sqlalchemy import select
 from tests.daemon_helpers import STAINBRIDGE, subprocess_env
 from tests.retraining_helpers import archive_incoming, open_world
 from stainbridge.daemon import cli, registry, retraining
+from stainbridge.daemon.hotswap import ModelSwapper
+from stainbridge.daemon.pipeline import load_models
 from stainbridge.daemon.store import Image, ModelKind, ModelVersion, RunStatus, TrainingRun, VersionState
 from stainbridge.models.checkpoint import file_sha256, load_checkpoint, save_checkpoint
 
 
-def _settings(settings_factory, lab, standardizer, **overrides):
+def _settings_values(lab, standardizer, **overrides):
     values = dict(models_classifier=lab.classifier, models_standardizer=standardizer, models_device="cpu",
                   retraining_reference=lab.reference, retraining_min_new_images=5, retraining_epochs=1,
                   retraining_steps_per_epoch=1, retraining_device="cpu", retraining_held_out_fraction=0.3)
     values.update(overrides)
-    return settings_factory(**values)
+    return values
+
+
+def _settings(settings_factory, lab, standardizer, **overrides):
+    return settings_factory(**_settings_values(lab, standardizer, **overrides))
 
 
 @pytest.fixture(scope="module")
@@ -87,28 +93,34 @@ def broken_classifier(lab, path: Path) -> Path:
 @pytest.fixture
 def reviewed_world(settings_factory, lab, tmp_path, monkeypatch, restore_logging):
     """20 archived incoming images, every one reviewed with its true class through `review import`."""
-    settings = _settings(settings_factory, lab, "none", retraining_min_new_images=1000, retraining_min_reviews=10,
-                         retraining_epochs=2)
+    overrides = dict(retraining_min_new_images=1000, retraining_min_reviews=10, retraining_epochs=2)
+    settings = _settings(settings_factory, lab, "none", **overrides)
     engine, sessions = open_world(settings)
     archive_incoming(settings, sessions, lab)
     with sessions() as session:
         rows = session.execute(select(Image.sha256, Image.source_name)).all()
     csv = tmp_path / "reviews.csv"
     csv.write_text("image,label,reviewer\n" + "".join(f"{sha},{name.split('-')[0]},dr a\n" for sha, name in rows))
-    for key, value in {"PATHS_STATE": settings.state_dir, "DATABASE_URL": settings.database_url,
-                       "MODELS_CLASSIFIER": lab.classifier, "MODELS_DEVICE": "cpu"}.items():
-        monkeypatch.setenv(f"STAINBRIDGE_{key}", str(value))
+    environment = {"paths_state": settings.state_dir, "database_url": settings.database_url,
+                   "paths_archive": settings.archive_dir, **_settings_values(lab, "none", **overrides)}
+    for key, value in environment.items():
+        monkeypatch.setenv(f"STAINBRIDGE_{key.upper()}", str(value))
     assert cli.main(["review", "import", str(csv)]) == 0
     yield settings, sessions
     engine.dispose()
 
 
-def test_reviews_fine_tune_the_classifier_and_a_candidate_not_worse_is_promoted(reviewed_world, lab) -> None:
-    """Imported reviews -> nightly run -> a classifier candidate tuned on them, promoted when not worse."""
+def test_reviews_fine_tune_the_classifier_and_a_candidate_not_worse_is_promoted(reviewed_world, lab,
+                                                                              capsys) -> None:
+    """Imported reviews -> `retrain --now` -> a classifier candidate tuned on them, promoted when not worse,
+    and the service's next model check switches to it."""
     settings, sessions = reviewed_world
-    result = retraining.run_retraining(settings, sessions, trigger="schedule")
-    assert result.status == "skipped"  # the standardizer half: too few new images; the classifier half runs
-    tuned = result.metrics["classifier"]
+    serving = load_models(settings, sessions)
+    capsys.readouterr()
+    assert cli.main(["retrain", "--now", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["status"] == "skipped"  # the standardizer half: too few new images; the classifier half runs
+    tuned = result["metrics"]["classifier"]
     assert tuned["status"] == "succeeded" and tuned["promoted"], tuned["reason"]
     checks = tuned["metrics"]["gate"]["checks"]
     assert checks["reviewed_accuracy"]["candidate"] >= checks["reviewed_accuracy"]["active"]
@@ -122,6 +134,8 @@ def test_reviews_fine_tune_the_classifier_and_a_candidate_not_worse_is_promoted(
         assert active.header["finetune"]["reviewed"]["images"] == run.images_used
         assert session.scalar(select(ModelVersion.state).where(
             ModelVersion.path == str(lab.classifier.resolve()))) is VersionState.retired
+    swapped = ModelSwapper(settings, sessions).check(serving, force=True)
+    assert swapped.classifier_version_id == tuned["candidate_id"] and swapped.classifier.sha256 == active.sha256
     again = retraining.run_retraining(settings, sessions)
     assert again.metrics["classifier"] == {"status": "not run",
                                            "reason": "no review imported since the last classifier fine-tuning"}
