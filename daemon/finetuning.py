@@ -94,8 +94,9 @@ def _run(settings: Settings, sessions: sessionmaker, run_id: int, reviewed: list
 
     if cfg.reference is None or not cfg.reference.is_dir():
         return skipped("no reference images to mix in: set [retraining] reference")
-    held = [(path, label) for sha, path, label, _ in reviewed if retraining.is_held_out(sha, cfg.held_out_fraction)]
-    train = [(path, label) for sha, path, label, _ in reviewed if not retraining.is_held_out(sha, cfg.held_out_fraction)]
+    held, train = [], []
+    for sha, path, label, _ in reviewed:
+        (held if retraining.is_held_out(sha, cfg.held_out_fraction) else train).append((path, label))
     if not held or not train:
         return skipped(f"{len(train)} reviewed images to train on and {len(held)} held out for the gate; "
                        "both are needed: import more reviews or change [retraining] held_out_fraction")

@@ -162,7 +162,8 @@ def warm_start(settings: Settings, active: ModelVersion) -> tuple[str | None, st
     configured preset, else None (train from scratch) and the reason."""
     preset = ((active.header or {}).get("training_options") or {}).get("preset")
     if registry.is_builtin(active):
-        return None, f"the active standardizer is the built-in {active.path!r}, not a learned one: training from scratch"
+        return None, (f"the active standardizer is the built-in {active.path!r}, not a learned one: "
+                      "training from scratch")
     if preset != settings.retraining.preset:
         return None, (f"the active standardizer (version {active.id}) was trained with preset {preset!r}, "
                       f"[retraining] preset is {settings.retraining.preset!r}: training from scratch")

@@ -177,7 +177,8 @@ def test_candidate_site_profile_is_recorded_next_to_the_active_one(settings_fact
         assert result.candidate_id, result.reason
         expected = {"active": None, "candidate": profile}
         assert result.metrics["site_profile"] == expected and result.metrics["gate"]["site_profile"] == expected
-        assert result.metrics["classifier"]["status"] == "not run" and "min_reviews" in result.metrics["classifier"]["reason"]
+        tuned = result.metrics["classifier"]
+        assert tuned["status"] == "not run" and "min_reviews" in tuned["reason"]
         with sessions() as session:
             assert session.get(TrainingRun, result.run_id).metrics["site_profile"] == expected
             assert session.get(ModelVersion, result.candidate_id).metrics["site_profile"] == expected
@@ -192,3 +193,15 @@ def test_candidate_site_profile_is_recorded_next_to_the_active_one(settings_fact
         assert "[site x1.25, nucleus_area]" in capsys.readouterr().out
     finally:
         engine.dispose()
+
+
+def test_a_crashed_fine_tuning_is_a_failed_classifier_run(reviewed_world, lab, monkeypatch, capsys) -> None:
+    """A fine-tuning child that dies leaves a failed classifier run with its exit status; `retrain --now` exits 1."""
+    settings, sessions = reviewed_world
+    monkeypatch.setattr(retraining, "CHILD", "import sys; print('out of memory'); sys.exit(3)")
+    assert cli.main(["retrain", "--now"]) == 1
+    assert "classifier run" in capsys.readouterr().out
+    with sessions() as session:
+        run = session.scalars(select(TrainingRun).where(TrainingRun.kind == ModelKind.classifier)).one()
+        assert run.status is RunStatus.failed and "exited with status 3" in run.reason and "out of memory" in run.reason
+        assert registry.active_version(session, ModelKind.classifier).path == str(lab.classifier.resolve())
