@@ -1,0 +1,122 @@
+"""``stainbridge bench seeds``: several ``bench accuracy`` results (one per seed) as one table.
+
+One training run is one sample. This reads the ``results.json`` of runs that differ only in
+``--seed`` and prints, per target lab and method, the mean and the spread (min-max and sample
+standard deviation) of the headline balanced accuracy, with the stain Delta E next to it, so a
+difference can be read against run-to-run noise::
+
+    stainbridge bench seeds runs/s0-bccd/results.json runs/s1-bccd/results.json ... [--markdown FILE] [--json FILE]
+
+Runs of one target must share preset, resolution and target folder; a mismatch is an error
+rather than a silently mixed mean.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+__all__ = ["SeedsError", "summarize", "markdown"]
+
+# Setup keys that must agree between the seeds of one target.
+MUST_MATCH = ("preset", "resolution_px", "target", "reference")
+
+
+class SeedsError(Exception):
+    """The result files cannot be summarized together."""
+
+
+def _load(path: Path) -> dict[str, Any]:
+    try:
+        result = json.loads(path.read_text())
+        result["methods"], result["setup"]  # noqa: B018 - the two keys every bench result has
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise SeedsError(f"{path}: not a `stainbridge bench accuracy` results JSON ({exc})") from exc
+    return result
+
+
+def _stats(values: list[float]) -> dict[str, Any]:
+    return {"n": len(values), "mean": statistics.fmean(values), "min": min(values), "max": max(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0, "values": values}
+
+
+def summarize(paths: list[Path]) -> dict[str, Any]:
+    """{target name: {"setup": ..., "seeds": [...], "methods": {method: {metric: stats}}}}."""
+    by_target: dict[str, list[tuple[Path, dict[str, Any]]]] = defaultdict(list)
+    for path in paths:
+        result = _load(path)
+        by_target[Path(result["setup"]["target"]).name].append((path, result))
+    summary: dict[str, Any] = {}
+    for target, runs in sorted(by_target.items()):
+        first = runs[0][1]["setup"]
+        for path, result in runs[1:]:
+            for key in MUST_MATCH:
+                if result["setup"].get(key) != first.get(key):
+                    raise SeedsError(f"{path}: {key} {result['setup'].get(key)!r} differs from "
+                                     f"{runs[0][0]}'s {first.get(key)!r}; summarize runs of one setup only")
+        seeds = [r["setup"].get("seed") for _, r in runs]
+        if len(set(seeds)) != len(seeds):
+            raise SeedsError(f"{target}: seed listed twice ({seeds}); pass each run once")
+        methods: dict[str, dict[str, Any]] = {}
+        names = [m for m in runs[0][1]["methods"] if all(m in r["methods"] for _, r in runs)]
+        for name in names:
+            entry = {"balanced_accuracy_min10": _stats([r["methods"][name]["balanced_accuracy_min10"] for _, r in runs])}
+            delta_e = [r["methods"][name].get("delta_e") for _, r in runs]
+            if all(v is not None for v in delta_e):
+                entry["delta_e"] = _stats(delta_e)
+            methods[name] = entry
+        home = [r["setup"]["classifier"]["reference_metrics"].get("test_accuracy") for _, r in runs]
+        summary[target] = {
+            "seeds": seeds, "preset": first["preset"], "resolution_px": first["resolution_px"],
+            "magnification": [r["setup"]["geometry"].get("magnification") for _, r in runs],
+            "reference_test_accuracy": _stats(home) if all(v is not None for v in home) else None,
+            "methods": methods,
+            "missing": sorted({m for _, r in runs for m in r["methods"]} - set(names)),
+        }
+    return summary
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    """Per target: method, balanced accuracy mean +- std (min-max), stain Delta E mean."""
+    lines: list[str] = []
+    for target, s in summary.items():
+        home = s["reference_test_accuracy"]
+        lines += [f"**{target}** (seeds {', '.join(map(str, s['seeds']))}; {s['preset']} preset, "
+                  f"{s['resolution_px']} px; magnification {', '.join(f'{m:.3f}' for m in s['magnification'])}"
+                  + (f"; PBC home test {home['mean']:.3f} ({home['min']:.3f}-{home['max']:.3f})" if home else "")
+                  + ")", "",
+                  "| method | balanced acc, mean +- std | min-max | stain Delta E |", "|---|---|---|---|"]
+        for name, m in s["methods"].items():
+            b = m["balanced_accuracy_min10"]
+            de = f"{m['delta_e']['mean']:.1f}" if "delta_e" in m else "-"
+            lines.append(f"| {name} | {b['mean']:.3f} +- {b['std']:.3f} | {b['min']:.3f}-{b['max']:.3f} | {de} |")
+        if s["missing"]:
+            lines.append(f"\nNot in every run (left out): {', '.join(s['missing'])}.")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("results", nargs="+", type=Path, help="results.json of `bench accuracy` runs, one per seed")
+    parser.add_argument("--markdown", type=Path, default=None, help="also write the table here")
+    parser.add_argument("--json", type=Path, default=None, help="also write the summary here")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        summary = summarize(list(args.results))
+    except SeedsError as exc:
+        print(f"stainbridge bench seeds: {exc}", file=sys.stderr)
+        return 2
+    text = markdown(summary)
+    print(text)
+    if args.markdown:
+        args.markdown.write_text(text)
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2))
+    return 0
