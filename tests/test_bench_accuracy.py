@@ -48,6 +48,9 @@ def test_tiny_preset_writes_every_method_with_eval_keys(bench: tuple[Path, dict,
     assert setup["target_labels_used_for"] == "scoring only"
     assert {"prepare_s", "classifier_s", "total_s"} <= set(setup["times"])
     assert setup["geometry"]["magnification"] > 0
+    # estimated without labels; the profile says from which cue (red cells, else nucleus areas)
+    assert setup["geometry"]["method"] in ("red_cell_diameter", "nucleus_area")
+    assert setup["geometry"]["profile"]["method"] == setup["geometry"]["method"]
     assert "cyclegan_colour_adapted" not in methods  # the colour variant does not fine-tune the classifier
 
 
@@ -146,6 +149,9 @@ def test_service_ingest_and_eval_score_exactly_what_the_bench_scores(bench: tupl
     standardizer = out / "standardizer_cyclegan_colour_transductive.safetensors"
     _, header = checkpoint.load_checkpoint(standardizer)
     assert header["site_profile"]["magnification"] == pytest.approx(result["setup"]["geometry"]["magnification"])
+    assert header["site_profile"]["method"] == result["setup"]["geometry"]["method"]
+    _, cls_header = checkpoint.load_checkpoint(classifier)
+    assert "reference_red_cell_diameter_px" in cls_header["geometry"]  # what site profiles measure against
     expected = result["methods"]["cyclegan_colour"]
 
     evaluated = run_stainbridge("eval", "--classifier", str(classifier), "--data", str(target), "--standardizer",

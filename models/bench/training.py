@@ -74,7 +74,9 @@ def classifier_header(d: BenchData, *, arch: str, metrics: dict[str, Any], histo
         "classes": d.classes, "input_size": d.size, "normalization": tc.NORMALIZATION,
         # the reference side only: the target's magnification belongs to the standardizer's site profile
         "geometry": {"reference_cell_fraction": float(fraction),
-                     **{k: d.geometry[k] for k in ("window_fraction", "reference_side_px", "reference_window_px")}},
+                     **{k: d.geometry.get(k) for k in ("window_fraction", "reference_side_px", "reference_window_px",
+                                                        "reference_red_cell_diameter_px", "reference_red_cells",
+                                                        "reference_nucleus_area_px")}},
         "reference_stain": classical.fit_reference_stats(d.stain_images),
         "training_data": {"root": str(Path(reference_root).resolve()), "counts": counts,
                           "split_counts": {k: len(d.manifest[k]) for k in ("train", "val", "test")},
