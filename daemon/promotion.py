@@ -95,11 +95,11 @@ def _load(settings: Settings, paths: Sequence[Path]) -> tuple[list[PILImage.Imag
 
 
 def _probabilities(settings: Settings, images: list[PILImage.Image], standardizer: Standardizer,
-                   classifier: Classifier) -> list[list[float]]:
+                   classifier: Classifier, *, scale: str | None = None) -> list[list[float]]:
     out: list[list[float]] = []
     size = settings.models.batch_size
     for start in range(0, len(images), size):
-        for result in run_batch(images[start:start + size], standardizer, classifier, scale=settings.site.scale):
+        for result in run_batch(images[start:start + size], standardizer, classifier, scale=scale or settings.site.scale):
             out.append([result.probabilities[c] for c in classifier.classes])
     return out
 
@@ -135,19 +135,21 @@ def evaluate(settings: Settings, classifier: Classifier, active: Standardizer, c
     checks: list[Check] = []
     index = {c: k for k, c in enumerate(classifier.classes)}
 
-    def labeled(name: str, items: Sequence[tuple[Path, str]]) -> None:
+    def labeled(name: str, items: Sequence[tuple[Path, str]], scale: str | None = None) -> None:
         items = [(p, label) for p, label in items if label in index]
         images, kept = _load(settings, [p for p, _ in items])
         if not images:
             return
         labels = [index[items[i][1]] for i in kept]
-        scores = [_accuracy(_probabilities(settings, images, s, classifier), labels) for s in (active, candidate)]
+        scores = [_accuracy(_probabilities(settings, images, s, classifier, scale=scale), labels)
+                  for s in (active, candidate)]
         checks.append(Check(name, *scores, images=len(images)))
 
     if len(reviewed) >= cfg.min_reviews:
         labeled("reviewed_accuracy", list(reviewed)[: cfg.max_gate_images])
     if reference is not None and reference.is_dir():
-        labeled("reference_accuracy", reference_split(reference, classifier.classes, cfg.max_gate_images))
+        # reference images are at the reference's own magnification (1.0), not at the site profile's
+        labeled("reference_accuracy", reference_split(reference, classifier.classes, cfg.max_gate_images), scale="1.0")
     images, _ = _load(settings, list(held_out)[: cfg.max_gate_images])
     if images:
         raw = _tta_raw(settings, images, classifier)

@@ -124,3 +124,31 @@ def estimate_site_profile(images: Sequence[ImageSource], reference: dict[str, An
     return {"magnification": site_magnification(float(ref_area), area), "method": NUCLEUS_METHOD,
             "fallback_reason": why, "nucleus_area_px": area, "reference_nucleus_area_px": float(ref_area),
             "images": len(images)}
+
+
+SOURCE_SAMPLE = 2000  # incoming images measured when a standardizer is trained (evenly spaced)
+REFERENCE_SAMPLE = 300  # reference images measured when no classifier header gives the reference scale
+
+
+def _evenly(items: Sequence[ImageSource], n: int) -> list[ImageSource]:
+    return list(items[:: max(1, len(items) // n)][:n])
+
+
+def training_site_profile(source: Sequence[ImageSource], reference: Sequence[ImageSource], *,
+                          classifier_geometry: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The site profile a standardizer checkpoint carries, estimated without labels when it is trained:
+    the reference scale from the classifier's geometry header when it records one (what the service
+    pairs the standardizer with), else measured on a sample of ``reference``; the site's from a
+    sample of ``source``. ``reference_window_px`` is the classifier's, else the reference frame side.
+    Raises GeometryEstimateError when neither red cells nor nuclei can be measured."""
+    geo = dict(classifier_geometry or {})
+    if geo.get("reference_red_cell_diameter_px") or geo.get("reference_nucleus_area_px"):
+        ref = geo
+    else:
+        sample = [data.load_rgb(p) if not isinstance(p, Image.Image) else p for p in _evenly(reference, REFERENCE_SAMPLE)]
+        ref = {**reference_geometry(sample), "reference_window_px": float(statistics.median(min(im.size) for im in sample))}
+    profile = estimate_site_profile(_evenly(source, SOURCE_SAMPLE), ref)
+    window = geo.get("reference_window_px") or ref.get("reference_window_px")
+    profile["reference_window_px"] = float(window) if window else None
+    profile["source_images"] = len(source)
+    return profile
