@@ -40,7 +40,8 @@ def test_tiny_preset_writes_every_method_with_eval_keys(bench: tuple[Path, dict,
     methods = result["methods"]
     for name in ("raw", "reinhard", "macenko", "histmatch", "cyclegan", "cyclegan_semantic",
                  "cyclegan_semantic_adapted", "cyclegan_semantic_inductive", "raw_tta", "cyclegan_semantic_tta",
-                 "cyclegan_colour", "cyclegan_colour_tta", "cyclegan_colour_inductive", "cyclegan_colour_inductive_tta"):
+                 "cyclegan_colour", "cyclegan_colour_tta", "cyclegan_colour_inductive", "cyclegan_colour_inductive_tta",
+                 "colorization", "colorization_tta", "colorization_inductive", "colorization_inductive_tta"):
         assert EVAL_KEYS <= set(methods[name]), name
         assert methods[name]["n"] == 20
     setup = result["setup"]
@@ -82,6 +83,25 @@ def test_report_grid_and_checkpoints_are_written(bench: tuple[Path, dict, int]) 
     assert sh["training_data"]["source"]["scored_images_seen"] is False and sh["training_data"]["source"]["images"] == 10
     assert_standardizes(inference.load_standardizer(str(out / "standardizer_cyclegan_semantic_transductive.safetensors")),
                         None)
+
+
+def test_colorization_variant_is_trained_on_the_reference_only(bench: tuple[Path, dict, int]) -> None:
+    """The colorization rows come from one pix2pix L -> ab model that saw no target image, saved per mode
+    with the site profile, loadable by the service like any standardizer."""
+    out, result, _ = bench
+    for mode in ("transductive", "inductive"):
+        path = out / f"standardizer_colorization_{mode}.safetensors"
+        _, header = checkpoint.load_checkpoint(path)
+        assert header["training_data"]["source"] is None and header["training_data"]["labels_used"] is False
+        assert header["site_profile"]["magnification"] == pytest.approx(result["setup"]["geometry"]["magnification"])
+        assert_standardizes(inference.load_standardizer(str(path)), "colorization")
+    runs = result["setup"]["standardizer_runs"]
+    assert runs["colorization_transductive"][0]["target_images_seen"] == 0
+    transductive, _ = checkpoint.load_checkpoint(out / "standardizer_colorization_transductive.safetensors")
+    inductive, _ = checkpoint.load_checkpoint(out / "standardizer_colorization_inductive.safetensors")
+    assert all(torch.equal(transductive[k], inductive[k]) for k in transductive)  # one model, trained once
+    methods = result["methods"]
+    assert methods["colorization"]["confusion_matrix"] == methods["colorization_inductive"]["confusion_matrix"]
 
 
 def assert_standardizes(standardizer: inference.Standardizer, architecture: str | None) -> None:
