@@ -277,7 +277,9 @@ def load_standardizer(
     expected_sha256: str | None = None,
 ) -> Standardizer:
     """``spec``: "none", "reinhard" | "macenko" | "histmatch" (fitted to the reference stain stats
-    in ``classifier.header["reference_stain"]``), or the path of a CycleGAN generator checkpoint."""
+    in ``classifier.header["reference_stain"]``), or the path of a standardizer checkpoint: a
+    generator (CycleGAN, colour-only, colorization) or a classical method with its statistics and
+    site profile (``stainbridge train site-profile``)."""
     spec = str(spec)
     if spec == "none":
         return Standardizer(lambda batch: batch, name="none", header={"kind": "standardizer", "architecture": "none"})
@@ -293,6 +295,9 @@ def load_standardizer(
     state, header = load_checkpoint(path, expected_sha256=sha)
     _require_kind(header, "standardizer", path)
     arch = header.get("architecture")
+    if arch in CLASSICAL_STANDARDIZERS:
+        # a classical method with its reference statistics and site profile (`stainbridge train site-profile`)
+        return _classical(arch, None, stats=header.get("reference_stain"), header=header, name=path.stem, sha256=sha)
     if arch not in GENERATORS:
         raise ModelMismatch(f"{path}: unknown standardizer architecture {arch!r}; this stainbridge knows {sorted(GENERATORS)}")
     try:
@@ -311,21 +316,28 @@ def wrap_generator(
     return Standardizer(_GeneratorFn(place_model(generator, dev), dev), name=name, header=header, sha256=sha256, device=dev)
 
 
-def _classical(method: str, classifier: Classifier | None) -> Standardizer:
-    if classifier is None:
-        raise ModelMismatch(f"standardizer {method!r} needs the classifier's reference stain statistics; pass classifier=")
-    stats = classifier.header.get("reference_stain")
+def _classical(method: str, classifier: Classifier | None, *, stats: dict | None = None, header: dict | None = None,
+               name: str | None = None, sha256: str | None = None) -> Standardizer:
+    """A classical method fitted to the reference stain statistics of ``classifier``'s header, or to
+    ``stats`` from a classical standardizer checkpoint (whose ``header`` also carries the site profile)."""
+    owner = f"standardizer {name}" if header is not None else (f"classifier {classifier.name}" if classifier else None)
+    if header is None:
+        if classifier is None:
+            raise ModelMismatch(f"standardizer {method!r} needs the classifier's reference stain statistics; pass classifier=")
+        stats = classifier.header.get("reference_stain")
     if not isinstance(stats, dict) or not stats:
         raise ModelMismatch(
-            f"classifier {classifier.name} carries no 'reference_stain' statistics, so {method!r} has no target; "
-            "retrain the classifier with this stainbridge version or use a CycleGAN standardizer"
+            f"{owner} carries no 'reference_stain' statistics, so {method!r} has no target; "
+            "retrain it with this stainbridge version or use a CycleGAN standardizer"
         )
     try:
         fn = classical.build_standardizer(method, stats)
     except classical.BaselineError as exc:
-        raise ModelMismatch(f"classifier {classifier.name}: its reference_stain statistics do not serve {method!r}: {exc}") from exc
-    header = {"kind": "standardizer", "architecture": method, "reference_stain": stats, "classifier_sha256": classifier.sha256}
-    return Standardizer(fn, name=method, header=header, sha256=None)
+        raise ModelMismatch(f"{owner}: its reference_stain statistics do not serve {method!r}: {exc}") from exc
+    if header is None:
+        header = {"kind": "standardizer", "architecture": method, "reference_stain": stats,
+                  "classifier_sha256": classifier.sha256 if classifier else None}
+    return Standardizer(fn, name=name or method, header=header, sha256=sha256)
 
 
 def _sha_of(path: Path, expected: str | None) -> str:
