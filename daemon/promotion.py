@@ -123,11 +123,11 @@ def load_images(settings: Settings, paths: Sequence[Path]) -> tuple[list[PILImag
 
 
 def _probabilities(settings: Settings, images: list[PILImage.Image], standardizer: Standardizer,
-                   classifier: Classifier) -> list[list[float]]:
+                   classifier: Classifier, *, scale: str | None = None) -> list[list[float]]:
     out: list[list[float]] = []
     size = settings.models.batch_size
     for start in range(0, len(images), size):
-        for result in run_batch(images[start:start + size], standardizer, classifier, scale=settings.site.scale):
+        for result in run_batch(images[start:start + size], standardizer, classifier, scale=scale or settings.site.scale):
             out.append([result.probabilities[c] for c in classifier.classes])
     return out
 
@@ -167,8 +167,9 @@ def evaluate(settings: Settings, classifier: Classifier, active: Standardizer, c
     if len(reviewed) >= cfg.min_reviews:
         _labeled(settings, checks, "reviewed_accuracy", list(reviewed)[: cfg.max_gate_images], pairs)
     if reference is not None and reference.is_dir():
+        # reference images are at the reference's own magnification (1.0), not at the site profile's
         _labeled(settings, checks, "reference_accuracy",
-                 reference_split(reference, classifier.classes, cfg.max_gate_images), pairs)
+                 reference_split(reference, classifier.classes, cfg.max_gate_images), pairs, scale="1.0")
     images, _ = load_images(settings, list(held_out)[: cfg.max_gate_images])
     if images:
         raw = _tta_raw(settings, images, classifier)
@@ -208,12 +209,13 @@ def evaluate_classifier(settings: Settings, standardizer: Standardizer, active: 
                                  "(`stainbridge review import`)", checks)
     if reference is not None and reference.is_dir():
         _labeled(settings, checks, "reference_accuracy",
-                 reference_split(reference, active.classes, cfg.max_gate_images), pairs)
+                 reference_split(reference, active.classes, cfg.max_gate_images), pairs, scale="1.0")
     return _decide(checks, cfg.margin)
 
 
 def _labeled(settings: Settings, checks: list[Check], name: str, items: Sequence[tuple[Path, str]],
-             pairs: Sequence[tuple[Standardizer, Classifier]], *, margin: float | None = None) -> None:
+             pairs: Sequence[tuple[Standardizer, Classifier]], *, margin: float | None = None,
+             scale: str | None = None) -> None:
     """Append the accuracy of (active, candidate) pairs on the labeled ``items`` (none: no check)."""
     index = {c: k for k, c in enumerate(pairs[0][1].classes)}
     items = [(p, label) for p, label in items if label in index]
@@ -221,7 +223,7 @@ def _labeled(settings: Settings, checks: list[Check], name: str, items: Sequence
     if not images:
         return
     labels = [index[items[i][1]] for i in kept]
-    scores = [_accuracy(_probabilities(settings, images, s, c), labels) for s, c in pairs]
+    scores = [_accuracy(_probabilities(settings, images, s, c, scale=scale), labels) for s, c in pairs]
     checks.append(Check(name, *scores, images=len(images), margin=margin))
 
 

@@ -34,7 +34,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor
 
-__all__ = ["HEADER_KEY", "CheckpointError", "save_checkpoint", "load_checkpoint", "file_sha256", "code_version"]
+__all__ = ["HEADER_KEY", "CheckpointError", "ModelMismatch", "save_checkpoint", "load_checkpoint", "file_sha256", "code_version"]
 
 HEADER_KEY = "stainbridge"
 _MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
@@ -44,6 +44,11 @@ _PICKLE_PROTO = 0x80  # PROTO opcode: first byte of a pickle stream (legacy torc
 
 class CheckpointError(Exception):
     """A checkpoint file is unreadable, not a stainbridge checkpoint, or not the expected file."""
+
+
+class ModelMismatch(Exception):
+    """A checkpoint's kind, architecture, classes, size or tensors do not fit how it is used
+    (re-exported by ``models.inference``, where the service catches it)."""
 
 
 def code_version() -> str:

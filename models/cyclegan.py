@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from stainbridge.models.colorization import build_colorization
 from stainbridge.models.colour_generator import build_colour_generator
 
 __all__ = [
@@ -254,6 +255,7 @@ def build_discriminator(*, ndf: int = 64, n_layers: int = 3, norm: str = "instan
 GENERATORS: dict[str, Callable[..., nn.Module]] = {
     "resnet_generator": build_generator,
     "pointwise_colour": build_colour_generator,
+    "colorization": build_colorization,  # pix2pix L -> ab trained on the reference only (models.colorization)
 }
 
 

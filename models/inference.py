@@ -6,13 +6,9 @@
                                        optionally the mean over the 8 dihedral views)
     run_batch = prepare_batch + classify_batch, with a BatchResult per image.
 
-Geometry (``resolve_geometry``): a classifier whose header records the reference window
-(``geometry.reference_window_px``, the bench's classifiers) sees every image cut to the window of
-the same physical width: ``reference_window_px / magnification`` native pixels, where the
-magnification (target pixels -> reference pixels) comes from the standardizer's site profile
-(``site_profile.magnification``, estimated without labels when it was trained) or from a number
-given by hand (``[site] scale``). Other classifiers see the whole frame zoomed by ``scale``
-("auto": by the stained-cell fraction).
+Geometry (``models.geometry``, re-exported here): every image is cut to the window of the
+reference window's physical width, using the site magnification from the standardizer's site
+profile (estimated without labels from red-cell diameters when it was trained) or ``[site] scale``.
 
 Networks are rebuilt from the checkpoint header (``architecture`` + ``arch_args``, looked up
 in explicit dicts) and any inconsistency raises :class:`ModelMismatch`. On CUDA the networks
@@ -34,10 +30,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from stainbridge.models.checkpoint import CheckpointError, file_sha256, fsync_dir, load_checkpoint
+from stainbridge.models.checkpoint import CheckpointError, ModelMismatch, file_sha256, fsync_dir, load_checkpoint
 from stainbridge.models.classifier import ARCHITECTURES, build_classifier
 from stainbridge.models.cyclegan import GENERATORS
-from stainbridge.models.imaging import classical, data, site_geometry
+from stainbridge.models.geometry import SCALE_FROM_PROFILE, Geometry, resolve_geometry
+from stainbridge.models.imaging import classical
 
 # The daemon's whole view of models/: everything it imports from the package is named here.
 __all__ = [
@@ -58,6 +55,7 @@ __all__ = [
     "place_model",
     "compile_networks",
     "Geometry",
+    "SCALE_FROM_PROFILE",
     "resolve_geometry",
     "prepare_batch",
     "predict_views",
@@ -66,10 +64,6 @@ __all__ = [
 ]
 
 CLASSICAL_STANDARDIZERS = ("reinhard", "macenko", "histmatch")
-
-
-class ModelMismatch(Exception):
-    """A checkpoint's kind, architecture, classes, size or tensors do not fit how it is used."""
 
 
 class DeviceUnavailable(RuntimeError):
@@ -277,7 +271,9 @@ def load_standardizer(
     expected_sha256: str | None = None,
 ) -> Standardizer:
     """``spec``: "none", "reinhard" | "macenko" | "histmatch" (fitted to the reference stain stats
-    in ``classifier.header["reference_stain"]``), or the path of a CycleGAN generator checkpoint."""
+    in ``classifier.header["reference_stain"]``), or the path of a standardizer checkpoint: a
+    generator (CycleGAN, colour-only, colorization) or a classical method with its statistics and
+    site profile (``stainbridge train site-profile``)."""
     spec = str(spec)
     if spec == "none":
         return Standardizer(lambda batch: batch, name="none", header={"kind": "standardizer", "architecture": "none"})
@@ -293,6 +289,9 @@ def load_standardizer(
     state, header = load_checkpoint(path, expected_sha256=sha)
     _require_kind(header, "standardizer", path)
     arch = header.get("architecture")
+    if arch in CLASSICAL_STANDARDIZERS:
+        # a classical method with its reference statistics and site profile (`stainbridge train site-profile`)
+        return _classical(arch, None, stats=header.get("reference_stain"), header=header, name=path.stem, sha256=sha)
     if arch not in GENERATORS:
         raise ModelMismatch(f"{path}: unknown standardizer architecture {arch!r}; this stainbridge knows {sorted(GENERATORS)}")
     try:
@@ -311,21 +310,28 @@ def wrap_generator(
     return Standardizer(_GeneratorFn(place_model(generator, dev), dev), name=name, header=header, sha256=sha256, device=dev)
 
 
-def _classical(method: str, classifier: Classifier | None) -> Standardizer:
-    if classifier is None:
-        raise ModelMismatch(f"standardizer {method!r} needs the classifier's reference stain statistics; pass classifier=")
-    stats = classifier.header.get("reference_stain")
+def _classical(method: str, classifier: Classifier | None, *, stats: dict | None = None, header: dict | None = None,
+               name: str | None = None, sha256: str | None = None) -> Standardizer:
+    """A classical method fitted to the reference stain statistics of ``classifier``'s header, or to
+    ``stats`` from a classical standardizer checkpoint (whose ``header`` also carries the site profile)."""
+    owner = f"standardizer {name}" if header is not None else (f"classifier {classifier.name}" if classifier else None)
+    if header is None:
+        if classifier is None:
+            raise ModelMismatch(f"standardizer {method!r} needs the classifier's reference stain statistics; pass classifier=")
+        stats = classifier.header.get("reference_stain")
     if not isinstance(stats, dict) or not stats:
         raise ModelMismatch(
-            f"classifier {classifier.name} carries no 'reference_stain' statistics, so {method!r} has no target; "
-            "retrain the classifier with this stainbridge version or use a CycleGAN standardizer"
+            f"{owner} carries no 'reference_stain' statistics, so {method!r} has no target; "
+            "retrain it with this stainbridge version or use a CycleGAN standardizer"
         )
     try:
         fn = classical.build_standardizer(method, stats)
     except classical.BaselineError as exc:
-        raise ModelMismatch(f"classifier {classifier.name}: its reference_stain statistics do not serve {method!r}: {exc}") from exc
-    header = {"kind": "standardizer", "architecture": method, "reference_stain": stats, "classifier_sha256": classifier.sha256}
-    return Standardizer(fn, name=method, header=header, sha256=None)
+        raise ModelMismatch(f"{owner}: its reference_stain statistics do not serve {method!r}: {exc}") from exc
+    if header is None:
+        header = {"kind": "standardizer", "architecture": method, "reference_stain": stats,
+                  "classifier_sha256": classifier.sha256 if classifier else None}
+    return Standardizer(fn, name=name or method, header=header, sha256=sha256)
 
 
 def _sha_of(path: Path, expected: str | None) -> str:
@@ -361,59 +367,6 @@ def _to_images(batch: Tensor) -> list[Image.Image]:
     # Quantize on the batch's device, so only uint8 crosses back from a GPU.
     u8 = batch.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(arr) for arr in u8]
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """How an image becomes the classifier's input square.
-
-    ``window_px`` set: cut the centred window of ``window_px`` native pixels (the reference window
-    divided by the site magnification), padding with the border colour where the crop is smaller.
-    Otherwise: the whole frame zoomed by ``scale`` ("auto" or a number as text)."""
-
-    size: int
-    window_px: float | None = None
-    magnification: float | None = None
-    scale: str = "1.0"
-    reference_cell_fraction: float | None = None
-    source: str = "frame"
-
-    def apply(self, img: Image.Image) -> Image.Image:
-        if self.window_px is not None:
-            return site_geometry.crop_window(img.convert("RGB"), window_px=self.window_px, out_size=self.size)
-        return data.normalize_geometry(img, scale=self.scale, out_size=self.size,
-                                       reference_cell_fraction=self.reference_cell_fraction)
-
-
-SCALE_FROM_PROFILE = "profile"
-
-
-def resolve_geometry(classifier: Classifier, standardizer: Standardizer | None = None, *,
-                     scale: str = SCALE_FROM_PROFILE) -> Geometry:
-    """The geometry for this pair of models. ``scale``: "profile" (the magnification in the
-    standardizer's site profile, 1.0 when it has none), a number (the magnification by hand), or
-    "auto" (the legacy frame zoom by stained-cell fraction)."""
-    geo = classifier.header.get("geometry") or {}
-    window, fraction = geo.get("reference_window_px"), geo.get("reference_cell_fraction")
-    text = str(scale).strip().lower()
-    if text == "auto" or not window:
-        # Classifiers from before the reference window was recorded only know frame zooms.
-        frame_scale = "1.0" if text == SCALE_FROM_PROFILE else text
-        return Geometry(classifier.input_size, scale=frame_scale, reference_cell_fraction=fraction,
-                        source=f"frame zoom {frame_scale}")
-    if text == SCALE_FROM_PROFILE:
-        profile = (standardizer.header.get("site_profile") if standardizer is not None else None) or {}
-        magnification = float(profile.get("magnification") or 1.0)
-        source = f"site profile ({profile.get('method', 'estimated')})" if profile else "no site profile"
-    else:
-        try:
-            magnification, source = float(text), "[site] scale"
-        except ValueError:
-            raise ModelMismatch(f"scale must be 'profile', 'auto' or a number, got {scale!r}") from None
-    if not magnification > 0:
-        raise ModelMismatch(f"the site magnification must be a positive number, got {magnification!r}")
-    return Geometry(classifier.input_size, window_px=float(window) / magnification, magnification=magnification,
-                    source=source)
 
 
 def prepare_batch(images: list[Image.Image], geometry: Geometry) -> Tensor:

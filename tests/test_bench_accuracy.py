@@ -40,7 +40,8 @@ def test_tiny_preset_writes_every_method_with_eval_keys(bench: tuple[Path, dict,
     methods = result["methods"]
     for name in ("raw", "reinhard", "macenko", "histmatch", "cyclegan", "cyclegan_semantic",
                  "cyclegan_semantic_adapted", "cyclegan_semantic_inductive", "raw_tta", "cyclegan_semantic_tta",
-                 "cyclegan_colour", "cyclegan_colour_tta", "cyclegan_colour_inductive", "cyclegan_colour_inductive_tta"):
+                 "cyclegan_colour", "cyclegan_colour_tta", "cyclegan_colour_inductive", "cyclegan_colour_inductive_tta",
+                 "colorization", "colorization_tta", "colorization_inductive", "colorization_inductive_tta"):
         assert EVAL_KEYS <= set(methods[name]), name
         assert methods[name]["n"] == 20
     setup = result["setup"]
@@ -48,6 +49,9 @@ def test_tiny_preset_writes_every_method_with_eval_keys(bench: tuple[Path, dict,
     assert setup["target_labels_used_for"] == "scoring only"
     assert {"prepare_s", "classifier_s", "total_s"} <= set(setup["times"])
     assert setup["geometry"]["magnification"] > 0
+    # estimated without labels; the profile says from which cue (red cells, else nucleus areas)
+    assert setup["geometry"]["method"] in ("red_cell_diameter", "nucleus_area")
+    assert setup["geometry"]["profile"]["method"] == setup["geometry"]["method"]
     assert "cyclegan_colour_adapted" not in methods  # the colour variant does not fine-tune the classifier
 
 
@@ -79,6 +83,25 @@ def test_report_grid_and_checkpoints_are_written(bench: tuple[Path, dict, int]) 
     assert sh["training_data"]["source"]["scored_images_seen"] is False and sh["training_data"]["source"]["images"] == 10
     assert_standardizes(inference.load_standardizer(str(out / "standardizer_cyclegan_semantic_transductive.safetensors")),
                         None)
+
+
+def test_colorization_variant_is_trained_on_the_reference_only(bench: tuple[Path, dict, int]) -> None:
+    """The colorization rows come from one pix2pix L -> ab model that saw no target image, saved per mode
+    with the site profile, loadable by the service like any standardizer."""
+    out, result, _ = bench
+    for mode in ("transductive", "inductive"):
+        path = out / f"standardizer_colorization_{mode}.safetensors"
+        _, header = checkpoint.load_checkpoint(path)
+        assert header["training_data"]["source"] is None and header["training_data"]["labels_used"] is False
+        assert header["site_profile"]["magnification"] == pytest.approx(result["setup"]["geometry"]["magnification"])
+        assert_standardizes(inference.load_standardizer(str(path)), "colorization")
+    runs = result["setup"]["standardizer_runs"]
+    assert runs["colorization_transductive"][0]["target_images_seen"] == 0
+    transductive, _ = checkpoint.load_checkpoint(out / "standardizer_colorization_transductive.safetensors")
+    inductive, _ = checkpoint.load_checkpoint(out / "standardizer_colorization_inductive.safetensors")
+    assert all(torch.equal(transductive[k], inductive[k]) for k in transductive)  # one model, trained once
+    methods = result["methods"]
+    assert methods["colorization"]["confusion_matrix"] == methods["colorization_inductive"]["confusion_matrix"]
 
 
 def assert_standardizes(standardizer: inference.Standardizer, architecture: str | None) -> None:
@@ -146,6 +169,9 @@ def test_service_ingest_and_eval_score_exactly_what_the_bench_scores(bench: tupl
     standardizer = out / "standardizer_cyclegan_colour_transductive.safetensors"
     _, header = checkpoint.load_checkpoint(standardizer)
     assert header["site_profile"]["magnification"] == pytest.approx(result["setup"]["geometry"]["magnification"])
+    assert header["site_profile"]["method"] == result["setup"]["geometry"]["method"]
+    _, cls_header = checkpoint.load_checkpoint(classifier)
+    assert "reference_red_cell_diameter_px" in cls_header["geometry"]  # what site profiles measure against
     expected = result["methods"]["cyclegan_colour"]
 
     evaluated = run_stainbridge("eval", "--classifier", str(classifier), "--data", str(target), "--standardizer",

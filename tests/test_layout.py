@@ -15,8 +15,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # The networks and the one inference path: what the service loads. They never import training or bench code.
-SERVICE_SIDE_MODELS = ["checkpoint", "classifier", "colour_generator", "cyclegan", "inference", "metrics",
-                       "small_resnet"]
+SERVICE_SIDE_MODELS = ["checkpoint", "classifier", "colorization", "colour_generator", "cyclegan", "geometry", "inference",
+                       "metrics", "small_resnet"]
 
 
 def _imports(path: Path) -> set[str]:

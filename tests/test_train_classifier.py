@@ -49,6 +49,9 @@ def test_tiny_run_writes_checkpoint_with_contract_header(trained: tuple[Path, st
     assert header["input_size"] == 64 and header["arch_args"] == {"num_classes": 5}
     assert set(header["normalization"]) == {"mean", "std"}
     assert header["geometry"]["reference_cell_fraction"] > 0
+    # the reference scale that site profiles are measured against (None when red cells are not measurable)
+    assert {"reference_red_cell_diameter_px", "reference_nucleus_area_px"} <= set(header["geometry"])
+    assert header["geometry"]["reference_nucleus_area_px"] > 0
     assert {"reinhard", "macenko", "histmatch"} <= set(header["reference_stain"])
     assert header["loss"] == "focal" and header["gamma"] == 2.0 and header["epochs"] == 1 and header["seed"] == 0
     assert header["code_version"] and header["created"]

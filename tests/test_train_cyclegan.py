@@ -106,3 +106,36 @@ def test_size_must_suit_the_generator(folders: tuple[Path, Path], tmp_path: Path
     args = tg.get_args_parser().parse_args(["--source", str(source), "--reference", str(reference),
                                             "--out", str(tmp_path / "s.safetensors"), "--size", "62"])
     assert tg.run(args) == 2
+
+
+def test_checkpoint_carries_a_site_profile_from_unlabeled_red_cells(tmp_path: Path) -> None:
+    """train cyclegan measures the source lab's red cells (none of its labels) and writes the site profile
+    that the service's geometry then uses: red cells drawn 24 px (reference) vs 40 px (source) give k = 0.6."""
+    import dataclasses
+
+    from stainbridge.models.classifier import build_classifier
+
+    for name, protocol, fraction in (("ref", "reference", 0.3), ("src", "incoming", 0.5)):
+        p = dataclasses.replace(synthetic.get_protocol(protocol), cell_fraction=fraction, red_cell_gap=0.1)
+        (tmp_path / name).mkdir()
+        for i in range(25):
+            label = synthetic.CLASSES[i % 5]
+            synthetic.render_cell(label, protocol=p, size=128, rng=synthetic.image_rng(5, name, label, i)).save(
+                tmp_path / name / f"{i}.png")
+    out = tmp_path / "std.safetensors"
+    train((tmp_path / "src", tmp_path / "ref"), out, "--epochs", "1", "--steps-per-epoch", "1")
+    _, header = checkpoint.load_checkpoint(out)
+    profile = header["site_profile"]
+    assert profile["method"] == "red_cell_diameter" and profile["red_cells"] >= 20
+    assert profile["magnification"] == pytest.approx(0.6, rel=0.08)
+    assert profile["reference_window_px"] == 128
+
+    clf_path = tmp_path / "clf.safetensors"
+    checkpoint.save_checkpoint(clf_path, build_classifier(arch="resnet18", num_classes=5).state_dict(), {
+        "kind": "classifier", "architecture": "resnet18", "arch_args": {"num_classes": 5},
+        "classes": list(synthetic.CLASSES), "input_size": 32,
+        "normalization": {"mean": [0.5] * 3, "std": [0.25] * 3}, "geometry": {"reference_window_px": 128.0}})
+    geometry = inference.resolve_geometry(inference.load_classifier(clf_path), inference.load_standardizer(str(out)))
+    assert geometry.magnification == pytest.approx(profile["magnification"])
+    assert geometry.window_px == pytest.approx(128 / profile["magnification"])
+    assert "red_cell_diameter" in geometry.source

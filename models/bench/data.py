@@ -6,13 +6,15 @@ labels are used for scoring only; the standardizers see its images without label
 
 Geometry (``models.site_geometry``): every reference image is cut to the centred window of
 ``window_fraction`` of its frame; every target image to the window of the same physical width,
-using the site magnification estimated from nucleus areas in native pixels. Both are then resized
+using the site magnification estimated without labels from red-cell diameters in native pixels
+(``site_geometry.estimate_site_profile``; nucleus areas only when too few red cells are found). Both are then resized
 to ``size`` px. The classifier's training images keep ``cover`` times that window so that random
 zoom and rotation can be applied without running out of image.
 """
 
 from __future__ import annotations
 
+import json
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +31,7 @@ from stainbridge.models.imaging import data, site_geometry
 
 __all__ = ["BenchData", "BenchDataError", "center_window", "prepare", "to_float", "to_uint8"]
 
-GEOMETRY_SAMPLE = 300  # reference images used to estimate the reference nucleus area
+GEOMETRY_SAMPLE = 300  # reference images used to measure the reference red cells and nucleus area
 STAIN_SAMPLE = 256  # reference windows used to fit the classical standardizers' statistics
 
 
@@ -58,10 +60,12 @@ class BenchData:
 
     @property
     def site_profile(self) -> dict[str, Any]:
-        """What a standardizer trained on this target carries for the service: its magnification."""
-        method = self.geometry.get("method", "nucleus_area") if self.geometry.get("estimated") else "manual"
-        return {"magnification": float(self.geometry["magnification"]), "method": method,
-                "reference_window_px": float(self.geometry["reference_window_px"])}
+        """What a standardizer trained on this target carries for the service: its magnification, how it
+        was estimated (``site_geometry.estimate_site_profile``) or "manual", and the reference window."""
+        profile = dict(self.geometry.get("profile") or {"method": "manual"})
+        profile.update(magnification=float(self.geometry["magnification"]),
+                       reference_window_px=float(self.geometry["reference_window_px"]))
+        return profile
 
 
 def to_uint8(img: Image.Image) -> Tensor:
@@ -89,15 +93,11 @@ def _side(path: Path) -> int:
         return min(im.size)
 
 
-def _load(root: Path, rel: str) -> Image.Image:
-    return data.load_rgb(root / rel)
-
-
 def prepare(reference: str | Path, target: str | Path, *, size: int, window_fraction: float = 0.6,
             cover: float = 1.3, seed: int = 0, magnification: float | None = None,
             log: Any = print) -> BenchData:
     """Decode, split and geometry-normalize both folders (``magnification``: target px -> reference
-    px; estimated from nucleus areas when None)."""
+    px; estimated without labels from red-cell diameters when None, see ``site_geometry``)."""
     ref_root, tgt_root = Path(reference), Path(target)
     manifest = data.make_split(ref_root, seed=seed)
     classes = list(manifest["classes"])
@@ -115,12 +115,13 @@ def prepare(reference: str | Path, target: str | Path, *, size: int, window_frac
     window_px = window_fraction * ref_side
     geometry: dict[str, Any] = {"window_fraction": window_fraction, "reference_side_px": ref_side,
                                 "reference_window_px": window_px}
+    step = max(1, len(manifest["train"]) // GEOMETRY_SAMPLE)
+    geometry.update(site_geometry.reference_geometry([ref_root / rel for rel in manifest["train"][::step]]))
     if magnification is None:
-        step = max(1, len(manifest["train"]) // GEOMETRY_SAMPLE)
-        ref_area = site_geometry.median_nucleus_area(_load(ref_root, rel) for rel in manifest["train"][::step])
-        tgt_area = site_geometry.median_nucleus_area(data.load_rgb(p) for p, _ in target_items)
-        magnification = site_geometry.site_magnification(ref_area, tgt_area)
-        geometry.update(reference_nucleus_area_px=ref_area, target_nucleus_area_px=tgt_area, estimated=True)
+        profile = site_geometry.estimate_site_profile([p for p, _ in target_items], geometry)
+        magnification = profile["magnification"]
+        geometry.update(estimated=True, method=profile["method"], profile=profile)
+        log(f"site profile ({profile['method']}): " + json.dumps({k: v for k, v in profile.items() if k != "magnification"}))
     else:
         geometry["estimated"] = False
     geometry["magnification"] = magnification

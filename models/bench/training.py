@@ -21,10 +21,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from stainbridge.models import checkpoint, classifier, cyclegan
+from stainbridge.models import checkpoint, classifier, colorization, cyclegan
 from stainbridge.models.bench.data import BenchData, to_float
 from stainbridge.models.imaging import classical, data, stain_augment
 from stainbridge.models.training import classifier as tc
+from stainbridge.models.training import colorization as tcol
 from stainbridge.models.training import cyclegan as tg
 from stainbridge.models.training import runtime as tu
 from stainbridge.models.training import semantic
@@ -74,7 +75,9 @@ def classifier_header(d: BenchData, *, arch: str, metrics: dict[str, Any], histo
         "classes": d.classes, "input_size": d.size, "normalization": tc.NORMALIZATION,
         # the reference side only: the target's magnification belongs to the standardizer's site profile
         "geometry": {"reference_cell_fraction": float(fraction),
-                     **{k: d.geometry[k] for k in ("window_fraction", "reference_side_px", "reference_window_px")}},
+                     **{k: d.geometry.get(k) for k in ("window_fraction", "reference_side_px", "reference_window_px",
+                                                        "reference_red_cell_diameter_px", "reference_red_cells",
+                                                        "reference_nucleus_area_px")}},
         "reference_stain": classical.fit_reference_stats(d.stain_images),
         "training_data": {"root": str(Path(reference_root).resolve()), "counts": counts,
                           "split_counts": {k: len(d.manifest[k]) for k in ("train", "val", "test")},
@@ -181,6 +184,32 @@ def train_standardizer(target: Tensor, reference: Tensor, out: Path, *, generato
         header["site_profile"] = site_profile
     header["sha256"] = checkpoint.save_checkpoint(out, setup.generator_state(), tu.jsonable(header))
     return setup.nets["g_xy"].eval(), setup.nets["g_yx"].eval(), header
+
+
+def train_colorization(reference: Tensor, *, unet: str, epochs: int, steps: int, batch_size: int, discriminator: str,
+                       seed: int, device: torch.device, training_data: dict[str, Any],
+                       log: Any = print) -> tuple[nn.Module, dict[str, Any]]:
+    """The ColorizationGAN on uint8 reference windows (turned and flipped at random), as
+    ``stainbridge train colorization`` trains it; returns (model, header without sha256)."""
+    started = time.monotonic()
+    arch_args = dict(colorization.UNET_PRESETS[unet])
+    l_mean, l_std = tcol.lightness_stats(to_float(reference[:: max(1, len(reference) // tcol.LIGHTNESS_SAMPLE)]))
+    d_args = dict(cyclegan.DISCRIMINATOR_PRESETS[discriminator])
+    g = torch.Generator().manual_seed(seed)
+    model, history = tcol.train_colorizer(_dihedral_stream(reference, batch_size, g),
+                                          arch_args={**arch_args, "l_mean": l_mean, "l_std": l_std},
+                                          discriminator_args=d_args, epochs=epochs, steps=steps, seed=seed,
+                                          device=device, log=log)
+    header = tcol.standardizer_header(model, arch_args, discriminator_args=d_args, input_size=int(reference.shape[-1]),
+                                      history=history, training_data=training_data,
+                                      options={"unet": unet, "epochs": epochs, "steps": steps,
+                                               "batch_size": batch_size, "l1_weight": tcol.L1_WEIGHT, "seed": seed},
+                                      train_seconds=time.monotonic() - started)
+    return model, header
+
+
+def save_colorization(model: nn.Module, header: dict[str, Any], out: Path) -> str:
+    return tcol.save(model, {k: v for k, v in header.items() if k != "sha256"}, out)
 
 
 def adapt_classifier(model: nn.Module, header: dict[str, Any], d: BenchData, translated: Tensor, out: Path, *,

@@ -53,6 +53,9 @@ class StainProtocol:
     colourfulness; strengths scale each stain (order of STAINS); background_od is the
     plasma's optical density; gamma is a per-channel camera curve applied after optics;
     cell_fraction is a medium white cell's diameter as a fraction of the frame side.
+    red_cell_radius is the range of red-cell radii in units of a medium white cell's radius (the
+    physical ruler ``models.imaging.red_cells`` measures); red_cell_gap, when set, places red cells
+    apart by at least that gap (a thin, well-spread smear) instead of letting them overlap.
     """
 
     name: str
@@ -67,6 +70,8 @@ class StainProtocol:
     noise: float = 0.01  # std of additive noise, fraction of full scale
     cell_fraction: float = 0.45
     jitter: float = 0.1  # per-image relative variation of stain strengths, background and exposure
+    red_cell_radius: tuple[float, float] = (0.55, 0.7)
+    red_cell_gap: float | None = None
     od_matrix: np.ndarray = field(init=False, repr=False, compare=False)
     lut: np.ndarray = field(init=False, repr=False, compare=False)
 
@@ -242,7 +247,17 @@ def _draw_white_cell(
     return out, cell
 
 
-def _draw_red_cells(coords: np.ndarray, rng: np.random.Generator, edge: float, span: float) -> np.ndarray:
+def _spread(centres: np.ndarray, radii: np.ndarray, gap: float) -> tuple[np.ndarray, np.ndarray]:
+    """The cells, in order, that do not come within ``gap`` of an earlier kept one."""
+    keep: list[int] = []
+    for i in range(len(radii)):
+        if all(math.dist(centres[i], centres[j]) >= radii[i] + radii[j] + gap for j in keep):
+            keep.append(i)
+    return centres[keep], radii[keep]
+
+
+def _draw_red_cells(coords: np.ndarray, rng: np.random.Generator, edge: float, span: float,
+                    radius: tuple[float, float] = (0.55, 0.7), gap: float | None = None) -> np.ndarray:
     """Red cells (pale discs with central pallor) scattered around, not covering the centre.
 
     Each disc is drawn only inside its own bounding box (a loop over cells, not pixels).
@@ -251,7 +266,9 @@ def _draw_red_cells(coords: np.ndarray, rng: np.random.Generator, edge: float, s
     out = np.zeros((size, size), dtype=np.float32)
     n = int(rng.integers(8, 18))
     centres = rng.uniform(-span, span, (n, 2))
-    radii = rng.uniform(0.55, 0.7, n)
+    radii = rng.uniform(*radius, n)
+    if gap is not None:
+        centres, radii = _spread(centres, radii, gap)
     step = float(coords[1] - coords[0])
     for (cx, cy), r in zip(centres.tolist(), radii.tolist()):
         if math.hypot(cx, cy) < 1.35:
@@ -287,7 +304,7 @@ def render_cell(
     x = (gx - shift[0]) * c + (gy - shift[1]) * s
     y = -(gx - shift[0]) * s + (gy - shift[1]) * c
     wbc, cell = _draw_white_cell(label, x, y, rng, edge, size)
-    red = _draw_red_cells(coords, rng, edge, span) * (1 - cell)
+    red = _draw_red_cells(coords, rng, edge, span, p.red_cell_radius, p.red_cell_gap) * (1 - cell)
     conc = np.stack([red if name == "red_cell" else wbc[name] for name in STAINS], axis=-1)
     # Slide-to-slide variation within one lab: stain uptake, plasma thickness, exposure.
     od_matrix = p.od_matrix * (1 + rng.uniform(-p.jitter, p.jitter, (len(STAINS), 1))).astype(np.float32)

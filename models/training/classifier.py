@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 from stainbridge.models import checkpoint, classifier
-from stainbridge.models.imaging import classical, data
+from stainbridge.models.imaging import classical, data, site_geometry
 from stainbridge.models.metrics import classification_metrics
 from stainbridge.models.training import resume
 from stainbridge.models.training import runtime as tu
@@ -88,7 +88,8 @@ def load_split(args: argparse.Namespace, data_root: Path, out: Path) -> dict[str
 def reference_statistics(root: Path, rel_paths: Sequence[str]) -> tuple[dict[str, Any], dict[str, Any]]:
     """geometry and reference stain stats from an evenly spaced training sample. The geometry records the
     reference window (the whole frame: the classifier trains on full frames), so that the one inference
-    path can cut other labs' images to the same physical width."""
+    path can cut other labs' images to the same physical width, and the reference red-cell diameter (native px)
+    that site profiles measure other labs against."""
     step = max(1, len(rel_paths) // STAT_SAMPLE)
     images = []
     for rel in list(rel_paths)[::step][:STAT_SAMPLE]:
@@ -97,7 +98,9 @@ def reference_statistics(root: Path, rel_paths: Sequence[str]) -> tuple[dict[str
     fraction = statistics.median(data.estimate_cell_fraction(im) for im in images)
     window = statistics.median(min(im.size) for im in images)
     geometry = {"reference_cell_fraction": float(fraction), "reference_window_px": float(window),
-                "window_fraction": 1.0}
+                "window_fraction": 1.0,
+                # the reference's scale, which site profiles compare other labs against (red cells, else nuclei)
+                **site_geometry.reference_geometry(images)}
     return geometry, classical.fit_reference_stats(images)
 
 

@@ -28,6 +28,11 @@ With --semantic-teacher raw the target is instead the classifier's 8-view dihedr
 untranslated source image, on the x_to_y pair only: L_sem = KL( TTA p(x) || p(G(x)) ) * weight. It is
 computed (no gradient) on each source batch as drawn, i.e. on the same random crop G sees.
 
+The checkpoint also carries the site profile (``header["site_profile"]``): the magnification of the
+source lab relative to the reference, estimated without labels from red-cell diameters of the
+--source images (``models.imaging.site_geometry``), which the service's geometry uses. The nightly
+retraining, which runs this command, re-estimates it.
+
 Only G is kept in the final checkpoint (kind "standardizer"); the full state (G, F, D_X, D_Y and
 both optimizers) is written to ``<out>.state`` after each epoch for --resume, and a sample grid
 (rows: real X, G(X), F(G(X))) to ``<out>.samples.png``.
@@ -52,7 +57,7 @@ from torch.utils.data import DataLoader
 from torchvision.utils import make_grid, save_image
 
 from stainbridge.models import checkpoint, cyclegan
-from stainbridge.models.imaging import classical, data
+from stainbridge.models.imaging import classical, data, site_geometry
 from stainbridge.models.training import resume, semantic
 from stainbridge.models.training import runtime as tu
 
@@ -247,6 +252,20 @@ def save_samples(g_xy: nn.Module, g_yx: nn.Module, batch: Tensor, path: Path, de
     tmp.replace(path)
 
 
+def site_profile_fields(source: list[Path], reference: list[Path], classifier: str | None) -> dict[str, Any]:
+    """{"site_profile": ...} estimated without labels from the source images (the reference scale from
+    ``classifier``'s geometry header when given), or {"site_profile_error": why} when nothing could be
+    measured: the service then uses magnification 1.0 unless [site] scale says otherwise."""
+    geometry = checkpoint.load_checkpoint(classifier)[1].get("geometry") if classifier else None
+    try:
+        profile = site_geometry.training_site_profile(source, reference, classifier_geometry=geometry)
+    except site_geometry.GeometryEstimateError as exc:
+        print(f"site profile not estimated: {exc}", file=sys.stderr)
+        return {"site_profile_error": str(exc)}
+    print(json.dumps({"site_profile": profile}), file=sys.stderr)
+    return {"site_profile": profile}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", required=True, help="incoming-lab images (unlabeled, searched recursively)")
     parser.add_argument("--reference", required=True, help="reference-lab images (labels ignored)")
@@ -368,6 +387,7 @@ def main(args: argparse.Namespace) -> str:
                           "init_from": init_from},
         epochs=args.epochs, steps=steps, batch_size=args.batch_size, seed=args.seed,
         train_seconds=time.monotonic() - started)
+    header.update(site_profile_fields(source_paths, reference_paths, args.semantic_classifier))
     sha = checkpoint.save_checkpoint(out, setup.generator_state(), tu.jsonable(header))
     if not samples_png.exists():
         save_samples(setup.nets["g_xy"], setup.nets["g_yx"], sample_batch, samples_png, device)
