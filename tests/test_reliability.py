@@ -25,7 +25,7 @@ from sqlalchemy.engine import make_url
 
 from stainbridge.daemon.schema import upgrade_database
 from tests.daemon_helpers import Daemon, build_tiny_models, query, wait_for, write_config
-from tests.reliability_helpers import Audit, Corpus, TcpProxy, audit, good_cells, hostile_entries
+from tests.reliability_helpers import Audit, Corpus, TcpProxy, audit, good_cells, hostile_entries, report_row
 
 pytestmark = pytest.mark.slow
 
@@ -61,13 +61,7 @@ def configure(tmp_path: Path, url: str, models, *, service_url: str | None = Non
 
 
 def report(scenario: str, repetitions: str, result: Audit, seconds: float) -> None:
-    row = (f"| {scenario} | {repetitions} | {result.entries} | {len(result.lost)} | {len(result.duplicated)} "
-           f"| {result.stuck} | {seconds:.0f} s |")
-    print(f"\nreliability: {row}", flush=True)
-    target = os.environ.get("STAINBRIDGE_TEST_RELIABILITY_REPORT")
-    if target:
-        with open(target, "a", encoding="utf-8") as out:
-            out.write(row + "\n")
+    report_row(scenario, repetitions, result.entries, len(result.lost), len(result.duplicated), result.stuck, seconds)
 
 
 def wait_until_settled(url: str, corpus: Corpus, timeout: float) -> Audit:
