@@ -275,12 +275,31 @@ def test_archive_and_hidden_folders_skipped(watcher, tmp_path):
     assert watcher.ready_files(now=time.monotonic() + 2 * QUIET) == []
 
 
-def test_moved_out_file_is_forgotten(watcher, tmp_path):
-    """A file moved away before it is ready is not handed out."""
+def test_moved_out_file_is_forgotten(tmp_path):
+    """A file moved away while it waits out its quiet time is not handed out (looked at again when due)."""
+    (tmp_path / "drop").mkdir()
     path = tmp_path / "drop" / "g.png"
     path.write_bytes(b"g")
-    watcher.rescan()
+    w = DropFolderWatcher(settings_for(tmp_path))
+    w.rescan(now=0.0)
     os.rename(path, tmp_path / "elsewhere.png")
+    assert w.ready_files(now=QUIET) == []
+
+
+def test_ready_file_moved_out_is_dropped_by_its_event(watcher, tmp_path):
+    """A ready file moved away is taken off the ready queue by the move event, without a stat.
+
+    Until that event arrives the path may still be handed out; the pipeline's own lstat then
+    skips it without a row (`Pipeline._intake`).
+    """
+    path = tmp_path / "drop" / "m.png"
+    path.write_bytes(b"m")
+    deadline = time.monotonic() + 5
+    while path not in watcher._ready and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.rename(path, tmp_path / "elsewhere.png")
+    while path in watcher._ready and time.monotonic() < deadline:
+        time.sleep(0.02)
     assert watcher.ready_files(now=time.monotonic() + QUIET) == []
 
 
