@@ -331,10 +331,6 @@ class DropFolderWatcher:
                 self._observe(path, st, now, ready=False)
             self._last_scan = now
 
-    def scan_once(self, paths: Iterable[str | os.PathLike[str]] | None = None) -> list[Candidate]:
-        """Everything under the drop folder (or `paths`), ready now: for one-shot ingest."""
-        return list(iter_candidates([self.root] if paths is None else paths, skip=self.skip))
-
     # internals (called under the observer thread or the loop) ----------------------------
 
     def _inside(self, path: Path) -> bool:
@@ -438,4 +434,5 @@ class DropFolderWatcher:
                 self._schedule(path, observed, observed.last_change + self.quiet_seconds)
                 continue
             del self._seen[path]
-            self._ready[path] = (candidate_for(path, _relative(path, self.root), st), (st.st_ino, st.st_size, st.st_mtime_ns))
+            identity = (st.st_ino, st.st_size, st.st_mtime_ns)
+            self._ready[path] = (candidate_for(path, _relative(path, self.root), st), identity)
