@@ -12,7 +12,7 @@ Sub-folders that are symlinks are never walked, and no path that runs through on
 Cost (issue 13): readiness is kept incrementally. An event-ready file goes straight to a ready
 queue and is handed out without another stat; only files waiting out their quiet time are
 re-stat'ed, each once when it can next be ready (a heap keyed by that moment). Every map is
-bounded by ``MAX_TRACKED``: what does not fit is found again by a later rescan.
+bounded by ``MAX_TRACKED``: what does not fit is found by a rescan once half the room is free.
 """
 
 from __future__ import annotations
@@ -258,6 +258,7 @@ class DropFolderWatcher:
         self._observer: BaseObserver | None = None
         self._last_scan = float("-inf")
         self.overflowed = 0  # sightings not tracked because MAX_TRACKED files were waiting or ready
+        self._missed = False  # some were not tracked: rescan as soon as half the room is free again
 
     # lifecycle ---------------------------------------------------------------------------
 
@@ -298,7 +299,8 @@ class DropFolderWatcher:
         ``forget(path)`` is called.
         """
         now = time.monotonic() if now is None else now
-        if now - self._last_scan >= self.rescan_seconds:
+        room_again = self._missed and len(self._seen) + len(self._ready) <= MAX_TRACKED // 2
+        if room_again or now - self._last_scan >= self.rescan_seconds:
             self.rescan(now)
         taken: list[Candidate] = []
         with self._lock:
@@ -321,6 +323,7 @@ class DropFolderWatcher:
         found = list(_walk(self.root, self.root, self.skip)) if self.root.is_dir() else []
         present = {path for path, _ in found}
         with self._lock:
+            self._missed = False
             for table in (self._delivered, self._seen, self._ready):
                 for path in [p for p in table if p not in present]:
                     del table[path]
@@ -403,6 +406,7 @@ class DropFolderWatcher:
         if observed is None:
             if len(self._seen) + len(self._ready) >= MAX_TRACKED:
                 self.overflowed += 1  # a later rescan finds it
+                self._missed = True
                 return
             observed = FileObservation(st.st_size, st.st_mtime_ns, st.st_ino, last_change=now, refusal=refusal)
             self._seen[path] = observed

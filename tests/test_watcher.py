@@ -173,7 +173,7 @@ def test_ready_files_hands_out_at_most_limit(tmp_path):
 
 
 def test_tracked_files_are_bounded(tmp_path, monkeypatch):
-    """Past MAX_TRACKED waiting or ready files, new sightings are left to a later rescan (defect 11)."""
+    """Past MAX_TRACKED waiting or ready files, new sightings wait for a rescan, run once there is room (defect 11)."""
     monkeypatch.setattr("stainbridge.daemon.watcher.MAX_TRACKED", 3)
     (tmp_path / "drop").mkdir(exist_ok=True)
     for i in range(5):
@@ -182,8 +182,8 @@ def test_tracked_files_are_bounded(tmp_path, monkeypatch):
     w.rescan(now=0.0)
     assert len(w._seen) == 3 and w.overflowed == 2
     assert len(w.ready_files(now=QUIET)) == 3
-    w.rescan(now=QUIET)  # the delivered three are still there: the other two now fit
-    assert [c.source_name for c in w.ready_files(now=2 * QUIET)] == ["3.png", "4.png"]
+    assert w.ready_files(now=QUIET + 1) == []  # room again: this call rescans, the other two now wait their turn
+    assert [c.source_name for c in w.ready_files(now=2 * QUIET + 1)] == ["3.png", "4.png"]
 
 
 def test_rescan_finds_file_created_while_stopped(tmp_path):
