@@ -313,16 +313,13 @@ class Service:
         """Up to batch_size ready files, waiting at most batch_wait_seconds for a batch to fill."""
         size = self.settings.models.batch_size
         if len(self._backlog) < size:
-            self._backlog += self.watcher.ready_files()
-            for candidate in self._backlog[MAX_BACKLOG:]:  # bounded: the rest is offered again later
-                self.watcher.forget(candidate.path)
-            del self._backlog[MAX_BACKLOG:]
+            self._backlog += self.watcher.ready_files(limit=MAX_BACKLOG - len(self._backlog))  # the rest stay ready
             deadline = time.monotonic() + self.settings.watch.batch_wait_seconds
             while self._backlog and len(self._backlog) < size and not self._stop.is_set():
                 if time.monotonic() >= deadline:
                     break
                 time.sleep(min(0.05, self.settings.watch.batch_wait_seconds))
-                self._backlog += self.watcher.ready_files()
+                self._backlog += self.watcher.ready_files(limit=MAX_BACKLOG - len(self._backlog))
         if self._stop.is_set():
             return []  # stop accepting: what was not started stays in the drop folder
         batch, self._backlog = self._backlog[:size], self._backlog[size:]

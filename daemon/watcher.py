@@ -4,19 +4,28 @@ Filesystem events are hints: a scan at start-up and a periodic rescan find whate
 missed (network shares lose events; the process may have been down). A file is ready after a
 close-write or a move into the folder, or once its size and mtime have been stable for
 ``[watch] quiet_seconds``. Temporary and hidden names wait until they are renamed. Symlinks,
-hard-linked files and other non-regular entries are never followed: they come back as refused
-candidates for the caller to record and quarantine.
+hard-linked files and other non-regular entries are never followed: after the same quiet time as
+any file, and a fresh look, they come back as refused candidates for the caller to record and
+quarantine (a publisher that links a file in and then unlinks its own name gets it processed).
+Sub-folders that are symlinks are never walked, and no path that runs through one is observed.
+
+Cost (issue 13): readiness is kept incrementally. An event-ready file goes straight to a ready
+queue and is handed out without another stat; only files waiting out their quiet time are
+re-stat'ed, each once when it can next be ready (a heap keyed by that moment). Every map is
+bounded by ``MAX_TRACKED``: what does not fit is found by a rescan once half the room is free.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import os
 import stat
 import threading
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
@@ -28,6 +37,10 @@ from stainbridge.daemon.failures import storable_source_name
 
 TEMP_SUFFIXES = (".part", ".partial", ".tmp", ".temp", ".crdownload", ".download", ".filepart", ".swp", "~")
 IGNORED_NAMES = frozenset({"thumbs.db", "desktop.ini"})
+MAX_TRACKED = 50_000  # files waiting or ready, and files delivered, each (a later rescan finds the rest)
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+
+Identity = tuple[int, int, int]  # (inode, size, mtime_ns)
 
 
 class WatcherError(RuntimeError):
@@ -41,8 +54,10 @@ class FileObservation:
     size: int
     mtime_ns: int
     inode: int
-    last_change: float  # when size/mtime/inode were last seen to differ (or first seen)
+    last_change: float  # when size/mtime/inode (or the refusal) were last seen to differ (or first seen)
     event_ready: bool = False  # a close-write or move-in event arrived since the last change
+    refusal: str | None = None  # seen as a link or a non-regular entry: waits the quiet time, then a fresh look
+    seq: int = 0  # its live entry in the due heap
 
 
 @dataclass(frozen=True)
@@ -58,8 +73,13 @@ class Candidate:
 
 
 def is_ready(observed: FileObservation, now: float, quiet_seconds: float) -> bool:
-    """Ready after a close-write/move-in event, or when unchanged for `quiet_seconds`."""
-    return observed.event_ready or now - observed.last_change >= quiet_seconds
+    """Ready after a close-write/move-in event, or when unchanged for `quiet_seconds`.
+
+    Refusals (links, non-regular entries) always wait the quiet time: no event makes them ready.
+    """
+    if observed.event_ready and observed.refusal is None:
+        return True
+    return now - observed.last_change >= quiet_seconds
 
 
 def is_ignored_name(name: str) -> bool:
@@ -79,32 +99,94 @@ def refusal_for(st: os.stat_result) -> tuple[str, str] | None:
     return None
 
 
-def _refused(path: Path, source_name: str, st: os.stat_result) -> Candidate | None:
+def candidate_for(path: Path, source_name: str, st: os.stat_result) -> Candidate:
+    """The candidate for an entry as its lstat shows it: a file to take in, or a refusal with its reason."""
     why = refusal_for(st)
-    if why is None:
+    refusal, detail = why if why is not None else (None, "")
+    return Candidate(path, source_name, st.st_size, st.st_mtime_ns / 1e9, refusal=refusal, detail=detail)
+
+
+def _open_folder(root: Path, folder: Path) -> int:
+    """A descriptor of `folder`, opened from `root` one component at a time, never through a symlink.
+
+    Raises OSError (ELOOP, ENOTDIR...) when a component below `root` is a symlink or not a folder.
+    """
+    parts = folder.relative_to(root).parts if folder != root else ()
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        for part in parts:
+            child = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def lstat_inside(root: Path, path: Path) -> os.stat_result | None:
+    """lstat of `path` reached from `root` without following a symlinked sub-folder (None: not there)."""
+    try:
+        parent = path.parent
+        if parent == root:
+            return os.lstat(path)
+        fd = _open_folder(root, parent)
+        try:
+            return os.stat(path.name, dir_fd=fd, follow_symlinks=False)
+        finally:
+            os.close(fd)
+    except (OSError, ValueError):
         return None
-    return Candidate(path, source_name, st.st_size, st.st_mtime, refusal=why[0], detail=why[1])
 
 
 def _walk(root: Path, folder: Path, skip: tuple[Path, ...]) -> Iterator[tuple[Path, os.stat_result]]:
-    """Entries under `folder`, not following links, skipping hidden/temp names and `skip` folders."""
+    """Entries under `folder`, not following links, skipping hidden/temp names and `skip` folders.
+
+    Folders are opened with O_NOFOLLOW from their parent's descriptor: a sub-folder swapped for a
+    symlink while the walk runs is not entered (the next walk sees, and refuses, the link itself).
+    """
     try:
-        entries = sorted(os.scandir(folder), key=lambda e: e.name)
-    except OSError:
+        fd = _open_folder(root, folder)
+    except (OSError, ValueError):
         return
-    for entry in entries:
-        if is_ignored_name(entry.name):
-            continue
-        path = Path(entry.path)
-        try:
-            st = entry.stat(follow_symlinks=False)
-        except OSError:
-            continue
-        if stat.S_ISDIR(st.st_mode):
-            if path not in skip:
-                yield from _walk(root, path, skip)
-            continue
-        yield path, st
+    stack: list[tuple[int, Path, list[str]]] = []  # open folders above the current one, with what is left
+    try:
+        while fd >= 0:
+            entries = []
+            try:
+                with os.scandir(fd) as listing:
+                    for entry in listing:
+                        if not is_ignored_name(entry.name):
+                            try:
+                                entries.append((entry.name, entry.stat(follow_symlinks=False)))
+                            except OSError:
+                                continue
+            except OSError:
+                pass
+            subfolders = []
+            for name, st in sorted(entries, key=lambda item: item[0]):
+                if not stat.S_ISDIR(st.st_mode):
+                    yield folder / name, st
+                elif folder / name not in skip:
+                    subfolders.append(name)
+            stack.append((fd, folder, subfolders[::-1]))
+            fd = -1
+            while stack and fd < 0:
+                parent_fd, parent, names = stack[-1]
+                if not names:
+                    os.close(parent_fd)
+                    stack.pop()
+                    continue
+                name = names.pop()
+                try:
+                    fd, folder = os.open(name, _DIR_FLAGS, dir_fd=parent_fd), parent / name
+                except OSError:  # became a symlink, or vanished, since the listing
+                    continue
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        for parent_fd, _, _ in stack:
+            os.close(parent_fd)
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -130,11 +212,9 @@ def iter_candidates(paths: Iterable[str | os.PathLike[str]], *, skip: Iterable[P
         st = os.lstat(root)
         if stat.S_ISDIR(st.st_mode):
             for path, entry_st in _walk(root, root, skipped):
-                yield _refused(path, _relative(path, root), entry_st) or Candidate(
-                    path, _relative(path, root), entry_st.st_size, entry_st.st_mtime)
+                yield candidate_for(path, _relative(path, root), entry_st)
         else:
-            name = storable_source_name(root.name)
-            yield _refused(root, name, st) or Candidate(root, name, st.st_size, st.st_mtime)
+            yield candidate_for(root, storable_source_name(root.name), st)
 
 
 class _Handler(FileSystemEventHandler):
@@ -152,12 +232,12 @@ class _Handler(FileSystemEventHandler):
         self.watcher._hint(event.src_path, ready=True)
 
     def on_moved(self, event: FileSystemEvent) -> None:
-        self.watcher._forget_tree(event.src_path)
+        self.watcher._forget(event.src_path, tree=event.is_directory)
         if event.dest_path:
             self.watcher._hint(event.dest_path, ready=True, is_dir=event.is_directory)
 
     def on_deleted(self, event: FileSystemEvent) -> None:
-        self.watcher._forget_tree(event.src_path)
+        self.watcher._forget(event.src_path, tree=event.is_directory)
 
 
 class DropFolderWatcher:
@@ -170,11 +250,15 @@ class DropFolderWatcher:
         self.polling = settings.watch.polling
         self.skip = tuple(Path(p).absolute() for p in (settings.archive_dir, settings.quarantine_dir))
         self._lock = threading.Lock()
-        self._seen: dict[Path, FileObservation] = {}
-        self._refused: dict[Path, tuple[Candidate, tuple[int, int, int]]] = {}
-        self._delivered: dict[Path, tuple[int, int, int]] = {}  # path -> (inode, size, mtime_ns)
+        self._seen: dict[Path, FileObservation] = {}  # waiting: still changing, or found without an event
+        self._due: list[tuple[float, int, Path]] = []  # heap: when a waiting file can next be ready
+        self._ready: dict[Path, tuple[Candidate, Identity]] = {}  # ready, not yet handed out (oldest first)
+        self._delivered: dict[Path, Identity] = {}  # handed out, as it was then
+        self._seq = itertools.count(1)
         self._observer: BaseObserver | None = None
         self._last_scan = float("-inf")
+        self.overflowed = 0  # sightings not tracked because MAX_TRACKED files were waiting or ready
+        self._missed = False  # some were not tracked: rescan as soon as half the room is free again
 
     # lifecycle ---------------------------------------------------------------------------
 
@@ -205,35 +289,28 @@ class DropFolderWatcher:
 
     # what the service loop calls ---------------------------------------------------------
 
-    def ready_files(self, now: float | None = None) -> list[Candidate]:
-        """Files ready now, and refused entries, each handed out once (thread-safe).
+    def ready_files(self, now: float | None = None, *, limit: int | None = None) -> list[Candidate]:
+        """Files ready now, and refused entries, each handed out once (thread-safe), oldest first.
 
         `now` is a ``time.monotonic()`` reading (tests pass a later one to skip the quiet time).
-        A rescan runs here when ``rescan_seconds`` have passed. A delivered file is not handed
-        out again until it changes, disappears, or ``forget(path)`` is called.
+        A rescan runs here when ``rescan_seconds`` have passed. Only files whose quiet time has
+        run out are stat'ed again; at most `limit` are handed out, the rest stay ready for the
+        next call. A delivered file is not handed out again until it changes, disappears, or
+        ``forget(path)`` is called.
         """
         now = time.monotonic() if now is None else now
-        if now - self._last_scan >= self.rescan_seconds:
+        room_again = self._missed and len(self._seen) + len(self._ready) <= MAX_TRACKED // 2
+        if room_again or now - self._last_scan >= self.rescan_seconds:
             self.rescan(now)
-        ready: list[Candidate] = []
+        taken: list[Candidate] = []
         with self._lock:
-            for path, (candidate, identity) in list(self._refused.items()):
-                ready.append(candidate)
-                del self._refused[path]
-                self._delivered[path] = identity
-            for path, observed in list(self._seen.items()):
-                st = self._restat(path, now)
-                if st is None:
-                    continue
-                if isinstance(st, Candidate):
-                    ready.append(st)
-                    continue
-                observed = self._seen[path]
-                if is_ready(observed, now, self.quiet_seconds):
-                    del self._seen[path]
-                    self._delivered[path] = (observed.inode, observed.size, observed.mtime_ns)
-                    ready.append(Candidate(path, _relative(path, self.root), observed.size, observed.mtime_ns / 1e9))
-        return sorted(ready, key=lambda c: c.source_name)
+            self._promote_due(now)
+            while self._ready and (limit is None or len(taken) < limit):
+                path = next(iter(self._ready))
+                candidate, identity = self._ready.pop(path)
+                self._deliver(path, identity)
+                taken.append(candidate)
+        return sorted(taken, key=lambda c: c.source_name)
 
     def forget(self, path: str | os.PathLike[str]) -> None:
         """Let a delivered file be handed out again (call it when you leave a file in place)."""
@@ -246,17 +323,16 @@ class DropFolderWatcher:
         found = list(_walk(self.root, self.root, self.skip)) if self.root.is_dir() else []
         present = {path for path, _ in found}
         with self._lock:
-            for path in [p for p in self._delivered if p not in present]:
-                del self._delivered[path]
-            for path in [p for p in self._seen if p not in present]:
-                del self._seen[path]
+            self._missed = False
+            for table in (self._delivered, self._seen, self._ready):
+                for path in [p for p in table if p not in present]:
+                    del table[path]
+            if len(self._due) > 2 * len(self._seen) + 1024:  # drop entries of files no longer waiting
+                self._due = [entry for entry in self._due if self._live(entry)]
+                heapq.heapify(self._due)
             for path, st in found:
                 self._observe(path, st, now, ready=False)
             self._last_scan = now
-
-    def scan_once(self, paths: Iterable[str | os.PathLike[str]] | None = None) -> list[Candidate]:
-        """Everything under the drop folder (or `paths`), ready now: for one-shot ingest."""
-        return list(iter_candidates([self.root] if paths is None else paths, skip=self.skip))
 
     # internals (called under the observer thread or the loop) ----------------------------
 
@@ -280,19 +356,34 @@ class DropFolderWatcher:
                 for file_path, st in found:
                     self._observe(file_path, st, time.monotonic(), ready=ready)
             return
-        try:
-            st = os.lstat(path)
-        except OSError:
+        st = lstat_inside(self.root, path)  # None when gone, or reached through a symlinked sub-folder
+        if st is None:
             return
         with self._lock:
             self._observe(path, st, time.monotonic(), ready=ready)
 
-    def _forget_tree(self, raw: str | bytes) -> None:
+    def _forget(self, raw: str | bytes, *, tree: bool) -> None:
+        """A file (or, with `tree`, a folder and all below it) left the drop folder."""
         path = Path(os.fsdecode(raw))
         with self._lock:
-            for table in (self._seen, self._refused, self._delivered):
-                for known in [p for p in table if p == path or path in p.parents]:
-                    del table[known]
+            for table in (self._seen, self._ready, self._delivered):
+                table.pop(path, None)
+                if tree:
+                    for known in [p for p in table if path in p.parents]:
+                        del table[known]
+
+    def _deliver(self, path: Path, identity: Identity) -> None:
+        self._delivered[path] = identity
+        while len(self._delivered) > MAX_TRACKED:  # the oldest delivery is long filed (or left to a rescan)
+            del self._delivered[next(iter(self._delivered))]
+
+    def _schedule(self, path: Path, observed: FileObservation, due: float) -> None:
+        observed.seq = next(self._seq)
+        heapq.heappush(self._due, (due, observed.seq, path))
+
+    def _live(self, entry: tuple[float, int, Path]) -> bool:
+        observed = self._seen.get(entry[2])
+        return observed is not None and observed.seq == entry[1]
 
     def _observe(self, path: Path, st: os.stat_result, now: float, *, ready: bool) -> None:
         """Record a sighting (lock held). Changed files restart their quiet time."""
@@ -304,29 +395,48 @@ class DropFolderWatcher:
             if delivered == identity:
                 return
             del self._delivered[path]  # a new file under a delivered name
-        refused = _refused(path, _relative(path, self.root), st)
-        if refused is not None:
-            self._seen.pop(path, None)
-            self._refused[path] = (refused, identity)
-            return
+        why = refusal_for(st)
+        refusal = why[0] if why else None
+        queued = self._ready.get(path)
+        if queued is not None:
+            if queued[1] == identity and queued[0].refusal == refusal:
+                return
+            del self._ready[path]  # changed after it was ready: it waits again
         observed = self._seen.get(path)
-        if observed is None or (observed.inode, observed.size, observed.mtime_ns) != identity:
-            observed = FileObservation(st.st_size, st.st_mtime_ns, st.st_ino, last_change=now)
+        if observed is None:
+            if len(self._seen) + len(self._ready) >= MAX_TRACKED:
+                self.overflowed += 1  # a later rescan finds it
+                self._missed = True
+                return
+            observed = FileObservation(st.st_size, st.st_mtime_ns, st.st_ino, last_change=now, refusal=refusal)
             self._seen[path] = observed
-        if ready:
+            self._schedule(path, observed, now + self.quiet_seconds)
+        elif (observed.inode, observed.size, observed.mtime_ns) != identity:
+            observed.inode, observed.size, observed.mtime_ns = identity
+            observed.last_change, observed.event_ready = now, False
+        observed.refusal = refusal  # a link count going 2 -> 1 is no change of content: the quiet time runs on
+        if ready and refusal is None:  # no event makes a link ready: it waits the quiet time, then a fresh look
             observed.event_ready = True
+            if is_ready(observed, now, self.quiet_seconds):  # close-write or move-in: ready now, no stat later
+                del self._seen[path]
+                self._ready[path] = (candidate_for(path, _relative(path, self.root), st), identity)
 
-    def _restat(self, path: Path, now: float) -> FileObservation | Candidate | None:
-        """Refresh one observation before judging it (lock held)."""
-        try:
-            st = os.lstat(path)
-        except OSError:
+    def _promote_due(self, now: float) -> None:
+        """Look again at each waiting file whose quiet time has run out (lock held)."""
+        while self._due and self._due[0][0] <= now:
+            entry = heapq.heappop(self._due)
+            if not self._live(entry):
+                continue
+            path = entry[2]
+            observed = self._seen[path]
+            st = lstat_inside(self.root, path)
+            if st is None or stat.S_ISDIR(st.st_mode):  # gone, or now reached through a symlinked folder
+                del self._seen[path]
+                continue
+            self._observe(path, st, now, ready=False)  # a change seen now restarts the quiet time
+            if not is_ready(observed, now, self.quiet_seconds):
+                self._schedule(path, observed, observed.last_change + self.quiet_seconds)
+                continue
             del self._seen[path]
-            return None
-        refused = _refused(path, _relative(path, self.root), st)
-        if refused is not None:
-            del self._seen[path]
-            self._delivered[path] = (st.st_ino, st.st_size, st.st_mtime_ns)
-            return refused
-        self._observe(path, st, now, ready=False)
-        return self._seen[path]
+            identity = (st.st_ino, st.st_size, st.st_mtime_ns)
+            self._ready[path] = (candidate_for(path, _relative(path, self.root), st), identity)

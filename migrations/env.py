@@ -6,7 +6,10 @@ a caller may also hand in an open connection as ``config.attributes["connection"
 
 from __future__ import annotations
 
+from typing import Any
+
 from alembic import context
+from sqlalchemy import event
 from sqlalchemy.engine import Connection
 from sqlalchemy.pool import NullPool
 
@@ -55,6 +58,21 @@ def _run(connection: Connection) -> None:
         context.run_migrations()
 
 
+def _sqlite_connect(dbapi_connection: Any, _record: object) -> None:
+    # Batch mode copies and drops tables; foreign keys must be off meanwhile (the pragma is
+    # ignored inside a transaction, so it goes here, at connect). And Python's sqlite3 module runs
+    # DDL outside any transaction: take transactions over (see _sqlite_begin), or a migration
+    # cut short by kill -9 leaves tables without their alembic_version row, and every later start
+    # fails with "table images already exists".
+    dbapi_connection.execute("PRAGMA foreign_keys=OFF")
+    dbapi_connection.isolation_level = None
+
+
+def _sqlite_begin(connection: Connection) -> None:
+    # IMMEDIATE: the write lock before alembic reads the version, so two starting services migrate in turn.
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
 def run_migrations_online() -> None:
     given = config.attributes.get("connection")
     if given is not None:
@@ -62,13 +80,11 @@ def run_migrations_online() -> None:
         return
     url = _url()
     engine = make_engine(url, poolclass=NullPool)  # make_engine: SQLite gets WAL, busy_timeout
+    if url.startswith("sqlite"):  # each migration and its version row: one SQLite transaction
+        event.listen(engine, "connect", _sqlite_connect)
+        event.listen(engine, "begin", _sqlite_begin)
     try:
         with engine.connect() as connection:
-            if url.startswith("sqlite"):
-                # Batch mode copies and drops tables; foreign keys must be off meanwhile
-                # (this pragma is ignored inside a transaction, so it goes first).
-                connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
-                connection.commit()
             _run(connection)
     finally:
         engine.dispose()

@@ -38,7 +38,7 @@ def timed(owner: Any, name: str, label: str) -> None:
 
 
 def main(config: str, expected: int) -> None:
-    timed(watcher.DropFolderWatcher, "ready_files", "watcher.ready_files (re-stats every known file)")
+    timed(watcher.DropFolderWatcher, "ready_files", "watcher.ready_files")
     timed(pipeline.Pipeline, "_intake", "intake (hash + claim transaction + decode)")
     timed(pipeline.intake, "sha256_file", "  hash")
     timed(pipeline.intake, "claim", "  claim (INSERT + flush, before its commit)")
@@ -56,7 +56,8 @@ def main(config: str, expected: int) -> None:
     seconds = time.perf_counter() - started
     print(f"handled {handled} files in {seconds:.2f} s = {handled / seconds:.1f} images/s")
     for label, spent in SPENT.items():
-        print(f"  {label:<50} {1000 * spent / handled:7.2f} ms/image {spent / seconds:5.0%}  ({CALLS[label]} calls)")
+        print(f"  {label:<50} {1000 * spent / handled:7.2f} ms/image {spent / seconds:5.0%}  ({CALLS[label]} calls, "
+              f"{1e6 * spent / CALLS[label]:.1f} us/call)")
 
 
 if __name__ == "__main__":

@@ -3,8 +3,9 @@
 The corpus mixes good cells with every kind of entry a lab share produces: broken and empty files,
 text and random bytes under image names, names that are not UTF-8 or hold a newline, a leading dash
 or Unicode, names near NAME_MAX and paths longer than the database column, symlinks and hard links
-to files outside the drop folder, unusual pixel formats, bombs, a DICOM with a NUL byte, a duplicate,
-an input named like a quarantine note, a file still being written and a file deleted at once.
+to files outside the drop folder, a link-then-unlink publisher, unusual pixel formats, bombs, a
+DICOM with a NUL byte, a duplicate, an input named like a quarantine note, a file still being
+written and a file deleted at once.
 
 `audit` reads the database and the folders after a run and counts what the README table reports:
 lost (an entry with no filed row, or a filed path that does not exist), duplicated (more than one
@@ -19,6 +20,7 @@ import os
 import random
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -128,6 +130,14 @@ def hostile_entries(corpus: Corpus, scratch: Path, rng: random.Random) -> None:
     os.link(linked, corpus.drop / "hostile" / "hardlink-out.png")
     corpus.entries["hostile/hardlink-out.png"] = "failed"
     corpus.outside_digests = digest_tree(corpus.outside)
+    # a publisher that hard-links the file in, then unlinks its own name: a plain file by the time it is quiet
+    published = scratch / "publish" / "relinked.png"
+    published.parent.mkdir(parents=True, exist_ok=True)
+    published.write_bytes(cell_bytes(scratch, seed=12))
+    os.link(published, corpus.drop / "hostile" / "relinked.png")
+    time.sleep(0.1)  # shorter than the quiet time: a watcher that judged the link count at once refused it
+    published.unlink()
+    corpus.entries["hostile/relinked.png"] = "done"
     # a file still being written (completed later) and a file deleted right after it appeared
     handle = open(corpus.drop / "hostile" / "slow-writer.png", "wb")  # noqa: SIM115 - closed by finish_writes
     data = cell_bytes(scratch, seed=10)
@@ -269,3 +279,15 @@ class TcpProxy:
                     s.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+
+
+def report_row(scenario: str, repetitions: str, files: int, lost: int, duplicated: int, stuck: int,
+               seconds: float) -> str:
+    """Print one row of the README's Reliability table (and append it to $STAINBRIDGE_TEST_RELIABILITY_REPORT)."""
+    row = f"| {scenario} | {repetitions} | {files} | {lost} | {duplicated} | {stuck} | {seconds:.0f} s |"
+    print(f"\nreliability: {row}", flush=True)
+    target = os.environ.get("STAINBRIDGE_TEST_RELIABILITY_REPORT")
+    if target:
+        with open(target, "a", encoding="utf-8") as out:
+            out.write(row + "\n")
+    return row

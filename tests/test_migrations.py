@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from datetime import datetime, timedelta, timezone
 
 from alembic.autogenerate import compare_metadata
@@ -116,3 +118,37 @@ def test_migrated_view_matches_the_store_definition(sqlite_url: str, tmp_path) -
         reference.dispose()
         migrated.dispose()
     assert columns[0] == columns[1]
+
+
+CRASH_AFTER_SECOND_TABLE = """
+import os, sys
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+from stainbridge.daemon.schema import upgrade_database
+
+created = []
+
+@event.listens_for(Engine, "after_cursor_execute")
+def crash(conn, cursor, statement, *args):
+    if statement.lstrip().upper().startswith("CREATE TABLE") and "alembic_version" not in statement:
+        created.append(statement)
+        if len(created) == 2:
+            os._exit(9)  # as kill -9: no rollback, no clean-up
+
+upgrade_database(sys.argv[1])
+"""
+
+
+def test_sqlite_upgrade_killed_midway_leaves_no_half_schema(tmp_path) -> None:
+    """A first migration killed after two tables (start-up under kill -9) is undone; the next start migrates."""
+    url = f"sqlite:///{tmp_path / 'state' / 'stainbridge.db'}"
+    killed = subprocess.run([sys.executable, "-c", CRASH_AFTER_SECOND_TABLE, url], capture_output=True, text=True,
+                            timeout=120, check=False)
+    assert killed.returncode == 9, killed.stderr[-2000:]
+    engine = make_engine(url)
+    try:
+        assert [t for t in inspect(engine).get_table_names() if t != "alembic_version"] == []
+    finally:
+        engine.dispose()
+    upgrade_database(url)  # before: "table images already exists", at every start
+    assert current_revision(url) == head_revision()

@@ -24,8 +24,8 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from stainbridge.daemon.schema import upgrade_database
-from tests.daemon_helpers import Daemon, build_tiny_models, query, wait_for, write_config
-from tests.reliability_helpers import Audit, Corpus, TcpProxy, audit, good_cells, hostile_entries
+from tests.daemon_helpers import Daemon, build_tiny_models, cell_bytes, query, wait_for, write_config
+from tests.reliability_helpers import Audit, Corpus, TcpProxy, audit, good_cells, hostile_entries, report_row
 
 pytestmark = pytest.mark.slow
 
@@ -61,13 +61,7 @@ def configure(tmp_path: Path, url: str, models, *, service_url: str | None = Non
 
 
 def report(scenario: str, repetitions: str, result: Audit, seconds: float) -> None:
-    row = (f"| {scenario} | {repetitions} | {result.entries} | {len(result.lost)} | {len(result.duplicated)} "
-           f"| {result.stuck} | {seconds:.0f} s |")
-    print(f"\nreliability: {row}", flush=True)
-    target = os.environ.get("STAINBRIDGE_TEST_RELIABILITY_REPORT")
-    if target:
-        with open(target, "a", encoding="utf-8") as out:
-            out.write(row + "\n")
+    report_row(scenario, repetitions, result.entries, len(result.lost), len(result.duplicated), result.stuck, seconds)
 
 
 def wait_until_settled(url: str, corpus: Corpus, timeout: float) -> Audit:
@@ -120,18 +114,27 @@ def kill_storm(daemon: Daemon, corpus: Corpus, scratch: Path, rng: random.Random
     return unexpected
 
 
+STORMS = [  # backend, entries in the drop folder (hostile ones included), kill -9 count, seed
+    pytest.param("sqlite", 300, 10, SEED, id="sqlite"),
+    pytest.param("postgres", 144, 5, SEED + 1, marks=pytest.mark.postgres, id="postgres"),  # bounded suite
+]
+
+
 @pytest.mark.timeout(1200)
-@pytest.mark.parametrize("files,kills", [(300, 10)])
-def test_kill9_storm_on_sqlite_loses_and_duplicates_nothing(daemons, tiny_models, tmp_path, files, kills):
-    """300 entries (hostile corpus included), 10 kill -9 and a SIGTERM at random moments: 0 lost, duplicated, stuck."""
+@pytest.mark.parametrize("backend,files,kills,seed", STORMS)
+def test_kill9_storm_loses_and_duplicates_nothing(request, daemons, tiny_models, tmp_path, backend, files, kills, seed):
+    """The hostile corpus, kill -9 at random moments and one SIGTERM, more files while down: 0 lost, duplicated, stuck."""
     started = time.monotonic()
-    rng = random.Random(SEED)
-    url = f"sqlite:///{tmp_path / 'state' / 'stainbridge.db'}"
+    rng = random.Random(seed)
+    if backend == "postgres":
+        url = request.getfixturevalue("postgres_url")
+    else:
+        url = f"sqlite:///{tmp_path / 'state' / 'stainbridge.db'}"
     config = configure(tmp_path, url, tiny_models)
     corpus = Corpus(tmp_path / "drop", tmp_path / "outside")
     scratch = tmp_path / "scratch"
     hostile_entries(corpus, scratch, rng)
-    first = (files - len(corpus.entries)) // 2
+    first = (files - len(corpus.entries)) // 2  # half the good cells before the first start, half while down
     good_cells(corpus, scratch, first)
     daemon = new_daemon(daemons, config, tmp_path / "w1").start(wait_ready=False)
     unexpected = kill_storm(daemon, corpus, scratch, rng, kills=kills, late_files=files - len(corpus.entries),
@@ -139,28 +142,8 @@ def test_kill9_storm_on_sqlite_loses_and_duplicates_nothing(daemons, tiny_models
     result = wait_until_settled(url, corpus, 300)
     unexpected += daemon.process.poll() is not None
     assert daemon.stop() == 0
-    report("SQLite, kill -9 storm + SIGTERM", f"{kills} kill -9 + 1 SIGTERM (seed {SEED})", result,
-           time.monotonic() - started)
-    assert_clean(result, unexpected)
-
-
-@pytest.mark.timeout(1200)
-@pytest.mark.postgres
-def test_kill9_storm_on_postgres_loses_and_duplicates_nothing(daemons, tiny_models, tmp_path, postgres_url):
-    """The same storm on PostgreSQL (fewer files: the suite stays bounded)."""
-    started = time.monotonic()
-    rng = random.Random(SEED + 1)
-    config = configure(tmp_path, postgres_url, tiny_models)
-    corpus = Corpus(tmp_path / "drop", tmp_path / "outside")
-    scratch = tmp_path / "scratch"
-    hostile_entries(corpus, scratch, rng)
-    good_cells(corpus, scratch, 60)
-    daemon = new_daemon(daemons, config, tmp_path / "w1").start(wait_ready=False)
-    unexpected = kill_storm(daemon, corpus, scratch, rng, kills=5, late_files=60, seed0=5000)
-    result = wait_until_settled(postgres_url, corpus, 300)
-    unexpected += daemon.process.poll() is not None
-    assert daemon.stop() == 0
-    report("PostgreSQL, kill -9 storm + SIGTERM", f"5 kill -9 + 1 SIGTERM (seed {SEED + 1})", result,
+    name = "SQLite" if backend == "sqlite" else "PostgreSQL"
+    report(f"{name}, kill -9 storm + SIGTERM", f"{kills} kill -9 + 1 SIGTERM (seed {seed})", result,
            time.monotonic() - started)
     assert_clean(result, unexpected)
 
@@ -197,6 +180,45 @@ def test_database_outage_at_start_and_mid_run_then_everything_finishes(daemons, 
     proxy.cut()
     report("PostgreSQL, server down at start and cut mid-run", "2 outages", result, time.monotonic() - started)
     assert failed_during == 0
+    assert_clean(result, unexpected)
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.postgres
+def test_database_restarted_in_place_mid_batch_repeatedly(daemons, tiny_models, tmp_path, postgres_url):
+    """The server restarted under a running service (sessions reset, back within 1.5 s), 5 times: every file finishes."""
+    started = time.monotonic()
+    rng = random.Random(SEED + 3)
+    proxy = TcpProxy(make_url(postgres_url).port or 5432).start()
+    service_url = make_url(postgres_url).set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    config = configure(tmp_path, postgres_url, tiny_models, service_url=service_url)
+    corpus = Corpus(tmp_path / "drop", tmp_path / "outside")
+    corpus.outside.mkdir(parents=True)
+    scratch = tmp_path / "scratch"
+    daemon = new_daemon(daemons, config, tmp_path / "w1").start(wait_ready=False)
+    daemon.wait_message("READY=1", 300)
+    restarts, mid_batch = 5, 0
+    for k in range(restarts):
+        wave = [cell_bytes(scratch, seed=8000 + 100 * k + i) for i in range(40)]  # rendered first, dropped at once
+        for i, data in enumerate(wave):
+            corpus.add(f"restart{k}/cell-{i}.png", data, "done")
+        busy = wait_for(lambda: query(postgres_url, "SELECT count(*) FROM images WHERE status = 'processing'")[0][0]
+                        or not any(p.is_file() for p in corpus.drop.rglob("*")), 120, "a batch in progress",
+                        interval=0.01)
+        mid_batch += busy is not True
+        proxy.cut()  # a restart: every session reset, new connections refused
+        time.sleep(rng.uniform(0.2, 1.5))
+        proxy.start()
+        time.sleep(rng.uniform(0.0, 0.5))
+    failed = query(postgres_url, "SELECT count(*) FROM images WHERE status = 'failed'")[0][0]
+    result = wait_until_settled(postgres_url, corpus, 240)
+    unexpected = int(daemon.process.poll() is not None)
+    assert daemon.stop() == 0
+    proxy.cut()
+    report("PostgreSQL, server restarted in place under load", f"{restarts} restarts, {mid_batch} mid-batch "
+           f"(seed {SEED + 3})", result, time.monotonic() - started)
+    assert mid_batch >= 1 and any("STATUS=retrying" in m for m in daemon.receive())  # the restarts were noticed
+    assert failed == 0  # an outage is transient: no file is failed for it
     assert_clean(result, unexpected)
 
 

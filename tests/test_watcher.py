@@ -120,7 +120,7 @@ def test_quiet_time_makes_unevented_file_ready(tmp_path):
 
 
 def test_growing_file_restarts_quiet_time(tmp_path):
-    """A file that keeps growing is not ready until it stops changing."""
+    """A file that changed during its quiet time is not ready until it has been stable for a whole one."""
     path = tmp_path / "drop" / "d.png"
     w = DropFolderWatcher(settings_for(tmp_path))
     (tmp_path / "drop").mkdir(exist_ok=True)
@@ -128,8 +128,62 @@ def test_growing_file_restarts_quiet_time(tmp_path):
     w.rescan(now=0.0)
     path.write_bytes(b"12")
     assert w.ready_files(now=QUIET - 1) == []
-    assert w.ready_files(now=2 * QUIET - 2) == []  # changed at QUIET - 1
+    assert w.ready_files(now=QUIET) == []  # looked at again when due: changed, so the quiet time restarts
+    assert w.ready_files(now=2 * QUIET - 1) == []
     assert [c.size for c in w.ready_files(now=2 * QUIET)] == [2]
+
+
+def test_event_ready_files_are_not_stated_again(tmp_path, monkeypatch):
+    """A closed file is handed out from the event alone; waiting files are stat'ed only when due (issue 13)."""
+    (tmp_path / "drop").mkdir()
+    (tmp_path / "drop" / "scanned.png").write_bytes(b"s")  # there before start: found by the scan, no event
+    w = DropFolderWatcher(settings_for(tmp_path))
+    w.start()
+    try:
+        (tmp_path / "drop" / "closed.png").write_bytes(b"c")
+        deadline = time.monotonic() + 5
+        while tmp_path / "drop" / "closed.png" not in w._ready and time.monotonic() < deadline:
+            time.sleep(0.02)  # the close-write event, seen by the observer thread
+        stats: list[str] = []
+        real_lstat = os.lstat
+        monkeypatch.setattr(os, "lstat", lambda p, *a, **k: stats.append(os.fspath(p)) or real_lstat(p, *a, **k))
+        assert [c.source_name for c in w.ready_files()] == ["closed.png"]
+        for _ in range(20):
+            assert w.ready_files() == []
+        assert stats == []  # neither the ready file nor the waiting one was looked at again
+        assert [c.source_name for c in w.ready_files(now=time.monotonic() + QUIET)] == ["scanned.png"]
+        assert stats == [str(tmp_path / "drop" / "scanned.png")]  # one stat, when its quiet time ran out
+    finally:
+        monkeypatch.undo()
+        w.stop()
+
+
+def test_ready_files_hands_out_at_most_limit(tmp_path):
+    """With `limit`, the rest stay ready for the next call (the service's backlog stays bounded)."""
+    for i in range(5):
+        (tmp_path / "drop").mkdir(exist_ok=True)
+        (tmp_path / "drop" / f"{i}.png").write_bytes(b"x" * (i + 1))
+    w = DropFolderWatcher(settings_for(tmp_path))
+    w.rescan(now=0.0)
+    first = w.ready_files(now=QUIET, limit=2)
+    rest = w.ready_files(now=QUIET, limit=10)
+    assert len(first) == 2 and len(rest) == 3
+    assert sorted(c.source_name for c in first + rest) == [f"{i}.png" for i in range(5)]
+    assert w.ready_files(now=2 * QUIET) == []
+
+
+def test_tracked_files_are_bounded(tmp_path, monkeypatch):
+    """Past MAX_TRACKED waiting or ready files, new sightings wait for a rescan, run once there is room (defect 11)."""
+    monkeypatch.setattr("stainbridge.daemon.watcher.MAX_TRACKED", 3)
+    (tmp_path / "drop").mkdir(exist_ok=True)
+    for i in range(5):
+        (tmp_path / "drop" / f"{i}.png").write_bytes(b"x")
+    w = DropFolderWatcher(settings_for(tmp_path))
+    w.rescan(now=0.0)
+    assert len(w._seen) == 3 and w.overflowed == 2
+    assert len(w.ready_files(now=QUIET)) == 3
+    assert w.ready_files(now=QUIET + 1) == []  # room again: this call rescans, the other two now wait their turn
+    assert [c.source_name for c in w.ready_files(now=2 * QUIET + 1)] == ["3.png", "4.png"]
 
 
 def test_rescan_finds_file_created_while_stopped(tmp_path):
@@ -151,18 +205,65 @@ def test_rescan_finds_file_created_while_stopped(tmp_path):
 
 
 def test_symlink_and_hard_link_refused(watcher, tmp_path):
-    """Symlinks and hard-linked files come back as refusals with a reason, never followed."""
+    """Symlinks and hard-linked files come back as refusals with a reason after the quiet time, never followed."""
     outside = tmp_path / "outside.png"
     outside.write_bytes(b"secret")
     (tmp_path / "drop" / "link.png").symlink_to(outside)
     (tmp_path / "drop" / "hard.png").write_bytes(b"h")
     os.link(tmp_path / "drop" / "hard.png", tmp_path / "drop" / "hard2.png")
     watcher.rescan()
-    ready = {c.source_name: c for c in watcher.ready_files(now=time.monotonic())}
+    assert watcher.ready_files(now=time.monotonic()) == []  # a refusal waits the quiet time like any file
+    ready = {c.source_name: c for c in watcher.ready_files(now=time.monotonic() + QUIET)}
     assert ready["link.png"].refusal == "symlink" and ready["link.png"].path == tmp_path / "drop" / "link.png"
     assert ready["hard.png"].refusal == "hard_link" and ready["hard2.png"].refusal == "hard_link"
     watcher.rescan()
-    assert watcher.ready_files(now=time.monotonic() + QUIET) == []  # refused once, not on every rescan
+    assert watcher.ready_files(now=time.monotonic() + 3 * QUIET) == []  # refused once, not on every rescan
+
+
+def test_link_then_unlink_publisher_gets_its_file_taken(watcher, tmp_path):
+    """A file hard-linked in, then unlinked from where it was written, is a plain file once its quiet time ends."""
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    (staging / "x.png").write_bytes(b"x" * 50)
+    os.link(staging / "x.png", tmp_path / "drop" / "x.png")  # nlink 2: would be a refusal if judged now
+    deadline = time.monotonic() + 5
+    while tmp_path / "drop" / "x.png" not in watcher._seen and time.monotonic() < deadline:
+        time.sleep(0.02)  # the create event, seen by the observer thread
+    assert watcher.ready_files(now=time.monotonic()) == []
+    os.unlink(staging / "x.png")
+    ready = watcher.ready_files(now=time.monotonic() + QUIET)
+    assert [(c.source_name, c.size, c.refusal) for c in ready] == [("x.png", 50, None)]
+
+
+def test_symlinked_subfolder_is_never_walked(watcher, tmp_path):
+    """A sub-folder that is a symlink is refused as an entry; nothing behind it is ever a candidate."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.png").write_bytes(b"s")
+    (tmp_path / "drop" / "sub").symlink_to(outside, target_is_directory=True)
+    watcher.rescan()
+    (outside / "later.png").write_bytes(b"l")  # written through the real path after the scan
+    (tmp_path / "drop" / "sub" / "via-link.png").write_bytes(b"v")  # written through the link
+    time.sleep(0.2)  # let any event arrive: none may be taken
+    watcher.rescan()
+    ready = watcher.ready_files(now=time.monotonic() + QUIET)
+    assert [(c.source_name, c.refusal) for c in ready] == [("sub", "symlink")]
+
+
+def test_subfolder_swapped_for_symlink_is_not_followed(tmp_path):
+    """A waiting file whose folder is swapped for a symlink to elsewhere is dropped, not handed out (defect 9)."""
+    (tmp_path / "drop" / "sub").mkdir(parents=True)
+    (tmp_path / "drop" / "sub" / "decoy.png").write_bytes(b"decoy")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "decoy.png").write_bytes(b"the database, say")
+    w = DropFolderWatcher(settings_for(tmp_path))
+    w.rescan(now=0.0)  # sub/decoy.png is waiting out its quiet time
+    os.rename(tmp_path / "drop" / "sub", tmp_path / "moved-away")
+    (tmp_path / "drop" / "sub").symlink_to(outside, target_is_directory=True)
+    assert w.ready_files(now=QUIET) == []
+    assert w.ready_files(now=3 * QUIET) == []  # nor later: the path now runs through a symlink
+    assert (outside / "decoy.png").read_bytes() == b"the database, say"
 
 
 def test_archive_and_hidden_folders_skipped(watcher, tmp_path):
@@ -174,12 +275,31 @@ def test_archive_and_hidden_folders_skipped(watcher, tmp_path):
     assert watcher.ready_files(now=time.monotonic() + 2 * QUIET) == []
 
 
-def test_moved_out_file_is_forgotten(watcher, tmp_path):
-    """A file moved away before it is ready is not handed out."""
+def test_moved_out_file_is_forgotten(tmp_path):
+    """A file moved away while it waits out its quiet time is not handed out (looked at again when due)."""
+    (tmp_path / "drop").mkdir()
     path = tmp_path / "drop" / "g.png"
     path.write_bytes(b"g")
-    watcher.rescan()
+    w = DropFolderWatcher(settings_for(tmp_path))
+    w.rescan(now=0.0)
     os.rename(path, tmp_path / "elsewhere.png")
+    assert w.ready_files(now=QUIET) == []
+
+
+def test_ready_file_moved_out_is_dropped_by_its_event(watcher, tmp_path):
+    """A ready file moved away is taken off the ready queue by the move event, without a stat.
+
+    Until that event arrives the path may still be handed out; the pipeline's own lstat then
+    skips it without a row (`Pipeline._intake`).
+    """
+    path = tmp_path / "drop" / "m.png"
+    path.write_bytes(b"m")
+    deadline = time.monotonic() + 5
+    while path not in watcher._ready and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.rename(path, tmp_path / "elsewhere.png")
+    while path in watcher._ready and time.monotonic() < deadline:
+        time.sleep(0.02)
     assert watcher.ready_files(now=time.monotonic() + QUIET) == []
 
 

@@ -155,7 +155,13 @@ format = "json"
 
 
 class DemoDaemon:
-    """`stainbridge run` as a subprocess, with a notify socket to learn when it is ready."""
+    """`stainbridge run` as a subprocess, with a notify socket to learn when it is ready.
+
+    The bench has the same runner (`models/bench/service_run.py`, `ServiceProcess`); keep the two
+    in step. It cannot be shared: models never import daemon, the daemon imports nothing from
+    models but `stainbridge.models.inference` (tests/test_layout.py), and a process runner does
+    not belong in the inference path the service loads.
+    """
 
     def __init__(self, config: Path, run_dir: Path) -> None:
         self.log = run_dir / "daemon.log"

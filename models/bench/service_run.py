@@ -97,7 +97,12 @@ def vm_hwm_mb(pid: int) -> float | None:
 
 
 class ServiceProcess:
-    """`stainbridge run --config FILE` as a child process, ready when it says ``READY=1``."""
+    """`stainbridge run --config FILE` as a child process, ready when it says ``READY=1``.
+
+    `stainbridge demo` has the same runner (`daemon/commands/demo.py`, `DemoDaemon`); keep the two
+    in step. The layout rules (tests/test_layout.py) leave no module both may import: models never
+    import daemon, and the daemon reaches models only through `stainbridge.models.inference`.
+    """
 
     def __init__(self, config: Path, root: Path) -> None:
         self.log = root / "service.log"
