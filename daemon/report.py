@@ -71,7 +71,7 @@ class ReportData:
     lowest: list[Shown] = field(default_factory=list)
     confusion: list[tuple[str, str, int]] = field(default_factory=list)  # (reviewed, predicted, n)
     failures: list[tuple[str, int]] = field(default_factory=list)
-    throughput: dict[str, Any] = field(default_factory=dict)
+    throughput: dict[str, Any] = field(default_factory=lambda: _throughput((0, None, None, None)))
     site_profile: dict[str, Any] = field(default_factory=dict)
     versions: list[dict[str, Any]] = field(default_factory=list)
     usage: list[tuple[str, str, int]] = field(default_factory=list)  # (standardizer, classifier, predictions)
