@@ -15,6 +15,7 @@ from typing import Any
 from stainbridge.daemon.report import HISTOGRAM_BINS, ReportData, Shown
 
 THUMBNAIL_PX = 96
+MAX_DAY_BARS = 62  # longer periods are drawn as stacked bands
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 
 
@@ -81,12 +82,16 @@ def _plots(data: ReportData) -> dict[str, str]:
     if data.daily:
         days = sorted({d for d, _, _ in data.daily})
         fig, ax = plt.subplots(figsize=(7, 2.8))
-        bottom = [0] * len(days)
-        for label in sorted({lb for _, lb, _ in data.daily}):
-            per_day = {d: n for d, lb, n in data.daily if lb == label}
-            heights = [per_day.get(d, 0) for d in days]
-            ax.bar(range(len(days)), heights, bottom=bottom, label=label)
-            bottom = [b + h for b, h in zip(bottom, heights)]
+        labels = sorted({lb for _, lb, _ in data.daily})
+        counts = {(d, lb): n for d, lb, n in data.daily}
+        series = [[counts.get((d, label), 0) for d in days] for label in labels]
+        if len(days) <= MAX_DAY_BARS:
+            bottom = [0] * len(days)
+            for label, heights in zip(labels, series):
+                ax.bar(range(len(days)), heights, bottom=bottom, label=label)
+                bottom = [b + h for b, h in zip(bottom, heights)]
+        else:  # a year of days: one filled band per class (a bar per day and class costs seconds to draw)
+            ax.stackplot(range(len(days)), series, labels=labels, step="mid")
         step = max(1, len(days) // 12)
         ax.set_xticks(range(0, len(days), step), [days[i] for i in range(0, len(days), step)], rotation=45, ha="right")
         ax.set_ylabel("images")
