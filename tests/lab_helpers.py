@@ -7,10 +7,10 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import insert, text
 
 from stainbridge.daemon.schema import upgrade_database
-from stainbridge.daemon.store import make_engine
+from stainbridge.daemon.store import Image, make_engine
 
 DAY1 = datetime(2026, 11, 2, 9, 0, tzinfo=timezone.utc)
 DAY2 = datetime(2026, 11, 3, 15, 30, tzinfo=timezone.utc)
@@ -37,11 +37,10 @@ def seed_known_history(url: str) -> None:
                 (7, "f.png", "failed", "corrupt: f.png cannot be decoded (corrupt; OSError)", None, DAY1),
                 (8, "g.png", "pending", None, None, DAY2),
             ]
-            c.execute(text(
-                "INSERT INTO images (id, sha256, source_name, site, status, error, duplicate_of_id, received_at, "
-                "processed_at) VALUES (:id, :sha, :name, 'hospital-x', :status, :error, :dup, :t, :t)"),
-                [{"id": i, "sha": None if dup else f"sha{i}", "name": name, "status": status, "error": error,
-                  "dup": dup, "t": t} for i, name, status, error, dup, t in images])
+            c.execute(insert(Image.__table__),  # typed: timestamps stored exactly as the service stores them
+                      [{"id": i, "sha256": None if dup else f"sha{i}", "source_name": name, "site": "hospital-x",
+                        "status": status, "error": error, "duplicate_of_id": dup, "received_at": t, "processed_at": t}
+                       for i, name, status, error, dup, t in images])
             c.execute(text(
                 "INSERT INTO predictions (id, image_id, label, confidence, probabilities, standardizer_version_id, "
                 "classifier_version_id, latency_ms, created_at) VALUES (:id, :img, :label, :conf, '{}', 1, :clf, "

@@ -12,7 +12,7 @@ import csv
 import json
 import sys
 from collections.abc import Iterator
-from datetime import date, datetime
+from datetime import date, datetime, timezone
 from typing import IO, Any
 
 from sqlalchemy import DateTime, bindparam, text
@@ -39,8 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _plain(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return value.isoformat()
+    if isinstance(value, datetime):  # stored in UTC; SQLite hands it back without its zone
+        return (value.astimezone(timezone.utc) if value.tzinfo else value.replace(tzinfo=timezone.utc)).isoformat()
     if hasattr(value, "value"):  # enums read through the ORM types
         return value.value
     return value
@@ -49,8 +49,9 @@ def _plain(value: Any) -> Any:
 def stream_rows(database_url: str, since: date | None = None, until: date | None = None) -> Iterator[dict[str, Any]]:
     """The results rows of the period, one dict at a time, fetched CHUNK_ROWS at a time."""
     period = Period.from_dates(since, until)
-    query = text(QUERY).bindparams(bindparam("since", type_=DateTime(timezone=True)),
-                                   bindparam("until", type_=DateTime(timezone=True)))
+    stamp = DateTime(timezone=True)
+    query = text(QUERY).bindparams(bindparam("since", type_=stamp), bindparam("until", type_=stamp)).columns(
+        received_at=stamp, processed_at=stamp)
     engine = make_engine(database_url)
     try:
         with engine.connect() as connection:
