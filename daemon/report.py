@@ -119,8 +119,8 @@ def gather(engine: Engine, period: Period, database: str) -> ReportData:
             data.histogram[min(max(int(bucket), 0), HISTOGRAM_BINS - 1)] += n
         shown = ("SELECT image_id, source_name, label, confidence, archive_path, reviewed_label FROM {view} "
                  f"WHERE {IN_PERIOD} ORDER BY {{order}} LIMIT {{limit}}")
-        data.grid = [Shown(*r) for r in rows(shown.format(view="latest_results", order="received_at DESC, image_id DESC",
-                                                          limit=GRID_IMAGES))]
+        newest = shown.format(view="latest_results", order="received_at DESC, image_id DESC", limit=GRID_IMAGES)
+        data.grid = [Shown(*r) for r in rows(newest)]
         lowest = shown.replace("reviewed_label FROM", "NULL AS reviewed_label FROM")
         data.lowest = [Shown(*r) for r in rows(lowest.format(view="low_confidence_queue", order="confidence, image_id",
                                                              limit=REVIEW_IMAGES))]

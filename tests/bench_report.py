@@ -101,7 +101,8 @@ def main() -> int:
         started = time.perf_counter()
         rows = write_csv(stream_rows(url), _Null())
         print(f"export csv: {rows} rows in {time.perf_counter() - started:.2f} s")
-        print(f"peak memory (max RSS) of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(f"peak memory (max RSS) of this process: {peak:.0f} MiB")
         started = time.perf_counter()
         env = {**os.environ, "STAINBRIDGE_DATABASE_URL": url, "STAINBRIDGE_LOGGING_LEVEL": "warning"}
         subprocess.run([sys.executable, "-m", "stainbridge.daemon.cli", "export", "--format", "json"], env=env,

@@ -87,13 +87,16 @@ def check_page(chromium: str, page: Path, screenshot: Path, profile: Path, timeo
     cmd = [chromium, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
            "--no-default-browser-check", "--disable-extensions", "--remote-debugging-port=0",
            "--remote-allow-origins=*", f"--user-data-dir={profile}", "--window-size=1280,900", "about:blank"]
-    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "HOME": str(profile)})
+    log = profile / "chromium.log"  # a file, not a pipe: a chatty browser must never block on a full pipe
+    with log.open("wb") as sink:
+        process = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env={**os.environ, "HOME": str(profile)})
     tools: _DevTools | None = None
     try:
         port_file, deadline = profile / "DevToolsActivePort", time.monotonic() + timeout
         while not (port_file.exists() and port_file.read_text().strip()):
             if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"chromium did not start (exit {process.poll()}): {process.stderr.read().decode()[-2000:]}")
+                tail = log.read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"chromium did not start (exit {process.poll()}): {tail}")
             time.sleep(0.1)
         port = int(port_file.read_text().splitlines()[0])
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as response:

@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import insert, text
 
 from stainbridge.daemon.schema import upgrade_database
-from stainbridge.daemon.store import Image, make_engine
+from stainbridge.daemon.store import Image, Review, make_engine
 
 DAY1 = datetime(2026, 11, 2, 9, 0, tzinfo=timezone.utc)
 DAY2 = datetime(2026, 11, 3, 15, 30, tzinfo=timezone.utc)
@@ -49,9 +49,9 @@ def seed_known_history(url: str) -> None:
                  {"id": 2, "img": 1, "label": "monocyte", "conf": 0.55, "clf": 3, "t": DAY2},
                  {"id": 3, "img": 2, "label": "neutrophil", "conf": 0.9, "clf": 3, "t": DAY1},
                  {"id": 4, "img": 3, "label": "neutrophil", "conf": 0.4, "clf": 3, "t": DAY2}])
-            c.execute(text("INSERT INTO reviews (image_id, label, reviewer, created_at) VALUES (:img, :label, :who, :t)"),
-                      [{"img": 1, "label": "monocyte", "who": "dr-a", "t": DAY2},
-                       {"img": 2, "label": "lymphocyte", "who": "dr-a", "t": DAY2}])
+            c.execute(insert(Review.__table__),
+                      [{"image_id": 1, "label": "monocyte", "reviewer": "dr-a", "created_at": DAY2},
+                       {"image_id": 2, "label": "lymphocyte", "reviewer": "dr-a", "created_at": DAY2}])
     finally:
         engine.dispose()
 

@@ -16,7 +16,6 @@ import re
 import socket
 import urllib.request
 from datetime import datetime, timezone
-from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
