@@ -10,9 +10,12 @@ from __future__ import annotations
 import base64
 import io
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stainbridge.daemon.report import HISTOGRAM_BINS, ReportData, Shown
+
+if TYPE_CHECKING:
+    from PIL.Image import Image as PILImage
 
 THUMBNAIL_PX = 96
 MAX_DAY_BARS = 62  # longer periods are drawn as stacked bands
@@ -23,20 +26,32 @@ def _data_uri(payload: bytes, mime: str) -> str:
     return f"data:{mime};base64,{base64.b64encode(payload).decode('ascii')}"
 
 
-def thumbnail(path: Path) -> str | None:
-    """A small JPEG of the image at `path` as a data URI; None when it cannot be read (moved, deleted)."""
-    from PIL import Image, UnidentifiedImageError
+def read_picture(path: Path) -> "PILImage | None":
+    """The archived file decoded as the service decodes it (DICOM too, bombs refused); None when unreadable."""
+    from stainbridge.daemon.config import WatchSettings
+    from stainbridge.daemon.errors import IntakeError
+    from stainbridge.daemon.intake import decode_image
 
+    limits = WatchSettings()
     try:
-        with Image.open(path) as img:
-            img.draft("RGB", (THUMBNAIL_PX, THUMBNAIL_PX))  # JPEG: decode at reduced size
-            small = img.convert("RGB")
-            small.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
-    except (OSError, UnidentifiedImageError, ValueError):
+        return decode_image(path, max_pixels=limits.max_pixels, max_bytes=int(limits.max_file_mb * 2**20)).image
+    except (IntakeError, OSError):
         return None
+
+
+def thumbnail_of(picture: "PILImage") -> str:
+    """A small JPEG of `picture` as a data URI."""
+    small = picture.convert("RGB")
+    small.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
     out = io.BytesIO()
     small.save(out, format="JPEG", quality=80)
     return _data_uri(out.getvalue(), "image/jpeg")
+
+
+def thumbnail(path: Path) -> str | None:
+    """A small JPEG of the image at `path` as a data URI; None when it cannot be read (moved, deleted)."""
+    picture = read_picture(path)
+    return thumbnail_of(picture) if picture is not None else None
 
 
 def standardized_path(archive_path: Path) -> Path:
@@ -44,14 +59,16 @@ def standardized_path(archive_path: Path) -> Path:
     return archive_path.with_name(f"{archive_path.stem}.standardized.png")
 
 
-def _pictures(shown: list[Shown]) -> list[dict[str, Any]]:
+def _pictures(shown: list[Shown], redone: dict[int, str]) -> list[dict[str, Any]]:
     out = []
     for item in shown:
         original = Path(item.archive_path) if item.archive_path else None
+        saved = thumbnail(standardized_path(original)) if original else None
         out.append({
             "item": item,
             "before": thumbnail(original) if original else None,
-            "after": thumbnail(standardized_path(original)) if original else None,
+            "after": saved or redone.get(item.image_id),
+            "redone": saved is None and item.image_id in redone,
         })
     return out
 
@@ -134,8 +151,8 @@ def _when(value: Any) -> str:
     return text[:16]
 
 
-def render(data: ReportData) -> str:
-    """The report as one HTML document."""
+def render(data: ReportData, redone: dict[int, str] | None = None) -> str:
+    """The report as one HTML document; `redone`: image id -> standardized thumbnail made now (--restandardize)."""
     from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
     env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=True, undefined=StrictUndefined,
@@ -143,5 +160,5 @@ def render(data: ReportData) -> str:
     env.filters["when"] = _when
     template = env.get_template("report.html.j2")
     plots = {name: None for name in ("classes", "daily", "confidence", "confusion")} | _plots(data)
-    return template.render(data=data, plots=plots, grid=_pictures(data.grid),
-                           lowest=_pictures(data.lowest), total=sum(data.status_counts.values()))
+    return template.render(data=data, plots=plots, grid=_pictures(data.grid, redone or {}),
+                           lowest=_pictures(data.lowest, redone or {}), total=sum(data.status_counts.values()))

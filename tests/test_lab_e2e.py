@@ -172,3 +172,19 @@ def test_export_streams_csv_and_json(history, run_stainbridge) -> None:
     assert {r["error"].split(":")[0] for r in records if r["status"] == "failed"} == {"empty", "unsupported_format"}
     none = run_stainbridge("export", "--format", "json", "--since", "2999-01-01", "--config", config)
     assert none.returncode == 0 and json.loads(none.stdout) == []
+
+
+def test_report_restandardizes_images_without_a_saved_copy(history, run_stainbridge) -> None:
+    """Without saved copies the report says so; --restandardize draws them with the active models."""
+    for saved in history["root"].joinpath("archive").rglob("*.standardized.png"):
+        saved.unlink()
+    config, out = str(history["config"]), history["root"] / "redone.html"
+    plain = run_stainbridge("report", "--out", str(out), "--config", config)
+    assert plain.returncode == 0, plain.stderr
+    grid = out.read_text().split("<h2>Lowest confidence")[0]
+    assert 'alt="standardized cell-' not in grid and grid.count("not saved</div>") == GOOD
+    redone = run_stainbridge("report", "--restandardize", "--out", str(out), "--config", config)
+    assert redone.returncode == 0, redone.stderr
+    grid = out.read_text().split("<h2>Lowest confidence")[0]
+    assert len(re.findall(r'alt="standardized cell-\d\.png" src="data:image/jpeg;base64,', grid)) == GOOD
+    assert grid.count("standardized now</div>") == GOOD and "not saved</div>" not in grid
