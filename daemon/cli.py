@@ -43,6 +43,8 @@ COMMANDS: dict[tuple[str, ...], str] = {
     ("retrain",): "stainbridge.daemon.commands.retrain",
     ("review",): "stainbridge.daemon.commands.review",
     ("reprocess",): "stainbridge.daemon.commands.reprocess",
+    ("report",): "stainbridge.daemon.commands.report",
+    ("export",): "stainbridge.daemon.commands.export",
 }
 
 HELP: dict[tuple[str, ...], str] = {
@@ -67,6 +69,8 @@ HELP: dict[tuple[str, ...], str] = {
     ("retrain",): "run the retraining job now",
     ("review",): "import or export expert-confirmed labels",
     ("reprocess",): "classify stored images again with the active models",
+    ("report",): "write a self-contained HTML report of results (pictures, counts, accuracy, failures)",
+    ("export",): "stream results as CSV or JSON",
     ("db",): "database schema (Alembic)",
     ("db", "upgrade"): "migrate the database to the newest schema",
     ("db", "current"): "print the database's schema revision",
@@ -75,10 +79,7 @@ HELP: dict[tuple[str, ...], str] = {
 }
 
 # Planned commands that this version does not ship yet.
-NOT_YET: dict[str, str] = {
-    "report": "summaries of results per site and period",
-    "export": "export results",
-}
+NOT_YET: dict[str, str] = {}
 
 HELP.update({(name,): f"{text} (not available yet)" for name, text in NOT_YET.items()})
 

@@ -96,6 +96,12 @@ class RetrainingSettings:
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    port: int = 0  # Prometheus endpoint of `stainbridge run`; 0: off
+    address: str = "127.0.0.1"
+
+
+@dataclass(frozen=True)
 class LoggingSettings:
     level: str = "info"
     format: str = "auto"
@@ -109,6 +115,7 @@ class Settings:
     site: SiteSettings = field(default_factory=SiteSettings)
     watch: WatchSettings = field(default_factory=WatchSettings)
     retraining: RetrainingSettings = field(default_factory=RetrainingSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     source: str = "built-in defaults"
 
@@ -154,6 +161,7 @@ SECTIONS: dict[str, type] = {
     "site": SiteSettings,
     "watch": WatchSettings,
     "retraining": RetrainingSettings,
+    "metrics": MetricsSettings,
     "logging": LoggingSettings,
 }
 
@@ -204,6 +212,13 @@ def _non_negative_int(value: Any) -> int:
         raise ValueError("expected an integer >= 0") from None
     if number < 0 or (isinstance(value, float) and not value.is_integer()):
         raise ValueError("expected an integer >= 0")
+    return number
+
+
+def _port(value: Any) -> int:
+    number = _non_negative_int(value)
+    if number > 65535:
+        raise ValueError("expected a TCP port (1-65535), or 0 for off")
     return number
 
 
@@ -325,6 +340,8 @@ VALIDATORS: dict[tuple[str, str], Callable[[Any], Any]] = {
     ("retraining", "min_reviews"): _positive(int),
     ("retraining", "max_gate_images"): _positive(int),
     ("retraining", "review_below"): _fraction,
+    ("metrics", "port"): _port,
+    ("metrics", "address"): _text,
     ("logging", "level"): _choice(*LOG_LEVELS),
     ("logging", "format"): _choice(*LOG_FORMATS),
 }

@@ -45,6 +45,7 @@ from stainbridge.daemon.config import ConfigError, Settings, load_settings
 from stainbridge.daemon.failures import MAX_ATTEMPTS, Backoff, error_summary, is_transient
 from stainbridge.daemon.hotswap import ModelSwapper
 from stainbridge.daemon.logs import get_logger
+from stainbridge.daemon.metrics import ServiceMetrics, start_metrics
 from stainbridge.daemon.pipeline import (
     STALE_CLAIM_SECONDS,
     BatchReport,
@@ -97,6 +98,7 @@ class Service:
         self.handled = 0
         self.swapper: ModelSwapper | None = None
         self.scheduler: RetrainingScheduler | None = None
+        self.metrics: ServiceMetrics | None = None  # [metrics] port
 
     # lifecycle -------------------------------------------------------------------------------
 
@@ -113,6 +115,7 @@ class Service:
                 folder.mkdir(parents=True, exist_ok=True)
             self.watcher = DropFolderWatcher(s)
             self.watcher.start()  # includes the start-up scan
+            self.metrics = start_metrics(s, sessions)
         except (SchemaError, ModelConfigError, WatcherError, ConfigError) as exc:
             raise StartupError(str(exc)) from None
         except OSError as exc:
@@ -192,6 +195,8 @@ class Service:
             self._stop.set()
             if self.scheduler is not None:
                 self.scheduler.shutdown()
+            if self.metrics is not None:
+                self.metrics.close()
             if self.watcher is not None:
                 self.watcher.stop()
             if self.engine is not None:
@@ -228,6 +233,7 @@ class Service:
             if not self._backlog and self._trouble is None:
                 self._last_progress = time.monotonic()  # nothing waiting: nothing is stuck
             return 0
+        started = time.monotonic()
         try:
             report = self.pipeline.process(batch)
         except Exception as exc:  # noqa: BLE001 - sorted below: transient, or find the file that breaks
@@ -238,6 +244,8 @@ class Service:
                 return self._failed_alone(batch[0], exc)
             self.log.warning("batch_failed_retrying_each_file", error=error_summary(exc), batch=len(batch))
             return sum(self._process_alone(candidate) for candidate in batch)
+        if self.metrics is not None:
+            self.metrics.observe_batch(time.monotonic() - started)
         return self._account(report)
 
     def _account(self, report: BatchReport) -> int:
@@ -252,6 +260,8 @@ class Service:
         elif report.handled:
             self._recovered()
         self.handled += report.handled
+        if self.metrics is not None:
+            self.metrics.record(report)
         if report.handled:
             self.log.info("batch", done=report.done, failed=report.failed, duplicates=report.duplicates,
                           refiled=report.refiled, skipped=report.skipped)
@@ -287,6 +297,8 @@ class Service:
             return 0
         self._last_progress = time.monotonic()
         self.handled += 1
+        if self.metrics is not None:
+            self.metrics.record_poison()
         return 1
 
     def _transient_failure(self, reason: str, batch: list[Candidate]) -> None:

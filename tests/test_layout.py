@@ -91,6 +91,8 @@ def test_wheel_installs_only_the_stainbridge_namespace(tmp_path: Path) -> None:
     assert top == {"stainbridge", wheel.name.split("-py3")[0] + ".dist-info"}, top
     assert "stainbridge/migrations/script.py.mako" in names
     assert "stainbridge/models/training/cyclegan.py" in names
+    assert "stainbridge/daemon/commands/report.py" in names  # the operator commands ship too
+    assert "stainbridge/daemon/templates/report.html.j2" in names
 
     # A fresh virtualenv without pip; the dependencies come from this environment through a plain path
     # entry (which, unlike a site dir, does not run the editable install's .pth hook).

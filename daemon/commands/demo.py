@@ -10,7 +10,9 @@
 4. held-out incoming images dropped in (atomically renamed), plus one corrupt file;
 5. once the database says every file is handled: the results via SQL on the `results` view, the
    accuracy against the known labels, and the quarantined file with its reason;
-6. SIGTERM: the service finishes and exits 0.
+6. SIGTERM: the service finishes and exits 0;
+7. the HTML report of the run (`stainbridge report`): the incoming cells before and after
+   standardization with their labels, counts, confidence and the failure; its path is printed last.
 
 Everything lives in the state folder (``./demo-state`` or ``--workdir``); ``run/`` is recreated
 on every run, data and models are kept for the next one.
@@ -32,6 +34,8 @@ from pathlib import Path
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import NullPool
+
+from stainbridge.daemon.commands.report import write_report
 
 CLASSES = ("basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil")
 SIZE = 64
@@ -144,6 +148,7 @@ name = "demo-incoming-lab"
 scale = "{SCALE}"
 
 [watch]
+save_standardized = true
 quiet_seconds = 0.5
 rescan_seconds = 5
 batch_wait_seconds = 0.3
@@ -312,7 +317,11 @@ def run(args: argparse.Namespace) -> int:
         daemon = None
         if code != 0:
             raise DemoError(f"the service exited {code} on SIGTERM; log: {run_dir / 'daemon.log'}")
-        print(f"   SIGTERM -> STOPPING=1, exit 0. Demo finished in {time.monotonic() - started:.0f} s.")
+        print("   SIGTERM -> STOPPING=1, exit 0.")
+        page = write_report(f"sqlite:///{run_dir / 'stainbridge.db'}", run_dir / "report.html")
+        print(f"\n   The incoming cells before and after standardization, with their labels, counts and the "
+              f"failure: open {page} in a browser (`stainbridge report --config {config} --out FILE` writes it "
+              f"again). Demo finished in {time.monotonic() - started:.0f} s.")
         return 0
     except DemoError as exc:
         print(f"stainbridge demo: {exc}", file=sys.stderr)

@@ -1,0 +1,112 @@
+"""`stainbridge export --format csv|json [--since DATE] [--until DATE] [--out FILE]`: the `results` view, streamed.
+
+One row per received image (its latest prediction, models and review), oldest first. Rows are
+fetched in chunks (``yield_per``; a server-side cursor on PostgreSQL) and written as they come,
+so memory stays constant however many years of results there are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from collections.abc import Iterator
+from datetime import date, datetime, timezone
+from typing import IO, Any
+
+from sqlalchemy import DateTime, bindparam, text
+
+from stainbridge.daemon.commands.report import parse_date
+from stainbridge.daemon.config import ConfigError, load_settings
+from stainbridge.daemon.report import Period
+from stainbridge.daemon.schema import SchemaError, prepare_database
+from stainbridge.daemon.store import make_engine
+
+CHUNK_ROWS = 1000
+COLUMNS = ("image_id", "source_name", "site", "status", "error", "received_at", "processed_at", "label",
+           "confidence", "probabilities", "standardizer", "classifier", "reviewed_label", "reviewer",
+           "patient_pseudonym", "study_uid", "series_uid", "sop_instance_uid", "sha256", "archive_path")
+QUERY = (f"SELECT {', '.join(COLUMNS)} FROM results WHERE received_at >= :since AND received_at < :until "
+         "ORDER BY received_at, image_id")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--format", choices=("csv", "json"), default="csv", help="csv (default) or json (an array)")
+    parser.add_argument("--since", type=parse_date, metavar="DATE", help="first day included (YYYY-MM-DD, UTC)")
+    parser.add_argument("--until", type=parse_date, metavar="DATE", help="last day included (YYYY-MM-DD, UTC)")
+    parser.add_argument("--out", metavar="FILE", help="write here instead of standard output")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, datetime):  # stored in UTC; SQLite hands it back without its zone
+        return (value.astimezone(timezone.utc) if value.tzinfo else value.replace(tzinfo=timezone.utc)).isoformat()
+    if hasattr(value, "value"):  # enums read through the ORM types
+        return value.value
+    return value
+
+
+def stream_rows(database_url: str, since: date | None = None, until: date | None = None) -> Iterator[dict[str, Any]]:
+    """The results rows of the period, one dict at a time, fetched CHUNK_ROWS at a time."""
+    period = Period.from_dates(since, until)
+    stamp = DateTime(timezone=True)
+    query = text(QUERY).bindparams(bindparam("since", type_=stamp), bindparam("until", type_=stamp)).columns(
+        received_at=stamp, processed_at=stamp)
+    engine = make_engine(database_url)
+    try:
+        with engine.connect() as connection:
+            result = connection.execution_options(stream_results=True, yield_per=CHUNK_ROWS).execute(
+                query, {"since": period.since, "until": period.until})
+            for row in result:
+                record = {k: _plain(v) for k, v in row._mapping.items()}
+                if isinstance(record["probabilities"], str):  # SQLite hands JSON back as text
+                    record["probabilities"] = json.loads(record["probabilities"])
+                yield record
+    finally:
+        engine.dispose()
+
+
+def write_csv(rows: Iterator[dict[str, Any]], out: IO[str]) -> int:
+    writer = csv.DictWriter(out, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    n = 0
+    for n, row in enumerate(rows, 1):
+        if row["probabilities"] is not None:
+            row["probabilities"] = json.dumps(row["probabilities"], sort_keys=True)
+        writer.writerow(row)
+    return n
+
+
+def write_json(rows: Iterator[dict[str, Any]], out: IO[str]) -> int:
+    out.write("[")
+    n = 0
+    for n, row in enumerate(rows, 1):
+        out.write(("\n" if n == 1 else ",\n") + json.dumps(row, ensure_ascii=False))
+    out.write("\n]\n")
+    return n
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        settings = load_settings(args.config)
+        prepare_database(settings.database_url)
+        Period.from_dates(args.since, args.until)
+    except (ConfigError, SchemaError) as exc:
+        print(f"stainbridge export: {exc}", file=sys.stderr)
+        return 1
+    except ValueError as exc:
+        print(f"stainbridge export: {exc}", file=sys.stderr)
+        return 2
+    writer = write_csv if args.format == "csv" else write_json
+    rows = stream_rows(settings.database_url, args.since, args.until)
+    if args.out is None:
+        n = writer(rows, sys.stdout)
+    else:
+        try:
+            with open(args.out, "w", encoding="utf-8", newline="") as handle:
+                n = writer(rows, handle)
+        except OSError as exc:
+            print(f"stainbridge export: cannot write {args.out}: {exc.strerror}; choose another --out", file=sys.stderr)
+            return 1
+    print(f"stainbridge export: {n} rows", file=sys.stderr)
+    return 0

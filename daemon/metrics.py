@@ -1,0 +1,122 @@
+"""Prometheus metrics of `stainbridge run` (`[metrics] port`; off when 0, the default).
+
+What this worker did since it started (counters and a histogram, kept in memory):
+``stainbridge_files_processed_total{outcome}``, ``stainbridge_files_failed_total{reason}`` and
+``stainbridge_batch_seconds``. What is true now (read at each scrape): ``stainbridge_queue_depth``
+(files waiting in the drop folder), ``stainbridge_active_model_info{kind,name,sha256}`` and
+``stainbridge_last_successful_retraining_timestamp_seconds`` from the database.
+
+The endpoint is plain HTTP without authentication: it listens on 127.0.0.1 unless ``[metrics]
+address`` says otherwise; expose it only to the lab's monitoring network.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import timezone
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import start_http_server
+from prometheus_client.registry import Collector
+from sqlalchemy import func, select
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import sessionmaker
+
+from stainbridge.daemon.commands.status import count_waiting
+from stainbridge.daemon.config import ConfigError, Settings
+from stainbridge.daemon.logs import get_logger
+from stainbridge.daemon.pipeline import BatchReport
+from stainbridge.daemon.registry import active_versions
+from stainbridge.daemon.store import RunStatus, TrainingRun
+
+log = get_logger(__name__)
+BATCH_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class DatabaseCollector(Collector):
+    """Gauges read from the database at scrape time; a database that does not answer yields none."""
+
+    def __init__(self, sessions: sessionmaker) -> None:
+        self.sessions = sessions
+
+    def collect(self) -> Iterator[Any]:
+        try:
+            with self.sessions() as session:
+                versions = active_versions(session)
+                last = session.scalar(select(func.max(TrainingRun.finished_at))
+                                      .where(TrainingRun.status == RunStatus.succeeded))
+        except SQLAlchemyError as exc:
+            log.warning("metrics_database_unavailable", error=str(exc).splitlines()[0])
+            return
+        info = GaugeMetricFamily("stainbridge_active_model_info", "The active model version of each kind (value 1)",
+                                 labels=["kind", "name", "sha256"])
+        for version in versions:
+            info.add_metric([version.kind.value, version.name, version.sha256[:12]], 1)
+        yield info
+        if last is not None:
+            if last.tzinfo is None:  # SQLite hands timestamps back without their zone; they are UTC
+                last = last.replace(tzinfo=timezone.utc)
+            yield GaugeMetricFamily("stainbridge_last_successful_retraining_timestamp_seconds",
+                                    "When the last successful retraining run finished (Unix time)",
+                                    value=last.timestamp())
+
+
+class ServiceMetrics:
+    """The worker's metrics and their HTTP endpoint."""
+
+    def __init__(self, settings: Settings, sessions: sessionmaker) -> None:
+        self.registry = CollectorRegistry()
+        self.files = Counter("stainbridge_files_processed", "Files this worker finished, by outcome",
+                             ["outcome"], registry=self.registry)
+        self.failures = Counter("stainbridge_files_failed", "Files this worker quarantined, by reason",
+                                ["reason"], registry=self.registry)
+        self.batch_seconds = Histogram("stainbridge_batch_seconds", "Time to take one micro-batch through the "
+                                       "pipeline (decode, models, database, filing)", buckets=BATCH_BUCKETS,
+                                       registry=self.registry)
+        queue = Gauge("stainbridge_queue_depth", "Files waiting in the drop folder", registry=self.registry)
+        queue.set_function(lambda: count_waiting(settings))
+        self.registry.register(DatabaseCollector(sessions))
+        for outcome in ("done", "failed", "duplicate"):
+            self.files.labels(outcome)  # present (at 0) from the first scrape
+        self._server: Any = None
+
+    def record(self, report: BatchReport) -> None:
+        """Count one pipeline report (what the service loop books in Service._account)."""
+        self.files.labels("done").inc(report.done)
+        self.files.labels("failed").inc(report.failed)
+        self.files.labels("duplicate").inc(report.duplicates)
+        for reason, n in report.failures.items():
+            self.failures.labels(reason).inc(n)
+
+    def record_poison(self) -> None:
+        """A file quarantined after failing its batch alone, again and again."""
+        self.files.labels("failed").inc()
+        self.failures.labels("poison").inc()
+
+    def observe_batch(self, seconds: float) -> None:
+        self.batch_seconds.observe(seconds)
+
+    def serve(self, port: int, address: str) -> None:
+        try:
+            self._server, _thread = start_http_server(port, addr=address, registry=self.registry)
+        except OSError as exc:
+            raise ConfigError(f"[metrics] cannot listen on {address}:{port}: {exc.strerror}; choose a free port "
+                              "or set [metrics] port = 0 to turn the endpoint off") from None
+        log.info("metrics_listening", address=address, port=port)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+
+def start_metrics(settings: Settings, sessions: sessionmaker) -> ServiceMetrics | None:
+    """The metrics endpoint when `[metrics] port` is set, else None."""
+    if not settings.metrics.port:
+        return None
+    metrics = ServiceMetrics(settings, sessions)
+    metrics.serve(settings.metrics.port, settings.metrics.address)
+    return metrics

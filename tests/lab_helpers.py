@@ -1,0 +1,86 @@
+"""A small, fully known history in the database for the lab views, the report and export tests."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import insert, text
+
+from stainbridge.daemon.schema import upgrade_database
+from stainbridge.daemon.store import Image, Review, make_engine
+
+DAY1 = datetime(2026, 11, 2, 9, 0, tzinfo=timezone.utc)
+DAY2 = datetime(2026, 11, 3, 15, 30, tzinfo=timezone.utc)
+
+
+def seed_known_history(url: str) -> None:
+    """Three classified images (one re-classified, one reviewed in agreement, one in disagreement, one
+    unreviewed at low confidence), a duplicate, three failures (two reasons) and a pending file."""
+    upgrade_database(url)
+    engine = make_engine(url)
+    try:
+        with engine.begin() as c:
+            c.execute(text(
+                "INSERT INTO model_versions (id, kind, name, path, sha256, header, metrics, state, created_at) VALUES "
+                "(1, 'standardizer', 'cyclegan-a', '/m/s', 's1', :h, '{}', 'active', :t), "
+                "(2, 'classifier', 'resnet-v1', '/m/c1', 'c1', '{}', '{}', 'retired', :t), "
+                "(3, 'classifier', 'resnet-v2', '/m/c2', 'c2', '{}', '{}', 'active', :t)"),
+                {"t": DAY1, "h": '{"site_profile": {"magnification": 1.25, "method": "test"}}'})
+            images = [
+                (1, "a.png", "done", None, None, DAY1), (2, "b.png", "done", None, None, DAY1),
+                (3, "c.png", "done", None, None, DAY2), (4, "c-copy.png", "duplicate", None, 3, DAY2),
+                (5, "d.png", "failed", "corrupt: d.png cannot be decoded (corrupt; OSError)", None, DAY2),
+                (6, "e.png", "failed", "empty: e.png is empty (0 bytes); was the copy interrupted?", None, DAY2),
+                (7, "f.png", "failed", "corrupt: f.png cannot be decoded (corrupt; OSError)", None, DAY1),
+                (8, "g.png", "pending", None, None, DAY2),
+            ]
+            c.execute(insert(Image.__table__),  # typed: timestamps stored exactly as the service stores them
+                      [{"id": i, "sha256": None if dup else f"sha{i}", "source_name": name, "site": "hospital-x",
+                        "status": status, "error": error, "duplicate_of_id": dup, "received_at": t, "processed_at": t}
+                       for i, name, status, error, dup, t in images])
+            c.execute(text(
+                "INSERT INTO predictions (id, image_id, label, confidence, probabilities, standardizer_version_id, "
+                "classifier_version_id, latency_ms, created_at) VALUES (:id, :img, :label, :conf, '{}', 1, :clf, "
+                "12.0, :t)"),
+                [{"id": 1, "img": 1, "label": "lymphocyte", "conf": 0.95, "clf": 2, "t": DAY1},
+                 {"id": 2, "img": 1, "label": "monocyte", "conf": 0.55, "clf": 3, "t": DAY2},
+                 {"id": 3, "img": 2, "label": "neutrophil", "conf": 0.9, "clf": 3, "t": DAY1},
+                 {"id": 4, "img": 3, "label": "neutrophil", "conf": 0.4, "clf": 3, "t": DAY2}])
+            c.execute(insert(Review.__table__),
+                      [{"image_id": 1, "label": "monocyte", "reviewer": "dr-a", "created_at": DAY2},
+                       {"image_id": 2, "label": "lymphocyte", "reviewer": "dr-a", "created_at": DAY2}])
+    finally:
+        engine.dispose()
+
+
+def plain(value: Any) -> Any:
+    """A database value as the tests compare it, whichever backend returned it."""
+    if isinstance(value, Decimal):
+        return int(value) if value == value.to_integral_value() else float(value)
+    if isinstance(value, float):
+        return round(value, 3)
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    return value
+
+
+def readme_section(readme: Path, title: str) -> str:
+    """The text of the README's top-level section `## {title}` (up to the next `## `)."""
+    lines = readme.read_text(encoding="utf-8").splitlines()
+    start = lines.index(f"## {title}")
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    return "\n".join(lines[start:end])
+
+
+def sql_blocks(section: str) -> dict[str, str]:
+    """The ```sql blocks of a README section, keyed by their first line's comment (`-- name: ...`)."""
+    blocks: dict[str, str] = {}
+    for chunk in section.split("```sql\n")[1:]:
+        body = chunk.split("```", 1)[0].strip()
+        first = body.splitlines()[0]
+        assert first.startswith("-- "), f"a README SQL example must start with '-- view_name: ...': {first!r}"
+        blocks[first[3:].split(":", 1)[0].strip()] = body
+    return blocks

@@ -1,0 +1,44 @@
+"""Small checks of the lab surface that need no service: escaping, missing files, metrics settings."""
+
+from __future__ import annotations
+
+import socket
+from datetime import date, datetime, timezone
+
+import pytest
+
+from stainbridge.daemon.config import ConfigError
+from stainbridge.daemon.metrics import ServiceMetrics, start_metrics
+from stainbridge.daemon.report import Period, ReportData, Shown
+from stainbridge.daemon.report_render import render
+
+
+def test_report_escapes_what_comes_from_files_and_says_when_a_picture_is_gone(tmp_path) -> None:
+    """A file name is text, never markup; an archived file that was moved away shows as such."""
+    data = ReportData(period=Period(), generated_at=datetime.now(timezone.utc), database="sqlite:///x.db")
+    data.status_counts = {"done": 1}
+    data.grid = [Shown(1, "<script>alert(1)</script>.png", "monocyte", 0.5, str(tmp_path / "gone.png"))]
+    page = render(data)
+    assert "<script>alert(1)" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;.png" in page
+    assert "file moved" in page and "not saved" in page
+
+
+def test_period_includes_the_until_day_and_refuses_a_backwards_range() -> None:
+    period = Period.from_dates(date(2026, 11, 1), date(2026, 11, 30))
+    assert period.since == datetime(2026, 11, 1, tzinfo=timezone.utc)
+    assert period.until == datetime(2026, 12, 1, tzinfo=timezone.utc)
+    assert period.describe() == "2026-11-01 to 2026-11-30"
+    with pytest.raises(ValueError, match="--until"):
+        Period.from_dates(date(2026, 11, 2), date(2026, 11, 1))
+
+
+def test_metrics_are_off_by_default_and_a_taken_port_is_a_clear_error(settings_factory) -> None:
+    assert settings_factory().metrics.port == 0
+    assert start_metrics(settings_factory(), sessions=None) is None  # type: ignore[arg-type]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        metrics = ServiceMetrics(settings_factory(), sessions=None)  # type: ignore[arg-type]
+        with pytest.raises(ConfigError, match=rf"127\.0\.0\.1:{port}.*\[metrics\] port = 0"):
+            metrics.serve(port, "127.0.0.1")

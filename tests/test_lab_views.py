@@ -1,0 +1,73 @@
+"""The lab views (migration 0004) and the README's example queries, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy import inspect, text
+
+from stainbridge.daemon.schema import downgrade_database, upgrade_database
+from stainbridge.daemon.store import RESULTS_VIEW_SQL, Base, make_engine
+from stainbridge.daemon.views import LAB_VIEW_NAMES, lab_views_sql
+from tests.lab_helpers import plain, readme_section, seed_known_history, sql_blocks
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+SECTION = "For the lab: report, SQL views, export, metrics"
+
+# What each README example returns on the history of seed_known_history.
+EXPECTED = {
+    "latest_results": [("a.png", "monocyte", 0.55, "monocyte"), ("b.png", "neutrophil", 0.9, "lymphocyte"),
+                       ("c.png", "neutrophil", 0.4, None)],
+    "daily_counts": [("2026-11-02", "monocyte", 1), ("2026-11-02", "neutrophil", 1), ("2026-11-03", "neutrophil", 1)],
+    "low_confidence_queue": [(3, "c.png", "neutrophil", 0.4)],
+    "review_disagreements": [("b.png", "neutrophil", "lymphocyte", "dr-a", "resnet-v2")],
+    "failures_by_reason": [("corrupt", 2), ("empty", 1)],
+}
+
+
+def test_readme_example_queries_answer_on_both_databases(database_url: str) -> None:
+    """Every view has a README example; each runs as printed and returns what the known history implies."""
+    seed_known_history(database_url)
+    examples = sql_blocks(readme_section(README, SECTION))
+    assert set(examples) >= set(LAB_VIEW_NAMES), f"README lacks examples for {set(LAB_VIEW_NAMES) - set(examples)}"
+    engine = make_engine(database_url)
+    try:
+        with engine.connect() as connection:
+            answers = {name: [tuple(plain(v) for v in row) for row in connection.execute(text(examples[name]))]
+                       for name in LAB_VIEW_NAMES}
+    finally:
+        engine.dispose()
+    assert answers == EXPECTED
+
+
+def test_downgrade_to_0003_removes_the_lab_views_and_upgrade_restores_them(database_url: str) -> None:
+    """0004 is reversible: the views go with it, `results` stays, and they come back on upgrade."""
+    upgrade_database(database_url)
+    downgrade_database(database_url, "0003")
+    engine = make_engine(database_url)
+    try:
+        views = set(inspect(engine).get_view_names())
+        assert "results" in views and not views & set(LAB_VIEW_NAMES)
+        upgrade_database(database_url)
+        assert set(inspect(engine).get_view_names()) >= {"results", *LAB_VIEW_NAMES}
+    finally:
+        engine.dispose()
+
+
+def test_migrated_lab_views_match_daemon_views(sqlite_url: str, tmp_path) -> None:
+    """The frozen copy in 0004 has the columns of daemon/views.py (update both together)."""
+    upgrade_database(sqlite_url)
+    reference = make_engine(f"sqlite:///{tmp_path / 'reference.db'}")
+    migrated = make_engine(sqlite_url)
+    try:
+        Base.metadata.create_all(reference)
+        with reference.begin() as connection:
+            connection.exec_driver_sql(RESULTS_VIEW_SQL)
+            for statement in lab_views_sql("sqlite"):
+                connection.exec_driver_sql(statement)
+        for name in LAB_VIEW_NAMES:
+            assert ([c["name"] for c in inspect(reference).get_columns(name)]
+                    == [c["name"] for c in inspect(migrated).get_columns(name)]), name
+    finally:
+        reference.dispose()
+        migrated.dispose()
