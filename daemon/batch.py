@@ -1,30 +1,30 @@
-"""One batch's items and report, and its first stage: hash, claim and decode each file.
+"""One batch's items and report, and the per-file work that runs in the pipeline's thread pool.
 
-A file gets no claim when it is refused (symlinks, hard links), too large or unreadable; a
-claimed file is decoded. See ``daemon.pipeline`` for the stages and the crash points.
+`open_and_hash` opens a file once (never following a link), hashes it and keeps it open: the
+same inode is decoded (`decode_item`) and, later, moved. A file gets no claim when it is refused
+(symlinks, hard links), too large or unreadable. `PixelBudget` bounds the decoded pixels held
+at once. See ``daemon.pipeline`` for the stages and the crash points.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, BinaryIO
 
 from sqlalchemy import select
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from stainbridge.daemon import intake
 from stainbridge.daemon.config import ConfigError
-from stainbridge.daemon.failures import error_summary, is_transient, storable_text
+from stainbridge.daemon.failures import storable_text
 from stainbridge.daemon.logs import get_logger
 from stainbridge.daemon.store import Image, ImageStatus
 from stainbridge.daemon.watcher import Candidate
-
-if TYPE_CHECKING:
-    from stainbridge.daemon.pipeline import Pipeline
 
 log = get_logger(__name__)
 
@@ -70,102 +70,95 @@ class Item:
     target: ImageStatus | None = None  # status to file by (done -> archive, failed -> quarantine)
     deferred: str | None = None  # a transient failure: release the claim, leave the file in place
     created_row: bool = False  # this batch created the (unclaimed, failed) row of a refused entry
+    handle: BinaryIO | None = None  # the one open file: hashed, decoded, checked before the move
+    opened: os.stat_result | None = None  # its fstat once hashed
+    skip: str | None = None  # not this worker's to handle now (vanished, changed while read)
+    pixels: int = 0  # held in the batch's PixelBudget while decoded
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
+            self.handle = None
 
 
-class _Vanished(Exception):
-    """The file left the drop folder between its hash and its claim."""
+class PixelBudget:
+    """Decoded pixels held at once by a batch: `reserve` waits while the cap would be passed
+    (one image alone is always let through: `[watch] max_pixels` bounds it)."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap, self.used, self.waiting = cap, 0, 0
+        self._cond = threading.Condition()
+
+    def reserve(self, pixels: int) -> None:
+        with self._cond:
+            self.waiting += 1
+            try:
+                while self.used and self.used + pixels > self.cap:
+                    self._cond.wait()
+            finally:
+                self.waiting -= 1
+            self.used += pixels
+
+    def release(self, pixels: int) -> None:
+        with self._cond:
+            self.used -= pixels
+            self._cond.notify_all()
 
 
-def _still_there(path: Path, hashed: os.stat_result) -> bool:
-    """The same file (inode, size, mtime) is still at `path`."""
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return False
-    return (st.st_ino, st.st_size, st.st_mtime_ns) == (hashed.st_ino, hashed.st_size, hashed.st_mtime_ns)
+def open_and_hash(item: Item, *, max_bytes: int, heartbeat: Callable[[], None]) -> None:
+    """Open the candidate once, fstat and hash it, keep it open; or say why it is refused or skipped.
 
-
-def take_in(p: Pipeline, candidate: Candidate, report: BatchReport) -> Item | None:
-    """Hash, claim and decode one file; None when it is not this worker's to handle now."""
-    item = Item(candidate)
-    bound = log.bind(source=candidate.source_name)
+    Runs in a worker thread: it only fills `item` (the caller counts)."""
+    candidate = item.candidate
     if candidate.refusal:
         item.reason, item.detail = candidate.refusal, f"{candidate.source_name}: {candidate.detail}"
-        return item
+        return
     try:
         st = os.lstat(candidate.path)
-        if st.st_size > p.max_bytes:  # before hashing: a huge file on a slow share is never read
+        if st.st_size > max_bytes:  # before hashing: a huge file on a slow share is never read
             item.reason = "too_large"
             item.detail = (f"{candidate.source_name} is {st.st_size / 2**20:.1f} MiB, over the "
-                           f"{p.max_bytes / 2**20:.1f} MiB limit ([watch] max_file_mb)")
-            return item
-        item.sha256 = intake.sha256_file(candidate.path, on_chunk=p.heartbeat)
-        st = os.lstat(candidate.path)
+                           f"{max_bytes / 2**20:.1f} MiB limit ([watch] max_file_mb)")
+            return
+        item.handle = intake.open_regular(candidate.path)
+        item.sha256 = intake.sha256_open(item.handle, on_chunk=heartbeat)
+        st = item.opened = os.fstat(item.handle.fileno())
     except intake.IntakeError as exc:
+        item.close()
         if exc.reason == "missing":  # filed by another worker, or deleted: nothing to record
-            report.skipped += 1
-            return None
+            item.skip = "missing"
+            return
         item.reason, item.detail = exc.reason, str(exc)
-        return item
+        return
     except FileNotFoundError:
-        report.skipped += 1
-        return None
+        item.close()
+        item.skip = "missing"
+        return
     except OSError as exc:  # EIO, ESTALE on a network share: this file, not the service
+        item.close()
         item.reason = "unreadable"
         item.detail = f"{candidate.source_name} cannot be read ({exc.strerror or exc}); drop it again"
-        return item
+        return
     if st.st_size != candidate.size or abs(st.st_mtime - candidate.mtime) > 1e-3:
-        bound.info("changed_while_reading")  # still being written: the watcher offers it again
-        report.skipped += 1
-        return None
-    bound = bound.bind(image=item.sha256[:12])
-    try:
-        with p.sessions.begin() as session:
-            previous = unfiled_twin(session, item.sha256, candidate.source_name, ImageStatus.duplicate)
-            if previous is not None:
-                item.image_id, item.target = previous.id, ImageStatus.duplicate
-                report.refiled += 1
-                return item
-            claimed = intake.claim(session, sha256=item.sha256, source_name=candidate.source_name,
-                                   site=p.settings.site.name, size_bytes=st.st_size)
-            if claimed.outcome is intake.ClaimOutcome.duplicate and not _still_there(candidate.path, st):
-                raise _Vanished  # another worker filed this very file after we hashed it: no duplicate row
-    except _Vanished:
-        bound.info("filed_elsewhere")
-        report.skipped += 1
-        return None
-    except SQLAlchemyError as exc:
-        if is_transient(exc):
-            raise
-        bound.warning("claim_refused", error=error_summary(exc))  # e.g. a value the database rejects
-        item.reason, item.detail = "unrecordable", f"the database refused this file: {error_summary(exc)}"
-        return item
-    outcome = claimed.outcome
-    item.image_id = claimed.image_id
-    if outcome is intake.ClaimOutcome.in_progress:
-        bound.info("in_progress_elsewhere")
-        report.skipped += 1
-        report.left_in_place.append(candidate.path)
-        return None
-    if outcome is intake.ClaimOutcome.duplicate:
-        bound.info("duplicate", duplicate_of=claimed.duplicate_of_id)
-        report.duplicates += 1
-        item.target = ImageStatus.duplicate
-        return item
-    if outcome is intake.ClaimOutcome.unfiled:
-        bound.info("already_recorded", status=claimed.original_status.value)
-        report.refiled += 1
-        report.refiled_failed += claimed.original_status is ImageStatus.failed
-        item.target = claimed.original_status
-        return item
+        item.close()  # still being written, or replaced since it was seen: the watcher offers it again
+        item.sha256, item.skip = None, "changed"
+
+
+def decode_item(item: Item, *, max_pixels: int, max_bytes: int, pseudonym_secret: str, budget: PixelBudget) -> None:
+    """Decode the claimed file from its open handle; reserve its pixels in `budget` (worker thread)."""
+    bound = log.bind(source=item.candidate.source_name, image=(item.sha256 or "-")[:12])
     started = time.perf_counter()
+
+    def reserve(pixels: int) -> None:
+        budget.reserve(pixels)
+        item.pixels += pixels
+
     try:
-        item.decoded = intake.decode_image(candidate.path, max_pixels=p.settings.watch.max_pixels,
-                                           max_bytes=p.max_bytes,
-                                           pseudonym_secret=p.settings.site.pseudonym_secret)
+        item.decoded = intake.decode_open(item.handle, Path(item.candidate.path).name, max_pixels=max_pixels,
+                                          max_bytes=max_bytes, pseudonym_secret=pseudonym_secret, reserve=reserve)
+        if not item.pixels:  # DICOM: counted once decoded
+            reserve(item.decoded.width * item.decoded.height)
     except intake.IntakeError as exc:
-        if exc.reason == "missing":  # deleted between the hash and the decode: forget the claim
-            item.deferred = "vanished"
         item.reason, item.detail = exc.reason, storable_text(str(exc), 1000)
     except ConfigError as exc:  # e.g. a patient ID but no pseudonym secret: fix the settings, then it runs
         bound.error("configuration_missing", error=str(exc))
@@ -173,8 +166,11 @@ def take_in(p: Pipeline, candidate: Candidate, report: BatchReport) -> Item | No
     except Exception as exc:  # noqa: BLE001 - a decoder bug must not stop the other files
         bound.error("decode_crashed", error_type=type(exc).__name__)  # no text: it may quote the file
         item.reason, item.detail = "decode_error", f"the decoder failed ({type(exc).__name__})"
+    if item.decoded is None and item.pixels:
+        budget.release(item.pixels)
+        item.pixels = 0
     item.seconds = time.perf_counter() - started
-    return item
+
 
 def unfiled_twin(session: Session, sha256: str | None, source_name: str, status: ImageStatus) -> Image | None:
     """A row this very file already produced before a crash, whose file was never filed."""

@@ -85,8 +85,12 @@ def _copy_across(source: Path, target: Path, st: os.stat_result) -> None:
     os.unlink(source)
 
 
-def move_into(path: Path, folder: Path, *, also_free: Callable[[Path], bool] = lambda p: True) -> Path:
-    """Move `path` (a file or a symlink, never followed) into `folder` under a free name."""
+def move_into(path: Path, folder: Path, *, also_free: Callable[[Path], bool] = lambda p: True,
+              fsync: bool = True) -> Path:
+    """Move `path` (a file or a symlink, never followed) into `folder` under a free name.
+
+    ``fsync=False``: the caller fsyncs `folder` itself (once for a whole batch) before it records
+    the move; a copy across filesystems is always made durable before its source is unlinked."""
     path = Path(path)
     st = os.lstat(path)
     target = reserve_name(folder, path.name, also_free=also_free)
@@ -96,7 +100,8 @@ def move_into(path: Path, folder: Path, *, also_free: Callable[[Path], bool] = l
             os.rename(path, target)
         else:
             os.rename(path, target)
-        fsync_dir(target.parent)
+        if fsync:
+            fsync_dir(target.parent)
     except OSError as exc:
         if exc.errno != errno.EXDEV:
             _discard(target)
@@ -117,9 +122,9 @@ def _discard(target: Path) -> None:
         pass
 
 
-def archive_file(path: Path, archive_root: Path, when: datetime) -> Path:
+def archive_file(path: Path, archive_root: Path, when: datetime, *, fsync: bool = True) -> Path:
     """Move a handled file to `archive_root/YYYY/MM/DD/<name>` (``name__1.ext`` on a clash)."""
-    return move_into(Path(path), dated_folder(archive_root, when))
+    return move_into(Path(path), dated_folder(archive_root, when), fsync=fsync)
 
 
 def quarantine_file(path: Path, quarantine_root: Path, reason: str, detail: str, when: datetime | None = None) -> Path:

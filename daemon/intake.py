@@ -14,6 +14,7 @@ import hashlib
 import os
 import socket
 import stat
+import threading
 import warnings
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -39,8 +40,8 @@ from stainbridge.daemon.store import Image, ImageStatus, utcnow
 
 __all__ = [
     "IntakeError", "UnreadableImage", "UnsupportedFormat", "RefusedFile", "PseudonymSecretMissing",
-    "open_regular", "sha256_file", "worker_id", "ClaimOutcome", "ClaimResult", "claim",
-    "release_stale_claims", "next_pending", "DecodedImage", "decode_image", "to_rgb", "pseudonymize",
+    "open_regular", "sha256_file", "sha256_open", "worker_id", "ClaimOutcome", "ClaimResult", "claim",
+    "release_stale_claims", "DecodedImage", "decode_image", "decode_open", "to_rgb", "pseudonymize",
 ]
 
 PILLOW_FORMATS = ("PNG", "JPEG", "TIFF", "BMP")
@@ -62,6 +63,7 @@ def open_regular(path: str | os.PathLike[str]) -> BinaryIO:
         raise UnreadableImage(f"cannot open {path}: {exc.strerror}; check the file's permissions",
                               reason="unreadable") from None
     handle = os.fdopen(fd, "rb")
+    handle.raw.name = os.fspath(path)  # for messages (and tests): the path it was opened by
     st = os.fstat(handle.fileno())
     if not stat.S_ISREG(st.st_mode):
         handle.close()
@@ -74,12 +76,18 @@ def open_regular(path: str | os.PathLike[str]) -> BinaryIO:
 
 def sha256_file(path: str | os.PathLike[str], *, on_chunk: Callable[[], None] | None = None) -> str:
     """The sha256 of a file's bytes (hex), read in 1 MiB chunks; `on_chunk()` after each (a liveness ping)."""
-    digest = hashlib.sha256()
     with open_regular(path) as handle:
-        while chunk := handle.read(CHUNK):
-            digest.update(chunk)
-            if on_chunk is not None:
-                on_chunk()
+        return sha256_open(handle, on_chunk=on_chunk)
+
+
+def sha256_open(handle: BinaryIO, *, on_chunk: Callable[[], None] | None = None) -> str:
+    """The sha256 of an open file's bytes from its start (the same inode is then decoded and moved)."""
+    digest = hashlib.sha256()
+    handle.seek(0)
+    while chunk := handle.read(CHUNK):
+        digest.update(chunk)
+        if on_chunk is not None:
+            on_chunk()
     return digest.hexdigest()
 
 
@@ -129,11 +137,16 @@ def claim(session: Session, *, sha256: str, source_name: str, site: str, size_by
     except IntegrityError as exc:
         conflict = exc  # the savepoint was rolled back; the outer transaction is still usable
 
+    # SKIP LOCKED (PostgreSQL; SQLite has one writer): a row another worker is claiming right now is
+    # left to it instead of blocking this worker's whole batch behind its transaction.
     original = session.scalars(
-        select(Image).where(Image.sha256 == sha256, Image.duplicate_of_id.is_(None)).with_for_update()
+        select(Image).where(Image.sha256 == sha256, Image.duplicate_of_id.is_(None)).with_for_update(skip_locked=True)
     ).one_or_none()
-    if original is None:  # not the sha256 index: a genuine schema error
-        raise conflict
+    if original is None:
+        held = session.scalars(select(Image.id).where(Image.sha256 == sha256, Image.duplicate_of_id.is_(None))).first()
+        if held is None:  # not the sha256 index: a genuine schema error
+            raise conflict
+        return ClaimResult(ClaimOutcome.in_progress, held)
     if original.status is ImageStatus.pending:
         taken = session.execute(
             update(Image)
@@ -225,26 +238,6 @@ def release_stale_claims(session: Session, older_than_s: float, *, startup: bool
     return result.rowcount or 0
 
 
-def next_pending(session: Session, limit: int) -> list[Image]:
-    """Claim up to `limit` pending rows for this worker (``FOR UPDATE SKIP LOCKED`` on PostgreSQL).
-
-    The rows come back as `processing`, claimed by this worker; resolve ``source_name``
-    against the drop folder to find the file. Does not commit: commit right after.
-    """
-    rows = list(session.scalars(
-        select(Image)
-        .where(Image.status == ImageStatus.pending, Image.duplicate_of_id.is_(None))
-        .order_by(Image.id)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-    ))
-    now = utcnow()
-    for row in rows:
-        row.status, row.claimed_by, row.claimed_at = ImageStatus.processing, worker_id(), now
-    session.flush()
-    return rows
-
-
 # --- decoding -------------------------------------------------------------------------------
 
 
@@ -260,51 +253,75 @@ class DecodedImage:
 
 
 def decode_image(path: str | os.PathLike[str], *, max_pixels: int, max_bytes: int,
-                 pseudonym_secret: str = "") -> DecodedImage:
-    """Fully decode `path` into an RGB picture, or raise an :class:`IntakeError` saying why not.
+                 pseudonym_secret: str = "", reserve: Callable[[int], None] | None = None) -> DecodedImage:
+    """Fully decode `path` into an RGB picture, or raise an :class:`IntakeError` saying why not."""
+    with open_regular(path) as handle:
+        return decode_open(handle, Path(path).name, max_pixels=max_pixels, max_bytes=max_bytes,
+                           pseudonym_secret=pseudonym_secret, reserve=reserve)
+
+
+def decode_open(handle: BinaryIO, name: str, *, max_pixels: int, max_bytes: int, pseudonym_secret: str = "",
+                reserve: Callable[[int], None] | None = None) -> DecodedImage:
+    """Decode the open file `handle` (read from its start; the same inode that was hashed).
 
     `max_bytes` is checked before anything is read (``settings.watch.max_file_mb`` * 2**20),
-    `max_pixels` before pixel data is decoded (``settings.watch.max_pixels``).
+    `max_pixels` before pixel data is decoded (``settings.watch.max_pixels``). `reserve(pixels)`
+    is called once the size is known and before the pixels are decoded (PNG, JPEG, TIFF, BMP): the
+    pipeline's in-flight pixel budget, which may block until earlier images are done.
     """
-    name = Path(path).name
-    with open_regular(path) as handle:
-        size = os.fstat(handle.fileno()).st_size
-        if size == 0:
-            raise UnreadableImage(f"{name} is empty (0 bytes); was the copy interrupted?", reason="empty")
-        if size > max_bytes:
-            raise RefusedFile(f"{name} is {size / 2**20:.1f} MiB, over the {max_bytes / 2**20:.1f} MiB limit "
-                              "([watch] max_file_mb)", reason="too_large")
-        head = handle.read(132)
-        handle.seek(0)
-        if head[128:132] == b"DICM" or name.lower().endswith(".dcm"):
-            image, metadata = decode_dicom(handle, name, max_pixels=max_pixels, pseudonym_secret=pseudonym_secret,
-                                           max_inflated_bytes=min(max_bytes, max_pixels * 6 + (1 << 20)))
-            return DecodedImage(image, "DICOM", image.width, image.height, metadata)
-        return _decode_pillow(handle, name, max_pixels=max_pixels)
+    size = os.fstat(handle.fileno()).st_size
+    if size == 0:
+        raise UnreadableImage(f"{name} is empty (0 bytes); was the copy interrupted?", reason="empty")
+    if size > max_bytes:
+        raise RefusedFile(f"{name} is {size / 2**20:.1f} MiB, over the {max_bytes / 2**20:.1f} MiB limit "
+                          "([watch] max_file_mb)", reason="too_large")
+    handle.seek(0)
+    head = handle.read(132)
+    handle.seek(0)
+    if head[128:132] == b"DICM" or name.lower().endswith(".dcm"):
+        image, metadata = decode_dicom(handle, name, max_pixels=max_pixels, pseudonym_secret=pseudonym_secret,
+                                       max_inflated_bytes=min(max_bytes, max_pixels * 6 + (1 << 20)))
+        return DecodedImage(image, "DICOM", image.width, image.height, metadata)
+    return _decode_pillow(handle, name, max_pixels=max_pixels, reserve=reserve)
 
 
-def _decode_pillow(handle: BinaryIO, name: str, *, max_pixels: int) -> DecodedImage:
+# Pillow's bomb check reads a process-wide limit and warnings filter: ours are set around `open`
+# (where the check runs) under a lock, since decoding runs in several threads.
+_OPEN_LOCK = threading.Lock()
+
+
+def _open_pillow(handle: BinaryIO, max_pixels: int) -> PILImage.Image:
+    with _OPEN_LOCK:
+        previous_limit, PILImage.MAX_IMAGE_PIXELS = PILImage.MAX_IMAGE_PIXELS, max_pixels
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", PILImage.DecompressionBombWarning)
+                return PILImage.open(handle, formats=list(PILLOW_FORMATS))
+        finally:
+            PILImage.MAX_IMAGE_PIXELS = previous_limit
+
+
+def _decode_pillow(handle: BinaryIO, name: str, *, max_pixels: int,
+                   reserve: Callable[[int], None] | None = None) -> DecodedImage:
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         raise ConfigError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is on; stainbridge needs it off to refuse truncated files")
-    # Pillow's bomb check reads a process-wide limit: set ours for this decode, then restore it.
-    previous_limit, PILImage.MAX_IMAGE_PIXELS = PILImage.MAX_IMAGE_PIXELS, max_pixels
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", PILImage.DecompressionBombWarning)
-            img = PILImage.open(handle, formats=list(PILLOW_FORMATS))
-            if img.format not in PILLOW_FORMATS:
-                raise UnsupportedFormat(f"{name}: {img.format} images are not accepted; "
-                                        f"send {', '.join(PILLOW_FORMATS)} or DICOM")
-            if img.width * img.height > max_pixels:
-                raise RefusedFile(f"{name} is {img.width}x{img.height} pixels, over the {max_pixels} limit "
-                                  "([watch] max_pixels)", reason="decompression_bomb")
-            if getattr(img, "n_frames", 1) > 1:
-                raise UnsupportedFormat(f"{name} has {img.n_frames} frames/pages; multi-frame images are not "
-                                        "supported, split the frames into separate files", reason="multi_frame")
-            img.load()
+        img = _open_pillow(handle, max_pixels)
+        if img.format not in PILLOW_FORMATS:
+            raise UnsupportedFormat(f"{name}: {img.format} images are not accepted; "
+                                    f"send {', '.join(PILLOW_FORMATS)} or DICOM")
+        if img.width * img.height > max_pixels:
+            raise RefusedFile(f"{name} is {img.width}x{img.height} pixels, over the {max_pixels} limit "
+                              "([watch] max_pixels)", reason="decompression_bomb")
+        if getattr(img, "n_frames", 1) > 1:
+            raise UnsupportedFormat(f"{name} has {img.n_frames} frames/pages; multi-frame images are not "
+                                    "supported, split the frames into separate files", reason="multi_frame")
+        if reserve is not None:
+            reserve(img.width * img.height)
+        img.load()
     except IntakeError:
         raise
-    except (PILImage.DecompressionBombError, PILImage.DecompressionBombWarning) as exc:
+    except (PILImage.DecompressionBombError, PILImage.DecompressionBombWarning):
         raise RefusedFile(f"{name} is refused as a decompression bomb (over [watch] max_pixels)",
                           reason="decompression_bomb") from None
     except UnidentifiedImageError:
@@ -315,8 +332,6 @@ def _decode_pillow(handle: BinaryIO, name: str, *, max_pixels: int) -> DecodedIm
         reason = "truncated" if "truncat" in text.lower() else "corrupt"
         # Only the error's class: decoder text can quote the file's own bytes (text chunks, EXIF).
         raise UnreadableImage(f"{name} cannot be decoded ({reason}; {type(exc).__name__})", reason=reason) from None
-    finally:
-        PILImage.MAX_IMAGE_PIXELS = previous_limit
     fmt = img.format
     try:
         img = ImageOps.exif_transpose(img)

@@ -46,8 +46,11 @@ Crash points (process killed, power lost, database gone) and what happens next:
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from functools import partial
 from dataclasses import replace
 from pathlib import Path
 
@@ -56,7 +59,8 @@ from sqlalchemy import update
 from sqlalchemy.orm import sessionmaker
 
 from stainbridge.daemon import filing, intake
-from stainbridge.daemon.batch import BatchReport, Item, take_in
+from stainbridge.daemon.batch import BatchReport, Item, PixelBudget, decode_item, open_and_hash
+from stainbridge.daemon.claiming import claim_items
 from stainbridge.daemon.config import Settings
 from stainbridge.daemon.failures import error_summary, storable_source_name, storable_text
 from stainbridge.daemon.loading import LoadedModels, ModelConfigError, builtin_sha256, load_models
@@ -67,11 +71,34 @@ from stainbridge.daemon.watcher import Candidate
 from stainbridge.models.inference import run_batch
 
 __all__ = ["Pipeline", "BatchReport", "LoadedModels", "ModelConfigError", "STALE_CLAIM_SECONDS", "absolute_candidates",
-           "builtin_sha256", "load_models"]
+           "builtin_sha256", "load_models", "use_all_cores"]
 
 log = get_logger(__name__)
 
 STALE_CLAIM_SECONDS = 3600.0  # a claim older than this (any host) is considered abandoned
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, which containers and systemd narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def use_all_cores() -> int:
+    """Let the networks' math use every core this process may run on (torch's default counts the
+    machine's cores, not the process's affinity); returns the count."""
+    import torch
+
+    cores = usable_cores()
+    torch.set_num_threads(cores)
+    return cores
+
+
+def decode_threads() -> int:
+    """Intake threads (hash, decode): the cores, at least 2 so that one slow read does not stall the batch."""
+    return max(2, min(8, usable_cores()))
 
 
 class Pipeline:
@@ -84,6 +111,12 @@ class Pipeline:
         self.max_bytes = int(settings.watch.max_file_mb * 2**20)
         self._needs_recovery = False
         self.heartbeat: Callable[[], None] = lambda: None  # called while hashing (the service's watchdog)
+        # Hashing and decoding overlap the models (PIL and hashlib release the GIL while they work).
+        self._pool = ThreadPoolExecutor(max_workers=decode_threads(), thread_name_prefix="intake")
+
+    def close(self) -> None:
+        """Stop the intake threads (the service's `finally`)."""
+        self._pool.shutdown(wait=True)
 
     def recover(self) -> int:
         """Release claims left `processing` by dead (or this very) processes; call before work."""
@@ -101,26 +134,71 @@ class Pipeline:
         if self._needs_recovery:
             self.recover()
         report = BatchReport()
-        items: list[Item] = []
-        to_file: list[Item] = []
+        items = [Item(candidate) for candidate in candidates]
         try:
-            for candidate in candidates:
-                item = take_in(self, candidate, report)
-                if item is not None:
-                    (to_file if item.target is not None else items).append(item)
-            self._infer([i for i in items if i.decoded is not None])
-            to_file += record(self, items, report)
-        except BaseException:
-            # Claims this batch made are still `processing`: release them before the next one.
-            self._needs_recovery = True
-            raise
-        if self.file_results:
             try:
-                file_items(self, to_file, report)
+                list(self._pool.map(lambda item: open_and_hash(item, max_bytes=self.max_bytes,
+                                                               heartbeat=self.heartbeat), items))
+                for item in items:
+                    if item.skip:
+                        log.info("changed_while_reading" if item.skip == "changed" else "vanished",
+                                 source=item.candidate.source_name)
+                hashed = [i for i in items if i.sha256 is not None and i.reason is None and not i.skip]
+                if hashed:
+                    claim_items(self, hashed, report)
+                self._decode_and_infer([i for i in hashed if i.image_id is not None and i.target is None
+                                        and not i.skip and i.reason is None])
+                waiting = [i for i in items if not i.skip and i.target is None]
+                to_file = [i for i in items if not i.skip and i.target is not None] + record(self, waiting, report)
             except BaseException:
-                self._needs_recovery = True  # moved files whose archive_path did not commit are found again
+                # Claims this batch made are still `processing`: release them before the next one.
+                self._needs_recovery = True
                 raise
+            report.skipped += sum(1 for i in items if i.skip)
+            if self.file_results:
+                try:
+                    file_items(self, to_file, report)
+                except BaseException:
+                    self._needs_recovery = True  # moved files whose archive_path did not commit are found again
+                    raise
+        finally:
+            for item in items:
+                item.close()
         return report
+
+    def _decode_and_infer(self, items: list[Item]) -> None:
+        """Decode in the thread pool while the models run on what is already decoded.
+
+        Inference starts once half of the images are decoded (or the pixel budget is full), so the
+        second half is decoded during the first half's inference; decoded pixels stay under
+        ``[models] max_inflight_pixels``."""
+        if not items:
+            return
+        w = self.settings.watch
+        budget = PixelBudget(self.settings.models.max_inflight_pixels)
+        decode = partial(decode_item, max_pixels=w.max_pixels, max_bytes=self.max_bytes,
+                         pseudonym_secret=self.settings.site.pseudonym_secret, budget=budget)
+        running = {self._pool.submit(decode, item): item for item in items}
+        first_part = max(1, (len(items) + 1) // 2)
+        ready: list[Item] = []
+        while running or ready:
+            if running:
+                done, _ = wait(running, timeout=0.05, return_when=FIRST_COMPLETED)
+                for future in done:
+                    future.result()
+                    item = running.pop(future)
+                    if item.decoded is not None:
+                        ready.append(item)
+            if ready and (not running or len(ready) >= first_part or budget.waiting):
+                try:
+                    self._infer(ready)
+                finally:
+                    for item in ready:
+                        budget.release(item.pixels)
+                        item.pixels = 0
+                        if item.decoded is not None:
+                            item.decoded.image = None  # the pixels are no longer needed
+                ready = []
 
     def quarantine_poison(self, candidate: Candidate, reason: str) -> Path:
         """Quarantine a file that broke its batch again and again, alone; record it as failed (``poison``).
@@ -177,6 +255,13 @@ class Pipeline:
         share = (time.perf_counter() - started) / len(items)
         for item, result in zip(items, results, strict=True):
             item.result, item.seconds = result, item.seconds + share
+
+    def warm_up(self) -> None:
+        """Run the models once on a probe image before READY=1: the first batch's one-time costs
+        (allocator, kernels, lazy initialisation) are paid at start-up, not by the first files."""
+        started = time.perf_counter()
+        works = self._models_work()
+        log.info("models_warmed_up", seconds=round(time.perf_counter() - started, 3), works=works)
 
     def _models_work(self) -> bool:
         """Do the models run on a plain probe image? (No: the failure is the GPU's, not the file's.)"""

@@ -7,9 +7,10 @@ moves the files only after that commit, then records where each one went (``arch
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sqlalchemy import delete, select
+from sqlalchemy import bindparam, delete, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from stainbridge.daemon import filing, intake
@@ -17,6 +18,7 @@ from stainbridge.daemon.batch import BatchReport, Item, unfiled_twin
 from stainbridge.daemon.failures import error_summary, is_transient, storable_text
 from stainbridge.daemon.logs import get_logger
 from stainbridge.daemon.store import Image, ImageStatus, Prediction, utcnow
+from stainbridge.models.inference import fsync_dir
 
 if TYPE_CHECKING:
     from stainbridge.daemon.pipeline import Pipeline
@@ -55,6 +57,10 @@ def _record_together(p: Pipeline, items: list[Item], report: BatchReport) -> lis
     counts = BatchReport()
     m = p.models
     with p.sessions.begin() as session:
+        ids = [i.image_id for i in items if i.image_id is not None]
+        claimed = {row.id: row for row in session.scalars(
+            select(Image).where(Image.id.in_(ids)).with_for_update())} if ids else {}
+        rows: list[tuple[Item, Image]] = []
         for item in items:
             source = item.candidate.source_name
             if item.image_id is None:  # refused or unhashable: no claim, a failed row
@@ -65,13 +71,10 @@ def _record_together(p: Pipeline, items: list[Item], report: BatchReport) -> lis
                     session.add(row)
                     item.created_row = True
             else:
-                row = session.get(Image, item.image_id, with_for_update=True)
+                row = claimed.get(item.image_id)
                 if row is None or row.status is not ImageStatus.processing or row.claimed_by != me:
                     log.warning("claim_lost", source=source, image_id=item.image_id)
                     counts.left_in_place.append(item.candidate.path)
-                    continue
-                if item.deferred == "vanished":  # nothing left to process or file: no row at all
-                    session.delete(row)
                     continue
                 if item.deferred is not None:  # transient: give the claim back, try again later
                     row.status, row.claimed_by, row.claimed_at = ImageStatus.pending, None, None
@@ -99,7 +102,9 @@ def _record_together(p: Pipeline, items: list[Item], report: BatchReport) -> lis
                 item.target = ImageStatus.failed
                 counts.failed += 1
                 counts.failures[reason] = counts.failures.get(reason, 0) + 1
-            session.flush()
+            rows.append((item, row))
+        session.flush()  # one UPDATE per kind of change and one INSERT of the predictions, not one per file
+        for item, row in rows:
             item.image_id = row.id
             recorded.append(item)
     report.add(counts)  # only once the transaction committed
@@ -112,6 +117,7 @@ def _record_together(p: Pipeline, items: list[Item], report: BatchReport) -> lis
             bound.warning("failed", reason=item.reason, detail=item.detail)
     return recorded
 
+
 def file_items(p: Pipeline, items: list[Item], report: BatchReport) -> None:
     """Move each recorded file to the archive or quarantine, then record where it went."""
     filed: dict[int, str] = {}
@@ -121,6 +127,7 @@ def file_items(p: Pipeline, items: list[Item], report: BatchReport) -> None:
             ids = [i.image_id for i in items if i.target is ImageStatus.failed and i.reason is None]
             errors = dict(session.execute(select(Image.id, Image.error).where(Image.id.in_(ids))).all())
     vanished: list[int] = []
+    unsynced: set[Path] = set()  # archive folders with new entries: fsynced once each, before archive_path commits
     for item in items:
         path = item.candidate.path
         when = utcnow()
@@ -131,7 +138,8 @@ def file_items(p: Pipeline, items: list[Item], report: BatchReport) -> None:
                     item.reason, item.detail = stored.split(":", 1)[0], stored.split(":", 1)[-1].strip()
                 target = filing.quarantine_file(path, p.settings.quarantine_dir, item.reason, item.detail, when)
             else:
-                target = filing.archive_file(path, p.settings.archive_dir, when)
+                target = filing.archive_file(path, p.settings.archive_dir, when, fsync=False)
+                unsynced.add(target.parent)
         except FileNotFoundError:
             if item.created_row:  # a refused entry another worker quarantined first: no second row
                 vanished.append(item.image_id)
@@ -152,9 +160,12 @@ def file_items(p: Pipeline, items: list[Item], report: BatchReport) -> None:
         with p.sessions.begin() as session:
             session.execute(delete(Image).where(Image.id.in_(vanished), Image.archive_path.is_(None),
                                                 Image.sha256.is_(None)))
+    for folder in unsynced:
+        fsync_dir(folder)
     if filed:
         with p.sessions.begin() as session:
-            for image_id, target in filed.items():
-                row = session.get(Image, image_id)
-                if row is not None:
-                    row.archive_path = storable_text(target, 1024)
+            table = Image.__table__
+            session.execute(table.update().where(table.c.id == bindparam("image_id"))
+                            .values(archive_path=bindparam("archive_path")),
+                            [{"image_id": image_id, "archive_path": storable_text(target, 1024)}
+                             for image_id, target in filed.items()])

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image as PILImage
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from stainbridge.daemon.config import ConfigError
 from stainbridge.daemon.intake import (
@@ -27,7 +27,6 @@ from stainbridge.daemon.intake import (
     UnsupportedFormat,
     claim,
     decode_image,
-    next_pending,
     pseudonymize,
     release_stale_claims,
     sha256_file,
@@ -175,33 +174,24 @@ def test_dead_local_worker_claim_released(db):
     assert db.get(Image, live.image_id).status is ImageStatus.pending
 
 
-def test_next_pending_claims_rows(db):
-    """Pending rows are handed out once, oldest first, as processing claims of this worker."""
-    for n in range(3):
-        db.add(Image(sha256=f"{n}" * 64, source_name=f"{n}.png", site="s", status=ImageStatus.pending))
-    db.commit()
-    rows = next_pending(db, 2)
-    db.commit()
-    assert [r.source_name for r in rows] == ["0.png", "1.png"]
-    assert all(r.status is ImageStatus.processing and r.claimed_by == worker_id() for r in rows)
-    assert [r.source_name for r in next_pending(db, 5)] == ["2.png"]
-
-
-def test_next_pending_skips_rows_locked_by_another_worker(postgres_url):
-    """On PostgreSQL, two workers asking for pending rows at once never get the same row."""
+def test_claim_skips_a_row_another_worker_holds_instead_of_waiting(postgres_url):
+    """On PostgreSQL, content whose row another worker holds locked is `in_progress` at once (SKIP
+    LOCKED): the claim never waits behind the other worker's transaction (lock_timeout would fail it)."""
     engine = make_engine(postgres_url)
     Base.metadata.create_all(engine)
     make = make_sessionmaker(engine)
+    sha = "a1" * 32
     with make() as setup:
-        setup.add_all([Image(sha256=f"{n}" * 64, source_name=f"{n}.png", site="s", status=ImageStatus.pending) for n in range(3)])
+        setup.add(Image(sha256=sha, source_name="a.png", site="s", status=ImageStatus.pending))
         setup.commit()
     with make() as first, make() as second:
-        mine = [r.source_name for r in next_pending(first, 1)]  # row locked, not yet committed
-        theirs = [r.source_name for r in next_pending(second, 5)]
-        first.commit()
-        second.commit()
+        first.execute(select(Image).where(Image.sha256 == sha).with_for_update()).all()  # mid-claim elsewhere
+        second.execute(text("SET LOCAL lock_timeout = '2s'"))
+        result = claim(second, sha256=sha, source_name="a.png", site="s", size_bytes=1)
+        second.rollback()
+        first.rollback()
     engine.dispose()
-    assert mine == ["0.png"] and theirs == ["1.png", "2.png"]
+    assert result.outcome is ClaimOutcome.in_progress
 
 
 # --- Pillow formats ----------------------------------------------------------------------------

@@ -1,0 +1,116 @@
+"""The per-batch path of the pipeline: few commits, one fsync per folder, a pixel budget, one open file per image."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from sqlalchemy import event, func, select
+
+from stainbridge.daemon import pipeline as pipeline_module
+from stainbridge.daemon import recording
+from stainbridge.daemon.batch import PixelBudget
+from stainbridge.daemon.service import Service
+from stainbridge.daemon.store import Image, ImageStatus, Prediction
+from stainbridge.daemon.watcher import iter_candidates
+from tests.daemon_helpers import build_tiny_models, write_cell
+
+SIDE = 48  # write_cell's default size
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    return build_tiny_models(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture
+def make_service(settings_factory, tiny_models):
+    made: list[Service] = []
+
+    def make(**overrides) -> Service:
+        settings = settings_factory(
+            models_classifier=str(tiny_models.classifier), models_standardizer=str(tiny_models.standardizer),
+            models_device="cpu", models_batch_size=8, watch_quiet_seconds=30, watch_rescan_seconds=60,
+            **overrides)
+        service = Service(settings)
+        service.start()
+        made.append(service)
+        return service
+
+    yield make
+    for service in made:
+        service.watcher.stop()
+        service.pipeline.close()
+        service.engine.dispose()
+
+
+def candidates(service: Service):
+    return list(iter_candidates([service.settings.drop_dir]))
+
+
+def statuses(service: Service) -> list[ImageStatus]:
+    with service.pipeline.sessions() as session:
+        return list(session.scalars(select(Image.status).order_by(Image.id)))
+
+
+def test_a_batch_of_new_files_takes_three_commits(make_service):
+    """Six new files: one commit claims them all, one records every result, one records where they went."""
+    service = make_service()
+    for n in range(6):
+        write_cell(service.settings.drop_dir / f"cell{n}.png", seed=n)
+    commits: list[int] = []
+    event.listen(service.engine, "commit", lambda connection: commits.append(1))
+    report = service.pipeline.process(candidates(service))
+    assert report.done == 6 and statuses(service) == [ImageStatus.done] * 6
+    assert len(commits) == 3
+
+
+def test_archive_folder_is_fsynced_once_per_batch_before_the_paths_commit(make_service, monkeypatch):
+    """Moved files' folder is fsynced once for the whole batch, and before their rows say where they are."""
+    service = make_service()
+    for n in range(5):
+        write_cell(service.settings.drop_dir / f"cell{n}.png", seed=n)
+    steps: list[str] = []
+    real = recording.fsync_dir
+    monkeypatch.setattr(recording, "fsync_dir", lambda folder: steps.append(f"fsync {folder}") or real(folder))
+    event.listen(service.engine, "commit", lambda connection: steps.append("commit"))
+    service.pipeline.process(candidates(service))
+    with service.pipeline.sessions() as session:
+        folders = set(session.scalars(select(Image.archive_path)))
+    assert len(folders) == 5
+    (folder,) = {str(Path(p).parent) for p in folders}
+    assert steps == ["commit", "commit", f"fsync {folder}", "commit"]
+
+
+def test_pixel_budget_bounds_the_decoded_images_held_at_once(make_service, monkeypatch):
+    """With room for two images, a batch of seven is decoded and classified two at a time, all of them."""
+    cap = 2 * SIDE * SIDE
+    service = make_service(models_max_inflight_pixels=cap)
+    for n in range(7):
+        write_cell(service.settings.drop_dir / f"cell{n}.png", seed=n)
+    held: list[int] = []
+    real_reserve = PixelBudget.reserve
+
+    def reserve(budget, pixels):
+        real_reserve(budget, pixels)
+        held.append(budget.used)
+
+    monkeypatch.setattr(PixelBudget, "reserve", reserve)
+    sizes: list[int] = []
+    real_batch = pipeline_module.run_batch
+    monkeypatch.setattr(pipeline_module, "run_batch",
+                        lambda images, *a, **k: sizes.append(len(images)) or real_batch(images, *a, **k))
+    report = service.pipeline.process(candidates(service))
+    assert report.done == 7 and len(held) == 7
+    assert max(held) <= cap and max(sizes) <= 2 and sum(sizes) == 7
+    with service.pipeline.sessions() as session:
+        assert session.scalar(select(func.count(Prediction.id))) == 7
+
+
+def test_one_image_over_the_budget_still_runs_alone():
+    """The budget never blocks an image when nothing else is held (max_pixels bounds it instead)."""
+    budget = PixelBudget(10)
+    budget.reserve(50)
+    assert budget.used == 50
+    budget.release(50)
+    assert budget.used == 0
