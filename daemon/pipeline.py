@@ -6,17 +6,24 @@ Inference goes through ``models.inference`` only (geometry normalization, standa
 classifier, softmax). The stages live in ``daemon.batch`` (intake) and ``daemon.recording``
 (the one transaction, then filing); ``daemon.loading`` loads and registers the models. Per batch:
 
-1. intake, per file, each in its own short transaction: sha256 -> ``intake.claim`` (committed
-   at once, so that other workers see it); refused entries (symlinks, hard links) and files
-   that cannot be hashed get no claim. Claimed files are decoded.
-2. inference over the decoded images, in one call (one image at a time again if it fails, so
-   that one poison image fails alone).
+1. intake: each file is opened ONCE (no link followed) and hashed in the thread pool; the batch's
+   new content is claimed in one transaction (``daemon.claiming``; anything the database already
+   knows goes through ``intake.claim`` on its own, committed at once so other workers see it).
+   Refused entries (symlinks, hard links) and files that cannot be hashed get no claim.
+2. claimed files are decoded from that same open file in the pool while the models run on the
+   images already decoded (``[models] max_inflight_pixels`` bounds the decoded pixels held);
+   inference is one call per part (one image at a time again if it fails, so that one poison
+   image fails alone).
 3. ONE transaction writes every prediction (label, confidence, all probabilities, standardizer
    and classifier version ids, latency = the image's decode time plus its share of the batch's
    inference time) and every image status (done / failed with "reason: detail").
 4. only after that commit are the files moved: archive/YYYY/MM/DD/ or quarantine/ with a
-   ``.error.txt``; a second small transaction records where each file went (``archive_path``).
-   Input files are never deleted; `ingest` without ``--move`` leaves them where they are.
+   ``.error.txt``; the archive folders are fsynced once each, then a second small transaction
+   records where each file went (``archive_path``). Only the inode that was read is moved: if
+   its path now names another file (a re-export by temp file + rename), the bytes that were
+   read are copied to the archive from the open file and the new file is left in place, to be
+   processed on its own. Input files are never deleted; `ingest` without ``--move`` leaves
+   them where they are.
 
 Crash points (process killed, power lost, database gone) and what happens next:
 

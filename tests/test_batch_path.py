@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import os
 from pathlib import Path
 
 import pytest
 from sqlalchemy import event, func, select
 
 from stainbridge.daemon import pipeline as pipeline_module
-from stainbridge.daemon import recording
+from stainbridge.daemon import filing, recording
 from stainbridge.daemon.batch import PixelBudget
 from stainbridge.daemon.service import Service
 from stainbridge.daemon.store import Image, ImageStatus, Prediction
@@ -114,3 +117,41 @@ def test_one_image_over_the_budget_still_runs_alone():
     assert budget.used == 50
     budget.release(50)
     assert budget.used == 0
+
+
+@pytest.mark.parametrize("moment", ["inference", "cross_filesystem_copy"])
+def test_file_replaced_mid_processing_is_not_archived_under_the_old_row(make_service, monkeypatch, moment):
+    """A re-export (temp file + rename) during inference, or during the copy to an archive on another
+    filesystem: the archive gets the bytes that were classified, the new version is never moved or
+    deleted, and it is then processed on its own."""
+    service = make_service()
+    drop = service.settings.drop_dir
+    first = write_cell(drop / "cell.png", seed=1).read_bytes()
+    second = write_cell(drop.parent / "second.png", seed=2).read_bytes()
+    replaced: list[int] = []
+
+    def re_export() -> None:
+        if not replaced:
+            replaced.append(1)
+            (drop / ".cell.png.tmp").write_bytes(second)
+            os.replace(drop / ".cell.png.tmp", drop / "cell.png")
+
+    if moment == "inference":
+        real_batch = pipeline_module.run_batch
+        monkeypatch.setattr(pipeline_module, "run_batch", lambda *a, **k: re_export() or real_batch(*a, **k))
+    else:
+        def cross_device(src, dst):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+        real_copy = filing.shutil.copyfileobj
+        monkeypatch.setattr(filing.os, "rename", cross_device)
+        monkeypatch.setattr(filing.shutil, "copyfileobj", lambda *a, **k: re_export() or real_copy(*a, **k))
+    report = service.pipeline.process(candidates(service))
+    assert report.done == 1 and replaced and (drop / "cell.png").read_bytes() == second
+    assert service.pipeline.process(candidates(service)).done == 1
+    with service.pipeline.sessions() as session:
+        done = list(session.scalars(select(Image).order_by(Image.id)))
+    assert [r.status for r in done] == [ImageStatus.done] * 2
+    assert [Path(r.archive_path).read_bytes() for r in done] == [first, second]
+    assert [r.sha256 for r in done] == [hashlib.sha256(first).hexdigest(), hashlib.sha256(second).hexdigest()]
+    assert not (drop / "cell.png").exists()
