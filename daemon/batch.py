@@ -71,6 +71,7 @@ class Item:
     deferred: str | None = None  # a transient failure: release the claim, leave the file in place
     created_row: bool = False  # this batch created the (unclaimed, failed) row of a refused entry
     handle: BinaryIO | None = None  # the one open file: hashed, decoded, checked before the move
+    dir_fd: int | None = None  # its folder, reached without following links: the move starts there
     opened: os.stat_result | None = None  # its fstat once hashed
     skip: str | None = None  # not this worker's to handle now (vanished, changed while read)
     pixels: int = 0  # held in the batch's PixelBudget while decoded
@@ -79,6 +80,9 @@ class Item:
         if self.handle is not None:
             self.handle.close()
             self.handle = None
+        if self.dir_fd is not None:
+            os.close(self.dir_fd)
+            self.dir_fd = None
 
 
 class PixelBudget:
@@ -105,28 +109,34 @@ class PixelBudget:
             self._cond.notify_all()
 
 
-def open_and_hash(item: Item, *, max_bytes: int, heartbeat: Callable[[], None]) -> None:
+def open_and_hash(item: Item, *, max_bytes: int, heartbeat: Callable[[], None], root: Path | None) -> None:
     """Open the candidate once, fstat and hash it, keep it open; or say why it is refused or skipped.
 
-    Runs in a worker thread: it only fills `item` (the caller counts)."""
+    Every folder below `root` (the drop folder) is opened without following links, so a sub-folder
+    swapped for a link is refused, never read through. Runs in a worker thread: it only fills
+    `item` (the caller counts)."""
     candidate = item.candidate
-    if candidate.refusal:
-        item.reason, item.detail = candidate.refusal, f"{candidate.source_name}: {candidate.detail}"
-        return
     try:
+        if candidate.refusal:  # filed as it is (a link is moved as a link), from its real folder
+            item.reason, item.detail = candidate.refusal, f"{candidate.source_name}: {candidate.detail}"
+            item.dir_fd = intake.open_folder(Path(candidate.path).parent, root)
+            return
         st = os.lstat(candidate.path)
         if st.st_size > max_bytes:  # before hashing: a huge file on a slow share is never read
             item.reason = "too_large"
             item.detail = (f"{candidate.source_name} is {st.st_size / 2**20:.1f} MiB, over the "
                            f"{max_bytes / 2**20:.1f} MiB limit ([watch] max_file_mb)")
+            item.dir_fd = intake.open_folder(Path(candidate.path).parent, root)
             return
-        item.handle = intake.open_regular(candidate.path)
+        item.handle, item.dir_fd = intake.open_beneath(candidate.path, root)
         item.sha256 = intake.sha256_open(item.handle, on_chunk=heartbeat)
         st = item.opened = os.fstat(item.handle.fileno())
     except intake.IntakeError as exc:
         item.close()
-        if exc.reason == "missing":  # filed by another worker, or deleted: nothing to record
-            item.skip = "missing"
+        if exc.reason in ("missing", "linked_folder"):  # filed elsewhere, deleted, or not ours to touch
+            item.skip, item.reason = exc.reason, None
+            if exc.reason == "linked_folder":
+                log.warning("linked_folder_refused", source=candidate.source_name)
             return
         item.reason, item.detail = exc.reason, str(exc)
         return

@@ -1,4 +1,4 @@
-"""Intake: hash a ready file, claim it in SQL, decode it into an RGB picture.
+"""Intake: hash a ready file (``daemon.reading``), claim it in SQL, decode it into an RGB picture.
 
 The claim is the one place where "each file is processed once" is decided: the first row
 holding a sha256 (``duplicate_of_id IS NULL``) is unique per content, enforced by the
@@ -10,10 +10,8 @@ a keyed HMAC pseudonym and the patient name is never read.
 from __future__ import annotations
 
 import enum
-import hashlib
 import os
 import socket
-import stat
 import threading
 import warnings
 from dataclasses import dataclass, field
@@ -36,59 +34,16 @@ from stainbridge.daemon.dicom import (
     scale_to_uint8,
 )
 from stainbridge.daemon.errors import IntakeError, RefusedFile, UnreadableImage, UnsupportedFormat
+from stainbridge.daemon.reading import open_beneath, open_folder, open_regular, sha256_file, sha256_open
 from stainbridge.daemon.store import Image, ImageStatus, utcnow
 
 __all__ = [
     "IntakeError", "UnreadableImage", "UnsupportedFormat", "RefusedFile", "PseudonymSecretMissing",
-    "open_regular", "sha256_file", "sha256_open", "worker_id", "ClaimOutcome", "ClaimResult", "claim",
+    "open_regular", "open_folder", "open_beneath", "sha256_file", "sha256_open", "worker_id", "ClaimOutcome", "ClaimResult", "claim",
     "release_stale_claims", "DecodedImage", "decode_image", "decode_open", "to_rgb", "pseudonymize",
 ]
 
 PILLOW_FORMATS = ("PNG", "JPEG", "TIFF", "BMP")
-CHUNK = 1 << 20
-
-
-# --- files and hashing ----------------------------------------------------------------------
-
-
-def open_regular(path: str | os.PathLike[str]) -> BinaryIO:
-    """Open a regular, singly-linked file for reading without following a symlink."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
-    except FileNotFoundError:
-        raise UnreadableImage(f"{path} disappeared before it could be read", reason="missing") from None
-    except OSError as exc:
-        if os.path.islink(path):
-            raise RefusedFile(f"{path} is a symbolic link; links are never followed", reason="symlink") from None
-        raise UnreadableImage(f"cannot open {path}: {exc.strerror}; check the file's permissions",
-                              reason="unreadable") from None
-    handle = os.fdopen(fd, "rb")
-    handle.raw.name = os.fspath(path)  # for messages (and tests): the path it was opened by
-    st = os.fstat(handle.fileno())
-    if not stat.S_ISREG(st.st_mode):
-        handle.close()
-        raise RefusedFile(f"{path} is not a regular file", reason="not_regular_file")
-    if st.st_nlink > 1:
-        handle.close()
-        raise RefusedFile(f"{path} has {st.st_nlink} hard links; copy the file instead of linking it", reason="hard_link")
-    return handle
-
-
-def sha256_file(path: str | os.PathLike[str], *, on_chunk: Callable[[], None] | None = None) -> str:
-    """The sha256 of a file's bytes (hex), read in 1 MiB chunks; `on_chunk()` after each (a liveness ping)."""
-    with open_regular(path) as handle:
-        return sha256_open(handle, on_chunk=on_chunk)
-
-
-def sha256_open(handle: BinaryIO, *, on_chunk: Callable[[], None] | None = None) -> str:
-    """The sha256 of an open file's bytes from its start (the same inode is then decoded and moved)."""
-    digest = hashlib.sha256()
-    handle.seek(0)
-    while chunk := handle.read(CHUNK):
-        digest.update(chunk)
-        if on_chunk is not None:
-            on_chunk()
-    return digest.hexdigest()
 
 
 # --- claims ---------------------------------------------------------------------------------

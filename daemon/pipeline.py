@@ -144,8 +144,8 @@ class Pipeline:
         items = [Item(candidate) for candidate in candidates]
         try:
             try:
-                list(self._pool.map(lambda item: open_and_hash(item, max_bytes=self.max_bytes,
-                                                               heartbeat=self.heartbeat), items))
+                list(self._pool.map(lambda item: open_and_hash(item, max_bytes=self.max_bytes, heartbeat=self.heartbeat,
+                                                               root=self.settings.drop_dir), items))
                 for item in items:
                     if item.skip:
                         log.info("changed_while_reading" if item.skip == "changed" else "vanished",

@@ -7,7 +7,6 @@ moves the files only after that commit, then records where each one went (``arch
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -138,11 +137,12 @@ def file_items(p: Pipeline, items: list[Item], report: BatchReport) -> None:
                     stored = errors.get(item.image_id) or "unknown: no reason recorded"
                     item.reason, item.detail = stored.split(":", 1)[0], stored.split(":", 1)[-1].strip()
                 target = filing.quarantine_file(path, p.settings.quarantine_dir, item.reason, item.detail, when,
-                                                held=item.handle)
+                                                held=item.handle, dir_fd=item.dir_fd)
             else:
-                target = filing.archive_file(path, p.settings.archive_dir, when, fsync=False, held=item.handle)
+                target = filing.archive_file(path, p.settings.archive_dir, when, fsync=False, held=item.handle,
+                                             dir_fd=item.dir_fd)
                 unsynced.add(target.parent)
-            if item.handle is not None and os.path.lexists(path):  # replaced while processed: the held
+            if item.handle is not None and filing.Source(path, item.dir_fd).exists():  # replaced: the held
                 log.warning("replaced_while_processing", source=item.candidate.source_name)  # bytes were filed
                 report.left_in_place.append(path)  # the new version is offered again, on its own
         except FileNotFoundError:

@@ -140,7 +140,7 @@ def test_file_replaced_mid_processing_is_not_archived_under_the_old_row(make_ser
         real_batch = pipeline_module.run_batch
         monkeypatch.setattr(pipeline_module, "run_batch", lambda *a, **k: re_export() or real_batch(*a, **k))
     else:
-        def cross_device(src, dst):
+        def cross_device(src, dst, **kwargs):
             raise OSError(errno.EXDEV, "Invalid cross-device link")
 
         real_copy = filing.shutil.copyfileobj
@@ -155,3 +155,42 @@ def test_file_replaced_mid_processing_is_not_archived_under_the_old_row(make_ser
     assert [Path(r.archive_path).read_bytes() for r in done] == [first, second]
     assert [r.sha256 for r in done] == [hashlib.sha256(first).hexdigest(), hashlib.sha256(second).hexdigest()]
     assert not (drop / "cell.png").exists()
+
+
+@pytest.mark.parametrize("moment", ["before_reading", "during_inference"])
+def test_sub_folder_swapped_for_a_link_never_reaches_outside(make_service, monkeypatch, tmp_path, moment):
+    """drop/sub swapped for a link to an outside folder (holding a stand-in for the database file) after its
+    file was seen: nothing outside is read or moved; a file already read is filed from its real folder."""
+    service = make_service()
+    drop = service.settings.drop_dir
+    inside = write_cell(drop / "sub" / "cell.png", seed=3).read_bytes()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    secret = outside / "cell.png"  # same name, size and mtime as the file inside, other bytes
+    secret_bytes = bytes(byte ^ 0xFF if n == len(inside) // 2 else byte for n, byte in enumerate(inside))
+    secret.write_bytes(secret_bytes)
+    seen_stat = (drop / "sub" / "cell.png").stat()
+    os.utime(secret, ns=(seen_stat.st_atime_ns, seen_stat.st_mtime_ns))
+    seen = candidates(service)  # listed while drop/sub was a real folder
+
+    def swap() -> None:
+        if not (drop / "sub").is_symlink():
+            os.rename(drop / "sub", drop / ".sub-moved")
+            os.symlink(outside, drop / "sub")
+
+    if moment == "before_reading":
+        swap()
+    else:
+        real_batch = pipeline_module.run_batch
+        monkeypatch.setattr(pipeline_module, "run_batch", lambda *a, **k: swap() or real_batch(*a, **k))
+    report = service.pipeline.process(seen)
+    assert secret.read_bytes() == secret_bytes and sorted(outside.iterdir()) == [secret]
+    filed = [p.read_bytes() for root in (service.settings.archive_dir, service.settings.quarantine_dir)
+             for p in root.rglob("*") if p.is_file()]
+    with service.pipeline.sessions() as session:
+        hashes = set(session.scalars(select(Image.sha256)))
+    assert secret_bytes not in filed and hashlib.sha256(secret_bytes).hexdigest() not in hashes
+    if moment == "during_inference":
+        assert report.done == 1 and filed == [inside] and not (drop / ".sub-moved" / "cell.png").exists()
+    else:
+        assert report.handled == 0 and hashes == set()
