@@ -77,7 +77,7 @@ def claim_new_content(session: Session, items: Sequence[Item], *, site: str) -> 
         session.execute(delete(Image).where(Image.source_name.in_(replaced), Image.status == ImageStatus.pending,
                                             Image.duplicate_of_id.is_(None))
                         .execution_options(synchronize_session=False))
-    now, me = utcnow(), intake.worker_id()
+    now, me = utcnow(), intake.claim_owner()
     values = [{"sha256": sha, "source_name": item.candidate.source_name, "site": site,
                "size_bytes": item.opened.st_size if item.opened else item.candidate.size,
                "status": ImageStatus.processing, "claimed_by": me, "claimed_at": now, "received_at": now}

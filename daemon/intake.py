@@ -10,6 +10,7 @@ a keyed HMAC pseudonym and the patient name is never read.
 from __future__ import annotations
 
 import enum
+import functools
 import os
 import socket
 import threading
@@ -39,7 +40,7 @@ from stainbridge.daemon.store import Image, ImageStatus, utcnow
 
 __all__ = [
     "IntakeError", "UnreadableImage", "UnsupportedFormat", "RefusedFile", "PseudonymSecretMissing",
-    "open_regular", "open_folder", "open_beneath", "sha256_file", "sha256_open", "worker_id", "ClaimOutcome", "ClaimResult", "claim",
+    "open_regular", "open_folder", "open_beneath", "sha256_file", "sha256_open", "worker_id", "claim_owner", "ClaimOutcome", "ClaimResult", "claim",
     "release_stale_claims", "DecodedImage", "decode_image", "decode_open", "to_rgb", "pseudonymize",
 ]
 
@@ -50,8 +51,30 @@ PILLOW_FORMATS = ("PNG", "JPEG", "TIFF", "BMP")
 
 
 def worker_id() -> str:
-    """This process as it appears in ``images.claimed_by``: ``host:pid``."""
+    """This process in logs and ``training_runs.worker``: ``host:pid``."""
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def claim_owner() -> str:
+    """This process as it appears in ``images.claimed_by``: ``host@boot.pidns:pid``.
+
+    A pid means something only in its PID namespace and until the next boot: the kernel's boot id
+    (first 8 hex digits) and the PID namespace's inode say where `pid` can be checked."""
+    return f"{socket.gethostname()}@{_pid_scope()}:{os.getpid()}"
+
+
+@functools.cache
+def _pid_scope() -> str:
+    """``boot.pidns`` of this process (``0`` for what the platform does not expose)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip().replace("-", "")[:8]
+    except OSError:
+        boot = "0"
+    try:
+        namespace = str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        namespace = "0"
+    return f"{boot}.{namespace}"
 
 
 class ClaimOutcome(str, enum.Enum):
@@ -82,7 +105,7 @@ def claim(session: Session, *, sha256: str, source_name: str, site: str, size_by
     """
     now = utcnow()
     row = Image(sha256=sha256, source_name=source_name, site=site, size_bytes=size_bytes,
-                status=ImageStatus.processing, claimed_by=worker_id(), claimed_at=now, received_at=now)
+                status=ImageStatus.processing, claimed_by=claim_owner(), claimed_at=now, received_at=now)
     try:
         with session.begin_nested():
             session.add(row)
@@ -106,7 +129,7 @@ def claim(session: Session, *, sha256: str, source_name: str, site: str, size_by
         taken = session.execute(
             update(Image)
             .where(Image.id == original.id, Image.status == ImageStatus.pending)
-            .values(status=ImageStatus.processing, claimed_by=worker_id(), claimed_at=now, error=None,
+            .values(status=ImageStatus.processing, claimed_by=claim_owner(), claimed_at=now, error=None,
                     source_name=source_name, size_bytes=size_bytes)
             .execution_options(synchronize_session=False)
         ).rowcount
@@ -120,7 +143,7 @@ def claim(session: Session, *, sha256: str, source_name: str, site: str, size_by
         taken = session.execute(
             update(Image)
             .where(Image.id == original.id, Image.status == ImageStatus.failed, Image.archive_path.is_not(None))
-            .values(status=ImageStatus.processing, claimed_by=worker_id(), claimed_at=now, error=None,
+            .values(status=ImageStatus.processing, claimed_by=claim_owner(), claimed_at=now, error=None,
                     source_name=source_name, size_bytes=size_bytes, archive_path=None, received_at=now)
             .execution_options(synchronize_session=False)
         ).rowcount
@@ -162,26 +185,45 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _owner_dead(owner: str, host: str, scope: str) -> bool:
+    """Is the claim owner `owner` (see `claim_owner`) a process of this host known to be gone?
+
+    Same boot and PID namespace: its pid is checked. Another boot of this host: gone. Another PID
+    namespace on this host (containers sharing a hostname): its pid cannot be checked from here,
+    so it is not called dead; the age cutoff frees its claims. ``host:pid`` (written before the
+    scope was recorded): its pid is checked, as then."""
+    place, _, pid = owner.rpartition(":")
+    if not pid.isdigit():
+        return True
+    if place == host:
+        return not _pid_alive(int(pid))
+    other = place[len(host) + 1:]
+    if other == scope:
+        return not _pid_alive(int(pid))
+    return other.split(".", 1)[0] != scope.split(".", 1)[0]  # rebooted since: every process of then is gone
+
+
 def release_stale_claims(session: Session, older_than_s: float, *, startup: bool = False) -> int:
     """Reset stale `processing` claims to `pending` so that the file can be claimed again.
 
     Stale means: claimed more than `older_than_s` seconds ago, or claimed on this host by a
-    process that no longer exists, or (``startup=True``, before this worker holds anything)
-    claimed under this very ``host:pid`` by an earlier life (pid 1 in containers).
+    process that no longer exists (see `_owner_dead`), or (``startup=True``, before this worker
+    holds anything) claimed under this very `claim_owner` by an earlier life (pid 1 in containers).
     Returns how many rows were released; does not commit.
     """
-    host, me = socket.gethostname(), worker_id()
+    host, me, scope = socket.gethostname(), claim_owner(), _pid_scope()
     cutoff = utcnow() - timedelta(seconds=older_than_s)
     dead: list[str] = []
     rows = session.execute(
-        select(Image.claimed_by).where(Image.status == ImageStatus.processing, Image.claimed_by.like(f"{host}:%")).distinct()
+        select(Image.claimed_by).where(Image.status == ImageStatus.processing,
+                                       or_(Image.claimed_by.like(f"{host}:%"), Image.claimed_by.like(f"{host}@%")))
+        .distinct()
     ).scalars()
     for owner in rows:
-        pid_text = owner.rsplit(":", 1)[-1]
         if owner == me:
             if startup:
                 dead.append(owner)
-        elif not pid_text.isdigit() or not _pid_alive(int(pid_text)):
+        elif _owner_dead(owner, host, scope):
             dead.append(owner)
     stale = or_(Image.claimed_at < cutoff, Image.claimed_at.is_(None), Image.claimed_by.in_(dead))
     result = session.execute(

@@ -52,7 +52,7 @@ def record(p: Pipeline, items: list[Item], report: BatchReport) -> list[Item]:
 
 def _record_together(p: Pipeline, items: list[Item], report: BatchReport) -> list[Item]:
     now = utcnow()
-    me = intake.worker_id()
+    me = intake.claim_owner()
     recorded: list[Item] = []
     counts = BatchReport()
     m = p.models
