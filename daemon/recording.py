@@ -65,6 +65,9 @@ def _record_together(p: Pipeline, items: list[Item], report: BatchReport) -> lis
             source = item.candidate.source_name
             if item.image_id is None:  # refused or unhashable: no claim, a failed row
                 row = unfiled_twin(session, item.sha256, source, ImageStatus.failed)
+                if row is None and not filing.Source(item.candidate.path, item.dir_fd).exists():
+                    counts.skipped += 1  # a stale candidate (filed by another worker, deleted): no row
+                    continue
                 if row is None:
                     row = Image(sha256=None, source_name=source, site=p.settings.site.name,
                                 status=ImageStatus.failed, size_bytes=item.candidate.size, received_at=now)

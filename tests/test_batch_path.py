@@ -194,3 +194,25 @@ def test_sub_folder_swapped_for_a_link_never_reaches_outside(make_service, monke
         assert report.done == 1 and filed == [inside] and not (drop / ".sub-moved" / "cell.png").exists()
     else:
         assert report.handled == 0 and hashes == set()
+
+
+def test_stale_candidates_leave_no_row_and_write_nothing(make_service, tmp_path):
+    """Candidates that left the drop folder before their batch (another worker filed them, or they were
+    deleted) — a plain file, a symlink and a hard-linked file — record nothing: not even a row deleted later."""
+    service = make_service()
+    drop = service.settings.drop_dir
+    write_cell(drop / "plain.png", seed=1)
+    target = write_cell(tmp_path / "elsewhere.png", seed=2)
+    os.symlink(target, drop / "link.png")
+    os.link(target, drop / "hard.png")
+    stale = candidates(service)
+    assert sorted(c.refusal or "" for c in stale) == ["", "hard_link", "symlink"]
+    for entry in drop.iterdir():
+        entry.unlink()
+    writes: list[str] = []
+    event.listen(service.engine, "before_cursor_execute",
+                 lambda conn, cursor, statement, *rest: writes.append(statement)
+                 if statement.lstrip().upper().startswith(("INSERT", "UPDATE", "DELETE")) else None)
+    report = service.pipeline.process(stale)
+    assert report.handled == 0 and report.skipped == 3 and writes == [] and statuses(service) == []
+    assert target.exists()
