@@ -91,17 +91,26 @@ class PixelBudget:
 
     def __init__(self, cap: int) -> None:
         self.cap, self.used, self.waiting = cap, 0, 0
+        self.closed = False
         self._cond = threading.Condition()
 
     def reserve(self, pixels: int) -> None:
         with self._cond:
             self.waiting += 1
             try:
-                while self.used and self.used + pixels > self.cap:
+                while self.used and self.used + pixels > self.cap and not self.closed:
                     self._cond.wait()
             finally:
                 self.waiting -= 1
+            if self.closed:
+                raise RuntimeError("the batch was abandoned")  # its decoders must not wait forever
             self.used += pixels
+
+    def close(self) -> None:
+        """Abandon the batch: every waiting and later `reserve` returns at once (with an error)."""
+        with self._cond:
+            self.closed = True
+            self._cond.notify_all()
 
     def release(self, pixels: int) -> None:
         with self._cond:

@@ -56,7 +56,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from functools import partial
 from dataclasses import replace
 from pathlib import Path
@@ -144,8 +144,11 @@ class Pipeline:
         items = [Item(candidate) for candidate in candidates]
         try:
             try:
-                list(self._pool.map(lambda item: open_and_hash(item, max_bytes=self.max_bytes, heartbeat=self.heartbeat,
-                                                               root=self.settings.drop_dir), items))
+                opening = [self._pool.submit(open_and_hash, item, max_bytes=self.max_bytes, heartbeat=self.heartbeat,
+                                             root=self.settings.drop_dir) for item in items]
+                wait(opening)  # all of them, so that no thread opens a file after the `finally` below
+                for future in opening:
+                    future.result()
                 for item in items:
                     if item.skip:
                         log.info("changed_while_reading" if item.skip == "changed" else "vanished",
@@ -186,7 +189,14 @@ class Pipeline:
         decode = partial(decode_item, max_pixels=w.max_pixels, max_bytes=self.max_bytes,
                          pseudonym_secret=self.settings.site.pseudonym_secret, budget=budget)
         running = {self._pool.submit(decode, item): item for item in items}
-        first_part = max(1, (len(items) + 1) // 2)
+        try:
+            self._infer_as_decoded(running, budget, first_part=max(1, (len(items) + 1) // 2))
+        except BaseException:
+            budget.close()  # no decoder waits for pixels that will never be released
+            wait(running)
+            raise
+
+    def _infer_as_decoded(self, running: dict[Future[None], Item], budget: PixelBudget, *, first_part: int) -> None:
         ready: list[Item] = []
         while running or ready:
             if running:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -216,3 +218,27 @@ def test_stale_candidates_leave_no_row_and_write_nothing(make_service, tmp_path)
     report = service.pipeline.process(stale)
     assert report.handled == 0 and report.skipped == 3 and writes == [] and statuses(service) == []
     assert target.exists()
+
+
+def test_an_abandoned_batch_never_leaves_a_decoder_waiting_for_pixels():
+    """A decoder waiting for room in the budget is let go (with an error) when its batch is abandoned."""
+    budget = PixelBudget(10)
+    budget.reserve(10)
+    outcome: list[str] = []
+
+    def decoder() -> None:
+        try:
+            budget.reserve(5)
+            outcome.append("reserved")
+        except RuntimeError:
+            outcome.append("abandoned")
+
+    thread = threading.Thread(target=decoder)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while budget.waiting == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert budget.waiting == 1
+    budget.close()
+    thread.join(10)
+    assert not thread.is_alive() and outcome == ["abandoned"]
