@@ -40,7 +40,8 @@ from stainbridge.daemon.store import Image, ImageStatus, utcnow
 
 __all__ = [
     "IntakeError", "UnreadableImage", "UnsupportedFormat", "RefusedFile", "PseudonymSecretMissing",
-    "open_regular", "open_folder", "open_beneath", "sha256_file", "sha256_open", "worker_id", "claim_owner", "ClaimOutcome", "ClaimResult", "claim",
+    "open_regular", "open_folder", "open_beneath", "sha256_file", "sha256_open", "worker_id", "claim_owner",
+    "ClaimOutcome", "ClaimResult", "claim",
     "release_stale_claims", "DecodedImage", "decode_image", "decode_open", "to_rgb", "pseudonymize",
 ]
 

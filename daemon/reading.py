@@ -51,7 +51,8 @@ def open_folder(folder: str | os.PathLike[str], root: str | os.PathLike[str] | N
             os.close(dir_fd)
             if exc.errno in (errno.ELOOP, errno.ENOTDIR):
                 raise RefusedFile(f"{folder}: the sub-folder {part!r} is a symbolic link (or no longer a folder); "
-                                  "links are never followed, copy the files themselves", reason="linked_folder") from None
+                                  "links are never followed, copy the files themselves",
+                                  reason="linked_folder") from None
             if isinstance(exc, FileNotFoundError):
                 raise UnreadableImage(f"{folder} disappeared before it could be read", reason="missing") from None
             raise UnreadableImage(f"cannot open {folder}: {exc.strerror}", reason="unreadable") from None

@@ -5,7 +5,8 @@
 Start `stainbridge run`'s Service in-process on CONFIG (e.g. the one `bench throughput --workdir
 DIR` writes to DIR/service/stainbridge.toml, with N images copied into its drop folder), wrap the
 pipeline's steps and the watcher's ``ready_files`` in timers, handle N files and print
-milliseconds per image per step. Indented steps are part of the one above them. Set OMP_WAIT_POLICY yourself: this does not go through the CLI, which sets it.
+milliseconds per image per step. Indented steps are part of the one above them. Set
+OMP_WAIT_POLICY yourself: this does not go through the CLI, which sets it.
 """
 
 from __future__ import annotations
