@@ -50,6 +50,7 @@ class ModelsSettings:
     classifier: str = ""
     device: str = "auto"
     batch_size: int = 16
+    max_inflight_pixels: int = 100_000_000  # decoded pixels a batch holds at once (memory cap)
     poll_seconds: float = 10.0  # how often the running service looks for a newly promoted version
 
 
@@ -312,6 +313,7 @@ VALIDATORS: dict[tuple[str, str], Callable[[Any], Any]] = {
     ("models", "classifier"): _text,
     ("models", "device"): _choice(*DEVICES),
     ("models", "batch_size"): _positive(int),
+    ("models", "max_inflight_pixels"): _positive(int),
     ("models", "poll_seconds"): _positive(float),
     ("site", "name"): _text,
     ("site", "scale"): _scale,

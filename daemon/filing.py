@@ -14,9 +14,10 @@ import os
 import secrets
 import shutil
 import stat
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, BinaryIO, Callable
 
 from PIL import Image as PILImage
 
@@ -67,46 +68,125 @@ def reserve_name(folder: Path, name: str, *, also_free: Callable[[Path], bool] =
     raise FilingError(f"no free name for {name} in {folder} after {MAX_NAME_TRIES} tries")
 
 
-def _copy_across(source: Path, target: Path, st: os.stat_result) -> None:
-    """Move between filesystems: copy into the reservation, fsync, then unlink the source."""
+@dataclass(frozen=True)
+class Source:
+    """The entry to move: `path`, or (with `dir_fd`) its name inside that open folder, which was
+    reached without following links: a folder swapped for a link afterwards changes nothing."""
+
+    path: Path
+    dir_fd: int | None = None
+
+    @property
+    def ref(self) -> str | Path:
+        return self.path.name if self.dir_fd is not None else self.path
+
+    def lstat(self) -> os.stat_result:
+        return os.stat(self.ref, dir_fd=self.dir_fd, follow_symlinks=False)
+
+    def names(self, st: os.stat_result) -> bool:
+        """This entry is still the file `st` describes (same st_dev, st_ino)."""
+        try:
+            now = self.lstat()
+        except OSError:
+            return False
+        return (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
+
+    def exists(self) -> bool:
+        try:
+            self.lstat()
+        except FileNotFoundError:
+            return False
+        return True
+
+
+def _copy_across(source: Source, target: Path, st: os.stat_result, held: BinaryIO | None) -> None:
+    """Move between filesystems: copy into the reservation, fsync, then unlink the source.
+
+    With `held` (the file as it was read), the bytes come from it and the source is unlinked only
+    if it still names that inode: a file replaced meanwhile is left where it is."""
     if stat.S_ISLNK(st.st_mode):
         temp = target.with_name(f".{target.name}.link-{os.getpid()}")
-        os.symlink(os.readlink(source), temp)
+        os.symlink(os.readlink(source.ref, dir_fd=source.dir_fd), temp)
         os.replace(temp, target)
+    elif held is not None:
+        _copy_bytes(held, target, st)
     else:
-        with open(os.open(source, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)), "rb") as src, open(target, "wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
-            dst.flush()
-            os.fsync(dst.fileno())
-        if target.stat().st_size != st.st_size:
-            raise FilingError(f"copy of {source} to {target} is incomplete; the original was kept")
-        os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+        with open(os.open(source.ref, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0), dir_fd=source.dir_fd), "rb") as src:
+            _copy_bytes(src, target, st)
     fsync_dir(target.parent)
-    os.unlink(source)
+    if held is None or source.names(st):
+        os.unlink(source.ref, dir_fd=source.dir_fd)
 
 
-def move_into(path: Path, folder: Path, *, also_free: Callable[[Path], bool] = lambda p: True) -> Path:
-    """Move `path` (a file or a symlink, never followed) into `folder` under a free name."""
-    path = Path(path)
-    st = os.lstat(path)
-    target = reserve_name(folder, path.name, also_free=also_free)
+def _copy_bytes(src: BinaryIO, target: Path, st: os.stat_result) -> None:
+    """Copy `src` from its start into the reserved `target`, fsynced, with `st`'s times."""
+    src.seek(0)
+    with open(target, "wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
+        dst.flush()
+        os.fsync(dst.fileno())
+    if target.stat().st_size != st.st_size:
+        raise FilingError(f"copy to {target} is incomplete; the original was kept")
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def move_into(path: Path, folder: Path, *, also_free: Callable[[Path], bool] = lambda p: True,
+              fsync: bool = True, held: BinaryIO | None = None, dir_fd: int | None = None) -> Path:
+    """Move `path` (a file or a symlink, never followed) into `folder` under a free name.
+
+    ``fsync=False``: the caller fsyncs `folder` itself (once for a whole batch) before it records
+    the move; a copy across filesystems is always made durable before its source is unlinked.
+    `dir_fd`: `path`'s folder, opened without following links (``intake.open_folder``): the move
+    starts there. `held`: the open file that was hashed and decoded. Only that inode is moved: if
+    `path` names another file now (replaced by a re-export), the held bytes are copied into
+    `folder` and the new file is left in place, to be processed on its own.
+    """
+    source = Source(Path(path), dir_fd)
+    st = os.fstat(held.fileno()) if held is not None else source.lstat()
+    if held is not None and not source.names(st):
+        return _file_held_copy(source.path, folder, held, st, also_free)
+    target = reserve_name(folder, source.path.name, also_free=also_free)
     try:
         if stat.S_ISLNK(st.st_mode):
             os.unlink(target)  # rename(2) of a link over a regular file is allowed, but keep it explicit
-            os.rename(path, target)
-        else:
-            os.rename(path, target)
-        fsync_dir(target.parent)
+        os.rename(source.ref, target, src_dir_fd=dir_fd)
+        if held is not None and not Source(target).names(st):  # replaced between the check and the rename
+            _put_back(target, source)
+            return _file_held_copy(source.path, folder, held, st, also_free)
+        if fsync:
+            fsync_dir(target.parent)
     except OSError as exc:
         if exc.errno != errno.EXDEV:
             _discard(target)
             raise FilingError(f"cannot move {path} to {target}: {exc.strerror}") from exc
         try:
-            _copy_across(path, target, st)
+            _copy_across(source, target, st, held)
         except OSError as copy_exc:
             _discard(target)
             raise FilingError(f"cannot copy {path} to {target}: {copy_exc}") from copy_exc
     return target
+
+
+def _file_held_copy(path: Path, folder: Path, held: BinaryIO, st: os.stat_result,
+                    also_free: Callable[[Path], bool]) -> Path:
+    """File the bytes that were read (from the open file) when the path now names another file."""
+    target = reserve_name(folder, path.name, also_free=also_free)
+    try:
+        _copy_bytes(held, target, st)
+    except OSError as exc:
+        _discard(target)
+        raise FilingError(f"cannot copy the version of {path} that was read to {target}: {exc}") from exc
+    fsync_dir(target.parent)
+    return target
+
+
+def _put_back(moved: Path, source: Source) -> None:
+    """Return a file renamed by mistake to where it was, never replacing whatever is there now."""
+    try:
+        os.link(moved, source.ref, dst_dir_fd=source.dir_fd)
+    except OSError:
+        return  # the name was taken again: the file stays filed under `moved` rather than be lost
+    os.unlink(moved)
 
 
 def _discard(target: Path) -> None:
@@ -117,17 +197,19 @@ def _discard(target: Path) -> None:
         pass
 
 
-def archive_file(path: Path, archive_root: Path, when: datetime) -> Path:
+def archive_file(path: Path, archive_root: Path, when: datetime, *, fsync: bool = True,
+                 held: BinaryIO | None = None, dir_fd: int | None = None) -> Path:
     """Move a handled file to `archive_root/YYYY/MM/DD/<name>` (``name__1.ext`` on a clash)."""
-    return move_into(Path(path), dated_folder(archive_root, when))
+    return move_into(Path(path), dated_folder(archive_root, when), fsync=fsync, held=held, dir_fd=dir_fd)
 
 
-def quarantine_file(path: Path, quarantine_root: Path, reason: str, detail: str, when: datetime | None = None) -> Path:
+def quarantine_file(path: Path, quarantine_root: Path, reason: str, detail: str, when: datetime | None = None, *,
+                    held: BinaryIO | None = None, dir_fd: int | None = None) -> Path:
     """Move a refused or broken file to `quarantine_root/YYYY/MM/DD/` with `<name>.error.txt` beside it."""
     when = when or datetime.now(timezone.utc)
     source = Path(path)
     target = move_into(source, dated_folder(quarantine_root, when),
-                       also_free=lambda p: not os.path.lexists(error_note_path(p)))
+                       also_free=lambda p: not os.path.lexists(error_note_path(p)), held=held, dir_fd=dir_fd)
     text = f"reason: {reason}\ndetail: {detail}\ntime: {when.isoformat()}\nsource: {os.fsencode(source)!r}\n"
     try:
         write_error_note(target, storable_text(text, 20_000))

@@ -1,4 +1,4 @@
-"""Intake: hash a ready file, claim it in SQL, decode it into an RGB picture.
+"""Intake: hash a ready file (``daemon.reading``), claim it in SQL, decode it into an RGB picture.
 
 The claim is the one place where "each file is processed once" is decided: the first row
 holding a sha256 (``duplicate_of_id IS NULL``) is unique per content, enforced by the
@@ -10,10 +10,10 @@ a keyed HMAC pseudonym and the patient name is never read.
 from __future__ import annotations
 
 import enum
-import hashlib
+import functools
 import os
 import socket
-import stat
+import threading
 import warnings
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -35,60 +35,47 @@ from stainbridge.daemon.dicom import (
     scale_to_uint8,
 )
 from stainbridge.daemon.errors import IntakeError, RefusedFile, UnreadableImage, UnsupportedFormat
+from stainbridge.daemon.reading import open_beneath, open_folder, open_regular, sha256_file, sha256_open
 from stainbridge.daemon.store import Image, ImageStatus, utcnow
 
 __all__ = [
     "IntakeError", "UnreadableImage", "UnsupportedFormat", "RefusedFile", "PseudonymSecretMissing",
-    "open_regular", "sha256_file", "worker_id", "ClaimOutcome", "ClaimResult", "claim",
-    "release_stale_claims", "next_pending", "DecodedImage", "decode_image", "to_rgb", "pseudonymize",
+    "open_regular", "open_folder", "open_beneath", "sha256_file", "sha256_open", "worker_id", "claim_owner",
+    "ClaimOutcome", "ClaimResult", "claim",
+    "release_stale_claims", "DecodedImage", "decode_image", "decode_open", "to_rgb", "pseudonymize",
 ]
 
 PILLOW_FORMATS = ("PNG", "JPEG", "TIFF", "BMP")
-CHUNK = 1 << 20
-
-
-# --- files and hashing ----------------------------------------------------------------------
-
-
-def open_regular(path: str | os.PathLike[str]) -> BinaryIO:
-    """Open a regular, singly-linked file for reading without following a symlink."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
-    except FileNotFoundError:
-        raise UnreadableImage(f"{path} disappeared before it could be read", reason="missing") from None
-    except OSError as exc:
-        if os.path.islink(path):
-            raise RefusedFile(f"{path} is a symbolic link; links are never followed", reason="symlink") from None
-        raise UnreadableImage(f"cannot open {path}: {exc.strerror}; check the file's permissions",
-                              reason="unreadable") from None
-    handle = os.fdopen(fd, "rb")
-    st = os.fstat(handle.fileno())
-    if not stat.S_ISREG(st.st_mode):
-        handle.close()
-        raise RefusedFile(f"{path} is not a regular file", reason="not_regular_file")
-    if st.st_nlink > 1:
-        handle.close()
-        raise RefusedFile(f"{path} has {st.st_nlink} hard links; copy the file instead of linking it", reason="hard_link")
-    return handle
-
-
-def sha256_file(path: str | os.PathLike[str], *, on_chunk: Callable[[], None] | None = None) -> str:
-    """The sha256 of a file's bytes (hex), read in 1 MiB chunks; `on_chunk()` after each (a liveness ping)."""
-    digest = hashlib.sha256()
-    with open_regular(path) as handle:
-        while chunk := handle.read(CHUNK):
-            digest.update(chunk)
-            if on_chunk is not None:
-                on_chunk()
-    return digest.hexdigest()
 
 
 # --- claims ---------------------------------------------------------------------------------
 
 
 def worker_id() -> str:
-    """This process as it appears in ``images.claimed_by``: ``host:pid``."""
+    """This process in logs and ``training_runs.worker``: ``host:pid``."""
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def claim_owner() -> str:
+    """This process as it appears in ``images.claimed_by``: ``host@boot.pidns:pid``.
+
+    A pid means something only in its PID namespace and until the next boot: the kernel's boot id
+    (first 8 hex digits) and the PID namespace's inode say where `pid` can be checked."""
+    return f"{socket.gethostname()}@{_pid_scope()}:{os.getpid()}"
+
+
+@functools.cache
+def _pid_scope() -> str:
+    """``boot.pidns`` of this process (``0`` for what the platform does not expose)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip().replace("-", "")[:8]
+    except OSError:
+        boot = "0"
+    try:
+        namespace = str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        namespace = "0"
+    return f"{boot}.{namespace}"
 
 
 class ClaimOutcome(str, enum.Enum):
@@ -119,7 +106,7 @@ def claim(session: Session, *, sha256: str, source_name: str, site: str, size_by
     """
     now = utcnow()
     row = Image(sha256=sha256, source_name=source_name, site=site, size_bytes=size_bytes,
-                status=ImageStatus.processing, claimed_by=worker_id(), claimed_at=now, received_at=now)
+                status=ImageStatus.processing, claimed_by=claim_owner(), claimed_at=now, received_at=now)
     try:
         with session.begin_nested():
             session.add(row)
@@ -129,16 +116,21 @@ def claim(session: Session, *, sha256: str, source_name: str, site: str, size_by
     except IntegrityError as exc:
         conflict = exc  # the savepoint was rolled back; the outer transaction is still usable
 
+    # SKIP LOCKED (PostgreSQL; SQLite has one writer): a row another worker is claiming right now is
+    # left to it instead of blocking this worker's whole batch behind its transaction.
     original = session.scalars(
-        select(Image).where(Image.sha256 == sha256, Image.duplicate_of_id.is_(None)).with_for_update()
+        select(Image).where(Image.sha256 == sha256, Image.duplicate_of_id.is_(None)).with_for_update(skip_locked=True)
     ).one_or_none()
-    if original is None:  # not the sha256 index: a genuine schema error
-        raise conflict
+    if original is None:
+        held = session.scalars(select(Image.id).where(Image.sha256 == sha256, Image.duplicate_of_id.is_(None))).first()
+        if held is None:  # not the sha256 index: a genuine schema error
+            raise conflict
+        return ClaimResult(ClaimOutcome.in_progress, held)
     if original.status is ImageStatus.pending:
         taken = session.execute(
             update(Image)
             .where(Image.id == original.id, Image.status == ImageStatus.pending)
-            .values(status=ImageStatus.processing, claimed_by=worker_id(), claimed_at=now, error=None,
+            .values(status=ImageStatus.processing, claimed_by=claim_owner(), claimed_at=now, error=None,
                     source_name=source_name, size_bytes=size_bytes)
             .execution_options(synchronize_session=False)
         ).rowcount
@@ -152,7 +144,7 @@ def claim(session: Session, *, sha256: str, source_name: str, site: str, size_by
         taken = session.execute(
             update(Image)
             .where(Image.id == original.id, Image.status == ImageStatus.failed, Image.archive_path.is_not(None))
-            .values(status=ImageStatus.processing, claimed_by=worker_id(), claimed_at=now, error=None,
+            .values(status=ImageStatus.processing, claimed_by=claim_owner(), claimed_at=now, error=None,
                     source_name=source_name, size_bytes=size_bytes, archive_path=None, received_at=now)
             .execution_options(synchronize_session=False)
         ).rowcount
@@ -194,26 +186,45 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _owner_dead(owner: str, host: str, scope: str) -> bool:
+    """Is the claim owner `owner` (see `claim_owner`) a process of this host known to be gone?
+
+    Same boot and PID namespace: its pid is checked. Another boot of this host: gone. Another PID
+    namespace on this host (containers sharing a hostname): its pid cannot be checked from here,
+    so it is not called dead; the age cutoff frees its claims. ``host:pid`` (written before the
+    scope was recorded): its pid is checked, as then."""
+    place, _, pid = owner.rpartition(":")
+    if not pid.isdigit():
+        return True
+    if place == host:
+        return not _pid_alive(int(pid))
+    other = place[len(host) + 1:]
+    if other == scope:
+        return not _pid_alive(int(pid))
+    return other.split(".", 1)[0] != scope.split(".", 1)[0]  # rebooted since: every process of then is gone
+
+
 def release_stale_claims(session: Session, older_than_s: float, *, startup: bool = False) -> int:
     """Reset stale `processing` claims to `pending` so that the file can be claimed again.
 
     Stale means: claimed more than `older_than_s` seconds ago, or claimed on this host by a
-    process that no longer exists, or (``startup=True``, before this worker holds anything)
-    claimed under this very ``host:pid`` by an earlier life (pid 1 in containers).
+    process that no longer exists (see `_owner_dead`), or (``startup=True``, before this worker
+    holds anything) claimed under this very `claim_owner` by an earlier life (pid 1 in containers).
     Returns how many rows were released; does not commit.
     """
-    host, me = socket.gethostname(), worker_id()
+    host, me, scope = socket.gethostname(), claim_owner(), _pid_scope()
     cutoff = utcnow() - timedelta(seconds=older_than_s)
     dead: list[str] = []
     rows = session.execute(
-        select(Image.claimed_by).where(Image.status == ImageStatus.processing, Image.claimed_by.like(f"{host}:%")).distinct()
+        select(Image.claimed_by).where(Image.status == ImageStatus.processing,
+                                       or_(Image.claimed_by.like(f"{host}:%"), Image.claimed_by.like(f"{host}@%")))
+        .distinct()
     ).scalars()
     for owner in rows:
-        pid_text = owner.rsplit(":", 1)[-1]
         if owner == me:
             if startup:
                 dead.append(owner)
-        elif not pid_text.isdigit() or not _pid_alive(int(pid_text)):
+        elif _owner_dead(owner, host, scope):
             dead.append(owner)
     stale = or_(Image.claimed_at < cutoff, Image.claimed_at.is_(None), Image.claimed_by.in_(dead))
     result = session.execute(
@@ -223,26 +234,6 @@ def release_stale_claims(session: Session, older_than_s: float, *, startup: bool
         .execution_options(synchronize_session=False)
     )
     return result.rowcount or 0
-
-
-def next_pending(session: Session, limit: int) -> list[Image]:
-    """Claim up to `limit` pending rows for this worker (``FOR UPDATE SKIP LOCKED`` on PostgreSQL).
-
-    The rows come back as `processing`, claimed by this worker; resolve ``source_name``
-    against the drop folder to find the file. Does not commit: commit right after.
-    """
-    rows = list(session.scalars(
-        select(Image)
-        .where(Image.status == ImageStatus.pending, Image.duplicate_of_id.is_(None))
-        .order_by(Image.id)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-    ))
-    now = utcnow()
-    for row in rows:
-        row.status, row.claimed_by, row.claimed_at = ImageStatus.processing, worker_id(), now
-    session.flush()
-    return rows
 
 
 # --- decoding -------------------------------------------------------------------------------
@@ -260,51 +251,75 @@ class DecodedImage:
 
 
 def decode_image(path: str | os.PathLike[str], *, max_pixels: int, max_bytes: int,
-                 pseudonym_secret: str = "") -> DecodedImage:
-    """Fully decode `path` into an RGB picture, or raise an :class:`IntakeError` saying why not.
+                 pseudonym_secret: str = "", reserve: Callable[[int], None] | None = None) -> DecodedImage:
+    """Fully decode `path` into an RGB picture, or raise an :class:`IntakeError` saying why not."""
+    with open_regular(path) as handle:
+        return decode_open(handle, Path(path).name, max_pixels=max_pixels, max_bytes=max_bytes,
+                           pseudonym_secret=pseudonym_secret, reserve=reserve)
+
+
+def decode_open(handle: BinaryIO, name: str, *, max_pixels: int, max_bytes: int, pseudonym_secret: str = "",
+                reserve: Callable[[int], None] | None = None) -> DecodedImage:
+    """Decode the open file `handle` (read from its start; the same inode that was hashed).
 
     `max_bytes` is checked before anything is read (``settings.watch.max_file_mb`` * 2**20),
-    `max_pixels` before pixel data is decoded (``settings.watch.max_pixels``).
+    `max_pixels` before pixel data is decoded (``settings.watch.max_pixels``). `reserve(pixels)`
+    is called once the size is known and before the pixels are decoded (PNG, JPEG, TIFF, BMP): the
+    pipeline's in-flight pixel budget, which may block until earlier images are done.
     """
-    name = Path(path).name
-    with open_regular(path) as handle:
-        size = os.fstat(handle.fileno()).st_size
-        if size == 0:
-            raise UnreadableImage(f"{name} is empty (0 bytes); was the copy interrupted?", reason="empty")
-        if size > max_bytes:
-            raise RefusedFile(f"{name} is {size / 2**20:.1f} MiB, over the {max_bytes / 2**20:.1f} MiB limit "
-                              "([watch] max_file_mb)", reason="too_large")
-        head = handle.read(132)
-        handle.seek(0)
-        if head[128:132] == b"DICM" or name.lower().endswith(".dcm"):
-            image, metadata = decode_dicom(handle, name, max_pixels=max_pixels, pseudonym_secret=pseudonym_secret,
-                                           max_inflated_bytes=min(max_bytes, max_pixels * 6 + (1 << 20)))
-            return DecodedImage(image, "DICOM", image.width, image.height, metadata)
-        return _decode_pillow(handle, name, max_pixels=max_pixels)
+    size = os.fstat(handle.fileno()).st_size
+    if size == 0:
+        raise UnreadableImage(f"{name} is empty (0 bytes); was the copy interrupted?", reason="empty")
+    if size > max_bytes:
+        raise RefusedFile(f"{name} is {size / 2**20:.1f} MiB, over the {max_bytes / 2**20:.1f} MiB limit "
+                          "([watch] max_file_mb)", reason="too_large")
+    handle.seek(0)
+    head = handle.read(132)
+    handle.seek(0)
+    if head[128:132] == b"DICM" or name.lower().endswith(".dcm"):
+        image, metadata = decode_dicom(handle, name, max_pixels=max_pixels, pseudonym_secret=pseudonym_secret,
+                                       max_inflated_bytes=min(max_bytes, max_pixels * 6 + (1 << 20)))
+        return DecodedImage(image, "DICOM", image.width, image.height, metadata)
+    return _decode_pillow(handle, name, max_pixels=max_pixels, reserve=reserve)
 
 
-def _decode_pillow(handle: BinaryIO, name: str, *, max_pixels: int) -> DecodedImage:
+# Pillow's bomb check reads a process-wide limit and warnings filter: ours are set around `open`
+# (where the check runs) under a lock, since decoding runs in several threads.
+_OPEN_LOCK = threading.Lock()
+
+
+def _open_pillow(handle: BinaryIO, max_pixels: int) -> PILImage.Image:
+    with _OPEN_LOCK:
+        previous_limit, PILImage.MAX_IMAGE_PIXELS = PILImage.MAX_IMAGE_PIXELS, max_pixels
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", PILImage.DecompressionBombWarning)
+                return PILImage.open(handle, formats=list(PILLOW_FORMATS))
+        finally:
+            PILImage.MAX_IMAGE_PIXELS = previous_limit
+
+
+def _decode_pillow(handle: BinaryIO, name: str, *, max_pixels: int,
+                   reserve: Callable[[int], None] | None = None) -> DecodedImage:
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         raise ConfigError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is on; stainbridge needs it off to refuse truncated files")
-    # Pillow's bomb check reads a process-wide limit: set ours for this decode, then restore it.
-    previous_limit, PILImage.MAX_IMAGE_PIXELS = PILImage.MAX_IMAGE_PIXELS, max_pixels
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", PILImage.DecompressionBombWarning)
-            img = PILImage.open(handle, formats=list(PILLOW_FORMATS))
-            if img.format not in PILLOW_FORMATS:
-                raise UnsupportedFormat(f"{name}: {img.format} images are not accepted; "
-                                        f"send {', '.join(PILLOW_FORMATS)} or DICOM")
-            if img.width * img.height > max_pixels:
-                raise RefusedFile(f"{name} is {img.width}x{img.height} pixels, over the {max_pixels} limit "
-                                  "([watch] max_pixels)", reason="decompression_bomb")
-            if getattr(img, "n_frames", 1) > 1:
-                raise UnsupportedFormat(f"{name} has {img.n_frames} frames/pages; multi-frame images are not "
-                                        "supported, split the frames into separate files", reason="multi_frame")
-            img.load()
+        img = _open_pillow(handle, max_pixels)
+        if img.format not in PILLOW_FORMATS:
+            raise UnsupportedFormat(f"{name}: {img.format} images are not accepted; "
+                                    f"send {', '.join(PILLOW_FORMATS)} or DICOM")
+        if img.width * img.height > max_pixels:
+            raise RefusedFile(f"{name} is {img.width}x{img.height} pixels, over the {max_pixels} limit "
+                              "([watch] max_pixels)", reason="decompression_bomb")
+        if getattr(img, "n_frames", 1) > 1:
+            raise UnsupportedFormat(f"{name} has {img.n_frames} frames/pages; multi-frame images are not "
+                                    "supported, split the frames into separate files", reason="multi_frame")
+        if reserve is not None:
+            reserve(img.width * img.height)
+        img.load()
     except IntakeError:
         raise
-    except (PILImage.DecompressionBombError, PILImage.DecompressionBombWarning) as exc:
+    except (PILImage.DecompressionBombError, PILImage.DecompressionBombWarning):
         raise RefusedFile(f"{name} is refused as a decompression bomb (over [watch] max_pixels)",
                           reason="decompression_bomb") from None
     except UnidentifiedImageError:
@@ -315,8 +330,6 @@ def _decode_pillow(handle: BinaryIO, name: str, *, max_pixels: int) -> DecodedIm
         reason = "truncated" if "truncat" in text.lower() else "corrupt"
         # Only the error's class: decoder text can quote the file's own bytes (text chunks, EXIF).
         raise UnreadableImage(f"{name} cannot be decoded ({reason}; {type(exc).__name__})", reason=reason) from None
-    finally:
-        PILImage.MAX_IMAGE_PIXELS = previous_limit
     fmt = img.format
     try:
         img = ImageOps.exif_transpose(img)

@@ -53,6 +53,7 @@ from stainbridge.daemon.pipeline import (
     ModelConfigError,
     Pipeline,
     load_models,
+    use_all_cores,
 )
 from stainbridge.daemon.retraining import recover_runs
 from stainbridge.daemon.scheduler import RetrainingScheduler
@@ -108,6 +109,8 @@ class Service:
         try:
             sessions, models = self._connect_and_load()
             self.pipeline = Pipeline(s, sessions, models)
+            use_all_cores()
+            self.pipeline.warm_up()
             self.pipeline.heartbeat = self._beat
             self.pipeline.recover()
             self.swapper = ModelSwapper(s, sessions)

@@ -5,8 +5,8 @@
 Start `stainbridge run`'s Service in-process on CONFIG (e.g. the one `bench throughput --workdir
 DIR` writes to DIR/service/stainbridge.toml, with N images copied into its drop folder), wrap the
 pipeline's steps and the watcher's ``ready_files`` in timers, handle N files and print
-milliseconds per image per step. The steps nest: "intake" holds hash, claim and decode; "file"
-holds the moves. Set OMP_WAIT_POLICY yourself: this does not go through the CLI, which sets it.
+milliseconds per image per step. Indented steps are part of the one above them. Set
+OMP_WAIT_POLICY yourself: this does not go through the CLI, which sets it.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import sys
 import time
 from typing import Any
 
-from stainbridge.daemon import pipeline, service, watcher
+from stainbridge.daemon import pipeline, recording, service, watcher
 from stainbridge.daemon.config import load_settings
 
 SPENT: dict[str, float] = collections.defaultdict(float)
@@ -39,14 +39,12 @@ def timed(owner: Any, name: str, label: str) -> None:
 
 def main(config: str, expected: int) -> None:
     timed(watcher.DropFolderWatcher, "ready_files", "watcher.ready_files")
-    timed(pipeline.Pipeline, "_intake", "intake (hash + claim transaction + decode)")
-    timed(pipeline.intake, "sha256_file", "  hash")
-    timed(pipeline.intake, "claim", "  claim (INSERT + flush, before its commit)")
-    timed(pipeline.intake, "decode_image", "  decode")
-    timed(pipeline.Pipeline, "_infer", "inference (run_batch)")
-    timed(pipeline.Pipeline, "_record", "results transaction")
-    timed(pipeline.Pipeline, "_file", "file (moves + archive_path transaction)")
-    timed(pipeline.filing, "archive_file", "  moves (rename + directory fsync)")
+    timed(pipeline, "claim_items", "claims (one transaction per batch, then the rest one by one)")
+    timed(pipeline.Pipeline, "_decode_and_infer", "decode (thread pool) overlapped with inference")
+    timed(pipeline.Pipeline, "_infer", "  inference (run_batch)")
+    timed(pipeline, "record", "results transaction")
+    timed(pipeline, "file_items", "file (moves, one fsync per folder, archive_path transaction)")
+    timed(recording.filing, "archive_file", "  moves (rename)")
     worker = service.Service(load_settings(config))
     worker.start()
     time.sleep(1.0)

@@ -16,7 +16,7 @@ import pytest
 from pydicom import dcmread
 from sqlalchemy import select
 
-from stainbridge.daemon import intake
+from stainbridge.daemon import claiming, intake
 from stainbridge.daemon import pipeline as pipeline_module
 from stainbridge.daemon.failures import MAX_ATTEMPTS, storable_source_name
 from stainbridge.daemon.schema import upgrade_database
@@ -123,14 +123,14 @@ def test_nul_byte_in_dicom_institution_does_not_poison_the_batch(make_service, d
 def test_oserror_while_hashing_quarantines_that_file_only(make_service, monkeypatch):
     """EIO while hashing one file: it is quarantined as unreadable; the rest of the batch is classified."""
     service = make_service()
-    real = intake.sha256_file
+    real = intake.sha256_open
 
-    def flaky(path, **kwargs):
-        if Path(path).name == "cell-1.png":
+    def flaky(handle, **kwargs):
+        if Path(handle.name).name == "cell-1.png":
             raise OSError(errno.EIO, "Input/output error")
-        return real(path, **kwargs)
+        return real(handle, **kwargs)
 
-    monkeypatch.setattr(intake, "sha256_file", flaky)
+    monkeypatch.setattr(intake, "sha256_open", flaky)
     drop_files(service, 3)
     final = settle(service, 3)
     failed = [r for r in final if r.status is ImageStatus.failed]
@@ -141,16 +141,16 @@ def test_oserror_while_hashing_quarantines_that_file_only(make_service, monkeypa
 def test_file_that_breaks_its_batch_is_quarantined_after_bounded_attempts(make_service, monkeypatch):
     """An unexpected error on one file: the others go through at once; it is quarantined after MAX_ATTEMPTS."""
     service = make_service()
-    real = intake.claim
+    real = intake.sha256_open
     calls = []
 
-    def breaking(session, **kwargs):
-        if kwargs["source_name"] == "cell-2.png":
+    def breaking(handle, **kwargs):
+        if Path(handle.name).name == "cell-2.png":
             calls.append(1)
             raise RuntimeError("a bug that only this file triggers")
-        return real(session, **kwargs)
+        return real(handle, **kwargs)
 
-    monkeypatch.setattr(intake, "claim", breaking)
+    monkeypatch.setattr(intake, "sha256_open", breaking)
     drop_files(service, 4)
     final = settle(service, 4)
     assert len(calls) == MAX_ATTEMPTS + 1  # the batch, then the file alone MAX_ATTEMPTS times
@@ -165,8 +165,8 @@ def test_huge_file_is_refused_before_it_is_read(make_service, monkeypatch):
     """A file over max_file_mb is quarantined as too_large without being hashed."""
     service = make_service(watch_max_file_mb=0.001)
     hashed = []
-    real = intake.sha256_file
-    monkeypatch.setattr(intake, "sha256_file", lambda path, **kw: hashed.append(path) or real(path, **kw))
+    real = intake.sha256_open
+    monkeypatch.setattr(intake, "sha256_open", lambda handle, **kw: hashed.append(handle.name) or real(handle, **kw))
     (service.settings.drop_dir / "huge.png").write_bytes(os.urandom(4096))
     final = settle(service, 1)
     assert final[0].error.startswith("too_large:") and hashed == []
@@ -198,12 +198,13 @@ def test_database_outage_leaves_files_in_place_and_backs_off(make_service, monke
     from sqlalchemy.exc import OperationalError
 
     service = make_service()
-    real = intake.claim
+    real, real_new = intake.claim, claiming.claim_new_content
 
-    def down(session, **kwargs):
+    def down(session, *args, **kwargs):
         raise OperationalError("INSERT", {}, Exception("server closed the connection unexpectedly"))
 
     monkeypatch.setattr(intake, "claim", down)
+    monkeypatch.setattr(claiming, "claim_new_content", down)
     drop_files(service, 2)
     wait_for(lambda: service.run_once() == 0 and service._backoff.failures >= 1, 30, "the outage to be noticed")
     first = service._backoff_delay
@@ -211,6 +212,7 @@ def test_database_outage_leaves_files_in_place_and_backs_off(make_service, monke
     wait_for(lambda: service.run_once() == 0 and service._backoff.failures >= 2, 30, "a second failed attempt")
     assert service._backoff_delay > first and rows(service) == []
     monkeypatch.setattr(intake, "claim", real)
+    monkeypatch.setattr(claiming, "claim_new_content", real_new)
     final = settle(service, 2)
     assert [r.status for r in final] == [ImageStatus.done] * 2
 

@@ -76,10 +76,10 @@ def test_cross_filesystem_move_copies_then_unlinks(tmp_path, monkeypatch):
     mtime = source.stat().st_mtime_ns
     real_rename = os.rename
 
-    def cross_device(src, dst):
+    def cross_device(src, dst, **kwargs):
         if Path(src) == source:
             raise OSError(errno.EXDEV, "Invalid cross-device link")
-        return real_rename(src, dst)
+        return real_rename(src, dst, **kwargs)
 
     monkeypatch.setattr(filing.os, "rename", cross_device)
     target = archive_file(source, tmp_path / "archive", WHEN)
@@ -90,7 +90,7 @@ def test_failed_move_keeps_the_original(tmp_path, monkeypatch):
     """If the move fails the input stays where it was and no empty reservation is left."""
     source = drop(tmp_path, "a.png")
 
-    def refuse(src, dst):
+    def refuse(src, dst, **kwargs):
         raise OSError(errno.EACCES, "Permission denied")
 
     monkeypatch.setattr(filing.os, "rename", refuse)

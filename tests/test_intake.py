@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import socket
 import struct
 import threading
 import time
@@ -15,8 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image as PILImage
-from sqlalchemy import select
+from sqlalchemy import select, text
 
+from stainbridge.daemon import intake as intake_module
 from stainbridge.daemon.config import ConfigError
 from stainbridge.daemon.intake import (
     ClaimOutcome,
@@ -26,12 +28,11 @@ from stainbridge.daemon.intake import (
     UnreadableImage,
     UnsupportedFormat,
     claim,
+    claim_owner,
     decode_image,
-    next_pending,
     pseudonymize,
     release_stale_claims,
     sha256_file,
-    worker_id,
 )
 from stainbridge.daemon.store import Base, Image, ImageStatus, make_engine, make_sessionmaker, utcnow
 from tests import dicom_factory
@@ -85,7 +86,7 @@ def test_claim_first_arrival_is_processing(db):
     db.commit()
     row = db.get(Image, result.image_id)
     assert result.outcome is ClaimOutcome.claimed and not result.is_duplicate
-    assert row.status is ImageStatus.processing and row.claimed_by == worker_id() and row.claimed_at is not None
+    assert row.status is ImageStatus.processing and row.claimed_by == claim_owner() and row.claimed_at is not None
 
 
 def test_duplicate_claim_recorded_as_duplicate(db):
@@ -165,7 +166,7 @@ def test_dead_local_worker_claim_released(db):
     """A claim by a process on this host that no longer exists is stale at once."""
     first = claim(db, sha256="f" * 64, source_name="x.png", site="clinic", size_bytes=10)
     row = db.get(Image, first.image_id)
-    row.claimed_by = worker_id().rsplit(":", 1)[0] + ":999999999"
+    row.claimed_by = claim_owner().rsplit(":", 1)[0] + ":999999999"
     db.commit()
     assert release_stale_claims(db, older_than_s=3600) == 1
     live = claim(db, sha256="0" * 64, source_name="y.png", site="clinic", size_bytes=10)
@@ -175,33 +176,48 @@ def test_dead_local_worker_claim_released(db):
     assert db.get(Image, live.image_id).status is ImageStatus.pending
 
 
-def test_next_pending_claims_rows(db):
-    """Pending rows are handed out once, oldest first, as processing claims of this worker."""
-    for n in range(3):
-        db.add(Image(sha256=f"{n}" * 64, source_name=f"{n}.png", site="s", status=ImageStatus.pending))
+def test_claim_owner_pids_are_checked_only_in_their_own_pid_namespace_and_boot(db):
+    """A pid means something only in its PID namespace and boot: a claim from another namespace on this host
+    (containers sharing a hostname) is left to the age cutoff even if that pid is unknown here; one from an
+    earlier boot is released even if that pid is alive now; one from this namespace is checked as before."""
+    host, scope = socket.gethostname(), intake_module._pid_scope()
+    boot, namespace = scope.split(".")
+    owners = {
+        "other_namespace": f"{host}@{boot}.{int(namespace) + 1}:999999999",
+        "earlier_boot": f"{host}@{'f' * 8 if boot != 'f' * 8 else 'e' * 8}.{namespace}:{os.getpid()}",
+        "here_dead": f"{host}@{scope}:999999999",
+        "here_alive": f"{host}@{scope}:{os.getppid()}",
+    }
+    ids = {}
+    for n, (name, owner) in enumerate(owners.items()):
+        ids[name] = claim(db, sha256=f"{n}" * 64, source_name=f"{name}.png", site="s", size_bytes=1).image_id
+        db.get(Image, ids[name]).claimed_by = owner
     db.commit()
-    rows = next_pending(db, 2)
+    assert claim_owner() == f"{host}@{scope}:{os.getpid()}"
+    assert release_stale_claims(db, older_than_s=3600) == 2
     db.commit()
-    assert [r.source_name for r in rows] == ["0.png", "1.png"]
-    assert all(r.status is ImageStatus.processing and r.claimed_by == worker_id() for r in rows)
-    assert [r.source_name for r in next_pending(db, 5)] == ["2.png"]
+    released = {name for name, image_id in ids.items() if db.get(Image, image_id).status is ImageStatus.pending}
+    assert released == {"earlier_boot", "here_dead"}
 
 
-def test_next_pending_skips_rows_locked_by_another_worker(postgres_url):
-    """On PostgreSQL, two workers asking for pending rows at once never get the same row."""
+def test_claim_skips_a_row_another_worker_holds_instead_of_waiting(postgres_url):
+    """On PostgreSQL, content whose row another worker holds locked is `in_progress` at once (SKIP
+    LOCKED): the claim never waits behind the other worker's transaction (lock_timeout would fail it)."""
     engine = make_engine(postgres_url)
     Base.metadata.create_all(engine)
     make = make_sessionmaker(engine)
+    sha = "a1" * 32
     with make() as setup:
-        setup.add_all([Image(sha256=f"{n}" * 64, source_name=f"{n}.png", site="s", status=ImageStatus.pending) for n in range(3)])
+        setup.add(Image(sha256=sha, source_name="a.png", site="s", status=ImageStatus.pending))
         setup.commit()
     with make() as first, make() as second:
-        mine = [r.source_name for r in next_pending(first, 1)]  # row locked, not yet committed
-        theirs = [r.source_name for r in next_pending(second, 5)]
-        first.commit()
-        second.commit()
+        first.execute(select(Image).where(Image.sha256 == sha).with_for_update()).all()  # mid-claim elsewhere
+        second.execute(text("SET LOCAL lock_timeout = '2s'"))
+        result = claim(second, sha256=sha, source_name="a.png", site="s", size_bytes=1)
+        second.rollback()
+        first.rollback()
     engine.dispose()
-    assert mine == ["0.png"] and theirs == ["1.png", "2.png"]
+    assert result.outcome is ClaimOutcome.in_progress
 
 
 # --- Pillow formats ----------------------------------------------------------------------------

@@ -1,0 +1,179 @@
+"""The last two stages of a batch: one transaction records every result, then the files are filed.
+
+`record` writes every prediction and image status of a batch in ONE transaction (file by file
+only if the database refuses the batch, so that one unstorable value fails alone); `file_results`
+moves the files only after that commit, then records where each one went (``archive_path``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sqlalchemy import bindparam, delete, select
+from sqlalchemy.exc import SQLAlchemyError
+
+from stainbridge.daemon import filing, intake
+from stainbridge.daemon.batch import BatchReport, Item, unfiled_twin
+from stainbridge.daemon.failures import error_summary, is_transient, storable_text
+from stainbridge.daemon.logs import get_logger
+from stainbridge.daemon.store import Image, ImageStatus, Prediction, utcnow
+from stainbridge.models.inference import fsync_dir
+
+if TYPE_CHECKING:
+    from stainbridge.daemon.pipeline import Pipeline
+
+log = get_logger(__name__)
+
+
+def record(p: Pipeline, items: list[Item], report: BatchReport) -> list[Item]:
+    """Record the batch in one transaction; if the database refuses it, file by file.
+
+    A file whose results the database refuses (a value it cannot store) is recorded as
+    failed (``unrecordable``) instead, so that it never holds back the others.
+    """
+    try:
+        return _record_together(p, items, report)
+    except SQLAlchemyError as exc:
+        if is_transient(exc):
+            raise
+    recorded: list[Item] = []
+    for item in items:
+        try:
+            recorded += _record_together(p, [item], report)
+        except SQLAlchemyError as exc:
+            if is_transient(exc):
+                raise
+            log.warning("results_refused", source=item.candidate.source_name, error=error_summary(exc))
+            item.result, item.decoded = None, None
+            item.reason, item.detail = "unrecordable", f"the database refused this file's results: {error_summary(exc)}"
+            recorded += _record_together(p, [item], report)
+    return recorded
+
+def _record_together(p: Pipeline, items: list[Item], report: BatchReport) -> list[Item]:
+    now = utcnow()
+    me = intake.claim_owner()
+    recorded: list[Item] = []
+    counts = BatchReport()
+    m = p.models
+    with p.sessions.begin() as session:
+        ids = [i.image_id for i in items if i.image_id is not None]
+        claimed = {row.id: row for row in session.scalars(
+            select(Image).where(Image.id.in_(ids)).with_for_update())} if ids else {}
+        rows: list[tuple[Item, Image]] = []
+        for item in items:
+            source = item.candidate.source_name
+            if item.image_id is None:  # refused or unhashable: no claim, a failed row
+                row = unfiled_twin(session, item.sha256, source, ImageStatus.failed)
+                if row is None and not filing.Source(item.candidate.path, item.dir_fd).exists():
+                    counts.skipped += 1  # a stale candidate (filed by another worker, deleted): no row
+                    continue
+                if row is None:
+                    row = Image(sha256=None, source_name=source, site=p.settings.site.name,
+                                status=ImageStatus.failed, size_bytes=item.candidate.size, received_at=now)
+                    session.add(row)
+                    item.created_row = True
+            else:
+                row = claimed.get(item.image_id)
+                if row is None or row.status is not ImageStatus.processing or row.claimed_by != me:
+                    log.warning("claim_lost", source=source, image_id=item.image_id)
+                    counts.left_in_place.append(item.candidate.path)
+                    continue
+                if item.deferred is not None:  # transient: give the claim back, try again later
+                    row.status, row.claimed_by, row.claimed_at = ImageStatus.pending, None, None
+                    counts.deferred += 1
+                    counts.unavailable = counts.unavailable or item.deferred
+                    counts.left_in_place.append(item.candidate.path)
+                    continue
+            row.processed_at, row.claimed_by = now, None
+            if item.result is not None:
+                decoded, result = item.decoded, item.result
+                row.status, row.error = ImageStatus.done, None
+                row.format, row.width, row.height = decoded.format, decoded.width, decoded.height
+                for key, value in decoded.metadata.items():
+                    setattr(row, key, value)
+                session.add(Prediction(
+                    image_id=row.id, label=result.label, confidence=result.confidence,
+                    probabilities=result.probabilities, standardizer_version_id=m.standardizer_version_id,
+                    classifier_version_id=m.classifier_version_id, latency_ms=round(item.seconds * 1000, 3),
+                    created_at=now))
+                item.target = ImageStatus.done
+                counts.done += 1
+            else:
+                reason = item.reason or "unknown"
+                row.status, row.error = ImageStatus.failed, storable_text(f"{reason}: {item.detail}")
+                item.target = ImageStatus.failed
+                counts.failed += 1
+                counts.failures[reason] = counts.failures.get(reason, 0) + 1
+            rows.append((item, row))
+        session.flush()  # one UPDATE per kind of change and one INSERT of the predictions, not one per file
+        for item, row in rows:
+            item.image_id = row.id
+            recorded.append(item)
+    report.add(counts)  # only once the transaction committed
+    for item in recorded:
+        bound = log.bind(source=item.candidate.source_name, image=(item.sha256 or "-")[:12])
+        if item.target is ImageStatus.done:
+            bound.info("classified", label=item.result.label, confidence=round(item.result.confidence, 4),
+                       latency_ms=round(item.seconds * 1000, 1))
+        else:
+            bound.warning("failed", reason=item.reason, detail=item.detail)
+    return recorded
+
+
+def file_items(p: Pipeline, items: list[Item], report: BatchReport) -> None:
+    """Move each recorded file to the archive or quarantine, then record where it went."""
+    filed: dict[int, str] = {}
+    errors: dict[int, str] = {}
+    if any(i.target is ImageStatus.failed and i.reason is None for i in items):
+        with p.sessions() as session:  # unfiled failures from before a crash: their stored reason
+            ids = [i.image_id for i in items if i.target is ImageStatus.failed and i.reason is None]
+            errors = dict(session.execute(select(Image.id, Image.error).where(Image.id.in_(ids))).all())
+    vanished: list[int] = []
+    unsynced: set[Path] = set()  # archive folders with new entries: fsynced once each, before archive_path commits
+    for item in items:
+        path = item.candidate.path
+        when = utcnow()
+        try:
+            if item.target is ImageStatus.failed:
+                if item.reason is None:
+                    stored = errors.get(item.image_id) or "unknown: no reason recorded"
+                    item.reason, item.detail = stored.split(":", 1)[0], stored.split(":", 1)[-1].strip()
+                target = filing.quarantine_file(path, p.settings.quarantine_dir, item.reason, item.detail, when,
+                                                held=item.handle, dir_fd=item.dir_fd)
+            else:
+                target = filing.archive_file(path, p.settings.archive_dir, when, fsync=False, held=item.handle,
+                                             dir_fd=item.dir_fd)
+                unsynced.add(target.parent)
+            if item.handle is not None and filing.Source(path, item.dir_fd).exists():  # replaced: the held
+                log.warning("replaced_while_processing", source=item.candidate.source_name)  # bytes were filed
+                report.left_in_place.append(path)  # the new version is offered again, on its own
+        except FileNotFoundError:
+            if item.created_row:  # a refused entry another worker quarantined first: no second row
+                vanished.append(item.image_id)
+            else:
+                report.left_in_place.append(path)
+            continue
+        except Exception as exc:  # noqa: BLE001 - this file stays in place; the others are filed
+            log.error("filing_failed", source=item.candidate.source_name, error=error_summary(exc))
+            report.left_in_place.append(path)
+            continue
+        filed[item.image_id] = str(target)
+        if item.result is not None and item.target is ImageStatus.done and p.settings.watch.save_standardized:
+            try:
+                filing.save_standardized(item.result.standardized, target)
+            except Exception as exc:  # noqa: BLE001 - the original is archived and recorded all the same
+                log.error("standardized_copy_failed", source=item.candidate.source_name, error=error_summary(exc))
+    if vanished:
+        with p.sessions.begin() as session:
+            session.execute(delete(Image).where(Image.id.in_(vanished), Image.archive_path.is_(None),
+                                                Image.sha256.is_(None)))
+    for folder in unsynced:
+        fsync_dir(folder)
+    if filed:
+        with p.sessions.begin() as session:
+            table = Image.__table__
+            session.execute(table.update().where(table.c.id == bindparam("image_id"))
+                            .values(archive_path=bindparam("archive_path")),
+                            [{"image_id": image_id, "archive_path": storable_text(target, 1024)}
+                             for image_id, target in filed.items()])
