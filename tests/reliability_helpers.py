@@ -41,7 +41,7 @@ class Corpus:
     entries: dict[str, str] = field(default_factory=dict)  # source name -> expected: done|failed|duplicate|final
     vanished: set[str] = field(default_factory=set)  # deleted before they could be read: no row required
     outside_digests: dict[str, str] = field(default_factory=dict)
-    still_writing: list[tuple[Path, bytes, object]] = field(default_factory=list)
+    still_writing: list[SlowWriter] = field(default_factory=list)
 
     def add(self, relative: bytes | str, data: bytes, expected: str) -> Path:
         raw = relative if isinstance(relative, bytes) else os.fsencode(relative)
@@ -54,11 +54,41 @@ class Corpus:
         return path
 
     def finish_writes(self) -> None:
-        """Complete the file that was still being written."""
-        for path, rest, handle in self.still_writing:
-            handle.write(rest)
-            handle.close()
+        """Complete the files that were still being written."""
+        for writer in self.still_writing:
+            writer.finish()
         self.still_writing.clear()
+
+
+class SlowWriter:
+    """A publisher writing one file slowly: a byte every ``interval`` seconds (shorter than the quiet
+    time, so the file is never quiet while incomplete) until :meth:`finish` writes the rest."""
+
+    def __init__(self, path: Path, data: bytes, *, head: int = 100, interval: float = 0.1) -> None:
+        self._handle = open(path, "wb")  # noqa: SIM115 - closed by finish
+        self._handle.write(data[:head])
+        self._handle.flush()
+        self._rest, self._interval = bytearray(data[head:]), interval
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._drip, daemon=True)
+        self._thread.start()
+
+    def _drip(self) -> None:
+        while not self._done.wait(self._interval):
+            with self._lock:
+                if not self._rest:
+                    return
+                self._handle.write(self._rest[:1])
+                self._handle.flush()
+                del self._rest[:1]
+
+    def finish(self) -> None:
+        self._done.set()
+        self._thread.join()
+        with self._lock:
+            self._handle.write(self._rest)
+            self._handle.close()
 
 
 def digest_tree(folder: Path) -> dict[str, str]:
@@ -139,11 +169,7 @@ def hostile_entries(corpus: Corpus, scratch: Path, rng: random.Random) -> None:
     published.unlink()
     corpus.entries["hostile/relinked.png"] = "done"
     # a file still being written (completed later) and a file deleted right after it appeared
-    handle = open(corpus.drop / "hostile" / "slow-writer.png", "wb")  # noqa: SIM115 - closed by finish_writes
-    data = cell_bytes(scratch, seed=10)
-    handle.write(data[:100])
-    handle.flush()
-    corpus.still_writing.append((corpus.drop / "hostile" / "slow-writer.png", data[100:], handle))
+    corpus.still_writing.append(SlowWriter(corpus.drop / "hostile" / "slow-writer.png", cell_bytes(scratch, seed=10)))
     corpus.entries["hostile/slow-writer.png"] = "done"
     gone = corpus.drop / "hostile" / "deleted.png"
     gone.write_bytes(cell_bytes(scratch, seed=11))
