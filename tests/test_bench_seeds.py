@@ -10,7 +10,7 @@ import pytest
 from stainbridge.daemon.cli import main
 
 
-def _result(tmp: Path, seed: int, raw: float, reinhard: float, *, preset: str = "cpu") -> Path:
+def _result(tmp: Path, seed: int, raw: float, reinhard: float, *, preset: str = "cpu", extra: str = "") -> Path:
     def method(b: float, de: float) -> dict:
         return {"balanced_accuracy_min10": b, "delta_e": de}
 
@@ -20,7 +20,9 @@ def _result(tmp: Path, seed: int, raw: float, reinhard: float, *, preset: str = 
                   "seed": seed, "geometry": {"magnification": 0.8},
                   "classifier": {"reference_metrics": {"test_accuracy": 0.97 + seed / 100}}},
     }
-    path = tmp / f"s{seed}-{preset}.json"
+    if extra:
+        result["methods"][extra] = method(0.5 + seed / 10, 4.0)
+    path = tmp / f"s{seed}-{preset}{extra}.json"
     path.write_text(json.dumps(result))
     return path
 
@@ -43,3 +45,20 @@ def test_runs_of_different_setups_are_not_averaged(tmp_path: Path, capsys: pytes
     files = [_result(tmp_path, 0, 0.7, 0.6), _result(tmp_path, 1, 0.7, 0.6, preset="tiny")]
     assert main(["bench", "seeds", *map(str, files)]) == 2
     assert "preset" in capsys.readouterr().err
+
+
+def test_a_later_variants_run_of_a_seed_adds_its_rows(tmp_path: Path) -> None:
+    files = [_result(tmp_path, 0, 0.70, 0.60), _result(tmp_path, 1, 0.74, 0.66),
+             _result(tmp_path, 0, 0.70, 0.60, extra="colorization"), _result(tmp_path, 1, 0.74, 0.66, extra="colorization")]
+    out = tmp_path / "summary.json"
+    assert main(["bench", "seeds", *map(str, files), "--json", str(out)]) == 0
+    summary = json.loads(out.read_text())["bccd"]
+    assert summary["seeds"] == [0, 1]
+    assert summary["methods"]["colorization"]["balanced_accuracy_min10"]["mean"] == pytest.approx(0.55)
+    assert summary["methods"]["raw"]["balanced_accuracy_min10"]["n"] == 2
+
+
+def test_a_same_seed_run_with_another_classifier_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    files = [_result(tmp_path, 0, 0.70, 0.60), _result(tmp_path, 0, 0.71, 0.60, extra="colorization")]
+    assert main(["bench", "seeds", *map(str, files)]) == 2
+    assert "not the same classifier" in capsys.readouterr().err

@@ -8,7 +8,9 @@ difference can be read against run-to-run noise::
     stainbridge bench seeds runs/s0-bccd/results.json runs/s1-bccd/results.json ... [--markdown FILE] [--json FILE]
 
 Runs of one target must share preset, resolution and target folder; a mismatch is an error
-rather than a silently mixed mean.
+rather than a silently mixed mean. Several files of one seed are one run: a later ``--variants``
+run that reused the seed's classifier adds its learned rows (the raw and classical rows, recomputed
+with the same classifier, must agree with the first file's to within 1e-6, or it is refused).
 """
 
 from __future__ import annotations
@@ -45,12 +47,27 @@ def _stats(values: list[float]) -> dict[str, Any]:
             "std": statistics.stdev(values) if len(values) > 1 else 0.0, "values": values}
 
 
+def _merge_same_seed(path: Path, into: dict[str, Any], extra: dict[str, Any]) -> None:
+    for name, metrics in extra["methods"].items():
+        if name not in into["methods"]:
+            into["methods"][name] = metrics
+        elif abs(metrics["balanced_accuracy_min10"] - into["methods"][name]["balanced_accuracy_min10"]) > 1e-6:
+            raise SeedsError(f"{path}: {name} scores {metrics['balanced_accuracy_min10']:.4f} where another run of "
+                             f"seed {extra['setup'].get('seed')} scored "
+                             f"{into['methods'][name]['balanced_accuracy_min10']:.4f}: not the same classifier")
+
+
 def summarize(paths: list[Path]) -> dict[str, Any]:
     """{target name: {"setup": ..., "seeds": [...], "methods": {method: {metric: stats}}}}."""
     by_target: dict[str, list[tuple[Path, dict[str, Any]]]] = defaultdict(list)
     for path in paths:
         result = _load(path)
-        by_target[Path(result["setup"]["target"]).name].append((path, result))
+        runs = by_target[Path(result["setup"]["target"]).name]
+        same = [r for _, r in runs if r["setup"].get("seed") == result["setup"].get("seed")]
+        if same:
+            _merge_same_seed(path, same[0], result)
+        else:
+            runs.append((path, result))
     summary: dict[str, Any] = {}
     for target, runs in sorted(by_target.items()):
         first = runs[0][1]["setup"]
@@ -60,8 +77,6 @@ def summarize(paths: list[Path]) -> dict[str, Any]:
                     raise SeedsError(f"{path}: {key} {result['setup'].get(key)!r} differs from "
                                      f"{runs[0][0]}'s {first.get(key)!r}; summarize runs of one setup only")
         seeds = [r["setup"].get("seed") for _, r in runs]
-        if len(set(seeds)) != len(seeds):
-            raise SeedsError(f"{target}: seed listed twice ({seeds}); pass each run once")
         methods: dict[str, dict[str, Any]] = {}
         names = [m for m in runs[0][1]["methods"] if all(m in r["methods"] for _, r in runs)]
         for name in names:
