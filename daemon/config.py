@@ -19,7 +19,7 @@ CONFIG_ENV = "STAINBRIDGE_CONFIG"
 DEVICES = ("auto", "cpu", "cuda")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("auto", "json", "console")
-STANDARDIZER_BUILTINS = ("none", "reinhard", "macenko", "histmatch")
+STANDARDIZER_BUILTINS = ("none", "reinhard", "macenko")
 
 
 class ConfigError(ValueError):

@@ -5,8 +5,8 @@ benchmarks in folders of their own.
                        (the networks), checkpoint (safetensors + JSON header), inference (load a
                        standardizer or classifier, score a batch), metrics
     models/imaging/    images and stain tools: labeled/unlabeled folders and splits (data), synthetic
-                       smears, per-site geometry, classical stain normalization (Reinhard, Macenko,
-                       histogram matching), stain augmentation
+                       smears, per-site geometry, classical stain normalization (Reinhard, Macenko),
+                       stain augmentation
     models/training/   the training entry points (`stainbridge train classifier|cyclegan`), their loop
                        runtime and resumable state, and the semantic-consistency terms
     models/bench/      `stainbridge eval` and the benchmarks (`bench accuracy`, `bench throughput`)

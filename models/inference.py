@@ -63,7 +63,7 @@ __all__ = [
     "run_batch",
 ]
 
-CLASSICAL_STANDARDIZERS = ("reinhard", "macenko", "histmatch")
+CLASSICAL_STANDARDIZERS = ("reinhard", "macenko")
 
 
 class DeviceUnavailable(RuntimeError):
@@ -270,7 +270,7 @@ def load_standardizer(
     classifier: Classifier | None = None,
     expected_sha256: str | None = None,
 ) -> Standardizer:
-    """``spec``: "none", "reinhard" | "macenko" | "histmatch" (fitted to the reference stain stats
+    """``spec``: "none", "reinhard" | "macenko" (fitted to the reference stain stats
     in ``classifier.header["reference_stain"]``), or the path of a standardizer checkpoint: a
     generator (CycleGAN, colour-only, colorization) or a classical method with its statistics and
     site profile (``stainbridge train site-profile``)."""

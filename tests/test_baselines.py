@@ -1,4 +1,4 @@
-"""Classical stain normalization: Reinhard, Macenko, histogram matching, reference stats."""
+"""Classical stain normalization: Reinhard, Macenko, reference stats."""
 
 from __future__ import annotations
 
@@ -58,15 +58,6 @@ def test_lab_round_trip() -> None:
     """rgb_to_lab and lab_to_rgb invert each other on in-gamut colours."""
     rgb = np.random.default_rng(0).random((100, 3))
     np.testing.assert_allclose(classical.lab_to_rgb(classical.rgb_to_lab(rgb)), rgb, atol=1e-6)
-
-
-def test_histmatch_output_cdf_matches_reference(stats: dict) -> None:
-    """Histogram matching makes each channel's CDF follow the reference CDF."""
-    out = classical.HistogramMatching.from_stats(stats)(_incoming_batch(1, size=96))
-    u8 = (out[0] * 255).round().long().numpy()
-    for c in range(3):
-        cdf = np.cumsum(np.bincount(u8[c].ravel(), minlength=256)) / u8[c].size
-        assert np.abs(cdf - np.asarray(stats["histmatch"]["cdf"][c])).max() < 0.08
 
 
 def test_macenko_recovers_known_stain_vectors() -> None:

@@ -9,7 +9,7 @@
    from nucleus areas in native pixels), all resized to --size.
 2. The classifier is trained on the reference train split with strong stain augmentation
    (``models.stain_augment``), or reused from --out-dir when one fits.
-3. Standardizers: none (raw), Reinhard, Macenko, histogram matching (``models.baselines``, fitted to
+3. Standardizers: none (raw), Reinhard, Macenko (``models.baselines``, fitted to
    the reference training windows); a plain CycleGAN; the CycleGAN with the class-preservation and
    structure terms (``models.semantic``); and that CycleGAN with the classifier fine-tuned on
    G(F(y)), reference images sent through the round trip with their labels ("adapted").
@@ -72,7 +72,7 @@ PRESETS: dict[str, dict[str, Any]] = {
              "colorization_unet": "unet_128", "colorization_epochs": 10, "colorization_steps": 400,
              "colorization_batch": 16},
 }
-CLASSICAL = ("reinhard", "macenko", "histmatch")
+CLASSICAL = ("reinhard", "macenko")
 LEARNED = ("cyclegan", "cyclegan_semantic", "cyclegan_colour", "colorization")
 ADAPTED = ("cyclegan_semantic",)  # variants that also fine-tune the classifier on G(F(y))
 # cyclegan_colour: the colour-only recipe of `stainbridge train cyclegan --preset colour` (models.colour_generator):

@@ -1,6 +1,6 @@
 """stainbridge eval: accuracy of a classifier (optionally behind a standardizer) on a labeled folder.
 
-    stainbridge eval --classifier clf.safetensors --data DIR [--standardizer FILE|none|reinhard|macenko|histmatch]
+    stainbridge eval --classifier clf.safetensors --data DIR [--standardizer FILE|none|reinhard|macenko]
                      [--json FILE] [--split test|all] [--scale profile|auto|X] [--tta] [--batch-size N] [--device auto|cpu|cuda]
 
 The images go through the same path as in the daemon (models.inference: geometry normalization,
@@ -95,7 +95,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--classifier", required=True, help="classifier checkpoint (.safetensors)")
     parser.add_argument("--data", required=True, help="labeled image folder, one sub-folder per class")
     parser.add_argument("--standardizer", default="none",
-                        help="CycleGAN checkpoint, or none|reinhard|macenko|histmatch (default none)")
+                        help="CycleGAN checkpoint, or none|reinhard|macenko (default none)")
     parser.add_argument("--json", default=None, help="write the metrics here (+ <stem>.confusion.png)")
     parser.add_argument("--split", choices=("test", "all"), default="test",
                         help="test: only the held-out test images when --data is the training folder")

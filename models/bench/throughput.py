@@ -59,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="networks when no checkpoints are given: tiny (default), cpu (the service's recipe: "
                              "colour-only CycleGAN + resnet18_w16 at 64 px), full (reference generator at 256 px)")
     parser.add_argument("--classifier", help="classifier checkpoint (default: random network of the preset)")
-    parser.add_argument("--standardizer", help="standardizer checkpoint or none/reinhard/macenko/histmatch "
+    parser.add_argument("--standardizer", help="standardizer checkpoint or none/reinhard/macenko "
                                                 "(default: random generator of the preset; 'none' with --classifier)")
     parser.add_argument("--batch-size", type=int, help="images per batch, in-process and in the service "
                                                        "(default: the preset's)")

@@ -1,4 +1,4 @@
-"""Classical stain normalization baselines: Reinhard, Macenko, histogram matching.
+"""Classical stain normalization baselines: Reinhard, Macenko.
 
 Each standardizer maps a batch of RGB tensors [N,3,H,W] in [0,1] into the colour
 statistics of the reference lab. Reference statistics come from
@@ -124,18 +124,14 @@ def macenko_concentrations(od: np.ndarray, stains: np.ndarray) -> np.ndarray:
 
 
 def fit_reference_stats(images: Iterable[Image.Image], *, seed: int = 0) -> dict[str, Any]:
-    """JSON-serialisable reference statistics for all three standardizers from reference-lab images."""
+    """JSON-serialisable reference statistics for the classical standardizers from reference-lab images."""
     rng = np.random.default_rng(seed)
     means, stds, od_samples, lights = [], [], [], []
-    counts = np.zeros((3, 256), dtype=np.int64)
     for img in images:
         rgb = _pil_to_float(img)
         lab = rgb_to_lab(rgb).reshape(-1, 3)
         means.append(lab.mean(axis=0))
         stds.append(lab.std(axis=0))
-        u8 = np.asarray(img.convert("RGB")).reshape(-1, 3)
-        for c in range(3):
-            counts[c] += np.bincount(u8[:, c], minlength=256)
         lights.append(background_light(rgb))
         od = _to_od(rgb.reshape(-1, 3), lights[-1])
         take = rng.choice(len(od), size=min(len(od), _PIXELS_PER_IMAGE), replace=False)
@@ -156,7 +152,6 @@ def fit_reference_stats(images: Iterable[Image.Image], *, seed: int = 0) -> dict
         stained = od[np.all(od > _BETA, axis=1)]
         if len(stained) >= _MIN_STAINED:
             maxima.append(np.percentile(macenko_concentrations(stained, stains), 99, axis=0))
-    cdf = np.cumsum(counts, axis=1) / counts.sum(axis=1, keepdims=True)
     return {
         "version": STATS_VERSION,
         "n_images": len(means),
@@ -169,7 +164,6 @@ def fit_reference_stats(images: Iterable[Image.Image], *, seed: int = 0) -> dict
             "max_concentrations": [float(v) for v in np.median(maxima, axis=0)],
             "background": [float(v) for v in np.median(lights, axis=0)],
         },
-        "histmatch": {"cdf": [[float(v) for v in row] for row in cdf]},
     }
 
 
@@ -249,44 +243,15 @@ class Macenko:
         return _numpy_to_batch(np.stack([self.normalize_one(im) for im in images]), batch)
 
 
-class HistogramMatching:
-    """Map each channel's cumulative histogram onto the reference lab's (CDF matching)."""
-
-    name = "histmatch"
-
-    def __init__(self, cdf: Iterable[Iterable[float]]) -> None:
-        self.cdf = np.asarray([list(r) for r in cdf], dtype=np.float64)
-        if self.cdf.shape != (3, 256):
-            raise BaselineError("histogram-matching stats need three 256-bin CDFs")
-
-    @classmethod
-    def from_stats(cls, stats: dict[str, Any]) -> HistogramMatching:
-        return cls(_section(stats, "histmatch", ("cdf",))["cdf"])
-
-    def match_one(self, rgb: np.ndarray) -> np.ndarray:
-        """One image [H,W,3] in [0,1] -> matched image."""
-        u8 = np.clip(np.round(rgb * 255), 0, 255).astype(np.int64)
-        out = np.empty(rgb.shape, dtype=np.float64)
-        for c in range(3):
-            src_cdf = np.cumsum(np.bincount(u8[..., c].ravel(), minlength=256)) / u8[..., c].size
-            # each source level goes to the first reference level whose CDF reaches the source CDF
-            mapping = np.searchsorted(self.cdf[c], src_cdf - 1e-12, side="left").clip(0, 255)
-            out[..., c] = mapping[u8[..., c]] / 255.0
-        return out
-
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        images = _batch_to_numpy(batch)
-        return _numpy_to_batch(np.stack([self.match_one(im) for im in images]), batch)
-
-
-STANDARDIZERS: dict[str, type[Reinhard | Macenko | HistogramMatching]] = {
+# Histogram matching was measured and deleted: it lost to the raw image on both labs (see the
+# README's cross-hospital table).
+STANDARDIZERS: dict[str, type[Reinhard | Macenko]] = {
     "reinhard": Reinhard,
     "macenko": Macenko,
-    "histmatch": HistogramMatching,
 }
 
 
-def build_standardizer(name: str, stats: dict[str, Any]) -> Reinhard | Macenko | HistogramMatching:
+def build_standardizer(name: str, stats: dict[str, Any]) -> Reinhard | Macenko:
     """The named classical standardizer with reference stats; raises BaselineError on an unknown name."""
     try:
         cls = STANDARDIZERS[name]

@@ -90,7 +90,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reference", required=True, help="reference-hospital images, one sub-folder per class")
     parser.add_argument("--out", required=True, help="classifier checkpoint to write (.safetensors)")
     parser.add_argument("--standardizer", default="none",
-                        help="the standardizer the service applies first: none, reinhard, macenko, histmatch or a "
+                        help="the standardizer the service applies first: none, reinhard, macenko or a "
                              "checkpoint (default none)")
     parser.add_argument("--scale", default=inference.SCALE_FROM_PROFILE,
                         help="site magnification as in [site] scale: profile (default), auto or a number")
