@@ -35,7 +35,7 @@ from stainbridge.daemon.store import (
     make_sessionmaker,
     utcnow,
 )
-from stainbridge.daemon.watcher import is_ignored_name
+from stainbridge.daemon.walking import is_ignored_name
 
 
 def error_reason(error: str | None) -> str:
