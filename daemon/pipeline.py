@@ -57,8 +57,8 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from functools import partial
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 from PIL import Image as PILImage

@@ -143,7 +143,7 @@ class Service:
                     return 2
                 try:
                     handled = self.run_once()
-                except Exception as exc:  # noqa: BLE001 - the last guard: the loop never dies of one error
+                except Exception as exc:  # the last guard: the loop never dies of one error
                     self.log.exception("loop_error", error=error_summary(exc))
                     handled = 0
                     self._transient_failure(error_summary(exc), [])
