@@ -24,7 +24,7 @@ from stainbridge.daemon.config import ConfigError
 from stainbridge.daemon.failures import storable_text
 from stainbridge.daemon.logs import get_logger
 from stainbridge.daemon.store import Image, ImageStatus
-from stainbridge.daemon.watcher import Candidate
+from stainbridge.daemon.walking import Candidate
 
 log = get_logger(__name__)
 

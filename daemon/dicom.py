@@ -20,8 +20,8 @@ from PIL import Image as PILImage
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import _read_file_meta_info, read_preamble
-from pydicom.uid import DeflatedExplicitVRLittleEndian
 from pydicom.pixels import apply_color_lut
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 from pydicom.valuerep import DT
 
 from stainbridge.daemon.config import ConfigError
@@ -171,7 +171,7 @@ def decode_dicom(handle: BinaryIO, name: str, *, max_pixels: int,
     try:
         ds.pixel_array_options(as_rgb=True)  # YBR_FULL / YBR_FULL_422 are converted to RGB by pydicom
         array = ds.pixel_array
-    except (NotImplementedError, RuntimeError) as exc:
+    except (NotImplementedError, RuntimeError):
         syntax = ds.file_meta.get("TransferSyntaxUID")
         raise UnsupportedFormat(f"{name}: no installed decoder for transfer syntax {syntax} "
                                 f"({getattr(syntax, 'name', '?')})", reason="unsupported_transfer_syntax") from None

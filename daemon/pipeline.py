@@ -57,8 +57,8 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from functools import partial
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 from PIL import Image as PILImage
@@ -74,7 +74,7 @@ from stainbridge.daemon.loading import LoadedModels, ModelConfigError, builtin_s
 from stainbridge.daemon.logs import get_logger
 from stainbridge.daemon.recording import file_items, record
 from stainbridge.daemon.store import Image, ImageStatus, utcnow
-from stainbridge.daemon.watcher import Candidate
+from stainbridge.daemon.walking import Candidate
 from stainbridge.models.inference import run_batch
 
 __all__ = ["Pipeline", "BatchReport", "LoadedModels", "ModelConfigError", "STALE_CLAIM_SECONDS", "absolute_candidates",

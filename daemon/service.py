@@ -3,7 +3,8 @@
 Start-up, in order: settings (by the caller), logging (by the CLI), the database (migrations on
 SQLite; on PostgreSQL the schema must already be at head), the models (loaded, verified and
 recorded with their sha256 in ``model_versions``), claims left by a crashed run released, the
-drop-folder watcher started (it scans what is already there), then ``READY=1``.
+drop-folder watcher started (it scans what is already there), then ``READY=1``. The database
+wait lives in ``daemon.startup``, the health checks and the watchdog thread in ``daemon.health``.
 
 The loop is ``run()`` repeating ``run_once()``, which takes one micro-batch of ready files
 (up to ``[models] batch_size``, or what arrived within ``[watch] batch_wait_seconds``) through
@@ -35,46 +36,39 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import sessionmaker
 
 from stainbridge.daemon import intake, sdnotify
 from stainbridge.daemon.config import ConfigError, Settings, load_settings
 from stainbridge.daemon.failures import MAX_ATTEMPTS, Backoff, error_summary, is_transient
+from stainbridge.daemon.health import database_answers, watchdog_loop
 from stainbridge.daemon.hotswap import ModelSwapper
 from stainbridge.daemon.logs import get_logger
 from stainbridge.daemon.metrics import ServiceMetrics, start_metrics
-from stainbridge.daemon.pipeline import (
-    STALE_CLAIM_SECONDS,
-    BatchReport,
-    LoadedModels,
-    ModelConfigError,
-    Pipeline,
-    load_models,
-    use_all_cores,
-)
+from stainbridge.daemon.pipeline import STALE_CLAIM_SECONDS, BatchReport, Pipeline, use_all_cores
 from stainbridge.daemon.retraining import recover_runs
 from stainbridge.daemon.scheduler import RetrainingScheduler
-from stainbridge.daemon.schema import DatabaseUnreachable, SchemaError, prepare_database, safe_url
-from stainbridge.daemon.store import make_engine, make_sessionmaker
-from stainbridge.daemon.watcher import Candidate, DropFolderWatcher, WatcherError
+from stainbridge.daemon.schema import safe_url
+from stainbridge.daemon.startup import (
+    STARTUP_BACKOFF_MAX_SECONDS,
+    StartupError,
+    StoppedDuringStartup,
+    connect_and_load,
+    startup_errors,
+)
+from stainbridge.daemon.watcher import Candidate, DropFolderWatcher
+
+__all__ = [  # start-up's names stay importable from here
+    "IDLE_SECONDS", "MAX_BACKLOG", "MAX_TRACKED_ATTEMPTS", "STARTUP_BACKOFF_MAX_SECONDS", "Service",
+    "StartupError", "StoppedDuringStartup", "add_arguments", "run",
+]
 
 log = get_logger(__name__)
 
 IDLE_SECONDS = 0.25  # how often an idle loop asks the watcher for ready files
-STARTUP_BACKOFF_MAX_SECONDS = 30.0  # longest pause between start-up attempts to reach the database
 MAX_BACKLOG = 1_000  # ready files held in memory between batches
 MAX_TRACKED_ATTEMPTS = 10_000  # files remembered with failed attempts (oldest forgotten first)
-
-
-class StartupError(Exception):
-    """The service cannot start; the message says what to fix."""
-
-
-class StoppedDuringStartup(Exception):
-    """A signal arrived while start-up was waiting for the database."""
 
 
 class Service:
@@ -106,8 +100,8 @@ class Service:
     def start(self) -> None:
         """Everything before READY=1; raises StartupError with a one-line reason."""
         s = self.settings
-        try:
-            sessions, models = self._connect_and_load()
+        with startup_errors(s):
+            self.engine, sessions, models = connect_and_load(s, self._stop, self.log)
             self.pipeline = Pipeline(s, sessions, models)
             use_all_cores()
             self.pipeline.warm_up()
@@ -119,14 +113,6 @@ class Service:
             self.watcher = DropFolderWatcher(s)
             self.watcher.start()  # includes the start-up scan
             self.metrics = start_metrics(s, sessions)
-        except (SchemaError, ModelConfigError, WatcherError, ConfigError) as exc:
-            raise StartupError(str(exc)) from None
-        except OSError as exc:
-            raise StartupError(f"cannot use {exc.filename}: {exc.strerror}; fix [paths] or the folder's owner "
-                               "(under systemd: the stainbridge user, and ReadWritePaths= in the unit)") from None
-        except SQLAlchemyError as exc:
-            reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-            raise StartupError(f"database {safe_url(s.database_url)}: {reason}") from None
         self.log.info("ready", drop=str(s.drop_dir), database=safe_url(s.database_url),
                       batch_size=s.models.batch_size, polling=s.watch.polling)
         sdnotify.notify(f"READY=1\nSTATUS=watching {s.drop_dir}")
@@ -134,35 +120,6 @@ class Service:
         if interval:
             threading.Thread(target=self._watchdog, args=(interval,), name="watchdog", daemon=True).start()
         self._start_scheduler()
-
-    def _connect_and_load(self) -> tuple[sessionmaker, LoadedModels]:
-        """Migrate/check the database and load the models, waiting (with back-off) while it is unreachable."""
-        s = self.settings
-        backoff = Backoff(maximum=STARTUP_BACKOFF_MAX_SECONDS)
-        while True:
-            engine = None
-            try:
-                prepare_database(s.database_url)
-                engine = make_engine(s.database_url)
-                sessions = make_sessionmaker(engine)
-                models = load_models(s, sessions)
-                self.engine = engine
-                return sessions, models
-            except (DatabaseUnreachable, SQLAlchemyError) as exc:
-                if engine is not None:
-                    engine.dispose()
-                if isinstance(exc, SQLAlchemyError) and not is_transient(exc):
-                    raise
-                delay = backoff.failed()
-                reason = error_summary(exc) if isinstance(exc, SQLAlchemyError) else str(exc)
-                self.log.warning("waiting_for_database", database=safe_url(s.database_url), attempt=backoff.failures,
-                                 retry_in_s=delay, error=reason)
-                # EXTEND_TIMEOUT_USEC: systemd's start timeout must not kill a service that is only waiting.
-                sdnotify.notify(f"STATUS=waiting for the database {safe_url(s.database_url)} "
-                                f"(attempt {backoff.failures}, next in {delay:.0f} s)\n"
-                                f"EXTEND_TIMEOUT_USEC={int((delay + 60) * 1e6)}")
-                if self._stop.wait(delay):
-                    raise StoppedDuringStartup() from None
 
     def run(self) -> int:
         """Start, loop until a signal, stop; returns the process exit code."""
@@ -186,7 +143,7 @@ class Service:
                     return 2
                 try:
                     handled = self.run_once()
-                except Exception as exc:  # noqa: BLE001 - the last guard: the loop never dies of one error
+                except Exception as exc:  # the last guard: the loop never dies of one error
                     self.log.exception("loop_error", error=error_summary(exc))
                     handled = 0
                     self._transient_failure(error_summary(exc), [])
@@ -389,34 +346,15 @@ class Service:
         that keeps failing on what is there (database refusing writes, models unavailable) is not.
         """
         now = time.monotonic()
-        checks = {
+        return {
             "watcher": self.watcher is not None and self.watcher.healthy(),
             "loop": now - self._heartbeat < max_loop_age,
-            "database": False,
+            "database": database_answers(self.engine),
             "moving": self._trouble is None or now - self._last_progress < max_loop_age,
         }
-        if self.engine is not None:
-            try:
-                with self.engine.connect() as connection:
-                    connection.execute(text("SELECT 1"))
-                checks["database"] = True
-            except SQLAlchemyError:
-                pass
-        return checks
 
     def _watchdog(self, interval: float) -> None:
-        last_status = ""
-        while not self._stop.wait(interval / 3):
-            checks = self.healthy(max_loop_age=interval)
-            if all(checks.values()):
-                sdnotify.notify("WATCHDOG=1")
-            else:
-                failing = [k for k, v in checks.items() if not v]
-                self.log.warning("unhealthy", **{k: False for k in failing}, trouble=self._trouble)
-                status = f"STATUS=unhealthy ({', '.join(failing)}): {self._trouble or 'see the log'}"
-                if status != last_status:  # once per change, not every ping interval
-                    sdnotify.notify(status)
-                    last_status = status
+        watchdog_loop(self._stop, interval, lambda age: self.healthy(max_loop_age=age), lambda: self._trouble, self.log)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

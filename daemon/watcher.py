@@ -7,7 +7,8 @@ close-write or a move into the folder, or once its size and mtime have been stab
 hard-linked files and other non-regular entries are never followed: after the same quiet time as
 any file, and a fresh look, they come back as refused candidates for the caller to record and
 quarantine (a publisher that links a file in and then unlinks its own name gets it processed).
-Sub-folders that are symlinks are never walked, and no path that runs through one is observed.
+Sub-folders that are symlinks are never walked, and no path that runs through one is observed
+(walking.py: the walk, the link rules, `Candidate`; its names stay importable from here).
 
 Cost (issue 13): readiness is kept incrementally. An event-ready file goes straight to a ready
 queue and is handed out without another stat; only files waiting out their quiet time are
@@ -23,7 +24,6 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,12 +33,26 @@ from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserverVFS
 
 from stainbridge.daemon.config import Settings
-from stainbridge.daemon.failures import storable_source_name
+from stainbridge.daemon.walking import (
+    IGNORED_NAMES,
+    TEMP_SUFFIXES,
+    Candidate,
+    candidate_for,
+    is_ignored_name,
+    iter_candidates,
+    lstat_inside,
+    refusal_for,
+    relative_source_name,
+    walk,
+)
 
-TEMP_SUFFIXES = (".part", ".partial", ".tmp", ".temp", ".crdownload", ".download", ".filepart", ".swp", "~")
-IGNORED_NAMES = frozenset({"thumbs.db", "desktop.ini"})
+__all__ = [  # the walking names stay importable from here, where callers have always found them
+    "IGNORED_NAMES", "MAX_TRACKED", "TEMP_SUFFIXES", "Candidate", "DropFolderWatcher", "FileObservation",
+    "Identity", "WatcherError", "candidate_for", "is_ignored_name", "is_ready", "iter_candidates",
+    "lstat_inside", "refusal_for",
+]
+
 MAX_TRACKED = 50_000  # files waiting or ready, and files delivered, each (a later rescan finds the rest)
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 
 Identity = tuple[int, int, int]  # (inode, size, mtime_ns)
 
@@ -60,18 +74,6 @@ class FileObservation:
     seq: int = 0  # its live entry in the due heap
 
 
-@dataclass(frozen=True)
-class Candidate:
-    """A file to take in, or (refusal set) an entry to record and quarantine without reading it."""
-
-    path: Path
-    source_name: str  # relative to the scanned folder, posix separators
-    size: int
-    mtime: float
-    refusal: str | None = None  # "symlink" | "hard_link" | "not_regular_file"
-    detail: str = ""
-
-
 def is_ready(observed: FileObservation, now: float, quiet_seconds: float) -> bool:
     """Ready after a close-write/move-in event, or when unchanged for `quiet_seconds`.
 
@@ -80,141 +82,6 @@ def is_ready(observed: FileObservation, now: float, quiet_seconds: float) -> boo
     if observed.event_ready and observed.refusal is None:
         return True
     return now - observed.last_change >= quiet_seconds
-
-
-def is_ignored_name(name: str) -> bool:
-    """Hidden and temporary names are left alone until they are renamed."""
-    lower = name.lower()
-    return name.startswith(".") or lower.endswith(TEMP_SUFFIXES) or lower in IGNORED_NAMES
-
-
-def refusal_for(st: os.stat_result) -> tuple[str, str] | None:
-    """Why an entry is refused without being read, from its lstat (None: a plain file)."""
-    if stat.S_ISLNK(st.st_mode):
-        return "symlink", "symbolic links are never followed; copy the file itself into the drop folder"
-    if not stat.S_ISREG(st.st_mode):
-        return "not_regular_file", "only regular files are taken in (not devices, pipes or sockets)"
-    if st.st_nlink > 1:
-        return "hard_link", f"the file has {st.st_nlink} hard links; copy it instead of linking it"
-    return None
-
-
-def candidate_for(path: Path, source_name: str, st: os.stat_result) -> Candidate:
-    """The candidate for an entry as its lstat shows it: a file to take in, or a refusal with its reason."""
-    why = refusal_for(st)
-    refusal, detail = why if why is not None else (None, "")
-    return Candidate(path, source_name, st.st_size, st.st_mtime_ns / 1e9, refusal=refusal, detail=detail)
-
-
-def _open_folder(root: Path, folder: Path) -> int:
-    """A descriptor of `folder`, opened from `root` one component at a time, never through a symlink.
-
-    Raises OSError (ELOOP, ENOTDIR...) when a component below `root` is a symlink or not a folder.
-    """
-    parts = folder.relative_to(root).parts if folder != root else ()
-    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
-    try:
-        for part in parts:
-            child = os.open(part, _DIR_FLAGS, dir_fd=fd)
-            os.close(fd)
-            fd = child
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def lstat_inside(root: Path, path: Path) -> os.stat_result | None:
-    """lstat of `path` reached from `root` without following a symlinked sub-folder (None: not there)."""
-    try:
-        parent = path.parent
-        if parent == root:
-            return os.lstat(path)
-        fd = _open_folder(root, parent)
-        try:
-            return os.stat(path.name, dir_fd=fd, follow_symlinks=False)
-        finally:
-            os.close(fd)
-    except (OSError, ValueError):
-        return None
-
-
-def _walk(root: Path, folder: Path, skip: tuple[Path, ...]) -> Iterator[tuple[Path, os.stat_result]]:
-    """Entries under `folder`, not following links, skipping hidden/temp names and `skip` folders.
-
-    Folders are opened with O_NOFOLLOW from their parent's descriptor: a sub-folder swapped for a
-    symlink while the walk runs is not entered (the next walk sees, and refuses, the link itself).
-    """
-    try:
-        fd = _open_folder(root, folder)
-    except (OSError, ValueError):
-        return
-    stack: list[tuple[int, Path, list[str]]] = []  # open folders above the current one, with what is left
-    try:
-        while fd >= 0:
-            entries = []
-            try:
-                with os.scandir(fd) as listing:
-                    for entry in listing:
-                        if not is_ignored_name(entry.name):
-                            try:
-                                entries.append((entry.name, entry.stat(follow_symlinks=False)))
-                            except OSError:
-                                continue
-            except OSError:
-                pass
-            subfolders = []
-            for name, st in sorted(entries, key=lambda item: item[0]):
-                if not stat.S_ISDIR(st.st_mode):
-                    yield folder / name, st
-                elif folder / name not in skip:
-                    subfolders.append(name)
-            stack.append((fd, folder, subfolders[::-1]))
-            fd = -1
-            while stack and fd < 0:
-                parent_fd, parent, names = stack[-1]
-                if not names:
-                    os.close(parent_fd)
-                    stack.pop()
-                    continue
-                name = names.pop()
-                try:
-                    fd, folder = os.open(name, _DIR_FLAGS, dir_fd=parent_fd), parent / name
-                except OSError:  # became a symlink, or vanished, since the listing
-                    continue
-    finally:
-        if fd >= 0:
-            os.close(fd)
-        for parent_fd, _, _ in stack:
-            os.close(parent_fd)
-
-
-def _relative(path: Path, root: Path) -> str:
-    """The source name recorded for `path`: relative to `root`, storable (see failures.storable_source_name)."""
-    try:
-        return storable_source_name(path.relative_to(root).as_posix())
-    except ValueError:
-        return storable_source_name(path.name)
-
-
-def iter_candidates(paths: Iterable[str | os.PathLike[str]], *, skip: Iterable[Path] = ()) -> Iterator[Candidate]:
-    """Every file under the given files/folders, ready now (for the one-shot `ingest`).
-
-    Files named explicitly are taken even with a temporary-looking name; inside folders, hidden
-    and temporary names are skipped. Raises FileNotFoundError for a path that does not exist.
-    """
-    roots = [Path(p).absolute() for p in paths]
-    missing = [str(p) for p in roots if not os.path.lexists(p)]
-    if missing:
-        raise FileNotFoundError(f"no such file or folder: {', '.join(missing)}")
-    skipped = tuple(Path(p).absolute() for p in skip)
-    for root in roots:
-        st = os.lstat(root)
-        if stat.S_ISDIR(st.st_mode):
-            for path, entry_st in _walk(root, root, skipped):
-                yield candidate_for(path, _relative(path, root), entry_st)
-        else:
-            yield candidate_for(root, storable_source_name(root.name), st)
 
 
 class _Handler(FileSystemEventHandler):
@@ -320,7 +187,7 @@ class DropFolderWatcher:
     def rescan(self, now: float | None = None) -> None:
         """Walk the drop folder and observe every file an event may have missed."""
         now = time.monotonic() if now is None else now
-        found = list(_walk(self.root, self.root, self.skip)) if self.root.is_dir() else []
+        found = list(walk(self.root, self.root, self.skip)) if self.root.is_dir() else []
         present = {path for path, _ in found}
         with self._lock:
             self._missed = False
@@ -351,7 +218,7 @@ class DropFolderWatcher:
         if not self._inside(path):
             return
         if is_dir:  # a folder moved or created: observe what it already holds
-            found = list(_walk(self.root, path, self.skip))
+            found = list(walk(self.root, path, self.skip))
             with self._lock:
                 for file_path, st in found:
                     self._observe(file_path, st, time.monotonic(), ready=ready)
@@ -419,7 +286,7 @@ class DropFolderWatcher:
             observed.event_ready = True
             if is_ready(observed, now, self.quiet_seconds):  # close-write or move-in: ready now, no stat later
                 del self._seen[path]
-                self._ready[path] = (candidate_for(path, _relative(path, self.root), st), identity)
+                self._ready[path] = (candidate_for(path, relative_source_name(path, self.root), st), identity)
 
     def _promote_due(self, now: float) -> None:
         """Look again at each waiting file whose quiet time has run out (lock held)."""
@@ -439,4 +306,4 @@ class DropFolderWatcher:
                 continue
             del self._seen[path]
             identity = (st.st_ino, st.st_size, st.st_mtime_ns)
-            self._ready[path] = (candidate_for(path, _relative(path, self.root), st), identity)
+            self._ready[path] = (candidate_for(path, relative_source_name(path, self.root), st), identity)

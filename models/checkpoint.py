@@ -134,7 +134,7 @@ def load_checkpoint(path: str | Path, *, expected_sha256: str | None = None) -> 
     header = _read_header(path, data)
     try:
         tensors = st_load(data)
-    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+    except Exception as exc:  # safetensors raises its own error types
         raise CheckpointError(f"{path} is not a valid safetensors file ({exc}); re-export the checkpoint") from exc
     return tensors, header
 

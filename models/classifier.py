@@ -60,7 +60,7 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
         from safetensors.torch import load_file
 
         state = load_file(str(path))
-    except Exception as exc:  # noqa: BLE001 - any reader failure means the same thing to the user
+    except Exception as exc:  # any reader failure means the same thing to the user
         raise PretrainedWeightsError(
             f"cannot read pretrained weights from {path}: {exc}. Use a plain .safetensors state-dict file"
         ) from exc

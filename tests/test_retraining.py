@@ -125,4 +125,5 @@ def test_retrain_now_json(world, lab, monkeypatch, capsys, restore_logging) -> N
     assert out["status"] == "skipped" and out["promoted"] is False
     assert cli.main(["status", "--json"]) == 0
     status = json.loads(capsys.readouterr().out)
-    assert status["last_retraining"]["status"] == "skipped" and status["reviews_total"] == 0
+    assert status["last_retraining"]["standardizer"]["status"] == "skipped" and status["reviews_total"] == 0
+    assert status["last_retraining"]["classifier"] is None

@@ -13,6 +13,8 @@ from stainbridge.daemon.store import (
     Image,
     ImageStatus,
     ModelKind,
+    RunStatus,
+    TrainingRun,
     make_engine,
     make_sessionmaker,
     utcnow,
@@ -28,6 +30,34 @@ def test_status_on_a_new_sqlite_database_creates_the_schema_and_reports_zeros(ru
     assert (report["waiting"], report["processed_today"], report["failed_total"]) == (0, 0, 0)
     assert report["models"] == [] and report["next_retraining"] == "disabled"
     assert (tmp_path / "state" / "stainbridge.db").exists()
+    assert report["last_retraining"] == {"standardizer": None, "classifier": None}
+
+
+def test_status_shows_the_latest_run_of_each_kind(run_stainbridge, tmp_path):
+    """After a night with expert reviews (standardizer run, then classifier fine-tuning) both runs show,
+    each the latest of its kind, in the JSON report and the text report of the real command."""
+    env = {"STAINBRIDGE_PATHS_STATE": str(tmp_path / "state")}
+    database_url = f"sqlite:///{tmp_path / 'state' / 'stainbridge.db'}"
+    (tmp_path / "state").mkdir()
+    upgrade_database(database_url)
+    engine = make_engine(database_url)
+    try:
+        with make_sessionmaker(engine).begin() as session:
+            session.add_all([
+                TrainingRun(kind=ModelKind.standardizer, status=RunStatus.failed, reason="last week's crash"),
+                TrainingRun(kind=ModelKind.standardizer, status=RunStatus.rejected, reason="gate: worse than active"),
+                TrainingRun(kind=ModelKind.classifier, status=RunStatus.succeeded, reason="promoted after 40 reviews"),
+            ])
+    finally:
+        engine.dispose()
+    result = run_stainbridge("status", "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    last = json.loads(result.stdout)["last_retraining"]
+    assert (last["standardizer"]["run_id"], last["standardizer"]["status"]) == (2, "rejected")
+    assert (last["classifier"]["run_id"], last["classifier"]["status"]) == (3, "succeeded")
+    text = run_stainbridge("status", env=env).stdout
+    assert "last standardizer   run 2 rejected" in text and "gate: worse than active" in text
+    assert "last classifier     run 3 succeeded" in text and "last week's crash" not in text
 
 
 def test_status_on_postgres_without_migrations_says_to_run_db_upgrade(postgres_url, monkeypatch, capsys):

@@ -31,7 +31,7 @@ from stainbridge.daemon.pipeline import (
 )
 from stainbridge.daemon.schema import SchemaError, prepare_database, safe_url
 from stainbridge.daemon.store import make_engine, make_sessionmaker
-from stainbridge.daemon.watcher import iter_candidates
+from stainbridge.daemon.walking import iter_candidates
 
 log = get_logger(__name__)
 

@@ -27,6 +27,7 @@ from stainbridge.daemon.schema import (
 from stainbridge.daemon.store import (
     Image,
     ImageStatus,
+    ModelKind,
     ModelVersion,
     Review,
     TrainingRun,
@@ -35,7 +36,7 @@ from stainbridge.daemon.store import (
     make_sessionmaker,
     utcnow,
 )
-from stainbridge.daemon.watcher import is_ignored_name
+from stainbridge.daemon.walking import is_ignored_name
 
 
 def error_reason(error: str | None) -> str:
@@ -91,7 +92,7 @@ class StatusReport:
     next_retraining: str = "disabled"
     reviews_total: int = 0
     candidates: int = 0
-    last_retraining: dict[str, Any] | None = None
+    last_retraining: dict[str, dict[str, Any] | None] = field(default_factory=dict)  # per kind; None: no run yet
 
 
 def _local_midnight_utc() -> datetime:
@@ -136,16 +137,26 @@ def collect(settings: Settings, session: Session) -> StatusReport:
     )
 
 
+def _latest_run(session: Session, kind: ModelKind) -> dict[str, Any] | None:
+    """The latest retraining run of one kind with its outcome (None: no run of that kind yet)."""
+    last = session.scalars(select(TrainingRun).where(TrainingRun.kind == kind)
+                           .order_by(TrainingRun.id.desc()).limit(1)).first()
+    return None if last is None else {
+        "run_id": last.id, "status": last.status.value, "started_at": last.started_at.isoformat(),
+        "reason": last.reason, "candidate_id": last.model_version_id}
+
+
 def _retraining_status(session: Session) -> dict[str, Any]:
-    """Reviews recorded, candidates waiting, and the last retraining run with its outcome."""
-    last = session.scalars(select(TrainingRun).order_by(TrainingRun.id.desc()).limit(1)).first()
+    """Reviews recorded, candidates waiting, and the last retraining run of each kind with its outcome.
+
+    Each kind on its own: a night with expert reviews runs the standardizer and then the classifier
+    fine-tuning, and the standardizer's run must not disappear behind the later one.
+    """
     return {
         "reviews_total": int(session.scalar(select(func.count(Review.id))) or 0),
         "candidates": int(session.scalar(select(func.count(ModelVersion.id))
                                          .where(ModelVersion.state == VersionState.candidate)) or 0),
-        "last_retraining": None if last is None else {
-            "run_id": last.id, "status": last.status.value, "started_at": last.started_at.isoformat(),
-            "reason": last.reason, "candidate_id": last.model_version_id},
+        "last_retraining": {kind.value: _latest_run(session, kind) for kind in ModelKind},
     }
 
 
@@ -170,9 +181,12 @@ def render(report: StatusReport) -> str:
     else:
         lines.append("models              none registered yet (the service records them at start-up)")
     lines.append(f"next retraining     {report.next_retraining}")
-    if report.last_retraining:
-        last = report.last_retraining
-        lines.append(f"last retraining     run {last['run_id']} {last['status']} ({last['started_at'][:16]}): {last['reason']}")
+    for kind, last in report.last_retraining.items():
+        label = f"last {kind}"
+        if last is None:
+            lines.append(f"{label:<20}none yet")
+        else:
+            lines.append(f"{label:<20}run {last['run_id']} {last['status']} ({last['started_at'][:16]}): {last['reason']}")
     lines.append(f"reviews             {report.reviews_total} recorded, {report.candidates} candidate model(s) waiting")
     return "\n".join(lines)
 

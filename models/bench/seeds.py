@@ -36,7 +36,7 @@ class SeedsError(Exception):
 def _load(path: Path) -> dict[str, Any]:
     try:
         result = json.loads(path.read_text())
-        result["methods"], result["setup"]  # noqa: B018 - the two keys every bench result has
+        result["methods"], result["setup"]  # the two keys every bench result has
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise SeedsError(f"{path}: not a `stainbridge bench accuracy` results JSON ({exc})") from exc
     return result

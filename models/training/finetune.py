@@ -29,7 +29,6 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
