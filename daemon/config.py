@@ -52,6 +52,7 @@ class ModelsSettings:
     batch_size: int = 16
     max_inflight_pixels: int = 100_000_000  # decoded pixels a batch holds at once (memory cap)
     poll_seconds: float = 10.0  # how often the running service looks for a newly promoted version
+    tta: bool = False  # average the classifier over the 8 turns and flips (8x classifier cost)
 
 
 @dataclass(frozen=True)
@@ -315,6 +316,7 @@ VALIDATORS: dict[tuple[str, str], Callable[[Any], Any]] = {
     ("models", "batch_size"): _positive(int),
     ("models", "max_inflight_pixels"): _positive(int),
     ("models", "poll_seconds"): _positive(float),
+    ("models", "tta"): _boolean,
     ("site", "name"): _text,
     ("site", "scale"): _scale,
     ("site", "pseudonym_secret"): _pseudonym_secret,

@@ -254,7 +254,7 @@ class Pipeline:
         started = time.perf_counter()
         try:
             results = run_batch([i.decoded.image for i in items], m.standardizer, m.classifier,
-                                scale=self.settings.site.scale)
+                                scale=self.settings.site.scale, tta=self.settings.models.tta)
         except Exception as exc:
             if not self._models_work():  # CUDA out of memory, a driver error: not the files' fault
                 log.error("inference_unavailable", error=error_summary(exc), batch=len(items))

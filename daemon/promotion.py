@@ -127,7 +127,8 @@ def _probabilities(settings: Settings, images: list[PILImage.Image], standardize
     out: list[list[float]] = []
     size = settings.models.batch_size
     for start in range(0, len(images), size):
-        for result in run_batch(images[start:start + size], standardizer, classifier, scale=scale or settings.site.scale):
+        for result in run_batch(images[start:start + size], standardizer, classifier,
+                                scale=scale or settings.site.scale, tta=settings.models.tta):
             out.append([result.probabilities[c] for c in classifier.classes])
     return out
 

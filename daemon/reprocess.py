@@ -79,7 +79,7 @@ def reprocess(settings: Settings, sessions: sessionmaker, models: LoadedModels,
         if not decoded:
             continue
         results = run_batch([img for _, img in decoded], models.standardizer, models.classifier,
-                            scale=settings.site.scale)
+                            scale=settings.site.scale, tta=settings.models.tta)
         latency = (time.perf_counter() - began) * 1000 / len(decoded)
         now = utcnow()
         with sessions.begin() as session:

@@ -179,19 +179,44 @@ def test_service_ingest_and_eval_score_exactly_what_the_bench_scores(bench: tupl
     assert evaluated.returncode == 0, evaluated.stderr
     assert json.loads((tmp_path / "e.json").read_text())["confusion_matrix"] == expected["confusion_matrix"]
 
-    db = tmp_path / "one-path.db"
-    config = tmp_path / "one-path.toml"
+    classes = result["methods"]["raw"]["classes"]
+    # the service's option `[models] tta` gives the bench's `_tta` row, also exactly
+    confidences: dict[bool, dict[str, float]] = {}
+    for tta, row in ((False, "cyclegan_colour"), (True, "cyclegan_colour_tta")):
+        rows = _ingest_labels(run_stainbridge, tmp_path / f"tta-{tta}", target, classifier, standardizer, tta=tta)
+        matrix = [[0] * len(classes) for _ in classes]
+        for source, label, _ in rows:
+            matrix[classes.index(Path(source).parent.name)][classes.index(label)] += 1
+        assert len(rows) == result["methods"][row]["n"]
+        assert matrix == result["methods"][row]["confusion_matrix"], row
+        confidences[tta] = {source: confidence for source, _, confidence in rows}
+    # and it is really the 8-view mean: the confidences are run_batch(tta=True)'s, not the plain ones
+    clf = inference.load_classifier(classifier, device="cpu")
+    std = inference.load_standardizer(str(standardizer), classifier=clf, device="cpu")
+    names = sorted(confidences[True])
+    images = [Image.open(target / name).convert("RGB") for name in names]
+    viewed = inference.run_batch(images, std, clf, tta=True)
+    assert [r.confidence for r in viewed] == pytest.approx([confidences[True][n] for n in names], abs=1e-5)
+    assert any(abs(confidences[True][n] - confidences[False][n]) > 1e-4 for n in names)
+
+
+def _ingest_labels(run_stainbridge, folder: Path, target: Path, classifier: Path, standardizer: Path, *,
+                   tta: bool) -> list[tuple[str, str, float]]:
+    """`stainbridge ingest` of the labelled target into a fresh SQLite database; (source_name, label, confidence)."""
+    folder.mkdir()
+    db, config = folder / "one-path.db", folder / "one-path.toml"
     config.write_text(f"""[paths]
-state = "{tmp_path / 'state'}"
-drop = "{tmp_path / 'drop'}"
-archive = "{tmp_path / 'archive'}"
-quarantine = "{tmp_path / 'quarantine'}"
+state = "{folder / 'state'}"
+drop = "{folder / 'drop'}"
+archive = "{folder / 'archive'}"
+quarantine = "{folder / 'quarantine'}"
 [database]
 url = "sqlite:///{db}"
 [models]
 classifier = "{classifier}"
 standardizer = "{standardizer}"
 device = "cpu"
+tta = {str(tta).lower()}
 [site]
 name = "synthetic-incoming"
 """, encoding="utf-8")
@@ -200,11 +225,7 @@ name = "synthetic-incoming"
     from sqlalchemy import create_engine, text
     engine = create_engine(f"sqlite:///{db}")
     with engine.connect() as connection:
-        rows = connection.execute(text("SELECT source_name, label FROM results WHERE status = 'done'")).all()
+        rows = connection.execute(
+            text("SELECT source_name, label, confidence FROM results WHERE status = 'done'")).all()
     engine.dispose()
-    classes = result["methods"]["raw"]["classes"]
-    matrix = [[0] * len(classes) for _ in classes]
-    for source, label in rows:
-        matrix[classes.index(Path(source).parent.name)][classes.index(label)] += 1
-    assert len(rows) == expected["n"]
-    assert matrix == expected["confusion_matrix"]
+    return [(source, label, confidence) for source, label, confidence in rows]
