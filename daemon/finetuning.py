@@ -60,7 +60,7 @@ def run_classifier_finetune(settings: Settings, sessions: sessionmaker, *, trigg
         return {"status": "not run", "reason": "no review imported since the last classifier fine-tuning"}
     with sessions.begin() as session:
         run = TrainingRun(kind=ModelKind.classifier, status=RunStatus.running, trigger=trigger,
-                          worker=intake.worker_id(), started_at=now,
+                          worker=intake.claim_owner(), started_at=now,
                           params={"epochs": cfg.epochs, "reviewed": len(reviewed), "reviews_up_to": newest,
                                   "device": cfg.device,
                                   "held_out_fraction": cfg.held_out_fraction,

@@ -40,7 +40,7 @@ from stainbridge.daemon.store import Image, ImageStatus, utcnow
 
 __all__ = [
     "IntakeError", "UnreadableImage", "UnsupportedFormat", "RefusedFile", "PseudonymSecretMissing",
-    "open_regular", "open_folder", "open_beneath", "sha256_file", "sha256_open", "worker_id", "claim_owner",
+    "open_regular", "open_folder", "open_beneath", "sha256_file", "sha256_open", "worker_id", "claim_owner", "owner_is_dead",
     "ClaimOutcome", "ClaimResult", "claim",
     "release_stale_claims", "DecodedImage", "decode_image", "decode_open", "to_rgb", "pseudonymize",
 ]
@@ -184,6 +184,16 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def owner_is_dead(owner: str) -> bool:
+    """Is `owner` (a `claim_owner`, or a legacy ``host:pid``) a process of this host known to be gone?
+    Owners on other hosts are never called dead from here."""
+    host = socket.gethostname()
+    place = owner.rpartition(":")[0]
+    if place != host and not place.startswith(f"{host}@"):
+        return False
+    return _owner_dead(owner, host, _pid_scope())
 
 
 def _owner_dead(owner: str, host: str, scope: str) -> bool:

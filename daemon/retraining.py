@@ -2,7 +2,7 @@
 
 One run, in order (each run is a ``training_runs`` row; every outcome is one of its states):
 
-1. ``running`` row with the worker (host:pid) and the options;
+1. ``running`` row with the worker (``intake.claim_owner``: host@boot.pidns:pid) and the options;
 2. data: archived incoming images received in the last ``window_days`` (newest first, at most
    ``max_images``); fewer than ``min_new_images`` new ones since the last run -> ``skipped`` with
    the reason. A stable share (by sha256) is held out for the gate and never trained on;
@@ -76,26 +76,14 @@ class RetrainResult:
 
 def recover_runs(sessions: sessionmaker) -> int:
     """Runs left `running` by a dead process on this host become `failed` (call at start-up)."""
-    host = intake.worker_id().split(":")[0]
     count = 0
     with sessions.begin() as session:
         for run in session.scalars(select(TrainingRun).where(TrainingRun.status == RunStatus.running)):
-            worker_host, _, pid = (run.worker or "").rpartition(":")
-            if worker_host == host and pid.isdigit() and not _alive(int(pid)):
+            if run.worker and intake.owner_is_dead(run.worker):
                 run.status, run.finished_at = RunStatus.failed, utcnow()
                 run.reason = run.error = f"the process running it ({run.worker}) died"
                 count += 1
     return count
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def finish_run(sessions: sessionmaker, run_id: int, status: RunStatus, reason: str, **values: Any) -> None:
@@ -218,7 +206,7 @@ def run_retraining(settings: Settings, sessions: sessionmaker, *, trigger: str =
     cfg = settings.retraining
     with sessions.begin() as session:
         run = TrainingRun(kind=ModelKind.standardizer, status=RunStatus.running, trigger=trigger,
-                          worker=intake.worker_id(), started_at=now,
+                          worker=intake.claim_owner(), started_at=now,
                           params={"preset": cfg.preset, "epochs": cfg.epochs, "steps_per_epoch": cfg.steps_per_epoch,
                                   "window_days": cfg.window_days, "max_images": cfg.max_images,
                                   "reference": str(cfg.reference) if cfg.reference else None})

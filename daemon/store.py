@@ -199,7 +199,7 @@ class TrainingRun(Base):
     reference_images: Mapped[int | None] = mapped_column(Integer)
     held_out_images: Mapped[int | None] = mapped_column(Integer)
     reason: Mapped[str | None] = mapped_column(Text)  # why it was skipped, refused, promoted or failed
-    worker: Mapped[str | None] = mapped_column(String(128))  # host:pid running it (a dead pid: failed)
+    worker: Mapped[str | None] = mapped_column(String(128))  # intake.claim_owner of the process running it
     model_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
     log_path: Mapped[str | None] = mapped_column(String(1024))
     error: Mapped[str | None] = mapped_column(Text)

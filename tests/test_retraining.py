@@ -13,7 +13,7 @@ from sqlalchemy import select
 
 from tests.daemon_helpers import wait_for
 from tests.retraining_helpers import archive_incoming, open_world
-from stainbridge.daemon import cli, registry, retraining
+from stainbridge.daemon import cli, intake, registry, retraining
 from stainbridge.daemon.store import ModelKind, ModelVersion, RunStatus, TrainingRun, VersionState
 
 
@@ -110,6 +110,29 @@ def test_a_run_left_running_by_a_dead_process_becomes_failed(world) -> None:
     assert retraining.recover_runs(sessions) == 1
     with sessions() as session:
         assert session.scalars(select(TrainingRun.status)).all() == [RunStatus.failed]
+
+
+def test_run_owners_are_judged_like_claim_owners(world) -> None:
+    """A run records the claim owner of its process; at start-up only runs of a gone process of this host and
+    PID namespace are failed: a live one, one in another PID namespace of this host (a container sharing the
+    hostname) and one on another host are left running."""
+    settings, sessions = world
+    host, scope = intake.claim_owner().rsplit(":", 1)[0].split("@")
+    boot = scope.split(".")[0]
+    owners = {
+        "gone": f"{host}@{scope}:999999",
+        "alive": intake.claim_owner(),
+        "other namespace": f"{host}@{boot}.1:999999",
+        "other host": f"not-{host}@{scope}:999999",
+    }
+    with sessions.begin() as session:
+        for owner in owners.values():
+            session.add(TrainingRun(kind=ModelKind.standardizer, status=RunStatus.running, worker=owner))
+    assert retraining.recover_runs(sessions) == 1
+    with sessions() as session:
+        states = dict(session.execute(select(TrainingRun.worker, TrainingRun.status)).all())
+    assert states == {owners["gone"]: RunStatus.failed, owners["alive"]: RunStatus.running,
+                      owners["other namespace"]: RunStatus.running, owners["other host"]: RunStatus.running}
 
 
 def test_retrain_now_json(world, lab, monkeypatch, capsys, restore_logging) -> None:
