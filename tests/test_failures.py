@@ -52,6 +52,7 @@ def make_service(settings_factory, tiny_models):
     yield make
     for service in made:
         service.watcher.stop()
+        service.pipeline.close()
         service.engine.dispose()
 
 
