@@ -41,7 +41,8 @@ def test_tiny_preset_writes_every_method_with_eval_keys(bench: tuple[Path, dict,
     for name in ("raw", "reinhard", "macenko", "cyclegan_semantic",
                  "cyclegan_semantic_adapted", "cyclegan_semantic_inductive", "raw_tta", "cyclegan_semantic_tta",
                  "cyclegan_colour", "cyclegan_colour_tta", "cyclegan_colour_inductive", "cyclegan_colour_inductive_tta",
-                 "colorization", "colorization_tta", "colorization_inductive", "colorization_inductive_tta"):
+                 "colorization", "colorization_tta", "colorization_inductive", "colorization_inductive_tta",
+                 "raw_im", "raw_im_tta", "reinhard_im", "reinhard_im_tta", "raw_im_inductive", "reinhard_im_inductive_tta"):
         assert EVAL_KEYS <= set(methods[name]), name
         assert methods[name]["n"] == 20
     setup = result["setup"]
@@ -200,8 +201,8 @@ def test_service_ingest_and_eval_score_exactly_what_the_bench_scores(bench: tupl
     assert any(abs(confidences[True][n] - confidences[False][n]) > 1e-4 for n in names)
 
 
-def _ingest_labels(run_stainbridge, folder: Path, target: Path, classifier: Path, standardizer: Path, *,
-                   tta: bool) -> list[tuple[str, str, float]]:
+def _ingest_labels(run_stainbridge, folder: Path, target: Path, classifier: Path, standardizer: Path | str, *,
+                   tta: bool, scale: str | None = None) -> list[tuple[str, str, float]]:
     """`stainbridge ingest` of the labelled target into a fresh SQLite database; (source_name, label, confidence)."""
     folder.mkdir()
     db, config = folder / "one-path.db", folder / "one-path.toml"
@@ -219,7 +220,7 @@ device = "cpu"
 tta = {str(tta).lower()}
 [site]
 name = "synthetic-incoming"
-""", encoding="utf-8")
+""" + (f'scale = "{scale}"\n' if scale else ""), encoding="utf-8")
     ingested = run_stainbridge("ingest", "--config", str(config), str(target), timeout=300)
     assert ingested.returncode == 0, ingested.stderr + ingested.stdout
     from sqlalchemy import create_engine, text
@@ -229,3 +230,28 @@ name = "synthetic-incoming"
             text("SELECT source_name, label, confidence FROM results WHERE status = 'done'")).all()
     engine.dispose()
     return [(source, label, confidence) for source, label, confidence in rows]
+
+
+def test_adapted_classifier_rows_are_label_free_and_what_the_service_scores(bench: tuple[Path, dict, int],
+                                                                           tmp_path: Path, run_stainbridge) -> None:
+    """The `_im` rows: one classifier per standardizer and mode, adapted without target labels (inductive:
+    on the other half only); the transductive Reinhard one, run by `stainbridge ingest` behind
+    `standardizer = "reinhard"` at the bench's magnification, labels every image as the bench did."""
+    out, result, _ = bench
+    runs = result["setup"]["standardizer_runs"]
+    assert [r["target_images_seen"] for r in runs["im_transductive"]] == [20, 20]
+    assert [r["target_images_seen"] for r in runs["im_inductive"]] == [10, 10, 10, 10]
+    path = out / "classifier_im_reinhard_transductive.safetensors"
+    state, header = checkpoint.load_checkpoint(path)
+    base, _ = checkpoint.load_checkpoint(out / "classifier.safetensors")
+    assert header["adaptation"]["labels_used"] is False and header["adaptation"]["standardizer"] == "reinhard"
+    assert header["classes"] == result["methods"]["raw"]["classes"]
+    assert any(not torch.equal(state[k], base[k]) for k in state if k.endswith("weight"))  # it did move
+    magnification = result["setup"]["geometry"]["magnification"]
+    rows = _ingest_labels(run_stainbridge, tmp_path / "im", out.parent / "incoming", path, "reinhard", tta=True,
+                          scale=repr(magnification))
+    classes = result["methods"]["raw"]["classes"]
+    matrix = [[0] * len(classes) for _ in classes]
+    for source, label, _ in rows:
+        matrix[classes.index(Path(source).parent.name)][classes.index(label)] += 1
+    assert matrix == result["methods"]["reinhard_im_tta"]["confusion_matrix"]

@@ -44,6 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from stainbridge.models import checkpoint, cyclegan, inference
+from stainbridge.models.bench import adaptation
 from stainbridge.models.bench import data as bench_data
 from stainbridge.models.bench import report as bench_report
 from stainbridge.models.bench import training as bench_train
@@ -58,23 +59,26 @@ PRESETS: dict[str, dict[str, Any]] = {
              "lr": 1e-3, "gan_epochs": 2, "gan_steps": 8, "gan_batch": 4, "generator": "tiny",
              "discriminator": "tiny", "adapt_epochs": 1, "colour_epochs": 2, "colour_steps": 4, "colour_batch": 4,
              "colour_pool": 2,  # 32 px / 4 would leave the tiny PatchGAN a 1x1 map
-             "colorization_unet": "tiny", "colorization_epochs": 1, "colorization_steps": 4, "colorization_batch": 4},
+             "colorization_unet": "tiny", "colorization_epochs": 1, "colorization_steps": 4, "colorization_batch": 4,
+             "im_epochs": 1, "im_batch": 16},
     # the CPU study on real data: 64 px, well under an hour on 2 cores
     "cpu": {"size": 64, "window_fraction": 0.6, "arch": "resnet18_w16", "epochs": 16, "batch_size": 64,
             "lr": 1e-3, "gan_epochs": 4, "gan_steps": 100, "gan_batch": 4, "generator": "tiny",
             "discriminator": "tiny", "adapt_epochs": 2, "colour_epochs": 4, "colour_steps": 200, "colour_batch": 8,
             "colour_pool": 4,
-            "colorization_unet": "cpu", "colorization_epochs": 4, "colorization_steps": 150, "colorization_batch": 16},
+            "colorization_unet": "cpu", "colorization_epochs": 4, "colorization_steps": 150, "colorization_batch": 16,
+            "im_epochs": 10, "im_batch": 64},
     # a GPU
     "full": {"size": 128, "window_fraction": 0.6, "arch": "resnet18", "epochs": 30, "batch_size": 128,
              "lr": 2e-3, "gan_epochs": 10, "gan_steps": 400, "gan_batch": 8, "generator": "small",
              "discriminator": "small", "adapt_epochs": 5, "colour_epochs": 10, "colour_steps": 400, "colour_batch": 8,
              "colour_pool": 4,
              "colorization_unet": "unet_128", "colorization_epochs": 10, "colorization_steps": 400,
-             "colorization_batch": 16},
+             "colorization_batch": 16, "im_epochs": 10, "im_batch": 64},
 }
 CLASSICAL = ("reinhard", "macenko")
 LEARNED = ("cyclegan_semantic", "cyclegan_colour", "colorization")
+ADAPTATION = ("im",)  # label-free classifier adaptation behind each classical standardizer (models.bench.adaptation)
 ADAPTED = ("cyclegan_semantic",)  # variants that also fine-tune the classifier on G(F(y))
 # cyclegan_colour: the colour-only recipe of `stainbridge train cyclegan --preset colour` (models.colour_generator):
 # per-pixel generator, PatchGAN behind AvgPool2d(4), generator lr 1e-3, raw-teacher semantic KL weight 5.
@@ -255,8 +259,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CycleGAN steps per epoch (cyclegan, cyclegan_semantic)")
     parser.add_argument("--colour-steps", type=int, default=None,
                         help="steps per epoch of cyclegan_colour (cpu preset: 4 epochs x 200, batch 8)")
-    parser.add_argument("--variants", nargs="+", choices=LEARNED, default=None,
-                        help="learned standardizers to train (default: all)")
+    parser.add_argument("--variants", nargs="+", choices=LEARNED + ADAPTATION, default=None,
+                        help="learned standardizers to train, and 'im' (the classifier adapted without labels "
+                             "behind raw and Reinhard, as `stainbridge train adapt`); default: all")
     parser.add_argument("--markdown", default=None, help="markdown report (default <out-dir>/results.md)")
     parser.add_argument("--grid", default=None, help="example grid PNG (default <out-dir>/grid.png)")
     parser.add_argument("--magnification", type=float, default=None,
@@ -331,7 +336,15 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     trained: dict[str, Any] = {}  # standardizers that do not depend on the mode, trained once
     modes = ("transductive", "inductive") if opts.mode == "both" else (opts.mode,)
     for mode in modes:
-        for variant in (opts.variants or LEARNED):
+        if "im" in (opts.variants or ADAPTATION):
+            t = time.monotonic()
+            r = adaptation.run_information_maximization(
+                mode, d, model, header, {k: images[k] for k in adaptation.STANDARDIZERS}, _folds(len(d.target), mode, opts.seed),
+                opts, out_dir, device, score, _log)
+            outputs.update(r["results"])
+            runs[f"im_{mode}"] = r["runs"]
+            times[f"im_{mode}_s"] = round(time.monotonic() - t, 1)
+        for variant in (v for v in (opts.variants or LEARNED) if v in LEARNED):
             t = time.monotonic()
             r = run_learned(variant, mode, d, model, header, cls_path, opts, out_dir, device, trained)
             outputs.update(r["results"])

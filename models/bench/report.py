@@ -19,7 +19,7 @@ def _f(v: float | None) -> str:
 
 
 def _mode(name: str) -> str:
-    if "cyclegan" not in name:
+    if "cyclegan" not in name and "_im" not in name:
         return "n/a (no training on target)"
     return "inductive" if "inductive" in name else "transductive"
 

@@ -1,0 +1,72 @@
+"""`stainbridge train adapt`: label-free adaptation of the classifier to an incoming hospital."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from stainbridge.models import checkpoint, inference
+from stainbridge.models.imaging import synthetic
+from stainbridge.models.training import adapt
+
+torch.set_num_threads(1)
+
+
+def test_information_maximization_prefers_confident_and_diverse_predictions() -> None:
+    """Confident predictions spread over the classes score lowest; all cells in one class or unsure ones do not."""
+    k = 5
+    diverse = torch.eye(k).repeat(4, 1) * 20.0  # each cell sure, every class used
+    collapsed = torch.zeros(20, k)
+    collapsed[:, 2] = 20.0  # each cell sure, all in one class
+    unsure = torch.zeros(20, k)
+    losses = {name: adapt.information_maximization(logits, 1.0) for name, logits in
+              (("diverse", diverse), ("collapsed", collapsed), ("unsure", unsure))}
+    assert losses["diverse"][0].item() < -math.log(k) + 0.01
+    assert losses["collapsed"][0].item() > -0.01 and losses["unsure"][0].item() > -0.01
+    assert losses["unsure"][1]["entropy"] == pytest.approx(math.log(k), abs=1e-4)
+    # without the diversity term, collapsing is as good as anything: the term is what prevents it
+    assert adapt.information_maximization(collapsed, 0.0)[0].item() < 1e-3
+
+
+def test_adapt_writes_a_label_free_classifier_with_the_same_contract(lab, tmp_path: Path, run_stainbridge) -> None:
+    """The real command: images are found recursively (class folders ignored), read through the service's
+    geometry and standardizer; the checkpoint keeps the classifier's contract, records what it adapted on, and moved."""
+    source = tmp_path / "drop-archive"
+    synthetic.write_dataset(source / "2026" / "12", protocol="incoming", per_class=8, size=48, seed=5)
+    out = tmp_path / "adapted.safetensors"
+    done = run_stainbridge("train", "adapt", "--init-from", str(lab.classifier), "--source", str(source),
+                           "--reference", str(lab.reference), "--standardizer", "reinhard", "--out", str(out),
+                           "--epochs", "2", "--batch-size", "8", "--device", "cpu", timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    before_state, before = checkpoint.load_checkpoint(lab.classifier)
+    after_state, after = checkpoint.load_checkpoint(out)
+    for key in ("architecture", "classes", "input_size", "normalization", "geometry", "reference_stain", "gamma"):
+        assert after[key] == before[key], key
+    adaptation = after["adaptation"]
+    assert adaptation["labels_used"] is False and adaptation["source"]["images"] == 40
+    assert adaptation["standardizer"]["name"] == "reinhard"
+    assert adaptation["init_from"]["sha256"] == checkpoint.file_sha256(lab.classifier)
+    assert sum(adaptation["predicted_class_shares"].values()) == pytest.approx(1.0, abs=1e-3)
+    assert len(after["metrics"]["history"]) == 2
+    assert any(not torch.equal(before_state[k], after_state[k]) for k in before_state if k.endswith("weight"))
+    report = json.loads(done.stderr.strip().splitlines()[-1])
+    assert report["sha256"] == done.stdout.strip() == inference.load_classifier(out).sha256
+
+
+def test_too_few_incoming_images_are_refused_with_the_fix(lab, tmp_path: Path, run_stainbridge) -> None:
+    """A handful of images cannot stand for a site: exit 2, the count and the minimum, no checkpoint."""
+    source = tmp_path / "few"
+    source.mkdir()
+    for i, path in enumerate(sorted(lab.incoming.rglob("*.png"))[:5]):
+        shutil.copy(path, source / f"{i}.png")
+    out = tmp_path / "x.safetensors"
+    done = run_stainbridge("train", "adapt", "--init-from", str(lab.classifier), "--source", str(source),
+                           "--reference", str(lab.reference), "--out", str(out), "--device", "cpu")
+    assert done.returncode == 2
+    assert "holds 5 images" in done.stderr and f"at least {adapt.MIN_SOURCE_IMAGES}" in done.stderr
+    assert not out.exists()
