@@ -241,6 +241,8 @@ def test_adapted_classifier_rows_are_label_free_and_what_the_service_scores(benc
     runs = result["setup"]["standardizer_runs"]
     assert [r["target_images_seen"] for r in runs["im_transductive"]] == [20, 20]
     assert [r["target_images_seen"] for r in runs["im_inductive"]] == [10, 10, 10, 10]
+    # what adapting cost at home is reported per checkpoint (the reference's own test windows)
+    assert all(0.0 <= r["reference_test_balanced_accuracy"] <= 1.0 for r in runs["im_transductive"])
     path = out / "classifier_im_reinhard_transductive.safetensors"
     state, header = checkpoint.load_checkpoint(path)
     base, _ = checkpoint.load_checkpoint(out / "classifier.safetensors")

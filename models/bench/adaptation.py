@@ -49,7 +49,9 @@ def _adapted(model: nn.Module, header: dict[str, Any], d: BenchData, target01: T
     new["adaptation"] = {"method": "information maximization", "standardizer": standardizer, "labels_used": False,
                          "target_images": len(target01), "epochs": opts.im_epochs, "batch_size": opts.im_batch,
                          "seed": seed, **{k: adapt.DEFAULTS[k] for k in ("lr", "diversity", "reference_weight")}}
-    new["metrics"] = {**header["metrics"], "adaptation_history": history}
+    # what adapting to the site cost at home: the reference's own val/test windows
+    new["metrics"] = {**bench_train.reference_scores(tuned.eval(), d, device), "history": history,
+                      "before_adaptation": {k: v for k, v in header["metrics"].items() if k != "history"}}
     new["train_seconds"] = round(time.monotonic() - started, 1)
     state = {k: v.detach().cpu() for k, v in tuned.state_dict().items()}
     new["sha256"] = checkpoint.save_checkpoint(out, state, tu.jsonable(new))
@@ -78,7 +80,9 @@ def run_information_maximization(mode: str, d: BenchData, model: nn.Module, head
             scored = score(images[held], identity, clf)
             plain[held], tta[held] = scored["plain"], scored["tta"]
             runs.append({"checkpoint": out.name, "sha256": new["sha256"], "train_seconds": new["train_seconds"],
-                         "target_images_seen": len(fit)})
+                         "target_images_seen": len(fit),
+                         "reference_test_accuracy": new["metrics"].get("test_accuracy"),
+                         "reference_test_balanced_accuracy": new["metrics"].get("test_balanced_accuracy")})
         key = f"{name}_im" if mode == "transductive" else f"{name}_im_inductive"
         results[key] = (plain, images)
         results[f"{key}_tta"] = (tta, images)

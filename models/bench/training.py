@@ -36,6 +36,7 @@ __all__ = [
     "build_model",
     "classifier_header",
     "load_reference_classifier",
+    "reference_scores",
     "train_reference_classifier",
     "train_standardizer",
 ]
@@ -88,7 +89,7 @@ def classifier_header(d: BenchData, *, arch: str, metrics: dict[str, Any], histo
     }
 
 
-def _scores(model: nn.Module, d: BenchData, device: torch.device) -> dict[str, Any]:
+def reference_scores(model: nn.Module, d: BenchData, device: torch.device) -> dict[str, Any]:
     prep = tc.InputPrep(device, tc.NORMALIZATION)
     out: dict[str, Any] = {}
     for name, x, y in (("val", d.val, d.val_labels), ("test", d.test, d.test_labels)):
@@ -109,7 +110,7 @@ def train_reference_classifier(d: BenchData, out: Path, *, arch: str, epochs: in
     history = _fit(model, loader, epochs=epochs, lr=lr, device=device, log=log)
     split_path = Path(f"{out}.split.json")
     data.write_manifest(d.manifest, split_path)
-    header = classifier_header(d, arch=arch, metrics=_scores(model, d, device), history=history,
+    header = classifier_header(d, arch=arch, metrics=reference_scores(model, d, device), history=history,
                                reference_root=reference_root, split_path=split_path,
                                extra={"augmentation": f"models.stain_augment strength {strength}"})
     header.update(epochs=epochs, seed=seed, train_seconds=round(time.monotonic() - started, 1))
@@ -230,7 +231,7 @@ def adapt_classifier(model: nn.Module, header: dict[str, Any], d: BenchData, tra
     new["training_data"] = {**header["training_data"], "fine_tuned_from": header.get("sha256"),
                             "translated_by_standardizer": standardizer_sha,
                             "translated_images": "G(F(y)) of the reference train split, labels of y"}
-    new["metrics"] = {**_scores(tuned, d, device), "history": history}
+    new["metrics"] = {**reference_scores(tuned, d, device), "history": history}
     new.update(epochs=epochs, seed=seed, train_seconds=round(time.monotonic() - started, 1))
     new.pop("sha256", None)
     state = {k: v.detach().cpu() for k, v in tuned.state_dict().items()}
