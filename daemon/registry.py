@@ -236,4 +236,13 @@ def describe(version: ModelVersion) -> dict[str, Any]:
         "sha256": version.sha256, "created_at": version.created_at.isoformat() if version.created_at else None,
         "metrics": version.metrics or {}, "path": version.path, "training_run_id": version.training_run_id,
         "reason": version.reason, "site_profile": (version.header or {}).get("site_profile"),
+        "adaptation": _adaptation((version.header or {}).get("adaptation")),
     }
+
+
+def _adaptation(adaptation: Any) -> dict[str, Any] | None:
+    """What a classifier was adapted to without labels (`train adapt`): the site's folder and image
+    count, the standardizer in front, and the share of the site's images per class afterwards."""
+    if not isinstance(adaptation, dict):
+        return None
+    return {k: adaptation.get(k) for k in ("source", "standardizer", "predicted_class_shares", "labels_used")}

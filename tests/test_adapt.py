@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from stainbridge.daemon.schema import upgrade_database
 from stainbridge.models import checkpoint, inference
 from stainbridge.models.imaging import synthetic
 from stainbridge.models.training import adapt
@@ -70,3 +71,23 @@ def test_too_few_incoming_images_are_refused_with_the_fix(lab, tmp_path: Path, r
     assert done.returncode == 2
     assert "holds 5 images" in done.stderr and f"at least {adapt.MIN_SOURCE_IMAGES}" in done.stderr
     assert not out.exists()
+
+
+def test_models_list_says_a_classifier_was_adapted(lab, tmp_path: Path, run_stainbridge, sqlite_url: str) -> None:
+    """`models register` + `models list` (real CLI) show the adaptation: the site's image count and class shares."""
+    source = tmp_path / "site"
+    synthetic.write_dataset(source, protocol="incoming", per_class=8, size=48, seed=6)
+    out = tmp_path / "adapted.safetensors"
+    done = run_stainbridge("train", "adapt", "--init-from", str(lab.classifier), "--source", str(source),
+                           "--out", str(out), "--epochs", "1", "--batch-size", "8", "--device", "cpu", timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    env = {"STAINBRIDGE_DATABASE_URL": sqlite_url, "STAINBRIDGE_PATHS_STATE": str(tmp_path / "state")}
+    upgrade_database(sqlite_url)
+    registered = run_stainbridge("models", "register", str(out), env=env)
+    assert registered.returncode == 0, registered.stderr
+    listed = run_stainbridge("models", "list", env=env)
+    assert "[adapted to 40 unlabeled site images]" in listed.stdout, listed.stdout
+    as_json = json.loads(run_stainbridge("models", "list", "--json", env=env).stdout)
+    adaptation = as_json[-1]["adaptation"]
+    assert adaptation["labels_used"] is False and adaptation["standardizer"]["name"] == "none"
+    assert set(adaptation["predicted_class_shares"]) == set(synthetic.CLASSES)

@@ -67,6 +67,14 @@ def _profile(profile: dict | None) -> str:
     return f"  [site x{float(profile['magnification']):.3g}{method}]"
 
 
+def _adapted(adaptation: dict | None) -> str:
+    """A classifier adapted without labels, in a few words: to how many of the site's images."""
+    if not adaptation:
+        return ""
+    images = (adaptation.get("source") or {}).get("images")
+    return f"  [adapted to {images} unlabeled site images]"
+
+
 def run(args: argparse.Namespace) -> int:
     name = f"stainbridge models {args.action}"
     try:
@@ -78,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
                     print(json.dumps(versions, indent=2, default=str))
                 for v in [] if args.json else versions:
                     print(f"{v['id']:>4}  {v['kind']:<12} {v['state']:<9} {v['sha256'][:12]}  {v['created_at'][:19]}  "
-                          f"{v['name']}" + _profile(v["site_profile"])
+                          f"{v['name']}" + _profile(v["site_profile"]) + _adapted(v["adaptation"])
                           + (f"  ({v['reason']})" if v["reason"] and v["state"] == "candidate" else ""))
                 return 0
             if args.action == "register":
