@@ -2,7 +2,7 @@
 
     stainbridge bench accuracy --reference DIR --target DIR [--preset tiny|cpu|full] [--json OUT]
         [--out-dir DIR] [--size PX] [--mode transductive|inductive|both] [--threads N]
-        [--variants cyclegan_semantic cyclegan_colour colorization] [--markdown FILE] [--grid FILE]
+        [--variants cyclegan_semantic cyclegan_colour colorization im] [--markdown FILE] [--grid FILE]
 
 1. Geometry (``models.bench_data``/``models.site_geometry``): reference images are cut to a centred
    window, target images to the window of the same physical width (site magnification estimated
@@ -19,6 +19,8 @@
    The CycleGANs train on unlabeled images only. The plain CycleGAN (no class-preservation term) and
    histogram matching were measured and deleted: each lost to the raw image on BCCD and on LISC. "colorization": the ColorizationGAN (``models.colorization``,
    as ``stainbridge train colorization``), pix2pix L -> ab trained on the reference windows only.
+   "im" (``models.bench.adaptation``): the classifier adapted to the target without labels behind raw
+   and Reinhard (``<method>_im`` rows), as ``stainbridge train adapt``.
 4. Scoring on the labeled target images, each method also with 8-fold dihedral test-time
    augmentation (``_tta``). Target labels are used for nothing else.
 
