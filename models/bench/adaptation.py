@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from stainbridge.models import checkpoint, classifier, inference
+from stainbridge.models.bench import learned
 from stainbridge.models.bench import training as bench_train
 from stainbridge.models.bench.data import BenchData
 from stainbridge.models.imaging import stain_augment
@@ -61,7 +62,7 @@ def _adapted(model: nn.Module, header: dict[str, Any], d: BenchData, target01: T
 def run_information_maximization(mode: str, d: BenchData, model: nn.Module, header: dict[str, Any],
                                  standardized: dict[str, Tensor], folds: list[tuple[Tensor, Tensor]],
                                  opts: argparse.Namespace, out_dir: Path, device: torch.device,
-                                 score: Callable[..., dict[str, Tensor]], log: Callable[[str], Any]) -> dict[str, Any]:
+                                 log: Callable[[str], Any]) -> dict[str, Any]:
     """``standardized``: the target windows after each standardizer in ``STANDARDIZERS`` (as scored);
     ``folds``: (fit, score) index pairs of the mode. Returns {"results": rows, "runs": checkpoints}."""
     results: dict[str, Any] = {}
@@ -77,7 +78,7 @@ def run_information_maximization(mode: str, d: BenchData, model: nn.Module, head
             clf, new = _adapted(model, header, d, images[fit], out, opts=opts, seed=opts.seed + fold, device=device,
                                 standardizer=name, log=log)
             # the windows are already standardized: score them through the identity
-            scored = score(images[held], identity, clf)
+            scored = learned.score(images[held], identity, clf)
             plain[held], tta[held] = scored["plain"], scored["tta"]
             runs.append({"checkpoint": out.name, "sha256": new["sha256"], "train_seconds": new["train_seconds"],
                          "target_images_seen": len(fit),

@@ -23,7 +23,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SeedsError", "summarize", "markdown"]
+__all__ = ["SeedsError", "markdown", "summarize"]
 
 # Setup keys that must agree between the seeds of one target.
 MUST_MATCH = ("preset", "resolution_px", "target", "reference")
