@@ -35,7 +35,8 @@ def test_all_three_modes_process_every_image(tmp_path: Path, capsys: pytest.Capt
     for mode in ("naive", "pipeline", "service"):
         assert result[mode]["images"] == 6 and result[mode]["images_per_s"] > 0, mode
     assert result["service"]["failed"] == 0 and result["service"]["exit_code"] == 0
-    assert set(result["speedup_vs_naive"]) == {"pipeline", "service"}
+    assert set(result["speedup_vs_naive"]) == {"pipeline", "pipeline_tta", "service", "service_tta"}
+    assert result["speedup_vs_naive"]["service_tta"] is None  # not asked for
     assert {"hash", "decode", "geometry", "standardizer", "classifier", "database", "move"} <= set(result["stages"])
     assert result["peak_rss_mb"]["bench_process"] > 0 and result["peak_rss_mb"]["service"] > 0
     # the service really filed every image, and the drop folder is empty again
@@ -120,3 +121,17 @@ def test_compile_falls_back_to_eager_when_compiling_fails(tmp_path: Path, monkey
     assert outcome.startswith("eager (RuntimeError: no C++ compiler")
     assert classifier.model is eager_model
     assert classifier.predict(torch.rand(1, 3, 64, 64)).shape == (1, len(CLASSES))
+
+
+def test_tta_modes_run_the_service_with_models_tta(tmp_path: Path) -> None:
+    """`pipeline-tta` and `service-tta`: the same images through run_batch(tta=True) and a real service whose
+    config says `[models] tta = true`, side by side with the plain pipeline in one run."""
+    out = tmp_path / "t.json"
+    assert main(["bench", "throughput", "--device", "cpu", "--images", "4", "--batch-size", "2", "--preset", "cpu",
+                 "--modes", "pipeline,pipeline-tta,service-tta", "--workdir", str(tmp_path / "work"),
+                 "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["pipeline"]["images"] == result["pipeline_tta"]["images"] == 4
+    assert result["service_tta"]["images"] == 4 and result["service_tta"]["failed"] == 0
+    assert result["service"] is None and result["naive"] is None
+    assert "tta = true" in (tmp_path / "work" / "service-tta" / "stainbridge.toml").read_text()

@@ -52,7 +52,8 @@ class ServiceResult:
         return self.images / self.seconds if self.seconds > 0 else float("nan")
 
 
-def write_config(root: Path, *, classifier: Path, standardizer: str, device: str, batch_size: int) -> Path:
+def write_config(root: Path, *, classifier: Path, standardizer: str, device: str, batch_size: int,
+                 tta: bool = False) -> Path:
     """A config for a fresh service under ``root``: its own drop folder, archive and SQLite file."""
     config = root / "stainbridge.toml"
     config.write_text(f"""# Written by `stainbridge bench throughput` (service mode).
@@ -70,6 +71,7 @@ classifier = "{classifier}"
 standardizer = "{standardizer}"
 device = "{device}"
 batch_size = {batch_size}
+tta = {str(tta).lower()}
 
 [site]
 name = "bench"
@@ -200,12 +202,12 @@ def log_stages(log: Path, dropped_at: datetime | None = None) -> tuple[dict[str,
 
 
 def run_service(images: list[Path], root: Path, *, classifier: Path, standardizer: str, device: str,
-                batch_size: int, timeout: float) -> ServiceResult:
+                batch_size: int, timeout: float, tta: bool = False) -> ServiceResult:
     """Start the service on a fresh folder, drop ``images``, time them to committed rows, stop it."""
     root = root.resolve()  # the config names absolute paths, whatever the service's working directory
     root.mkdir(parents=True, exist_ok=True)
     config = write_config(root, classifier=classifier, standardizer=standardizer, device=device,
-                          batch_size=batch_size)
+                          batch_size=batch_size, tta=tta)
     drop = root / "drop"
     drop.mkdir(parents=True, exist_ok=True)
     staged = stage_files(images, root / "staging")

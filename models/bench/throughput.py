@@ -1,6 +1,7 @@
 """`stainbridge bench throughput`: files to results, naive loop vs batched pipeline vs the real service.
 
-One run, the same generated images (360x363 px, half JPEG, half PNG), three modes:
+One run, the same generated images (360x363 px, half JPEG, half PNG), three modes (and, on request,
+``pipeline-tta`` and ``service-tta``: the same with ``[models] tta``, the 8-view mean per cell):
 
 - naive: one image at a time, PIL decode, float32, the networks called per image;
 - pipeline: the one inference path in-process, batched (decode + ``inference.run_batch``);
@@ -47,6 +48,7 @@ PRESETS: dict[str, dict] = {
     "full": {"standardizer": ("resnet_generator", GENERATOR_PRESETS["full"]), "classifier": ("resnet18", 256),
              "batch_size": 32, "window": False},
 }
+MODES = ("naive", "pipeline", "pipeline-tta", "service", "service-tta")
 WINDOW_FRACTION = 0.6  # reference window = 0.6 x the 360 px frame, as in bench accuracy's presets
 MAGNIFICATION = 0.9  # a plausible site profile (BCCD -> PBC measured 0.895)
 SERVICE_TIMEOUT_S = 600.0
@@ -64,7 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, help="images per batch, in-process and in the service "
                                                        "(default: the preset's)")
     parser.add_argument("--modes", default="naive,pipeline,service",
-                        help="comma-separated subset of naive,pipeline,service (default: all three)")
+                        help="comma-separated subset of naive,pipeline,pipeline-tta,service,service-tta "
+                             "(default: naive,pipeline,service; the -tta modes run with [models] tta)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the networks for the pipeline mode (eager if compiling fails)")
     parser.add_argument("--workdir", help="keep images, checkpoints and the service's folder here (default: a temp dir)")
@@ -89,6 +92,11 @@ def _random_checkpoints(preset: str, folder: Path) -> tuple[Path, Path]:
     generator = GENERATORS[std_arch](**std_args)
     save_checkpoint(standardizer_path, {k: v.detach().clone() for k, v in generator.state_dict().items()}, std_header)
     return classifier_path, standardizer_path
+
+
+def key(mode: str) -> str:
+    """The JSON key of a mode ("pipeline-tta" -> "pipeline_tta")."""
+    return mode.replace("-", "_")
 
 
 def _rate(done: int, seconds: float) -> dict:
@@ -139,9 +147,9 @@ def _stages(inproc: dict[str, float], n: int, service: dict | None) -> dict:
 def measure(args: argparse.Namespace) -> dict:
     device = inference.resolve_device(args.device)
     wanted = [m.strip() for m in args.modes.split(",") if m.strip()]
-    unknown = set(wanted) - {"naive", "pipeline", "service"}
+    unknown = set(wanted) - set(MODES)
     if unknown or not wanted:
-        raise ValueError(f"--modes takes naive, pipeline and/or service, got {args.modes!r}")
+        raise ValueError(f"--modes takes {', '.join(MODES)}, got {args.modes!r}")
     batch_size = args.batch_size or PRESETS[args.preset]["batch_size"]
     with tempfile.TemporaryDirectory(prefix="stainbridge-tput-") as tmp:
         work = Path(args.workdir) if args.workdir else Path(tmp)
@@ -164,7 +172,7 @@ def measure(args: argparse.Namespace) -> dict:
             "preset": None if args.classifier else args.preset,
             "standardizer": standardizer.name, "classifier": classifier.name, "input_size": classifier.input_size,
             "batch_size": batch_size, "images": len(paths), "formats": {"jpeg": (len(paths) + 1) // 2, "png": len(paths) // 2},
-            "naive": None, "pipeline": None, "service": None,
+            **{key(mode): None for mode in MODES},
         }
         if "naive" in wanted:
             result["naive"] = _rate(*modes.naive(paths, standardizer, classifier))
@@ -176,6 +184,10 @@ def measure(args: argparse.Namespace) -> dict:
                 result["compile"] = inference.compile_networks(standardizer, classifier, sample)
             result["pipeline"] = _rate(*modes.pipeline(paths, standardizer, classifier, batch_size=batch_size))
             print(f"  pipeline  {result['pipeline']['images_per_s']:>8} images/s", flush=True)
+        if "pipeline-tta" in wanted:
+            result["pipeline_tta"] = _rate(*modes.pipeline(paths, standardizer, classifier, batch_size=batch_size,
+                                                           tta=True))
+            print(f"  pipeline-tta {result['pipeline_tta']['images_per_s']:>5} images/s", flush=True)
         inproc = modes.stage_times(paths, standardizer, classifier, batch_size=batch_size)
         if "service" in wanted:
             service = run_service(paths, work / "service", classifier=classifier_path.resolve(),
@@ -190,11 +202,19 @@ def measure(args: argparse.Namespace) -> dict:
             service_info = {"seconds": service.seconds, "log_stages": service.log_stages, "batches": service.batches}
         else:
             service_info, service = None, None
+        if "service-tta" in wanted:
+            with_tta = run_service(paths, work / "service-tta", classifier=classifier_path.resolve(),
+                                   standardizer=standardizer_spec if not Path(standardizer_spec).exists()
+                                   else str(Path(standardizer_spec).resolve()),
+                                   device=str(device), batch_size=batch_size, timeout=SERVICE_TIMEOUT_S, tta=True)
+            result["service_tta"] = {**_rate(with_tta.images, with_tta.seconds), "failed": with_tta.failed,
+                                     "exit_code": with_tta.exit_code}
+            print(f"  service-tta {result['service_tta']['images_per_s']:>6} images/s", flush=True)
         result["stages"] = _stages(inproc, len(paths), service_info)
         base = (result["naive"] or {}).get("images_per_s")
         result["speedup_vs_naive"] = {
-            mode: round(result[mode]["images_per_s"] / base, 2) if base and result[mode] else None
-            for mode in ("pipeline", "service")}
+            key(mode): round(result[key(mode)]["images_per_s"] / base, 2) if base and result[key(mode)] else None
+            for mode in MODES if mode != "naive"}
         result["peak_rss_mb"] = {
             "bench_process": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "service": round(service.peak_rss_mb, 1) if service and service.peak_rss_mb else None}
@@ -205,11 +225,11 @@ def _print(result: dict) -> None:
     print(f"device {result['device']} ({result['device_name']}), {result['threads']} torch threads, "
           f"standardizer {result['standardizer']}, classifier {result['classifier']} at {result['input_size']} px, "
           f"batch {result['batch_size']}, {result['images']} images (JPEG+PNG, 360x363)")
-    for mode in ("naive", "pipeline", "service"):
-        if result[mode]:
-            ratio = result["speedup_vs_naive"].get(mode)
+    for mode in MODES:
+        if result[key(mode)]:
+            ratio = result["speedup_vs_naive"].get(key(mode))
             extra = f"  ({ratio:.2f}x naive)" if ratio else ""
-            print(f"  {mode:<9} {result[mode]['images_per_s']:>9.1f} images/s{extra}")
+            print(f"  {mode:<12} {result[key(mode)]['images_per_s']:>9.1f} images/s{extra}")
     with_service = result["service"] is not None
     print("  stages, ms per image in-process" + (", in the service, share of the service's time:" if with_service
                                                  else ", share of the in-process sum:"))

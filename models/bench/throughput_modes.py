@@ -82,15 +82,16 @@ def naive(paths: list[Path], standardizer: inference.Standardizer, classifier: i
 
 
 def pipeline(paths: list[Path], standardizer: inference.Standardizer, classifier: inference.Classifier, *,
-             batch_size: int) -> tuple[int, float]:
-    """Batched: decode a batch, then ``inference.run_batch``: (images classified, seconds)."""
+             batch_size: int, tta: bool = False) -> tuple[int, float]:
+    """Batched: decode a batch, then ``inference.run_batch`` (``tta``: the 8-view mean, as ``[models] tta``):
+    (images classified, seconds)."""
     device = classifier.device
-    inference.run_batch([decode(p) for p in paths[:batch_size]], standardizer, classifier)  # warm-up
+    inference.run_batch([decode(p) for p in paths[:batch_size]], standardizer, classifier, tta=tta)  # warm-up
     _sync(device)
     start = time.perf_counter()
     done = 0
     for chunk in _batches(paths, batch_size):
-        done += len(inference.run_batch([decode(p) for p in chunk], standardizer, classifier))
+        done += len(inference.run_batch([decode(p) for p in chunk], standardizer, classifier, tta=tta))
     _sync(device)
     return done, time.perf_counter() - start
 
