@@ -52,7 +52,7 @@ class ModelsSettings:
     batch_size: int = 16
     max_inflight_pixels: int = 100_000_000  # decoded pixels a batch holds at once (memory cap)
     poll_seconds: float = 10.0  # how often the running service looks for a newly promoted version
-    tta: bool = False  # average the classifier over the 8 turns and flips (8x classifier cost)
+    tta: bool = True  # average the classifier over the 8 turns and flips (8x classifier cost)
 
 
 @dataclass(frozen=True)
