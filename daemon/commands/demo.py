@@ -251,7 +251,7 @@ def wait_until_handled(engine: Engine, expected: int, daemon: DemoDaemon, timeou
 
 
 def raw_accuracy(classifier: Path, standardizer: Path, drop_names: dict[str, Path], truth: dict[str, str]) -> float:
-    """The same classifier on the same images, at the same site geometry, without standardization."""
+    """The reference classifier on the same images, at the same site geometry and TTA, without standardization."""
     import torch
     from PIL import Image
 
@@ -263,7 +263,7 @@ def raw_accuracy(classifier: Path, standardizer: Path, drop_names: dict[str, Pat
     geometry = resolve_geometry(model, load_standardizer(str(standardizer), classifier=model), scale=SCALE)
     names = sorted(drop_names)
     images = [Image.open(drop_names[n]).convert("RGB") for n in names]
-    results = run_batch(images, identity, model, scale=str(geometry.magnification or 1.0))
+    results = run_batch(images, identity, model, scale=str(geometry.magnification or 1.0), tta=True)  # as [models] tta
     return sum(r.label == truth[n] for n, r in zip(names, results, strict=True)) / len(names)
 
 
