@@ -68,7 +68,7 @@ def run_information_maximization(mode: str, d: BenchData, model: nn.Module, head
     results: dict[str, Any] = {}
     runs = []
     n = len(d.target)
-    identity = inference.Standardizer(lambda batch: batch, name="none", header={"kind": "none"})
+    identity = inference.load_standardizer("none")
     for name in STANDARDIZERS:
         images = standardized[name]
         plain, tta = torch.zeros(n, len(d.classes)), torch.zeros(n, len(d.classes))

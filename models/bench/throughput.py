@@ -189,11 +189,13 @@ def measure(args: argparse.Namespace) -> dict:
                                                            tta=True))
             print(f"  pipeline-tta {result['pipeline_tta']['images_per_s']:>5} images/s", flush=True)
         inproc = modes.stage_times(paths, standardizer, classifier, batch_size=batch_size)
+        # the service runs from its own folder: a checkpoint path must be absolute, a method name stays as it is
+        service_standardizer = (str(Path(standardizer_spec).resolve()) if Path(standardizer_spec).exists()
+                                else standardizer_spec)
         if "service" in wanted:
             service = run_service(paths, work / "service", classifier=classifier_path.resolve(),
-                                  standardizer=standardizer_spec if not Path(standardizer_spec).exists()
-                                  else str(Path(standardizer_spec).resolve()),
-                                  device=str(device), batch_size=batch_size, timeout=SERVICE_TIMEOUT_S)
+                                  standardizer=service_standardizer, device=str(device), batch_size=batch_size,
+                                  timeout=SERVICE_TIMEOUT_S)
             result["service"] = {**_rate(service.images, service.seconds), "failed": service.failed,
                                  "startup_s": round(service.startup_seconds, 2), "batches": service.batches,
                                  "exit_code": service.exit_code,
@@ -204,9 +206,8 @@ def measure(args: argparse.Namespace) -> dict:
             service_info, service = None, None
         if "service-tta" in wanted:
             with_tta = run_service(paths, work / "service-tta", classifier=classifier_path.resolve(),
-                                   standardizer=standardizer_spec if not Path(standardizer_spec).exists()
-                                   else str(Path(standardizer_spec).resolve()),
-                                   device=str(device), batch_size=batch_size, timeout=SERVICE_TIMEOUT_S, tta=True)
+                                   standardizer=service_standardizer, device=str(device), batch_size=batch_size,
+                                   timeout=SERVICE_TIMEOUT_S, tta=True)
             result["service_tta"] = {**_rate(with_tta.images, with_tta.seconds), "failed": with_tta.failed,
                                      "exit_code": with_tta.exit_code}
             print(f"  service-tta {result['service_tta']['images_per_s']:>6} images/s", flush=True)

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from stainbridge.models import checkpoint, classifier, inference
+from stainbridge.models import checkpoint, inference
 from stainbridge.models.imaging import data
 from stainbridge.models.training import classifier as train_classifier
 from stainbridge.models.training import finetune
@@ -86,19 +86,15 @@ def _cycle(batches: Callable[[], Iterable[tuple[Tensor, Tensor]]]) -> Iterator[t
 
 def adapt(model: nn.Module, target01: Tensor, reference_batches: Callable[[], Iterable[tuple[Tensor, Tensor]]] | None,
           *, normalization: dict[str, list[float]], criterion: nn.Module, epochs: int, lr: float, batch_size: int,
-          diversity: float, reference_weight: float, seed: int, device: torch.device, freeze_head: bool = False,
+          diversity: float, reference_weight: float, seed: int, device: torch.device,
           log: Callable[[str], Any] = print) -> list[dict[str, float]]:
     """Fine-tune ``model`` in place on standardized target images [N,3,S,S] in [0,1] (no labels) with
     information maximization, plus ``reference_weight`` x ``criterion`` on one labeled reference batch
-    per step (``reference_batches()`` returns an epoch of (images in [0,1], labels)). With ``freeze_head`` the
-    last linear layer (the hypothesis, as SHOT calls it) keeps the reference's decision; the features move
-    under it. Returns per-epoch means."""
+    per step (``reference_batches()`` returns an epoch of (images in [0,1], labels)). Returns per-epoch means."""
     if len(target01) < 2:
         raise AdaptError(f"{len(target01)} incoming images cannot be adapted on: the mean prediction needs several")
     prep = train_classifier.InputPrep(device, normalization)
-    head = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)][-1]
-    trainable = [p for name, p in model.named_parameters() if not (freeze_head and name.startswith(head + "."))]
-    optimizer = torch.optim.SGD(trainable, lr=lr, momentum=0.9, weight_decay=1e-3, nesterov=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-3, nesterov=True)
     g = torch.Generator().manual_seed(seed)
     reference = _cycle(reference_batches) if reference_batches is not None and reference_weight > 0 else None
     steps = max(1, math.floor(len(target01) / batch_size))
@@ -167,10 +163,7 @@ def main(args: argparse.Namespace) -> str:
         raise AdaptError("--epochs must be >= 1, --batch-size >= 2, --diversity and --reference-weight >= 0")
     tu.seed_everything(args.seed)
     device = tu.select_device(args.device, tu.DistInfo())
-    state, header = checkpoint.load_checkpoint(args.init_from)
-    if header.get("kind") != "classifier":
-        raise AdaptError(f"--init-from {args.init_from} is a {header.get('kind')} checkpoint, not a classifier")
-    base = inference.load_classifier(args.init_from, device=str(device))
+    model, header, base, criterion = finetune.trainable_classifier(args.init_from, device)
     standardizer = inference.load_standardizer(args.standardizer, device=str(device), classifier=base)
 
     source = data.list_unlabeled(args.source)
@@ -191,11 +184,6 @@ def main(args: argparse.Namespace) -> str:
         loader = DataLoader(reference_set, batch_size=args.batch_size, shuffle=True,
                             drop_last=len(reference) > args.batch_size, generator=torch.Generator().manual_seed(args.seed))
 
-    model = classifier.build_classifier(arch=header["architecture"], num_classes=len(base.classes))
-    model.load_state_dict(state)
-    model.to(device, memory_format=tu.memory_format(device))
-    gamma = float(header.get("gamma") or 0.0)
-    criterion = classifier.make_loss("focal" if gamma > 0 else "ce", gamma=gamma)
     log = (lambda msg: print(msg, file=sys.stderr, flush=True))
     history = adapt(model, target, (lambda: loader) if loader is not None else None, normalization=header["normalization"], criterion=criterion,
                     epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, diversity=args.diversity,

@@ -29,9 +29,10 @@ import random
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from stainbridge.models import checkpoint, classifier, inference
@@ -68,6 +69,21 @@ def labeled_items(root: str, classes: list[str], what: str) -> list[tuple[Path, 
         raise FinetuneError(f"{what} folder {root} has classes {unknown} that the classifier does not know "
                             f"(it knows {classes}); rename or remove those sub-folders")
     return items
+
+
+def trainable_classifier(path: str | Path, device: torch.device) -> tuple[nn.Module, dict[str, Any],
+                                                                      inference.Classifier, nn.Module]:
+    """A classifier checkpoint to train further: (its network as a trainable copy on ``device``, its header,
+    the checkpoint loaded as the service loads it, the loss it was trained with: focal at its gamma, else CE)."""
+    state, header = checkpoint.load_checkpoint(path)
+    if header.get("kind") != "classifier":
+        raise FinetuneError(f"--init-from {path} is a {header.get('kind')} checkpoint, not a classifier")
+    base = inference.load_classifier(path, device=str(device))
+    model = classifier.build_classifier(arch=header["architecture"], num_classes=len(base.classes))
+    model.load_state_dict(state)
+    model.to(device, memory_format=tu.memory_format(device))
+    gamma = float(header.get("gamma") or 0.0)
+    return model, header, base, classifier.make_loss("focal" if gamma > 0 else "ce", gamma=gamma)
 
 
 @torch.inference_mode()
@@ -121,10 +137,7 @@ def main(args: argparse.Namespace) -> str:
     out.parent.mkdir(parents=True, exist_ok=True)
 
     # the classifier to adapt, and the standardizer in front of it
-    state, header = checkpoint.load_checkpoint(args.init_from)
-    if header.get("kind") != "classifier":
-        raise FinetuneError(f"--init-from {args.init_from} is a {header.get('kind')} checkpoint, not a classifier")
-    base = inference.load_classifier(args.init_from, device=str(device))
+    model, header, base, criterion = trainable_classifier(args.init_from, device)
     classes, size = base.classes, base.input_size
     standardizer = inference.load_standardizer(args.standardizer, device=str(device), classifier=base)
 
@@ -144,12 +157,6 @@ def main(args: argparse.Namespace) -> str:
     loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, drop_last=len(train_set) > args.batch_size,
                         generator=torch.Generator().manual_seed(args.seed))
 
-    # the same network, loss and input normalization as the checkpoint
-    model = classifier.build_classifier(arch=header["architecture"], num_classes=len(classes))
-    model.load_state_dict(state)
-    model.to(device, memory_format=tu.memory_format(device))
-    gamma = float(header.get("gamma") or 0.0)
-    criterion = classifier.make_loss("focal" if gamma > 0 else "ce", gamma=gamma)
     prep = train_classifier.InputPrep(device, header["normalization"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
 
