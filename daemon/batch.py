@@ -16,14 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session
-
 from stainbridge.daemon import intake
 from stainbridge.daemon.config import ConfigError
 from stainbridge.daemon.failures import storable_text
 from stainbridge.daemon.logs import get_logger
-from stainbridge.daemon.store import Image, ImageStatus
+from stainbridge.daemon.store import ImageStatus
 from stainbridge.daemon.walking import Candidate
 
 log = get_logger(__name__)
@@ -189,12 +186,3 @@ def decode_item(item: Item, *, max_pixels: int, max_bytes: int, pseudonym_secret
         budget.release(item.pixels)
         item.pixels = 0
     item.seconds = time.perf_counter() - started
-
-
-def unfiled_twin(session: Session, sha256: str | None, source_name: str, status: ImageStatus) -> Image | None:
-    """A row this very file already produced before a crash, whose file was never filed."""
-    sha_match = Image.sha256.is_(None) if sha256 is None else Image.sha256 == sha256
-    return session.scalars(
-        select(Image).where(sha_match, Image.source_name == source_name, Image.status == status,
-                            Image.archive_path.is_(None)).order_by(Image.id).limit(1)
-    ).first()

@@ -22,7 +22,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from stainbridge.daemon import intake
-from stainbridge.daemon.batch import BatchReport, Item, unfiled_twin
+from stainbridge.daemon.batch import BatchReport, Item
 from stainbridge.daemon.failures import error_summary, is_transient
 from stainbridge.daemon.logs import get_logger
 from stainbridge.daemon.store import Image, ImageStatus, utcnow
@@ -103,11 +103,6 @@ def _claim_one(p: Pipeline, item: Item, report: BatchReport) -> None:
     size = item.opened.st_size if item.opened else candidate.size
     try:
         with p.sessions.begin() as session:
-            previous = unfiled_twin(session, item.sha256, candidate.source_name, ImageStatus.duplicate)
-            if previous is not None:
-                item.image_id, item.target = previous.id, ImageStatus.duplicate
-                report.refiled += 1
-                return
             claimed = intake.claim(session, sha256=item.sha256, source_name=candidate.source_name,
                                    site=p.settings.site.name, size_bytes=size)
             if claimed.outcome is intake.ClaimOutcome.duplicate and not _still_there(item):

@@ -126,6 +126,12 @@ def claim(session: Session, *, sha256: str, source_name: str, site: str, size_by
         if held is None:  # not the sha256 index: a genuine schema error
             raise conflict
         return ClaimResult(ClaimOutcome.in_progress, held)
+    # Checked under the original's lock, which a worker recording this file as a duplicate holds
+    # until it commits: a check before the lock could miss a twin committed in between (two workers
+    # seeing one file would then both record it).
+    twin = unfiled_twin(session, sha256, source_name, ImageStatus.duplicate)
+    if twin is not None:  # recorded as a duplicate already (by another worker, or before a crash): file it only
+        return ClaimResult(ClaimOutcome.unfiled, twin.id, original_status=ImageStatus.duplicate)
     if original.status is ImageStatus.pending:
         taken = session.execute(
             update(Image)
@@ -163,6 +169,15 @@ def claim(session: Session, *, sha256: str, source_name: str, site: str, size_by
     session.add(duplicate)
     session.flush()
     return ClaimResult(ClaimOutcome.duplicate, duplicate.id, duplicate_of_id=original.id)
+
+
+def unfiled_twin(session: Session, sha256: str | None, source_name: str, status: ImageStatus) -> Image | None:
+    """A row this very file already produced (before a crash, or by another worker), whose file was never filed."""
+    sha_match = Image.sha256.is_(None) if sha256 is None else Image.sha256 == sha256
+    return session.scalars(
+        select(Image).where(sha_match, Image.source_name == source_name, Image.status == status,
+                            Image.archive_path.is_(None)).order_by(Image.id).limit(1)
+    ).first()
 
 
 def _forget_replaced_content(session: Session, source_name: str, sha256: str) -> None:

@@ -14,7 +14,7 @@ from sqlalchemy import bindparam, delete, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from stainbridge.daemon import filing, intake
-from stainbridge.daemon.batch import BatchReport, Item, unfiled_twin
+from stainbridge.daemon.batch import BatchReport, Item
 from stainbridge.daemon.failures import error_summary, is_transient, storable_text
 from stainbridge.daemon.logs import get_logger
 from stainbridge.daemon.store import Image, ImageStatus, Prediction, utcnow
@@ -64,7 +64,7 @@ def _record_together(p: Pipeline, items: list[Item], report: BatchReport) -> lis
         for item in items:
             source = item.candidate.source_name
             if item.image_id is None:  # refused or unhashable: no claim, a failed row
-                row = unfiled_twin(session, item.sha256, source, ImageStatus.failed)
+                row = intake.unfiled_twin(session, item.sha256, source, ImageStatus.failed)
                 if row is None and not filing.Source(item.candidate.path, item.dir_fd).exists():
                     counts.skipped += 1  # a stale candidate (filed by another worker, deleted): no row
                     continue

@@ -128,6 +128,40 @@ def test_concurrent_claims_one_wins(database_url):
     assert sorted(o.value for o in outcomes) == ["claimed", "duplicate"]
 
 
+def test_two_workers_seeing_one_duplicate_file_record_it_once(postgres_url):
+    """Two workers claiming the same copy of known content at the same moment: one duplicate row, every
+    round (the other worker finds it in progress or already recorded, never records a second one)."""
+    engine = make_engine(postgres_url)
+    Base.metadata.create_all(engine)
+    make = make_sessionmaker(engine)
+    rounds = 25
+    with make() as setup:
+        for n in range(rounds):
+            claim(setup, sha256=f"{n:064x}", source_name=f"cell-{n}.png", site="s", size_bytes=1)
+        setup.commit()
+    outcomes: list[str] = []
+    barrier = threading.Barrier(2)
+
+    def worker() -> None:
+        with make() as session:
+            for n in range(rounds):
+                barrier.wait(timeout=30)
+                outcomes.append(claim(session, sha256=f"{n:064x}", source_name=f"copy-{n}.png", site="s",
+                                      size_bytes=1).outcome.value)
+                session.commit()
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    with make() as check:
+        copies = check.scalars(select(Image.source_name).where(Image.status == ImageStatus.duplicate)).all()
+    engine.dispose()
+    assert sorted(copies) == sorted(f"copy-{n}.png" for n in range(rounds))
+    assert outcomes.count("duplicate") == rounds and set(outcomes) <= {"duplicate", "unfiled", "in_progress"}
+
+
 def test_same_file_while_processing_is_left_alone(db):
     """A file seen again while its own claim is live is reported in progress, not duplicated."""
     first = claim(db, sha256="c" * 64, source_name="x.png", site="clinic", size_bytes=10)
@@ -145,6 +179,27 @@ def test_processed_but_unfiled_file_is_only_filed(db):
     db.commit()
     again = claim(db, sha256="d" * 64, source_name="x.png", site="clinic", size_bytes=10)
     assert again.outcome is ClaimOutcome.unfiled and again.original_status is ImageStatus.done
+
+
+def test_file_already_recorded_as_duplicate_is_only_filed(db):
+    """A file another worker recorded as a duplicate and has not filed yet (or a crash left unfiled) gets
+    no second duplicate row, and a released original is not taken over under the copy's name."""
+    original = claim(db, sha256="7" * 64, source_name="x.png", site="clinic", size_bytes=10)
+    db.commit()
+    first = claim(db, sha256="7" * 64, source_name="copy.png", site="clinic", size_bytes=10)
+    db.commit()
+    assert first.outcome is ClaimOutcome.duplicate
+    again = claim(db, sha256="7" * 64, source_name="copy.png", site="clinic", size_bytes=10)
+    db.commit()
+    assert again.outcome is ClaimOutcome.unfiled and again.image_id == first.image_id
+    assert again.original_status is ImageStatus.duplicate
+    db.get(Image, original.image_id).status = ImageStatus.pending  # its worker died: released
+    db.commit()
+    after_release = claim(db, sha256="7" * 64, source_name="copy.png", site="clinic", size_bytes=10)
+    db.commit()
+    assert after_release.outcome is ClaimOutcome.unfiled and after_release.image_id == first.image_id
+    rows = {r.source_name: r.status for r in db.scalars(select(Image).where(Image.sha256 == "7" * 64))}
+    assert rows == {"x.png": ImageStatus.pending, "copy.png": ImageStatus.duplicate}
 
 
 def test_stale_claim_released_and_reclaimed(db):
