@@ -6,7 +6,8 @@ One run, in order (each run is a ``training_runs`` row; every outcome is one of 
 2. data: archived incoming images received in the last ``window_days`` (newest first, at most
    ``max_images``); fewer than ``min_new_images`` new ones since the last run -> ``skipped`` with
    the reason. A stable share (by sha256) is held out for the gate and never trained on;
-3. ``stainbridge train cyclegan`` in a subprocess, ``nice``-d in the child, its output in the
+3. ``stainbridge train cyclegan`` in a subprocess (``train site-profile`` when the active standardizer
+   is a classical method's checkpoint: see ``classical_method``), ``nice``-d in the child, its output in the
    run's log file (``<state>/retraining/run-N/train.log``). A crash, a kill, a timeout or the
    service stopping -> ``failed`` with the reason; the service is another process and goes on;
 4. the checkpoint registered as a ``candidate`` (sha256, header, training run); its site profile
@@ -159,6 +160,23 @@ def warm_start(settings: Settings, active: ModelVersion) -> tuple[str | None, st
     return active.path, f"fine-tuning the active standardizer (version {active.id})"
 
 
+def classical_method(active: ModelVersion) -> str | None:
+    """The method of an active classical standardizer checkpoint (`train site-profile`), else None.
+    Its only learned part is the site profile, so the job re-estimates that instead of training a
+    CycleGAN: a new kind of standardizer would also leave a classifier adapted behind it (`train
+    adapt`) reading images it was not adapted to."""
+    from stainbridge.models.inference import CLASSICAL_STANDARDIZERS
+
+    method = (active.header or {}).get("architecture")
+    return method if not registry.is_builtin(active) and method in CLASSICAL_STANDARDIZERS else None
+
+
+def site_profile_command(settings: Settings, source: Path, out: Path, method: str, classifier: str) -> list[str]:
+    cfg = settings.retraining
+    return [sys.executable, "-c", CHILD, str(cfg.nice), "train", "site-profile", "--method", method,
+            "--source", str(source), "--classifier", classifier, "--reference", str(cfg.reference), "--out", str(out)]
+
+
 def train_command(settings: Settings, source: Path, out: Path, semantic_classifier: str | None,
                   init_from: str | None = None) -> list[str]:
     cfg = settings.retraining
@@ -268,15 +286,22 @@ def _run(settings: Settings, sessions: sessionmaker, run_id: int, now: datetime,
     if c_active is None or s_active is None:
         raise TrainingFailed("no active classifier or standardizer in the registry; start the service once "
                              "or run `stainbridge models promote ID`")
-    semantic = None if registry.is_builtin(c_active) else c_active.path
-    init_from, start = warm_start(settings, s_active)
-    log.info("retraining_warm_start" if init_from else "retraining_from_scratch", run=run_id, reason=start)
+    method = classical_method(s_active)
+    if method is not None:
+        init_from, start = None, (f"re-estimating the site profile of the active {method} standardizer "
+                                  f"(version {s_active.id}) from the recent images")
+        cmd = site_profile_command(settings, source, out, method, c_active.path)
+    else:
+        semantic = None if registry.is_builtin(c_active) else c_active.path
+        init_from, start = warm_start(settings, s_active)
+        cmd = train_command(settings, source, out, semantic, init_from)
+    log.info("retraining_site_profile" if method else "retraining_warm_start" if init_from
+             else "retraining_from_scratch", run=run_id, reason=start)
     with sessions.begin() as session:
         run = session.get(TrainingRun, run_id)
         run.params = {**(run.params or {}), "init_from": init_from, "init_from_version": s_active.id if init_from
-                      else None, "start": start}
-    run_training(train_command(settings, source, out, semantic, init_from), log_path,
-                 timeout=cfg.timeout_minutes * 60, stop=stop)
+                      else None, "start": start, "command": " ".join(cmd[4:6])}
+    run_training(cmd, log_path, timeout=cfg.timeout_minutes * 60, stop=stop)
 
     device = settings.models.device
     classifier = registry.load_version(c_active, device=device)

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
+import subprocess
 import threading
 from pathlib import Path
 
 import pytest
 from sqlalchemy import select
 
-from tests.daemon_helpers import wait_for
+from tests.daemon_helpers import STAINBRIDGE, subprocess_env, wait_for
 from tests.retraining_helpers import archive_incoming, open_world
 from stainbridge.daemon import cli, intake, registry, retraining
 from stainbridge.daemon.store import ModelKind, ModelVersion, RunStatus, TrainingRun, VersionState
+from stainbridge.models.imaging import synthetic
 
 
 def _settings(settings_factory, lab, standardizer, **overrides):
@@ -53,6 +56,42 @@ def test_nightly_run_trains_a_candidate_and_promotes_it_over_a_worse_active(worl
         assert active.id == result.candidate_id and active.training_run_id == run.id
         broken = session.scalars(select(ModelVersion).where(ModelVersion.path == str(lab.broken.resolve()))).one()
         assert broken.state is VersionState.retired
+
+
+def test_a_classical_standardizer_gets_its_site_profile_re_estimated_not_a_cyclegan(settings_factory, lab,
+                                                                                    tmp_path) -> None:
+    """The default recipe (a `train site-profile` Reinhard checkpoint in front of the classifier): the job
+    runs `train site-profile` on the recent images instead of training a CycleGAN, so the standardizer
+    stays the method the classifier was (perhaps) adapted behind; the candidate goes through the gate."""
+    smears = tmp_path / "smears"
+    protocol = dataclasses.replace(synthetic.get_protocol("incoming"), cell_fraction=0.5, red_cell_gap=0.1)
+    for i in range(20):
+        label = synthetic.CLASSES[i % 5]
+        (smears / label).mkdir(parents=True, exist_ok=True)
+        synthetic.render_cell(label, protocol=protocol, size=128,
+                              rng=synthetic.image_rng(7, "incoming", label, i)).save(smears / label / f"{i}.png")
+    active = tmp_path / "reinhard-site.safetensors"
+    done = subprocess.run([str(STAINBRIDGE), "train", "site-profile", "--method", "reinhard", "--source", str(smears),
+                           "--classifier", str(lab.classifier), "--reference", str(lab.reference), "--out", str(active)],
+                          env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    settings = _settings(settings_factory, lab, str(active))
+    engine, sessions = open_world(settings)
+    try:
+        archive_incoming(settings, sessions, dataclasses.replace(lab, incoming=smears))
+        result = retraining.run_retraining(settings, sessions)
+        assert result.status in ("succeeded", "rejected"), result.reason
+        with sessions() as session:
+            run = session.get(TrainingRun, result.run_id)
+            candidate = session.get(ModelVersion, result.candidate_id)
+            assert run.params["command"] == "train site-profile" and "site profile" in run.params["start"]
+            assert candidate.header["architecture"] == "reinhard" and "arch_args" not in candidate.header
+            profile = candidate.header["site_profile"]
+            assert profile["source_images"] == run.images_used and profile["method"] in ("red_cell_diameter", "nucleus_area")
+            assert result.metrics["site_profile"]["candidate"] == profile
+            assert registry.active_version(session, ModelKind.standardizer).header["architecture"] == "reinhard"
+    finally:
+        engine.dispose()
 
 
 def test_broken_candidate_is_refused_and_stays_a_candidate(world, lab, monkeypatch) -> None:
