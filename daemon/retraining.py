@@ -7,7 +7,7 @@ One run, in order (each run is a ``training_runs`` row; every outcome is one of 
    ``max_images``); fewer than ``min_new_images`` new ones since the last run -> ``skipped`` with
    the reason. A stable share (by sha256) is held out for the gate and never trained on;
 3. ``stainbridge train cyclegan`` in a subprocess (``train site-profile`` when the active standardizer
-   is a classical method's checkpoint: see ``classical_method``), ``nice``-d in the child, its output in the
+   is a site-profile checkpoint: see ``site_profile_method``), ``nice``-d in the child, its output in the
    run's log file (``<state>/retraining/run-N/train.log``). A crash, a kill, a timeout or the
    service stopping -> ``failed`` with the reason; the service is another process and goes on;
 4. the checkpoint registered as a ``candidate`` (sha256, header, training run); its site profile
@@ -160,15 +160,15 @@ def warm_start(settings: Settings, active: ModelVersion) -> tuple[str | None, st
     return active.path, f"fine-tuning the active standardizer (version {active.id})"
 
 
-def classical_method(active: ModelVersion) -> str | None:
-    """The method of an active classical standardizer checkpoint (`train site-profile`), else None.
-    Its only learned part is the site profile, so the job re-estimates that instead of training a
-    CycleGAN: a new kind of standardizer would also leave a classifier adapted behind it (`train
-    adapt`) reading images it was not adapted to."""
-    from stainbridge.models.inference import CLASSICAL_STANDARDIZERS
+def site_profile_method(active: ModelVersion) -> str | None:
+    """The method of an active `train site-profile` checkpoint (a classical method, or the site colour
+    map), else None. What it learned from the site is the site profile (and the colour map), so the
+    job re-fits that on the recent images instead of training a CycleGAN: a new kind of standardizer
+    would also leave a classifier adapted behind it (`train adapt`) reading images it was not adapted to."""
+    from stainbridge.models.inference import SITE_PROFILE_METHODS
 
     method = (active.header or {}).get("architecture")
-    return method if not registry.is_builtin(active) and method in CLASSICAL_STANDARDIZERS else None
+    return method if not registry.is_builtin(active) and method in SITE_PROFILE_METHODS else None
 
 
 def site_profile_command(settings: Settings, source: Path, out: Path, method: str, classifier: str) -> list[str]:
@@ -286,10 +286,10 @@ def _run(settings: Settings, sessions: sessionmaker, run_id: int, now: datetime,
     if c_active is None or s_active is None:
         raise TrainingFailed("no active classifier or standardizer in the registry; start the service once "
                              "or run `stainbridge models promote ID`")
-    method = classical_method(s_active)
+    method = site_profile_method(s_active)
     if method is not None:
-        init_from, start = None, (f"re-estimating the site profile of the active {method} standardizer "
-                                  f"(version {s_active.id}) from the recent images")
+        init_from, start = None, (f"re-fitting the active {method} standardizer's site profile (version "
+                                  f"{s_active.id}) on the recent images")
         cmd = site_profile_command(settings, source, out, method, c_active.path)
     else:
         semantic = None if registry.is_builtin(c_active) else c_active.path

@@ -34,11 +34,12 @@ from stainbridge.models.checkpoint import CheckpointError, ModelMismatch, file_s
 from stainbridge.models.classifier import ARCHITECTURES, build_classifier
 from stainbridge.models.cyclegan import GENERATORS
 from stainbridge.models.geometry import SCALE_FROM_PROFILE, Geometry, resolve_geometry
-from stainbridge.models.imaging import classical
+from stainbridge.models.imaging import classical, colour_map
 
 # The daemon's whole view of models/: everything it imports from the package is named here.
 __all__ = [
     "CLASSICAL_STANDARDIZERS",
+    "SITE_PROFILE_METHODS",
     "CheckpointError",
     "file_sha256",
     "fsync_dir",
@@ -64,6 +65,9 @@ __all__ = [
 ]
 
 CLASSICAL_STANDARDIZERS = ("reinhard", "macenko")
+# What `stainbridge train site-profile --method` writes: a classical method, or the site's colour map
+# (fitted to the site's images, so it exists only as a checkpoint, never as a name in the configuration).
+SITE_PROFILE_METHODS = (*CLASSICAL_STANDARDIZERS, colour_map.ARCHITECTURE)
 
 
 class DeviceUnavailable(RuntimeError):
@@ -272,8 +276,8 @@ def load_standardizer(
 ) -> Standardizer:
     """``spec``: "none", "reinhard" | "macenko" (fitted to the reference stain stats
     in ``classifier.header["reference_stain"]``), or the path of a standardizer checkpoint: a
-    generator (CycleGAN, colour-only, colorization) or a classical method with its statistics and
-    site profile (``stainbridge train site-profile``)."""
+    generator (CycleGAN, colour-only, colorization), a classical method with its statistics and
+    site profile, or a site's colour map (both ``stainbridge train site-profile``)."""
     spec = str(spec)
     if spec == "none":
         return Standardizer(lambda batch: batch, name="none", header={"kind": "standardizer", "architecture": "none"})
@@ -292,6 +296,12 @@ def load_standardizer(
     if arch in CLASSICAL_STANDARDIZERS:
         # a classical method with its reference statistics and site profile (`stainbridge train site-profile`)
         return _classical(arch, None, stats=header.get("reference_stain"), header=header, name=path.stem, sha256=sha)
+    if arch == colour_map.ARCHITECTURE:
+        try:
+            fn = colour_map.ColourMap.from_state(state)
+        except classical.BaselineError as exc:
+            raise ModelMismatch(f"{path}: {exc}") from exc
+        return Standardizer(fn, name=path.stem, header=header, sha256=sha)
     if arch not in GENERATORS:
         raise ModelMismatch(f"{path}: unknown standardizer architecture {arch!r}; this stainbridge knows {sorted(GENERATORS)}")
     try:

@@ -42,7 +42,9 @@ def test_tiny_preset_writes_every_method_with_eval_keys(bench: tuple[Path, dict,
                  "cyclegan_semantic_adapted", "cyclegan_semantic_inductive", "raw_tta", "cyclegan_semantic_tta",
                  "cyclegan_colour", "cyclegan_colour_tta", "cyclegan_colour_inductive", "cyclegan_colour_inductive_tta",
                  "colorization", "colorization_tta", "colorization_inductive", "colorization_inductive_tta",
-                 "raw_im", "raw_im_tta", "reinhard_im", "reinhard_im_tta", "raw_im_inductive", "reinhard_im_inductive_tta"):
+                 "raw_im", "raw_im_tta", "reinhard_im", "reinhard_im_tta", "raw_im_inductive", "reinhard_im_inductive_tta",
+                 "colour_map", "colour_map_tta", "colour_map_inductive", "colour_map_inductive_tta",
+                 "colour_map_im", "colour_map_im_tta", "colour_map_im_inductive_tta"):
         assert EVAL_KEYS <= set(methods[name]), name
         assert methods[name]["n"] == 20
     setup = result["setup"]
@@ -239,8 +241,8 @@ def test_adapted_classifier_rows_are_label_free_and_what_the_service_scores(benc
     `standardizer = "reinhard"` at the bench's magnification, labels every image as the bench did."""
     out, result, _ = bench
     runs = result["setup"]["standardizer_runs"]
-    assert [r["target_images_seen"] for r in runs["im_transductive"]] == [20, 20]
-    assert [r["target_images_seen"] for r in runs["im_inductive"]] == [10, 10, 10, 10]
+    assert [r["target_images_seen"] for r in runs["im_transductive"]] == [20, 20, 20]  # raw, reinhard, colour map
+    assert [r["target_images_seen"] for r in runs["im_inductive"]] == [10] * 6
     # what adapting cost at home is reported per checkpoint (the reference's own test windows)
     assert all(0.0 <= r["reference_test_balanced_accuracy"] <= 1.0 for r in runs["im_transductive"])
     path = out / "classifier_im_reinhard_transductive.safetensors"
@@ -257,3 +259,27 @@ def test_adapted_classifier_rows_are_label_free_and_what_the_service_scores(benc
     for source, label, _ in rows:
         matrix[classes.index(Path(source).parent.name)][classes.index(label)] += 1
     assert matrix == result["methods"]["reinhard_im_tta"]["confusion_matrix"]
+
+
+def test_colour_map_rows_are_label_free_and_what_the_service_scores(bench: tuple[Path, dict, int], tmp_path: Path,
+                                                                    run_stainbridge) -> None:
+    """The site colour map: fitted per fold on unlabeled target windows only (inductive: the other half), far
+    more reference-like than the raw images; its transductive checkpoint with the classifier adapted behind it,
+    run by `stainbridge ingest` (geometry from the map's site profile), labels every image as the bench did."""
+    out, result, _ = bench
+    runs = result["setup"]["standardizer_runs"]
+    assert [r["target_images_seen"] for r in runs["colour_map_transductive"]] == [20]
+    assert [r["target_images_seen"] for r in runs["colour_map_inductive"]] == [10, 10]
+    methods = result["methods"]
+    assert methods["colour_map"]["delta_e"] < methods["raw"]["delta_e"] / 2
+    standardizer = out / "standardizer_colour_map_transductive.safetensors"
+    _, header = checkpoint.load_checkpoint(standardizer)
+    assert header["architecture"] == "colour_map" and header["training_data"]["labels_used"] is False
+    assert header["site_profile"]["magnification"] == pytest.approx(result["setup"]["geometry"]["magnification"])
+    classifier = out / "classifier_im_colour_map_transductive.safetensors"
+    rows = _ingest_labels(run_stainbridge, tmp_path / "cm", out.parent / "incoming", classifier, standardizer, tta=True)
+    classes = methods["raw"]["classes"]
+    matrix = [[0] * len(classes) for _ in classes]
+    for source, label, _ in rows:
+        matrix[classes.index(Path(source).parent.name)][classes.index(label)] += 1
+    assert matrix == methods["colour_map_im_tta"]["confusion_matrix"]

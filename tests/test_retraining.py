@@ -58,11 +58,13 @@ def test_nightly_run_trains_a_candidate_and_promotes_it_over_a_worse_active(worl
         assert broken.state is VersionState.retired
 
 
-def test_a_classical_standardizer_gets_its_site_profile_re_estimated_not_a_cyclegan(settings_factory, lab,
-                                                                                    tmp_path) -> None:
-    """The default recipe (a `train site-profile` Reinhard checkpoint in front of the classifier): the job
-    runs `train site-profile` on the recent images instead of training a CycleGAN, so the standardizer
-    stays the method the classifier was (perhaps) adapted behind; the candidate goes through the gate."""
+@pytest.mark.parametrize("method", ["colour_map", "reinhard"])
+def test_a_site_profile_standardizer_is_re_fitted_not_replaced_by_a_cyclegan(settings_factory, lab, tmp_path,
+                                                                             method) -> None:
+    """A `train site-profile` checkpoint in front of the classifier (the colour map of the default recipe, or
+    Reinhard): the job runs `train site-profile` with that method on the recent images instead of training a
+    CycleGAN, so the standardizer stays the method the classifier was (perhaps) adapted behind; the
+    candidate goes through the gate."""
     smears = tmp_path / "smears"
     protocol = dataclasses.replace(synthetic.get_protocol("incoming"), cell_fraction=0.5, red_cell_gap=0.1)
     for i in range(20):
@@ -70,8 +72,8 @@ def test_a_classical_standardizer_gets_its_site_profile_re_estimated_not_a_cycle
         (smears / label).mkdir(parents=True, exist_ok=True)
         synthetic.render_cell(label, protocol=protocol, size=128,
                               rng=synthetic.image_rng(7, "incoming", label, i)).save(smears / label / f"{i}.png")
-    active = tmp_path / "reinhard-site.safetensors"
-    done = subprocess.run([str(STAINBRIDGE), "train", "site-profile", "--method", "reinhard", "--source", str(smears),
+    active = tmp_path / f"{method}-site.safetensors"
+    done = subprocess.run([str(STAINBRIDGE), "train", "site-profile", "--method", method, "--source", str(smears),
                            "--classifier", str(lab.classifier), "--reference", str(lab.reference), "--out", str(active)],
                           env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -85,11 +87,13 @@ def test_a_classical_standardizer_gets_its_site_profile_re_estimated_not_a_cycle
             run = session.get(TrainingRun, result.run_id)
             candidate = session.get(ModelVersion, result.candidate_id)
             assert run.params["command"] == "train site-profile" and "site profile" in run.params["start"]
-            assert candidate.header["architecture"] == "reinhard" and "arch_args" not in candidate.header
+            assert candidate.header["architecture"] == method and "arch_args" not in candidate.header
+            if method == "colour_map":  # re-fitted on the recent images (the run's training folder)
+                assert candidate.header["colour_map"]["source_images"] == run.images_used
             profile = candidate.header["site_profile"]
             assert profile["source_images"] == run.images_used and profile["method"] in ("red_cell_diameter", "nucleus_area")
             assert result.metrics["site_profile"]["candidate"] == profile
-            assert registry.active_version(session, ModelKind.standardizer).header["architecture"] == "reinhard"
+            assert registry.active_version(session, ModelKind.standardizer).header["architecture"] == method
     finally:
         engine.dispose()
 

@@ -7,10 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from stainbridge.models import checkpoint, inference
 from stainbridge.models.classifier import build_classifier
 from stainbridge.models.imaging import classical, site_geometry, synthetic
+from stainbridge.models.metrics import stain_distance, stain_region_colours
 
 
 def _write_smears(folder: Path, protocol: str, fraction: float, n: int = 25) -> list:
@@ -63,3 +65,37 @@ def test_a_classifier_without_reference_scale_needs_the_reference_folder(tmp_pat
     done = run_stainbridge("train", "site-profile", "--source", str(tmp_path / "src"), "--classifier", str(clf_path),
                            "--out", str(tmp_path / "r.safetensors"))
     assert done.returncode == 2 and "--reference DIR" in done.stderr
+
+
+def test_colour_map_checkpoint_maps_the_site_onto_the_reference_colours(tmp_path: Path, run_stainbridge) -> None:
+    """`--method colour_map`: the checkpoint carries the site profile and the fitted map (tensors, no pickle);
+    the service loads it, and it brings the site's windows (cut at the profile's magnification) close to the
+    reference stain. Without --reference it says what to pass."""
+    reference = _write_smears(tmp_path / "ref", "reference", 0.3)
+    _write_smears(tmp_path / "src", "incoming", 0.5)
+    clf_path = tmp_path / "clf.safetensors"
+    checkpoint.save_checkpoint(clf_path, build_classifier(arch="resnet18", num_classes=5).state_dict(), {
+        "kind": "classifier", "architecture": "resnet18", "arch_args": {"num_classes": 5},
+        "classes": list(synthetic.CLASSES), "input_size": 32, "normalization": {"mean": [0.5] * 3, "std": [0.25] * 3},
+        "reference_stain": classical.fit_reference_stats(reference[:8]),
+        "geometry": {"reference_window_px": 128.0, **site_geometry.reference_geometry(reference)}})
+    refused = run_stainbridge("train", "site-profile", "--method", "colour_map", "--source", str(tmp_path / "src"),
+                              "--classifier", str(clf_path), "--out", str(tmp_path / "no.safetensors"))
+    assert refused.returncode == 2 and "--reference DIR" in refused.stderr
+    out = tmp_path / "colour-map.safetensors"
+    done = run_stainbridge("train", "site-profile", "--method", "colour_map", "--source", str(tmp_path / "src"),
+                           "--classifier", str(clf_path), "--reference", str(tmp_path / "ref"), "--out", str(out))
+    assert done.returncode == 0, done.stderr
+
+    state, header = checkpoint.load_checkpoint(out)
+    assert set(state) == {"rotations", "site_quantiles", "reference_quantiles"}
+    assert header["colour_map"]["source_images"] == 25 and header["training_data"]["labels_used"] is False
+    classifier = inference.load_classifier(clf_path)
+    standardizer = inference.load_standardizer(str(out))
+    geometry = inference.resolve_geometry(classifier, standardizer)
+    assert geometry.magnification == pytest.approx(0.6, rel=0.08)
+    site_windows = inference.prepare_batch([Image.open(p) for p in sorted((tmp_path / "src").glob("*.png"))], geometry)
+    reference_windows = inference.prepare_batch(reference, inference.resolve_geometry(classifier, None))
+    target = stain_region_colours(reference_windows)
+    before = stain_distance(site_windows, target)["delta_e"]
+    assert stain_distance(standardizer(site_windows), target)["delta_e"] < before / 2

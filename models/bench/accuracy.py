@@ -2,7 +2,7 @@
 
     stainbridge bench accuracy --reference DIR --target DIR [--preset tiny|cpu|full] [--json OUT]
         [--out-dir DIR] [--size PX] [--mode transductive|inductive|both] [--threads N]
-        [--variants cyclegan_semantic cyclegan_colour colorization im] [--markdown FILE] [--grid FILE]
+        [--variants cyclegan_semantic cyclegan_colour colorization colour_map im] [--markdown FILE] [--grid FILE]
 
 1. Geometry (``models.bench_data``/``models.site_geometry``): reference images are cut to a centred
    window, target images to the window of the same physical width (site magnification estimated
@@ -19,8 +19,11 @@
    The CycleGANs train on unlabeled images only. The plain CycleGAN (no class-preservation term) and
    histogram matching were measured and deleted: each lost to the raw image on BCCD and on LISC. "colorization": the ColorizationGAN (``models.colorization``,
    as ``stainbridge train colorization``), pix2pix L -> ab trained on the reference windows only.
-   "im" (``models.bench.adaptation``): the classifier adapted to the target without labels behind raw
-   and Reinhard (``<method>_im`` rows), as ``stainbridge train adapt``.
+   "colour_map" (``models.imaging.colour_map``, as ``stainbridge train site-profile --method colour_map``):
+   one colour map per site, the site's pooled L*a*b* histograms matched to the reference windows'
+   (the deleted histogram matching above was per image, like Reinhard). "im"
+   (``models.bench.adaptation``): the classifier adapted to the target without labels behind raw,
+   Reinhard and the colour map (``<method>_im`` rows), as ``stainbridge train adapt``.
 4. Scoring on the labeled target images, each method also with 8-fold dihedral test-time
    augmentation (``_tta``). Target labels are used for nothing else.
 
@@ -79,6 +82,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 CLASSICAL = ("reinhard", "macenko")
 LEARNED = ("cyclegan_semantic", "cyclegan_colour", "colorization")
+SITE_FITTED = ("colour_map",)  # the site colour map (models.imaging.colour_map), fitted per mode like a learned one
 ADAPTATION = ("im",)  # label-free classifier adaptation behind each classical standardizer (models.bench.adaptation)
 
 
@@ -110,9 +114,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CycleGAN steps per epoch (cyclegan, cyclegan_semantic)")
     parser.add_argument("--colour-steps", type=int, default=None,
                         help="steps per epoch of cyclegan_colour (cpu preset: 4 epochs x 200, batch 8)")
-    parser.add_argument("--variants", nargs="+", choices=LEARNED + ADAPTATION, default=None,
-                        help="learned standardizers to train, and 'im' (the classifier adapted without labels "
-                             "behind raw and Reinhard, as `stainbridge train adapt`); default: all")
+    parser.add_argument("--variants", nargs="+", choices=LEARNED + SITE_FITTED + ADAPTATION, default=None,
+                        help="learned standardizers to train, the site colour map, and 'im' (the classifier adapted "
+                             "without labels behind raw, Reinhard and the colour map, as `stainbridge train "
+                             "adapt`); default: all")
     parser.add_argument("--markdown", default=None, help="markdown report (default <out-dir>/results.md)")
     parser.add_argument("--grid", default=None, help="example grid PNG (default <out-dir>/grid.png)")
     parser.add_argument("--magnification", type=float, default=None,
@@ -187,11 +192,21 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     trained: dict[str, Any] = {}  # standardizers that do not depend on the mode, trained once
     modes = ("transductive", "inductive") if opts.mode == "both" else (opts.mode,)
     for mode in modes:
+        mode_folds = learned.folds(len(d.target), mode, opts.seed)
+        to_adapt = {k: [images[k]] * len(mode_folds) for k in adaptation.STANDARDIZERS}
+        if "colour_map" in (opts.variants or SITE_FITTED):
+            t = time.monotonic()
+            r = learned.run_colour_map(mode, d, model, header, cls_path, opts, out_dir, device)
+            outputs.update(r["results"])
+            runs[f"colour_map_{mode}"] = r["runs"]
+            to_adapt["colour_map"] = r["per_fold"]
+            times[f"colour_map_{mode}_s"] = round(time.monotonic() - t, 1)
+            key = "colour_map" if mode == "transductive" else "colour_map_inductive"
+            images.setdefault(key, r["results"][key][1])
         if "im" in (opts.variants or ADAPTATION):
             t = time.monotonic()
-            r = adaptation.run_information_maximization(
-                mode, d, model, header, {k: images[k] for k in adaptation.STANDARDIZERS}, learned.folds(len(d.target), mode, opts.seed),
-                opts, out_dir, device, _log)
+            r = adaptation.run_information_maximization(mode, d, model, header, to_adapt, mode_folds, opts, out_dir,
+                                                        device, _log)
             outputs.update(r["results"])
             runs[f"im_{mode}"] = r["runs"]
             times[f"im_{mode}_s"] = round(time.monotonic() - t, 1)

@@ -1,7 +1,8 @@
 """The benchmark's label-free classifier adaptation rows: ``<standardizer>_im`` (``models.training.adapt``).
 
-For each classical standardizer in ``STANDARDIZERS`` the reference classifier is adapted, as
-``stainbridge train adapt`` does, on the target windows that standardizer produced (information
+For each standardizer in ``STANDARDIZERS`` (and the site colour map, when the bench fits one) the
+reference classifier is adapted, as ``stainbridge train adapt`` does, on the target windows that
+standardizer produced (information
 maximization; no target label), then scores them through the service's predict. Transductive: adapted
 on every target image; inductive: on one half (seeded, label-blind split), scoring the other, both ways.
 Each adapted classifier is written to the out-dir as ``classifier_im_<standardizer>_<mode>[_fold<k>]``.
@@ -60,19 +61,21 @@ def _adapted(model: nn.Module, header: dict[str, Any], d: BenchData, target01: T
 
 
 def run_information_maximization(mode: str, d: BenchData, model: nn.Module, header: dict[str, Any],
-                                 standardized: dict[str, Tensor], folds: list[tuple[Tensor, Tensor]],
+                                 standardized: dict[str, list[Tensor]], folds: list[tuple[Tensor, Tensor]],
                                  opts: argparse.Namespace, out_dir: Path, device: torch.device,
                                  log: Callable[[str], Any]) -> dict[str, Any]:
-    """``standardized``: the target windows after each standardizer in ``STANDARDIZERS`` (as scored);
-    ``folds``: (fit, score) index pairs of the mode. Returns {"results": rows, "runs": checkpoints}."""
+    """``standardized``: per standardizer, per fold, every target window after that fold's standardizer (as
+    scored; a site-fitted one, the colour map, differs per fold); ``folds``: (fit, score) index pairs of the
+    mode. Returns {"results": rows, "runs": checkpoints}."""
     results: dict[str, Any] = {}
     runs = []
     n = len(d.target)
     identity = inference.load_standardizer("none")
-    for name in STANDARDIZERS:
-        images = standardized[name]
+    for name, per_fold in standardized.items():
         plain, tta = torch.zeros(n, len(d.classes)), torch.zeros(n, len(d.classes))
-        for fold, (fit, held) in enumerate(folds):
+        shown = torch.zeros_like(per_fold[0])
+        for fold, ((fit, held), images) in enumerate(zip(folds, per_fold)):
+            shown[held] = images[held]
             out = out_dir / f"classifier_im_{name}_{mode}{'' if mode == 'transductive' else f'_fold{fold}'}.safetensors"
             log(f"adapting the classifier on {len(fit)} {name} target windows (unlabeled) -> {out.name}")
             clf, new = _adapted(model, header, d, images[fit], out, opts=opts, seed=opts.seed + fold, device=device,
@@ -85,6 +88,6 @@ def run_information_maximization(mode: str, d: BenchData, model: nn.Module, head
                          "reference_test_accuracy": new["metrics"].get("test_accuracy"),
                          "reference_test_balanced_accuracy": new["metrics"].get("test_balanced_accuracy")})
         key = f"{name}_im" if mode == "transductive" else f"{name}_im_inductive"
-        results[key] = (plain, images)
-        results[f"{key}_tta"] = (tta, images)
+        results[key] = (plain, shown)
+        results[f"{key}_tta"] = (tta, shown)
     return {"results": results, "runs": runs}

@@ -9,21 +9,23 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from stainbridge.models import cyclegan, inference
+from stainbridge.models import checkpoint, cyclegan, inference
 from stainbridge.models.bench import data as bench_data
 from stainbridge.models.bench import training as bench_train
-from stainbridge.models.imaging import classical
+from stainbridge.models.imaging import classical, colour_map, site_geometry
 from stainbridge.models.metrics import classification_metrics
 from stainbridge.models.training import cyclegan as tg
-from stainbridge.models.training import semantic
+from stainbridge.models.training import semantic, site_profile
 
-__all__ = ["ADAPTED", "COLOUR", "STAIN_STRENGTH", "as_classifier", "folds", "metrics_of", "run_learned", "score"]
+__all__ = ["ADAPTED", "COLOUR", "STAIN_STRENGTH", "as_classifier", "folds", "metrics_of", "run_colour_map", "run_learned",
+           "score"]
 
 ADAPTED = ("cyclegan_semantic",)  # variants that also fine-tune the classifier on G(F(y))
 # cyclegan_colour: the colour-only recipe of `stainbridge train cyclegan --preset colour` (models.colour_generator):
@@ -118,6 +120,43 @@ def run_colorization(mode: str, d: bench_data.BenchData, model: nn.Module, heade
     return {"results": {key: (scored["plain"], scored["standardized"]), f"{key}_tta": (scored["tta"], scored["standardized"])},
             "runs": [{"checkpoint": ckpt.name, "sha256": sh["sha256"], "train_seconds": sh["train_seconds"],
                       "target_images_seen": 0}]}
+
+
+def run_colour_map(mode: str, d: bench_data.BenchData, model: nn.Module, header: dict, cls_path: Path,
+                   opts: argparse.Namespace, out_dir: Path, device: torch.device) -> dict[str, Any]:
+    """The site colour map (``models.imaging.colour_map``, as ``stainbridge train site-profile --method
+    colour_map``): fitted per fold on the fit half's target windows (every window, transductive) and the
+    reference train windows, the same sample sizes as the command. Returns the rows, the checkpoints and
+    "per_fold": every target window through each fold's map (for the adapted-classifier rows)."""
+    clf = as_classifier(model, header, cls_path.stem, device)
+    x = bench_data.to_float(d.target)
+    n = len(x)
+    reference = bench_data.to_float(torch.stack(site_geometry.evenly(d.train, site_profile.COLOUR_SAMPLE)))
+    plain, tta = torch.zeros(n, len(d.classes)), torch.zeros(n, len(d.classes))
+    shown, per_fold, runs = torch.zeros_like(x), [], []
+    for fold, (fit, held) in enumerate(folds(n, mode, opts.seed)):
+        started = time.monotonic()
+        site = torch.stack(site_geometry.evenly(x[fit], site_profile.COLOUR_SAMPLE))
+        fitted = colour_map.fit_colour_map(site, reference, seed=opts.seed + fold)
+        ckpt = out_dir / f"standardizer_colour_map_{mode}{'' if mode == 'transductive' else f'_fold{fold}'}.safetensors"
+        sh = {"kind": "standardizer", "architecture": colour_map.ARCHITECTURE, "reference_stain": header["reference_stain"],
+              "classifier_sha256": header.get("sha256"), "site_profile": d.site_profile,
+              "colour_map": {"method": "sliced optimal transport in CIE L*a*b*", "iterations": len(fitted.rotations),
+                             "source_images": len(site), "reference_images": len(reference), "seed": opts.seed + fold},
+              "training_data": {"source": {"root": str(Path(opts.target).resolve()), "images": len(fit), "mode": mode,
+                                           "fold": fold, "scored_images_seen": mode == "transductive"},
+                                "reference": {"root": str(Path(opts.reference).resolve()), "images": len(reference),
+                                              "split": "train"}, "labels_used": False, "geometry": d.geometry},
+              "train_seconds": round(time.monotonic() - started, 1)}
+        sha = checkpoint.save_checkpoint(ckpt, fitted.state(), sh)
+        scored = score(x, inference.Standardizer(fitted, name=ckpt.stem, header=sh, sha256=sha, device=device), clf)
+        plain[held], tta[held] = scored["plain"][held], scored["tta"][held]
+        shown[held] = scored["standardized"][held]
+        per_fold.append(scored["standardized"])
+        runs.append({"checkpoint": ckpt.name, "sha256": sha, "train_seconds": sh["train_seconds"],
+                     "target_images_seen": len(fit)})
+    key = "colour_map" if mode == "transductive" else "colour_map_inductive"
+    return {"results": {key: (plain, shown), f"{key}_tta": (tta, shown)}, "runs": runs, "per_fold": per_fold}
 
 
 def run_learned(variant: str, mode: str, d: bench_data.BenchData, model: nn.Module, header: dict, cls_path: Path,

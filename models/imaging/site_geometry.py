@@ -32,7 +32,7 @@ from PIL import Image
 
 from stainbridge.models.imaging import data, red_cells
 
-__all__ = ["GeometryEstimateError", "crop_window", "estimate_site_profile", "nucleus_area", "reference_geometry",
+__all__ = ["GeometryEstimateError", "crop_window", "estimate_site_profile", "evenly", "nucleus_area", "reference_geometry",
            "site_magnification"]
 
 RED_CELL_METHOD, NUCLEUS_METHOD = "red_cell_diameter", "nucleus_area"
@@ -130,7 +130,8 @@ SOURCE_SAMPLE = 2000  # incoming images measured when a standardizer is trained 
 REFERENCE_SAMPLE = 300  # reference images measured when no classifier header gives the reference scale
 
 
-def _evenly(items: Sequence[ImageSource], n: int) -> list[ImageSource]:
+def evenly(items: Sequence[ImageSource], n: int) -> list[ImageSource]:
+    """At most ``n`` of ``items``, evenly spaced (a sample that covers the whole folder)."""
     return list(items[:: max(1, len(items) // n)][:n])
 
 
@@ -145,9 +146,9 @@ def training_site_profile(source: Sequence[ImageSource], reference: Sequence[Ima
     if geo.get("reference_red_cell_diameter_px") or geo.get("reference_nucleus_area_px"):
         ref = geo
     else:
-        sample = [data.load_rgb(p) if not isinstance(p, Image.Image) else p for p in _evenly(reference, REFERENCE_SAMPLE)]
+        sample = [data.load_rgb(p) if not isinstance(p, Image.Image) else p for p in evenly(reference, REFERENCE_SAMPLE)]
         ref = {**reference_geometry(sample), "reference_window_px": float(statistics.median(min(im.size) for im in sample))}
-    profile = estimate_site_profile(_evenly(source, SOURCE_SAMPLE), ref)
+    profile = estimate_site_profile(evenly(source, SOURCE_SAMPLE), ref)
     window = geo.get("reference_window_px") or ref.get("reference_window_px")
     profile["reference_window_px"] = float(window) if window else None
     profile["source_images"] = len(source)

@@ -1,14 +1,19 @@
-"""stainbridge train site-profile: a classical standardizer checkpoint that carries a site profile.
+"""stainbridge train site-profile: a standardizer checkpoint fitted to one site without labels.
 
-    stainbridge train site-profile --method reinhard --source DIR --classifier FILE --out FILE [--reference DIR]
+    stainbridge train site-profile --method colour_map|reinhard|macenko --source DIR --classifier FILE
+        --out FILE [--reference DIR] [--seed N]
 
 The service takes its geometry from the standardizer's site profile (``inference.resolve_geometry``,
 scale "profile"). A learned standardizer gets one from ``train cyclegan`` / ``train colorization``;
-a classical method named in the configuration ("reinhard") has no file to carry it. This command
-writes that file: kind "standardizer", architecture = the method, the reference stain statistics
-from the classifier's header (what the method fits to), and the site profile estimated without
-labels from the --source images' red cells against the classifier's reference scale (or, for a
-classifier that does not record one, against a sample of --reference). No tensors are learned.
+this command writes one for the methods that are not trained networks: kind "standardizer",
+architecture = the method, the reference stain statistics from the classifier's header, and the site
+profile estimated without labels from the --source images' red cells against the classifier's
+reference scale (or, for a classifier that does not record one, against a sample of --reference).
+
+``colour_map`` (``models.imaging.colour_map``) also fits the site's colour map: a sample of --source
+images and of --reference images, each cut as the service cuts it (the site's window from the profile
+just estimated; the reference window for the reference), and the site's pixel colours transported onto
+the reference's. It needs --reference. The classical methods learn nothing but the profile.
 """
 
 from __future__ import annotations
@@ -20,21 +25,28 @@ import time
 from pathlib import Path
 from typing import Any
 
-from stainbridge.models import checkpoint, inference
-from stainbridge.models.imaging import data, site_geometry
+import torch
 
-__all__ = ["add_arguments", "main", "run"]
+from stainbridge.models import checkpoint, inference
+from stainbridge.models.imaging import classical, colour_map, data, site_geometry
+
+__all__ = ["add_arguments", "fit_site_colour_map", "main", "run"]
+
+COLOUR_SAMPLE = 1000  # images of each folder the colour map is fitted on (evenly spaced)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--method", choices=inference.CLASSICAL_STANDARDIZERS, default="reinhard",
-                        help="classical standardizer the checkpoint runs (default reinhard)")
+    parser.add_argument("--method", choices=inference.SITE_PROFILE_METHODS, default="reinhard",
+                        help="what the checkpoint runs: colour_map (the site's colours mapped onto the "
+                             "reference's; needs --reference) or a classical method (default reinhard)")
     parser.add_argument("--source", required=True, help="the incoming lab's unlabeled images (searched recursively)")
     parser.add_argument("--classifier", required=True,
                         help="classifier checkpoint: its reference stain statistics and reference scale")
     parser.add_argument("--reference", default=None,
-                        help="reference images, only needed when the classifier records no reference scale")
+                        help="reference images: the colours colour_map maps onto, and the reference scale "
+                             "when the classifier records none")
     parser.add_argument("--out", required=True, help="standardizer checkpoint to write (.safetensors)")
+    parser.add_argument("--seed", type=int, default=0, help="colour_map: pixel sample and rotations")
 
 
 def main(args: argparse.Namespace) -> str:
@@ -49,27 +61,55 @@ def main(args: argparse.Namespace) -> str:
     if not has_scale and not args.reference:
         raise site_geometry.GeometryEstimateError(
             f"{args.classifier} records no reference red-cell diameter; pass --reference DIR to measure it")
+    if args.method == colour_map.ARCHITECTURE and not args.reference:
+        raise classical.BaselineError("--method colour_map maps the site's colours onto the reference hospital's: "
+                                      "pass --reference DIR with its images")
     source = data.list_unlabeled(args.source)
-    reference = data.list_unlabeled(args.reference) if args.reference and not has_scale else []
+    reference_all = data.list_unlabeled(args.reference) if args.reference else []
+    reference = reference_all if not has_scale else []
     profile = site_geometry.training_site_profile(source, reference, classifier_geometry=geometry)
+    state: dict[str, torch.Tensor] = {}
+    fitted: dict[str, Any] | None = None
+    if args.method == colour_map.ARCHITECTURE:
+        state, fitted = fit_site_colour_map(classifier, profile, source, reference_all, seed=args.seed)
     header: dict[str, Any] = {
         "kind": "standardizer", "architecture": args.method, "reference_stain": stats,
         "classifier_sha256": classifier.sha256, "site_profile": profile,
         "training_data": {"source": {"root": str(Path(args.source).resolve()), "images": len(source),
-                                     "used_for": "site profile only"}, "labels_used": False},
+                                     "used_for": "site profile and colour map" if fitted else "site profile only"},
+                          "labels_used": False},
         "train_seconds": round(time.monotonic() - started, 1),
     }
-    sha = checkpoint.save_checkpoint(args.out, {}, header)
+    if fitted is not None:
+        header["colour_map"] = {**fitted, "reference": str(Path(args.reference).resolve())}
+    sha = checkpoint.save_checkpoint(args.out, state, header)
     print(json.dumps({"out": str(args.out), "sha256": sha, "site_profile": profile}), file=sys.stderr)
     print(sha)
     return sha
+
+
+def fit_site_colour_map(classifier: inference.Classifier, profile: dict[str, Any], source: list, reference: list, *,
+                        seed: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The colour map of ``colour_map`` fitted on samples of both folders, each image cut as the service
+    cuts it: (checkpoint tensors, header section)."""
+    site_cut = inference.resolve_geometry(classifier, inference.Standardizer(
+        lambda batch: batch, name="site profile", header={"site_profile": profile}))
+    reference_cut = inference.resolve_geometry(classifier, None)
+    site_images = site_geometry.evenly(source, COLOUR_SAMPLE)
+    reference_images = site_geometry.evenly(reference, COLOUR_SAMPLE)
+    fitted = colour_map.fit_colour_map(
+        inference.prepare_batch([data.load_rgb(p) for p in site_images], site_cut),
+        inference.prepare_batch([data.load_rgb(p) for p in reference_images], reference_cut), seed=seed)
+    return fitted.state(), {"method": "sliced optimal transport in CIE L*a*b*", "iterations": len(fitted.rotations),
+                            "source_images": len(site_images), "reference_images": len(reference_images),
+                            "seed": seed}
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         main(args)
     except (site_geometry.GeometryEstimateError, inference.ModelMismatch, checkpoint.CheckpointError,
-            data.DataError, FileNotFoundError) as exc:
+            classical.BaselineError, data.DataError, FileNotFoundError) as exc:
         print(f"stainbridge train site-profile: {exc}", file=sys.stderr)
         return 2
     return 0
