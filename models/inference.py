@@ -284,6 +284,10 @@ def load_standardizer(
     if spec in CLASSICAL_STANDARDIZERS:
         return _classical(spec, classifier)
     path = Path(spec)
+    if spec == colour_map.ARCHITECTURE and not path.exists():
+        raise FileNotFoundError("the colour map is fitted to one site, so it is a checkpoint, not a name: write it with "
+                                "`stainbridge train site-profile --method colour_map --source SITE_IMAGES --classifier "
+                                "CLASSIFIER --reference REFERENCE_IMAGES --out FILE` and point the standardizer at FILE")
     if not path.exists():
         raise FileNotFoundError(
             f"standardizer {spec!r} is neither a checkpoint file nor one of none, {', '.join(CLASSICAL_STANDARDIZERS)}"

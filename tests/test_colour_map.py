@@ -70,3 +70,11 @@ def test_a_damaged_state_is_refused_with_what_to_do() -> None:
         ColourMap.from_state({**good, "rotations": torch.eye(2)[None]})
     with pytest.raises(classical.BaselineError, match="not increasing"):
         ColourMap.from_state({**good, "site_quantiles": good["site_quantiles"].flip(1)})
+
+
+def test_the_name_alone_says_how_to_make_one() -> None:
+    """`standardizer = "colour_map"` (a name, not a file) is refused with the command that writes one."""
+    from stainbridge.models import inference
+
+    with pytest.raises(FileNotFoundError, match="train site-profile --method colour_map"):
+        inference.load_standardizer("colour_map")
