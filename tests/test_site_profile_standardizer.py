@@ -27,9 +27,9 @@ def _write_smears(folder: Path, protocol: str, fraction: float, n: int = 25) -> 
     return images
 
 
-def test_reinhard_checkpoint_runs_reinhard_with_the_estimated_geometry(tmp_path: Path, run_stainbridge) -> None:
-    """The checkpoint standardizes exactly as the built-in Reinhard does, and the service's geometry
-    takes the magnification (red cells 24 px vs 40 px: k = 0.6) from its site profile."""
+def _site_and_classifier(tmp_path: Path) -> tuple[list, Path]:
+    """Reference smears (red cells 40 px) in ref/, the site's (24 px) in src/, and an untrained classifier
+    whose header records the reference stain and scale: (reference images, classifier path)."""
     reference = _write_smears(tmp_path / "ref", "reference", 0.3)
     _write_smears(tmp_path / "src", "incoming", 0.5)
     clf_path = tmp_path / "clf.safetensors"
@@ -38,6 +38,13 @@ def test_reinhard_checkpoint_runs_reinhard_with_the_estimated_geometry(tmp_path:
         "classes": list(synthetic.CLASSES), "input_size": 32, "normalization": {"mean": [0.5] * 3, "std": [0.25] * 3},
         "reference_stain": classical.fit_reference_stats(reference[:8]),
         "geometry": {"reference_window_px": 128.0, **site_geometry.reference_geometry(reference)}})
+    return reference, clf_path
+
+
+def test_reinhard_checkpoint_runs_reinhard_with_the_estimated_geometry(tmp_path: Path, run_stainbridge) -> None:
+    """The checkpoint standardizes exactly as the built-in Reinhard does, and the service's geometry
+    takes the magnification (red cells 24 px vs 40 px: k = 0.6) from its site profile."""
+    reference, clf_path = _site_and_classifier(tmp_path)
     out = tmp_path / "reinhard.safetensors"
     done = run_stainbridge("train", "site-profile", "--method", "reinhard", "--source", str(tmp_path / "src"),
                            "--classifier", str(clf_path), "--out", str(out))
@@ -71,14 +78,7 @@ def test_colour_map_checkpoint_maps_the_site_onto_the_reference_colours(tmp_path
     """`--method colour_map`: the checkpoint carries the site profile and the fitted map (tensors, no pickle);
     the service loads it, and it brings the site's windows (cut at the profile's magnification) close to the
     reference stain. Without --reference it says what to pass."""
-    reference = _write_smears(tmp_path / "ref", "reference", 0.3)
-    _write_smears(tmp_path / "src", "incoming", 0.5)
-    clf_path = tmp_path / "clf.safetensors"
-    checkpoint.save_checkpoint(clf_path, build_classifier(arch="resnet18", num_classes=5).state_dict(), {
-        "kind": "classifier", "architecture": "resnet18", "arch_args": {"num_classes": 5},
-        "classes": list(synthetic.CLASSES), "input_size": 32, "normalization": {"mean": [0.5] * 3, "std": [0.25] * 3},
-        "reference_stain": classical.fit_reference_stats(reference[:8]),
-        "geometry": {"reference_window_px": 128.0, **site_geometry.reference_geometry(reference)}})
+    reference, clf_path = _site_and_classifier(tmp_path)
     refused = run_stainbridge("train", "site-profile", "--method", "colour_map", "--source", str(tmp_path / "src"),
                               "--classifier", str(clf_path), "--out", str(tmp_path / "no.safetensors"))
     assert refused.returncode == 2 and "--reference DIR" in refused.stderr
