@@ -290,17 +290,18 @@ def _run(settings: Settings, sessions: sessionmaker, run_id: int, now: datetime,
     if method is not None:
         init_from, start = None, (f"re-fitting the active {method} standardizer's site profile (version "
                                   f"{s_active.id}) on the recent images")
+        command, event = "train site-profile", "retraining_site_profile"
         cmd = site_profile_command(settings, source, out, method, c_active.path)
     else:
         semantic = None if registry.is_builtin(c_active) else c_active.path
         init_from, start = warm_start(settings, s_active)
+        command, event = "train cyclegan", "retraining_warm_start" if init_from else "retraining_from_scratch"
         cmd = train_command(settings, source, out, semantic, init_from)
-    log.info("retraining_site_profile" if method else "retraining_warm_start" if init_from
-             else "retraining_from_scratch", run=run_id, reason=start)
+    log.info(event, run=run_id, reason=start)
     with sessions.begin() as session:
         run = session.get(TrainingRun, run_id)
         run.params = {**(run.params or {}), "init_from": init_from, "init_from_version": s_active.id if init_from
-                      else None, "start": start, "command": " ".join(cmd[4:6])}
+                      else None, "start": start, "command": command}
     run_training(cmd, log_path, timeout=cfg.timeout_minutes * 60, stop=stop)
 
     device = settings.models.device

@@ -141,8 +141,7 @@ def run_colour_map(mode: str, d: bench_data.BenchData, model: nn.Module, header:
         ckpt = out_dir / f"standardizer_colour_map_{mode}{'' if mode == 'transductive' else f'_fold{fold}'}.safetensors"
         sh = {"kind": "standardizer", "architecture": colour_map.ARCHITECTURE, "reference_stain": header["reference_stain"],
               "classifier_sha256": header.get("sha256"), "site_profile": d.site_profile,
-              "colour_map": {"method": "sliced optimal transport in CIE L*a*b*", "iterations": len(fitted.rotations),
-                             "source_images": len(site), "reference_images": len(reference), "seed": opts.seed + fold},
+              "colour_map": fitted.fit,
               "training_data": {"source": {"root": str(Path(opts.target).resolve()), "images": len(fit), "mode": mode,
                                            "fold": fold, "scored_images_seen": mode == "transductive"},
                                 "reference": {"root": str(Path(opts.reference).resolve()), "images": len(reference),

@@ -77,13 +77,13 @@ def background_light(rgb: np.ndarray) -> np.ndarray:
     return np.maximum(np.percentile(rgb.reshape(-1, 3), _BACKGROUND_PERCENTILE, axis=0), 0.2)
 
 
-def _batch_to_numpy(batch: torch.Tensor) -> np.ndarray:
+def batch_to_numpy(batch: torch.Tensor) -> np.ndarray:
     if batch.ndim != 4 or batch.shape[1] != 3:
         raise BaselineError(f"expected a batch of RGB images [N,3,H,W], got shape {tuple(batch.shape)}")
     return batch.detach().to("cpu", torch.float64).clamp(0, 1).permute(0, 2, 3, 1).numpy()
 
 
-def _numpy_to_batch(images: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+def numpy_to_batch(images: np.ndarray, like: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(like.device, like.dtype)
 
 
@@ -194,11 +194,11 @@ class Reinhard:
         return cls(s["lab_mean"], s["lab_std"])
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        lab = rgb_to_lab(_batch_to_numpy(batch))
+        lab = rgb_to_lab(batch_to_numpy(batch))
         mu = lab.mean(axis=(1, 2), keepdims=True)
         sd = lab.std(axis=(1, 2), keepdims=True)
         out = (lab - mu) / np.maximum(sd, 1e-6) * self.std + self.mean
-        return _numpy_to_batch(lab_to_rgb(out), batch)
+        return numpy_to_batch(lab_to_rgb(out), batch)
 
 
 class Macenko:
@@ -239,8 +239,8 @@ class Macenko:
         return _from_od(np.maximum(conc, 0) @ self.stains, self.light).reshape(rgb.shape)
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        images = _batch_to_numpy(batch)
-        return _numpy_to_batch(np.stack([self.normalize_one(im) for im in images]), batch)
+        images = batch_to_numpy(batch)
+        return numpy_to_batch(np.stack([self.normalize_one(im) for im in images]), batch)
 
 
 # Histogram matching was measured and deleted: it lost to the raw image on both labs (see the

@@ -17,12 +17,13 @@ site quantiles, reference quantiles), applied with linear interpolation, constan
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from stainbridge.models.imaging.classical import BaselineError, _batch_to_numpy, _numpy_to_batch, lab_to_rgb, rgb_to_lab
+from stainbridge.models.imaging.classical import BaselineError, batch_to_numpy, lab_to_rgb, numpy_to_batch, rgb_to_lab
 
 __all__ = ["ARCHITECTURE", "ColourMap", "fit_colour_map"]
 
@@ -36,7 +37,7 @@ PIXELS = 400_000  # pixels sampled from each side for the fit
 
 
 def _lab_pixels(images01: Tensor, n: int, rng: np.random.Generator) -> np.ndarray:
-    lab = rgb_to_lab(_batch_to_numpy(images01)).reshape(-1, 3)
+    lab = rgb_to_lab(batch_to_numpy(images01)).reshape(-1, 3)
     return lab if len(lab) <= n else lab[rng.choice(len(lab), n, replace=False)]
 
 
@@ -49,7 +50,9 @@ class ColourMap:
 
     name = ARCHITECTURE
 
-    def __init__(self, rotations: np.ndarray, site_quantiles: np.ndarray, reference_quantiles: np.ndarray) -> None:
+    def __init__(self, rotations: np.ndarray, site_quantiles: np.ndarray, reference_quantiles: np.ndarray,
+                 fit: dict[str, Any] | None = None) -> None:
+        self.fit = fit  # how it was fitted (a checkpoint header's "colour_map"); None when loaded from tensors
         self.rotations = np.asarray(rotations, dtype=np.float64)
         self.site_quantiles = np.asarray(site_quantiles, dtype=np.float64)
         self.reference_quantiles = np.asarray(reference_quantiles, dtype=np.float64)
@@ -71,7 +74,7 @@ class ColourMap:
         return pixels.reshape(shape)
 
     def __call__(self, batch: Tensor) -> Tensor:
-        return _numpy_to_batch(lab_to_rgb(self.map_lab(rgb_to_lab(_batch_to_numpy(batch)))), batch)
+        return numpy_to_batch(lab_to_rgb(self.map_lab(rgb_to_lab(batch_to_numpy(batch)))), batch)
 
     def state(self) -> dict[str, Tensor]:
         """The tensors a checkpoint stores (safetensors)."""
@@ -108,4 +111,6 @@ def fit_colour_map(site01: Tensor, reference01: Tensor, *, iterations: int = ITE
         rotations.append(rotation)
         site_qs.append(site_q)
         reference_qs.append(reference_q)
-    return ColourMap(np.stack(rotations), np.stack(site_qs), np.stack(reference_qs))
+    fit = {"method": "sliced optimal transport in CIE L*a*b*", "iterations": iterations,
+           "source_images": len(site01), "reference_images": len(reference01), "seed": seed}
+    return ColourMap(np.stack(rotations), np.stack(site_qs), np.stack(reference_qs), fit)

@@ -100,9 +100,7 @@ def fit_site_colour_map(classifier: inference.Classifier, profile: dict[str, Any
     fitted = colour_map.fit_colour_map(
         inference.prepare_batch([data.load_rgb(p) for p in site_images], site_cut),
         inference.prepare_batch([data.load_rgb(p) for p in reference_images], reference_cut), seed=seed)
-    return fitted.state(), {"method": "sliced optimal transport in CIE L*a*b*", "iterations": len(fitted.rotations),
-                            "source_images": len(site_images), "reference_images": len(reference_images),
-                            "seed": seed}
+    return fitted.state(), fitted.fit
 
 
 def run(args: argparse.Namespace) -> int:
