@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from stainbridge.daemon.schema import upgrade_database
 from stainbridge.models import checkpoint, inference
 from stainbridge.models.imaging import synthetic
-from stainbridge.models.training import adapt
+from stainbridge.models.training import adapt, finetune
 
 torch.set_num_threads(1)
 
@@ -27,11 +28,73 @@ def test_information_maximization_prefers_confident_and_diverse_predictions() ->
     unsure = torch.zeros(20, k)
     losses = {name: adapt.information_maximization(logits, 1.0) for name, logits in
               (("diverse", diverse), ("collapsed", collapsed), ("unsure", unsure))}
-    assert losses["diverse"][0].item() < -math.log(k) + 0.01
-    assert losses["collapsed"][0].item() > -0.01 and losses["unsure"][0].item() > -0.01
+    assert losses["diverse"][0].item() < 0.01
+    assert losses["collapsed"][0].item() > math.log(k) - 0.01 and losses["unsure"][0].item() > math.log(k) - 0.01
     assert losses["unsure"][1]["entropy"] == pytest.approx(math.log(k), abs=1e-4)
     # without the diversity term, collapsing is as good as anything: the term is what prevents it
     assert adapt.information_maximization(collapsed, 0.0)[0].item() < 1e-3
+
+
+def test_the_diversity_term_pulls_the_sites_mean_prediction_towards_the_prior() -> None:
+    """A site of 60 % class 0 scores lower than an even one under a prior of 60 % class 0, higher under equal
+    shares; with equal shares the loss is SHOT's (entropy - diversity x entropy of the mean) plus a constant."""
+    k = 5
+    skewed = torch.cat([torch.eye(k)[[0] * 12], torch.eye(k)[1:].repeat(2, 1)]) * 20.0  # shares .6 .1 .1 .1 .1
+    even = torch.eye(k).repeat(4, 1) * 20.0
+    majority = torch.tensor([0.6, 0.1, 0.1, 0.1, 0.1])
+    im = adapt.information_maximization
+    assert im(skewed, 1.0, majority)[0].item() < im(even, 1.0, majority)[0].item() - 0.1
+    assert im(even, 1.0, None)[0].item() < im(skewed, 1.0, None)[0].item() - 0.1
+    logits = torch.randn(16, k, generator=torch.Generator().manual_seed(0))
+    loss, parts = im(logits, 0.7)
+    shot = parts["entropy"] - 0.7 * parts["marginal_entropy"]
+    assert loss.item() == pytest.approx(shot + 0.7 * math.log(k), abs=1e-4)
+
+
+class _ConstantLogits(nn.Module):
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits.expand(len(x), -1)
+
+
+def test_the_site_prior_is_halfway_between_equal_shares_and_the_unadapted_mean_prediction() -> None:
+    logits = torch.tensor([[2.0, 0.0, 0.0, -1.0, 1.0]])
+    header = {"classes": list(synthetic.CLASSES), "input_size": 8,
+              "normalization": {"mean": [0.5] * 3, "std": [0.25] * 3}}
+    clf = inference.Classifier(_ConstantLogits(logits), header, name="constant", sha256="", device=torch.device("cpu"))
+    images = torch.rand(300, 3, 8, 8)  # more than one inner batch
+    site = adapt.class_prior("site", clf, images)
+    assert torch.allclose(site, 0.5 * logits.softmax(1)[0] + 0.1, atol=1e-5)
+    assert torch.allclose(adapt.class_prior("uniform", clf, images), torch.full((5,), 0.2))
+    with pytest.raises(adapt.AdaptError, match="site, uniform"):
+        adapt.class_prior("natural", clf, images)
+
+
+def test_the_site_prior_keeps_a_skewed_sites_majority_that_equal_shares_spread(lab, tmp_path: Path) -> None:
+    """A drop folder of mostly neutrophils, as blood is (drawn in the reference stain, which the session's tiny
+    classifier mostly gets right for neutrophils): adapted towards the site prior, more of the site is still
+    predicted neutrophil than adapted towards equal shares, which spread them over the other classes."""
+    majority = "neutrophil"
+    site = tmp_path / "site"
+    synthetic.write_dataset(site, protocol="reference", per_class=3, size=48, seed=7)
+    synthetic.write_dataset(site / "more", protocol="reference", per_class=40, size=48, seed=8, classes=(majority,))
+    items = [(path, "") for path in sorted(site.rglob("*.png"))]
+    device = torch.device("cpu")
+    shares = {}
+    for kind in adapt.PRIORS:
+        model, header, base, criterion = finetune.trainable_classifier(lab.classifier, device)
+        target = finetune.standardize(items, base, inference.load_standardizer("none"), inference.SCALE_FROM_PROFILE)
+        prior = adapt.class_prior(kind, base, target)
+        adapt.adapt(model, target, None, normalization=header["normalization"], criterion=criterion, epochs=4,
+                    lr=adapt.DEFAULTS["lr"], batch_size=16, diversity=1.0, prior=prior, reference_weight=0.0, seed=0,
+                    device=device, log=lambda _: None)
+        adapted = inference.Classifier(model.eval(), header, name=kind, sha256="", device=device)
+        predicted = inference.predict_views(adapted, target).argmax(1)
+        shares[kind] = round(float((predicted == base.classes.index(majority)).float().mean()), 3)
+    assert shares["site"] > shares["uniform"] + 0.15, shares
 
 
 def test_adapt_writes_a_label_free_classifier_with_the_same_contract(lab, tmp_path: Path, run_stainbridge) -> None:
@@ -53,6 +116,9 @@ def test_adapt_writes_a_label_free_classifier_with_the_same_contract(lab, tmp_pa
     assert adaptation["standardizer"]["name"] == "reinhard"
     assert adaptation["init_from"]["sha256"] == checkpoint.file_sha256(lab.classifier)
     assert sum(adaptation["predicted_class_shares"].values()) == pytest.approx(1.0, abs=1e-3)
+    assert adaptation["prior"] == "site" and adaptation["diversity"] == 1.0
+    assert sum(adaptation["class_prior"].values()) == pytest.approx(1.0, abs=1e-3)
+    assert min(adaptation["class_prior"].values()) >= 0.1  # half of it is equal shares
     assert len(after["metrics"]["history"]) == 2
     assert any(not torch.equal(before_state[k], after_state[k]) for k in before_state if k.endswith("weight"))
     report = json.loads(done.stderr.strip().splitlines()[-1])
@@ -79,8 +145,10 @@ def test_models_list_says_a_classifier_was_adapted(lab, tmp_path: Path, run_stai
     synthetic.write_dataset(source, protocol="incoming", per_class=8, size=48, seed=6)
     out = tmp_path / "adapted.safetensors"
     done = run_stainbridge("train", "adapt", "--init-from", str(lab.classifier), "--source", str(source),
-                           "--out", str(out), "--epochs", "1", "--batch-size", "8", "--device", "cpu", timeout=300)
+                           "--out", str(out), "--epochs", "1", "--batch-size", "8", "--prior", "uniform",
+                           "--device", "cpu", timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert set(checkpoint.load_checkpoint(out)[1]["adaptation"]["class_prior"].values()) == {0.2}
     env = {"STAINBRIDGE_DATABASE_URL": sqlite_url, "STAINBRIDGE_PATHS_STATE": str(tmp_path / "state")}
     upgrade_database(sqlite_url)
     registered = run_stainbridge("models", "register", str(out), env=env)
