@@ -74,6 +74,18 @@ def test_neither_cue_raises_with_what_to_do() -> None:
         site_geometry.estimate_site_profile(blank, {"reference_red_cell_diameter_px": None})
 
 
+def test_the_sample_spans_the_whole_folder_from_first_to_last() -> None:
+    """A folder sorted by class: 1,218 files sampled down to 1,000 must still reach the last class (it used to
+    take the first 1,000 whenever the folder held fewer than twice the sample)."""
+    files = [f"basophil_{i}" for i in range(283)] + [f"neutrophil_{i}" for i in range(935)]
+    sample = site_geometry.evenly(files, 1000)
+    assert len(sample) == len(set(sample)) == 1000
+    assert sample[0] == files[0] and sample[-1] == files[-1]
+    assert sum(name.startswith("basophil") for name in sample) == pytest.approx(1000 * 283 / 1218, abs=2)
+    assert site_geometry.evenly(files[:10], 1000) == files[:10]
+    assert site_geometry.evenly(files, 1) == files[:1] and site_geometry.evenly(files, 0) == []
+
+
 def test_site_profile_command_prints_one_line_per_site(tmp_path: Path, run_stainbridge) -> None:
     """`stainbridge site-profile` measures a reference folder and a target folder and prints JSON lines."""
     for name, images in (("ref", _smear(0.3)), ("tgt", _smear(0.45, protocol="incoming"))):

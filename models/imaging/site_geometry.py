@@ -131,8 +131,13 @@ REFERENCE_SAMPLE = 300  # reference images measured when no classifier header gi
 
 
 def evenly(items: Sequence[ImageSource], n: int) -> list[ImageSource]:
-    """At most ``n`` of ``items``, evenly spaced (a sample that covers the whole folder)."""
-    return list(items[:: max(1, len(items) // n)][:n])
+    """At most ``n`` of ``items``, evenly spaced from the first to the last (a sample that covers the whole
+    folder, whose files are often sorted by class or by date)."""
+    if len(items) <= n:
+        return list(items)
+    if n <= 1:
+        return list(items[:n])
+    return [items[round(i * (len(items) - 1) / (n - 1))] for i in range(n)]
 
 
 def training_site_profile(source: Sequence[ImageSource], reference: Sequence[ImageSource], *,
