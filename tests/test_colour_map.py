@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from stainbridge.models.imaging import classical, synthetic
+from stainbridge.models.imaging import classical, colour_map, synthetic
 from stainbridge.models.imaging.colour_map import ColourMap, fit_colour_map
 from stainbridge.models.metrics import stain_distance, stain_region_colours
 
@@ -29,7 +29,8 @@ def test_the_site_lands_on_the_reference_stain(site_and_reference) -> None:
     site, reference = site_and_reference
     reference_colours = stain_region_colours(reference[30:])
     before = stain_distance(site[30:], reference_colours)["delta_e"]
-    after = {rounds: stain_distance(fit_colour_map(site[:30], reference[:30], iterations=rounds, seed=0)(site[30:]),
+    after = {rounds: stain_distance(fit_colour_map(site[:30], reference[:30], histogram_weight=1.0, iterations=rounds,
+                                                   seed=0)(site[30:]),
                                     reference_colours)["delta_e"] for rounds in (1, 5)}
     assert before > 15 and after[1] < before / 2 and after[5] < 3, (before, after)
 
@@ -38,11 +39,11 @@ def test_one_colour_function_per_site_unlike_reinhard(site_and_reference) -> Non
     """A pixel's new colour depends on the colour only, not on the rest of its image: an image maps the same
     alone or in a batch, and a darker copy stays darker; Reinhard makes a darker copy look like the original."""
     site, reference = site_and_reference
-    colour_map = fit_colour_map(site, reference, seed=0)
-    assert torch.allclose(colour_map(site[:8])[3:4], colour_map(site[3:4]), atol=1e-6)
+    site_map = fit_colour_map(site, reference, histogram_weight=1.0, seed=0)
+    assert torch.allclose(site_map(site[:8])[3:4], site_map(site[3:4]), atol=1e-6)
     image = site[:1]
     darker = image * 0.8
-    assert colour_map(darker).mean() < colour_map(image).mean() - 0.02
+    assert site_map(darker).mean() < site_map(image).mean() - 0.02
     reinhard = classical.Reinhard.from_stats(classical.fit_reference_stats(
         [synthetic.render_cell("lymphocyte", protocol="reference", size=48, rng=synthetic.image_rng(1, "r", "l", 0))]))
     assert abs(float(reinhard(darker).mean() - reinhard(image).mean())) < 0.01
@@ -51,12 +52,53 @@ def test_one_colour_function_per_site_unlike_reinhard(site_and_reference) -> Non
 def test_state_round_trip_and_determinism(site_and_reference) -> None:
     """The checkpoint tensors rebuild the same map; the same seed fits the same map."""
     site, reference = site_and_reference
-    fitted = fit_colour_map(site, reference, iterations=3, seed=5)
+    fitted = fit_colour_map(site, reference, histogram_weight=0.5, iterations=3, seed=5)
     rebuilt = ColourMap.from_state(fitted.state())
     assert torch.allclose(rebuilt(site[:4]), fitted(site[:4]), atol=1e-3)
-    again = fit_colour_map(site, reference, iterations=3, seed=5)
+    again = fit_colour_map(site, reference, histogram_weight=0.5, iterations=3, seed=5)
     assert all(torch.equal(a, b) for a, b in zip(fitted.state().values(), again.state().values()))
     assert len(fitted.rotations) == 3 and np.allclose(fitted.rotations[0], np.eye(3))
+
+
+def test_weight_zero_moves_each_channel_by_one_affine_map_onto_the_reference_mean_and_spread(site_and_reference) -> None:
+    """w = 0 keeps the shape of the site's histograms (its contrast between cells): each L*a*b* channel goes
+    through one straight line, which puts the site's pooled mean and spread on the reference's."""
+    site, reference = site_and_reference
+    fitted = fit_colour_map(site, reference, histogram_weight=0.0, seed=0)
+    site_lab = classical.rgb_to_lab(classical.batch_to_numpy(site)).reshape(-1, 3)
+    reference_lab = classical.rgb_to_lab(classical.batch_to_numpy(reference)).reshape(-1, 3)
+    mapped = fitted.map_lab(site_lab)
+    for k in range(3):
+        slope, intercept = np.polyfit(site_lab[:, k], mapped[:, k], 1)
+        assert np.abs(mapped[:, k] - (slope * site_lab[:, k] + intercept)).max() < 1e-3 and slope > 0
+    assert np.allclose(mapped.mean(0), reference_lab.mean(0), atol=0.5)
+    assert np.allclose(mapped.std(0), reference_lab.std(0), rtol=0.02)
+    # w = 1: the reference's histograms themselves (the same pixels' quantiles land on the reference's)
+    matched = fit_colour_map(site, reference, histogram_weight=1.0, seed=0).map_lab(site_lab)
+    assert np.allclose(np.median(matched, 0), np.median(reference_lab, 0), atol=1.0)
+
+
+def test_the_weight_is_chosen_against_the_baseline_on_the_sites_own_images(site_and_reference) -> None:
+    """Default: the smallest weight whose output is at least as reference-like as the baseline's (Delta E on the
+    site's images), recorded with every candidate's score; a baseline that changes nothing is beaten at once
+    (w = 0); one closer than every candidate (five rounds of transport) leaves the closest candidate."""
+    site, reference = site_and_reference
+    loose = fit_colour_map(site, reference, baseline=lambda batch: batch, seed=0).fit
+    assert loose["histogram_weight"] == 0.0, loose
+    closer = fit_colour_map(site, reference, histogram_weight=1.0, iterations=5, seed=0)
+    strict = fit_colour_map(site, reference, baseline=closer, seed=0)
+    choice = strict.fit["histogram_weight_choice"]
+    scores = {float(w): v for w, v in choice["delta_e"].items()}
+    assert set(scores) == set(colour_map.HISTOGRAM_WEIGHTS)
+    assert min(scores.values()) > choice["baseline_delta_e"], choice
+    assert scores[strict.fit["histogram_weight"]] == min(scores.values())
+    assert choice["baseline_delta_e"] < loose["histogram_weight_choice"]["baseline_delta_e"]
+    assert torch.equal(strict(site[:2]),
+                       fit_colour_map(site, reference, histogram_weight=strict.fit["histogram_weight"], seed=0)(site[:2]))
+    with pytest.raises(classical.BaselineError, match="baseline"):
+        fit_colour_map(site, reference, seed=0)
+    with pytest.raises(classical.BaselineError, match="between 0 and 1"):
+        fit_colour_map(site, reference, histogram_weight=1.5, seed=0)
 
 
 def test_a_damaged_state_is_refused_with_what_to_do() -> None:

@@ -90,6 +90,14 @@ def test_colour_map_checkpoint_maps_the_site_onto_the_reference_colours(tmp_path
     state, header = checkpoint.load_checkpoint(out)
     assert set(state) == {"rotations", "site_quantiles", "reference_quantiles"}
     assert header["colour_map"]["source_images"] == 25 and header["training_data"]["labels_used"] is False
+    choice = header["colour_map"]["histogram_weight_choice"]  # chosen against the service's Reinhard
+    assert choice["delta_e"][str(header["colour_map"]["histogram_weight"])] <= choice["baseline_delta_e"]
+    by_hand = run_stainbridge("train", "site-profile", "--method", "colour_map", "--source", str(tmp_path / "src"),
+                              "--classifier", str(clf_path), "--reference", str(tmp_path / "ref"),
+                              "--histogram-weight", "1", "--out", str(tmp_path / "w1.safetensors"))
+    assert by_hand.returncode == 0, by_hand.stderr
+    manual = checkpoint.load_checkpoint(tmp_path / "w1.safetensors")[1]["colour_map"]
+    assert manual["histogram_weight"] == 1.0 and "histogram_weight_choice" not in manual
     classifier = inference.load_classifier(clf_path)
     standardizer = inference.load_standardizer(str(out))
     geometry = inference.resolve_geometry(classifier, standardizer)

@@ -132,12 +132,13 @@ def run_colour_map(mode: str, d: bench_data.BenchData, model: nn.Module, header:
     x = bench_data.to_float(d.target)
     n = len(x)
     reference = bench_data.to_float(torch.stack(site_geometry.evenly(d.train, site_profile.COLOUR_SAMPLE)))
+    reinhard = inference.load_standardizer("reinhard", classifier=clf)
     plain, tta = torch.zeros(n, len(d.classes)), torch.zeros(n, len(d.classes))
     shown, per_fold, runs = torch.zeros_like(x), [], []
     for fold, (fit, held) in enumerate(folds(n, mode, opts.seed)):
         started = time.monotonic()
         site = torch.stack(site_geometry.evenly(x[fit], site_profile.COLOUR_SAMPLE))
-        fitted = colour_map.fit_colour_map(site, reference, seed=opts.seed + fold)
+        fitted = colour_map.fit_colour_map(site, reference, baseline=reinhard, seed=opts.seed + fold)
         ckpt = out_dir / f"standardizer_colour_map_{mode}{'' if mode == 'transductive' else f'_fold{fold}'}.safetensors"
         sh = {"kind": "standardizer", "architecture": colour_map.ARCHITECTURE, "reference_stain": header["reference_stain"],
               "classifier_sha256": header.get("sha256"), "site_profile": d.site_profile,

@@ -1,7 +1,7 @@
 """stainbridge train site-profile: a standardizer checkpoint fitted to one site without labels.
 
     stainbridge train site-profile --method colour_map|reinhard|macenko --source DIR --classifier FILE
-        --out FILE [--reference DIR] [--seed N]
+        --out FILE [--reference DIR] [--histogram-weight W] [--seed N]
 
 The service takes its geometry from the standardizer's site profile (``inference.resolve_geometry``,
 scale "profile"). A learned standardizer gets one from ``train cyclegan`` / ``train colorization``;
@@ -13,7 +13,9 @@ reference scale (or, for a classifier that does not record one, against a sample
 ``colour_map`` (``models.imaging.colour_map``) also fits the site's colour map: a sample of --source
 images and of --reference images, each cut as the service cuts it (the site's window from the profile
 just estimated; the reference window for the reference), and the site's pixel colours transported onto
-the reference's. It needs --reference. The classical methods learn nothing but the profile.
+the reference's, keeping as much of the site's own histogram shape as it can while staying at least as
+close to the reference stain as Reinhard on those images (``--histogram-weight`` sets it by hand). It
+needs --reference. The classical methods learn nothing but the profile.
 """
 
 from __future__ import annotations
@@ -46,6 +48,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="reference images: the colours colour_map maps onto, and the reference scale "
                              "when the classifier records none")
     parser.add_argument("--out", required=True, help="standardizer checkpoint to write (.safetensors)")
+    parser.add_argument("--histogram-weight", type=float, default=None,
+                        help="colour_map: 1 matches the site's colour histograms to the reference's, 0 only their "
+                             "mean and spread; default: chosen on the site's images (the smallest weight at least "
+                             "as reference-like as Reinhard)")
     parser.add_argument("--seed", type=int, default=0, help="colour_map: pixel sample and rotations")
 
 
@@ -71,7 +77,8 @@ def main(args: argparse.Namespace) -> str:
     state: dict[str, torch.Tensor] = {}
     fitted: dict[str, Any] | None = None
     if args.method == colour_map.ARCHITECTURE:
-        state, fitted = fit_site_colour_map(classifier, profile, source, reference_all, seed=args.seed)
+        state, fitted = fit_site_colour_map(classifier, profile, source, reference_all,
+                                            histogram_weight=args.histogram_weight, seed=args.seed)
     header: dict[str, Any] = {
         "kind": "standardizer", "architecture": args.method, "reference_stain": stats,
         "classifier_sha256": classifier.sha256, "site_profile": profile,
@@ -89,9 +96,10 @@ def main(args: argparse.Namespace) -> str:
 
 
 def fit_site_colour_map(classifier: inference.Classifier, profile: dict[str, Any], source: list, reference: list, *,
-                        seed: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+                        histogram_weight: float | None = None, seed: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The colour map of ``colour_map`` fitted on samples of both folders, each image cut as the service
-    cuts it: (checkpoint tensors, header section)."""
+    cuts it, its histogram weight chosen against the service's Reinhard unless given: (checkpoint tensors,
+    header section)."""
     site_cut = inference.resolve_geometry(classifier, inference.Standardizer(
         lambda batch: batch, name="site profile", header={"site_profile": profile}))
     reference_cut = inference.resolve_geometry(classifier, None)
@@ -99,7 +107,9 @@ def fit_site_colour_map(classifier: inference.Classifier, profile: dict[str, Any
     reference_images = site_geometry.evenly(reference, COLOUR_SAMPLE)
     fitted = colour_map.fit_colour_map(
         inference.prepare_batch([data.load_rgb(p) for p in site_images], site_cut),
-        inference.prepare_batch([data.load_rgb(p) for p in reference_images], reference_cut), seed=seed)
+        inference.prepare_batch([data.load_rgb(p) for p in reference_images], reference_cut),
+        baseline=inference.load_standardizer("reinhard", classifier=classifier), histogram_weight=histogram_weight,
+        seed=seed)
     return fitted.state(), fitted.fit
 
 
