@@ -242,7 +242,9 @@ def describe(version: ModelVersion) -> dict[str, Any]:
 
 def _adaptation(adaptation: Any) -> dict[str, Any] | None:
     """What a classifier was adapted to without labels (`train adapt`): the site's folder and image
-    count, the standardizer in front, and the share of the site's images per class afterwards."""
+    count, the standardizer in front, the class prior it was kept near and the share of the site's images
+    per class afterwards."""
     if not isinstance(adaptation, dict):
         return None
-    return {k: adaptation.get(k) for k in ("source", "standardizer", "predicted_class_shares", "labels_used")}
+    return {k: adaptation.get(k) for k in ("source", "standardizer", "prior", "class_prior", "predicted_class_shares",
+                                           "labels_used")}

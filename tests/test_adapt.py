@@ -159,3 +159,4 @@ def test_models_list_says_a_classifier_was_adapted(lab, tmp_path: Path, run_stai
     adaptation = as_json[-1]["adaptation"]
     assert adaptation["labels_used"] is False and adaptation["standardizer"]["name"] == "none"
     assert set(adaptation["predicted_class_shares"]) == set(synthetic.CLASSES)
+    assert adaptation["prior"] == "uniform" and set(adaptation["class_prior"].values()) == {0.2}

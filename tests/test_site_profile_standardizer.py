@@ -44,7 +44,7 @@ def _site_and_classifier(tmp_path: Path) -> tuple[list, Path]:
 def test_reinhard_checkpoint_runs_reinhard_with_the_estimated_geometry(tmp_path: Path, run_stainbridge) -> None:
     """The checkpoint standardizes exactly as the built-in Reinhard does, and the service's geometry
     takes the magnification (red cells 24 px vs 40 px: k = 0.6) from its site profile."""
-    reference, clf_path = _site_and_classifier(tmp_path)
+    _reference, clf_path = _site_and_classifier(tmp_path)
     out = tmp_path / "reinhard.safetensors"
     done = run_stainbridge("train", "site-profile", "--method", "reinhard", "--source", str(tmp_path / "src"),
                            "--classifier", str(clf_path), "--out", str(out))
