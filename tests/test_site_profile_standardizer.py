@@ -91,7 +91,7 @@ def test_colour_map_checkpoint_maps_the_site_onto_the_reference_colours(tmp_path
     assert set(state) == {"rotations", "site_quantiles", "reference_quantiles"}
     assert header["colour_map"]["source_images"] == 25 and header["training_data"]["labels_used"] is False
     choice = header["colour_map"]["histogram_weight_choice"]  # chosen against the service's Reinhard
-    assert choice["delta_e"][str(header["colour_map"]["histogram_weight"])] <= choice["baseline_delta_e"]
+    assert choice["delta_e"][str(header["colour_map"]["histogram_weight"])] <= 0.9 * choice["baseline_delta_e"]
     by_hand = run_stainbridge("train", "site-profile", "--method", "colour_map", "--source", str(tmp_path / "src"),
                               "--classifier", str(clf_path), "--reference", str(tmp_path / "ref"),
                               "--histogram-weight", "1", "--out", str(tmp_path / "w1.safetensors"))

@@ -22,7 +22,8 @@ way) but moves the stain away from the reference on a site whose cells fill the 
 5.3 at w = 1, 8.1 at 0.5). So by default the fit measures it: the smallest w of
 ``HISTOGRAM_WEIGHTS`` whose output on the site's own images is at least as reference-like
 (``metrics.stain_distance``, label-free) as the service's Reinhard on the same images, else the most
-reference-like w. Every map it can choose is as reference-like as Reinhard or the closest it gets.
+reference-like w. "At least as" has a margin (``BASELINE_MARGIN``: 10 % lower Delta E), because the
+fit measures on samples and another sample moves both scores by a few percent.
 """
 
 from __future__ import annotations
@@ -47,6 +48,10 @@ ITERATIONS = 1
 QUANTILES = 257
 PIXELS = 400_000  # pixels sampled from each side for the fit
 HISTOGRAM_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)  # the candidates, least change of the site's histogram shape first
+# A candidate must beat the baseline's Delta E by this factor: the fit measures both on samples of the site and of
+# the reference, and another sample moves them by a few percent (LISC seed 0: 5.99 against Reinhard's 6.03 in the
+# fit, 6.0 against 5.8 on every LISC window against the reference's test windows).
+BASELINE_MARGIN = 0.9
 
 
 def _lab_pixels(images01: Tensor, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -124,7 +129,7 @@ def fit_colour_map(site01: Tensor, reference01: Tensor, *, baseline: Callable[[T
                    seed: int = 0) -> ColourMap:
     """Fit the map from a site's images to the reference's, both [N,3,H,W] in [0,1] as the classifier
     sees them (after the service's geometry). ``histogram_weight`` None chooses it (module text) against
-    ``baseline``, the standardizer to be at least as reference-like as (the service's Reinhard).
+    ``baseline``, the standardizer to be more reference-like than (the service's Reinhard).
     Deterministic for a given ``seed``."""
     if iterations < 1:
         raise BaselineError(f"a colour map needs at least one round, got {iterations}")
@@ -151,10 +156,11 @@ def fit_colour_map(site01: Tensor, reference01: Tensor, *, baseline: Callable[[T
     target = delta_e(baseline(site01))
     candidates = {w: ColourMap(*_fit_rounds(site, reference, rotations, histogram_weight=w)) for w in HISTOGRAM_WEIGHTS}
     scores = {w: delta_e(candidate(site01)) for w, candidate in candidates.items()}
-    good = [w for w in HISTOGRAM_WEIGHTS if scores[w] <= target]
+    good = [w for w in HISTOGRAM_WEIGHTS if scores[w] <= BASELINE_MARGIN * target]
     chosen = good[0] if good else min(HISTOGRAM_WEIGHTS, key=lambda w: scores[w])
     fit.update(histogram_weight=chosen, histogram_weight_choice={
-        "rule": "smallest weight at least as reference-like as the baseline on the site's images, else the closest",
+        "rule": f"smallest weight with Delta E <= {BASELINE_MARGIN} x the baseline's on the site's images, "
+                "else the closest",
         "baseline_delta_e": target, "delta_e": {str(w): v for w, v in scores.items()}})
     candidates[chosen].fit = fit
     return candidates[chosen]

@@ -13,9 +13,9 @@ reference scale (or, for a classifier that does not record one, against a sample
 ``colour_map`` (``models.imaging.colour_map``) also fits the site's colour map: a sample of --source
 images and of --reference images, each cut as the service cuts it (the site's window from the profile
 just estimated; the reference window for the reference), and the site's pixel colours transported onto
-the reference's, keeping as much of the site's own histogram shape as it can while staying at least as
-close to the reference stain as Reinhard on those images (``--histogram-weight`` sets it by hand). It
-needs --reference. The classical methods learn nothing but the profile.
+the reference's, keeping as much of the site's own histogram shape as it can while staying closer to
+the reference stain than Reinhard on those images (by 10 %, ``colour_map.BASELINE_MARGIN``;
+``--histogram-weight`` sets it by hand). It needs --reference. The classical methods learn nothing but the profile.
 """
 
 from __future__ import annotations
@@ -50,8 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="standardizer checkpoint to write (.safetensors)")
     parser.add_argument("--histogram-weight", type=float, default=None,
                         help="colour_map: 1 matches the site's colour histograms to the reference's, 0 only their "
-                             "mean and spread; default: chosen on the site's images (the smallest weight at least "
-                             "as reference-like as Reinhard)")
+                             "mean and spread; default: chosen on the site's images (the smallest weight whose "
+                             "stain Delta E is 10 %% below Reinhard's)")
     parser.add_argument("--seed", type=int, default=0, help="colour_map: pixel sample and rotations")
 
 
