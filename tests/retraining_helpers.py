@@ -10,7 +10,6 @@ from pathlib import Path
 
 import torch
 
-from tests.daemon_helpers import GEN_ARGS, STAINBRIDGE, SIZE, subprocess_env
 from stainbridge.daemon.config import Settings
 from stainbridge.daemon.intake import sha256_file
 from stainbridge.daemon.pipeline import load_models
@@ -19,6 +18,7 @@ from stainbridge.daemon.store import Image, ImageStatus, make_engine, make_sessi
 from stainbridge.models.checkpoint import save_checkpoint
 from stainbridge.models.cyclegan import build_generator
 from stainbridge.models.imaging import synthetic
+from tests.daemon_helpers import GEN_ARGS, SIZE, STAINBRIDGE, subprocess_env
 
 
 @dataclass(frozen=True)

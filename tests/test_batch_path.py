@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import event, func, select
 
-from stainbridge.daemon import pipeline as pipeline_module
 from stainbridge.daemon import filing, recording
+from stainbridge.daemon import pipeline as pipeline_module
 from stainbridge.daemon.batch import PixelBudget
 from stainbridge.daemon.service import Service
 from stainbridge.daemon.store import Image, ImageStatus, Prediction

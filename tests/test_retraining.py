@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from tests.daemon_helpers import STAINBRIDGE, subprocess_env, wait_for
-from tests.retraining_helpers import archive_incoming, open_world
 from stainbridge.daemon import cli, intake, registry, retraining
 from stainbridge.daemon.store import ModelKind, ModelVersion, RunStatus, TrainingRun, VersionState
 from stainbridge.models.imaging import synthetic
+from tests.daemon_helpers import STAINBRIDGE, subprocess_env, wait_for
+from tests.retraining_helpers import archive_incoming, open_world
 
 
 def _settings(settings_factory, lab, standardizer, **overrides):

@@ -10,13 +10,13 @@ import pytest
 import torch
 from sqlalchemy import select
 
-from tests.daemon_helpers import STAINBRIDGE, subprocess_env
-from tests.retraining_helpers import archive_incoming, open_world
 from stainbridge.daemon import cli, registry, retraining
 from stainbridge.daemon.hotswap import ModelSwapper
 from stainbridge.daemon.pipeline import load_models
 from stainbridge.daemon.store import Image, ModelKind, ModelVersion, RunStatus, TrainingRun, VersionState
 from stainbridge.models.checkpoint import file_sha256, load_checkpoint, save_checkpoint
+from tests.daemon_helpers import STAINBRIDGE, subprocess_env
+from tests.retraining_helpers import archive_incoming, open_world
 
 
 def _settings_values(lab, standardizer, **overrides):

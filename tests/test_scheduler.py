@@ -8,11 +8,11 @@ import time
 import pytest
 from sqlalchemy import select, text
 
-from tests.daemon_helpers import wait_for
-from tests.retraining_helpers import FakeClock, local
 from stainbridge.daemon import retraining, scheduler
 from stainbridge.daemon.schema import upgrade_database
 from stainbridge.daemon.store import ModelKind, RunStatus, TrainingRun, make_engine, make_sessionmaker
+from tests.daemon_helpers import wait_for
+from tests.retraining_helpers import FakeClock, local
 
 
 def _engine(settings_factory, url):
