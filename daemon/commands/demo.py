@@ -122,7 +122,8 @@ def make_models(workdir: Path, data: dict[str, Path], retrain: bool) -> tuple[Pa
                          "--reference", str(data["reference"]), "--classifier", str(classifier),
                          "--out", str(standardizer)),
                     logs / "train-site-profile.log",
-                    "fitted the incoming lab's colour map onto the reference stain and its site profile (no labels used)")
+                    "fitted the incoming lab's colour map onto the reference stain and its site profile "
+                    "(no labels used)")
     else:
         print(f"   reusing {standardizer}")
     if retrain or not adapted.exists():
@@ -321,8 +322,9 @@ def run(args: argparse.Namespace) -> int:
                    "here it does not beat that" if accuracy < raw else "here it ties that")
         print(f"   the reference classifier, not adapted, without standardization: {raw:.2f}. The service ran the "
               "default recipe: the site colour map onto the reference stain and the site profile, estimated from the "
-              "incoming lab's unlabeled images (`train site-profile --method colour_map`) and the classifier adapted to them without labels "
-              f"(`train adapt`); {verdict}. `stainbridge bench accuracy` compares the methods on real images.")
+              "incoming lab's unlabeled images (`train site-profile --method colour_map`) and the classifier "
+              f"adapted to them without labels (`train adapt`); {verdict}. `stainbridge bench accuracy` compares "
+              "the methods on real images.")
         quarantined = sorted(p.name for p in (run_dir / "quarantine").rglob("*") if p.is_file())
         print(f"   quarantine: {', '.join(quarantined)}")
         code = daemon.stop()

@@ -2,9 +2,9 @@
 
 For each standardizer in ``STANDARDIZERS`` (and the site colour map, when the bench fits one) the
 reference classifier is adapted, as ``stainbridge train adapt`` does, on the target windows that
-standardizer produced (information
-maximization with ``train adapt``'s default class prior; no target label), then scores them through the service's predict. Transductive: adapted
-on every target image; inductive: on one half (seeded, label-blind split), scoring the other, both ways.
+standardizer produced (information maximization with ``train adapt``'s default class prior; no target
+label), then scores them through the service's predict. Transductive: adapted on every target image;
+inductive: on one half (seeded, label-blind split), scoring the other, both ways.
 Each adapted classifier is written to the out-dir as ``classifier_im_<standardizer>_<mode>[_fold<k>]``.
 """
 
@@ -47,12 +47,14 @@ def _adapted(model: nn.Module, header: dict[str, Any], d: BenchData, target01: T
     history = adapt.adapt(tuned, target01, lambda: reference, normalization=header["normalization"],
                           criterion=classifier.make_loss("focal", gamma=float(header.get("gamma") or 2.0)),
                           epochs=opts.im_epochs, lr=adapt.DEFAULTS["lr"], batch_size=opts.im_batch,
-                          diversity=adapt.DEFAULTS["diversity"], prior=prior, reference_weight=adapt.DEFAULTS["reference_weight"],
+                          diversity=adapt.DEFAULTS["diversity"], prior=prior,
+                          reference_weight=adapt.DEFAULTS["reference_weight"],
                           seed=seed, device=device, log=log)
     new = {k: v for k, v in header.items() if k != "sha256"}
     new["adaptation"] = {"method": "information maximization", "standardizer": standardizer, "labels_used": False,
                          "target_images": len(target01), "epochs": opts.im_epochs, "batch_size": opts.im_batch,
-                         "seed": seed, **{k: adapt.DEFAULTS[k] for k in ("lr", "diversity", "prior", "reference_weight")},
+                         "seed": seed,
+                         **{k: adapt.DEFAULTS[k] for k in ("lr", "diversity", "prior", "reference_weight")},
                          "class_prior": [round(float(v), 4) for v in prior]}
     # what adapting to the site cost at home: the reference's own val/test windows
     new["metrics"] = {**bench_train.reference_scores(tuned.eval(), d, device), "history": history,

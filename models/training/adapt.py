@@ -92,10 +92,13 @@ def class_prior(kind: str, classifier: inference.Classifier, target01: Tensor) -
         return equal
     if kind != "site":
         raise AdaptError(f"unknown --prior {kind!r}: use one of {', '.join(PRIORS)}")
-    total = torch.zeros(len(classifier.classes))
-    for i in range(0, len(target01), 256):
-        total += inference.predict_views(classifier, target01[i:i + 256], tta=True).sum(0)
-    return 0.5 * total / len(target01) + 0.5 * equal
+    return 0.5 * _probabilities(classifier, target01, tta=True).mean(0) + 0.5 * equal
+
+
+def _probabilities(classifier: inference.Classifier, target01: Tensor, *, tta: bool) -> Tensor:
+    """[N,C] softmax over the standardized images, 256 at a time (a site's folder may not fit one batch)."""
+    return torch.cat([inference.predict_views(classifier, target01[i:i + 256], tta=tta)
+                      for i in range(0, len(target01), 256)])
 
 
 def _dihedral(batch: Tensor, g: torch.Generator) -> Tensor:
@@ -256,9 +259,7 @@ def main(args: argparse.Namespace) -> str:
 def _class_shares(model: nn.Module, target01: Tensor, base: inference.Classifier, device: torch.device) -> dict[str, float]:
     """Share of the incoming images predicted as each class after adaptation: what the site will see."""
     adapted = inference.Classifier(model, base.header, name="adapted", sha256="", device=device)
-    counts = torch.zeros(len(base.classes))
-    for i in range(0, len(target01), 256):
-        counts += torch.bincount(adapted.predict(target01[i:i + 256]).argmax(1), minlength=len(base.classes)).float()
+    counts = torch.bincount(_probabilities(adapted, target01, tta=False).argmax(1), minlength=len(base.classes)).float()
     return {c: round(float(v / len(target01)), 4) for c, v in zip(base.classes, counts, strict=True)}
 
 

@@ -96,7 +96,8 @@ def main(args: argparse.Namespace) -> str:
 
 
 def fit_site_colour_map(classifier: inference.Classifier, profile: dict[str, Any], source: list, reference: list, *,
-                        histogram_weight: float | None = None, seed: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+                        histogram_weight: float | None = None,
+                        seed: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The colour map of ``colour_map`` fitted on samples of both folders, each image cut as the service
     cuts it, its histogram weight chosen against the service's Reinhard unless given: (checkpoint tensors,
     header section)."""
