@@ -23,7 +23,7 @@ from stainbridge.models.checkpoint import ModelMismatch
 from stainbridge.models.imaging import data, site_geometry
 
 if TYPE_CHECKING:  # the loaded models, for type hints only (models.inference imports this module)
-    from stainbridge.models.inference import Classifier, Standardizer
+    from stainbridge.models.networks import Classifier, Standardizer
 
 __all__ = ["SCALE_FROM_PROFILE", "Geometry", "resolve_geometry"]
 
