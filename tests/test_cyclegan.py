@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from stainbridge.models import cyclegan as cg
+from stainbridge.models.training import gan
 
 
 def n_params(module: torch.nn.Module) -> int:
@@ -84,7 +85,7 @@ def test_init_weights_normal_002() -> None:
 
 def test_gan_loss_is_least_squares() -> None:
     """GANLoss is the MSE to 1 for real and to 0 for fake."""
-    loss = cg.GANLoss()
+    loss = gan.GANLoss()
     pred = torch.tensor([[0.5, 2.0]])
     assert torch.isclose(loss(pred, True), torch.tensor((0.25 + 1.0) / 2))
     assert torch.isclose(loss(pred, False), torch.tensor((0.25 + 4.0) / 2))
@@ -99,7 +100,7 @@ def tiny_cyclegan():
 def test_generator_losses_are_named_weighted_and_summed() -> None:
     """The generator objective has adversarial, cycle (x10) and identity (x5) terms summing to total."""
     nets, x, y = tiny_cyclegan()
-    step = cg.generator_losses(**nets, real_x=x, real_y=y, gan_loss=cg.GANLoss())
+    step = gan.generator_losses(**nets, real_x=x, real_y=y, gan_loss=gan.GANLoss())
     assert set(step.losses) == {"adv_xy", "adv_yx", "cycle_x", "cycle_y", "idt_x", "idt_y"}
     assert torch.isclose(step.total, sum(step.losses.values()))
     expected_cycle = torch.nn.functional.l1_loss(nets["g_yx"](nets["g_xy"](x)), x) * 10
@@ -113,7 +114,7 @@ def test_generator_losses_are_named_weighted_and_summed() -> None:
 def test_identity_term_can_be_switched_off() -> None:
     """With identity weight 0 there are no identity terms."""
     nets, x, y = tiny_cyclegan()
-    step = cg.generator_losses(**nets, real_x=x, real_y=y, gan_loss=cg.GANLoss(), weights=cg.LossWeights(identity=0))
+    step = gan.generator_losses(**nets, real_x=x, real_y=y, gan_loss=gan.GANLoss(), weights=gan.LossWeights(identity=0))
     assert "idt_x" not in step.losses and "idt_y" not in step.losses
 
 
@@ -126,8 +127,8 @@ def test_semantic_term_is_added_with_its_weight() -> None:
         seen.append(real)
         return (real - fake).abs().mean()
 
-    term = cg.SemanticTerm(fn=fn, weight=3.0, pairs=("x_to_y", "y_cycle"))
-    step = cg.generator_losses(**nets, real_x=x, real_y=y, gan_loss=cg.GANLoss(), semantic=term)
+    term = gan.SemanticTerm(fn=fn, weight=3.0, pairs=("x_to_y", "y_cycle"))
+    step = gan.generator_losses(**nets, real_x=x, real_y=y, gan_loss=gan.GANLoss(), semantic=term)
     assert seen[0] is x and seen[1] is y
     assert torch.isclose(step.losses["semantic_x_to_y"], (x - step.fake_y).abs().mean() * 3)
     assert torch.isclose(step.losses["semantic_y_cycle"], (y - step.rec_y).abs().mean() * 3)
@@ -138,9 +139,9 @@ def test_discriminator_loss_halves_and_detaches() -> None:
     """D's loss is half the LSGAN real+fake loss and sends no gradient into the generator."""
     nets, x, y = tiny_cyclegan()
     fake = nets["g_xy"](x)
-    loss = cg.discriminator_loss(nets["d_y"], y, fake, cg.GANLoss())
-    gan = cg.GANLoss()
-    expected = 0.5 * (gan(nets["d_y"](y), True) + gan(nets["d_y"](fake.detach()), False))
+    loss = gan.discriminator_loss(nets["d_y"], y, fake, gan.GANLoss())
+    lsgan = gan.GANLoss()
+    expected = 0.5 * (lsgan(nets["d_y"](y), True) + lsgan(nets["d_y"](fake.detach()), False))
     assert torch.isclose(loss, expected)
     loss.backward()
     assert all(p.grad is None for p in nets["g_xy"].parameters())
@@ -148,7 +149,7 @@ def test_discriminator_loss_halves_and_detaches() -> None:
 
 def test_image_pool_fills_then_mixes_history() -> None:
     """The pool returns new images until full, then sometimes returns stored older ones."""
-    pool = cg.ImagePool(4, rng=random.Random(0))
+    pool = gan.ImagePool(4, rng=random.Random(0))
     first = torch.arange(4.0).view(4, 1, 1, 1)
     assert torch.equal(pool.query(first), first)
     later = torch.full((64, 1, 1, 1), 100.0)
@@ -162,15 +163,15 @@ def test_image_pool_fills_then_mixes_history() -> None:
 def test_image_pool_size_zero_passes_through() -> None:
     """pool_size=0 disables the pool."""
     x = torch.rand(3, 3, 4, 4)
-    assert torch.equal(cg.ImagePool(0).query(x), x)
+    assert torch.equal(gan.ImagePool(0).query(x), x)
 
 
 def test_optimizer_and_linear_decay_schedule() -> None:
     """Adam(2e-4, (0.5, 0.999)); lr constant for n_epochs, then linear decay to 0."""
     p = torch.nn.Parameter(torch.zeros(1))
-    opt = cg.make_optimizer([p])
+    opt = gan.make_optimizer([p])
     assert opt.defaults["lr"] == 2e-4 and opt.defaults["betas"] == (0.5, 0.999)
-    sched = cg.make_scheduler(opt, n_epochs=3, n_epochs_decay=4)
+    sched = gan.make_scheduler(opt, n_epochs=3, n_epochs_decay=4)
     lrs = []
     for _ in range(3 + 4):  # n_epochs + n_epochs_decay
         lrs.append(opt.param_groups[0]["lr"])

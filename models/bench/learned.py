@@ -16,13 +16,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from stainbridge.models import checkpoint, cyclegan, inference
+from stainbridge.models import checkpoint, inference
 from stainbridge.models.bench import data as bench_data
 from stainbridge.models.bench import training as bench_train
 from stainbridge.models.imaging import classical, colour_map, site_geometry
 from stainbridge.models.metrics import classification_metrics
 from stainbridge.models.training import cyclegan as tg
-from stainbridge.models.training import semantic, site_profile
+from stainbridge.models.training import gan, semantic, site_profile
 
 __all__ = ["ADAPTED", "COLOUR", "STAIN_STRENGTH", "as_classifier", "folds", "metrics_of", "run_colour_map", "run_learned",
            "score"]
@@ -74,12 +74,12 @@ def _semantic_term(variant: str, model: nn.Module, header: dict, classifier_path
         # KL(8-view dihedral TTA p(x) || p(G(x))) under the frozen bench classifier, x_to_y only
         consistency = semantic.ClassConsistency.from_checkpoint(classifier_path, device, teacher="raw")
         w = COLOUR["semantic_weight"]
-        term = cyclegan.SemanticTerm(fn=consistency, weight=w, pairs=consistency.pairs)
+        term = gan.SemanticTerm(fn=consistency, weight=w, pairs=consistency.pairs)
         return term, {**consistency.describe(), "weight": w}
     anchor = classical.Reinhard.from_stats(header["reference_stain"])
     consistency = semantic.ClassConsistency(model, header["normalization"], anchor=anchor)
     fn = semantic.StructureAndClass(consistency, structure_weight=1.0)
-    term = cyclegan.SemanticTerm(fn=fn, weight=1.0, pairs=("x_to_y", "y_cycle"))
+    term = gan.SemanticTerm(fn=fn, weight=1.0, pairs=("x_to_y", "y_cycle"))
     return term, {"classifier": classifier_path.name, "sha256": header.get("sha256"), "weight": 1.0,
                   "loss": "kl(p(reinhard(real)) || p(translated)) + 1.0 * structure_loss", "pairs": list(term.pairs)}
 

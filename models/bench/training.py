@@ -27,8 +27,8 @@ from stainbridge.models.imaging import classical, data, stain_augment
 from stainbridge.models.training import classifier as tc
 from stainbridge.models.training import colorization as tcol
 from stainbridge.models.training import cyclegan as tg
+from stainbridge.models.training import gan, semantic
 from stainbridge.models.training import runtime as tu
-from stainbridge.models.training import semantic
 
 __all__ = [
     "adapt_classifier",
@@ -143,7 +143,7 @@ def _dihedral_stream(x: Tensor, batch_size: int, g: torch.Generator) -> Iterator
 
 
 def train_standardizer(target: Tensor, reference: Tensor, out: Path, *, generator: str, discriminator: str,
-                       epochs: int, steps: int, batch_size: int, semantic_term: cyclegan.SemanticTerm | None,
+                       epochs: int, steps: int, batch_size: int, semantic_term: gan.SemanticTerm | None,
                        semantic_info: dict | None, training_data: dict[str, Any], seed: int, device: torch.device,
                        log: Any = print, architecture: str = "resnet_generator",
                        generator_args: dict[str, Any] | None = None, discriminator_pool: int = 1,

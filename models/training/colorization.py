@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader
 from stainbridge.models import checkpoint, colorization, cyclegan
 from stainbridge.models.imaging import data, site_geometry
 from stainbridge.models.training import cyclegan as tg
+from stainbridge.models.training import gan
 from stainbridge.models.training import runtime as tu
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -69,10 +70,10 @@ def train_colorizer(batches: Iterator[Tensor], *, arch_args: dict[str, Any], dis
     tu.seed_everything(seed)
     model = colorization.build_colorization(**arch_args).to(device)
     disc = cyclegan.build_discriminator(**discriminator_args).to(device)  # sees cat(L, ab): 3 channels
-    opt_g = cyclegan.make_optimizer(model.parameters(), lr=lr)
-    opt_d = cyclegan.make_optimizer(disc.parameters(), lr=lr)
+    opt_g = gan.make_optimizer(model.parameters(), lr=lr)
+    opt_d = gan.make_optimizer(disc.parameters(), lr=lr)
     half = max(1, epochs // 2)
-    scheds = [cyclegan.make_scheduler(o, n_epochs=half, n_epochs_decay=epochs - half) for o in (opt_g, opt_d)]
+    scheds = [gan.make_scheduler(o, n_epochs=half, n_epochs_decay=epochs - half) for o in (opt_g, opt_d)]
     history: list[dict[str, float]] = []
     model.train(), disc.train()
     for epoch in range(epochs):

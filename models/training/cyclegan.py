@@ -58,7 +58,7 @@ from torchvision.utils import make_grid, save_image
 
 from stainbridge.models import checkpoint, cyclegan
 from stainbridge.models.imaging import classical, data, site_geometry
-from stainbridge.models.training import resume, semantic
+from stainbridge.models.training import gan, resume, semantic
 from stainbridge.models.training import runtime as tu
 
 # Explicit flags override these. tiny: seconds on a CPU for ~50 images per side; full: a GPU run;
@@ -137,10 +137,10 @@ class CycleGANSetup:
     nets: dict[str, nn.Module]
     optimizers: dict[str, torch.optim.Optimizer]
     schedulers: dict[str, torch.optim.lr_scheduler.LRScheduler]
-    pools: dict[str, cyclegan.ImagePool]
+    pools: dict[str, gan.ImagePool]
 
     def train_epoch(self, xs: Iterator[Tensor], ys: Iterator[Tensor], *, steps: int, epoch: int, epochs: int,
-                    semantic: cyclegan.SemanticTerm | None, device: torch.device) -> dict[str, float]:
+                    semantic: gan.SemanticTerm | None, device: torch.device) -> dict[str, float]:
         """One epoch of ``steps`` batches, then one step of both schedules; returns mean losses."""
         stats = train_one_epoch(self.nets, self.optimizers["g"], self.optimizers["d"], xs, ys, steps, self.pools,
                                 semantic, device, epoch, epochs)
@@ -164,15 +164,15 @@ def build_setup(*, architecture: str, generator_args: dict[str, Any], discrimina
     for net in nets.values():
         net.to(device, memory_format=memory_format)
     optimizers = {
-        "g": cyclegan.make_optimizer(itertools.chain(nets["g_xy"].parameters(), nets["g_yx"].parameters()),
+        "g": gan.make_optimizer(itertools.chain(nets["g_xy"].parameters(), nets["g_yx"].parameters()),
                                      lr=generator_lr),
-        "d": cyclegan.make_optimizer(itertools.chain(nets["d_x"].parameters(), nets["d_y"].parameters()),
+        "d": gan.make_optimizer(itertools.chain(nets["d_x"].parameters(), nets["d_y"].parameters()),
                                      lr=discriminator_lr),
     }
     constant = (epochs + 1) // 2
-    schedulers = {k: cyclegan.make_scheduler(o, n_epochs=constant, n_epochs_decay=epochs - constant)
+    schedulers = {k: gan.make_scheduler(o, n_epochs=constant, n_epochs_decay=epochs - constant)
                   for k, o in optimizers.items()}
-    pools = {"x": cyclegan.ImagePool(50, rng=random.Random(seed)), "y": cyclegan.ImagePool(50, rng=random.Random(seed + 1))}
+    pools = {"x": gan.ImagePool(50, rng=random.Random(seed)), "y": gan.ImagePool(50, rng=random.Random(seed + 1))}
     return CycleGANSetup(architecture, dict(generator_args), dict(discriminator_args), nets, optimizers, schedulers,
                          pools)
 
@@ -204,10 +204,10 @@ def standardizer_header(setup: CycleGANSetup, *, input_size: int, training_data:
 
 
 def train_one_epoch(nets: dict[str, nn.Module], opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer,
-                    xs: Iterator[Tensor], ys: Iterator[Tensor], steps: int, pools: dict[str, cyclegan.ImagePool],
-                    semantic: cyclegan.SemanticTerm | None, device: torch.device, epoch: int,
+                    xs: Iterator[Tensor], ys: Iterator[Tensor], steps: int, pools: dict[str, gan.ImagePool],
+                    semantic: gan.SemanticTerm | None, device: torch.device, epoch: int,
                     epochs: int) -> dict[str, float]:
-    gan_loss = cyclegan.GANLoss().to(device)
+    gan_loss = gan.GANLoss().to(device)
     fmt = tu.memory_format(device)
     for net in nets.values():
         net.train()
@@ -219,7 +219,7 @@ def train_one_epoch(nets: dict[str, nn.Module], opt_g: torch.optim.Optimizer, op
         nets["d_x"].requires_grad_(False)
         nets["d_y"].requires_grad_(False)
         with tu.autocast(device):
-            step = cyclegan.generator_losses(g_xy=nets["g_xy"], g_yx=nets["g_yx"], d_x=nets["d_x"], d_y=nets["d_y"],
+            step = gan.generator_losses(g_xy=nets["g_xy"], g_yx=nets["g_yx"], d_x=nets["d_x"], d_y=nets["d_y"],
                                              real_x=real_x, real_y=real_y, gan_loss=gan_loss, semantic=semantic)
         opt_g.zero_grad(set_to_none=True)
         step.total.backward()
@@ -228,8 +228,8 @@ def train_one_epoch(nets: dict[str, nn.Module], opt_g: torch.optim.Optimizer, op
         nets["d_x"].requires_grad_(True)
         nets["d_y"].requires_grad_(True)
         with tu.autocast(device):
-            loss_d_y = cyclegan.discriminator_loss(nets["d_y"], real_y, pools["y"].query(step.fake_y), gan_loss)
-            loss_d_x = cyclegan.discriminator_loss(nets["d_x"], real_x, pools["x"].query(step.fake_x), gan_loss)
+            loss_d_y = gan.discriminator_loss(nets["d_y"], real_y, pools["y"].query(step.fake_y), gan_loss)
+            loss_d_x = gan.discriminator_loss(nets["d_x"], real_x, pools["x"].query(step.fake_x), gan_loss)
         opt_d.zero_grad(set_to_none=True)
         (loss_d_x + loss_d_y).backward()
         opt_d.step()
@@ -349,7 +349,7 @@ def main(args: argparse.Namespace) -> str:
     if args.semantic_classifier:
         consistency = semantic.ClassConsistency.from_checkpoint(args.semantic_classifier, device,
                                                                 teacher=args.semantic_teacher)
-        semantic_term = cyclegan.SemanticTerm(fn=consistency, weight=args.semantic_weight,
+        semantic_term = gan.SemanticTerm(fn=consistency, weight=args.semantic_weight,
                                               pairs=consistency.pairs)
         semantic_info = {**consistency.describe(), "weight": args.semantic_weight}
 

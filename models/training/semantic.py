@@ -2,7 +2,7 @@
 
 A plain CycleGAN recolours another lab's cells convincingly but invents chromatin texture, and a
 reference classifier then calls lymphocytes something else (our BCCD probe: lymphocyte recall
-0.03-0.09). Two terms, added to the generator objective through ``models.cyclegan.SemanticTerm``:
+0.03-0.09). Two terms, added to the generator objective through ``models.training.gan.SemanticTerm``:
 
 - class preservation (:class:`ClassConsistency`): a frozen reference-lab classifier must give G(x)
   the class distribution it gives a colour-only (Reinhard) version of x (or, with the "raw" teacher,
@@ -125,7 +125,7 @@ class ClassConsistency:
 
 
 class StructureAndClass:
-    """``fn(real, translated)`` for ``models.cyclegan.SemanticTerm``: class preservation (a callable
+    """``fn(real, translated)`` for ``models.training.gan.SemanticTerm``: class preservation (a callable
     such as ``ClassConsistency``, may be None) plus ``structure_weight`` times the structure loss."""
 
     def __init__(self, class_term: Callable[[Tensor, Tensor], Tensor] | None, *, structure_weight: float = 1.0,
