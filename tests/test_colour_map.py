@@ -80,11 +80,12 @@ def test_weight_zero_moves_each_channel_by_one_affine_map_onto_the_reference_mea
 
 def test_the_weight_is_chosen_against_the_baseline_on_the_sites_own_images(site_and_reference) -> None:
     """Default: the smallest weight whose output is more reference-like than the baseline's by the margin (Delta E
-    on the site's images), recorded with every candidate's score; a baseline that changes nothing is beaten at once
+    on the site's images), recorded with the score of every candidate tried (smallest first, up to that one); a baseline that changes nothing is beaten at once
     (w = 0); one closer than every candidate (five rounds of transport) leaves the closest candidate."""
     site, reference = site_and_reference
     loose = fit_colour_map(site, reference, baseline=lambda batch: batch, seed=0).fit
     assert loose["histogram_weight"] == 0.0, loose
+    assert list(loose["histogram_weight_choice"]["delta_e"]) == ["0.0"]  # the first passed: no other was fitted
     closer = fit_colour_map(site, reference, histogram_weight=1.0, iterations=5, seed=0)
     strict = fit_colour_map(site, reference, baseline=closer, seed=0)
     choice = strict.fit["histogram_weight_choice"]

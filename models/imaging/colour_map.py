@@ -23,7 +23,9 @@ way) but moves the stain away from the reference on a site whose cells fill the 
 ``HISTOGRAM_WEIGHTS`` whose output on the site's own images is at least as reference-like
 (``metrics.stain_distance``, label-free) as the service's Reinhard on the same images, else the most
 reference-like w. "At least as" has a margin (``BASELINE_MARGIN``: 10 % lower Delta E), because the
-fit measures on samples and another sample moves both scores by a few percent.
+fit measures on samples and another sample moves both scores by a few percent. The candidates are
+tried smallest first and the fit stops at the first that passes; the header records the scores of
+those tried.
 """
 
 from __future__ import annotations
@@ -154,13 +156,18 @@ def fit_colour_map(site01: Tensor, reference01: Tensor, *, baseline: Callable[[T
         return float("inf") if value is None else round(value, 3)
 
     target = delta_e(baseline(site01))
-    candidates = {w: ColourMap(*_fit_rounds(site, reference, rotations, histogram_weight=w)) for w in HISTOGRAM_WEIGHTS}
-    scores = {w: delta_e(candidate(site01)) for w, candidate in candidates.items()}
-    good = [w for w in HISTOGRAM_WEIGHTS if scores[w] <= BASELINE_MARGIN * target]
-    chosen = good[0] if good else min(HISTOGRAM_WEIGHTS, key=lambda w: scores[w])
+    candidates: dict[float, ColourMap] = {}
+    scores: dict[float, float] = {}
+    for w in HISTOGRAM_WEIGHTS:  # smallest first; the first that passes is the choice, so stop there
+        candidates[w] = ColourMap(*_fit_rounds(site, reference, rotations, histogram_weight=w))
+        scores[w] = delta_e(candidates[w](site01))
+        if scores[w] <= BASELINE_MARGIN * target:
+            break
+    passed = scores[w] <= BASELINE_MARGIN * target
+    chosen = w if passed else min(scores, key=lambda v: scores[v])
     fit.update(histogram_weight=chosen, histogram_weight_choice={
         "rule": f"smallest weight with Delta E <= {BASELINE_MARGIN} x the baseline's on the site's images, "
                 "else the closest",
-        "baseline_delta_e": target, "delta_e": {str(w): v for w, v in scores.items()}})
+        "baseline_delta_e": target, "delta_e": {str(v): score for v, score in scores.items()}})
     candidates[chosen].fit = fit
     return candidates[chosen]
