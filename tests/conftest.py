@@ -72,7 +72,10 @@ def _drop_database(admin_url: str, name: str) -> None:
     try:
         with engine.connect() as connection:
             connection.execute(
-                text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :name AND pid <> pg_backend_pid()"),
+                # our own leftover sessions only: an autovacuum worker (a superuser process we may not signal)
+                # can be busy with the fresh database; DROP DATABASE stops those itself
+                text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :name "
+                     "AND pid <> pg_backend_pid() AND usename = current_user"),
                 {"name": name},
             )
             connection.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
