@@ -96,7 +96,7 @@ def _record_together(p: Pipeline, items: list[Item], report: BatchReport) -> lis
                     image_id=row.id, label=result.label, confidence=result.confidence,
                     probabilities=result.probabilities, standardizer_version_id=m.standardizer_version_id,
                     classifier_version_id=m.classifier_version_id, latency_ms=round(item.seconds * 1000, 3),
-                    created_at=now))
+                    tta=result.tta, magnification=result.magnification, created_at=now))
                 item.target = ImageStatus.done
                 counts.done += 1
             else:

@@ -88,7 +88,8 @@ def reprocess(settings: Settings, sessions: sessionmaker, models: LoadedModels,
                                        probabilities=result.probabilities,
                                        standardizer_version_id=models.standardizer_version_id,
                                        classifier_version_id=models.classifier_version_id,
-                                       latency_ms=round(latency, 3), created_at=now))
+                                       latency_ms=round(latency, 3), tta=result.tta,
+                                       magnification=result.magnification, created_at=now))
                 image = session.get(Image, image_id)
                 if image.status is ImageStatus.failed:
                     image.status, image.error, image.processed_at = ImageStatus.done, None, now

@@ -179,6 +179,10 @@ class Prediction(Base):
     standardizer_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
     classifier_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"))
     latency_ms: Mapped[float] = mapped_column(Float)
+    # How it was computed (NULL on rows from before migration 0005): the 8-view average, and the
+    # site magnification of the window the cell was seen through (NULL: whole frame, legacy classifier).
+    tta: Mapped[bool | None]
+    magnification: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     image: Mapped[Image] = relationship(back_populates="predictions")
@@ -245,6 +249,8 @@ SELECT
     p.confidence,
     p.probabilities,
     p.latency_ms,
+    p.tta,
+    p.magnification,
     s.name AS standardizer,
     s.sha256 AS standardizer_sha256,
     c.name AS classifier,

@@ -94,12 +94,17 @@ def compile_networks(standardizer: Standardizer, classifier: Classifier, sample:
 
 @dataclass(frozen=True)
 class BatchResult:
-    """One image's outcome: top label, its probability, all probabilities, and the image as classified."""
+    """One image's outcome: top label, its probability, all probabilities, the image as classified, and
+    how it was computed: ``tta`` (mean over the 8 turns and flips) and ``magnification`` (site pixels ->
+    reference pixels of the window it was seen through; None for a classifier without a reference
+    window, which sees the whole frame zoomed)."""
 
     label: str
     confidence: float
     probabilities: dict[str, float]
     standardized: Image.Image
+    tta: bool = False
+    magnification: float | None = None
 
 
 def _to_tensor(img: Image.Image) -> Tensor:
@@ -154,6 +159,8 @@ def run_batch(images: list[Image.Image], standardizer: Standardizer, classifier:
                 confidence=float(p[top]),
                 probabilities={c: float(v) for c, v in zip(classifier.classes, p.tolist())},
                 standardized=image,
+                tta=tta,
+                magnification=geometry.magnification,
             )
         )
     return results

@@ -43,12 +43,14 @@ def seed_known_history(url: str) -> None:
                        for i, name, status, error, dup, t in images])
             c.execute(text(
                 "INSERT INTO predictions (id, image_id, label, confidence, probabilities, standardizer_version_id, "
-                "classifier_version_id, latency_ms, created_at) VALUES (:id, :img, :label, :conf, '{}', 1, :clf, "
-                "12.0, :t)"),
-                [{"id": 1, "img": 1, "label": "lymphocyte", "conf": 0.95, "clf": 2, "t": DAY1},
-                 {"id": 2, "img": 1, "label": "monocyte", "conf": 0.55, "clf": 3, "t": DAY2},
-                 {"id": 3, "img": 2, "label": "neutrophil", "conf": 0.9, "clf": 3, "t": DAY1},
-                 {"id": 4, "img": 3, "label": "neutrophil", "conf": 0.4, "clf": 3, "t": DAY2}])
+                "classifier_version_id, latency_ms, tta, magnification, created_at) VALUES (:id, :img, :label, "
+                ":conf, '{}', 1, :clf, 12.0, :tta, :mag, :t)"),
+                # the first from before predictions recorded tta and magnification (migration 0005)
+                [{"id": 1, "img": 1, "label": "lymphocyte", "conf": 0.95, "clf": 2, "tta": None, "mag": None, "t": DAY1},
+                 {"id": 2, "img": 1, "label": "monocyte", "conf": 0.55, "clf": 3, "tta": True, "mag": 1.25, "t": DAY2},
+                 {"id": 3, "img": 2, "label": "neutrophil", "conf": 0.9, "clf": 3, "tta": True, "mag": 1.25, "t": DAY1},
+                 {"id": 4, "img": 3, "label": "neutrophil", "conf": 0.4, "clf": 3, "tta": False, "mag": 1.25,
+                  "t": DAY2}])
             c.execute(insert(Review.__table__),
                       [{"image_id": 1, "label": "monocyte", "reviewer": "dr-a", "created_at": DAY2},
                        {"image_id": 2, "label": "lymphocyte", "reviewer": "dr-a", "created_at": DAY2}])

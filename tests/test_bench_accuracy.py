@@ -186,7 +186,8 @@ def test_service_ingest_and_eval_score_exactly_what_the_bench_scores(bench: tupl
     # the service's option `[models] tta` gives the bench's `_tta` row, also exactly
     confidences: dict[bool, dict[str, float]] = {}
     for tta, row in ((False, "cyclegan_colour"), (True, "cyclegan_colour_tta")):
-        rows = _ingest_labels(run_stainbridge, tmp_path / f"tta-{tta}", target, classifier, standardizer, tta=tta)
+        rows = _ingest_labels(run_stainbridge, tmp_path / f"tta-{tta}", target, classifier, standardizer, tta=tta,
+                              magnification=header["site_profile"]["magnification"])
         matrix = [[0] * len(classes) for _ in classes]
         for source, label, _ in rows:
             matrix[classes.index(Path(source).parent.name)][classes.index(label)] += 1
@@ -204,8 +205,9 @@ def test_service_ingest_and_eval_score_exactly_what_the_bench_scores(bench: tupl
 
 
 def _ingest_labels(run_stainbridge, folder: Path, target: Path, classifier: Path, standardizer: Path | str, *,
-                   tta: bool, scale: str | None = None) -> list[tuple[str, str, float]]:
-    """`stainbridge ingest` of the labelled target into a fresh SQLite database; (source_name, label, confidence)."""
+                   tta: bool, magnification: float, scale: str | None = None) -> list[tuple[str, str, float]]:
+    """`stainbridge ingest` of the labelled target into a fresh SQLite database; (source_name, label, confidence).
+    Every result row must record how it was computed: ``tta`` and the window's ``magnification``."""
     folder.mkdir()
     db, config = folder / "one-path.db", folder / "one-path.toml"
     config.write_text(f"""[paths]
@@ -229,9 +231,11 @@ name = "synthetic-incoming"
     engine = create_engine(f"sqlite:///{db}")
     with engine.connect() as connection:
         rows = connection.execute(
-            text("SELECT source_name, label, confidence FROM results WHERE status = 'done'")).all()
+            text("SELECT source_name, label, confidence, tta, magnification FROM results WHERE status = 'done'")).all()
     engine.dispose()
-    return [(source, label, confidence) for source, label, confidence in rows]
+    assert rows and {bool(row.tta) for row in rows} == {tta}
+    assert [row.magnification for row in rows] == pytest.approx([magnification] * len(rows))
+    return [(source, label, confidence) for source, label, confidence, _, _ in rows]
 
 
 def test_adapted_classifier_rows_are_label_free_and_what_the_service_scores(bench: tuple[Path, dict, int],
@@ -253,7 +257,7 @@ def test_adapted_classifier_rows_are_label_free_and_what_the_service_scores(benc
     assert any(not torch.equal(state[k], base[k]) for k in state if k.endswith("weight"))  # it did move
     magnification = result["setup"]["geometry"]["magnification"]
     rows = _ingest_labels(run_stainbridge, tmp_path / "im", out.parent / "incoming", path, "reinhard", tta=True,
-                          scale=repr(magnification))
+                          magnification=magnification, scale=repr(magnification))
     classes = result["methods"]["raw"]["classes"]
     matrix = [[0] * len(classes) for _ in classes]
     for source, label, _ in rows:
@@ -277,7 +281,8 @@ def test_colour_map_rows_are_label_free_and_what_the_service_scores(bench: tuple
     assert header["architecture"] == "colour_map" and header["training_data"]["labels_used"] is False
     assert header["site_profile"]["magnification"] == pytest.approx(result["setup"]["geometry"]["magnification"])
     classifier = out / "classifier_im_colour_map_transductive.safetensors"
-    rows = _ingest_labels(run_stainbridge, tmp_path / "cm", out.parent / "incoming", classifier, standardizer, tta=True)
+    rows = _ingest_labels(run_stainbridge, tmp_path / "cm", out.parent / "incoming", classifier, standardizer, tta=True,
+                          magnification=header["site_profile"]["magnification"])
     classes = methods["raw"]["classes"]
     matrix = [[0] * len(classes) for _ in classes]
     for source, label, _ in rows:

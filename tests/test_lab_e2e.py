@@ -170,6 +170,9 @@ def test_export_streams_csv_and_json(history, run_stainbridge) -> None:
     records = json.loads(out.read_text())
     assert [r["image_id"] for r in records] == [int(r["image_id"]) for r in rows]
     assert {r["error"].split(":")[0] for r in records if r["status"] == "failed"} == {"empty", "unsupported_format"}
+    # how each answer was computed: the service's default [models] tta = true, on both backends alike
+    assert {r["tta"] for r in records if r["status"] == "done"} == {True}
+    assert {r["tta"] for r in rows if r["status"] == "done"} == {"True"}
     none = run_stainbridge("export", "--format", "json", "--since", "2999-01-01", "--config", config)
     assert none.returncode == 0 and json.loads(none.stdout) == []
 

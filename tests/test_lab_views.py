@@ -71,3 +71,20 @@ def test_migrated_lab_views_match_daemon_views(sqlite_url: str, tmp_path) -> Non
     finally:
         reference.dispose()
         migrated.dispose()
+
+
+def test_readme_database_examples_answer_on_both_databases(database_url: str) -> None:
+    """The README's `results` examples (section Database) run as printed; the provenance one groups the current
+    results by how they were computed (the re-classified image counts once, by its newest prediction)."""
+    seed_known_history(database_url)
+    examples = sql_blocks(readme_section(README, "Database"))
+    engine = make_engine(database_url)
+    try:
+        with engine.connect() as connection:
+            answers = {name: [tuple(plain(v) for v in row) for row in connection.execute(text(sql))]
+                       for name, sql in examples.items()}
+    finally:
+        engine.dispose()
+    assert answers["results"] == [("c.png", "neutrophil", 0.4, "resnet-v2", None),
+                                  ("b.png", "neutrophil", 0.9, "resnet-v2", "lymphocyte")]
+    assert answers["provenance"] == [(False, 1.25, "resnet-v2", 1, 0.4), (True, 1.25, "resnet-v2", 2, 0.725)]

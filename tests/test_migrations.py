@@ -120,6 +120,37 @@ def test_migrated_view_matches_the_store_definition(sqlite_url: str, tmp_path) -
     assert columns[0] == columns[1]
 
 
+
+def test_0005_keeps_earlier_predictions_as_unknown_and_goes_back(database_url: str) -> None:
+    """Upgrading a database with results to 0005 keeps every prediction (tta and magnification NULL: unknown) and
+    the lab views; downgrading to 0004 drops the two columns and keeps the rows."""
+    upgrade_database(database_url, "0004")
+    engine = make_engine(database_url)
+    now = datetime.now(timezone.utc)
+    try:
+        with engine.begin() as connection:
+            connection.execute(text(
+                "INSERT INTO model_versions (id, kind, name, path, sha256, header, metrics, state, created_at) "
+                "VALUES (1, 'classifier', 'resnet-v1', '/m/c', 'c1', '{}', '{}', 'active', :t)"), {"t": now})
+            connection.execute(text("INSERT INTO images (id, source_name, site, status, received_at) "
+                                    "VALUES (1, 'a.png', 's', 'done', :t)"), {"t": now})
+            connection.execute(text(
+                "INSERT INTO predictions (image_id, label, confidence, probabilities, classifier_version_id, "
+                "latency_ms, created_at) VALUES (1, 'monocyte', 0.8, '{}', 1, 5.0, :t)"), {"t": now})
+        upgrade_database(database_url)
+        with engine.connect() as connection:
+            assert connection.execute(text("SELECT label, tta, magnification FROM results")).all() == [
+                ("monocyte", None, None)]
+            assert connection.execute(text("SELECT label FROM latest_results")).all() == [("monocyte",)]
+        downgrade_database(database_url, "0004")
+        columns = {c["name"] for c in inspect(engine).get_columns("predictions")}
+        assert not {"tta", "magnification"} & columns
+        with engine.connect() as connection:
+            assert connection.execute(text("SELECT label, confidence FROM latest_results")).all() == [("monocyte", 0.8)]
+    finally:
+        engine.dispose()
+    assert current_revision(database_url) == "0004"
+
 CRASH_AFTER_SECOND_TABLE = """
 import os, sys
 from sqlalchemy import event

@@ -6,12 +6,12 @@ import csv
 import json
 
 import pytest
-from sqlalchemy import select
 
 from stainbridge.daemon import cli
 from stainbridge.daemon.pipeline import load_models
 from stainbridge.daemon.schema import upgrade_database
-from stainbridge.daemon.store import Image, ImageStatus, Prediction, Review, make_engine, make_sessionmaker, utcnow
+from stainbridge.daemon.store import Image, ImageStatus, Prediction, make_engine, make_sessionmaker, utcnow
+from stainbridge.models.inference import resolve_geometry
 from tests.daemon_helpers import build_tiny_models, query, write_cell
 
 
@@ -43,7 +43,7 @@ def world(tmp_path, monkeypatch, restore_logging):
         path = write_cell(tmp_path / "quarantine" / "f.png", seed=9)
         s.add(Image(sha256="f" * 64, source_name="f.png", site="s", status=ImageStatus.failed, archive_path=str(path),
                     error="inference: the models failed on this image", received_at=utcnow()))
-    yield url, tmp_path
+    yield url, tmp_path, models
     engine.dispose()
 
 
@@ -57,7 +57,7 @@ def test_review_export_lists_the_least_confident_unreviewed_images(world, tmp_pa
 
 def test_review_import_is_all_or_nothing(world, tmp_path, capsys) -> None:
     """A file with an unknown image and an unknown label imports nothing and names both; a good file imports."""
-    url, _ = world
+    url, _, _ = world
     bad = tmp_path / "bad.csv"
     bad.write_text("image,label,reviewer\n1,lymphocyte,dr a\n77,lymphocyte,dr a\n2,megakaryocyte,dr a\n")
     assert cli.main(["review", "import", str(bad)]) == 1
@@ -73,11 +73,19 @@ def test_review_import_is_all_or_nothing(world, tmp_path, capsys) -> None:
 
 def test_reprocess_adds_rows_and_keeps_the_old_ones(world, capsys) -> None:
     """`reprocess` adds a prediction per archived image; `--status failed` retries transient failures, which become done."""
-    url, _ = world
+    url, _, models = world
     assert cli.main(["reprocess", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert (summary["selected"], summary["classified"]) == (3, 3)
     assert query(url, "SELECT count(*) FROM predictions") == [(6,)]
+    # each new row records how it was computed (the default [models] tta = true, the window's magnification);
+    # the rows from before say nothing (NULL: unknown), and `results` shows the newest
+    # (the tiny test classifier has no reference window: it sees the whole frame, so no magnification;
+    # the bench's classifiers record theirs, test_bench_accuracy)
+    assert resolve_geometry(models.classifier, models.standardizer).magnification is None
+    provenance = query(url, "SELECT tta, magnification FROM predictions ORDER BY id")
+    assert provenance == [(None, None)] * 3 + [(1, None)] * 3
+    assert query(url, "SELECT DISTINCT tta FROM results WHERE status = 'done'") == [(1,)]
     assert cli.main(["reprocess", "--status", "failed", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["classified"] == 1
     assert query(url, "SELECT status, error FROM images WHERE sha256 = :s", s="f" * 64) == [("done", None)]

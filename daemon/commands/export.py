@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from datetime import date, datetime, timezone
 from typing import IO, Any
 
-from sqlalchemy import DateTime, bindparam, text
+from sqlalchemy import Boolean, DateTime, bindparam, text
 
 from stainbridge.daemon.commands.report import parse_date
 from stainbridge.daemon.config import ConfigError, load_settings
@@ -26,7 +26,8 @@ from stainbridge.daemon.store import make_engine
 CHUNK_ROWS = 1000
 COLUMNS = ("image_id", "source_name", "site", "status", "error", "received_at", "processed_at", "label",
            "confidence", "probabilities", "standardizer", "classifier", "reviewed_label", "reviewer",
-           "patient_pseudonym", "study_uid", "series_uid", "sop_instance_uid", "sha256", "archive_path")
+           "patient_pseudonym", "study_uid", "series_uid", "sop_instance_uid", "sha256", "archive_path", "tta",
+           "magnification")
 QUERY = (f"SELECT {', '.join(COLUMNS)} FROM results WHERE received_at >= :since AND received_at < :until "
          "ORDER BY received_at, image_id")
 
@@ -51,7 +52,7 @@ def stream_rows(database_url: str, since: date | None = None, until: date | None
     period = Period.from_dates(since, until)
     stamp = DateTime(timezone=True)
     query = text(QUERY).bindparams(bindparam("since", type_=stamp), bindparam("until", type_=stamp)).columns(
-        received_at=stamp, processed_at=stamp)
+        received_at=stamp, processed_at=stamp, tta=Boolean())  # typed: SQLite stores the boolean as 0/1
     engine = make_engine(database_url)
     try:
         with engine.connect() as connection:
