@@ -103,8 +103,8 @@ class BatchResult:
     confidence: float
     probabilities: dict[str, float]
     standardized: Image.Image
-    tta: bool = False
-    magnification: float | None = None
+    tta: bool
+    magnification: float | None
 
 
 def _to_tensor(img: Image.Image) -> Tensor:
