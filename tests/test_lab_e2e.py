@@ -125,6 +125,9 @@ def test_report_from_a_real_history(history, run_stainbridge) -> None:
     assert re.search(r"Accuracy against 4 reviewed images: <b>50\.0%</b>", page)
     assert re.search(r"<td>empty</td><td class=\"n\">1</td>", page)
     assert re.search(r"<th>files received</th><td class=\"n\">10</td>", page)
+    # the models table says how the answers were computed (the service's default tta; the tiny classifier
+    # sees the whole frame, so no magnification)
+    assert re.search(rf"<td>8 turns and flips</td><td>-</td><td class=\"n\">{GOOD}</td>", page)
     assert out.stat().st_size < 1_000_000
     later = run_stainbridge("report", "--since", "2999-01-01", "--out", str(out.with_name("empty.html")),
                             "--config", str(history["config"]))

@@ -33,7 +33,7 @@ def test_report_aggregates_on_both_databases(database_url: str) -> None:
     assert data.failures == [("corrupt", 2), ("empty", 1)]
     assert [s.source_name for s in data.lowest] == ["c.png"]
     assert [s.source_name for s in data.grid] == ["c.png", "b.png", "a.png"]
-    assert data.usage == [("cyclegan-a", "resnet-v2", 3)]
+    assert data.usage == [("cyclegan-a", "resnet-v2", True, 1.25, 2), ("cyclegan-a", "resnet-v2", False, 1.25, 1)]
     assert data.site_profile == {"magnification": 1.25, "method": "test"}
     assert data.throughput["done"] == 3 and data.throughput["latency_ms"] == 12.0
     assert [(v["name"], v["state"]) for v in data.versions] == [  # newest first
