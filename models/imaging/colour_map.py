@@ -162,9 +162,10 @@ def fit_colour_map(site01: Tensor, reference01: Tensor, *, baseline: Callable[[T
         candidates[w] = ColourMap(*_fit_rounds(site, reference, rotations, histogram_weight=w))
         scores[w] = delta_e(candidates[w](site01))
         if scores[w] <= BASELINE_MARGIN * target:
+            chosen = w
             break
-    passed = scores[w] <= BASELINE_MARGIN * target
-    chosen = w if passed else min(scores, key=lambda v: scores[v])
+    else:
+        chosen = min(scores, key=scores.__getitem__)
     fit.update(histogram_weight=chosen, histogram_weight_choice={
         "rule": f"smallest weight with Delta E <= {BASELINE_MARGIN} x the baseline's on the site's images, "
                 "else the closest",
