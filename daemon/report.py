@@ -134,10 +134,9 @@ def gather(engine: Engine, period: Period, database: str) -> ReportData:
         data.throughput = _throughput(rows(
             f"SELECT COUNT(*), MIN(processed_at), MAX(processed_at), AVG(latency_ms) FROM results "
             f"WHERE status = 'done' AND {IN_PERIOD}")[0])
-        # `results` rather than latest_results (same rows: done, not a duplicate) for how each was computed
         data.usage = [(std, clf, None if tta is None else bool(tta), magnification, n) for std, clf, tta, magnification, n
                       in rows(f"SELECT COALESCE(standardizer, '-'), classifier, tta, magnification, COUNT(*) AS n "
-                              f"FROM results WHERE status = 'done' AND duplicate_of_id IS NULL AND {IN_PERIOD} "
+                              f"FROM latest_results WHERE {IN_PERIOD} "
                               "GROUP BY standardizer, classifier, tta, magnification ORDER BY n DESC, tta")]
         data.versions = [dict(r._mapping) for r in c.execute(text(
             "SELECT id, kind, name, state, sha256, created_at, promoted_at, reason, header FROM model_versions "

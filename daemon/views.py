@@ -3,7 +3,8 @@
 `results` (daemon/store.py) already picks each image's latest prediction and latest review; these
 views only filter and aggregate it, so "latest" has one definition. Two expressions differ between
 SQLite and PostgreSQL (the UTC day of a timestamp, the reason before the first ':' of an error),
-hence one text per dialect. Migration 0004 keeps its own frozen copy; change both together.
+hence one text per dialect. Migrations keep frozen copies (0004; latest_results since 0006): a
+change here needs a new revision.
 
 Any later migration that rebuilds a table with batch mode (SQLite) must drop these views and
 `results` first and create them again afterwards (see 0003 for `results`).
@@ -18,7 +19,6 @@ _REASON = {
     "sqlite": "CASE WHEN instr({col}, ':') > 0 THEN substr({col}, 1, instr({col}, ':') - 1) ELSE {col} END",
     "postgresql": "split_part({col}, ':', 1)",
 }
-
 
 
 def day_sql(dialect: str, column: str) -> str:
@@ -44,7 +44,7 @@ def lab_views_sql(dialect: str) -> list[str]:
         # One row per distinct image content that was classified: its current answer.
         """CREATE VIEW latest_results AS
 SELECT image_id, source_name, site, patient_pseudonym, study_uid, received_at, processed_at,
-       label, confidence, standardizer, classifier, reviewed_label, reviewer, archive_path
+       label, confidence, standardizer, classifier, reviewed_label, reviewer, archive_path, tta, magnification
 FROM results
 WHERE status = 'done' AND duplicate_of_id IS NULL""",
         f"""CREATE VIEW daily_counts AS

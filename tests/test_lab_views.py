@@ -1,4 +1,4 @@
-"""The lab views (migration 0004) and the README's example queries, on SQLite and PostgreSQL."""
+"""The lab views (migrations 0004, 0006) and the README's example queries, on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -54,8 +54,31 @@ def test_downgrade_to_0003_removes_the_lab_views_and_upgrade_restores_them(datab
         engine.dispose()
 
 
+def test_0006_adds_provenance_to_latest_results_and_goes_back(database_url: str) -> None:
+    """0006 shows each current answer's tta and magnification in latest_results, the other views answer as before;
+    downgrading to 0005 takes the two columns out of the view and keeps every row."""
+    seed_known_history(database_url)
+    engine = make_engine(database_url)
+    ordered = "SELECT source_name, label, tta, magnification FROM latest_results ORDER BY source_name"
+    try:
+        with engine.connect() as connection:
+            assert [tuple(map(plain, row)) for row in connection.execute(text(ordered))] == [
+                ("a.png", "monocyte", True, 1.25), ("b.png", "neutrophil", True, 1.25),
+                ("c.png", "neutrophil", False, 1.25)]
+        downgrade_database(database_url, "0005")
+        assert not {"tta", "magnification"} & {c["name"] for c in inspect(engine).get_columns("latest_results")}
+        with engine.connect() as connection:
+            assert connection.execute(text("SELECT COUNT(*) FROM latest_results")).scalar_one() == 3
+            assert connection.execute(text("SELECT SUM(images) FROM daily_counts")).scalar_one() == 3
+        upgrade_database(database_url)
+        with engine.connect() as connection:
+            assert len(connection.execute(text(ordered)).all()) == 3
+    finally:
+        engine.dispose()
+
+
 def test_migrated_lab_views_match_daemon_views(sqlite_url: str, tmp_path) -> None:
-    """The frozen copy in 0004 has the columns of daemon/views.py (update both together)."""
+    """The frozen copies (0004, 0006) have the columns of daemon/views.py (update them together)."""
     upgrade_database(sqlite_url)
     reference = make_engine(f"sqlite:///{tmp_path / 'reference.db'}")
     migrated = make_engine(sqlite_url)
