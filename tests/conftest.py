@@ -145,6 +145,46 @@ def settings_factory(tmp_path: Path) -> SettingsFactory:
 
 
 @pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny classifier and standardizer checkpoint (tests.daemon_helpers.build_tiny_models), once per session."""
+    from tests.daemon_helpers import build_tiny_models
+
+    return build_tiny_models(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture
+def make_service(settings_factory: SettingsFactory, tiny_models) -> Iterator[Callable[..., Any]]:
+    """Start in-process Services on the tiny models: make(database_url=None, **overrides) -> a started Service.
+
+    The watcher is quick (files ready after 0.05 s, a rescan every 0.2 s, batches of 4); overrides are
+    settings_factory's SECTION_KEY=value. A PostgreSQL database is migrated first. All are stopped at teardown.
+    """
+    from stainbridge.daemon.schema import upgrade_database
+    from stainbridge.daemon.service import Service
+
+    made: list[Service] = []
+
+    def make(database_url: str | None = None, **overrides: Any) -> Service:
+        if database_url and database_url.startswith("postgresql"):
+            upgrade_database(database_url)
+        settings = settings_factory(database_url, **{
+            "models_classifier": str(tiny_models.classifier), "models_standardizer": str(tiny_models.standardizer),
+            "models_device": "cpu", "models_batch_size": 4, "watch_quiet_seconds": 0.05, "watch_rescan_seconds": 0.2,
+            "watch_batch_wait_seconds": 0.05, "site_pseudonym_secret": "a-long-enough-test-secret-0123456789",
+            **overrides})
+        service = Service(settings)
+        service.start()
+        made.append(service)
+        return service
+
+    yield make
+    for service in made:
+        service.watcher.stop()
+        service.pipeline.close()
+        service.engine.dispose()
+
+
+@pytest.fixture(scope="session")
 def stainbridge_exe() -> Path:
     """The installed `stainbridge` console script next to this interpreter."""
     exe = Path(sys.executable).parent / "stainbridge"

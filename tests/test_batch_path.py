@@ -18,35 +18,16 @@ from stainbridge.daemon.batch import PixelBudget
 from stainbridge.daemon.service import Service
 from stainbridge.daemon.store import Image, ImageStatus, Prediction
 from stainbridge.daemon.watcher import iter_candidates
-from tests.daemon_helpers import build_tiny_models, write_cell
+from tests.daemon_helpers import write_cell
 
 SIDE = 48  # write_cell's default size
-
-
-@pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory):
-    return build_tiny_models(tmp_path_factory.mktemp("models"))
+# These tests drive the batches themselves: the watcher must not pick the files up first.
+IDLE_WATCHER = {"models_batch_size": 8, "watch_quiet_seconds": 30, "watch_rescan_seconds": 60}
 
 
 @pytest.fixture
-def make_service(settings_factory, tiny_models):
-    made: list[Service] = []
-
-    def make(**overrides) -> Service:
-        settings = settings_factory(
-            models_classifier=str(tiny_models.classifier), models_standardizer=str(tiny_models.standardizer),
-            models_device="cpu", models_batch_size=8, watch_quiet_seconds=30, watch_rescan_seconds=60,
-            **overrides)
-        service = Service(settings)
-        service.start()
-        made.append(service)
-        return service
-
-    yield make
-    for service in made:
-        service.watcher.stop()
-        service.pipeline.close()
-        service.engine.dispose()
+def make_service(make_service):
+    return lambda **overrides: make_service(**{**IDLE_WATCHER, **overrides})
 
 
 def candidates(service: Service):

@@ -12,7 +12,6 @@ from stainbridge.daemon.schema import upgrade_database
 from tests import dicom_factory
 from tests.daemon_helpers import (
     Daemon,
-    build_tiny_models,
     query,
     scalar,
     wait_for,
@@ -23,11 +22,6 @@ pytestmark = pytest.mark.slow
 
 SECRET = "dicom-e2e-secret-5f2c"
 FORBIDDEN = ("Doe", "Jane", dicom_factory.PATIENT_ID)
-
-
-@pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory):
-    return build_tiny_models(tmp_path_factory.mktemp("models"))
 
 
 def every_text_value(url: str) -> list[str]:

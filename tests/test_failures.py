@@ -12,48 +12,16 @@ import os
 import time
 from pathlib import Path
 
-import pytest
 from pydicom import dcmread
 from sqlalchemy import select
 
 from stainbridge.daemon import claiming, intake
 from stainbridge.daemon import pipeline as pipeline_module
 from stainbridge.daemon.failures import MAX_ATTEMPTS, storable_source_name
-from stainbridge.daemon.schema import upgrade_database
 from stainbridge.daemon.service import Service
 from stainbridge.daemon.store import Image, ImageStatus, Prediction
 from tests import dicom_factory
-from tests.daemon_helpers import build_tiny_models, wait_for, write_cell
-
-
-@pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory):
-    return build_tiny_models(tmp_path_factory.mktemp("models"))
-
-
-@pytest.fixture
-def make_service(settings_factory, tiny_models):
-    made: list[Service] = []
-
-    def make(database_url: str | None = None, **overrides) -> Service:
-        if database_url and database_url.startswith("postgresql"):
-            upgrade_database(database_url)
-        settings = settings_factory(
-            database_url, models_classifier=str(tiny_models.classifier), models_standardizer=str(tiny_models.standardizer),
-            models_device="cpu", models_batch_size=4, watch_quiet_seconds=0.05, watch_rescan_seconds=0.2,
-            watch_batch_wait_seconds=0.05, site_pseudonym_secret="a-long-enough-test-secret-0123456789",
-            **overrides,
-        )
-        service = Service(settings)
-        service.start()
-        made.append(service)
-        return service
-
-    yield make
-    for service in made:
-        service.watcher.stop()
-        service.pipeline.close()
-        service.engine.dispose()
+from tests.daemon_helpers import wait_for, write_cell
 
 
 def rows(service: Service) -> list[Image]:

@@ -29,30 +29,17 @@ from stainbridge.daemon.store import (
     make_sessionmaker,
 )
 from stainbridge.daemon.watcher import iter_candidates
-from tests.daemon_helpers import CLASSES, build_tiny_models, write_cell, write_config
-
-
-@pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory):
-    return build_tiny_models(tmp_path_factory.mktemp("models"))
+from tests.daemon_helpers import CLASSES, write_cell, write_config
 
 
 @pytest.fixture
-def settings(settings_factory, tiny_models):
-    return settings_factory(
-        models_classifier=str(tiny_models.classifier), models_standardizer=str(tiny_models.standardizer),
-        models_device="cpu", models_batch_size=4, watch_quiet_seconds=0.05, watch_rescan_seconds=0.2,
-        watch_batch_wait_seconds=0.05,
-    )
+def service(make_service):
+    return make_service()
 
 
 @pytest.fixture
-def service(settings):
-    svc = Service(settings)
-    svc.start()
-    yield svc
-    svc.watcher.stop()
-    svc.engine.dispose()
+def settings(service):
+    return service.settings
 
 
 @pytest.fixture

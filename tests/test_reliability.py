@@ -24,18 +24,13 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from stainbridge.daemon.schema import upgrade_database
-from tests.daemon_helpers import Daemon, build_tiny_models, cell_bytes, query, wait_for, write_config
+from tests.daemon_helpers import Daemon, cell_bytes, query, wait_for, write_config
 from tests.reliability_helpers import Audit, Corpus, TcpProxy, audit, good_cells, hostile_entries, report_row
 
 pytestmark = pytest.mark.slow
 
 SEED = int(os.environ.get("STAINBRIDGE_TEST_RELIABILITY_SEED", "20261201"))
 WATCH = {"quiet_seconds": 0.4, "rescan_seconds": 1.0, "batch_wait_seconds": 0.1}
-
-
-@pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory):
-    return build_tiny_models(tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture
