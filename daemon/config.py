@@ -37,6 +37,7 @@ class PathsSettings:
     drop: Path | None = None  # default: <state>/drop
     archive: Path | None = None  # default: <state>/archive
     quarantine: Path | None = None  # default: <state>/quarantine
+    min_free_mb: float = 500.0  # no new files while a volume written to has less free (0: off)
 
 
 @dataclass(frozen=True)
@@ -217,6 +218,16 @@ def _non_negative_int(value: Any) -> int:
     return number
 
 
+def _non_negative_float(value: Any) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError("expected a number >= 0") from None
+    if isinstance(value, bool) or not number >= 0.0 or number == float("inf"):
+        raise ValueError("expected a number >= 0")
+    return number
+
+
 def _port(value: Any) -> int:
     number = _non_negative_int(value)
     if number > 65535:
@@ -309,6 +320,7 @@ VALIDATORS: dict[tuple[str, str], Callable[[Any], Any]] = {
     ("paths", "drop"): _path_or_none,
     ("paths", "archive"): _path_or_none,
     ("paths", "quarantine"): _path_or_none,
+    ("paths", "min_free_mb"): _non_negative_float,
     ("database", "url"): _database_url,
     ("models", "standardizer"): _standardizer,
     ("models", "classifier"): _text,

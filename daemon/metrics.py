@@ -24,6 +24,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import sessionmaker
 
+from stainbridge.daemon import diskspace
 from stainbridge.daemon.commands.status import count_waiting
 from stainbridge.daemon.config import ConfigError, Settings
 from stainbridge.daemon.logs import get_logger
@@ -77,6 +78,10 @@ class ServiceMetrics:
                                        registry=self.registry)
         queue = Gauge("stainbridge_queue_depth", "Files waiting in the drop folder", registry=self.registry)
         queue.set_function(lambda: count_waiting(settings))
+        free = Gauge("stainbridge_free_bytes", "Free space on the volume of each folder the service writes to "
+                     "(no files are taken below [paths] min_free_mb)", ["folder"], registry=self.registry)
+        for role, folder in diskspace.written_folders(settings).items():
+            free.labels(role).set_function(lambda folder=folder: diskspace.free_bytes(folder))
         self.registry.register(DatabaseCollector(sessions))
         for outcome in ("done", "failed", "duplicate"):
             self.files.labels(outcome)  # present (at 0) from the first scrape

@@ -12,6 +12,10 @@ the pipeline and returns how many files it handled. ``WATCHDOG=1`` is sent only 
 watcher thread, the loop and the database (``SELECT 1``) are healthy and files are moving: no
 file has waited longer than the watchdog interval while the service kept failing on it.
 
+While a volume the service writes to has less free space than ``[paths] min_free_mb``
+(``daemon.diskspace``), no file is taken: they wait in the drop folder, ``STATUS=`` says why, and
+the loop goes on by itself once space is freed.
+
 No error of one file stops the service (see ``daemon.failures``): a transient failure (database,
 models, configuration) leaves the files in place, releases their claims and pauses with a
 growing back-off while ``STATUS=`` says why; any other error is retried with each file alone,
@@ -39,7 +43,7 @@ from types import FrameType
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from stainbridge.daemon import intake, sdnotify
+from stainbridge.daemon import diskspace, intake, sdnotify
 from stainbridge.daemon.config import ConfigError, Settings, load_settings
 from stainbridge.daemon.failures import MAX_ATTEMPTS, Backoff, error_summary, is_transient
 from stainbridge.daemon.health import database_answers, watchdog_loop
@@ -89,6 +93,7 @@ class Service:
         self._backoff = Backoff()
         self._backoff_delay = 0.0
         self._trouble: str | None = None  # the transient failure being waited out, for STATUS= and health
+        self._space_short: str | None = None  # why no files are taken (a volume below [paths] min_free_mb)
         self._attempts: dict[tuple[Path, int, float], int] = {}  # failed attempts of a file, alone
         self.handled = 0
         self.swapper: ModelSwapper | None = None
@@ -188,6 +193,9 @@ class Service:
         self._heartbeat = time.monotonic()
         self._release_abandoned_claims()
         self._swap_models()
+        if self._short_of_space():
+            self._last_progress = time.monotonic()  # waiting on purpose, not stuck: no restart by the watchdog
+            return 0
         batch = self._next_batch()
         if not batch:
             if not self._backlog and self._trouble is None:
@@ -276,6 +284,19 @@ class Service:
             sdnotify.notify(f"STATUS=watching {self.settings.drop_dir}")
         self._trouble = None
         self._backoff.succeeded()
+
+    def _short_of_space(self) -> bool:
+        """A volume written to is below [paths] min_free_mb: say so once per change (log, STATUS=)."""
+        short = diskspace.shortage(diskspace.written_folders(self.settings), self.settings.paths.min_free_mb)
+        if short != self._space_short:
+            if short is not None:
+                self.log.error("disk_space_low", error=short)
+                sdnotify.notify(f"STATUS=paused: {short}")
+            else:
+                self.log.info("disk_space_recovered", after=self._space_short)
+                sdnotify.notify(f"STATUS=watching {self.settings.drop_dir}")
+            self._space_short = short
+        return short is not None
 
     def _beat(self) -> None:
         """The loop is alive (also called while hashing a large file)."""

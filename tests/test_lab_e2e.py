@@ -91,13 +91,14 @@ def history(tmp_path_factory):
 
 
 def test_metrics_scraped_from_the_running_service(history) -> None:
-    """Files by outcome and failure reason, queue depth, batch latency, active models, last retraining."""
+    """Files by outcome and failure reason, queue depth, free space, batch latency, active models, last retraining."""
     samples = _samples(history["scrape"])
     assert samples[("stainbridge_files_processed_total", (("outcome", "done"),))] == GOOD
     assert samples[("stainbridge_files_processed_total", (("outcome", "failed"),))] == 2
     assert samples[("stainbridge_files_failed_total", (("reason", "empty"),))] == 1
     assert samples[("stainbridge_files_failed_total", (("reason", "unsupported_format"),))] == 1
     assert samples[("stainbridge_queue_depth", ())] == 0
+    assert samples[("stainbridge_free_bytes", (("folder", "archive"),))] > 0
     assert samples[("stainbridge_batch_seconds_count", ())] >= 1
     assert samples[("stainbridge_batch_seconds_sum", ())] > 0
     active = {labels for name, labels in samples if name == "stainbridge_active_model_info"}

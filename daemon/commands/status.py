@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from stainbridge.daemon import diskspace
 from stainbridge.daemon.config import ConfigError, Settings, load_settings
 from stainbridge.daemon.registry import active_versions
 from stainbridge.daemon.schema import (
@@ -93,6 +94,8 @@ class StatusReport:
     reviews_total: int = 0
     candidates: int = 0
     last_retraining: dict[str, dict[str, Any] | None] = field(default_factory=dict)  # per kind; None: no run yet
+    disk: list[dict[str, Any]] = field(default_factory=list)  # free space per volume written to
+    disk_short: str | None = None  # why the service takes no files now, if a volume is below [paths] min_free_mb
 
 
 def _local_midnight_utc() -> datetime:
@@ -108,6 +111,7 @@ def _count(session: Session, *conditions: Any) -> int:
 def collect(settings: Settings, session: Session) -> StatusReport:
     """Gather the report from the database and the drop folder."""
     today = _local_midnight_utc()
+    folders = diskspace.written_folders(settings)
     hour_ago = utcnow() - timedelta(hours=1)
     finished = Image.status.in_([ImageStatus.done, ImageStatus.failed])
     failed = Image.status == ImageStatus.failed
@@ -134,6 +138,9 @@ def collect(settings: Settings, session: Session) -> StatusReport:
         models=models,
         next_retraining=next_retraining(settings),
         **_retraining_status(session),
+        disk=[{"role": v.role, "folder": str(v.folder), "free_mb": round(v.free_bytes / diskspace.MIB)}
+              for v in diskspace.volumes(folders)],
+        disk_short=diskspace.shortage(folders, settings.paths.min_free_mb),
     )
 
 
@@ -188,6 +195,10 @@ def render(report: StatusReport) -> str:
         else:
             lines.append(f"{label:<20}run {last['run_id']} {last['status']} ({last['started_at'][:16]}): {last['reason']}")
     lines.append(f"reviews             {report.reviews_total} recorded, {report.candidates} candidate model(s) waiting")
+    for volume in report.disk:
+        lines.append(f"{'free, ' + volume['role']:<20}{volume['free_mb']} MiB ({volume['folder']})")
+    if report.disk_short:
+        lines.append(f"PAUSED              {report.disk_short}")
     return "\n".join(lines)
 
 
