@@ -249,7 +249,8 @@ def wait_until_handled(engine: Engine, expected: int, daemon: DemoDaemon, timeou
         if daemon.process.poll() is not None:
             raise DemoError(f"the service exited ({daemon.process.returncode}); log: {daemon.log}\n{daemon.tail()}")
         time.sleep(0.3)
-    raise DemoError(f"only {handled} of {expected} files handled after {timeout:.0f} s; log: {daemon.log}")
+    raise DemoError(f"only {handled} of {expected} files handled after {timeout:.0f} s (a full disk, "
+                    f"a stuck model?); log: {daemon.log}\n{daemon.tail()}")
 
 
 def raw_accuracy(classifier: Path, standardizer: Path, drop_names: dict[str, Path], truth: dict[str, str]) -> float:
