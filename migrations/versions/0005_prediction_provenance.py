@@ -17,12 +17,10 @@ unchanged from revision 0004 (loaded from that file, which is frozen).
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-from types import ModuleType
-
 import sqlalchemy as sa
 from alembic import op
+
+from stainbridge.migrations import frozen_revision
 
 revision: str = "0005"
 down_revision: str | None = "0004"
@@ -69,14 +67,6 @@ LEFT JOIN reviews r ON r.id = lr.id
 """
 
 
-def _revision_0004() -> ModuleType:
-    path = Path(__file__).with_name("0004_lab_views.py")
-    spec = importlib.util.spec_from_file_location("stainbridge_migration_0004", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _drop_views(lab_view_names: tuple[str, ...]) -> None:
     for name in reversed(lab_view_names):
         op.execute(f"DROP VIEW IF EXISTS {name}")
@@ -90,7 +80,7 @@ def _create_views(results_sql: str, lab_views: list[str]) -> None:
 
 
 def upgrade() -> None:
-    lab = _revision_0004()
+    lab = frozen_revision("0004_lab_views.py")
     _drop_views(lab.VIEW_NAMES)
     op.add_column("predictions", sa.Column("tta", sa.Boolean(), nullable=True))
     op.add_column("predictions", sa.Column("magnification", sa.Float(), nullable=True))
@@ -98,7 +88,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    lab = _revision_0004()
+    lab = frozen_revision("0004_lab_views.py")
     _drop_views(lab.VIEW_NAMES)
     with op.batch_alter_table("predictions") as batch:  # SQLite drops columns by rebuilding the table
         batch.drop_column("magnification")

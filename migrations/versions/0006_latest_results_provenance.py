@@ -13,11 +13,9 @@ OR REPLACE VIEW) and re-created unchanged from revision 0004 (loaded from that f
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-from types import ModuleType
-
 from alembic import op
+
+from stainbridge.migrations import frozen_revision
 
 revision: str = "0006"
 down_revision: str | None = "0005"
@@ -32,17 +30,9 @@ FROM results
 WHERE status = 'done' AND duplicate_of_id IS NULL"""
 
 
-def _revision_0004() -> ModuleType:
-    path = Path(__file__).with_name("0004_lab_views.py")
-    spec = importlib.util.spec_from_file_location("stainbridge_migration_0004", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _replace_lab_views(latest_results_sql: str | None) -> None:
     """Drop the lab views and create them again, with `latest_results_sql` in place of 0004's (its first)."""
-    lab = _revision_0004()
+    lab = frozen_revision("0004_lab_views.py")
     for name in reversed(lab.VIEW_NAMES):
         op.execute(f"DROP VIEW IF EXISTS {name}")
     statements = lab._views(op.get_bind().dialect.name)
