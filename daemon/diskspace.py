@@ -5,7 +5,8 @@ half-way), and each file would be retried and counted against it. Checked before
 instead: below ``[paths] min_free_mb`` on any volume that holds the state folder (the SQLite
 database), the archive or the quarantine, the service takes nothing, the files wait in the drop
 folder, and the reason goes to the log, ``STATUS=`` and ``stainbridge status``; it goes on by
-itself once space is freed. One ``statvfs`` per folder: microseconds.
+itself once space is freed. The nightly job skips its runs for the same reason (a checkpoint, a
+run folder). One ``statvfs`` per folder: microseconds.
 """
 
 from __future__ import annotations
@@ -63,11 +64,11 @@ def volumes(folders: dict[str, Path]) -> list[Volume]:
 
 
 def shortage(folders: dict[str, Path], min_free_mb: float) -> str | None:
-    """Why the service must not take files now (a volume below the floor), or None; `min_free_mb` 0 checks nothing."""
+    """Why nothing should be written now (a volume below the floor), or None; `min_free_mb` 0 checks nothing."""
     if min_free_mb <= 0:
         return None
     for volume in volumes(folders):
         if volume.free_bytes < min_free_mb * MIB:
             return (f"disk: the {volume.role} folder {volume.folder} has {volume.free_bytes / MIB:.0f} MiB free, "
-                    f"below [paths] min_free_mb = {min_free_mb:g}; files wait in the drop folder until space is freed")
+                    f"below [paths] min_free_mb = {min_free_mb:g}")
     return None

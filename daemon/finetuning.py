@@ -25,7 +25,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import sessionmaker
 
-from stainbridge.daemon import intake, promotion, registry, retraining
+from stainbridge.daemon import diskspace, intake, promotion, registry, retraining
 from stainbridge.daemon.config import Settings
 from stainbridge.daemon.logs import get_logger
 from stainbridge.daemon.store import ModelKind, ModelVersion, Review, RunStatus, TrainingRun, VersionState
@@ -94,6 +94,8 @@ def _run(settings: Settings, sessions: sessionmaker, run_id: int, reviewed: list
 
     if cfg.reference is None or not cfg.reference.is_dir():
         return skipped("no reference images to mix in: set [retraining] reference")
+    if (short := diskspace.shortage(diskspace.written_folders(settings), settings.paths.min_free_mb)) is not None:
+        return skipped(f"{short}; no training until space is freed")
     held, train = [], []
     for sha, path, label, _ in reviewed:
         (held if retraining.is_held_out(sha, cfg.held_out_fraction) else train).append((path, label))

@@ -35,7 +35,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import sessionmaker
 
-from stainbridge.daemon import intake, promotion, registry
+from stainbridge.daemon import diskspace, intake, promotion, registry
 from stainbridge.daemon.config import Settings
 from stainbridge.daemon.logs import get_logger
 from stainbridge.daemon.store import (
@@ -264,6 +264,8 @@ def _run(settings: Settings, sessions: sessionmaker, run_id: int, now: datetime,
     if cfg.reference is None or not cfg.reference.is_dir():
         return skipped(f"no reference images: set [retraining] reference to the reference hospital's labeled "
                        f"folder (now {cfg.reference or 'unset'})")
+    if (short := diskspace.shortage(diskspace.written_folders(settings), settings.paths.min_free_mb)) is not None:
+        return skipped(f"{short}; no training until space is freed")
     new = _new_since_last_run(sessions, run_id)
     if new < cfg.min_new_images:
         return skipped(f"{new} new images since the last run, fewer than [retraining] min_new_images "

@@ -288,6 +288,8 @@ class Service:
     def _short_of_space(self) -> bool:
         """A volume written to is below [paths] min_free_mb: say so once per change (log, STATUS=)."""
         short = diskspace.shortage(diskspace.written_folders(self.settings), self.settings.paths.min_free_mb)
+        if short is not None:
+            short += "; files wait in the drop folder until space is freed"
         if short != self._space_short:
             if short is not None:
                 self.log.error("disk_space_low", error=short)

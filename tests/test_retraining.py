@@ -145,6 +145,19 @@ def test_too_few_new_images_skip_with_a_recorded_reason(settings_factory, lab) -
         engine.dispose()
 
 
+def test_a_volume_below_the_floor_skips_the_run_before_it_writes(settings_factory, lab) -> None:
+    """Below [paths] min_free_mb the run is `skipped` with the folder named, and no run folder is written."""
+    settings = _settings(settings_factory, lab, "none", paths_min_free_mb=1e12)
+    engine, sessions = open_world(settings)
+    try:
+        archive_incoming(settings, sessions, lab)
+        result = retraining.run_retraining(settings, sessions)
+        assert result.status == "skipped" and result.reason.startswith("disk: the ") and "min_free_mb" in result.reason
+        assert not (settings.state_dir / "retraining" / f"run-{result.run_id}").exists()
+    finally:
+        engine.dispose()
+
+
 def test_a_run_left_running_by_a_dead_process_becomes_failed(world) -> None:
     """At start-up, runs of a dead process on this host are marked failed (a crash mid-run leaves no `running` row)."""
     settings, sessions = world
