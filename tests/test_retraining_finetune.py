@@ -205,3 +205,15 @@ def test_a_crashed_fine_tuning_is_a_failed_classifier_run(reviewed_world, lab, m
         run = session.scalars(select(TrainingRun).where(TrainingRun.kind == ModelKind.classifier)).one()
         assert run.status is RunStatus.failed and "exited with status 3" in run.reason and "out of memory" in run.reason
         assert registry.active_version(session, ModelKind.classifier).path == str(lab.classifier.resolve())
+
+
+def test_below_the_disk_floor_the_classifier_half_is_skipped_too(reviewed_world, monkeypatch, capsys) -> None:
+    """With enough reviews but a volume below [paths] min_free_mb, the fine-tuning run is skipped and says why."""
+    settings, sessions = reviewed_world
+    monkeypatch.setenv("STAINBRIDGE_PATHS_MIN_FREE_MB", "1e12")
+    capsys.readouterr()
+    assert cli.main(["retrain", "--now", "--json"]) == 0
+    tuned = json.loads(capsys.readouterr().out)["metrics"]["classifier"]
+    assert tuned["status"] == "skipped" and tuned["reason"].startswith("disk: the ") and "min_free_mb" in tuned["reason"]
+    with sessions() as session:
+        assert session.scalar(select(ModelVersion.id).where(ModelVersion.state == VersionState.candidate)) is None
