@@ -198,7 +198,7 @@ def render(report: StatusReport) -> str:
     for volume in report.disk:
         lines.append(f"{'free, ' + volume['role']:<20}{volume['free_mb']} MiB ({volume['folder']})")
     if report.disk_short:
-        lines.append(f"PAUSED              {report.disk_short}")
+        lines.append(f"PAUSED              {report.disk_short}; no files are taken until space is freed")
     return "\n".join(lines)
 
 
