@@ -286,18 +286,17 @@ class Service:
         self._backoff.succeeded()
 
     def _short_of_space(self) -> bool:
-        """A volume written to is below [paths] min_free_mb: say so once per change (log, STATUS=)."""
+        """A volume written to is below [paths] min_free_mb: say so when that starts and ends (log, STATUS=)."""
         short = diskspace.shortage(diskspace.written_folders(self.settings), self.settings.paths.min_free_mb)
         if short is not None:
             short += "; files wait in the drop folder until space is freed"
-        if short != self._space_short:
-            if short is not None:
-                self.log.error("disk_space_low", error=short)
-                sdnotify.notify(f"STATUS=paused: {short}")
-            else:
-                self.log.info("disk_space_recovered", after=self._space_short)
-                sdnotify.notify(f"STATUS=watching {self.settings.drop_dir}")
-            self._space_short = short
+        before, self._space_short = self._space_short, short  # the MiB in the text change; the state is what counts
+        if short is not None and before is None:
+            self.log.error("disk_space_low", error=short)
+            sdnotify.notify(f"STATUS=paused: {short}")
+        elif short is None and before is not None:
+            self.log.info("disk_space_recovered", after=before)
+            sdnotify.notify(f"STATUS=watching {self.settings.drop_dir}")
         return short is not None
 
     def _beat(self) -> None:
