@@ -133,27 +133,22 @@ def test_killed_training_is_recorded_as_failed(world, monkeypatch, tmp_path) -> 
         assert session.scalar(select(ModelVersion.id).where(ModelVersion.state == VersionState.candidate)) is None
 
 
-def test_too_few_new_images_skip_with_a_recorded_reason(settings_factory, lab) -> None:
-    """Below [retraining] min_new_images the run is `skipped` and says how many there were."""
-    settings = _settings(settings_factory, lab, "none", retraining_min_new_images=1000)
+@pytest.mark.parametrize("overrides, reason", [
+    ({"retraining_min_new_images": 1000}, "20 new images since the last run, fewer than [retraining] min_new_images"),
+    ({"paths_min_free_mb": 1e12}, "disk: the "),
+], ids=["too_few_new_images", "volume_below_the_disk_floor"])
+def test_a_run_that_cannot_train_is_skipped_with_its_reason_before_writing(settings_factory, lab, overrides,
+                                                                             reason) -> None:
+    """Too few new images, or a volume below [paths] min_free_mb: `skipped`, the reason recorded, no run folder."""
+    settings = _settings(settings_factory, lab, "none", **overrides)
     engine, sessions = open_world(settings)
     try:
         archive_incoming(settings, sessions, lab)
         result = retraining.run_retraining(settings, sessions)
-        assert result.status == "skipped" and "20 new images" in result.reason and "min_new_images" in result.reason
-    finally:
-        engine.dispose()
-
-
-def test_a_volume_below_the_floor_skips_the_run_before_it_writes(settings_factory, lab) -> None:
-    """Below [paths] min_free_mb the run is `skipped` with the folder named, and no run folder is written."""
-    settings = _settings(settings_factory, lab, "none", paths_min_free_mb=1e12)
-    engine, sessions = open_world(settings)
-    try:
-        archive_incoming(settings, sessions, lab)
-        result = retraining.run_retraining(settings, sessions)
-        assert result.status == "skipped" and result.reason.startswith("disk: the ") and "min_free_mb" in result.reason
+        assert result.status == "skipped" and reason in result.reason
         assert not (settings.state_dir / "retraining" / f"run-{result.run_id}").exists()
+        with sessions() as session:
+            assert session.get(TrainingRun, result.run_id).reason == result.reason
     finally:
         engine.dispose()
 
