@@ -10,9 +10,9 @@ window the cell was seen through (the standardizer's site profile or ``[site] sc
 now stored per prediction and shown in ``results``; rows written before this revision keep NULL
 (unknown). ``magnification`` is also NULL for a classifier without a reference window (whole frame).
 
-The columns are nullable, so both dialects add them in place. ``results`` is re-created with the
-two columns after ``latency_ms``; the lab views read it, so they are dropped first and re-created
-unchanged from revision 0004 (loaded from that file, which is frozen).
+The columns are nullable, so both dialects add them in place. ``results`` is re-created from
+revision 0004's frozen text with the two columns after ``latency_ms``; the lab views read it, so
+they are dropped first and re-created unchanged from 0004 too (that file is frozen: no copies here).
 """
 
 from __future__ import annotations
@@ -27,44 +27,14 @@ down_revision: str | None = "0004"
 branch_labels: str | tuple[str, ...] | None = None
 depends_on: str | tuple[str, ...] | None = None
 
-# Frozen copy of the results view from this revision on.
-RESULTS_VIEW_SQL = """
-CREATE VIEW results AS
-SELECT
-    i.id AS image_id,
-    i.source_name,
-    i.site,
-    i.status,
-    i.error,
-    i.sha256,
-    i.duplicate_of_id,
-    i.study_uid,
-    i.series_uid,
-    i.sop_instance_uid,
-    i.patient_pseudonym,
-    i.received_at,
-    i.processed_at,
-    i.archive_path,
-    p.label,
-    p.confidence,
-    p.probabilities,
-    p.latency_ms,
-    p.tta,
-    p.magnification,
-    s.name AS standardizer,
-    s.sha256 AS standardizer_sha256,
-    c.name AS classifier,
-    c.sha256 AS classifier_sha256,
-    r.label AS reviewed_label,
-    r.reviewer
-FROM images i
-LEFT JOIN (SELECT image_id, MAX(id) AS id FROM predictions GROUP BY image_id) lp ON lp.image_id = i.id
-LEFT JOIN predictions p ON p.id = lp.id
-LEFT JOIN model_versions s ON s.id = p.standardizer_version_id
-LEFT JOIN model_versions c ON c.id = p.classifier_version_id
-LEFT JOIN (SELECT image_id, MAX(id) AS id FROM reviews GROUP BY image_id) lr ON lr.image_id = i.id
-LEFT JOIN reviews r ON r.id = lr.id
-"""
+# The results view from this revision on: 0004's frozen text with the two columns after latency_ms.
+_LATENCY = "    p.latency_ms,\n"
+
+
+def _results_view_sql(before: str) -> str:
+    if before.count(_LATENCY) != 1:
+        raise RuntimeError("migration 0004's results view changed; revision 0005 builds on its frozen text")
+    return before.replace(_LATENCY, _LATENCY + "    p.tta,\n    p.magnification,\n")
 
 
 def _drop_views(lab_view_names: tuple[str, ...]) -> None:
@@ -84,7 +54,7 @@ def upgrade() -> None:
     _drop_views(lab.VIEW_NAMES)
     op.add_column("predictions", sa.Column("tta", sa.Boolean(), nullable=True))
     op.add_column("predictions", sa.Column("magnification", sa.Float(), nullable=True))
-    _create_views(RESULTS_VIEW_SQL, lab._views(op.get_bind().dialect.name))
+    _create_views(_results_view_sql(lab.RESULTS_VIEW_SQL), lab._views(op.get_bind().dialect.name))
 
 
 def downgrade() -> None:
