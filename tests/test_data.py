@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from stainbridge.models.imaging import data, synthetic
+from stainbridge.models.imaging import data, synthetic, transforms
 
 
 def _touch_images(root: Path, names: dict[str, list[str]]) -> None:
@@ -96,13 +96,13 @@ def test_labeled_images_dataset(tmp_path: Path) -> None:
     """LabeledImages yields [3,S,S] tensors in [0,1] with class indices; unknown classes are refused."""
     synthetic.write_dataset(tmp_path, protocol="reference", per_class=1, size=48)
     items = data.list_labeled(tmp_path)
-    ds = data.LabeledImages(items, list(synthetic.CLASSES), data.eval_transform(32))
+    ds = data.LabeledImages(items, list(synthetic.CLASSES), transforms.eval_transform(32))
     x, y = ds[2]
     assert x.shape == (3, 32, 32) and 0 <= float(x.min()) and float(x.max()) <= 1
     assert synthetic.CLASSES[y] == items[2][1] and ds.targets() == [0, 1, 2, 3, 4]
     with pytest.raises(data.DataError, match="not in the class list"):
-        data.LabeledImages(items, ["lymphocyte"], data.eval_transform(32))
-    assert data.UnlabeledImages([p for p, _ in items], data.eval_transform(16))[0].shape == (3, 16, 16)
+        data.LabeledImages(items, ["lymphocyte"], transforms.eval_transform(32))
+    assert data.UnlabeledImages([p for p, _ in items], transforms.eval_transform(16))[0].shape == (3, 16, 16)
 
 
 def test_cell_fraction_tracks_framing() -> None:
@@ -155,9 +155,9 @@ def test_normalize_geometry_rejects_bad_requests() -> None:
 def test_transforms_shapes_ranges_and_determinism() -> None:
     """Both transforms give [3,S,S] tensors in [0,1]; eval is deterministic, train is random."""
     img = _cell("eosinophil", size=96)
-    ev = data.eval_transform(64)
+    ev = transforms.eval_transform(64)
     assert torch.equal(ev(img), ev(img)) and ev(img).shape == (3, 64, 64)
-    tr = data.train_transform(64, color_augment=True)
+    tr = transforms.train_transform(64, color_augment=True)
     torch.manual_seed(0)
     random.seed(0)
     outs = [tr(img) for _ in range(4)]

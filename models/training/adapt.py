@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from stainbridge.models import checkpoint, inference
-from stainbridge.models.imaging import data
+from stainbridge.models.imaging import data, transforms
 from stainbridge.models.training import classifier as train_classifier
 from stainbridge.models.training import finetune
 from stainbridge.models.training import runtime as tu
@@ -219,7 +219,7 @@ def main(args: argparse.Namespace) -> str:
         if not reference:
             raise AdaptError(f"no labeled images under {args.reference}; it needs one sub-folder per class")
         reference_set = data.LabeledImages(reference, base.classes,
-                                           data.train_transform(base.input_size, color_augment=False))
+                                           transforms.train_transform(base.input_size, color_augment=False))
         loader = DataLoader(reference_set, batch_size=args.batch_size, shuffle=True,
                             drop_last=len(reference) > args.batch_size, generator=torch.Generator().manual_seed(args.seed))
 

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 from stainbridge.models import checkpoint, classifier
-from stainbridge.models.imaging import classical, data, site_geometry
+from stainbridge.models.imaging import classical, data, site_geometry, transforms
 from stainbridge.models.metrics import classification_metrics
 from stainbridge.models.training import resume
 from stainbridge.models.training import runtime as tu
@@ -210,8 +210,8 @@ def _train(args: argparse.Namespace, dist: tu.DistInfo) -> str:
         data.write_manifest(manifest, split_path)
     classes = list(manifest["classes"])
     train_set = data.LabeledImages(data.manifest_items(manifest, "train", root=data_root), classes,
-                                   data.train_transform(args.size, color_augment=args.color_augment))
-    eval_tf = data.eval_transform(args.size)
+                                   transforms.train_transform(args.size, color_augment=args.color_augment))
+    eval_tf = transforms.eval_transform(args.size)
     val_set = data.LabeledImages(data.manifest_items(manifest, "val", root=data_root), classes, eval_tf)
     test_set = data.LabeledImages(data.manifest_items(manifest, "test", root=data_root), classes, eval_tf)
     sampler = DistributedSampler(train_set, seed=args.seed, shuffle=True) if dist.distributed else None

@@ -33,7 +33,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from stainbridge.models import checkpoint, colorization, cyclegan
-from stainbridge.models.imaging import data, site_geometry
+from stainbridge.models.imaging import data, site_geometry, transforms
 from stainbridge.models.training import cyclegan as tg
 from stainbridge.models.training import gan
 from stainbridge.models.training import runtime as tu
@@ -169,11 +169,11 @@ def main(args: argparse.Namespace) -> str:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     paths = data.list_unlabeled(args.reference)
-    tf = data.train_transform(opts["size"], color_augment=False, scale_augment=(1.0, 1.15))
+    tf = transforms.train_transform(opts["size"], color_augment=False, scale_augment=(1.0, 1.15))
     loader = DataLoader(data.UnlabeledImages(paths, tf), batch_size=opts["batch_size"], shuffle=True,
                         drop_last=len(paths) >= opts["batch_size"], num_workers=args.workers,
                         generator=torch.Generator().manual_seed(args.seed))
-    eval_tf = data.eval_transform(opts["size"], scale=1.0)
+    eval_tf = transforms.eval_transform(opts["size"], scale=1.0)
     sample = torch.stack([eval_tf(data.load_rgb(p)) for p in paths[:: max(1, len(paths) // LIGHTNESS_SAMPLE)]])
     arch_args["l_mean"], arch_args["l_std"] = lightness_stats(sample)
     d_args = dict(cyclegan.DISCRIMINATOR_PRESETS[opts["discriminator"]])

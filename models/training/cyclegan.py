@@ -57,7 +57,7 @@ from torch.utils.data import DataLoader
 from torchvision.utils import make_grid, save_image
 
 from stainbridge.models import checkpoint, cyclegan
-from stainbridge.models.imaging import classical, data, site_geometry
+from stainbridge.models.imaging import classical, data, site_geometry, transforms
 from stainbridge.models.training import gan, resume, semantic
 from stainbridge.models.training import runtime as tu
 
@@ -326,7 +326,7 @@ def main(args: argparse.Namespace) -> str:
     gen = torch.Generator().manual_seed(args.seed)
 
     def loader(paths: list[Path], scale: float) -> DataLoader:
-        tf = data.train_transform(args.size, color_augment=False, scale_augment=(1.0, 1.15), base_scale=scale)
+        tf = transforms.train_transform(args.size, color_augment=False, scale_augment=(1.0, 1.15), base_scale=scale)
         return DataLoader(data.UnlabeledImages(paths, tf), batch_size=args.batch_size, shuffle=True,
                           drop_last=len(paths) >= args.batch_size, num_workers=args.workers, generator=gen,
                           pin_memory=device.type == "cuda")
@@ -334,7 +334,7 @@ def main(args: argparse.Namespace) -> str:
     xs = forever(loader(source_paths, args.source_scale))
     ys = forever(loader(reference_paths, 1.0))
     steps = args.steps_per_epoch or max(1, max(len(source_paths), len(reference_paths)) // args.batch_size)
-    eval_tf = data.eval_transform(args.size, scale=args.source_scale)
+    eval_tf = transforms.eval_transform(args.size, scale=args.source_scale)
     every = max(1, len(source_paths) // SAMPLE_ROWS)
     sample_batch = torch.stack([eval_tf(data.load_rgb(p)) for p in source_paths[::every][:SAMPLE_ROWS]])
 

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from stainbridge.models import checkpoint, classifier, inference
-from stainbridge.models.imaging import data
+from stainbridge.models.imaging import data, transforms
 from stainbridge.models.training import classifier as train_classifier
 from stainbridge.models.training import runtime as tu
 
@@ -152,7 +152,7 @@ def main(args: argparse.Namespace) -> str:
     n_reference = min(len(reference_all), round(args.reference_ratio * len(reviewed)))
     step = max(1, len(reference_all) // max(1, n_reference))
     reference = reference_all[::step][:n_reference]
-    reference_set = data.LabeledImages(reference, classes, data.train_transform(size, color_augment=False))
+    reference_set = data.LabeledImages(reference, classes, transforms.train_transform(size, color_augment=False))
     train_set = ConcatDataset([reviewed_set, reference_set]) if reference else reviewed_set
     loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, drop_last=len(train_set) > args.batch_size,
                         generator=torch.Generator().manual_seed(args.seed))
