@@ -2,24 +2,26 @@
 
 Loading order, later wins: built-in defaults < TOML file (``--config FILE`` or
 ``$STAINBRIDGE_CONFIG``) < environment variables ``STAINBRIDGE_<SECTION>_<KEY>``.
-Every value is validated here; a bad one raises :class:`ConfigError` naming the key,
-where it came from and what is allowed.
+Every value is validated here (each key's checker is in ``config_values``); a bad one raises
+:class:`ConfigError` naming the key, where it came from and what is allowed.
 """
 
 from __future__ import annotations
 
 import os
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+
+from stainbridge.daemon import config_values as check
 
 ENV_PREFIX = "STAINBRIDGE_"
 CONFIG_ENV = "STAINBRIDGE_CONFIG"
 DEVICES = ("auto", "cpu", "cuda")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("auto", "json", "console")
-STANDARDIZER_BUILTINS = ("none", "reinhard", "macenko")
 
 
 class ConfigError(ValueError):
@@ -169,197 +171,57 @@ SECTIONS: dict[str, type] = {
 }
 
 
-def _choice(*allowed: str) -> Callable[[Any], str]:
-    def check(value: Any) -> str:
-        text = str(value).strip().lower()
-        if text not in allowed:
-            raise ValueError(f"allowed values: {', '.join(allowed)}")
-        return text
-
-    return check
-
-
-def _positive(kind: type) -> Callable[[Any], Any]:
-    def check(value: Any) -> Any:
-        if isinstance(value, bool):
-            raise ValueError(f"expected a positive {kind.__name__}")
-        try:
-            number = kind(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"expected a positive {kind.__name__}") from None
-        if kind is int and isinstance(value, float) and not value.is_integer():
-            raise ValueError("expected a positive int")
-        if number <= 0:
-            raise ValueError(f"expected a positive {kind.__name__}")
-        return number
-
-    return check
-
-
-def _fraction(value: Any) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError("expected a number between 0 and 1") from None
-    if isinstance(value, bool) or not 0.0 <= number <= 1.0:
-        raise ValueError("expected a number between 0 and 1")
-    return number
-
-
-def _non_negative_int(value: Any) -> int:
-    if isinstance(value, bool):
-        raise ValueError("expected an integer >= 0")
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise ValueError("expected an integer >= 0") from None
-    if number < 0 or (isinstance(value, float) and not value.is_integer()):
-        raise ValueError("expected an integer >= 0")
-    return number
-
-
-def _non_negative_float(value: Any) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError("expected a number >= 0") from None
-    if isinstance(value, bool) or not number >= 0.0 or number == float("inf"):
-        raise ValueError("expected a number >= 0")
-    return number
-
-
-def _port(value: Any) -> int:
-    number = _non_negative_int(value)
-    if number > 65535:
-        raise ValueError("expected a TCP port (1-65535), or 0 for off")
-    return number
-
-
-def _boolean(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise ValueError("allowed values: true, false")
-
-
-def _path_or_none(value: Any) -> Path | None:
-    text = str(value).strip()
-    return Path(text).expanduser().absolute() if text else None
-
-
 def _state_path(value: Any) -> Path:
     # Empty means the default, so the documented config file can spell every key out.
     text = str(value).strip()
     return Path(text).expanduser().absolute() if text else PathsSettings().state
 
 
-def _text(value: Any) -> str:
-    if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-        raise ValueError("expected a string")
-    return str(value).strip()
-
-
-MIN_PSEUDONYM_SECRET_CHARS = 16
-
-
-def _pseudonym_secret(value: Any) -> str:
-    secret = _text(value)
-    if secret and len(secret) < MIN_PSEUDONYM_SECRET_CHARS:
-        raise ValueError(f"a pseudonym secret of {len(secret)} characters is guessable; use at least "
-                         f"{MIN_PSEUDONYM_SECRET_CHARS} random characters (e.g. `openssl rand -hex 32`), "
-                         "and keep it stable: changing it changes every pseudonym")
-    return secret
-
-
-def _database_url(value: Any) -> str:
-    url = _text(value)
-    if url and not url.startswith(("sqlite://", "postgresql://", "postgresql+psycopg://")):
-        raise ValueError("expected sqlite:///FILE or postgresql+psycopg://USER:PASS@HOST/DB")
-    if url.startswith("postgresql://"):
-        url = "postgresql+psycopg://" + url[len("postgresql://") :]
-    return url
-
-
-def _standardizer(value: Any) -> str:
-    text = _text(value)
-    if not text:
-        raise ValueError(f"expected a checkpoint file or one of: {', '.join(STANDARDIZER_BUILTINS)}")
-    return text if text.lower() not in STANDARDIZER_BUILTINS else text.lower()
-
-
-def _scale(value: Any) -> str:
-    text = str(value).strip().lower()
-    if text in ("profile", "auto"):
-        return text
-    try:
-        number = float(text)
-    except ValueError:
-        raise ValueError("allowed values: profile, auto, or a positive number (1.0 = no rescaling)") from None
-    if not 0.05 <= number <= 20:
-        raise ValueError("allowed values: profile, auto, or a number between 0.05 and 20")
-    return repr(number)
-
-
-def _cron(value: Any) -> str:
-    from apscheduler.triggers.cron import CronTrigger
-
-    text = _text(value)
-    try:
-        CronTrigger.from_crontab(text)
-    except ValueError as exc:
-        raise ValueError(f"expected a crontab expression such as '0 2 * * *' ({exc})") from None
-    return text
-
-
 VALIDATORS: dict[tuple[str, str], Callable[[Any], Any]] = {
     ("paths", "state"): _state_path,
-    ("paths", "drop"): _path_or_none,
-    ("paths", "archive"): _path_or_none,
-    ("paths", "quarantine"): _path_or_none,
-    ("paths", "min_free_mb"): _non_negative_float,
-    ("database", "url"): _database_url,
-    ("models", "standardizer"): _standardizer,
-    ("models", "classifier"): _text,
-    ("models", "device"): _choice(*DEVICES),
-    ("models", "batch_size"): _positive(int),
-    ("models", "max_inflight_pixels"): _positive(int),
-    ("models", "poll_seconds"): _positive(float),
-    ("models", "tta"): _boolean,
-    ("site", "name"): _text,
-    ("site", "scale"): _scale,
-    ("site", "pseudonym_secret"): _pseudonym_secret,
-    ("watch", "polling"): _boolean,
-    ("watch", "rescan_seconds"): _positive(float),
-    ("watch", "quiet_seconds"): _positive(float),
-    ("watch", "batch_wait_seconds"): _positive(float),
-    ("watch", "max_file_mb"): _positive(float),
-    ("watch", "max_pixels"): _positive(int),
-    ("watch", "save_standardized"): _boolean,
-    ("retraining", "enabled"): _boolean,
-    ("retraining", "schedule"): _cron,
-    ("retraining", "min_new_images"): _positive(int),
-    ("retraining", "reference"): _path_or_none,
-    ("retraining", "window_days"): _positive(int),
-    ("retraining", "max_images"): _positive(int),
-    ("retraining", "held_out_fraction"): _fraction,
-    ("retraining", "preset"): _choice("colour", "tiny", "full"),
-    ("retraining", "epochs"): _positive(int),
-    ("retraining", "steps_per_epoch"): _non_negative_int,
-    ("retraining", "device"): _choice(*DEVICES),
-    ("retraining", "nice"): _non_negative_int,
-    ("retraining", "timeout_minutes"): _positive(float),
-    ("retraining", "margin"): _fraction,
-    ("retraining", "min_reviews"): _positive(int),
-    ("retraining", "max_gate_images"): _positive(int),
-    ("retraining", "review_below"): _fraction,
-    ("metrics", "port"): _port,
-    ("metrics", "address"): _text,
-    ("logging", "level"): _choice(*LOG_LEVELS),
-    ("logging", "format"): _choice(*LOG_FORMATS),
+    ("paths", "drop"): check.path_or_none,
+    ("paths", "archive"): check.path_or_none,
+    ("paths", "quarantine"): check.path_or_none,
+    ("paths", "min_free_mb"): check.non_negative_float,
+    ("database", "url"): check.database_url,
+    ("models", "standardizer"): check.standardizer,
+    ("models", "classifier"): check.string,
+    ("models", "device"): check.choice(*DEVICES),
+    ("models", "batch_size"): check.positive(int),
+    ("models", "max_inflight_pixels"): check.positive(int),
+    ("models", "poll_seconds"): check.positive(float),
+    ("models", "tta"): check.boolean,
+    ("site", "name"): check.string,
+    ("site", "scale"): check.scale,
+    ("site", "pseudonym_secret"): check.pseudonym_secret,
+    ("watch", "polling"): check.boolean,
+    ("watch", "rescan_seconds"): check.positive(float),
+    ("watch", "quiet_seconds"): check.positive(float),
+    ("watch", "batch_wait_seconds"): check.positive(float),
+    ("watch", "max_file_mb"): check.positive(float),
+    ("watch", "max_pixels"): check.positive(int),
+    ("watch", "save_standardized"): check.boolean,
+    ("retraining", "enabled"): check.boolean,
+    ("retraining", "schedule"): check.cron,
+    ("retraining", "min_new_images"): check.positive(int),
+    ("retraining", "reference"): check.path_or_none,
+    ("retraining", "window_days"): check.positive(int),
+    ("retraining", "max_images"): check.positive(int),
+    ("retraining", "held_out_fraction"): check.fraction,
+    ("retraining", "preset"): check.choice("colour", "tiny", "full"),
+    ("retraining", "epochs"): check.positive(int),
+    ("retraining", "steps_per_epoch"): check.non_negative_int,
+    ("retraining", "device"): check.choice(*DEVICES),
+    ("retraining", "nice"): check.non_negative_int,
+    ("retraining", "timeout_minutes"): check.positive(float),
+    ("retraining", "margin"): check.fraction,
+    ("retraining", "min_reviews"): check.positive(int),
+    ("retraining", "max_gate_images"): check.positive(int),
+    ("retraining", "review_below"): check.fraction,
+    ("metrics", "port"): check.port,
+    ("metrics", "address"): check.string,
+    ("logging", "level"): check.choice(*LOG_LEVELS),
+    ("logging", "format"): check.choice(*LOG_FORMATS),
 }
 
 

@@ -24,7 +24,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from stainbridge.daemon.config import STANDARDIZER_BUILTINS
+from stainbridge.daemon.config_values import STANDARDIZER_BUILTINS
 from stainbridge.daemon.logs import get_logger
 from stainbridge.daemon.store import ModelKind, ModelVersion, VersionState, utcnow
 

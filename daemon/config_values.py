@@ -1,0 +1,153 @@
+"""How each setting's raw value (TOML or environment text) is checked and converted.
+
+Each checker returns the value in its settings type or raises ValueError saying what is allowed;
+``config.load_settings`` adds which key it was and where it came from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+STANDARDIZER_BUILTINS = ("none", "reinhard", "macenko")
+
+
+def choice(*allowed: str) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        text = str(value).strip().lower()
+        if text not in allowed:
+            raise ValueError(f"allowed values: {', '.join(allowed)}")
+        return text
+
+    return check
+
+
+def positive(kind: type) -> Callable[[Any], Any]:
+    def check(value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError(f"expected a positive {kind.__name__}")
+        try:
+            number = kind(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"expected a positive {kind.__name__}") from None
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError("expected a positive int")
+        if number <= 0:
+            raise ValueError(f"expected a positive {kind.__name__}")
+        return number
+
+    return check
+
+
+def fraction(value: Any) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError("expected a number between 0 and 1") from None
+    if isinstance(value, bool) or not 0.0 <= number <= 1.0:
+        raise ValueError("expected a number between 0 and 1")
+    return number
+
+
+def non_negative_int(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError("expected an integer >= 0")
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ValueError("expected an integer >= 0") from None
+    if number < 0 or (isinstance(value, float) and not value.is_integer()):
+        raise ValueError("expected an integer >= 0")
+    return number
+
+
+def non_negative_float(value: Any) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError("expected a number >= 0") from None
+    if isinstance(value, bool) or not number >= 0.0 or number == float("inf"):
+        raise ValueError("expected a number >= 0")
+    return number
+
+
+def port(value: Any) -> int:
+    number = non_negative_int(value)
+    if number > 65535:
+        raise ValueError("expected a TCP port (1-65535), or 0 for off")
+    return number
+
+
+def boolean(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("allowed values: true, false")
+
+
+def path_or_none(value: Any) -> Path | None:
+    text = str(value).strip()
+    return Path(text).expanduser().absolute() if text else None
+
+
+def string(value: Any) -> str:
+    if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+        raise ValueError("expected a string")
+    return str(value).strip()
+
+
+MIN_PSEUDONYM_SECRET_CHARS = 16
+
+
+def pseudonym_secret(value: Any) -> str:
+    secret = string(value)
+    if secret and len(secret) < MIN_PSEUDONYM_SECRET_CHARS:
+        raise ValueError(f"a pseudonym secret of {len(secret)} characters is guessable; use at least "
+                         f"{MIN_PSEUDONYM_SECRET_CHARS} random characters (e.g. `openssl rand -hex 32`), "
+                         "and keep it stable: changing it changes every pseudonym")
+    return secret
+
+
+def database_url(value: Any) -> str:
+    url = string(value)
+    if url and not url.startswith(("sqlite://", "postgresql://", "postgresql+psycopg://")):
+        raise ValueError("expected sqlite:///FILE or postgresql+psycopg://USER:PASS@HOST/DB")
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url[len("postgresql://") :]
+    return url
+
+
+def standardizer(value: Any) -> str:
+    text = string(value)
+    if not text:
+        raise ValueError(f"expected a checkpoint file or one of: {', '.join(STANDARDIZER_BUILTINS)}")
+    return text if text.lower() not in STANDARDIZER_BUILTINS else text.lower()
+
+
+def scale(value: Any) -> str:
+    text = str(value).strip().lower()
+    if text in ("profile", "auto"):
+        return text
+    try:
+        number = float(text)
+    except ValueError:
+        raise ValueError("allowed values: profile, auto, or a positive number (1.0 = no rescaling)") from None
+    if not 0.05 <= number <= 20:
+        raise ValueError("allowed values: profile, auto, or a number between 0.05 and 20")
+    return repr(number)
+
+
+def cron(value: Any) -> str:
+    from apscheduler.triggers.cron import CronTrigger
+
+    text = string(value)
+    try:
+        CronTrigger.from_crontab(text)
+    except ValueError as exc:
+        raise ValueError(f"expected a crontab expression such as '0 2 * * *' ({exc})") from None
+    return text
