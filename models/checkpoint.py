@@ -9,8 +9,8 @@ safetensors metadata key ``"stainbridge"`` holding JSON. Keys used across stainb
     classes        list[str] (classifier)
     input_size     int pixels
     normalization  {"mean": [3 floats], "std": [3 floats]} (classifier)
-    geometry       dict (see models.data)
-    reference_stain  dict of stats for the classical baselines (classifier; see models.baselines)
+    geometry       dict (see models.geometry)
+    reference_stain  dict of stats for the classical baselines (classifier; see models.imaging.classical)
     training_data, metrics   dicts
     code_version   stainbridge version that wrote it   (filled in by save_checkpoint if absent)
     created        ISO-8601 UTC time                   (filled in by save_checkpoint if absent)

@@ -4,12 +4,12 @@
         [--out-dir DIR] [--size PX] [--mode transductive|inductive|both] [--threads N]
         [--variants cyclegan_semantic cyclegan_colour colorization colour_map im] [--markdown FILE] [--grid FILE]
 
-1. Geometry (``models.bench_data``/``models.site_geometry``): reference images are cut to a centred
+1. Geometry (``models.bench.data``/``models.imaging.site_geometry``): reference images are cut to a centred
    window, target images to the window of the same physical width (site magnification estimated
    without labels from red-cell diameters, nucleus areas as the fallback), all resized to --size.
 2. The classifier is trained on the reference train split with strong stain augmentation
-   (``models.stain_augment``), or reused from --out-dir when one fits.
-3. Standardizers: none (raw), Reinhard, Macenko (``models.baselines``, fitted to
+   (``models.imaging.stain_augment``), or reused from --out-dir when one fits.
+3. Standardizers: none (raw), Reinhard, Macenko (``models.imaging.classical``, fitted to
    the reference training windows); the CycleGAN with the class-preservation and
    structure terms (``models.semantic``); and that CycleGAN with the classifier fine-tuned on
    G(F(y)), reference images sent through the round trip with their labels ("adapted").

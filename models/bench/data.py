@@ -1,10 +1,10 @@
 """Data for the cross-hospital accuracy benchmark: decoded once, geometry-normalized, in memory.
 
 Reference (the lab the classifier is trained in): a labeled folder, split train/val/test with
-``models.data.make_split`` (stratified, seeded). Target (the other lab): a labeled folder whose
+``models.imaging.data.make_split`` (stratified, seeded). Target (the other lab): a labeled folder whose
 labels are used for scoring only; the standardizers see its images without labels.
 
-Geometry (``models.site_geometry``): every reference image is cut to the centred window of
+Geometry (``models.imaging.site_geometry``): every reference image is cut to the centred window of
 ``window_fraction`` of its frame; every target image to the window of the same physical width,
 using the site magnification estimated without labels from red-cell diameters in native pixels
 (``site_geometry.estimate_site_profile``; nucleus areas only when too few red cells are found). Both are then resized

@@ -1,9 +1,9 @@
-"""Training steps of the cross-hospital benchmark, on in-memory tensors from ``models.bench_data``.
+"""Training steps of the cross-hospital benchmark, on in-memory tensors from ``models.bench.data``.
 
-The loops are the repository's own (``models.train_classifier.train_one_epoch``/``evaluate``,
-``models.train_cyclegan.train_one_epoch`` with ``models.cyclegan``'s losses, pool and schedule);
+The loops are the repository's own (``models.training.classifier.train_one_epoch``/``evaluate``,
+``models.training.gan.train_one_epoch`` with its losses, pool and schedule);
 what differs from ``stainbridge train ...`` is the data (decoded once, geometry-normalized by the
-site magnification) and the classifier's strong stain augmentation (``models.stain_augment``).
+site magnification) and the classifier's strong stain augmentation (``models.imaging.stain_augment``).
 Every checkpoint carries the usual header: training data, metrics, code version.
 """
 
@@ -112,7 +112,7 @@ def train_reference_classifier(d: BenchData, out: Path, *, arch: str, epochs: in
     data.write_manifest(d.manifest, split_path)
     header = classifier_header(d, arch=arch, metrics=reference_scores(model, d, device), history=history,
                                reference_root=reference_root, split_path=split_path,
-                               extra={"augmentation": f"models.stain_augment strength {strength}"})
+                               extra={"augmentation": f"models.imaging.stain_augment strength {strength}"})
     header.update(epochs=epochs, seed=seed, train_seconds=round(time.monotonic() - started, 1))
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     header["sha256"] = checkpoint.save_checkpoint(out, state, tu.jsonable(header))

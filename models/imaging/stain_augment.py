@@ -13,7 +13,7 @@ which is much faster on a CPU than per-image PIL transforms:
 - optics: Gaussian blur (another microscope's focus and resolution) and a little sensor noise.
 
 ``AugmentedBatches`` turns uint8 tensors and labels into an iterable of augmented batches that
-``models.train_classifier.train_one_epoch`` consumes like a DataLoader.
+``models.training.classifier.train_one_epoch`` consumes like a DataLoader.
 """
 
 from __future__ import annotations

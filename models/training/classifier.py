@@ -3,12 +3,12 @@
     stainbridge train classifier --data DIR --out FILE [--arch resnet18|resnet34] [--loss focal|ce]
         [--preset tiny|full] [--epochs N] [--pretrained FILE] [--seed N] [--resume] [--batch-size N]
         [--size PX] [--color-augment] [--gamma G] [--workers N] [--split-manifest FILE]
-    torchrun --nproc-per-node 4 -m models.train_classifier --data DIR --out FILE --preset full
+    torchrun --nproc-per-node 4 -m stainbridge.models.training.classifier --data DIR --out FILE --preset full
 
 Shaped like torchvision's references/classification/train.py: parse -> data -> model ->
 optimizer/scheduler -> resume -> train_one_epoch / evaluate -> checkpoint.
 
-The stratified split manifest (models.data.make_split) is written next to the checkpoint as
+The stratified split manifest (models.imaging.data.make_split) is written next to the checkpoint as
 ``<out>.split.json``; the validation split is only reported per epoch (no model selection), the
 test split is scored once at the end and again by ``stainbridge eval --split test``. After every epoch the model + optimizer + scheduler go to
 ``<out>.state`` (safetensors, no pickle) and ``--resume`` continues from there.

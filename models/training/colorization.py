@@ -177,7 +177,7 @@ def main(args: argparse.Namespace) -> str:
     sample = torch.stack([eval_tf(data.load_rgb(p)) for p in paths[:: max(1, len(paths) // LIGHTNESS_SAMPLE)]])
     arch_args["l_mean"], arch_args["l_std"] = lightness_stats(sample)
     d_args = dict(cyclegan.DISCRIMINATOR_PRESETS[opts["discriminator"]])
-    model, history = train_colorizer(tg.forever(loader), arch_args=arch_args, discriminator_args=d_args,
+    model, history = train_colorizer(gan.forever(loader), arch_args=arch_args, discriminator_args=d_args,
                                      epochs=opts["epochs"], steps=opts["steps"], lr=args.lr,
                                      l1_weight=args.l1_weight, seed=args.seed, device=device,
                                      log=lambda m: print(m, file=sys.stderr))

@@ -110,12 +110,6 @@ def init_generator(setup: "CycleGANSetup", path: str) -> dict[str, Any]:
     return {"path": str(Path(path).resolve()), "sha256": checkpoint.file_sha256(path)}
 
 
-def forever(loader: DataLoader) -> Iterator[Tensor]:
-    """Cycle a loader endlessly, reshuffling on every pass."""
-    while True:
-        yield from loader
-
-
 def generator_spec(args: argparse.Namespace) -> tuple[str, dict[str, Any], dict[str, Any]]:
     """(architecture of ``cyclegan.GENERATORS``, generator arch_args, discriminator args) for the options."""
     if args.generator_type == "colour":
@@ -142,7 +136,7 @@ class CycleGANSetup:
     def train_epoch(self, xs: Iterator[Tensor], ys: Iterator[Tensor], *, steps: int, epoch: int, epochs: int,
                     semantic: gan.SemanticTerm | None, device: torch.device) -> dict[str, float]:
         """One epoch of ``steps`` batches, then one step of both schedules; returns mean losses."""
-        stats = train_one_epoch(self.nets, self.optimizers["g"], self.optimizers["d"], xs, ys, steps, self.pools,
+        stats = gan.train_one_epoch(self.nets, self.optimizers["g"], self.optimizers["d"], xs, ys, steps, self.pools,
                                 semantic, device, epoch, epochs)
         for schedule in self.schedulers.values():
             schedule.step()
@@ -201,40 +195,6 @@ def standardizer_header(setup: CycleGANSetup, *, input_size: int, training_data:
         "train_seconds": round(train_seconds, 1),
         "code_version": checkpoint.code_version(),
     }
-
-
-def train_one_epoch(nets: dict[str, nn.Module], opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer,
-                    xs: Iterator[Tensor], ys: Iterator[Tensor], steps: int, pools: dict[str, gan.ImagePool],
-                    semantic: gan.SemanticTerm | None, device: torch.device, epoch: int,
-                    epochs: int) -> dict[str, float]:
-    gan_loss = gan.GANLoss().to(device)
-    fmt = tu.memory_format(device)
-    for net in nets.values():
-        net.train()
-    progress = tu.Progress(steps, desc=f"epoch {epoch + 1}/{epochs}")
-    for _ in range(steps):
-        real_x = (next(xs).to(device, non_blocking=True) * 2 - 1).contiguous(memory_format=fmt)
-        real_y = (next(ys).to(device, non_blocking=True) * 2 - 1).contiguous(memory_format=fmt)
-        # generators: the discriminators are held fixed while G and F learn to fool them
-        nets["d_x"].requires_grad_(False)
-        nets["d_y"].requires_grad_(False)
-        with tu.autocast(device):
-            step = gan.generator_losses(g_xy=nets["g_xy"], g_yx=nets["g_yx"], d_x=nets["d_x"], d_y=nets["d_y"],
-                                             real_x=real_x, real_y=real_y, gan_loss=gan_loss, semantic=semantic)
-        opt_g.zero_grad(set_to_none=True)
-        step.total.backward()
-        opt_g.step()
-        # discriminators, on a mix of current and pooled fakes
-        nets["d_x"].requires_grad_(True)
-        nets["d_y"].requires_grad_(True)
-        with tu.autocast(device):
-            loss_d_y = gan.discriminator_loss(nets["d_y"], real_y, pools["y"].query(step.fake_y), gan_loss)
-            loss_d_x = gan.discriminator_loss(nets["d_x"], real_x, pools["x"].query(step.fake_x), gan_loss)
-        opt_d.zero_grad(set_to_none=True)
-        (loss_d_x + loss_d_y).backward()
-        opt_d.step()
-        progress.update(1, **{k: v.item() for k, v in step.losses.items()}, d_x=loss_d_x.item(), d_y=loss_d_y.item())
-    return progress.averages()
 
 
 @torch.inference_mode()
@@ -331,8 +291,8 @@ def main(args: argparse.Namespace) -> str:
                           drop_last=len(paths) >= args.batch_size, num_workers=args.workers, generator=gen,
                           pin_memory=device.type == "cuda")
 
-    xs = forever(loader(source_paths, args.source_scale))
-    ys = forever(loader(reference_paths, 1.0))
+    xs = gan.forever(loader(source_paths, args.source_scale))
+    ys = gan.forever(loader(reference_paths, 1.0))
     steps = args.steps_per_epoch or max(1, max(len(source_paths), len(reference_paths)) // args.batch_size)
     eval_tf = transforms.eval_transform(args.size, scale=args.source_scale)
     every = max(1, len(source_paths) // SAMPLE_ROWS)

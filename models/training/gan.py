@@ -8,12 +8,15 @@ networks are in ``models.cyclegan``; ``stainbridge train cyclegan`` and ``train 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from stainbridge.models.training import runtime as tu
 
 __all__ = [
     "GANLoss",
@@ -26,7 +29,9 @@ __all__ = [
     "generator_losses",
     "identity_loss",
     "make_optimizer",
+    "forever",
     "make_scheduler",
+    "train_one_epoch",
 ]
 
 
@@ -194,3 +199,45 @@ def make_scheduler(
         return max(0.0, 1.0 - max(0, epoch + 1 - n_epochs) / float(n_epochs_decay + 1))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=factor)
+
+
+def forever(loader: DataLoader) -> Iterator[Tensor]:
+    """Cycle a loader endlessly, reshuffling on every pass."""
+    while True:
+        yield from loader
+
+
+def train_one_epoch(nets: dict[str, nn.Module], opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer,
+                    xs: Iterator[Tensor], ys: Iterator[Tensor], steps: int, pools: dict[str, ImagePool],
+                    semantic: SemanticTerm | None, device: torch.device, epoch: int,
+                    epochs: int) -> dict[str, float]:
+    """One CycleGAN epoch of ``steps`` batches (the reference's optimize_parameters): G and F against fixed
+    discriminators, then both discriminators on real and pooled fake images. Returns the mean losses."""
+    gan_loss = GANLoss().to(device)
+    fmt = tu.memory_format(device)
+    for net in nets.values():
+        net.train()
+    progress = tu.Progress(steps, desc=f"epoch {epoch + 1}/{epochs}")
+    for _ in range(steps):
+        real_x = (next(xs).to(device, non_blocking=True) * 2 - 1).contiguous(memory_format=fmt)
+        real_y = (next(ys).to(device, non_blocking=True) * 2 - 1).contiguous(memory_format=fmt)
+        # generators: the discriminators are held fixed while G and F learn to fool them
+        nets["d_x"].requires_grad_(False)
+        nets["d_y"].requires_grad_(False)
+        with tu.autocast(device):
+            step = generator_losses(g_xy=nets["g_xy"], g_yx=nets["g_yx"], d_x=nets["d_x"], d_y=nets["d_y"],
+                                             real_x=real_x, real_y=real_y, gan_loss=gan_loss, semantic=semantic)
+        opt_g.zero_grad(set_to_none=True)
+        step.total.backward()
+        opt_g.step()
+        # discriminators, on a mix of current and pooled fakes
+        nets["d_x"].requires_grad_(True)
+        nets["d_y"].requires_grad_(True)
+        with tu.autocast(device):
+            loss_d_y = discriminator_loss(nets["d_y"], real_y, pools["y"].query(step.fake_y), gan_loss)
+            loss_d_x = discriminator_loss(nets["d_x"], real_x, pools["x"].query(step.fake_x), gan_loss)
+        opt_d.zero_grad(set_to_none=True)
+        (loss_d_x + loss_d_y).backward()
+        opt_d.step()
+        progress.update(1, **{k: v.item() for k, v in step.losses.items()}, d_x=loss_d_x.item(), d_y=loss_d_y.item())
+    return progress.averages()
