@@ -1,7 +1,8 @@
 """The CycleGAN objective and training helpers (Zhu et al. 2017, https://arxiv.org/abs/1703.10593),
 as in the authors' reference implementation (junyanz/pytorch-CycleGAN-and-pix2pix): the LSGAN loss,
 cycle and identity terms summed in one place (``generator_losses``, the reference's ``backward_G``),
-the halved discriminator loss, the image pool, Adam and the constant-then-linear schedule. The
+the halved discriminator loss, the image pool, Adam, the constant-then-linear schedule and one
+epoch of alternating G/D steps (``train_one_epoch``, the reference's ``optimize_parameters``). The
 networks are in ``models.cyclegan``; ``stainbridge train cyclegan`` and ``train colorization`` use these.
 """
 
@@ -26,10 +27,10 @@ __all__ = [
     "SemanticTerm",
     "cycle_loss",
     "discriminator_loss",
+    "forever",
     "generator_losses",
     "identity_loss",
     "make_optimizer",
-    "forever",
     "make_scheduler",
     "train_one_epoch",
 ]
