@@ -85,9 +85,9 @@ def test_the_running_service_pauses_reports_and_resumes(tiny_models, tmp_path, r
         config.write_text(config.read_text(encoding="utf-8").replace(
             f"min_free_mb = {ABOVE_ANY_DISK_MB!r}", "min_free_mb = 0"), encoding="utf-8")
         daemon.start()
-        wait_for(lambda: scalar(url, "SELECT COUNT(*) FROM images WHERE status = 'done'") == 4, 60,
-                 "the waiting files classified")
-        assert not any(f.exists() for f in files)
+        # the row commits before the file is filed (crash-safe order), so wait for both, not the row alone
+        wait_for(lambda: scalar(url, "SELECT COUNT(*) FROM images WHERE status = 'done'") == 4
+                 and not any(f.exists() for f in files), 60, "the waiting files classified and archived")
         assert daemon.stop() == 0
     finally:
         daemon.close()
