@@ -23,53 +23,38 @@ def choice(*allowed: str) -> Callable[[Any], str]:
     return check
 
 
+def _number(value: Any, kind: type, expected: str, within: Callable[[Any], bool]) -> Any:
+    """``kind(value)`` if it is a number (not a bool, no fraction for int) that ``within`` accepts."""
+    if isinstance(value, bool):
+        raise ValueError(expected)
+    try:
+        number = kind(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(expected) from None
+    if kind is int and isinstance(value, float) and not value.is_integer():
+        raise ValueError(expected)
+    if not within(number):  # comparisons with NaN are false, so NaN is refused here too
+        raise ValueError(expected)
+    return number
+
+
 def positive(kind: type) -> Callable[[Any], Any]:
     def check(value: Any) -> Any:
-        if isinstance(value, bool):
-            raise ValueError(f"expected a positive {kind.__name__}")
-        try:
-            number = kind(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"expected a positive {kind.__name__}") from None
-        if kind is int and isinstance(value, float) and not value.is_integer():
-            raise ValueError("expected a positive int")
-        if number <= 0:
-            raise ValueError(f"expected a positive {kind.__name__}")
-        return number
+        return _number(value, kind, f"expected a positive {kind.__name__}", lambda n: n > 0)
 
     return check
 
 
 def fraction(value: Any) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError("expected a number between 0 and 1") from None
-    if isinstance(value, bool) or not 0.0 <= number <= 1.0:
-        raise ValueError("expected a number between 0 and 1")
-    return number
+    return _number(value, float, "expected a number between 0 and 1", lambda n: 0.0 <= n <= 1.0)
 
 
 def non_negative_int(value: Any) -> int:
-    if isinstance(value, bool):
-        raise ValueError("expected an integer >= 0")
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise ValueError("expected an integer >= 0") from None
-    if number < 0 or (isinstance(value, float) and not value.is_integer()):
-        raise ValueError("expected an integer >= 0")
-    return number
+    return _number(value, int, "expected an integer >= 0", lambda n: n >= 0)
 
 
 def non_negative_float(value: Any) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError("expected a number >= 0") from None
-    if isinstance(value, bool) or not number >= 0.0 or number == float("inf"):
-        raise ValueError("expected a number >= 0")
-    return number
+    return _number(value, float, "expected a number >= 0", lambda n: 0.0 <= n < float("inf"))
 
 
 def port(value: Any) -> int:

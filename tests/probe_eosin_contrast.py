@@ -66,10 +66,10 @@ def main() -> None:
     standardizer = load_standardizer(f"{args.run}/standardizer_colour_map_transductive.safetensors")
     classifiers = {"plain": load_classifier(f"{args.run}/classifier.safetensors"),
                    "adapted": load_classifier(f"{args.run}/classifier_im_colour_map_transductive.safetensors")}
-    target = data.target.float() / 255
+    target = bench_data.to_float(data.target)
     with torch.no_grad():
         mapped = standardizer(target)
-    print_class_colours("ref", data.test.float() / 255, data.test_labels, data.classes)
+    print_class_colours("ref", bench_data.to_float(data.test), data.test_labels, data.classes)
     print_class_colours("raw", target, data.target_labels, data.classes)
     print_class_colours("mapped", mapped, data.target_labels, data.classes)
 
