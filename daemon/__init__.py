@@ -1,10 +1,18 @@
-"""stainbridge.daemon: the service and the operator commands around it.
+"""stainbridge.daemon: the service and the operator commands around it, grouped by stage.
 
-The service core is the path of one file: watcher (drop-folder events and scans) -> intake (ready,
-hash, claim, decode; dicom for DICOM) -> pipeline (micro-batches through the models) -> store (SQL)
--> filing (archive or quarantine), run by service (lifecycle, signals, sd_notify). Around it, the
-commands an operator types: cli (the one entry point), config, schema (`db`), ingest, status, demo.
+The path of one file: ``intake`` (drop-folder events and scans, reading, hashing, claiming, decoding)
+-> ``pipeline`` (micro-batches: claim, decode, the models, one commit, filing) -> SQL. Around it:
+``versions`` (the model registry, loading and hot-swapping the active checkpoints), ``retraining``
+(the nightly job, fine-tuning, the promotion gate, its scheduler, reprocessing), ``lab`` (report,
+SQL views, metrics), ``service`` (the long-running process: lifecycle, start-up, health,
+sd_notify) and ``commands`` (what an operator types, behind ``cli``).
 
-The daemon reaches the models only through ``stainbridge.models.inference`` (load a standardizer,
-load a classifier, score a batch); training runs as `stainbridge train ...` commands, never imported.
+The foundation sits beside the stages: ``config`` (+ ``config_values``), ``logs``, ``store`` (the
+SQL tables), ``schema`` (Alembic from code) and ``diskspace``.
+
+Import rule (checked by tests/test_layout.py): a module imports only from its own stage and the
+stages listed before it here: foundation, intake, versions, pipeline, retraining, lab, service,
+commands, cli. No import loops, ``TYPE_CHECKING`` imports included. The daemon reaches the models
+only through ``stainbridge.models.inference``; training runs as `stainbridge train ...` commands
+in a child process, never imported.
 """

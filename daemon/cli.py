@@ -36,7 +36,7 @@ COMMANDS: dict[tuple[str, ...], str] = {
     ("train", "colorization"): "stainbridge.models.training.colorization",
     ("train", "site-profile"): "stainbridge.models.training.site_profile",
     ("site-profile",): "stainbridge.models.bench.site_profile",
-    ("run",): "stainbridge.daemon.service",
+    ("run",): "stainbridge.daemon.service.lifecycle",
     ("ingest",): "stainbridge.daemon.commands.ingest",
     ("status",): "stainbridge.daemon.commands.status",
     ("demo",): "stainbridge.daemon.commands.demo",

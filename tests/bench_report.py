@@ -25,8 +25,8 @@ from PIL import Image as PILImage
 from sqlalchemy import insert
 
 from stainbridge.daemon.commands.export import stream_rows, write_csv
-from stainbridge.daemon.report import Period, gather
-from stainbridge.daemon.report_render import render
+from stainbridge.daemon.lab.render import render
+from stainbridge.daemon.lab.report import Period, gather
 from stainbridge.daemon.schema import upgrade_database
 from stainbridge.daemon.store import Image, ModelVersion, Prediction, Review, make_engine
 

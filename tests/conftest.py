@@ -160,7 +160,7 @@ def make_service(settings_factory: SettingsFactory, tiny_models) -> Iterator[Cal
     settings_factory's SECTION_KEY=value. A PostgreSQL database is migrated first. All are stopped at teardown.
     """
     from stainbridge.daemon.schema import upgrade_database
-    from stainbridge.daemon.service import Service
+    from stainbridge.daemon.service.lifecycle import Service
 
     made: list[Service] = []
 

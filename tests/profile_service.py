@@ -16,8 +16,11 @@ import sys
 import time
 from typing import Any
 
-from stainbridge.daemon import pipeline, recording, service, watcher
 from stainbridge.daemon.config import load_settings
+from stainbridge.daemon.intake import watcher
+from stainbridge.daemon.pipeline import recording
+from stainbridge.daemon.pipeline import runner as pipeline
+from stainbridge.daemon.service import lifecycle as service
 
 SPENT: dict[str, float] = collections.defaultdict(float)
 CALLS: collections.Counter[str] = collections.Counter()

@@ -29,7 +29,7 @@ from PIL import Image
 from pydicom import dcmread
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-from stainbridge.daemon.failures import storable_source_name, storable_text
+from stainbridge.daemon.intake.failures import storable_source_name, storable_text
 from tests import dicom_factory
 from tests.daemon_helpers import bomb_png, cell_bytes, query
 

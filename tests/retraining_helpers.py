@@ -11,10 +11,10 @@ from pathlib import Path
 import torch
 
 from stainbridge.daemon.config import Settings
-from stainbridge.daemon.intake import sha256_file
-from stainbridge.daemon.pipeline import load_models
+from stainbridge.daemon.intake.reading import sha256_file
 from stainbridge.daemon.schema import upgrade_database
 from stainbridge.daemon.store import Image, ImageStatus, make_engine, make_sessionmaker, utcnow
+from stainbridge.daemon.versions.loading import load_models
 from stainbridge.models.checkpoint import save_checkpoint
 from stainbridge.models.cyclegan import build_generator
 from stainbridge.models.imaging import synthetic

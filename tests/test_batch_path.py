@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 from sqlalchemy import event, func, select
 
-from stainbridge.daemon import filing, recording
-from stainbridge.daemon import pipeline as pipeline_module
-from stainbridge.daemon.batch import PixelBudget
-from stainbridge.daemon.service import Service
+from stainbridge.daemon.intake.watcher import iter_candidates
+from stainbridge.daemon.pipeline import filing, recording
+from stainbridge.daemon.pipeline import runner as pipeline_module
+from stainbridge.daemon.pipeline.batch import PixelBudget
+from stainbridge.daemon.service.lifecycle import Service
 from stainbridge.daemon.store import Image, ImageStatus, Prediction
-from stainbridge.daemon.watcher import iter_candidates
 from tests.daemon_helpers import write_cell
 
 SIDE = 48  # write_cell's default size

@@ -7,7 +7,7 @@ import pytest
 from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.pool import NullPool
 
-from stainbridge.daemon.intake import pseudonymize
+from stainbridge.daemon.intake.dicom import pseudonymize
 from stainbridge.daemon.schema import upgrade_database
 from tests import dicom_factory
 from tests.daemon_helpers import (

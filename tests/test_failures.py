@@ -15,10 +15,11 @@ from pathlib import Path
 from pydicom import dcmread
 from sqlalchemy import select
 
-from stainbridge.daemon import claiming, intake
-from stainbridge.daemon import pipeline as pipeline_module
-from stainbridge.daemon.failures import MAX_ATTEMPTS, storable_source_name
-from stainbridge.daemon.service import Service
+from stainbridge.daemon.intake import claims, reading
+from stainbridge.daemon.intake.failures import MAX_ATTEMPTS, storable_source_name
+from stainbridge.daemon.pipeline import claiming
+from stainbridge.daemon.pipeline import runner as pipeline_module
+from stainbridge.daemon.service.lifecycle import Service
 from stainbridge.daemon.store import Image, ImageStatus, Prediction
 from tests import dicom_factory
 from tests.daemon_helpers import wait_for, write_cell
@@ -92,14 +93,14 @@ def test_nul_byte_in_dicom_institution_does_not_poison_the_batch(make_service, d
 def test_oserror_while_hashing_quarantines_that_file_only(make_service, monkeypatch):
     """EIO while hashing one file: it is quarantined as unreadable; the rest of the batch is classified."""
     service = make_service()
-    real = intake.sha256_open
+    real = reading.sha256_open
 
     def flaky(handle, **kwargs):
         if Path(handle.name).name == "cell-1.png":
             raise OSError(errno.EIO, "Input/output error")
         return real(handle, **kwargs)
 
-    monkeypatch.setattr(intake, "sha256_open", flaky)
+    monkeypatch.setattr(reading, "sha256_open", flaky)
     drop_files(service, 3)
     final = settle(service, 3)
     failed = [r for r in final if r.status is ImageStatus.failed]
@@ -110,7 +111,7 @@ def test_oserror_while_hashing_quarantines_that_file_only(make_service, monkeypa
 def test_file_that_breaks_its_batch_is_quarantined_after_bounded_attempts(make_service, monkeypatch):
     """An unexpected error on one file: the others go through at once; it is quarantined after MAX_ATTEMPTS."""
     service = make_service()
-    real = intake.sha256_open
+    real = reading.sha256_open
     calls = []
 
     def breaking(handle, **kwargs):
@@ -119,7 +120,7 @@ def test_file_that_breaks_its_batch_is_quarantined_after_bounded_attempts(make_s
             raise RuntimeError("a bug that only this file triggers")
         return real(handle, **kwargs)
 
-    monkeypatch.setattr(intake, "sha256_open", breaking)
+    monkeypatch.setattr(reading, "sha256_open", breaking)
     drop_files(service, 4)
     final = settle(service, 4)
     assert len(calls) == MAX_ATTEMPTS + 1  # the batch, then the file alone MAX_ATTEMPTS times
@@ -134,8 +135,8 @@ def test_huge_file_is_refused_before_it_is_read(make_service, monkeypatch):
     """A file over max_file_mb is quarantined as too_large without being hashed."""
     service = make_service(watch_max_file_mb=0.001)
     hashed = []
-    real = intake.sha256_open
-    monkeypatch.setattr(intake, "sha256_open", lambda handle, **kw: hashed.append(handle.name) or real(handle, **kw))
+    real = reading.sha256_open
+    monkeypatch.setattr(reading, "sha256_open", lambda handle, **kw: hashed.append(handle.name) or real(handle, **kw))
     (service.settings.drop_dir / "huge.png").write_bytes(os.urandom(4096))
     final = settle(service, 1)
     assert final[0].error.startswith("too_large:") and hashed == []
@@ -167,12 +168,12 @@ def test_database_outage_leaves_files_in_place_and_backs_off(make_service, monke
     from sqlalchemy.exc import OperationalError
 
     service = make_service()
-    real, real_new = intake.claim, claiming.claim_new_content
+    real, real_new = claims.claim, claiming.claim_new_content
 
     def down(session, *args, **kwargs):
         raise OperationalError("INSERT", {}, Exception("server closed the connection unexpectedly"))
 
-    monkeypatch.setattr(intake, "claim", down)
+    monkeypatch.setattr(claims, "claim", down)
     monkeypatch.setattr(claiming, "claim_new_content", down)
     drop_files(service, 2)
     wait_for(lambda: service.run_once() == 0 and service._backoff.failures >= 1, 30, "the outage to be noticed")
@@ -180,7 +181,7 @@ def test_database_outage_leaves_files_in_place_and_backs_off(make_service, monke
     service.watcher.rescan(time.monotonic() + 10)
     wait_for(lambda: service.run_once() == 0 and service._backoff.failures >= 2, 30, "a second failed attempt")
     assert service._backoff_delay > first and rows(service) == []
-    monkeypatch.setattr(intake, "claim", real)
+    monkeypatch.setattr(claims, "claim", real)
     monkeypatch.setattr(claiming, "claim_new_content", real_new)
     final = settle(service, 2)
     assert [r.status for r in final] == [ImageStatus.done] * 2
@@ -210,10 +211,10 @@ def test_released_claim_of_replaced_content_is_not_left_pending(make_service):
     """A claim released after a crash, whose file was then rewritten, is dropped when the new content is claimed."""
     service = make_service()
     with service.pipeline.sessions.begin() as session:
-        intake.claim(session, sha256="a" * 64, source_name="x.png", site="s", size_bytes=100)
-        intake.release_stale_claims(session, 3600, startup=True)  # the worker "died" mid-write of x.png
+        claims.claim(session, sha256="a" * 64, source_name="x.png", site="s", size_bytes=100)
+        claims.release_stale_claims(session, 3600, startup=True)  # the worker "died" mid-write of x.png
     with service.pipeline.sessions.begin() as session:
-        intake.claim(session, sha256="b" * 64, source_name="x.png", site="s", size_bytes=200)
+        claims.claim(session, sha256="b" * 64, source_name="x.png", site="s", size_bytes=200)
     assert [(r.sha256[0], r.status) for r in rows(service)] == [("b", ImageStatus.processing)]
 
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image as PILImage
 
-from stainbridge.daemon import filing
-from stainbridge.daemon.filing import FilingError, archive_file, quarantine_file, save_standardized
+from stainbridge.daemon.pipeline import filing
+from stainbridge.daemon.pipeline.filing import FilingError, archive_file, quarantine_file, save_standardized
 
 WHEN = datetime(2026, 11, 26, 1, 30, tzinfo=timezone.utc)
 
@@ -113,7 +113,7 @@ def test_file_moved_before_a_crash_gets_its_archive_path_back(tmp_path, settings
     import hashlib
     from datetime import datetime, timezone
 
-    from stainbridge.daemon.filing import archive_file, record_moved_files
+    from stainbridge.daemon.pipeline.filing import archive_file, record_moved_files
     from stainbridge.daemon.schema import upgrade_database
     from stainbridge.daemon.store import Image, ImageStatus, make_engine, make_sessionmaker
 

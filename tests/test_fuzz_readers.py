@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from stainbridge.daemon.errors import IntakeError
-from stainbridge.daemon.intake import decode_image
+from stainbridge.daemon.intake.decoding import decode_image
+from stainbridge.daemon.intake.errors import IntakeError
 from tests import dicom_factory
 
 LIMITS = {"max_pixels": 4_000_000, "max_bytes": 4 << 20, "pseudonym_secret": "fuzz-secret-0123456789"}

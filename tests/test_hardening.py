@@ -12,12 +12,12 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-from stainbridge.daemon.errors import RefusedFile
-from stainbridge.daemon.intake import decode_image
+from stainbridge.daemon.intake.decoding import decode_image
+from stainbridge.daemon.intake.errors import RefusedFile
 from stainbridge.daemon.logs import configure_logging, get_logger
-from stainbridge.daemon.pipeline import ModelConfigError, load_models
 from stainbridge.daemon.schema import upgrade_database
 from stainbridge.daemon.store import make_engine, make_sessionmaker
+from stainbridge.daemon.versions.loading import ModelConfigError, load_models
 from tests import dicom_factory
 from tests.daemon_helpers import build_tiny_models
 

@@ -9,11 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from stainbridge.daemon import hotswap, registry, retraining
-from stainbridge.daemon.hotswap import ModelSwapper
-from stainbridge.daemon.pipeline import load_models
+from stainbridge.daemon.retraining import nightly as retraining
+from stainbridge.daemon.retraining import runs
 from stainbridge.daemon.schema import upgrade_database
 from stainbridge.daemon.store import ModelKind, VersionState, make_engine, make_sessionmaker
+from stainbridge.daemon.versions import hotswap, registry
+from stainbridge.daemon.versions.hotswap import ModelSwapper
+from stainbridge.daemon.versions.loading import load_models
 from tests.daemon_helpers import Daemon, build_tiny_models, query, wait_for, write_cell, write_config
 from tests.retraining_helpers import EventRecorder, broken_standardizer
 
@@ -95,7 +97,7 @@ def test_the_running_service_switches_models_between_batches_and_survives_a_kill
 
         # A retraining run whose training subprocess is killed: recorded as failed, the service goes on.
         pidfile = tmp_path / "child.pid"
-        monkeypatch.setattr(retraining, "CHILD", "import os, sys, time; os.nice(int(sys.argv[1])); "
+        monkeypatch.setattr(runs, "CHILD", "import os, sys, time; os.nice(int(sys.argv[1])); "
                             f"open({str(pidfile)!r}, 'w').write(str(os.getpid())); time.sleep(120)")
         from stainbridge.daemon.config import load_settings
 

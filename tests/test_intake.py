@@ -18,22 +18,13 @@ import pytest
 from PIL import Image as PILImage
 from sqlalchemy import select, text
 
-from stainbridge.daemon import intake as intake_module
 from stainbridge.daemon.config import ConfigError
-from stainbridge.daemon.intake import (
-    ClaimOutcome,
-    IntakeError,
-    PseudonymSecretMissing,
-    RefusedFile,
-    UnreadableImage,
-    UnsupportedFormat,
-    claim,
-    claim_owner,
-    decode_image,
-    pseudonymize,
-    release_stale_claims,
-    sha256_file,
-)
+from stainbridge.daemon.intake import claims
+from stainbridge.daemon.intake.claims import ClaimOutcome, claim, claim_owner, release_stale_claims
+from stainbridge.daemon.intake.decoding import decode_image
+from stainbridge.daemon.intake.dicom import PseudonymSecretMissing, pseudonymize
+from stainbridge.daemon.intake.errors import IntakeError, RefusedFile, UnreadableImage, UnsupportedFormat
+from stainbridge.daemon.intake.reading import sha256_file
 from stainbridge.daemon.store import Base, Image, ImageStatus, make_engine, make_sessionmaker, utcnow
 from tests import dicom_factory
 
@@ -235,7 +226,7 @@ def test_claim_owner_pids_are_checked_only_in_their_own_pid_namespace_and_boot(d
     """A pid means something only in its PID namespace and boot: a claim from another namespace on this host
     (containers sharing a hostname) is left to the age cutoff even if that pid is unknown here; one from an
     earlier boot is released even if that pid is alive now; one from this namespace is checked as before."""
-    host, scope = socket.gethostname(), intake_module._pid_scope()
+    host, scope = socket.gethostname(), claims._pid_scope()
     boot, namespace = scope.split(".")
     owners = {
         "other_namespace": f"{host}@{boot}.{int(namespace) + 1}:999999999",

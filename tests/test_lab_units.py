@@ -8,9 +8,9 @@ from datetime import date, datetime, timezone
 import pytest
 
 from stainbridge.daemon.config import ConfigError
-from stainbridge.daemon.metrics import ServiceMetrics, start_metrics
-from stainbridge.daemon.report import Period, ReportData, Shown
-from stainbridge.daemon.report_render import render
+from stainbridge.daemon.lab.metrics import ServiceMetrics, start_metrics
+from stainbridge.daemon.lab.render import render
+from stainbridge.daemon.lab.report import Period, ReportData, Shown
 
 
 def test_report_escapes_what_comes_from_files_and_says_when_a_picture_is_gone(tmp_path) -> None:
@@ -34,11 +34,11 @@ def test_period_includes_the_until_day_and_refuses_a_backwards_range() -> None:
 
 def test_metrics_are_off_by_default_and_a_taken_port_is_a_clear_error(settings_factory) -> None:
     assert settings_factory().metrics.port == 0
-    assert start_metrics(settings_factory(), sessions=None) is None  # type: ignore[arg-type]
+    assert start_metrics(settings_factory(), sessions=None, queue_depth=lambda: 0) is None  # type: ignore[arg-type]
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        metrics = ServiceMetrics(settings_factory(), sessions=None)  # type: ignore[arg-type]
+        metrics = ServiceMetrics(settings_factory(), sessions=None, queue_depth=lambda: 0)  # type: ignore[arg-type]
         with pytest.raises(ConfigError, match=rf"127\.0\.0\.1:{port}.*\[metrics\] port = 0"):
             metrics.serve(port, "127.0.0.1")

@@ -6,9 +6,9 @@ from pathlib import Path
 
 from sqlalchemy import inspect, text
 
+from stainbridge.daemon.lab.views import LAB_VIEW_NAMES, lab_views_sql
 from stainbridge.daemon.schema import downgrade_database, upgrade_database
 from stainbridge.daemon.store import RESULTS_VIEW_SQL, Base, make_engine
-from stainbridge.daemon.views import LAB_VIEW_NAMES, lab_views_sql
 from tests.lab_helpers import plain, readme_section, seed_known_history, sql_blocks
 
 README = Path(__file__).resolve().parent.parent / "README.md"

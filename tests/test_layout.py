@@ -71,6 +71,80 @@ def test_service_side_models_never_import_training_or_bench() -> None:
     assert offenders == []
 
 
+# The daemon's stages in import order (daemon/__init__.py): a module imports only from its own stage and the
+# stages before it. "" is the foundation beside the stages (config, logs, store, schema, diskspace).
+DAEMON_STAGES = ["", "intake", "versions", "pipeline", "retraining", "lab", "service", "commands", "cli"]
+
+
+def _daemon_graph() -> dict[str, set[str]]:
+    """daemon module -> the daemon modules it imports (any depth: lazy and TYPE_CHECKING imports count)."""
+    modules = {}
+    for path in _sources("daemon"):
+        parts = path.relative_to(ROOT / "daemon").with_suffix("").parts
+        name = ".".join(("stainbridge", "daemon", *parts))
+        modules[name.removesuffix(".__init__")] = path
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        graph[name] = set()
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            targets: list[str] = []
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                targets = [f"{node.module}.{alias.name}" for alias in node.names] + [node.module]
+            for target in targets:
+                while target and target not in modules:
+                    target = target.rpartition(".")[0]
+                if target and target != name and target != "stainbridge.daemon":
+                    graph[name].add(target)
+    return graph
+
+
+def _stage(module: str) -> int:
+    parts = module.split(".")[2:]
+    first = parts[0] if parts else ""
+    return DAEMON_STAGES.index(first) if first in DAEMON_STAGES else 0
+
+
+def test_daemon_imports_have_no_loops() -> None:
+    """No import loop between daemon modules, `if TYPE_CHECKING:` and lazy imports included."""
+    graph = _daemon_graph()
+    state: dict[str, int] = {}
+    loops: list[str] = []
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                loops.append(" -> ".join([*path[path.index(nxt):], nxt]))
+            elif nxt not in state:
+                visit(nxt, [*path, nxt])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert loops == []
+
+
+def test_daemon_stages_import_only_earlier_stages() -> None:
+    """intake never imports the pipeline, the pipeline never the service, and so on (daemon/__init__.py)."""
+    graph = _daemon_graph()
+    offenders = [f"{module} -> {target}" for module, targets in sorted(graph.items()) for target in sorted(targets)
+                 if _stage(target) > _stage(module)]
+    assert offenders == []
+
+
+def test_every_daemon_stage_says_what_it_holds_and_may_import() -> None:
+    """Each stage package opens with a docstring naming its modules and what it may import."""
+    for stage in DAEMON_STAGES[1:-1]:
+        init = ROOT / "daemon" / stage / "__init__.py"
+        doc = ast.get_docstring(ast.parse(init.read_text())) or ""
+        assert doc, f"{init} has no docstring"
+        if stage != "commands":
+            assert "May import" in doc, f"{init}: say what the stage may import"
+
+
 @pytest.mark.slow
 def test_wheel_installs_only_the_stainbridge_namespace(tmp_path: Path) -> None:
     """The built wheel holds `stainbridge/` and its dist-info only, and `stainbridge --help` runs from a
@@ -92,7 +166,8 @@ def test_wheel_installs_only_the_stainbridge_namespace(tmp_path: Path) -> None:
     assert "stainbridge/migrations/script.py.mako" in names
     assert "stainbridge/models/training/cyclegan.py" in names
     assert "stainbridge/daemon/commands/report.py" in names  # the operator commands ship too
-    assert "stainbridge/daemon/templates/report.html.j2" in names
+    assert "stainbridge/daemon/lab/templates/report.html.j2" in names
+    assert "stainbridge/daemon/pipeline/runner.py" in names  # the stage sub-packages ship too
 
     # A fresh virtualenv without pip; the dependencies come from this environment through a plain path
     # entry (which, unlike a site dir, does not run the editable install's .pth hook).

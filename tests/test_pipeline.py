@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from stainbridge.daemon import intake
-from stainbridge.daemon import pipeline as pipeline_module
 from stainbridge.daemon.commands import ingest
-from stainbridge.daemon.pipeline import ModelConfigError, Pipeline, load_models
-from stainbridge.daemon.registry import active_versions, register_model
-from stainbridge.daemon.service import Service
+from stainbridge.daemon.intake import claims, reading
+from stainbridge.daemon.intake.watcher import iter_candidates
+from stainbridge.daemon.pipeline import runner as pipeline_module
+from stainbridge.daemon.pipeline.runner import Pipeline
+from stainbridge.daemon.service.lifecycle import Service
 from stainbridge.daemon.store import (
     Image,
     ImageStatus,
@@ -28,7 +28,8 @@ from stainbridge.daemon.store import (
     make_engine,
     make_sessionmaker,
 )
-from stainbridge.daemon.watcher import iter_candidates
+from stainbridge.daemon.versions.loading import ModelConfigError, load_models
+from stainbridge.daemon.versions.registry import active_versions, register_model
 from tests.daemon_helpers import CLASSES, write_cell, write_config
 
 
@@ -223,7 +224,7 @@ def test_claim_left_by_a_dead_process_is_released_and_processed_once(service, se
     """A `processing` row of a crashed worker on this host is released at start-up and classified once."""
     path = write_cell(settings.drop_dir / "orphan.png", seed=13)
     with sessions.begin() as s:
-        result = intake.claim(s, sha256=intake.sha256_file(path), source_name="orphan.png", site="test",
+        result = claims.claim(s, sha256=reading.sha256_file(path), source_name="orphan.png", site="test",
                               size_bytes=path.stat().st_size)
         s.get(Image, result.image_id).claimed_by = f"{socket.gethostname()}:{2**22 + 12345}"  # no such pid
     assert service.pipeline.recover() == 1

@@ -8,9 +8,10 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 
-from stainbridge.daemon import cli, registry
+from stainbridge.daemon import cli
 from stainbridge.daemon.schema import upgrade_database
 from stainbridge.daemon.store import ModelKind, VersionState, make_engine, make_sessionmaker
+from stainbridge.daemon.versions import registry
 from tests.daemon_helpers import build_tiny_models
 from tests.retraining_helpers import EventRecorder
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from datetime import date
 
 from stainbridge.daemon.commands.export import stream_rows
-from stainbridge.daemon.report import Period, gather
-from stainbridge.daemon.report_render import render
+from stainbridge.daemon.lab.render import render
+from stainbridge.daemon.lab.report import Period, gather
 from stainbridge.daemon.store import make_engine
 from tests.lab_helpers import seed_known_history
 

@@ -13,8 +13,12 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from stainbridge.daemon import cli, intake, registry, retraining
+from stainbridge.daemon import cli
+from stainbridge.daemon.intake import claims
+from stainbridge.daemon.retraining import nightly as retraining
+from stainbridge.daemon.retraining import runs
 from stainbridge.daemon.store import ModelKind, ModelVersion, RunStatus, TrainingRun, VersionState
+from stainbridge.daemon.versions import registry
 from stainbridge.models.imaging import synthetic
 from tests.daemon_helpers import STAINBRIDGE, subprocess_env, wait_for
 from tests.retraining_helpers import archive_incoming, open_world
@@ -102,7 +106,7 @@ def test_broken_candidate_is_refused_and_stays_a_candidate(world, lab, monkeypat
     """A candidate that paints cells black is refused with the failing checks named; the active version stays."""
     settings, sessions = world
     copy = f"import shutil, sys; a = sys.argv; shutil.copy({str(lab.broken)!r}, a[a.index('--out') + 1])"
-    monkeypatch.setattr(retraining, "CHILD", copy)
+    monkeypatch.setattr(runs, "CHILD", copy)
     result = retraining.run_retraining(settings, sessions)
     assert result.status == "rejected" and not result.promoted
     assert "reference_accuracy" in result.reason and "worse than the active version" in result.reason
@@ -116,7 +120,7 @@ def test_killed_training_is_recorded_as_failed(world, monkeypatch, tmp_path) -> 
     """SIGKILL to the (niced) training subprocess leaves a failed run naming the signal, and no candidate."""
     settings, sessions = world
     pidfile = tmp_path / "child.pid"
-    monkeypatch.setattr(retraining, "CHILD", "import os, sys, time; os.nice(int(sys.argv[1])); "
+    monkeypatch.setattr(runs, "CHILD", "import os, sys, time; os.nice(int(sys.argv[1])); "
                         f"open({str(pidfile)!r}, 'w').write(str(os.getpid())); time.sleep(120)")
     results = []
     worker = threading.Thread(target=lambda: results.append(retraining.run_retraining(settings, sessions)))
@@ -158,7 +162,7 @@ def test_a_run_left_running_by_a_dead_process_becomes_failed(world) -> None:
     settings, sessions = world
     with sessions.begin() as session:
         session.add(TrainingRun(kind=ModelKind.standardizer, status=RunStatus.running, worker=f"{os.uname().nodename}:999999"))
-    assert retraining.recover_runs(sessions) == 1
+    assert runs.recover_runs(sessions) == 1
     with sessions() as session:
         assert session.scalars(select(TrainingRun.status)).all() == [RunStatus.failed]
 
@@ -168,18 +172,18 @@ def test_run_owners_are_judged_like_claim_owners(world) -> None:
     PID namespace are failed: a live one, one in another PID namespace of this host (a container sharing the
     hostname) and one on another host are left running."""
     settings, sessions = world
-    host, scope = intake.claim_owner().rsplit(":", 1)[0].split("@")
+    host, scope = claims.claim_owner().rsplit(":", 1)[0].split("@")
     boot = scope.split(".")[0]
     owners = {
         "gone": f"{host}@{scope}:999999",
-        "alive": intake.claim_owner(),
+        "alive": claims.claim_owner(),
         "other namespace": f"{host}@{boot}.1:999999",
         "other host": f"not-{host}@{scope}:999999",
     }
     with sessions.begin() as session:
         for owner in owners.values():
             session.add(TrainingRun(kind=ModelKind.standardizer, status=RunStatus.running, worker=owner))
-    assert retraining.recover_runs(sessions) == 1
+    assert runs.recover_runs(sessions) == 1
     with sessions() as session:
         states = dict(session.execute(select(TrainingRun.worker, TrainingRun.status)).all())
     assert states == {owners["gone"]: RunStatus.failed, owners["alive"]: RunStatus.running,

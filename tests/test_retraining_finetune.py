@@ -10,10 +10,13 @@ import pytest
 import torch
 from sqlalchemy import select
 
-from stainbridge.daemon import cli, registry, retraining
-from stainbridge.daemon.hotswap import ModelSwapper
-from stainbridge.daemon.pipeline import load_models
+from stainbridge.daemon import cli
+from stainbridge.daemon.retraining import nightly as retraining
+from stainbridge.daemon.retraining import runs
 from stainbridge.daemon.store import Image, ModelKind, ModelVersion, RunStatus, TrainingRun, VersionState
+from stainbridge.daemon.versions import registry
+from stainbridge.daemon.versions.hotswap import ModelSwapper
+from stainbridge.daemon.versions.loading import load_models
 from stainbridge.models.checkpoint import file_sha256, load_checkpoint, save_checkpoint
 from tests.daemon_helpers import STAINBRIDGE, subprocess_env
 from tests.retraining_helpers import archive_incoming, open_world
@@ -146,7 +149,7 @@ def test_a_broken_classifier_candidate_is_refused_and_stays_a_candidate(reviewed
     """A fine-tune that calls every cell one class is refused on reviewed accuracy; the active classifier stays."""
     settings, sessions = reviewed_world
     broken = broken_classifier(lab, tmp_path / "broken-classifier.safetensors")
-    monkeypatch.setattr(retraining, "CHILD", f"import shutil, sys; a = sys.argv; shutil.copy({str(broken)!r}, "
+    monkeypatch.setattr(runs, "CHILD", f"import shutil, sys; a = sys.argv; shutil.copy({str(broken)!r}, "
                                              "a[a.index('--out') + 1])")
     tuned = retraining.run_retraining(settings, sessions).metrics["classifier"]
     assert tuned["status"] == "rejected" and not tuned["promoted"]
@@ -167,7 +170,7 @@ def test_candidate_site_profile_is_recorded_next_to_the_active_one(settings_fact
     state, header = load_checkpoint(colour_standardizer)
     profile = {"magnification": 1.25, "method": "nucleus_area", "images": 14}
     save_checkpoint(tmp_path / "profiled.safetensors", state, {**header, "site_profile": profile})
-    monkeypatch.setattr(retraining, "CHILD", "import shutil, sys; a = sys.argv; "
+    monkeypatch.setattr(runs, "CHILD", "import shutil, sys; a = sys.argv; "
                         f"shutil.copy({str(tmp_path / 'profiled.safetensors')!r}, a[a.index('--out') + 1])")
     settings = _settings(settings_factory, lab, "none")
     engine, sessions = open_world(settings)
@@ -198,7 +201,7 @@ def test_candidate_site_profile_is_recorded_next_to_the_active_one(settings_fact
 def test_a_crashed_fine_tuning_is_a_failed_classifier_run(reviewed_world, lab, monkeypatch, capsys) -> None:
     """A fine-tuning child that dies leaves a failed classifier run with its exit status; `retrain --now` exits 1."""
     settings, sessions = reviewed_world
-    monkeypatch.setattr(retraining, "CHILD", "import sys; print('out of memory'); sys.exit(3)")
+    monkeypatch.setattr(runs, "CHILD", "import sys; print('out of memory'); sys.exit(3)")
     assert cli.main(["retrain", "--now"]) == 1
     assert "classifier run" in capsys.readouterr().out
     with sessions() as session:

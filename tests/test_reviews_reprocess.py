@@ -8,9 +8,9 @@ import json
 import pytest
 
 from stainbridge.daemon import cli
-from stainbridge.daemon.pipeline import load_models
 from stainbridge.daemon.schema import upgrade_database
 from stainbridge.daemon.store import Image, ImageStatus, Prediction, make_engine, make_sessionmaker, utcnow
+from stainbridge.daemon.versions.loading import load_models
 from stainbridge.models.inference import resolve_geometry
 from tests.daemon_helpers import build_tiny_models, query, write_cell
 

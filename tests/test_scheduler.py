@@ -8,7 +8,8 @@ import time
 import pytest
 from sqlalchemy import select, text
 
-from stainbridge.daemon import retraining, scheduler
+from stainbridge.daemon.retraining import nightly as retraining
+from stainbridge.daemon.retraining import scheduler
 from stainbridge.daemon.schema import upgrade_database
 from stainbridge.daemon.store import ModelKind, RunStatus, TrainingRun, make_engine, make_sessionmaker
 from tests.daemon_helpers import wait_for

@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from stainbridge.daemon import sdnotify
+from stainbridge.daemon.service import sdnotify
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import json
 from datetime import datetime, timedelta
 
 from stainbridge.daemon.commands import status
-from stainbridge.daemon.registry import register_model
 from stainbridge.daemon.schema import upgrade_database
 from stainbridge.daemon.store import (
     Image,
@@ -19,6 +18,7 @@ from stainbridge.daemon.store import (
     make_sessionmaker,
     utcnow,
 )
+from stainbridge.daemon.versions.registry import register_model
 
 
 def test_status_on_a_new_sqlite_database_creates_the_schema_and_reports_zeros(run_stainbridge, tmp_path):

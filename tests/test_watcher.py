@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from stainbridge.daemon.config import load_settings
-from stainbridge.daemon.watcher import (
+from stainbridge.daemon.intake.watcher import (
     Candidate,
     DropFolderWatcher,
     FileObservation,
@@ -174,7 +174,7 @@ def test_ready_files_hands_out_at_most_limit(tmp_path):
 
 def test_tracked_files_are_bounded(tmp_path, monkeypatch):
     """Past MAX_TRACKED waiting or ready files, new sightings wait for a rescan, run once there is room (defect 11)."""
-    monkeypatch.setattr("stainbridge.daemon.watcher.MAX_TRACKED", 3)
+    monkeypatch.setattr("stainbridge.daemon.intake.watcher.MAX_TRACKED", 3)
     (tmp_path / "drop").mkdir(exist_ok=True)
     for i in range(5):
         (tmp_path / "drop" / f"{i}.png").write_bytes(b"x")

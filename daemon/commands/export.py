@@ -19,7 +19,7 @@ from sqlalchemy import Boolean, DateTime, bindparam, text
 
 from stainbridge.daemon.commands.report import parse_date
 from stainbridge.daemon.config import ConfigError, load_settings
-from stainbridge.daemon.report import Period
+from stainbridge.daemon.lab.report import Period
 from stainbridge.daemon.schema import SchemaError, prepare_database
 from stainbridge.daemon.store import make_engine
 

@@ -21,17 +21,13 @@ import sys
 from sqlalchemy.exc import SQLAlchemyError
 
 from stainbridge.daemon.config import ConfigError, load_settings
+from stainbridge.daemon.intake.walking import iter_candidates
 from stainbridge.daemon.logs import get_logger
-from stainbridge.daemon.pipeline import (
-    BatchReport,
-    ModelConfigError,
-    Pipeline,
-    absolute_candidates,
-    load_models,
-)
+from stainbridge.daemon.pipeline.batch import BatchReport
+from stainbridge.daemon.pipeline.runner import Pipeline, absolute_candidates
 from stainbridge.daemon.schema import SchemaError, prepare_database, safe_url
 from stainbridge.daemon.store import make_engine, make_sessionmaker
-from stainbridge.daemon.walking import iter_candidates
+from stainbridge.daemon.versions.loading import ModelConfigError, load_models
 
 log = get_logger(__name__)
 

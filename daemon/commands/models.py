@@ -17,10 +17,10 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session
 
-from stainbridge.daemon import registry
 from stainbridge.daemon.config import ConfigError, Settings, load_settings
 from stainbridge.daemon.schema import SchemaError, prepare_database
 from stainbridge.daemon.store import ModelKind, VersionState, make_engine, make_sessionmaker
+from stainbridge.daemon.versions import registry
 
 
 @contextmanager

@@ -48,9 +48,9 @@ class RestandardizeError(RuntimeError):
 def restandardize(settings: Settings, engine: Engine, shown: list[Any]) -> dict[int, str]:
     """Standardized thumbnails, made now with the registry's active models on the CPU, for the shown
     images that have no saved copy (image id -> data URI); the service's geometry ([site] scale) applies."""
-    from stainbridge.daemon import registry
-    from stainbridge.daemon.report_render import read_picture, standardized_path, thumbnail_of
+    from stainbridge.daemon.lab.render import read_picture, standardized_path, thumbnail_of
     from stainbridge.daemon.store import ModelKind, make_sessionmaker
+    from stainbridge.daemon.versions import registry
     from stainbridge.models.inference import DeviceUnavailable, ModelMismatch, run_batch
 
     todo = []
@@ -82,8 +82,8 @@ def write_report(database_url: str, out: Path, since: date | None = None, until:
                  settings: Settings | None = None) -> Path:
     """Gather, render and write the report atomically; returns the path written. With `settings`, shown
     images without a saved standardized copy are standardized now (see restandardize)."""
-    from stainbridge.daemon.report import Period, gather
-    from stainbridge.daemon.report_render import render
+    from stainbridge.daemon.lab.render import render
+    from stainbridge.daemon.lab.report import Period, gather
 
     period = Period.from_dates(since, until)
     engine = make_engine(database_url)

@@ -15,10 +15,10 @@ from dataclasses import asdict
 from datetime import datetime, timezone
 
 from stainbridge.daemon.config import ConfigError, load_settings
-from stainbridge.daemon.pipeline import ModelConfigError, load_models
-from stainbridge.daemon.reprocess import reprocess, select_images
+from stainbridge.daemon.retraining.reprocess import reprocess, select_images
 from stainbridge.daemon.schema import SchemaError, prepare_database
 from stainbridge.daemon.store import make_engine, make_sessionmaker
+from stainbridge.daemon.versions.loading import ModelConfigError, load_models
 
 
 def _date(text: str) -> datetime:

@@ -13,8 +13,8 @@ import json
 import sys
 
 from stainbridge.daemon.config import ConfigError, load_settings
-from stainbridge.daemon.retraining import run_retraining
-from stainbridge.daemon.scheduler import job_lock
+from stainbridge.daemon.retraining.nightly import run_retraining
+from stainbridge.daemon.retraining.scheduler import job_lock
 from stainbridge.daemon.schema import SchemaError, prepare_database
 from stainbridge.daemon.store import make_engine, make_sessionmaker
 

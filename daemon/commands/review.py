@@ -20,11 +20,11 @@ from pathlib import Path
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from stainbridge.daemon import registry
 from stainbridge.daemon.commands.models import database
 from stainbridge.daemon.config import ConfigError, load_settings
 from stainbridge.daemon.schema import SchemaError
 from stainbridge.daemon.store import Image, ImageStatus, ModelKind, Prediction, Review
+from stainbridge.daemon.versions import registry
 
 EXPORT_COLUMNS = ["image", "sha256", "source_name", "archive_path", "predicted", "confidence", "label", "reviewer",
                   "time", "comment"]

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from stainbridge.daemon import diskspace
 from stainbridge.daemon.config import ConfigError, Settings, load_settings
-from stainbridge.daemon.registry import active_versions
+from stainbridge.daemon.intake.walking import is_ignored_name
 from stainbridge.daemon.schema import (
     SchemaError,
     prepare_database,
@@ -37,7 +37,7 @@ from stainbridge.daemon.store import (
     make_sessionmaker,
     utcnow,
 )
-from stainbridge.daemon.walking import is_ignored_name
+from stainbridge.daemon.versions.registry import active_versions
 
 
 def error_reason(error: str | None) -> str:

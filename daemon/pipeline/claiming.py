@@ -6,7 +6,7 @@ released claims under its names), inserts a `processing` row for each new conten
 ``ON CONFLICT DO NOTHING ... RETURNING`` and commits, so one commit (one fsync on SQLite) claims
 the batch. A sha256 the database already knows (a duplicate, a released claim, a crash before
 filing), a sha256 twice in the batch, or a row another worker inserted first goes through
-``intake.claim`` in its own short transaction, as before. If the database refuses the batch
+``claims.claim`` in its own short transaction, as before. If the database refuses the batch
 (a value it cannot store), each file is claimed alone so that the refusal stays with its file.
 """
 
@@ -14,21 +14,17 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 from sqlalchemy import and_, delete, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
-from stainbridge.daemon import intake
-from stainbridge.daemon.batch import BatchReport, Item
-from stainbridge.daemon.failures import error_summary, is_transient
+from stainbridge.daemon.intake import claims
+from stainbridge.daemon.intake.failures import error_summary, is_transient
 from stainbridge.daemon.logs import get_logger
+from stainbridge.daemon.pipeline.batch import BatchReport, Item
 from stainbridge.daemon.store import Image, ImageStatus, utcnow
-
-if TYPE_CHECKING:
-    from stainbridge.daemon.pipeline import Pipeline
 
 log = get_logger(__name__)
 
@@ -37,12 +33,12 @@ class _Vanished(Exception):
     """The file left the drop folder between its hash and its claim."""
 
 
-def claim_items(p: Pipeline, items: Sequence[Item], report: BatchReport) -> None:
+def claim_items(sessions: sessionmaker, items: Sequence[Item], report: BatchReport, *, site: str) -> None:
     """Claim every hashed item: sets `image_id`, and `target` for what is only to be filed."""
     rest = list(items)
     try:
-        with p.sessions.begin() as session:
-            rest = claim_new_content(session, items, site=p.settings.site.name)
+        with sessions.begin() as session:
+            rest = claim_new_content(session, items, site=site)
     except SQLAlchemyError as exc:
         if is_transient(exc):
             raise
@@ -50,7 +46,7 @@ def claim_items(p: Pipeline, items: Sequence[Item], report: BatchReport) -> None
         for item in items:
             item.image_id = None
     for item in rest:
-        _claim_one(p, item, report)
+        _claim_one(sessions, item, report, site=site)
 
 
 def claim_new_content(session: Session, items: Sequence[Item], *, site: str) -> list[Item]:
@@ -77,7 +73,7 @@ def claim_new_content(session: Session, items: Sequence[Item], *, site: str) -> 
         session.execute(delete(Image).where(Image.source_name.in_(replaced), Image.status == ImageStatus.pending,
                                             Image.duplicate_of_id.is_(None))
                         .execution_options(synchronize_session=False))
-    now, me = utcnow(), intake.claim_owner()
+    now, me = utcnow(), claims.claim_owner()
     values = [{"sha256": sha, "source_name": item.candidate.source_name, "site": site,
                "size_bytes": item.opened.st_size if item.opened else item.candidate.size,
                "status": ImageStatus.processing, "claimed_by": me, "claimed_at": now, "received_at": now}
@@ -96,16 +92,16 @@ def claim_new_content(session: Session, items: Sequence[Item], *, site: str) -> 
     return rest
 
 
-def _claim_one(p: Pipeline, item: Item, report: BatchReport) -> None:
+def _claim_one(sessions: sessionmaker, item: Item, report: BatchReport, *, site: str) -> None:
     """Claim one file in its own transaction (duplicates, take-overs, crash leftovers, refusals)."""
     candidate = item.candidate
     bound = log.bind(source=candidate.source_name, image=item.sha256[:12])
     size = item.opened.st_size if item.opened else candidate.size
     try:
-        with p.sessions.begin() as session:
-            claimed = intake.claim(session, sha256=item.sha256, source_name=candidate.source_name,
-                                   site=p.settings.site.name, size_bytes=size)
-            if claimed.outcome is intake.ClaimOutcome.duplicate and not _still_there(item):
+        with sessions.begin() as session:
+            claimed = claims.claim(session, sha256=item.sha256, source_name=candidate.source_name,
+                                   site=site, size_bytes=size)
+            if claimed.outcome is claims.ClaimOutcome.duplicate and not _still_there(item):
                 raise _Vanished  # another worker filed this very file after we hashed it: no duplicate row
     except _Vanished:
         bound.info("filed_elsewhere")
@@ -119,15 +115,15 @@ def _claim_one(p: Pipeline, item: Item, report: BatchReport) -> None:
         return
     outcome = claimed.outcome
     item.image_id = claimed.image_id
-    if outcome is intake.ClaimOutcome.in_progress:
+    if outcome is claims.ClaimOutcome.in_progress:
         bound.info("in_progress_elsewhere")
         item.image_id, item.skip = None, "in_progress"
         report.left_in_place.append(candidate.path)
-    elif outcome is intake.ClaimOutcome.duplicate:
+    elif outcome is claims.ClaimOutcome.duplicate:
         bound.info("duplicate", duplicate_of=claimed.duplicate_of_id)
         report.duplicates += 1
         item.target = ImageStatus.duplicate
-    elif outcome is intake.ClaimOutcome.unfiled:
+    elif outcome is claims.ClaimOutcome.unfiled:
         bound.info("already_recorded", status=claimed.original_status.value)
         report.refiled += 1
         report.refiled_failed += claimed.original_status is ImageStatus.failed

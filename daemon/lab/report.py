@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import DateTime, bindparam, text
 from sqlalchemy.engine import Engine
 
-from stainbridge.daemon.views import day_sql, reason_sql
+from stainbridge.daemon.lab.views import day_sql, reason_sql
 
 HISTOGRAM_BINS = 20
 GRID_IMAGES = 12  # incoming images shown before and after standardization

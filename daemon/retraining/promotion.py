@@ -38,8 +38,8 @@ from typing import Any
 
 from PIL import Image as PILImage
 
-from stainbridge.daemon import intake
 from stainbridge.daemon.config import Settings
+from stainbridge.daemon.intake import decoding
 from stainbridge.daemon.logs import get_logger
 from stainbridge.models.inference import Classifier, Standardizer, load_standardizer, run_batch
 
@@ -111,7 +111,7 @@ def load_images(settings: Settings, paths: Sequence[Path]) -> tuple[list[PILImag
     images, kept = [], []
     for i, path in enumerate(paths):
         try:
-            decoded = intake.decode_image(path, max_pixels=settings.watch.max_pixels,
+            decoded = decoding.decode_image(path, max_pixels=settings.watch.max_pixels,
                                           max_bytes=int(settings.watch.max_file_mb * 2**20),
                                           pseudonym_secret=settings.site.pseudonym_secret or "gate")
         except Exception as exc:  # noqa: BLE001 - an unreadable file only leaves the gate's sample

@@ -33,7 +33,7 @@ from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserverVFS
 
 from stainbridge.daemon.config import Settings
-from stainbridge.daemon.walking import (
+from stainbridge.daemon.intake.walking import (
     IGNORED_NAMES,
     TEMP_SUFFIXES,
     Candidate,
@@ -178,6 +178,11 @@ class DropFolderWatcher:
                 self._deliver(path, identity)
                 taken.append(candidate)
         return sorted(taken, key=lambda c: c.source_name)
+
+    def waiting(self) -> int:
+        """Files seen in the drop folder and not yet handed out: still changing, or ready (the queue)."""
+        with self._lock:
+            return len(self._seen) + len(self._ready)
 
     def forget(self, path: str | os.PathLike[str]) -> None:
         """Let a delivered file be handed out again (call it when you leave a file in place)."""

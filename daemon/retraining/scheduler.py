@@ -92,7 +92,7 @@ def job_lock(settings: Settings, engine: Engine) -> Iterator[bool]:
 def run_scheduled(settings: Settings, engine: Engine, *, now: datetime | None = None,
                   stop: threading.Event | None = None) -> Any:
     """The scheduled job: under the lock, once per schedule slot. Returns the RetrainResult or None."""
-    from stainbridge.daemon.retraining import run_retraining
+    from stainbridge.daemon.retraining.nightly import run_retraining
 
     trigger = CronTrigger.from_crontab(settings.retraining.schedule)
     now = now or datetime.now(timezone.utc)

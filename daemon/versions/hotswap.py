@@ -16,11 +16,11 @@ from dataclasses import replace
 
 from sqlalchemy.orm import sessionmaker
 
-from stainbridge.daemon import registry
 from stainbridge.daemon.config import Settings
 from stainbridge.daemon.logs import get_logger
-from stainbridge.daemon.pipeline import LoadedModels
 from stainbridge.daemon.store import ModelKind
+from stainbridge.daemon.versions import registry
+from stainbridge.daemon.versions.loading import LoadedModels
 
 log = get_logger(__name__)
 

@@ -17,10 +17,10 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from stainbridge.daemon import registry
 from stainbridge.daemon.config import Settings
 from stainbridge.daemon.logs import get_logger
 from stainbridge.daemon.store import ModelKind, ModelVersion, VersionState
+from stainbridge.daemon.versions import registry
 from stainbridge.models.inference import (
     CheckpointError,
     Classifier,

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from stainbridge.daemon.failures import storable_source_name
+from stainbridge.daemon.intake.failures import storable_source_name
 
 TEMP_SUFFIXES = (".part", ".partial", ".tmp", ".temp", ".crdownload", ".download", ".filepart", ".swp", "~")
 IGNORED_NAMES = frozenset({"thumbs.db", "desktop.ini"})

@@ -43,25 +43,28 @@ from types import FrameType
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from stainbridge.daemon import diskspace, intake, sdnotify
+from stainbridge.daemon import diskspace
 from stainbridge.daemon.config import ConfigError, Settings, load_settings
-from stainbridge.daemon.failures import MAX_ATTEMPTS, Backoff, error_summary, is_transient
-from stainbridge.daemon.health import database_answers, watchdog_loop
-from stainbridge.daemon.hotswap import ModelSwapper
+from stainbridge.daemon.intake import claims
+from stainbridge.daemon.intake.failures import MAX_ATTEMPTS, Backoff, error_summary, is_transient
+from stainbridge.daemon.intake.watcher import Candidate, DropFolderWatcher
+from stainbridge.daemon.lab.metrics import ServiceMetrics, start_metrics
 from stainbridge.daemon.logs import get_logger
-from stainbridge.daemon.metrics import ServiceMetrics, start_metrics
-from stainbridge.daemon.pipeline import STALE_CLAIM_SECONDS, BatchReport, Pipeline, use_all_cores
-from stainbridge.daemon.retraining import recover_runs
-from stainbridge.daemon.scheduler import RetrainingScheduler
+from stainbridge.daemon.pipeline.batch import BatchReport
+from stainbridge.daemon.pipeline.runner import STALE_CLAIM_SECONDS, Pipeline, use_all_cores
+from stainbridge.daemon.retraining.runs import recover_runs
+from stainbridge.daemon.retraining.scheduler import RetrainingScheduler
 from stainbridge.daemon.schema import safe_url
-from stainbridge.daemon.startup import (
+from stainbridge.daemon.service import sdnotify
+from stainbridge.daemon.service.health import database_answers, watchdog_loop
+from stainbridge.daemon.service.startup import (
     STARTUP_BACKOFF_MAX_SECONDS,
     StartupError,
     StoppedDuringStartup,
     connect_and_load,
     startup_errors,
 )
-from stainbridge.daemon.watcher import Candidate, DropFolderWatcher
+from stainbridge.daemon.versions.hotswap import ModelSwapper
 
 __all__ = [  # start-up's names stay importable from here
     "IDLE_SECONDS", "MAX_BACKLOG", "MAX_TRACKED_ATTEMPTS", "STARTUP_BACKOFF_MAX_SECONDS", "Service",
@@ -80,7 +83,7 @@ class Service:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.log = log.bind(site=settings.site.name, worker=intake.worker_id())
+        self.log = log.bind(site=settings.site.name, worker=claims.worker_id())
         self.engine: Engine | None = None
         self.pipeline: Pipeline | None = None
         self.watcher: DropFolderWatcher | None = None
@@ -117,7 +120,7 @@ class Service:
                 folder.mkdir(parents=True, exist_ok=True)
             self.watcher = DropFolderWatcher(s)
             self.watcher.start()  # includes the start-up scan
-            self.metrics = start_metrics(s, sessions)
+            self.metrics = start_metrics(s, sessions, self.watcher.waiting)
         self.log.info("ready", drop=str(s.drop_dir), database=safe_url(s.database_url),
                       batch_size=s.models.batch_size, polling=s.watch.polling)
         sdnotify.notify(f"READY=1\nSTATUS=watching {s.drop_dir}")
@@ -326,7 +329,7 @@ class Service:
         self._last_release = time.monotonic()
         try:
             with self.pipeline.sessions.begin() as session:
-                released = intake.release_stale_claims(session, STALE_CLAIM_SECONDS)
+                released = claims.release_stale_claims(session, STALE_CLAIM_SECONDS)
         except SQLAlchemyError:
             return  # run_once reports database errors
         if released:

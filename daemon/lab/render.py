@@ -1,5 +1,5 @@
 """Turn a ReportData into one self-contained HTML file: matplotlib plots and JPEG thumbnails as
-data URIs, laid out by the Jinja2 template daemon/templates/report.html.j2 (autoescaped).
+data URIs, laid out by the Jinja2 template daemon/lab/templates/report.html.j2 (autoescaped).
 
 The page loads nothing from anywhere (its Content-Security-Policy allows only inline styles and
 data: images), so it can be mailed or opened on a workstation without network access.
@@ -12,7 +12,7 @@ import io
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from stainbridge.daemon.report import HISTOGRAM_BINS, ReportData, Shown
+from stainbridge.daemon.lab.report import HISTOGRAM_BINS, ReportData, Shown
 
 if TYPE_CHECKING:
     from PIL.Image import Image as PILImage
@@ -29,8 +29,8 @@ def _data_uri(payload: bytes, mime: str) -> str:
 def read_picture(path: Path) -> "PILImage | None":
     """The archived file decoded as the service decodes it (DICOM too, bombs refused); None when unreadable."""
     from stainbridge.daemon.config import WatchSettings
-    from stainbridge.daemon.errors import IntakeError
-    from stainbridge.daemon.intake import decode_image
+    from stainbridge.daemon.intake.decoding import decode_image
+    from stainbridge.daemon.intake.errors import IntakeError
 
     limits = WatchSettings()
     try:

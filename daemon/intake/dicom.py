@@ -25,8 +25,8 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 from pydicom.valuerep import DT
 
 from stainbridge.daemon.config import ConfigError
-from stainbridge.daemon.errors import RefusedFile, UnreadableImage, UnsupportedFormat
-from stainbridge.daemon.failures import storable_text
+from stainbridge.daemon.intake.errors import RefusedFile, UnreadableImage, UnsupportedFormat
+from stainbridge.daemon.intake.failures import storable_text
 from stainbridge.daemon.logs import mask_in_free_text
 
 

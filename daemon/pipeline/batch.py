@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from stainbridge.daemon import intake
 from stainbridge.daemon.config import ConfigError
-from stainbridge.daemon.failures import storable_text
+from stainbridge.daemon.intake import decoding, errors, reading
+from stainbridge.daemon.intake.failures import storable_text
+from stainbridge.daemon.intake.walking import Candidate
 from stainbridge.daemon.logs import get_logger
 from stainbridge.daemon.store import ImageStatus
-from stainbridge.daemon.walking import Candidate
 
 log = get_logger(__name__)
 
@@ -59,7 +59,7 @@ class Item:
     candidate: Candidate
     sha256: str | None = None
     image_id: int | None = None
-    decoded: intake.DecodedImage | None = None
+    decoded: decoding.DecodedImage | None = None
     reason: str | None = None  # failure reason code
     detail: str = ""
     seconds: float = 0.0  # decode time
@@ -125,19 +125,19 @@ def open_and_hash(item: Item, *, max_bytes: int, heartbeat: Callable[[], None], 
     try:
         if candidate.refusal:  # filed as it is (a link is moved as a link), from its real folder
             item.reason, item.detail = candidate.refusal, f"{candidate.source_name}: {candidate.detail}"
-            item.dir_fd = intake.open_folder(Path(candidate.path).parent, root)
+            item.dir_fd = reading.open_folder(Path(candidate.path).parent, root)
             return
         st = os.lstat(candidate.path)
         if st.st_size > max_bytes:  # before hashing: a huge file on a slow share is never read
             item.reason = "too_large"
             item.detail = (f"{candidate.source_name} is {st.st_size / 2**20:.1f} MiB, over the "
                            f"{max_bytes / 2**20:.1f} MiB limit ([watch] max_file_mb)")
-            item.dir_fd = intake.open_folder(Path(candidate.path).parent, root)
+            item.dir_fd = reading.open_folder(Path(candidate.path).parent, root)
             return
-        item.handle, item.dir_fd = intake.open_beneath(candidate.path, root)
-        item.sha256 = intake.sha256_open(item.handle, on_chunk=heartbeat)
+        item.handle, item.dir_fd = reading.open_beneath(candidate.path, root)
+        item.sha256 = reading.sha256_open(item.handle, on_chunk=heartbeat)
         st = item.opened = os.fstat(item.handle.fileno())
-    except intake.IntakeError as exc:
+    except errors.IntakeError as exc:
         item.close()
         if exc.reason in ("missing", "linked_folder"):  # filed elsewhere, deleted, or not ours to touch
             item.skip, item.reason = exc.reason, None
@@ -170,11 +170,11 @@ def decode_item(item: Item, *, max_pixels: int, max_bytes: int, pseudonym_secret
         item.pixels += pixels
 
     try:
-        item.decoded = intake.decode_open(item.handle, Path(item.candidate.path).name, max_pixels=max_pixels,
+        item.decoded = decoding.decode_open(item.handle, Path(item.candidate.path).name, max_pixels=max_pixels,
                                           max_bytes=max_bytes, pseudonym_secret=pseudonym_secret, reserve=reserve)
         if not item.pixels:  # DICOM: counted once decoded
             reserve(item.decoded.width * item.decoded.height)
-    except intake.IntakeError as exc:
+    except errors.IntakeError as exc:
         item.reason, item.detail = exc.reason, storable_text(str(exc), 1000)
     except ConfigError as exc:  # e.g. a patient ID but no pseudonym secret: fix the settings, then it runs
         bound.error("configuration_missing", error=str(exc))

@@ -2,7 +2,7 @@
 
 One run, in order (each run is a ``training_runs`` row; every outcome is one of its states):
 
-1. ``running`` row with the worker (``intake.claim_owner``: host@boot.pidns:pid) and the options;
+1. ``running`` row with the worker (``claims.claim_owner``: host@boot.pidns:pid) and the options;
 2. data: archived incoming images received in the last ``window_days`` (newest first, at most
    ``max_images``); fewer than ``min_new_images`` new ones since the last run -> ``skipped`` with
    the reason. A stable share (by sha256) is held out for the gate and never trained on;
@@ -21,12 +21,8 @@ One run, in order (each run is a ``training_runs`` row; every outcome is one of 
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
 import threading
-import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -35,30 +31,24 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import sessionmaker
 
-from stainbridge.daemon import diskspace, intake, promotion, registry
+from stainbridge.daemon import diskspace
 from stainbridge.daemon.config import Settings
+from stainbridge.daemon.intake import claims
 from stainbridge.daemon.logs import get_logger
+from stainbridge.daemon.retraining import finetuning, promotion, runs
 from stainbridge.daemon.store import (
     Image,
     ImageStatus,
     ModelKind,
     ModelVersion,
-    Review,
     RunStatus,
     TrainingRun,
     VersionState,
     utcnow,
 )
+from stainbridge.daemon.versions import registry
 
 log = get_logger(__name__)
-
-# The child lowers its own priority, then runs the same CLI an operator would.
-CHILD = "import os, sys; os.nice(int(sys.argv[1])); from stainbridge.daemon.cli import main; sys.exit(main(sys.argv[2:]))"
-
-
-class TrainingFailed(Exception):
-    """The training subprocess did not produce a checkpoint; the message says why."""
-
 
 @dataclass
 class RetrainResult:
@@ -73,27 +63,6 @@ class RetrainResult:
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def recover_runs(sessions: sessionmaker) -> int:
-    """Runs left `running` by a dead process on this host become `failed` (call at start-up)."""
-    count = 0
-    with sessions.begin() as session:
-        for run in session.scalars(select(TrainingRun).where(TrainingRun.status == RunStatus.running)):
-            if run.worker and intake.owner_is_dead(run.worker):
-                run.status, run.finished_at = RunStatus.failed, utcnow()
-                run.reason = run.error = f"the process running it ({run.worker}) died"
-                count += 1
-    return count
-
-
-def finish_run(sessions: sessionmaker, run_id: int, status: RunStatus, reason: str, **values: Any) -> None:
-    """Close a run: its final status, reason and end time (and any other columns given)."""
-    with sessions.begin() as session:
-        run = session.get(TrainingRun, run_id)
-        run.status, run.reason, run.finished_at = status, reason[:4000], utcnow()
-        for key, value in values.items():
-            setattr(run, key, value)
 
 
 def recent_images(settings: Settings, sessions: sessionmaker, now: datetime) -> list[tuple[str, Path]]:
@@ -120,30 +89,6 @@ def _new_since_last_run(sessions: sessionmaker, run_id: int) -> int:
         if last is not None:
             query = query.where(Image.received_at > last)
         return int(session.scalar(query) or 0)
-
-
-def is_held_out(sha256: str, fraction: float) -> bool:
-    """A stable share by sha256: a file is held out of training in every run or in none."""
-    return int(sha256[:8], 16) % 1000 < int(fraction * 1000)
-
-
-def split_held_out(images: list[tuple[str, Path]], fraction: float) -> tuple[list[Path], list[Path]]:
-    """(train, held out) by :func:`is_held_out`."""
-    train = [p for sha, p in images if not is_held_out(sha, fraction)]
-    held = [p for sha, p in images if is_held_out(sha, fraction)]
-    return train, held
-
-
-def reviewed_images(sessions: sessionmaker) -> list[tuple[str, Path, str, datetime]]:
-    """(sha256, archived file, latest reviewed label, review time) of reviewed images whose file exists."""
-    with sessions() as session:
-        latest = select(func.max(Review.id)).group_by(Review.image_id)
-        rows = session.execute(
-            select(Image.sha256, Image.archive_path, Review.label, Review.created_at)
-            .join(Review, Review.image_id == Image.id)
-            .where(Review.id.in_(latest), Image.archive_path.is_not(None)).order_by(Image.id)
-        ).all()
-    return [(sha, Path(p), label, at) for sha, p, label, at in rows if Path(p).is_file()]
 
 
 def warm_start(settings: Settings, active: ModelVersion) -> tuple[str | None, str]:
@@ -173,14 +118,14 @@ def site_profile_method(active: ModelVersion) -> str | None:
 
 def site_profile_command(settings: Settings, source: Path, out: Path, method: str, classifier: str) -> list[str]:
     cfg = settings.retraining
-    return [sys.executable, "-c", CHILD, str(cfg.nice), "train", "site-profile", "--method", method,
+    return [sys.executable, "-c", runs.CHILD, str(cfg.nice), "train", "site-profile", "--method", method,
             "--source", str(source), "--classifier", classifier, "--reference", str(cfg.reference), "--out", str(out)]
 
 
 def train_command(settings: Settings, source: Path, out: Path, semantic_classifier: str | None,
                   init_from: str | None = None) -> list[str]:
     cfg = settings.retraining
-    cmd = [sys.executable, "-c", CHILD, str(cfg.nice), "train", "cyclegan", "--source", str(source),
+    cmd = [sys.executable, "-c", runs.CHILD, str(cfg.nice), "train", "cyclegan", "--source", str(source),
            "--reference", str(cfg.reference), "--out", str(out), "--preset", cfg.preset,
            "--epochs", str(cfg.epochs), "--device", cfg.device]
     if cfg.steps_per_epoch:
@@ -192,31 +137,6 @@ def train_command(settings: Settings, source: Path, out: Path, semantic_classifi
     return cmd
 
 
-def run_training(cmd: list[str], log_path: Path, *, timeout: float, stop: threading.Event | None) -> None:
-    """Run the training subprocess to the end; raise TrainingFailed on any other outcome."""
-    env = dict(os.environ)
-    with log_path.open("ab") as out:
-        child = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                 start_new_session=True)
-    log.info("training_started", pid=child.pid, log=str(log_path))
-    deadline = time.monotonic() + timeout
-    while child.poll() is None:
-        if stop is not None and stop.is_set():
-            child.kill()
-            child.wait()
-            raise TrainingFailed("the service stopped during training; the run will be tried again on schedule")
-        if time.monotonic() > deadline:
-            child.kill()
-            child.wait()
-            raise TrainingFailed(f"training ran past [retraining] timeout_minutes ({timeout / 60:.0f}) and was killed")
-        time.sleep(0.2)
-    if child.returncode != 0:
-        how = (f"was killed by {signal.Signals(-child.returncode).name}" if child.returncode < 0
-               else f"exited with status {child.returncode}")
-        tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] if log_path.exists() else []
-        raise TrainingFailed(f"training {how}; see {log_path}" + (f" ({tail[0][:300]})" if tail else ""))
-
-
 def run_retraining(settings: Settings, sessions: sessionmaker, *, trigger: str = "manual",
                    now: datetime | None = None, stop: threading.Event | None = None) -> RetrainResult:
     """One retraining run, start to finish; never raises for a failed run (it is recorded)."""
@@ -224,7 +144,7 @@ def run_retraining(settings: Settings, sessions: sessionmaker, *, trigger: str =
     cfg = settings.retraining
     with sessions.begin() as session:
         run = TrainingRun(kind=ModelKind.standardizer, status=RunStatus.running, trigger=trigger,
-                          worker=intake.claim_owner(), started_at=now,
+                          worker=claims.claim_owner(), started_at=now,
                           params={"preset": cfg.preset, "epochs": cfg.epochs, "steps_per_epoch": cfg.steps_per_epoch,
                                   "window_days": cfg.window_days, "max_images": cfg.max_images,
                                   "reference": str(cfg.reference) if cfg.reference else None})
@@ -235,19 +155,17 @@ def run_retraining(settings: Settings, sessions: sessionmaker, *, trigger: str =
     bound.info("retraining_started")
     try:
         result = _run(settings, sessions, run_id, now, stop)
-    except TrainingFailed as exc:
-        finish_run(sessions, run_id, RunStatus.failed, str(exc), error=str(exc))
+    except runs.TrainingFailed as exc:
+        runs.finish_run(sessions, run_id, RunStatus.failed, str(exc), error=str(exc))
         result = RetrainResult(run_id, RunStatus.failed.value, reason=str(exc))
     except Exception as exc:  # noqa: BLE001 - a bug in one run must leave a row and a working service
         bound.exception("retraining_crashed")
         reason = f"{type(exc).__name__}: {exc}"
-        finish_run(sessions, run_id, RunStatus.failed, reason, error=reason)
+        runs.finish_run(sessions, run_id, RunStatus.failed, reason, error=reason)
         result = RetrainResult(run_id, RunStatus.failed.value, reason=reason)
     bound.info("retraining_finished", status=result.status, candidate=result.candidate_id,
                promoted=result.promoted, reason=result.reason)
     if stop is None or not stop.is_set():
-        from stainbridge.daemon import finetuning  # it builds on this module's run helpers
-
         result.metrics["classifier"] = finetuning.run_classifier_finetune(settings, sessions, trigger=trigger,
                                                                           now=utcnow(), stop=stop)
     return result
@@ -258,7 +176,7 @@ def _run(settings: Settings, sessions: sessionmaker, run_id: int, now: datetime,
     cfg = settings.retraining
 
     def skipped(reason: str, **values: Any) -> RetrainResult:
-        finish_run(sessions, run_id, RunStatus.skipped, reason, **values)
+        runs.finish_run(sessions, run_id, RunStatus.skipped, reason, **values)
         return RetrainResult(run_id, RunStatus.skipped.value, reason=reason)
 
     if cfg.reference is None or not cfg.reference.is_dir():
@@ -270,7 +188,7 @@ def _run(settings: Settings, sessions: sessionmaker, run_id: int, now: datetime,
     if new < cfg.min_new_images:
         return skipped(f"{new} new images since the last run, fewer than [retraining] min_new_images "
                        f"({cfg.min_new_images})", images_used=0)
-    train, held_out = split_held_out(recent_images(settings, sessions, now), cfg.held_out_fraction)
+    train, held_out = runs.split_held_out(recent_images(settings, sessions, now), cfg.held_out_fraction)
     if not train:
         return skipped("no archived images in the window to train on", images_used=0)
 
@@ -286,7 +204,7 @@ def _run(settings: Settings, sessions: sessionmaker, run_id: int, now: datetime,
         c_active = registry.active_version(session, ModelKind.classifier)
         s_active = registry.active_version(session, ModelKind.standardizer)
     if c_active is None or s_active is None:
-        raise TrainingFailed("no active classifier or standardizer in the registry; start the service once "
+        raise runs.TrainingFailed("no active classifier or standardizer in the registry; start the service once "
                              "or run `stainbridge models promote ID`")
     method = site_profile_method(s_active)
     if method is not None:
@@ -304,7 +222,7 @@ def _run(settings: Settings, sessions: sessionmaker, run_id: int, now: datetime,
         run = session.get(TrainingRun, run_id)
         run.params = {**(run.params or {}), "init_from": init_from, "init_from_version": s_active.id if init_from
                       else None, "start": start, "command": command}
-    run_training(cmd, log_path, timeout=cfg.timeout_minutes * 60, stop=stop)
+    runs.run_training(cmd, log_path, timeout=cfg.timeout_minutes * 60, stop=stop)
 
     device = settings.models.device
     classifier = registry.load_version(c_active, device=device)
@@ -318,7 +236,7 @@ def _run(settings: Settings, sessions: sessionmaker, run_id: int, now: datetime,
         candidate_id = version.id
         session.get(TrainingRun, run_id).model_version_id = candidate_id
     gate = promotion.evaluate(settings, classifier, active, candidate, held_out=held_out,
-                              reviewed=[(p, label) for _, p, label, _ in reviewed_images(sessions)],
+                              reviewed=[(p, label) for _, p, label, _ in runs.reviewed_images(sessions)],
                               reference=cfg.reference)
     metrics = {"gate": gate.metrics(), "training": (candidate.header.get("metrics") or {}).get("final", {}),
                "site_profile": gate.site_profile}
@@ -333,5 +251,5 @@ def _run(settings: Settings, sessions: sessionmaker, run_id: int, now: datetime,
         run.metrics = metrics
         run.reference_images = next((c.images for c in gate.checks if c.name == "reference_accuracy"), None)
     status = RunStatus.succeeded if gate.passed else RunStatus.rejected
-    finish_run(sessions, run_id, status, gate.reason)
+    runs.finish_run(sessions, run_id, status, gate.reason)
     return RetrainResult(run_id, status.value, candidate_id, gate.passed, gate.reason, metrics)

@@ -15,7 +15,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from structlog.stdlib import BoundLogger
 
-from stainbridge.daemon import sdnotify
+from stainbridge.daemon.service import sdnotify
 
 
 def database_answers(engine: Engine | None) -> bool:

@@ -3,7 +3,7 @@
 What this worker did since it started (counters and a histogram, kept in memory):
 ``stainbridge_files_processed_total{outcome}``, ``stainbridge_files_failed_total{reason}`` and
 ``stainbridge_batch_seconds``. What is true now (read at each scrape): ``stainbridge_queue_depth``
-(files waiting in the drop folder), ``stainbridge_active_model_info{kind,name,sha256}`` and
+(files the watcher tracks as waiting or ready: its own count, no walk of the drop folder), ``stainbridge_active_model_info{kind,name,sha256}`` and
 ``stainbridge_last_successful_retraining_timestamp_seconds`` from the database.
 
 The endpoint is plain HTTP without authentication: it listens on 127.0.0.1 unless ``[metrics]
@@ -12,7 +12,7 @@ address`` says otherwise; expose it only to the lab's monitoring network.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timezone
 from typing import Any
 
@@ -25,12 +25,11 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import sessionmaker
 
 from stainbridge.daemon import diskspace
-from stainbridge.daemon.commands.status import count_waiting
 from stainbridge.daemon.config import ConfigError, Settings
 from stainbridge.daemon.logs import get_logger
-from stainbridge.daemon.pipeline import BatchReport
-from stainbridge.daemon.registry import active_versions
+from stainbridge.daemon.pipeline.batch import BatchReport
 from stainbridge.daemon.store import RunStatus, TrainingRun
+from stainbridge.daemon.versions.registry import active_versions
 
 log = get_logger(__name__)
 BATCH_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -67,7 +66,7 @@ class DatabaseCollector(Collector):
 class ServiceMetrics:
     """The worker's metrics and their HTTP endpoint."""
 
-    def __init__(self, settings: Settings, sessions: sessionmaker) -> None:
+    def __init__(self, settings: Settings, sessions: sessionmaker, queue_depth: Callable[[], int]) -> None:
         self.registry = CollectorRegistry()
         self.files = Counter("stainbridge_files_processed", "Files this worker finished, by outcome",
                              ["outcome"], registry=self.registry)
@@ -77,7 +76,7 @@ class ServiceMetrics:
                                        "pipeline (decode, models, database, filing)", buckets=BATCH_BUCKETS,
                                        registry=self.registry)
         queue = Gauge("stainbridge_queue_depth", "Files waiting in the drop folder", registry=self.registry)
-        queue.set_function(lambda: count_waiting(settings))
+        queue.set_function(queue_depth)
         free = Gauge("stainbridge_free_bytes", "Free space on the volume of each folder the service writes to "
                      "(no files are taken below [paths] min_free_mb)", ["folder"], registry=self.registry)
         for role, folder in diskspace.written_folders(settings).items():
@@ -118,10 +117,10 @@ class ServiceMetrics:
             self._server = None
 
 
-def start_metrics(settings: Settings, sessions: sessionmaker) -> ServiceMetrics | None:
+def start_metrics(settings: Settings, sessions: sessionmaker, queue_depth: Callable[[], int]) -> ServiceMetrics | None:
     """The metrics endpoint when `[metrics] port` is set, else None."""
     if not settings.metrics.port:
         return None
-    metrics = ServiceMetrics(settings, sessions)
+    metrics = ServiceMetrics(settings, sessions, queue_depth)
     metrics.serve(settings.metrics.port, settings.metrics.address)
     return metrics

@@ -17,11 +17,11 @@ from pathlib import Path
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import sessionmaker
 
-from stainbridge.daemon import intake
 from stainbridge.daemon.config import Settings
+from stainbridge.daemon.intake import decoding
 from stainbridge.daemon.logs import get_logger
-from stainbridge.daemon.pipeline import LoadedModels
 from stainbridge.daemon.store import Image, ImageStatus, Prediction, utcnow
+from stainbridge.daemon.versions.loading import LoadedModels
 from stainbridge.models.inference import run_batch
 
 log = get_logger(__name__)
@@ -67,7 +67,7 @@ def reprocess(settings: Settings, sessions: sessionmaker, models: LoadedModels,
         began = time.perf_counter()
         for image_id, _status, path in chunk:
             try:
-                picture = intake.decode_image(Path(path), max_pixels=settings.watch.max_pixels,
+                picture = decoding.decode_image(Path(path), max_pixels=settings.watch.max_pixels,
                                               max_bytes=int(settings.watch.max_file_mb * 2**20),
                                               pseudonym_secret=settings.site.pseudonym_secret)
             except Exception as exc:  # noqa: BLE001 - a missing or unreadable file is counted, not fatal

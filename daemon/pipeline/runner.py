@@ -8,7 +8,7 @@ classifier, softmax). The stages live in ``daemon.batch`` (intake) and ``daemon.
 
 1. intake: each file is opened ONCE (no link followed) and hashed in the thread pool; the batch's
    new content is claimed in one transaction (``daemon.claiming``; anything the database already
-   knows goes through ``intake.claim`` on its own, committed at once so other workers see it).
+   knows goes through ``claims.claim`` on its own, committed at once so other workers see it).
    Refused entries (symlinks, hard links) and files that cannot be hashed get no claim.
 2. claimed files are decoded from that same open file in the pool while the models run on the
    images already decoded (``[models] max_inflight_pixels`` bounds the decoded pixels held);
@@ -65,20 +65,18 @@ from PIL import Image as PILImage
 from sqlalchemy import update
 from sqlalchemy.orm import sessionmaker
 
-from stainbridge.daemon import filing, intake
-from stainbridge.daemon.batch import BatchReport, Item, PixelBudget, decode_item, open_and_hash
-from stainbridge.daemon.claiming import claim_items
 from stainbridge.daemon.config import Settings
-from stainbridge.daemon.failures import error_summary, storable_source_name, storable_text
-from stainbridge.daemon.loading import LoadedModels, ModelConfigError, builtin_sha256, load_models
+from stainbridge.daemon.intake import claims
+from stainbridge.daemon.intake.failures import error_summary, storable_source_name, storable_text
+from stainbridge.daemon.intake.walking import Candidate
 from stainbridge.daemon.logs import get_logger
-from stainbridge.daemon.recording import file_items, record
+from stainbridge.daemon.pipeline import filing
+from stainbridge.daemon.pipeline.batch import BatchReport, Item, PixelBudget, decode_item, open_and_hash
+from stainbridge.daemon.pipeline.claiming import claim_items
+from stainbridge.daemon.pipeline.recording import file_items, record
 from stainbridge.daemon.store import Image, ImageStatus, utcnow
-from stainbridge.daemon.walking import Candidate
+from stainbridge.daemon.versions.loading import LoadedModels
 from stainbridge.models.inference import run_batch
-
-__all__ = ["Pipeline", "BatchReport", "LoadedModels", "ModelConfigError", "STALE_CLAIM_SECONDS", "absolute_candidates",
-           "builtin_sha256", "load_models", "use_all_cores"]
 
 log = get_logger(__name__)
 
@@ -128,7 +126,7 @@ class Pipeline:
     def recover(self) -> int:
         """Release claims left `processing` by dead (or this very) processes; call before work."""
         with self.sessions.begin() as session:
-            released = intake.release_stale_claims(session, STALE_CLAIM_SECONDS, startup=True)
+            released = claims.release_stale_claims(session, STALE_CLAIM_SECONDS, startup=True)
         if released:
             log.warning("claims_released", count=released)
         self._needs_recovery = False
@@ -155,11 +153,12 @@ class Pipeline:
                                  source=item.candidate.source_name)
                 hashed = [i for i in items if i.sha256 is not None and i.reason is None and not i.skip]
                 if hashed:
-                    claim_items(self, hashed, report)
+                    claim_items(self.sessions, hashed, report, site=self.settings.site.name)
                 self._decode_and_infer([i for i in hashed if i.image_id is not None and i.target is None
                                         and not i.skip and i.reason is None])
                 waiting = [i for i in items if not i.skip and i.target is None]
-                to_file = [i for i in items if not i.skip and i.target is not None] + record(self, waiting, report)
+                known = [i for i in items if not i.skip and i.target is not None]  # before record() sets targets
+                to_file = known + record(self.sessions, self.models, waiting, report, site=self.settings.site.name)
             except BaseException:
                 # Claims this batch made are still `processing`: release them before the next one.
                 self._needs_recovery = True
@@ -167,7 +166,7 @@ class Pipeline:
             report.skipped += sum(1 for i in items if i.skip)
             if self.file_results:
                 try:
-                    file_items(self, to_file, report)
+                    file_items(self.sessions, self.settings, to_file, report)
                 except BaseException:
                     self._needs_recovery = True  # moved files whose archive_path did not commit are found again
                     raise

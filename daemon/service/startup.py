@@ -18,13 +18,13 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import sessionmaker
 from structlog.stdlib import BoundLogger
 
-from stainbridge.daemon import sdnotify
 from stainbridge.daemon.config import ConfigError, Settings
-from stainbridge.daemon.failures import Backoff, error_summary, is_transient
-from stainbridge.daemon.pipeline import LoadedModels, ModelConfigError, load_models
+from stainbridge.daemon.intake.failures import Backoff, error_summary, is_transient
+from stainbridge.daemon.intake.watcher import WatcherError
 from stainbridge.daemon.schema import DatabaseUnreachable, SchemaError, prepare_database, safe_url
+from stainbridge.daemon.service import sdnotify
 from stainbridge.daemon.store import make_engine, make_sessionmaker
-from stainbridge.daemon.watcher import WatcherError
+from stainbridge.daemon.versions.loading import LoadedModels, ModelConfigError, load_models
 
 STARTUP_BACKOFF_MAX_SECONDS = 30.0  # longest pause between start-up attempts to reach the database
 

@@ -1,11 +1,10 @@
-"""Intake: hash a ready file (``daemon.reading``), claim it in SQL, decode it into an RGB picture.
+"""Claims: the one place where "each file is processed once" is decided.
 
-The claim is the one place where "each file is processed once" is decided: the first row
-holding a sha256 (``duplicate_of_id IS NULL``) is unique per content, enforced by the
-partial unique index ``uq_images_sha256_original``. Decoding accepts PNG, JPEG, TIFF and BMP
-through Pillow with bomb limits, and DICOM through pydicom; the patient ID is kept only as
-a keyed HMAC pseudonym and the patient name is never read.
+The first row holding a sha256 (``duplicate_of_id IS NULL``) is unique per content, enforced by
+the partial unique index ``uq_images_sha256_original``; a claim is a ``processing`` row owned by
+``host@boot.pidns:pid``, released when its owner is dead (``release_stale_claims``).
 """
+
 
 from __future__ import annotations
 
@@ -13,42 +12,19 @@ import enum
 import functools
 import os
 import socket
-import threading
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
 
-import numpy as np
-from PIL import Image as PILImage
-from PIL import ImageFile, ImageOps, UnidentifiedImageError
 from sqlalchemy import delete, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from stainbridge.daemon.config import ConfigError
-from stainbridge.daemon.dicom import (
-    PseudonymSecretMissing,
-    decode_dicom,
-    pseudonymize,
-    scale_to_uint8,
-)
-from stainbridge.daemon.errors import IntakeError, RefusedFile, UnreadableImage, UnsupportedFormat
-from stainbridge.daemon.reading import open_beneath, open_folder, open_regular, sha256_file, sha256_open
 from stainbridge.daemon.store import Image, ImageStatus, utcnow
-
-__all__ = [
-    "IntakeError", "UnreadableImage", "UnsupportedFormat", "RefusedFile", "PseudonymSecretMissing",
-    "open_regular", "open_folder", "open_beneath", "sha256_file", "sha256_open", "worker_id", "claim_owner", "owner_is_dead",
-    "ClaimOutcome", "ClaimResult", "claim",
-    "release_stale_claims", "DecodedImage", "decode_image", "decode_open", "to_rgb", "pseudonymize",
-]
 
 PILLOW_FORMATS = ("PNG", "JPEG", "TIFF", "BMP")
 
 
-# --- claims ---------------------------------------------------------------------------------
 
 
 def worker_id() -> str:
@@ -259,136 +235,5 @@ def release_stale_claims(session: Session, older_than_s: float, *, startup: bool
         .execution_options(synchronize_session=False)
     )
     return result.rowcount or 0
-
-
-# --- decoding -------------------------------------------------------------------------------
-
-
-@dataclass
-class DecodedImage:
-    image: PILImage.Image  # RGB, 8 bits per channel
-    format: str  # "PNG" | "JPEG" | "TIFF" | "BMP" | "DICOM"
-    width: int
-    height: int
-    # Keys are `images` column names, ready for setattr: study_uid, series_uid, sop_instance_uid,
-    # acquisition_time (aware datetime), institution, patient_pseudonym. Empty for non-DICOM.
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-
-def decode_image(path: str | os.PathLike[str], *, max_pixels: int, max_bytes: int,
-                 pseudonym_secret: str = "", reserve: Callable[[int], None] | None = None) -> DecodedImage:
-    """Fully decode `path` into an RGB picture, or raise an :class:`IntakeError` saying why not."""
-    with open_regular(path) as handle:
-        return decode_open(handle, Path(path).name, max_pixels=max_pixels, max_bytes=max_bytes,
-                           pseudonym_secret=pseudonym_secret, reserve=reserve)
-
-
-def decode_open(handle: BinaryIO, name: str, *, max_pixels: int, max_bytes: int, pseudonym_secret: str = "",
-                reserve: Callable[[int], None] | None = None) -> DecodedImage:
-    """Decode the open file `handle` (read from its start; the same inode that was hashed).
-
-    `max_bytes` is checked before anything is read (``settings.watch.max_file_mb`` * 2**20),
-    `max_pixels` before pixel data is decoded (``settings.watch.max_pixels``). `reserve(pixels)`
-    is called once the size is known and before the pixels are decoded (PNG, JPEG, TIFF, BMP): the
-    pipeline's in-flight pixel budget, which may block until earlier images are done.
-    """
-    size = os.fstat(handle.fileno()).st_size
-    if size == 0:
-        raise UnreadableImage(f"{name} is empty (0 bytes); was the copy interrupted?", reason="empty")
-    if size > max_bytes:
-        raise RefusedFile(f"{name} is {size / 2**20:.1f} MiB, over the {max_bytes / 2**20:.1f} MiB limit "
-                          "([watch] max_file_mb)", reason="too_large")
-    handle.seek(0)
-    head = handle.read(132)
-    handle.seek(0)
-    if head[128:132] == b"DICM" or name.lower().endswith(".dcm"):
-        image, metadata = decode_dicom(handle, name, max_pixels=max_pixels, pseudonym_secret=pseudonym_secret,
-                                       max_inflated_bytes=min(max_bytes, max_pixels * 6 + (1 << 20)))
-        return DecodedImage(image, "DICOM", image.width, image.height, metadata)
-    return _decode_pillow(handle, name, max_pixels=max_pixels, reserve=reserve)
-
-
-# Pillow's bomb check reads a process-wide limit and warnings filter: ours are set around `open`
-# (where the check runs) under a lock, since decoding runs in several threads.
-_OPEN_LOCK = threading.Lock()
-
-
-def _open_pillow(handle: BinaryIO, max_pixels: int) -> PILImage.Image:
-    with _OPEN_LOCK:
-        previous_limit, PILImage.MAX_IMAGE_PIXELS = PILImage.MAX_IMAGE_PIXELS, max_pixels
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", PILImage.DecompressionBombWarning)
-                return PILImage.open(handle, formats=list(PILLOW_FORMATS))
-        finally:
-            PILImage.MAX_IMAGE_PIXELS = previous_limit
-
-
-def _decode_pillow(handle: BinaryIO, name: str, *, max_pixels: int,
-                   reserve: Callable[[int], None] | None = None) -> DecodedImage:
-    if ImageFile.LOAD_TRUNCATED_IMAGES:
-        raise ConfigError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is on; stainbridge needs it off to refuse truncated files")
-    try:
-        img = _open_pillow(handle, max_pixels)
-        if img.format not in PILLOW_FORMATS:
-            raise UnsupportedFormat(f"{name}: {img.format} images are not accepted; "
-                                    f"send {', '.join(PILLOW_FORMATS)} or DICOM")
-        if img.width * img.height > max_pixels:
-            raise RefusedFile(f"{name} is {img.width}x{img.height} pixels, over the {max_pixels} limit "
-                              "([watch] max_pixels)", reason="decompression_bomb")
-        if getattr(img, "n_frames", 1) > 1:
-            raise UnsupportedFormat(f"{name} has {img.n_frames} frames/pages; multi-frame images are not "
-                                    "supported, split the frames into separate files", reason="multi_frame")
-        if reserve is not None:
-            reserve(img.width * img.height)
-        img.load()
-    except IntakeError:
-        raise
-    except (PILImage.DecompressionBombError, PILImage.DecompressionBombWarning):
-        raise RefusedFile(f"{name} is refused as a decompression bomb (over [watch] max_pixels)",
-                          reason="decompression_bomb") from None
-    except UnidentifiedImageError:
-        raise UnsupportedFormat(f"{name} is not a PNG, JPEG, TIFF, BMP or DICOM file (its content is not "
-                                "recognized, whatever its extension says)") from None
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, KeyError, MemoryError) as exc:
-        text = str(exc) or type(exc).__name__
-        reason = "truncated" if "truncat" in text.lower() else "corrupt"
-        # Only the error's class: decoder text can quote the file's own bytes (text chunks, EXIF).
-        raise UnreadableImage(f"{name} cannot be decoded ({reason}; {type(exc).__name__})", reason=reason) from None
-    fmt = img.format
-    try:
-        img = ImageOps.exif_transpose(img)
-    except Exception:  # a broken EXIF block must not lose an otherwise good image
-        pass
-    rgb = to_rgb(img)
-    return DecodedImage(rgb, fmt, rgb.width, rgb.height, {})
-
-
-def to_rgb(img: PILImage.Image) -> PILImage.Image:
-    """Any Pillow mode as 8-bit RGB: wide grays scaled by their range, alpha composited on white."""
-    mode = img.mode
-    if mode == "RGB":
-        return img
-    if mode.startswith("I;16") or mode in ("I", "F"):
-        array = np.asarray(img)
-        if mode.startswith("I;16"):
-            top = 65535.0
-        elif mode == "I":
-            top = 65535.0 if array.min() >= 0 and array.max() <= 65535 else None
-        else:
-            top = 1.0 if array.min() >= 0 and array.max() <= 1.0 else None
-        if top is None:  # unusual ranges (signed 32-bit, HDR float): stretch min..max
-            low = float(array.min())
-            array, top = array.astype(np.float64) - low, max(float(array.max()) - low, 1e-12)
-        gray = scale_to_uint8(array, top)
-        return PILImage.fromarray(np.dstack([gray] * 3), "RGB")
-    if mode == "P":
-        img = img.convert("RGBA")
-        mode = "RGBA"
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
-        background = PILImage.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return PILImage.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV, RGBX
 
 

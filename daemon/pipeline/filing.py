@@ -21,7 +21,7 @@ from typing import Any, BinaryIO, Callable
 
 from PIL import Image as PILImage
 
-from stainbridge.daemon.failures import storable_text
+from stainbridge.daemon.intake.failures import storable_text
 from stainbridge.models.inference import fsync_dir
 
 MAX_NAME_TRIES = 10_000
@@ -261,7 +261,7 @@ def record_moved_files(sessions: Any, settings: Any, limit: int = 1000) -> int:
     """
     from sqlalchemy import select
 
-    from stainbridge.daemon.failures import storable_source_name
+    from stainbridge.daemon.intake.failures import storable_source_name
     from stainbridge.daemon.store import Image, ImageStatus
 
     done = 0

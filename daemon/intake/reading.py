@@ -15,7 +15,7 @@ import stat
 from pathlib import Path
 from typing import BinaryIO, Callable
 
-from stainbridge.daemon.errors import RefusedFile, UnreadableImage
+from stainbridge.daemon.intake.errors import RefusedFile, UnreadableImage
 
 CHUNK = 1 << 20
 

@@ -25,10 +25,13 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import sessionmaker
 
-from stainbridge.daemon import diskspace, intake, promotion, registry, retraining
+from stainbridge.daemon import diskspace
 from stainbridge.daemon.config import Settings
+from stainbridge.daemon.intake import claims
 from stainbridge.daemon.logs import get_logger
+from stainbridge.daemon.retraining import promotion, runs
 from stainbridge.daemon.store import ModelKind, ModelVersion, Review, RunStatus, TrainingRun, VersionState
+from stainbridge.daemon.versions import registry
 
 log = get_logger(__name__)
 
@@ -51,7 +54,7 @@ def run_classifier_finetune(settings: Settings, sessions: sessionmaker, *, trigg
     Returns what ``retrain --json`` shows under ``metrics.classifier``: the run's id, status,
     candidate, promotion, reason and gate metrics, or ``{"status": "not run", "reason": ...}``."""
     cfg = settings.retraining
-    reviewed = retraining.reviewed_images(sessions)
+    reviewed = runs.reviewed_images(sessions)
     if len(reviewed) < cfg.min_reviews:
         return {"status": "not run", "reason": f"{len(reviewed)} reviewed images, fewer than [retraining] "
                                                f"min_reviews ({cfg.min_reviews})"}
@@ -60,7 +63,7 @@ def run_classifier_finetune(settings: Settings, sessions: sessionmaker, *, trigg
         return {"status": "not run", "reason": "no review imported since the last classifier fine-tuning"}
     with sessions.begin() as session:
         run = TrainingRun(kind=ModelKind.classifier, status=RunStatus.running, trigger=trigger,
-                          worker=intake.claim_owner(), started_at=now,
+                          worker=claims.claim_owner(), started_at=now,
                           params={"epochs": cfg.epochs, "reviewed": len(reviewed), "reviews_up_to": newest,
                                   "device": cfg.device,
                                   "held_out_fraction": cfg.held_out_fraction,
@@ -72,13 +75,13 @@ def run_classifier_finetune(settings: Settings, sessions: sessionmaker, *, trigg
     bound.info("finetuning_started", reviewed=len(reviewed))
     try:
         result = _run(settings, sessions, run_id, reviewed, stop)
-    except retraining.TrainingFailed as exc:
-        retraining.finish_run(sessions, run_id, RunStatus.failed, str(exc), error=str(exc))
+    except runs.TrainingFailed as exc:
+        runs.finish_run(sessions, run_id, RunStatus.failed, str(exc), error=str(exc))
         result = {"run_id": run_id, "status": RunStatus.failed.value, "reason": str(exc)}
     except Exception as exc:  # noqa: BLE001 - a bug in one run must leave a row and a working service
         bound.exception("finetuning_crashed")
         reason = f"{type(exc).__name__}: {exc}"
-        retraining.finish_run(sessions, run_id, RunStatus.failed, reason, error=reason)
+        runs.finish_run(sessions, run_id, RunStatus.failed, reason, error=reason)
         result = {"run_id": run_id, "status": RunStatus.failed.value, "reason": reason}
     bound.info("finetuning_finished", **{k: v for k, v in result.items() if k != "metrics"})
     return result
@@ -89,7 +92,7 @@ def _run(settings: Settings, sessions: sessionmaker, run_id: int, reviewed: list
     cfg = settings.retraining
 
     def skipped(reason: str) -> dict[str, Any]:
-        retraining.finish_run(sessions, run_id, RunStatus.skipped, reason)
+        runs.finish_run(sessions, run_id, RunStatus.skipped, reason)
         return {"run_id": run_id, "status": RunStatus.skipped.value, "reason": reason}
 
     if cfg.reference is None or not cfg.reference.is_dir():
@@ -98,7 +101,7 @@ def _run(settings: Settings, sessions: sessionmaker, run_id: int, reviewed: list
         return skipped(f"{short}; no training until space is freed")
     held, train = [], []
     for sha, path, label, _ in reviewed:
-        (held if retraining.is_held_out(sha, cfg.held_out_fraction) else train).append((path, label))
+        (held if runs.is_held_out(sha, cfg.held_out_fraction) else train).append((path, label))
     if not held or not train:
         return skipped(f"{len(train)} reviewed images to train on and {len(held)} held out for the gate; "
                        "both are needed: import more reviews or change [retraining] held_out_fraction")
@@ -106,7 +109,7 @@ def _run(settings: Settings, sessions: sessionmaker, run_id: int, reviewed: list
         c_active = registry.active_version(session, ModelKind.classifier)
         s_active = registry.active_version(session, ModelKind.standardizer)
     if c_active is None or s_active is None:
-        raise retraining.TrainingFailed("no active classifier or standardizer in the registry; start the service "
+        raise runs.TrainingFailed("no active classifier or standardizer in the registry; start the service "
                                         "once or run `stainbridge models promote ID`")
     registry.verify_file(c_active)
     registry.verify_file(s_active)
@@ -131,11 +134,11 @@ def _run(settings: Settings, sessions: sessionmaker, run_id: int, reviewed: list
         run.images_used, run.held_out_images, run.log_path = len(images), len(held), str(log_path)
         run.reference_images = len(reference)
         run.params = {**(run.params or {}), "init_from_version": c_active.id, "standardizer_version": s_active.id}
-    cmd = [sys.executable, "-c", retraining.CHILD, str(cfg.nice), "train", "finetune", "--init-from", c_active.path,
+    cmd = [sys.executable, "-c", runs.CHILD, str(cfg.nice), "train", "finetune", "--init-from", c_active.path,
            "--reviewed", str(reviewed_dir), "--reference", str(reference_dir), "--out", str(out),
            "--standardizer", s_active.path, "--scale", settings.site.scale, "--epochs", str(cfg.epochs),
            "--device", cfg.device]
-    retraining.run_training(cmd, log_path, timeout=cfg.timeout_minutes * 60, stop=stop)
+    runs.run_training(cmd, log_path, timeout=cfg.timeout_minutes * 60, stop=stop)
 
     from stainbridge.models.inference import load_classifier
 
@@ -157,6 +160,6 @@ def _run(settings: Settings, sessions: sessionmaker, run_id: int, reviewed: list
             version.reason = gate.reason
         session.get(TrainingRun, run_id).metrics = metrics
     status = RunStatus.succeeded if gate.passed else RunStatus.rejected
-    retraining.finish_run(sessions, run_id, status, gate.reason)
+    runs.finish_run(sessions, run_id, status, gate.reason)
     return {"run_id": run_id, "status": status.value, "candidate_id": candidate_id, "promoted": gate.passed,
             "reason": gate.reason, "metrics": metrics}

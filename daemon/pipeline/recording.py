@@ -8,55 +8,56 @@ moves the files only after that commit, then records where each one went (``arch
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from sqlalchemy import bindparam, delete, select
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import sessionmaker
 
-from stainbridge.daemon import filing, intake
-from stainbridge.daemon.batch import BatchReport, Item
-from stainbridge.daemon.failures import error_summary, is_transient, storable_text
+from stainbridge.daemon.config import Settings
+from stainbridge.daemon.intake import claims
+from stainbridge.daemon.intake.failures import error_summary, is_transient, storable_text
 from stainbridge.daemon.logs import get_logger
+from stainbridge.daemon.pipeline import filing
+from stainbridge.daemon.pipeline.batch import BatchReport, Item
 from stainbridge.daemon.store import Image, ImageStatus, Prediction, utcnow
+from stainbridge.daemon.versions.loading import LoadedModels
 from stainbridge.models.inference import fsync_dir
-
-if TYPE_CHECKING:
-    from stainbridge.daemon.pipeline import Pipeline
 
 log = get_logger(__name__)
 
 
-def record(p: Pipeline, items: list[Item], report: BatchReport) -> list[Item]:
+def record(sessions: sessionmaker, models: LoadedModels, items: list[Item], report: BatchReport, *,
+           site: str) -> list[Item]:
     """Record the batch in one transaction; if the database refuses it, file by file.
 
     A file whose results the database refuses (a value it cannot store) is recorded as
     failed (``unrecordable``) instead, so that it never holds back the others.
     """
     try:
-        return _record_together(p, items, report)
+        return _record_together(sessions, models, items, report, site=site)
     except SQLAlchemyError as exc:
         if is_transient(exc):
             raise
     recorded: list[Item] = []
     for item in items:
         try:
-            recorded += _record_together(p, [item], report)
+            recorded += _record_together(sessions, models, [item], report, site=site)
         except SQLAlchemyError as exc:
             if is_transient(exc):
                 raise
             log.warning("results_refused", source=item.candidate.source_name, error=error_summary(exc))
             item.result, item.decoded = None, None
             item.reason, item.detail = "unrecordable", f"the database refused this file's results: {error_summary(exc)}"
-            recorded += _record_together(p, [item], report)
+            recorded += _record_together(sessions, models, [item], report, site=site)
     return recorded
 
-def _record_together(p: Pipeline, items: list[Item], report: BatchReport) -> list[Item]:
+def _record_together(sessions: sessionmaker, m: LoadedModels, items: list[Item], report: BatchReport, *,
+                     site: str) -> list[Item]:
     now = utcnow()
-    me = intake.claim_owner()
+    me = claims.claim_owner()
     recorded: list[Item] = []
     counts = BatchReport()
-    m = p.models
-    with p.sessions.begin() as session:
+    with sessions.begin() as session:
         ids = [i.image_id for i in items if i.image_id is not None]
         claimed = {row.id: row for row in session.scalars(
             select(Image).where(Image.id.in_(ids)).with_for_update())} if ids else {}
@@ -64,12 +65,12 @@ def _record_together(p: Pipeline, items: list[Item], report: BatchReport) -> lis
         for item in items:
             source = item.candidate.source_name
             if item.image_id is None:  # refused or unhashable: no claim, a failed row
-                row = intake.unfiled_twin(session, item.sha256, source, ImageStatus.failed)
+                row = claims.unfiled_twin(session, item.sha256, source, ImageStatus.failed)
                 if row is None and not filing.Source(item.candidate.path, item.dir_fd).exists():
                     counts.skipped += 1  # a stale candidate (filed by another worker, deleted): no row
                     continue
                 if row is None:
-                    row = Image(sha256=None, source_name=source, site=p.settings.site.name,
+                    row = Image(sha256=None, source_name=source, site=site,
                                 status=ImageStatus.failed, size_bytes=item.candidate.size, received_at=now)
                     session.add(row)
                     item.created_row = True
@@ -121,12 +122,12 @@ def _record_together(p: Pipeline, items: list[Item], report: BatchReport) -> lis
     return recorded
 
 
-def file_items(p: Pipeline, items: list[Item], report: BatchReport) -> None:
+def file_items(sessions: sessionmaker, settings: Settings, items: list[Item], report: BatchReport) -> None:
     """Move each recorded file to the archive or quarantine, then record where it went."""
     filed: dict[int, str] = {}
     errors: dict[int, str] = {}
     if any(i.target is ImageStatus.failed and i.reason is None for i in items):
-        with p.sessions() as session:  # unfiled failures from before a crash: their stored reason
+        with sessions() as session:  # unfiled failures from before a crash: their stored reason
             ids = [i.image_id for i in items if i.target is ImageStatus.failed and i.reason is None]
             errors = dict(session.execute(select(Image.id, Image.error).where(Image.id.in_(ids))).all())
     vanished: list[int] = []
@@ -139,10 +140,10 @@ def file_items(p: Pipeline, items: list[Item], report: BatchReport) -> None:
                 if item.reason is None:
                     stored = errors.get(item.image_id) or "unknown: no reason recorded"
                     item.reason, item.detail = stored.split(":", 1)[0], stored.split(":", 1)[-1].strip()
-                target = filing.quarantine_file(path, p.settings.quarantine_dir, item.reason, item.detail, when,
+                target = filing.quarantine_file(path, settings.quarantine_dir, item.reason, item.detail, when,
                                                 held=item.handle, dir_fd=item.dir_fd)
             else:
-                target = filing.archive_file(path, p.settings.archive_dir, when, fsync=False, held=item.handle,
+                target = filing.archive_file(path, settings.archive_dir, when, fsync=False, held=item.handle,
                                              dir_fd=item.dir_fd)
                 unsynced.add(target.parent)
             if item.handle is not None and filing.Source(path, item.dir_fd).exists():  # replaced: the held
@@ -159,19 +160,19 @@ def file_items(p: Pipeline, items: list[Item], report: BatchReport) -> None:
             report.left_in_place.append(path)
             continue
         filed[item.image_id] = str(target)
-        if item.result is not None and item.target is ImageStatus.done and p.settings.watch.save_standardized:
+        if item.result is not None and item.target is ImageStatus.done and settings.watch.save_standardized:
             try:
                 filing.save_standardized(item.result.standardized, target)
             except Exception as exc:  # noqa: BLE001 - the original is archived and recorded all the same
                 log.error("standardized_copy_failed", source=item.candidate.source_name, error=error_summary(exc))
     if vanished:
-        with p.sessions.begin() as session:
+        with sessions.begin() as session:
             session.execute(delete(Image).where(Image.id.in_(vanished), Image.archive_path.is_(None),
                                                 Image.sha256.is_(None)))
     for folder in unsynced:
         fsync_dir(folder)
     if filed:
-        with p.sessions.begin() as session:
+        with sessions.begin() as session:
             table = Image.__table__
             session.execute(table.update().where(table.c.id == bindparam("image_id"))
                             .values(archive_path=bindparam("archive_path")),

@@ -1,0 +1,102 @@
+"""What the nightly job's two halves share: run rows, the held-out split, reviewed images, the child process.
+
+A run is one ``training_runs`` row (``running`` until ``finish_run``); training happens in a child
+process that runs the same CLI an operator would (``CHILD``), ``nice``-d, its output in the run's log.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import sessionmaker
+
+from stainbridge.daemon.intake import claims
+from stainbridge.daemon.logs import get_logger
+from stainbridge.daemon.store import Image, Review, RunStatus, TrainingRun, utcnow
+
+log = get_logger(__name__)
+
+# The child lowers its own priority, then runs the same CLI an operator would.
+CHILD = "import os, sys; os.nice(int(sys.argv[1])); from stainbridge.daemon.cli import main; sys.exit(main(sys.argv[2:]))"
+
+
+class TrainingFailed(Exception):
+    """The training subprocess did not produce a checkpoint; the message says why."""
+
+
+def recover_runs(sessions: sessionmaker) -> int:
+    """Runs left `running` by a dead process on this host become `failed` (call at start-up)."""
+    count = 0
+    with sessions.begin() as session:
+        for run in session.scalars(select(TrainingRun).where(TrainingRun.status == RunStatus.running)):
+            if run.worker and claims.owner_is_dead(run.worker):
+                run.status, run.finished_at = RunStatus.failed, utcnow()
+                run.reason = run.error = f"the process running it ({run.worker}) died"
+                count += 1
+    return count
+
+
+def finish_run(sessions: sessionmaker, run_id: int, status: RunStatus, reason: str, **values: Any) -> None:
+    """Close a run: its final status, reason and end time (and any other columns given)."""
+    with sessions.begin() as session:
+        run = session.get(TrainingRun, run_id)
+        run.status, run.reason, run.finished_at = status, reason[:4000], utcnow()
+        for key, value in values.items():
+            setattr(run, key, value)
+
+
+def is_held_out(sha256: str, fraction: float) -> bool:
+    """A stable share by sha256: a file is held out of training in every run or in none."""
+    return int(sha256[:8], 16) % 1000 < int(fraction * 1000)
+
+
+def split_held_out(images: list[tuple[str, Path]], fraction: float) -> tuple[list[Path], list[Path]]:
+    """(train, held out) by :func:`is_held_out`."""
+    train = [p for sha, p in images if not is_held_out(sha, fraction)]
+    held = [p for sha, p in images if is_held_out(sha, fraction)]
+    return train, held
+
+
+def reviewed_images(sessions: sessionmaker) -> list[tuple[str, Path, str, datetime]]:
+    """(sha256, archived file, latest reviewed label, review time) of reviewed images whose file exists."""
+    with sessions() as session:
+        latest = select(func.max(Review.id)).group_by(Review.image_id)
+        rows = session.execute(
+            select(Image.sha256, Image.archive_path, Review.label, Review.created_at)
+            .join(Review, Review.image_id == Image.id)
+            .where(Review.id.in_(latest), Image.archive_path.is_not(None)).order_by(Image.id)
+        ).all()
+    return [(sha, Path(p), label, at) for sha, p, label, at in rows if Path(p).is_file()]
+
+
+def run_training(cmd: list[str], log_path: Path, *, timeout: float, stop: threading.Event | None) -> None:
+    """Run the training subprocess to the end; raise TrainingFailed on any other outcome."""
+    env = dict(os.environ)
+    with log_path.open("ab") as out:
+        child = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                 start_new_session=True)
+    log.info("training_started", pid=child.pid, log=str(log_path))
+    deadline = time.monotonic() + timeout
+    while child.poll() is None:
+        if stop is not None and stop.is_set():
+            child.kill()
+            child.wait()
+            raise TrainingFailed("the service stopped during training; the run will be tried again on schedule")
+        if time.monotonic() > deadline:
+            child.kill()
+            child.wait()
+            raise TrainingFailed(f"training ran past [retraining] timeout_minutes ({timeout / 60:.0f}) and was killed")
+        time.sleep(0.2)
+    if child.returncode != 0:
+        how = (f"was killed by {signal.Signals(-child.returncode).name}" if child.returncode < 0
+               else f"exited with status {child.returncode}")
+        tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] if log_path.exists() else []
+        raise TrainingFailed(f"training {how}; see {log_path}" + (f" ({tail[0][:300]})" if tail else ""))

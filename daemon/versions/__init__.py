@@ -1,0 +1,6 @@
+"""versions: which model versions exist and which one serves.
+
+``registry`` keeps model versions in SQL (register, activate, promote, roll back, verify sha256),
+``loading`` loads the active standardizer and classifier for the pipeline, ``hotswap`` swaps a newly
+promoted version into the running service between batches. May import: the foundation, intake.
+"""
