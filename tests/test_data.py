@@ -163,3 +163,12 @@ def test_transforms_shapes_ranges_and_determinism() -> None:
     outs = [tr(img) for _ in range(4)]
     assert all(o.shape == (3, 64, 64) and float(o.min()) >= 0 and float(o.max()) <= 1 for o in outs)
     assert not torch.equal(outs[0], outs[1])
+
+
+def test_slide_of_groups_crops_of_one_slide_and_leaves_other_files_alone() -> None:
+    """Chula-style crops of one slide share a group; any other file name is its own group."""
+    from stainbridge.models.imaging.data import slide_of
+
+    assert slide_of("lymphocyte/slide-a1B2_0003_1.jpg") == slide_of(Path("monocyte/slide-a1B2_0117_4.jpg"))
+    assert slide_of("slide-a1B2_0003_1.jpg") != slide_of("slide-zz9_0003_1.jpg")
+    assert slide_of("BloodImage_00001_3.jpg") == "BloodImage_00001_3"

@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import random
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,20 @@ def classes_of(items: Sequence[tuple[Path, str]]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------- splits
+
+# Crops cut from one slide share cells (the same cell photographed again as the slide is swept), so a
+# split that puts one slide's crops on both sides scores a cell on its own twin. Files named
+# `slide-<token>_<frame>_<box>.<ext>` (../shared/data/chula) carry their slide; any other file is its
+# own group.
+_SLIDE_NAME = re.compile(r"^slide-([^_]+)_")
+
+
+def slide_of(path: str | Path) -> str:
+    """The group a cell image belongs to for splitting: its slide token, else its own file stem."""
+    name = Path(path).name
+    match = _SLIDE_NAME.match(name)
+    return f"slide-{match.group(1)}" if match else Path(name).stem
+
 
 
 def _class_rng(seed: int, label: str) -> random.Random:
