@@ -69,20 +69,31 @@ def plain(value: Any) -> Any:
     return value
 
 
-def readme_section(readme: Path, title: str) -> str:
-    """The text of the README's top-level section `## {title}` (up to the next `## `)."""
-    lines = readme.read_text(encoding="utf-8").splitlines()
-    start = lines.index(f"## {title}")
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+def doc_section(path: Path, title: str) -> str:
+    """The text of the Markdown section headed `title` (any level), up to the next heading of the same or a
+    higher level; headings inside ``` blocks do not count."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    levels: list[int | None] = []
+    fenced = False
+    for line in lines:
+        if line.startswith("```"):
+            fenced = not fenced
+        hashes = len(line) - len(line.lstrip("#"))
+        is_heading = not fenced and 0 < hashes <= 6 and line[hashes:hashes + 1] == " "
+        levels.append(hashes if is_heading else None)
+    starts = [i for i, level in enumerate(levels) if level and lines[i][levels[i] + 1:].strip() == title]
+    assert starts, f"{path.name} has no section headed {title!r}"
+    start, level = starts[0], levels[starts[0]]
+    end = next((i for i in range(start + 1, len(lines)) if levels[i] and levels[i] <= level), len(lines))
     return "\n".join(lines[start:end])
 
 
 def sql_blocks(section: str) -> dict[str, str]:
-    """The ```sql blocks of a README section, keyed by their first line's comment (`-- name: ...`)."""
+    """The ```sql blocks of a docs section, keyed by their first line's comment (`-- name: ...`)."""
     blocks: dict[str, str] = {}
     for chunk in section.split("```sql\n")[1:]:
         body = chunk.split("```", 1)[0].strip()
         first = body.splitlines()[0]
-        assert first.startswith("-- "), f"a README SQL example must start with '-- view_name: ...': {first!r}"
+        assert first.startswith("-- "), f"a docs SQL example must start with '-- view_name: ...': {first!r}"
         blocks[first[3:].split(":", 1)[0].strip()] = body
     return blocks

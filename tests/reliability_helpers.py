@@ -7,7 +7,7 @@ to files outside the drop folder, a link-then-unlink publisher, unusual pixel fo
 DICOM with a NUL byte, a duplicate, an input named like a quarantine note, a file still being
 written and a file deleted at once.
 
-`audit` reads the database and the folders after a run and counts what the README table reports:
+`audit` reads the database and the folders after a run and counts what the table in docs/reliability.md reports:
 lost (an entry with no filed row, or a filed path that does not exist), duplicated (more than one
 row for one entry, or more than one prediction for one image), stuck (rows left pending/processing).
 """
@@ -309,7 +309,7 @@ class TcpProxy:
 
 def report_row(scenario: str, repetitions: str, files: int, lost: int, duplicated: int, stuck: int,
                seconds: float) -> str:
-    """Print one row of the README's Reliability table (and append it to $STAINBRIDGE_TEST_RELIABILITY_REPORT)."""
+    """Print one row of the table in docs/reliability.md (and append it to $STAINBRIDGE_TEST_RELIABILITY_REPORT)."""
     row = f"| {scenario} | {repetitions} | {files} | {lost} | {duplicated} | {stuck} | {seconds:.0f} s |"
     print(f"\nreliability: {row}", flush=True)
     target = os.environ.get("STAINBRIDGE_TEST_RELIABILITY_REPORT")

@@ -5,7 +5,7 @@ whole (seen by the folder's event, ready after the quiet time). The test checks 
 is recorded exactly once and filed, and reads the service's peak resident memory (VmHWM from
 /proc/<pid>/status) against a stated bound: memory must not grow with the number of files.
 
-In `make test` it runs 2,000 files (about a minute on 2 cores); the README's 10,000-file row
+In `make test` it runs 2,000 files (about a minute on 2 cores); the 10,000-file row of docs/reliability.md
 comes from the same test with a larger count:
 
     STAINBRIDGE_TEST_BURST_FILES=10000 .venv/bin/python -m pytest -q -s -m burst tests/test_burst.py

@@ -1,4 +1,5 @@
-"""The lab views (migrations 0004, 0006) and the README's example queries, on SQLite and PostgreSQL."""
+"""The lab views (migrations 0004, 0006) and the example queries of docs/lab.md and docs/database.md, on SQLite and
+PostgreSQL."""
 
 from __future__ import annotations
 
@@ -9,12 +10,11 @@ from sqlalchemy import inspect, text
 from stainbridge.daemon.lab.views import LAB_VIEW_NAMES, lab_views_sql
 from stainbridge.daemon.schema import downgrade_database, upgrade_database
 from stainbridge.daemon.store import RESULTS_VIEW_SQL, Base, make_engine
-from tests.lab_helpers import plain, readme_section, seed_known_history, sql_blocks
+from tests.lab_helpers import doc_section, plain, seed_known_history, sql_blocks
 
-README = Path(__file__).resolve().parent.parent / "README.md"
-SECTION = "For the lab: report, SQL views, export, metrics"
+DOCS = Path(__file__).resolve().parent.parent / "docs"
 
-# What each README example returns on the history of seed_known_history.
+# What each example of docs/lab.md returns on the history of seed_known_history.
 EXPECTED = {
     "latest_results": [("a.png", "monocyte", 0.55, "monocyte"), ("b.png", "neutrophil", 0.9, "lymphocyte"),
                        ("c.png", "neutrophil", 0.4, None)],
@@ -25,11 +25,11 @@ EXPECTED = {
 }
 
 
-def test_readme_example_queries_answer_on_both_databases(database_url: str) -> None:
-    """Every view has a README example; each runs as printed and returns what the known history implies."""
+def test_lab_view_examples_answer_on_both_databases(database_url: str) -> None:
+    """Every view has an example in docs/lab.md; each runs as printed and returns what the known history implies."""
     seed_known_history(database_url)
-    examples = sql_blocks(readme_section(README, SECTION))
-    assert set(examples) >= set(LAB_VIEW_NAMES), f"README lacks examples for {set(LAB_VIEW_NAMES) - set(examples)}"
+    examples = sql_blocks(doc_section(DOCS / "lab.md", "SQL views"))
+    assert set(examples) >= set(LAB_VIEW_NAMES), f"docs/lab.md lacks examples for {set(LAB_VIEW_NAMES) - set(examples)}"
     engine = make_engine(database_url)
     try:
         with engine.connect() as connection:
@@ -78,7 +78,7 @@ def test_0006_adds_provenance_to_latest_results_and_goes_back(database_url: str)
 
 
 def test_migrated_lab_views_match_daemon_views(sqlite_url: str, tmp_path) -> None:
-    """The frozen copies (0004, 0006) have the columns of daemon/views.py (update them together)."""
+    """The frozen copies (0004, 0006) have the columns of daemon/lab/views.py (update them together)."""
     upgrade_database(sqlite_url)
     reference = make_engine(f"sqlite:///{tmp_path / 'reference.db'}")
     migrated = make_engine(sqlite_url)
@@ -96,11 +96,11 @@ def test_migrated_lab_views_match_daemon_views(sqlite_url: str, tmp_path) -> Non
         migrated.dispose()
 
 
-def test_readme_database_examples_answer_on_both_databases(database_url: str) -> None:
-    """The README's `results` examples (section Database) run as printed; the provenance one groups the current
+def test_results_view_examples_answer_on_both_databases(database_url: str) -> None:
+    """The `results` examples of docs/database.md run as printed; the provenance one groups the current
     results by how they were computed (the re-classified image counts once, by its newest prediction)."""
     seed_known_history(database_url)
-    examples = sql_blocks(readme_section(README, "Database"))
+    examples = sql_blocks(doc_section(DOCS / "database.md", "The `results` view"))
     engine = make_engine(database_url)
     try:
         with engine.connect() as connection:

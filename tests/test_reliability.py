@@ -2,7 +2,7 @@
 
 Each scenario ends with an audit (tests/reliability_helpers.py): 0 lost, 0 duplicated, 0 stuck,
 0 exits the test did not cause, files outside the drop folder untouched. Each prints one row of
-the README's Reliability table; with STAINBRIDGE_TEST_RELIABILITY_REPORT=FILE the rows are appended to
+the table in docs/reliability.md; with STAINBRIDGE_TEST_RELIABILITY_REPORT=FILE the rows are appended to
 FILE as well:
 
     STAINBRIDGE_TEST_RELIABILITY_REPORT=reliability.md STAINBRIDGE_TEST_POSTGRES_URL=... \
