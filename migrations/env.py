@@ -29,7 +29,7 @@ def _url() -> str:
 
 
 def _include_name(name: str | None, type_: str, _parent: object) -> bool:
-    # APScheduler keeps its job table in the same database (daemon/scheduler.py); it is not ours.
+    # APScheduler keeps its job table in the same database (daemon/retraining/scheduler.py); it is not ours.
     return not (type_ == "table" and name == "apscheduler_jobs")
 
 

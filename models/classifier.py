@@ -50,7 +50,7 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
             "(e.g. torchvision's resnet18-f37072fd.pth) or train without --pretrained"
         )
     if path.suffix != ".safetensors":
-        # stainbridge never unpickles (README): a .pth file is a pickle, even under weights_only=True.
+        # stainbridge never unpickles (docs/training.md): a .pth file is a pickle, even under weights_only=True.
         raise PretrainedWeightsError(
             f"{path} is not a .safetensors file; stainbridge never reads pickle-based files. Convert it once, "
             "on a machine you trust, and pass the result: python -c \"import torch, safetensors.torch as s; "

@@ -1,6 +1,6 @@
 """`stainbridge report [--since DATE] [--until DATE] --out FILE.html`: one self-contained HTML page.
 
-Reads the database (aggregates, see daemon/report.py) and the archived images of the few it shows;
+Reads the database (aggregates, see daemon/lab/report.py) and the archived images of the few it shows;
 it needs neither the models nor a GPU, so it can run while the service works, except with
 ``--restandardize``, which loads the active models on the CPU to draw the standardized pictures the
 service did not save. On a new SQLite database it

@@ -2,7 +2,7 @@
 
 Classifies stored images again with the registry's active models and adds prediction rows;
 the old rows stay. Default: every classified (``done``) image in the archive; ``--status
-failed``: quarantined images whose failure was transient (see ``daemon.reprocess``);
+failed``: quarantined images whose failure was transient (see ``retraining.reprocess``);
 ``--model-version ID``: only images whose latest prediction that version made.
 """
 

@@ -1,9 +1,9 @@
 """`stainbridge report`: what came in, what the models said, whether to trust it; the numbers.
 
 Every count is an aggregate computed by the database (GROUP BY over the lab views, see
-daemon/views.py), so a year of results costs a handful of queries and the rows that reach Python
+daemon/lab/views.py), so a year of results costs a handful of queries and the rows that reach Python
 are bounded: classes x days, 20 histogram bins, a few dozen images for the picture grids, the model
-registry. Rendering (plots, thumbnails, the HTML template) lives in daemon/report_render.py.
+registry. Rendering (plots, thumbnails, the HTML template) lives in daemon/lab/render.py.
 """
 
 from __future__ import annotations

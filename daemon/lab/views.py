@@ -1,4 +1,4 @@
-"""The SQL views the lab queries (README "For the lab"): one question each, built on `results`.
+"""The SQL views the lab queries (docs/lab.md, "SQL views"): one question each, built on `results`.
 
 `results` (daemon/store.py) already picks each image's latest prediction and latest review; these
 views only filter and aggregate it, so "latest" has one definition. Two expressions differ between
@@ -51,7 +51,7 @@ WHERE status = 'done' AND duplicate_of_id IS NULL""",
 SELECT {day} AS day, site, label, COUNT(*) AS images, AVG(confidence) AS mean_confidence
 FROM latest_results
 GROUP BY {day}, site, label""",
-        # Classified, not yet reviewed; filter on confidence and order by it (README).
+        # Classified, not yet reviewed; filter on confidence and order by it (docs/lab.md).
         """CREATE VIEW low_confidence_queue AS
 SELECT image_id, source_name, site, received_at, label, confidence, classifier, archive_path
 FROM latest_results

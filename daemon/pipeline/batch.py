@@ -3,7 +3,7 @@
 `open_and_hash` opens a file once (never following a link), hashes it and keeps it open: the
 same inode is decoded (`decode_item`) and, later, moved. A file gets no claim when it is refused
 (symlinks, hard links), too large or unreadable. `PixelBudget` bounds the decoded pixels held
-at once. See ``daemon.pipeline`` for the stages and the crash points.
+at once. See ``pipeline.runner`` for the stages and the crash points.
 """
 
 from __future__ import annotations

@@ -3,11 +3,11 @@
 `Pipeline.process(candidates)` handles one micro-batch; the service calls it for files the
 watcher found ready, `stainbridge ingest` for files and folders named on the command line.
 Inference goes through ``models.inference`` only (geometry normalization, standardizer,
-classifier, softmax). The stages live in ``daemon.batch`` (intake) and ``daemon.recording``
-(the one transaction, then filing); ``daemon.loading`` loads and registers the models. Per batch:
+classifier, softmax). The stages live in ``pipeline.batch`` (intake) and ``pipeline.recording``
+(the one transaction, then filing); ``versions.loading`` loads and registers the models. Per batch:
 
 1. intake: each file is opened ONCE (no link followed) and hashed in the thread pool; the batch's
-   new content is claimed in one transaction (``daemon.claiming``; anything the database already
+   new content is claimed in one transaction (``pipeline.claiming``; anything the database already
    knows goes through ``claims.claim`` on its own, committed at once so other workers see it).
    Refused entries (symlinks, hard links) and files that cannot be hashed get no claim.
 2. claimed files are decoded from that same open file in the pool while the models run on the
@@ -42,7 +42,7 @@ Crash points (process killed, power lost, database gone) and what happens next:
 - a duplicate row commits inside ``claim``; a crash before its file is archived leaves the
   same (sha256, source name) duplicate row without ``archive_path``: it is reused, not
   recorded a second time. The same holds for refused entries (sha256 unknown).
-- during the move: `daemon.filing` reserves a free name (an empty placeholder) and renames the
+- during the move: `pipeline.filing` reserves a free name (an empty placeholder) and renames the
   file over it (atomic on one filesystem); across filesystems it copies, fsyncs, then unlinks.
   A crash leaves at worst an empty placeholder or a second copy in the archive, and the
   original in the drop folder, which the next pass files as ``unfiled``: never no copy.

@@ -1,6 +1,6 @@
 """The classifier half of the nightly job: fine-tune the active classifier on expert reviews, gate it.
 
-It runs after the standardizer half (``daemon.retraining``), behind whatever standardizer is active
+It runs after the standardizer half (``retraining.nightly``), behind whatever standardizer is active
 then, when at least ``[retraining] min_reviews`` reviewed images exist and some review arrived
 since the last classifier run (by review id). One run is one ``training_runs`` row of kind ``classifier``:
 

@@ -13,9 +13,9 @@ One run, in order (each run is a ``training_runs`` row; every outcome is one of 
 4. the checkpoint registered as a ``candidate`` (sha256, header, training run); its site profile
    (``header["site_profile"]``, re-estimated by the training from the recent images) is recorded
    next to the active one's in the run's and the candidate's metrics;
-5. the gate (``daemon.promotion``): passed -> promoted (``succeeded``), refused -> it stays a
+5. the gate (``retraining.promotion``): passed -> promoted (``succeeded``), refused -> it stays a
    candidate with the reason (``rejected``);
-6. then the classifier half (``daemon.finetuning``): with enough expert reviews, a second run
+6. then the classifier half (``retraining.finetuning``): with enough expert reviews, a second run
    fine-tunes the active classifier; its outcome is in the result's ``metrics.classifier``.
 """
 

@@ -4,7 +4,7 @@ Start-up, in order: settings (by the caller), logging (by the CLI), the database
 SQLite; on PostgreSQL the schema must already be at head), the models (loaded, verified and
 recorded with their sha256 in ``model_versions``), claims left by a crashed run released, the
 drop-folder watcher started (it scans what is already there), then ``READY=1``. The database
-wait lives in ``daemon.startup``, the health checks and the watchdog thread in ``daemon.health``.
+wait lives in ``service.startup``, the health checks and the watchdog thread in ``service.health``.
 
 The loop is ``run()`` repeating ``run_once()``, which takes one micro-batch of ready files
 (up to ``[models] batch_size``, or what arrived within ``[watch] batch_wait_seconds``) through
@@ -16,7 +16,7 @@ While a volume the service writes to has less free space than ``[paths] min_free
 (``daemon.diskspace``), no file is taken: they wait in the drop folder, ``STATUS=`` says why, and
 the loop goes on by itself once space is freed.
 
-No error of one file stops the service (see ``daemon.failures``): a transient failure (database,
+No error of one file stops the service (see ``intake.failures``): a transient failure (database,
 models, configuration) leaves the files in place, releases their claims and pauses with a
 growing back-off while ``STATUS=`` says why; any other error is retried with each file alone,
 and a file that fails alone ``MAX_ATTEMPTS`` times is quarantined with its reason. At start-up

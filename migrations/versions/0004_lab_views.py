@@ -4,9 +4,9 @@ Revision ID: 0004
 Revises: 0003
 Create Date: 2026-12-01
 
-Read-only views over `results` and `images` for the questions a lab asks (README "For the lab").
-The text is a frozen copy of daemon/views.py as of this revision: a later change there needs a new
-revision. Two expressions differ by dialect (the UTC day of a timestamp, the failure reason).
+Read-only views over `results` and `images` for the questions a lab asks (docs/lab.md, "SQL views").
+The text is a frozen copy of daemon/lab/views.py (then daemon/views.py) as of this revision: a later
+change there needs a new revision. Two expressions differ by dialect (the UTC day of a timestamp, the failure reason).
 
 `results` is re-created with the same columns but joins grouped maxima instead of a correlated
 subquery in the join condition, which PostgreSQL evaluated per pair of rows (a GROUP BY over

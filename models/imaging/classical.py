@@ -244,7 +244,7 @@ class Macenko:
 
 
 # Histogram matching was measured and deleted: it lost to the raw image on both labs (see the
-# README's cross-hospital table).
+# cross-hospital table in docs/accuracy.md).
 STANDARDIZERS: dict[str, type[Reinhard | Macenko]] = {
     "reinhard": Reinhard,
     "macenko": Macenko,

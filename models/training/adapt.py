@@ -22,11 +22,12 @@ classes (BCCD lost up to 0.15 behind the raw image at weight 1). The site's shar
 without labels, so ``--prior site`` (the default) takes them halfway between equal shares and the
 unadapted classifier's mean prediction on the site's images (with the 8 turns and flips): a
 majority stays a majority without trusting an estimate made by the classifier the stain shift
-misleads. In the 3-seed bench (README, "Cross-hospital accuracy"), weight 1 with the site prior
+misleads. In the 3-seed bench (docs/accuracy.md), weight 1 with the site prior
 against SHOT's prior at 0.5 (the previous default): BCCD behind Reinhard 0.697 -> 0.733, behind the
 raw image 0.691 -> 0.760; LISC unchanged behind Reinhard (0.853) and the colour map (0.94), but
-0.932 -> 0.892 behind the raw image. ``--prior uniform`` is SHOT's. Measure with the README's recipe
-on a labeled sample before deploying an adapted classifier.
+0.932 -> 0.892 behind the raw image. ``--prior uniform`` is SHOT's. Measure on a labeled sample
+before deploying an adapted classifier (docs/accuracy.md, "Checking a recipe on your own labelled
+sample").
 
 Labels of the incoming hospital are never read: ``--source`` is searched recursively for images
 (class sub-folders, if any, are ignored), so the drop folder's archive can be passed as it is.
