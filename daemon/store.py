@@ -120,6 +120,9 @@ class Image(Base):
     received_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     processed_at: Mapped[datetime | None]
     archive_path: Mapped[str | None] = mapped_column(String(1024))
+    # Workers that died holding this image's claim, since a claim of it last ended otherwise
+    # (intake.claims: quarantined at MAX_CRASHES without being read again).
+    crashes: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
 
     predictions: Mapped[list["Prediction"]] = relationship(back_populates="image", cascade="all, delete-orphan")
 

@@ -23,8 +23,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy.engine import make_url
 
+from stainbridge.daemon.intake.claims import MAX_CRASHES
 from stainbridge.daemon.schema import upgrade_database
-from tests.daemon_helpers import Daemon, cell_bytes, query, wait_for, write_config
+from tests.crashing_service import killer_png
+from tests.daemon_helpers import CRASHING_STAINBRIDGE, Daemon, cell_bytes, query, wait_for, write_config
 from tests.reliability_helpers import Audit, Corpus, TcpProxy, audit, good_cells, hostile_entries, report_row
 
 pytestmark = pytest.mark.slow
@@ -49,8 +51,8 @@ def new_daemon(made: list[Daemon], config: Path, workdir: Path) -> Daemon:
 
 
 def configure(tmp_path: Path, url: str, models, *, service_url: str | None = None) -> Path:
-    if url.startswith("postgresql"):
-        upgrade_database(url)  # the operator's `stainbridge db upgrade`
+    (tmp_path / "state").mkdir(parents=True, exist_ok=True)
+    upgrade_database(url)  # the operator's `stainbridge db upgrade` (or `init`)
     return write_config(tmp_path / "stainbridge.toml", tmp_path, service_url or url, models,
                         models={"batch_size": 8}, watch=WATCH)
 
@@ -242,4 +244,51 @@ def test_two_workers_share_one_database_and_drop_folder(daemons, tiny_models, tm
     unexpected = int(two.process.poll() is not None)
     assert two.stop() == 0
     report("PostgreSQL, two workers, one killed mid-batch", "1 kill -9", result, time.monotonic() - started)
+    assert_clean(result, unexpected)
+
+
+@pytest.mark.timeout(900)
+def test_a_file_that_kills_the_process_is_quarantined_and_its_batch_goes_on(daemons, tiny_models, tmp_path):
+    """A file that kills the service whenever it is decoded (SIGKILL, as the OOM killer or a decoder crash): restarted
+    as systemd would, the service dies MAX_CRASHES times, then quarantines it unread with its reason; the files that
+    shared its batch are classified."""
+    started = time.monotonic()
+    url = f"sqlite:///{tmp_path / 'state' / 'stainbridge.db'}"
+    config = configure(tmp_path, url, tiny_models)
+    corpus = Corpus(tmp_path / "drop", tmp_path / "outside")
+    corpus.outside.mkdir(parents=True)
+    scratch = tmp_path / "scratch"
+    good_cells(corpus, scratch, 7)  # one batch (batch_size 8) with the killer, all there at the start-up scan
+    corpus.add("wave1000-0/cell-3b-kills.png", killer_png(cell_bytes(scratch, seed=99)), "failed")
+    daemon = new_daemon(daemons, config, tmp_path / "w1")
+    daemon.launcher = CRASHING_STAINBRIDGE
+    daemon.start(wait_ready=False)
+    killer = "wave1000-0/cell-3b-kills.png"
+    deaths = 0
+
+    def settled() -> bool:
+        rows = query(url, "SELECT status FROM images WHERE source_name = :name", name=killer)
+        return bool(rows) and rows[0][0] == "failed"
+
+    while True:
+        wait_for(lambda: daemon.process.poll() is not None or settled(), 300, "a death or the killer quarantined")
+        if daemon.process.poll() is None:
+            break
+        assert daemon.process.returncode == -signal.SIGKILL, daemon.log_text()[-3000:]
+        deaths += 1
+        assert deaths <= MAX_CRASHES, "restarted more often than MAX_CRASHES deaths"
+        if deaths == 1:  # the whole batch was in flight (each will count one crash and be taken in alone)
+            assert query(url, "SELECT status, count(*) FROM images GROUP BY status") == [("processing", 8)]
+        daemon.start(wait_ready=False)  # what Restart=on-failure does
+    result = wait_until_settled(url, corpus, 120)
+    status, error, crashes, filed = query(url, "SELECT status, error, crashes, archive_path FROM images "
+                                          "WHERE source_name = :name", name=killer)[0]
+    unexpected = int(daemon.process.poll() is not None)
+    assert daemon.stop() == 0
+    report("SQLite, a file that kills the service (SIGKILL while decoding)",
+           f"{deaths} deaths, then quarantined", result, time.monotonic() - started)
+    assert deaths == MAX_CRASHES and crashes == MAX_CRASHES
+    assert error.startswith("crashed: the service died 3 times") and "quarantine" in filed
+    assert "crashed" in Path(filed + ".error.txt").read_text()
+    assert query(url, "SELECT count(*) FROM images WHERE status = 'done' AND crashes = 0")[0][0] == 7
     assert_clean(result, unexpected)

@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         engine = make_engine(settings.database_url)
         sessions = make_sessionmaker(engine)
         pipeline = Pipeline(settings, sessions, load_models(settings, sessions), file_results=args.move)
-        pipeline.recover()
+        pipeline.recover(startup=True)
         size = settings.models.batch_size
         for start in range(0, len(candidates), size):
             report.add(pipeline.process(candidates[start:start + size]))

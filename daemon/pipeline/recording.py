@@ -82,11 +82,14 @@ def _record_together(sessions: sessionmaker, m: LoadedModels, items: list[Item],
                     continue
                 if item.deferred is not None:  # transient: give the claim back, try again later
                     row.status, row.claimed_by, row.claimed_at = ImageStatus.pending, None, None
+                    row.crashes = 0  # this worker lived through it
                     counts.deferred += 1
                     counts.unavailable = counts.unavailable or item.deferred
                     counts.left_in_place.append(item.candidate.path)
                     continue
             row.processed_at, row.claimed_by = now, None
+            if item.reason != "crashed":
+                row.crashes = 0
             if item.result is not None:
                 decoded, result = item.decoded, item.result
                 row.status, row.error = ImageStatus.done, None

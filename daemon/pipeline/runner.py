@@ -123,10 +123,12 @@ class Pipeline:
         """Stop the intake threads (the service's `finally`)."""
         self._pool.shutdown(wait=True)
 
-    def recover(self) -> int:
-        """Release claims left `processing` by dead (or this very) processes; call before work."""
+    def recover(self, *, startup: bool = False) -> int:
+        """Release claims left `processing` by dead processes, and this one's own; call before work.
+
+        ``startup=True``: claims under this process's owner name are an earlier life's (a crash)."""
         with self.sessions.begin() as session:
-            released = claims.release_stale_claims(session, STALE_CLAIM_SECONDS, startup=True)
+            released = claims.release_stale_claims(session, STALE_CLAIM_SECONDS, startup=startup, own=True)
         if released:
             log.warning("claims_released", count=released)
         self._needs_recovery = False
@@ -135,7 +137,10 @@ class Pipeline:
         return released
 
     def process(self, candidates: Sequence[Candidate]) -> BatchReport:
-        """Take one micro-batch from ready files to recorded, filed results."""
+        """Take one micro-batch from ready files to recorded, filed results.
+
+        A file whose claim a dead worker held (``images.crashes``) is taken in alone, after the rest
+        of the batch is recorded and filed: if it kills this process too, only it was in flight."""
         if self._needs_recovery:
             self.recover()
         report = BatchReport()
@@ -151,29 +156,47 @@ class Pipeline:
                     if item.skip:
                         log.info("changed_while_reading" if item.skip == "changed" else "vanished",
                                  source=item.candidate.source_name)
-                hashed = [i for i in items if i.sha256 is not None and i.reason is None and not i.skip]
-                if hashed:
-                    claim_items(self.sessions, hashed, report, site=self.settings.site.name)
-                self._decode_and_infer([i for i in hashed if i.image_id is not None and i.target is None
-                                        and not i.skip and i.reason is None])
-                waiting = [i for i in items if not i.skip and i.target is None]
-                known = [i for i in items if not i.skip and i.target is not None]  # before record() sets targets
-                to_file = known + record(self.sessions, self.models, waiting, report, site=self.settings.site.name)
             except BaseException:
-                # Claims this batch made are still `processing`: release them before the next one.
                 self._needs_recovery = True
                 raise
-            report.skipped += sum(1 for i in items if i.skip)
-            if self.file_results:
-                try:
-                    file_items(self.sessions, self.settings, to_file, report)
-                except BaseException:
-                    self._needs_recovery = True  # moved files whose archive_path did not commit are found again
-                    raise
+            suspects = self._take_in(items, report, isolate_crashed=len(items) > 1)
+            for suspect in suspects:
+                log.warning("taken_alone_after_a_crash", source=suspect.candidate.source_name,
+                            image=suspect.sha256[:12])
+                self._take_in([suspect], report, isolate_crashed=False)
         finally:
             for item in items:
                 item.close()
         return report
+
+    def _take_in(self, items: list[Item], report: BatchReport, *, isolate_crashed: bool) -> list[Item]:
+        """Claim, decode, classify, record and file `items` (already opened and hashed).
+
+        Returns the items left out because a worker died holding their claim (``isolate_crashed``)."""
+        suspects: list[Item] = []
+        try:
+            hashed = [i for i in items if i.sha256 is not None and i.reason is None and not i.skip]
+            if hashed:
+                suspects = claim_items(self.sessions, hashed, report, site=self.settings.site.name,
+                                       isolate_crashed=isolate_crashed)
+            self._decode_and_infer([i for i in hashed if i.image_id is not None and i.target is None
+                                    and not i.skip and i.reason is None])
+            left_out = {id(i) for i in suspects}
+            waiting = [i for i in items if not i.skip and i.target is None and id(i) not in left_out]
+            known = [i for i in items if not i.skip and i.target is not None]  # before record() sets targets
+            to_file = known + record(self.sessions, self.models, waiting, report, site=self.settings.site.name)
+        except BaseException:
+            # Claims this batch made are still `processing`: release them before the next one.
+            self._needs_recovery = True
+            raise
+        report.skipped += sum(1 for i in items if i.skip)
+        if self.file_results:
+            try:
+                file_items(self.sessions, self.settings, to_file, report)
+            except BaseException:
+                self._needs_recovery = True  # moved files whose archive_path did not commit are found again
+                raise
+        return suspects
 
     def _decode_and_infer(self, items: list[Item]) -> None:
         """Decode in the thread pool while the models run on what is already decoded.

@@ -114,7 +114,7 @@ class Service:
             use_all_cores()
             self.pipeline.warm_up()
             self.pipeline.heartbeat = self._beat
-            self.pipeline.recover()
+            self.pipeline.recover(startup=True)
             self.swapper = ModelSwapper(s, sessions)
             for folder in (s.drop_dir, s.archive_dir, s.quarantine_dir):
                 folder.mkdir(parents=True, exist_ok=True)
