@@ -13,6 +13,7 @@ from sqlalchemy import bindparam, delete, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import sessionmaker
 
+from stainbridge.daemon import folders
 from stainbridge.daemon.config import Settings
 from stainbridge.daemon.intake import claims
 from stainbridge.daemon.intake.failures import error_summary, is_transient, storable_text
@@ -135,22 +136,36 @@ def file_items(sessions: sessionmaker, settings: Settings, items: list[Item], re
             errors = dict(session.execute(select(Image.id, Image.error).where(Image.id.in_(ids))).all())
     vanished: list[int] = []
     unsynced: set[Path] = set()  # archive folders with new entries: fsynced once each, before archive_path commits
+    roots = {ImageStatus.failed: ("quarantine", settings.quarantine_dir)}
+    unprepared: dict[str, str | None] = {}  # root -> why it may not be written to now (checked once per batch)
     for item in items:
         path = item.candidate.path
         when = utcnow()
+        read = filing.Read(item.opened, item.data) if item.data is not None else None
+        role, root = roots.get(item.target, ("archive", settings.archive_dir))
+        if role not in unprepared:
+            try:
+                folders.require(root, role)  # an unmounted share: never re-created on the disk below it
+                unprepared[role] = None
+            except folders.FolderError as exc:
+                unprepared[role] = str(exc)
+        if unprepared[role] is not None:
+            log.error("filing_failed", source=item.candidate.source_name, error=unprepared[role])
+            _unfiled(report, path, unprepared[role])
+            continue
         try:
             if item.target is ImageStatus.failed:
                 if item.reason is None:
                     stored = errors.get(item.image_id) or "unknown: no reason recorded"
                     item.reason, item.detail = stored.split(":", 1)[0], stored.split(":", 1)[-1].strip()
                 target = filing.quarantine_file(path, settings.quarantine_dir, item.reason, item.detail, when,
-                                                held=item.handle, dir_fd=item.dir_fd)
+                                                read=read, dir_fd=item.dir_fd)
             else:
-                target = filing.archive_file(path, settings.archive_dir, when, fsync=False, held=item.handle,
+                target = filing.archive_file(path, settings.archive_dir, when, fsync=False, read=read,
                                              dir_fd=item.dir_fd)
                 unsynced.add(target.parent)
-            if item.handle is not None and filing.Source(path, item.dir_fd).exists():  # replaced: the held
-                log.warning("replaced_while_processing", source=item.candidate.source_name)  # bytes were filed
+            if read is not None and filing.Source(path, item.dir_fd).exists():  # replaced or rewritten: the
+                log.warning("replaced_while_processing", source=item.candidate.source_name)  # bytes read were filed
                 report.left_in_place.append(path)  # the new version is offered again, on its own
         except FileNotFoundError:
             if item.created_row:  # a refused entry another worker quarantined first: no second row
@@ -160,7 +175,7 @@ def file_items(sessions: sessionmaker, settings: Settings, items: list[Item], re
             continue
         except Exception as exc:  # noqa: BLE001 - this file stays in place; the others are filed
             log.error("filing_failed", source=item.candidate.source_name, error=error_summary(exc))
-            report.left_in_place.append(path)
+            _unfiled(report, path, error_summary(exc))
             continue
         filed[item.image_id] = str(target)
         if item.result is not None and item.target is ImageStatus.done and settings.watch.save_standardized:
@@ -181,3 +196,10 @@ def file_items(sessions: sessionmaker, settings: Settings, items: list[Item], re
                             .values(archive_path=bindparam("archive_path")),
                             [{"image_id": image_id, "archive_path": storable_text(target, 1024)}
                              for image_id, target in filed.items()])
+
+
+def _unfiled(report: BatchReport, path: Path, why: str) -> None:
+    """A recorded file that could not be filed: it stays where it is; the service reports and retries it."""
+    report.unfiled += 1
+    report.filing_error = report.filing_error or why
+    report.left_in_place.append(path)

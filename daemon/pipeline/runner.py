@@ -6,11 +6,11 @@ Inference goes through ``models.inference`` only (geometry normalization, standa
 classifier, softmax). The stages live in ``pipeline.batch`` (intake) and ``pipeline.recording``
 (the one transaction, then filing); ``versions.loading`` loads and registers the models. Per batch:
 
-1. intake: each file is opened ONCE (no link followed) and hashed in the thread pool; the batch's
+1. intake: each file is opened and read ONCE (no link followed) and hashed in the thread pool; the batch's
    new content is claimed in one transaction (``pipeline.claiming``; anything the database already
    knows goes through ``claims.claim`` on its own, committed at once so other workers see it).
    Refused entries (symlinks, hard links) and files that cannot be hashed get no claim.
-2. claimed files are decoded from that same open file in the pool while the models run on the
+2. claimed files are decoded from those same bytes in the pool while the models run on the
    images already decoded (``[models] max_inflight_pixels`` bounds the decoded pixels held);
    inference is one call per part (one image at a time again if it fails, so that one poison
    image fails alone).
@@ -19,11 +19,11 @@ classifier, softmax). The stages live in ``pipeline.batch`` (intake) and ``pipel
    inference time) and every image status (done / failed with "reason: detail").
 4. only after that commit are the files moved: archive/YYYY/MM/DD/ or quarantine/ with a
    ``.error.txt``; the archive folders are fsynced once each, then a second small transaction
-   records where each file went (``archive_path``). Only the inode that was read is moved: if
-   its path now names another file (a re-export by temp file + rename), the bytes that were
-   read are copied to the archive from the open file and the new file is left in place, to be
-   processed on its own. Input files are never deleted; `ingest` without ``--move`` leaves
-   them where they are.
+   records where each file went (``archive_path``). Only the version that was read is moved: if
+   its path now names another file (a re-export by temp file + rename) or the same one rewritten
+   in place (``cp`` over it: size, mtime or ctime differ), the bytes that were read are written
+   to the archive and the new version is left in place, to be processed on its own. Input files
+   are never deleted; `ingest` without ``--move`` leaves them where they are.
 
 Crash points (process killed, power lost, database gone) and what happens next:
 
@@ -71,7 +71,14 @@ from stainbridge.daemon.intake.failures import error_summary, storable_source_na
 from stainbridge.daemon.intake.walking import Candidate
 from stainbridge.daemon.logs import get_logger
 from stainbridge.daemon.pipeline import filing
-from stainbridge.daemon.pipeline.batch import BatchReport, Item, PixelBudget, decode_item, open_and_hash
+from stainbridge.daemon.pipeline.batch import (
+    BatchReport,
+    Item,
+    PixelBudget,
+    byte_batches,
+    decode_item,
+    open_and_hash,
+)
 from stainbridge.daemon.pipeline.claiming import claim_items
 from stainbridge.daemon.pipeline.recording import file_items, record
 from stainbridge.daemon.store import Image, ImageStatus, utcnow
@@ -140,7 +147,14 @@ class Pipeline:
         """Take one micro-batch from ready files to recorded, filed results.
 
         A file whose claim a dead worker held (``images.crashes``) is taken in alone, after the rest
-        of the batch is recorded and filed: if it kills this process too, only it was in flight."""
+        of the batch is recorded and filed: if it kills this process too, only it was in flight.
+        Files are read into memory: a batch holds at most ``BATCH_BYTES`` of them (runs in turn)."""
+        report = BatchReport()
+        for run in byte_batches(candidates):
+            report.add(self._process(run))
+        return report
+
+    def _process(self, candidates: Sequence[Candidate]) -> BatchReport:
         if self._needs_recovery:
             self.recover()
         report = BatchReport()
@@ -153,7 +167,11 @@ class Pipeline:
                 for future in opening:
                     future.result()
                 for item in items:
-                    if item.skip:
+                    if item.skip == "memory":  # read again later, in a smaller batch
+                        report.deferred += 1
+                        report.unavailable = report.unavailable or item.deferred
+                        report.left_in_place.append(item.candidate.path)
+                    elif item.skip:
                         log.info("changed_while_reading" if item.skip == "changed" else "vanished",
                                  source=item.candidate.source_name)
             except BaseException:
@@ -189,7 +207,7 @@ class Pipeline:
             # Claims this batch made are still `processing`: release them before the next one.
             self._needs_recovery = True
             raise
-        report.skipped += sum(1 for i in items if i.skip)
+        report.skipped += sum(1 for i in items if i.skip and i.skip != "memory")
         if self.file_results:
             try:
                 file_items(self.sessions, self.settings, to_file, report)
@@ -239,8 +257,9 @@ class Pipeline:
                             item.decoded.image = None  # the pixels are no longer needed
                 ready = []
 
-    def quarantine_poison(self, candidate: Candidate, reason: str) -> Path:
-        """Quarantine a file that broke its batch again and again, alone; record it as failed (``poison``).
+    def quarantine_poison(self, candidate: Candidate, reason: str, *, code: str = "poison") -> Path:
+        """Quarantine a file that broke its batch again and again, alone; record it as failed (`code`:
+        ``poison``, or ``memory`` for a file that ran out of memory on its own).
 
         Its claim from the failed attempts (released to ``pending``) becomes the failed row; a file
         that never got that far gets a new failed row. The file moves first: it leaves the drop folder
@@ -249,8 +268,8 @@ class Pipeline:
         self.recover()
         now = utcnow()
         detail = storable_text(reason, 1000)
-        target = filing.quarantine_file(candidate.path, self.settings.quarantine_dir, "poison", detail, now)
-        values = {"status": ImageStatus.failed, "error": f"poison: {detail}", "processed_at": now, "claimed_by": None,
+        target = filing.quarantine_file(candidate.path, self.settings.quarantine_dir, code, detail, now)
+        values = {"status": ImageStatus.failed, "error": f"{code}: {detail}", "processed_at": now, "claimed_by": None,
                   "archive_path": storable_text(str(target), 1024)}
         with self.sessions.begin() as session:
             updated = session.execute(
@@ -263,7 +282,7 @@ class Pipeline:
             if not updated:
                 session.add(Image(sha256=None, source_name=candidate.source_name, site=self.settings.site.name,
                                   size_bytes=candidate.size, received_at=now, **values))
-        log.error("quarantined_poison", source=candidate.source_name, reason=detail)
+        log.error("quarantined_poison", source=candidate.source_name, code=code, reason=detail)
         return target
 
     # inference -------------------------------------------------------------------------------
