@@ -41,11 +41,14 @@ def _masked(url: str) -> str:
 
 
 @pytest.fixture(autouse=True)
-def _hermetic_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A developer's own STAINBRIDGE_* variables must not leak into the tests."""
+def _hermetic_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A developer's own STAINBRIDGE_* variables (and a machine's /etc/stainbridge) must not leak into the tests."""
+    from stainbridge.daemon import config
+
     for name in list(os.environ):
         if name.startswith("STAINBRIDGE_") and not name.startswith("STAINBRIDGE_TEST_"):
             monkeypatch.delenv(name)
+    monkeypatch.setattr(config, "SYSTEM_CONFIG", tmp_path / "no-system-config" / "stainbridge.toml")
 
 
 @pytest.fixture(scope="session")
@@ -159,6 +162,7 @@ def make_service(settings_factory: SettingsFactory, tiny_models) -> Iterator[Cal
     The watcher is quick (files ready after 0.05 s, a rescan every 0.2 s, batches of 4); overrides are
     settings_factory's SECTION_KEY=value. A PostgreSQL database is migrated first. All are stopped at teardown.
     """
+    from stainbridge.daemon import folders
     from stainbridge.daemon.schema import upgrade_database
     from stainbridge.daemon.service.lifecycle import Service
 
@@ -172,6 +176,7 @@ def make_service(settings_factory: SettingsFactory, tiny_models) -> Iterator[Cal
             "models_device": "cpu", "models_batch_size": 4, "watch_quiet_seconds": 0.05, "watch_rescan_seconds": 0.2,
             "watch_batch_wait_seconds": 0.05, "site_pseudonym_secret": "a-long-enough-test-secret-0123456789",
             **overrides})
+        folders.prepare(settings)  # `stainbridge init`
         service = Service(settings)
         service.start()
         made.append(service)
@@ -199,6 +204,7 @@ def run_stainbridge(stainbridge_exe: Path, tmp_path: Path) -> Callable[..., subp
 
     def run(*args: str, env: dict[str, str] | None = None, timeout: float = 120, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
         base = {k: v for k, v in os.environ.items() if not k.startswith("STAINBRIDGE_")}
+        base["STAINBRIDGE_CONFIG"] = ""  # no file unless the test names one (not this machine's /etc/stainbridge)
         base.update(env or {})
         return subprocess.run(
             [str(stainbridge_exe), *args],

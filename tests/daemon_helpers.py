@@ -25,6 +25,8 @@ import torch
 from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
 
+from stainbridge.daemon import folders
+from stainbridge.daemon.config import load_settings
 from stainbridge.models.checkpoint import save_checkpoint
 from stainbridge.models.classifier import build_classifier
 from stainbridge.models.cyclegan import build_generator
@@ -101,8 +103,7 @@ def write_config(path: Path, root: Path, database_url: str, checkpoints: TinyMod
         lines += [f"{key} = {toml_value(value)}" for key, value in values.items()]
         lines.append("")
     path.write_text("\n".join(lines), encoding="utf-8")
-    for folder in ("state", "drop"):
-        Path(config["paths"][folder]).mkdir(parents=True, exist_ok=True)
+    folders.prepare(load_settings(path, environ={}))  # what `stainbridge init` does at install
     return path
 
 

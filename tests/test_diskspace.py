@@ -47,9 +47,9 @@ def test_min_free_mb_must_be_a_finite_number_at_least_zero(settings_factory, val
 def test_the_tick_takes_nothing_below_the_floor_and_goes_on_above_it(make_service) -> None:
     service = make_service(paths_min_free_mb=ABOVE_ANY_DISK_MB)
     files = [write_cell(service.settings.drop_dir / f"c{i}.png", seed=i) for i in range(3)]
-    time.sleep(0.2)  # past quiet_seconds: the files would be ready
+    wait_for(lambda: service.run_once() == 0 and service.watcher.ready_count() == 3, 30, "the files ready")
     assert [service.run_once() for _ in range(5)] == [0] * 5
-    assert all(f.exists() for f in files)
+    assert all(f.exists() for f in files) and service.watcher.ready_count() == 3  # ready, and left alone
     assert "min_free_mb" in service._space_short
     assert all(service.healthy().values())  # waiting on purpose: the watchdog keeps the service
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
+from stainbridge.daemon import folders
 from stainbridge.daemon.commands import ingest
 from stainbridge.daemon.intake import claims, reading
 from stainbridge.daemon.intake.watcher import iter_candidates
@@ -65,7 +66,7 @@ def count(sessions, *where) -> int:
 
 
 def files_under(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() or p.is_symlink())
+    return sorted(p for p in folder.rglob("*") if (p.is_file() or p.is_symlink()) and p.name != folders.MARKER)
 
 
 def test_run_once_classifies_records_and_archives(service, sessions, settings, tiny_models):
@@ -169,6 +170,7 @@ def test_save_standardized_writes_a_png_next_to_the_archived_original(settings_f
     """With save_standardized on, <stem>.standardized.png lands beside the archived file."""
     settings = settings_factory(models_classifier=str(tiny_models.classifier), models_standardizer="none",
                                 models_device="cpu", watch_quiet_seconds=0.05, watch_save_standardized=True)
+    folders.prepare(settings)
     svc = Service(settings)
     svc.start()
     try:
@@ -269,7 +271,7 @@ def test_ingest_records_leaves_files_in_place_and_is_idempotent(tmp_path, tiny_m
     (backfill / "bad.png").write_bytes(b"\x89PNG broken")
     assert _ingest(config, backfill) == 1
     assert "classified          3" in capsys.readouterr().out
-    assert len(files_under(backfill)) == 4 and not (tmp_path / "archive").exists()
+    assert len(files_under(backfill)) == 4 and files_under(tmp_path / "archive") == []
     assert _ingest(config, backfill) == 1
     out = capsys.readouterr().out
     assert "classified          0" in out and "already recorded    4 (1 of them failed before)" in out

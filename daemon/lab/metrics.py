@@ -1,8 +1,9 @@
 """Prometheus metrics of `stainbridge run` (`[metrics] port`; off when 0, the default).
 
 What this worker did since it started (counters and a histogram, kept in memory):
-``stainbridge_files_processed_total{outcome}``, ``stainbridge_files_failed_total{reason}`` and
-``stainbridge_batch_seconds``. What is true now (read at each scrape): ``stainbridge_queue_depth``
+``stainbridge_files_processed_total{outcome}``, ``stainbridge_files_failed_total{reason}``,
+``stainbridge_filing_failures_total`` (recorded files that could not be moved out of the drop folder)
+and ``stainbridge_batch_seconds``. What is true now (read at each scrape): ``stainbridge_queue_depth``
 (files the watcher tracks as waiting or ready: its own count, no walk of the drop folder), ``stainbridge_active_model_info{kind,name,sha256}`` and
 ``stainbridge_last_successful_retraining_timestamp_seconds`` from the database.
 
@@ -72,6 +73,9 @@ class ServiceMetrics:
                              ["outcome"], registry=self.registry)
         self.failures = Counter("stainbridge_files_failed", "Files this worker quarantined, by reason",
                                 ["reason"], registry=self.registry)
+        self.unfiled = Counter("stainbridge_filing_failures", "Recorded files this worker could not move out of the "
+                               "drop folder (read-only drop folder, archive not mounted...); they are retried",
+                               registry=self.registry)
         self.batch_seconds = Histogram("stainbridge_batch_seconds", "Time to take one micro-batch through the "
                                        "pipeline (decode, models, database, filing)", buckets=BATCH_BUCKETS,
                                        registry=self.registry)
@@ -93,11 +97,12 @@ class ServiceMetrics:
         self.files.labels("duplicate").inc(report.duplicates)
         for reason, n in report.failures.items():
             self.failures.labels(reason).inc(n)
+        self.unfiled.inc(report.unfiled)
 
-    def record_poison(self) -> None:
-        """A file quarantined after failing its batch alone, again and again."""
+    def record_poison(self, reason: str = "poison") -> None:
+        """A file quarantined after failing alone, again and again (`reason`: poison, memory)."""
         self.files.labels("failed").inc()
-        self.failures.labels("poison").inc()
+        self.failures.labels(reason).inc()
 
     def observe_batch(self, seconds: float) -> None:
         self.batch_seconds.observe(seconds)

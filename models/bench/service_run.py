@@ -98,6 +98,14 @@ def vm_hwm_mb(pid: int) -> float | None:
     return None
 
 
+def prepare_folders(config: Path) -> None:
+    """`stainbridge init`: the folders the service needs (it creates none of them itself) and the database."""
+    cmd = [sys.executable, "-m", "stainbridge.daemon.cli", "init", "--config", str(config)]
+    done = subprocess.run(cmd, env=_child_env(), capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise ServiceRunError(f"`stainbridge init` failed ({done.returncode}): {done.stderr.strip()}")
+
+
 class ServiceProcess:
     """`stainbridge run --config FILE` as a child process, ready when it says ``READY=1``.
 
@@ -209,7 +217,7 @@ def run_service(images: list[Path], root: Path, *, classifier: Path, standardize
     config = write_config(root, classifier=classifier, standardizer=standardizer, device=device,
                           batch_size=batch_size, tta=tta)
     drop = root / "drop"
-    drop.mkdir(parents=True, exist_ok=True)
+    prepare_folders(config)
     staged = stage_files(images, root / "staging")
     started = time.monotonic()
     service = ServiceProcess(config, root)
