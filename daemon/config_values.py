@@ -39,8 +39,8 @@ def _number(value: Any, kind: type, expected: str, within: Callable[[Any], bool]
 
 
 def positive(kind: type) -> Callable[[Any], Any]:
-    def check(value: Any) -> Any:
-        return _number(value, kind, f"expected a positive {kind.__name__}", lambda n: n > 0)
+    def check(value: Any) -> Any:  # finite: "inf" seconds, images or MiB means a setting that never acts
+        return _number(value, kind, f"expected a positive, finite {kind.__name__}", lambda n: 0 < n < float("inf"))
 
     return check
 

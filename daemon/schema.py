@@ -118,6 +118,41 @@ class DatabaseNotReady(SchemaError):
     """The database schema is missing or older than this code, and we may not migrate it."""
 
 
+class DatabaseMissing(DatabaseUnavailable):
+    """A command that only reads found no database where the configuration says it is."""
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The file of a SQLite URL (None for other databases and in-memory SQLite)."""
+    if not url.startswith("sqlite"):
+        return None
+    path = make_url(url).database
+    return Path(path).absolute() if path and path != ":memory:" else None
+
+
+def require_existing(url: str, source: str = "") -> None:
+    """Raise DatabaseMissing unless the SQLite file exists (connecting would create it and its folder).
+
+    `source`: where the settings came from, so that the message says which configuration pointed here."""
+    path = sqlite_file(url)
+    if path is not None and not path.is_file():
+        where = f" (configuration: {source})" if source else ""
+        raise DatabaseMissing(
+            f"no database at {path}{where}; nothing was created. Pass the service's configuration with "
+            "--config FILE (or set STAINBRIDGE_CONFIG), or run `stainbridge init` to create a new one")
+
+
+def require_database(url: str, source: str = "") -> None:
+    """For commands that only read: the database must exist and be at the newest schema; nothing is created
+    or migrated (DatabaseMissing, DatabaseUnreachable or DatabaseNotReady say which database was looked for)."""
+    require_existing(url, source)
+    current, head = current_revision(url), head_revision()
+    if current != head:
+        raise DatabaseNotReady(
+            f"the database {safe_url(url)} is at revision {current or 'none (empty database)'}, this code needs "
+            f"{head}; run `stainbridge db upgrade` (with the same --config) first")
+
+
 def prepare_database(url: str) -> None:
     """SQLite: run the migrations (embedded default). PostgreSQL: refuse unless at head.
 

@@ -2,7 +2,10 @@
 
 One row per received image (its latest prediction, models and review), oldest first. Rows are
 fetched in chunks (``yield_per``; a server-side cursor on PostgreSQL) and written as they come,
-so memory stays constant however many years of results there are.
+so memory stays constant however many years of results there are. CSV text cells that a
+spreadsheet would read as a formula (a file named ``=HYPERLINK(...).png``) get a leading ``'``
+(``commands.spreadsheet``); JSON is written as it is. It creates no database: it
+reads the one the configuration names (as `status` does).
 """
 
 from __future__ import annotations
@@ -18,9 +21,10 @@ from typing import IO, Any
 from sqlalchemy import Boolean, DateTime, bindparam, text
 
 from stainbridge.daemon.commands.report import parse_date
+from stainbridge.daemon.commands.spreadsheet import safe_row
 from stainbridge.daemon.config import ConfigError, load_settings
 from stainbridge.daemon.lab.report import Period
-from stainbridge.daemon.schema import SchemaError, prepare_database
+from stainbridge.daemon.schema import SchemaError, require_database
 from stainbridge.daemon.store import make_engine
 
 CHUNK_ROWS = 1000
@@ -74,7 +78,7 @@ def write_csv(rows: Iterator[dict[str, Any]], out: IO[str]) -> int:
     for n, row in enumerate(rows, 1):
         if row["probabilities"] is not None:
             row["probabilities"] = json.dumps(row["probabilities"], sort_keys=True)
-        writer.writerow(row)
+        writer.writerow(safe_row(row))  # names from another hospital never become spreadsheet formulas
     return n
 
 
@@ -90,7 +94,7 @@ def write_json(rows: Iterator[dict[str, Any]], out: IO[str]) -> int:
 def run(args: argparse.Namespace) -> int:
     try:
         settings = load_settings(args.config)
-        prepare_database(settings.database_url)
+        require_database(settings.database_url, settings.source)
         Period.from_dates(args.since, args.until)
     except (ConfigError, SchemaError) as exc:
         print(f"stainbridge export: {exc}", file=sys.stderr)

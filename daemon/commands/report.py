@@ -3,8 +3,8 @@
 Reads the database (aggregates, see daemon/lab/report.py) and the archived images of the few it shows;
 it needs neither the models nor a GPU, so it can run while the service works, except with
 ``--restandardize``, which loads the active models on the CPU to draw the standardized pictures the
-service did not save. On a new SQLite database it
-first creates the schema (as `status` does); on PostgreSQL it asks for `stainbridge db upgrade`.
+service did not save. It creates no database: it reads the one the configuration names, at the
+newest schema (as `status` does), and says which one it looked for otherwise.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 from sqlalchemy.engine import Engine
 
 from stainbridge.daemon.config import ConfigError, Settings, load_settings
-from stainbridge.daemon.schema import SchemaError, prepare_database, safe_url
+from stainbridge.daemon.schema import SchemaError, require_database, safe_url
 from stainbridge.daemon.store import make_engine
 
 
@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out).absolute()
     try:
         settings = load_settings(args.config)
-        prepare_database(settings.database_url)
+        require_database(settings.database_url, settings.source)
         write_report(settings.database_url, out, args.since, args.until,
                      settings if args.restandardize else None)
     except (ConfigError, SchemaError, RestandardizeError) as exc:

@@ -2,7 +2,8 @@
 
 ``export`` writes the low-confidence queue: classified images without a review whose latest
 prediction is less confident than ``[retraining] review_below``, least confident first, with an
-empty ``label`` column for the hematologist to fill in. ``import`` reads such a file back (columns
+empty ``label`` column for the hematologist to fill in, as UTF-8 with a byte-order mark for Excel and
+with names that would start a formula neutralized (``commands.spreadsheet``). ``import`` reads such a file back (columns
 ``image`` = image id or sha256, ``label``, ``reviewer``, optional ``time`` (ISO 8601) and
 ``comment``; rows with an empty label are skipped). It is all or nothing: unknown images and
 labels the active classifier does not know are all reported and nothing is written.
@@ -21,6 +22,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from stainbridge.daemon.commands.models import database
+from stainbridge.daemon.commands.spreadsheet import EXCEL_BOM, safe_row
 from stainbridge.daemon.config import ConfigError, load_settings
 from stainbridge.daemon.schema import SchemaError
 from stainbridge.daemon.store import Image, ImageStatus, ModelKind, Prediction, Review
@@ -118,9 +120,10 @@ def run(args: argparse.Namespace) -> int:
         return 1
     out = sys.stdout if args.out == "-" else open(args.out, "w", newline="", encoding="utf-8")  # noqa: SIM115
     try:
+        out.write(EXCEL_BOM)  # hematologists open it in Excel, which needs the mark to read UTF-8 names
         writer = csv.DictWriter(out, fieldnames=EXPORT_COLUMNS)
         writer.writeheader()
-        writer.writerows(queue)
+        writer.writerows(safe_row(row) for row in queue)
     finally:
         if out is not sys.stdout:
             out.close()
