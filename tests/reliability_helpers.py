@@ -354,7 +354,7 @@ def update_table(path: Path, scenario: str, row: str) -> None:
     table, tail = rest.split(TABLE_END, 1)
     lines = [line for line in table.strip().splitlines() if line.strip()]
     key = f"| {scenario.split(' (')[0]}"  # a scenario's measured details (memory) may differ between runs
-    at = next((i for i, line in enumerate(lines) if line.startswith(key + " |") or line.startswith(key + " (")), None)
+    at = next((i for i, line in enumerate(lines) if line.startswith((key + " |", key + " ("))), None)
     if at is None:
         lines.append(row)
     else:

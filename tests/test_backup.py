@@ -8,11 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from sqlalchemy import text
 
 from stainbridge.daemon import cli
 from stainbridge.daemon.config import load_settings
 from stainbridge.daemon.schema import upgrade_database
 from stainbridge.daemon.service.lifecycle import Service
+from stainbridge.daemon.store import make_engine
 from stainbridge.models.checkpoint import save_checkpoint
 from stainbridge.models.cyclegan import build_generator
 from tests.daemon_helpers import GEN_ARGS, SIZE, query, wait_for, write_cell, write_config
@@ -69,7 +71,13 @@ def _lose_everything(settings, checkpoint: Path, url: str) -> None:
     if url.startswith("sqlite"):
         Path(url.split("///", 1)[1]).unlink()
     else:
-        query(url, "DROP TABLE images, predictions, model_versions, training_runs, reviews, alembic_version CASCADE")
+        from stainbridge.daemon.schema import downgrade_database
+
+        downgrade_database(url, "base")  # every table and view gone
+        engine = make_engine(url)
+        with engine.begin() as connection:
+            connection.execute(text("DROP TABLE alembic_version"))
+        engine.dispose()
 
 
 def test_a_restored_backup_brings_back_the_database_and_the_nightly_job_s_checkpoint(served, tmp_path, database_url):

@@ -327,7 +327,8 @@ def run(args: argparse.Namespace) -> int:
               "incoming lab's unlabeled images (`train site-profile --method colour_map`) and the classifier "
               f"adapted to them without labels (`train adapt`); {verdict}. `stainbridge bench accuracy` compares "
               "the methods on real images.")
-        quarantined = sorted(p.name for p in (run_dir / "quarantine").rglob("*") if p.is_file())
+        quarantined = sorted(p.name for p in (run_dir / "quarantine").rglob("*")
+                             if p.is_file() and not p.name.startswith("."))  # not init's marker
         print(f"   quarantine: {', '.join(quarantined)}")
         code = daemon.stop()
         daemon = None
