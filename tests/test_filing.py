@@ -162,7 +162,7 @@ def test_a_file_moved_before_a_crash_is_found_behind_many_rows_still_waiting(tmp
         now = datetime.now(UTC)
         settings.drop_dir.mkdir(parents=True)
         waiting = [{"sha256": f"{n:064x}", "source_name": f"wait-{n}.png", "site": "s", "status": ImageStatus.done,
-                    "received_at": now, "processed_at": now, "crashes": 0} for n in range(1500)]
+                    "received_at": now, "processed_at": now} for n in range(1500)]
         for row in waiting:
             (settings.drop_dir / row["source_name"]).write_bytes(b"x")
         moved = drop(tmp_path, "moved.png", b"moved")
