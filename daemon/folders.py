@@ -18,6 +18,7 @@ import secrets
 from pathlib import Path
 
 from stainbridge.daemon.config import Settings
+from stainbridge.daemon.schema import sqlite_file
 
 MARKER = ".stainbridge-folder"  # hidden: the watcher and `status` never count it as a waiting file
 MARKER_TEXT = ("This folder was prepared by `stainbridge init`. The service checks that this file is here\n"
@@ -33,18 +34,10 @@ def configured(settings: Settings) -> dict[str, Path]:
     """The folders the service reads and writes, by role (a SQLite database's own folder as `database`)."""
     folders = {"state": settings.state_dir, "drop": settings.drop_dir, "archive": settings.archive_dir,
                "quarantine": settings.quarantine_dir}
-    database = sqlite_folder(settings.database_url)
-    if database is not None and database not in folders.values():
-        folders["database"] = database
+    database = sqlite_file(settings.database_url)
+    if database is not None and database.parent not in folders.values():
+        folders["database"] = database.parent
     return folders
-
-
-def sqlite_folder(url: str) -> Path | None:
-    """The folder of a SQLite database file (None for other databases and in-memory SQLite)."""
-    if not url.startswith("sqlite"):
-        return None
-    path = url.split("///", 1)[-1].split("?", 1)[0]
-    return Path(path).absolute().parent if path and path != ":memory:" else None
 
 
 def prepare(settings: Settings) -> list[str]:
