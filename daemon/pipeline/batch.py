@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -24,6 +25,12 @@ from stainbridge.daemon.logs import get_logger
 from stainbridge.daemon.store import ImageStatus
 
 log = get_logger(__name__)
+
+# The steps of one batch, in order, as `BatchReport.step_seconds` names them: open + hash (thread pool),
+# the claim transaction(s), decode overlapped with inference, the results transaction (with its log
+# lines), filing (moves, folder fsyncs, the archive_path transaction). `inference` is the part of
+# `decode_and_inference` spent in the networks.
+STEPS = ("hash", "claim", "decode_and_inference", "inference", "record", "file")
 
 
 @dataclass
@@ -40,6 +47,8 @@ class BatchReport:
     unavailable: str | None = None  # that reason, for the service's health and back-off
     failures: dict[str, int] = field(default_factory=dict)
     left_in_place: list[Path] = field(default_factory=list)  # to be offered again later
+    # wall seconds per step of `Pipeline.process` (STEPS), logged with the batch: where the service's time goes
+    step_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def handled(self) -> int:
@@ -52,6 +61,17 @@ class BatchReport:
             self.failures[reason] = self.failures.get(reason, 0) + n
         self.left_in_place += other.left_in_place
         self.unavailable = self.unavailable or other.unavailable
+        for step, seconds in other.step_seconds.items():
+            self.step_seconds[step] = self.step_seconds.get(step, 0.0) + seconds
+
+    @contextmanager
+    def timing(self, step: str) -> Iterator[None]:
+        """Add the wall time of the block to `step_seconds[step]` (also when it raises)."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.step_seconds[step] = self.step_seconds.get(step, 0.0) + time.perf_counter() - started
 
 
 @dataclass
