@@ -52,7 +52,7 @@ def test_all_three_modes_process_every_image(tmp_path: Path, capsys: pytest.Capt
 
 def test_service_reports_first_result_and_steady_state_apart(tmp_path: Path) -> None:
     """The real service over 10 files in batches of 4: the time to first result and a steady-state rate over
-    the rows after the first batch, with the stage shares taken from the service's own step timers."""
+    the batches between the first and the last, with stage shares from the service's own step timers."""
     out = tmp_path / "tput.json"
     assert main(["bench", "throughput", "--device", "cpu", "--images", "10", "--batch-size", "4", "--preset", "cpu",
                  "--modes", "pipeline,service", "--workdir", str(tmp_path / "work"), "--json", str(out)]) == 0
@@ -61,7 +61,7 @@ def test_service_reports_first_result_and_steady_state_apart(tmp_path: Path) -> 
     assert 0 < service["time_to_first_result_s"] <= service["seconds"]
     rows = batch_rows(tmp_path / "work" / "service" / "stainbridge.db")
     assert len(rows) >= 3 and sum(rows) == 10 and max(rows) <= 4
-    assert service["steady_images"] == 10 - rows[0]  # the first batch is not in the steady state
+    assert service["steady_images"] == 10 - rows[0] - rows[-1]  # neither the first nor the last batch
     assert service["steady_images_per_s"] > 0 and 0 < service["steady_seconds"] < service["seconds"]
     assert service["steady_vs_pipeline"] == pytest.approx(service["steady_images_per_s"]
                                                           / result["pipeline"]["images_per_s"], rel=0.01)
@@ -80,12 +80,14 @@ def batch_rows(database: Path) -> list[int]:
             "SELECT count(*) FROM images GROUP BY processed_at ORDER BY processed_at")]
 
 
-def test_steady_state_leaves_out_the_first_batch() -> None:
-    """Rows of the batches after the first, over the time from the first batch's commit to the last one's."""
+def test_steady_state_leaves_out_the_first_and_the_last_batch() -> None:
+    """Rows of the batches between the first and the last, over the time from the first batch's commit to the
+    last but one's: neither the quiet time before the first nor the last, partial batch's wait is in the rate."""
     t0 = datetime(2026, 12, 1, 7, 0, 0)
-    batches = [(t0, 16), (t0 + timedelta(seconds=0.5), 16), (t0 + timedelta(seconds=1.5), 8)]
-    assert steady_state(batches) == (24, 1.5)
-    assert steady_state(batches[:1]) == (0, 0.0)  # one batch: no steady state to speak of
+    batches = [(t0, 16), (t0 + timedelta(seconds=0.5), 16), (t0 + timedelta(seconds=1.5), 16),
+               (t0 + timedelta(seconds=2.5), 8)]
+    assert steady_state(batches) == (32, 1.5)
+    assert steady_state(batches[:2]) == (0, 0.0)  # two batches: no steady state to speak of
     assert steady_state([]) == (0, 0.0)
 
 

@@ -9,10 +9,10 @@ reaches the number of files; then SIGTERM, and the process must exit.
 
 That burst holds two different numbers, reported apart: the **time to first result** (first
 rename -> first committed row: the ``[watch] quiet_seconds`` wait for files not announced by a
-close or move event, then one batch) and the **steady state**: the rows committed after the first
-batch over the time between the first and the last batch's commit (``images.processed_at``, one
-value per batch), so neither the quiet time nor the first batch's latency is in the rate. The
-service logs each batch's steps (``steps_ms`` of its ``batch`` line, ``Pipeline.process``'s own
+close or move event, then one batch) and the **steady state**: the rows of the batches between
+the first and the last over the time between their commits (``images.processed_at``, one value
+per batch), so neither the quiet time and the first batch nor the last, partial batch's wait
+(``[watch] batch_wait_seconds``) is in the rate. The service logs each batch's steps (``steps_ms`` of its ``batch`` line, ``Pipeline.process``'s own
 timers); they are summed over the same batches for the stage shares. The child's CPU time
 (``/proc/<pid>/stat``) is read at the first result and at the end: CPU milliseconds per image
 hold still on a shared machine where wall-clock rates do not.
@@ -60,8 +60,8 @@ class ServiceResult:
     log_stages: dict[str, float] = field(default_factory=dict)  # seconds, summed over the run, from the log
     batches: int = 0
     time_to_first_result: float | None = None  # first file dropped -> first row committed (seconds)
-    steady_images: int = 0  # rows committed after the first batch
-    steady_seconds: float = 0.0  # first batch's commit -> last batch's commit
+    steady_images: int = 0  # rows committed by the batches between the first and the last
+    steady_seconds: float = 0.0  # first batch's commit -> the last but one's
     batch_steps: list[dict[str, float]] = field(default_factory=list)  # per batch, seconds per step (from the log)
     steady_cpu_seconds: float | None = None  # the child's CPU time from the first result seen to the last
     steady_cpu_images: int = 0  # rows committed over that CPU time
@@ -120,11 +120,13 @@ def cpu_seconds(pid: int) -> float | None:
 
 
 def steady_state(batches: list[tuple[datetime, int]]) -> tuple[int, float]:
-    """(rows, seconds) after the first batch: the rows of every later batch over the time from the first
-    batch's commit to the last one's. ``batches``: (processed_at, rows) in order; (0, 0.0) with fewer than two."""
-    if len(batches) < 2:
+    """(rows, seconds) of the steady state: the rows of batches 2 .. n-1 over the time from the first
+    batch's commit to batch n-1's. Left out: the first batch (it waited out the quiet time) and the
+    last (the burst's rest, which waits ``[watch] batch_wait_seconds`` for files that never come).
+    ``batches``: (processed_at, rows) in order; (0, 0.0) with fewer than three."""
+    if len(batches) < 3:
         return 0, 0.0
-    return sum(n for _, n in batches[1:]), (batches[-1][0] - batches[0][0]).total_seconds()
+    return sum(n for _, n in batches[1:-1]), (batches[-2][0] - batches[0][0]).total_seconds()
 
 
 def committed_batches(engine: Engine) -> list[tuple[datetime, int]]:

@@ -242,10 +242,10 @@ def measure(args: argparse.Namespace) -> dict:
                   f"{result['service']['steady_images_per_s']} images/s, first result after "
                   f"{result['service']['time_to_first_result_s']} s", flush=True)
             steady = service.steady_images > 0
-            service_info = {"steps": sum_steps(service.batch_steps[1:] if steady else service.batch_steps),
+            service_info = {"steps": sum_steps(service.batch_steps[1:-1] if steady else service.batch_steps),
                             "seconds": service.steady_seconds if steady else service.seconds,
                             "images": service.steady_images if steady else service.images}
-            result["stages_window"] = "steady state (the batches after the first)" if steady else "whole run"
+            result["stages_window"] = "steady state (the batches between the first and the last)" if steady else "whole run"
         else:
             service_info, service = None, None
         if "service-tta" in wanted:
