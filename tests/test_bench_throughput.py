@@ -66,6 +66,9 @@ def test_service_reports_first_result_and_steady_state_apart(tmp_path: Path) -> 
     assert service["steady_vs_pipeline"] == pytest.approx(service["steady_images_per_s"]
                                                           / result["pipeline"]["images_per_s"], rel=0.01)
     assert service["steady_cpu_ms_per_image"] > 0 and result["pipeline"]["cpu_ms_per_image"] > 0
+    by_step = service["steady_cpu_ms_per_image_by_step"]
+    assert {"hash", "claim", "decode_and_inference", "record", "file", "rest"} == set(by_step)
+    assert by_step["decode_and_inference"] > 0  # the networks' CPU, as the service's own timers saw it
     assert result["stages_window"].startswith("steady state")
     for stage in ("hash", "decode", "standardizer", "classifier", "database", "move", "service_loop"):
         assert result["stages"][stage]["service_ms_per_image"] >= 0, stage
@@ -92,12 +95,13 @@ def test_steady_state_leaves_out_the_first_and_the_last_batch() -> None:
 
 
 def test_batch_steps_are_read_from_the_services_batch_lines(tmp_path: Path) -> None:
-    """`steps_ms` of each `batch` line, in seconds and in order; other lines and batch lines without it are skipped."""
+    """`steps_ms` (or `steps_cpu_ms`) of each `batch` line, in seconds and in order; other lines and batch lines
+    without it are skipped."""
     lines = [
-        {"event": "batch", "steps_ms": {"hash": 2.0, "record": 10.0}},
+        {"event": "batch", "steps_ms": {"hash": 2.0, "record": 10.0}, "steps_cpu_ms": {"hash": 1.0}},
         {"event": "classified", "latency_ms": 3.0},
         {"event": "batch", "done": 1},
-        {"event": "batch", "steps_ms": {"hash": 4.0, "file": 6.0}},
+        {"event": "batch", "steps_ms": {"hash": 4.0, "file": 6.0}, "steps_cpu_ms": {"file": 3.0}},
     ]
     log = tmp_path / "service.log"
     log.write_text("not json\n" + "\n".join(json.dumps(x) for x in lines) + "\n")
@@ -105,6 +109,7 @@ def test_batch_steps_are_read_from_the_services_batch_lines(tmp_path: Path) -> N
     assert steps == [{"hash": 0.002, "record": 0.01}, {"hash": 0.004, "file": 0.006}]
     assert sum_steps(steps[1:]) == {"hash": 0.004, "file": 0.006}
     assert sum_steps(steps) == pytest.approx({"hash": 0.006, "record": 0.01, "file": 0.006})
+    assert batch_steps(log, "steps_cpu_ms") == [{"hash": 0.001}, {"file": 0.003}]
 
 
 def test_images_are_distinct_jpeg_and_png_of_the_reference_frame(tmp_path: Path) -> None:

@@ -47,8 +47,10 @@ class BatchReport:
     unavailable: str | None = None  # that reason, for the service's health and back-off
     failures: dict[str, int] = field(default_factory=dict)
     left_in_place: list[Path] = field(default_factory=list)  # to be offered again later
-    # wall seconds per step of `Pipeline.process` (STEPS), logged with the batch: where the service's time goes
+    # per step of `Pipeline.process` (STEPS), logged with the batch: wall seconds, and the process's CPU
+    # seconds (all threads) meanwhile: where the service's time and its CPU go
     step_seconds: dict[str, float] = field(default_factory=dict)
+    step_cpu_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def handled(self) -> int:
@@ -61,17 +63,25 @@ class BatchReport:
             self.failures[reason] = self.failures.get(reason, 0) + n
         self.left_in_place += other.left_in_place
         self.unavailable = self.unavailable or other.unavailable
-        for step, seconds in other.step_seconds.items():
-            self.step_seconds[step] = self.step_seconds.get(step, 0.0) + seconds
+        for mine, theirs in ((self.step_seconds, other.step_seconds), (self.step_cpu_seconds, other.step_cpu_seconds)):
+            for step, seconds in theirs.items():
+                mine[step] = mine.get(step, 0.0) + seconds
+
+    def step_milliseconds(self) -> dict[str, dict[str, float]]:
+        """The step times for the batch's log line: ``steps_ms`` (wall) and ``steps_cpu_ms``."""
+        return {key: {step: round(1000 * seconds, 2) for step, seconds in times.items()}
+                for key, times in (("steps_ms", self.step_seconds), ("steps_cpu_ms", self.step_cpu_seconds))}
 
     @contextmanager
     def timing(self, step: str) -> Iterator[None]:
-        """Add the wall time of the block to `step_seconds[step]` (also when it raises)."""
-        started = time.perf_counter()
+        """Add the block's wall time to `step_seconds[step]` and the process's CPU time meanwhile to
+        `step_cpu_seconds[step]` (also when it raises)."""
+        started, cpu = time.perf_counter(), time.process_time()
         try:
             yield
         finally:
             self.step_seconds[step] = self.step_seconds.get(step, 0.0) + time.perf_counter() - started
+            self.step_cpu_seconds[step] = self.step_cpu_seconds.get(step, 0.0) + time.process_time() - cpu
 
 
 @dataclass

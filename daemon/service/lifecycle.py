@@ -237,9 +237,8 @@ class Service:
         if self.metrics is not None:
             self.metrics.record(report)
         if report.handled:
-            steps_ms = {step: round(1000 * seconds, 2) for step, seconds in report.step_seconds.items()}
             self.log.info("batch", done=report.done, failed=report.failed, duplicates=report.duplicates,
-                          refiled=report.refiled, skipped=report.skipped, steps_ms=steps_ms)
+                          refiled=report.refiled, skipped=report.skipped, **report.step_milliseconds())
         return report.handled
 
     def _process_alone(self, candidate: Candidate) -> int:

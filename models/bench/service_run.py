@@ -63,6 +63,7 @@ class ServiceResult:
     steady_images: int = 0  # rows committed by the batches between the first and the last
     steady_seconds: float = 0.0  # first batch's commit -> the last but one's
     batch_steps: list[dict[str, float]] = field(default_factory=list)  # per batch, seconds per step (from the log)
+    batch_cpu_steps: list[dict[str, float]] = field(default_factory=list)  # per batch, CPU seconds per step
     steady_cpu_seconds: float | None = None  # the child's CPU time from the first result seen to the last
     steady_cpu_images: int = 0  # rows committed over that CPU time
 
@@ -251,16 +252,17 @@ def log_stages(log: Path, dropped_at: datetime | None = None) -> tuple[dict[str,
     return {"move": move, "decode_and_inference": decode_infer, "intake_and_database": rest}, batches
 
 
-def batch_steps(log: Path) -> list[dict[str, float]]:
-    """Each batch's step times in seconds, in order, from the ``steps_ms`` of the log's ``batch`` lines."""
+def batch_steps(log: Path, key: str = "steps_ms") -> list[dict[str, float]]:
+    """Each batch's step times in seconds, in order, from `key` of the log's ``batch`` lines (``steps_ms``:
+    wall time, ``steps_cpu_ms``: the process's CPU time)."""
     batches = []
     for line in log.read_text(errors="replace").splitlines():
         try:
             entry = json.loads(line)
         except ValueError:
             continue
-        if isinstance(entry, dict) and entry.get("event") == "batch" and isinstance(entry.get("steps_ms"), dict):
-            batches.append({step: float(ms) / 1000 for step, ms in entry["steps_ms"].items()})
+        if isinstance(entry, dict) and entry.get("event") == "batch" and isinstance(entry.get(key), dict):
+            batches.append({step: float(ms) / 1000 for step, ms in entry[key].items()})
     return batches
 
 
@@ -332,5 +334,6 @@ def run_service(images: list[Path], root: Path, *, classifier: Path, standardize
                          time_to_first_result=first[0] if first else None,
                          steady_images=steady_images, steady_seconds=steady_seconds,
                          batch_steps=batch_steps(service.log),
+                         batch_cpu_steps=batch_steps(service.log, "steps_cpu_ms"),
                          steady_cpu_seconds=cpu_end - cpu_start if cpu_end is not None and cpu_start is not None else None,
                          steady_cpu_images=len(staged) - first[2] if first else 0)

@@ -110,18 +110,43 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def _timed_pipeline(paths: list[Path], standardizer: inference.Standardizer, classifier: inference.Classifier,
+                    batch_size: int) -> dict:
+    """The pipeline mode's rate, with this process's CPU milliseconds per image."""
+    cpu_before = _cpu_seconds()
+    rate = _rate(*modes.pipeline(paths, standardizer, classifier, batch_size=batch_size))
+    rate["cpu_ms_per_image"] = round(1000 * (_cpu_seconds() - cpu_before) / len(paths), 3)
+    return rate
+
+
+def _mean_of_passes(pipeline: dict | None, key: str) -> float | None:
+    """`key` of the pipeline, averaged with its pass after the service when there is one."""
+    values = [v for v in ((pipeline or {}).get(key), ((pipeline or {}).get("after_service") or {}).get(key)) if v]
+    return sum(values) / len(values) if values else None
+
+
 def _steady(service: ServiceResult, pipeline: dict | None) -> dict:
     """The service's time to first result and steady state, and its ratios to the in-process pipeline
-    (images/s, and CPU milliseconds per image: the one that holds still on a shared machine)."""
+    (images/s, and CPU milliseconds per image: the one that holds still on a shared machine), the
+    pipeline's passes before and after the service averaged."""
     rate = service.steady_images_per_s
     cpu_ms = (1000 * service.steady_cpu_seconds / service.steady_cpu_images
               if service.steady_cpu_seconds is not None and service.steady_cpu_images else None)
-    pipe_rate, pipe_cpu = (pipeline or {}).get("images_per_s"), (pipeline or {}).get("cpu_ms_per_image")
+    pipe_rate, pipe_cpu = _mean_of_passes(pipeline, "images_per_s"), _mean_of_passes(pipeline, "cpu_ms_per_image")
+    by_step: dict[str, float] | None = None
+    if service.steady_images and service.batch_cpu_steps:
+        by_step = {step: 1000 * seconds / service.steady_images
+                   for step, seconds in sum_steps(service.batch_cpu_steps[1:-1]).items()}
+        # "inference" is part of "decode_and_inference"; "rest": the loop, the watcher's thread, logging
+        by_step = {k: round(v, 3) for k, v in by_step.items() if k != "inference"}
+        if cpu_ms:
+            by_step["rest"] = round(max(0.0, cpu_ms - sum(by_step.values())), 3)
     return {
         "time_to_first_result_s": round(service.time_to_first_result, 3) if service.time_to_first_result else None,
         "steady_images_per_s": round(rate, 2) if rate else None,
         "steady_images": service.steady_images, "steady_seconds": round(service.steady_seconds, 3),
         "steady_cpu_ms_per_image": round(cpu_ms, 3) if cpu_ms else None,
+        "steady_cpu_ms_per_image_by_step": by_step,
         "steady_vs_pipeline": round(rate / pipe_rate, 3) if rate and pipe_rate else None,
         "pipeline_vs_steady_cpu": round(pipe_cpu / cpu_ms, 3) if cpu_ms and pipe_cpu else None,
     }
@@ -218,9 +243,7 @@ def measure(args: argparse.Namespace) -> dict:
                 sample = inference.prepare_batch([modes.decode(p) for p in paths[:batch_size]],
                                                  inference.resolve_geometry(classifier, standardizer))
                 result["compile"] = inference.compile_networks(standardizer, classifier, sample)
-            cpu_before = _cpu_seconds()
-            result["pipeline"] = _rate(*modes.pipeline(paths, standardizer, classifier, batch_size=batch_size))
-            result["pipeline"]["cpu_ms_per_image"] = round(1000 * (_cpu_seconds() - cpu_before) / len(paths), 3)
+            result["pipeline"] = _timed_pipeline(paths, standardizer, classifier, batch_size)
             print(f"  pipeline  {result['pipeline']['images_per_s']:>8} images/s", flush=True)
         if "pipeline-tta" in wanted:
             result["pipeline_tta"] = _rate(*modes.pipeline(paths, standardizer, classifier, batch_size=batch_size,
@@ -234,6 +257,10 @@ def measure(args: argparse.Namespace) -> dict:
             service = run_service(paths, work / "service", classifier=classifier_path.resolve(),
                                   standardizer=service_standardizer, device=str(device), batch_size=batch_size,
                                   timeout=SERVICE_TIMEOUT_S)
+            if result["pipeline"]:  # again, right after the service: the ratio is not one of two machine loads
+                again = _timed_pipeline(paths, standardizer, classifier, batch_size)
+                result["pipeline"]["after_service"] = {k: again[k] for k in ("images_per_s", "cpu_ms_per_image")}
+                print(f"  pipeline  {again['images_per_s']:>8} images/s (again, after the service)", flush=True)
             result["service"] = {**_rate(service.images, service.seconds), **_steady(service, result["pipeline"]),
                                  "failed": service.failed, "startup_s": round(service.startup_seconds, 2),
                                  "batches": service.batches, "exit_code": service.exit_code,
@@ -275,14 +302,20 @@ def _print(result: dict) -> None:
         if result[key(mode)]:
             ratio = result["speedup_vs_naive"].get(key(mode))
             extra = f"  ({ratio:.2f}x naive)" if ratio else ""
-            print(f"  {mode:<12} {result[key(mode)]['images_per_s']:>9.1f} images/s{extra}")
             entry = result[key(mode)]
+            print(f"  {mode:<12} {entry['images_per_s']:>9.1f} images/s{extra}"
+                  + (f", {entry['after_service']['images_per_s']:.1f} again after the service"
+                     if entry.get("after_service") else ""))
             if entry.get("steady_images_per_s") is not None:
+                pipe_cpu = _mean_of_passes(result[key(mode).replace("service", "pipeline")], "cpu_ms_per_image")
                 print(f"  {'':<12} steady state {entry['steady_images_per_s']:.1f} images/s over "
                       f"{entry['steady_images']} images ({entry['steady_vs_pipeline'] or '-'}x the in-process "
                       f"pipeline; CPU {entry['steady_cpu_ms_per_image'] or '-'} ms per image against "
-                      f"{(result[key(mode).replace('service', 'pipeline')] or {}).get('cpu_ms_per_image') or '-'}), "
-                      f"first result after {entry['time_to_first_result_s']} s")
+                      f"{f'{pipe_cpu:.3f}' if pipe_cpu else '-'}), first result after "
+                      f"{entry['time_to_first_result_s']} s")
+            if entry.get("steady_cpu_ms_per_image_by_step"):
+                print(f"  {'':<12} its CPU ms per image by step: " + ", ".join(
+                    f"{step} {ms:.2f}" for step, ms in entry["steady_cpu_ms_per_image_by_step"].items()))
     with_service = result["service"] is not None
     print("  stages, ms per image in-process" + (f", in the service, share of the service's time "
                                                  f"({result['stages_window']}):" if with_service
