@@ -67,6 +67,7 @@ def main(config: str, expected: int) -> None:
     configure_logging(settings.logging.level, "json", stream=log_file)
     worker = service.Service(settings)
     worker.start()
+    gc.freeze()  # as Service.run does once started
     time.sleep(worker.settings.watch.quiet_seconds + 0.2)  # the start-up scan's files wait out the quiet time
     gc.callbacks.append(time_garbage_collection)
     handled, started = 0, time.perf_counter()
