@@ -18,6 +18,7 @@ from stainbridge.daemon.commands import ingest
 from stainbridge.daemon.intake import claims, reading
 from stainbridge.daemon.intake.watcher import iter_candidates
 from stainbridge.daemon.pipeline import runner as pipeline_module
+from stainbridge.daemon.pipeline.batch import STEPS
 from stainbridge.daemon.pipeline.runner import Pipeline
 from stainbridge.daemon.service.lifecycle import Service
 from stainbridge.daemon.store import (
@@ -185,6 +186,17 @@ def test_save_standardized_writes_a_png_next_to_the_archived_original(settings_f
 
 def _candidates(settings):
     return list(iter_candidates([settings.drop_dir]))
+
+
+def test_batch_report_times_each_step_of_the_batch(service, settings):
+    """A batch's report carries the wall and CPU time of every pipeline step (the service logs them with the batch)."""
+    for i in range(3):
+        write_cell(settings.drop_dir / f"t{i}.png", seed=20 + i)
+    report = service.pipeline.process(_candidates(settings))
+    assert report.done == 3
+    assert set(report.step_seconds) == set(report.step_cpu_seconds) == set(STEPS)
+    assert all(seconds >= 0 for seconds in report.step_seconds.values())
+    assert report.step_seconds["inference"] <= report.step_seconds["decode_and_inference"]
 
 
 def test_crash_between_commit_and_move_files_without_reclassifying(service, sessions, settings):

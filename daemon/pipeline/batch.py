@@ -14,6 +14,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,11 @@ def byte_batches(candidates: Sequence[Candidate], cap: int = BATCH_BYTES) -> Ite
         total += candidate.size
     if run:
         yield run
+# The steps of one batch, in order, as `BatchReport.step_seconds` names them: open + hash (thread pool),
+# the claim transaction(s), decode overlapped with inference, the results transaction (with its log
+# lines), filing (moves, folder fsyncs, the archive_path transaction). `inference` is the part of
+# `decode_and_inference` spent in the networks.
+STEPS = ("hash", "claim", "decode_and_inference", "inference", "record", "file")
 
 
 @dataclass
@@ -61,6 +67,10 @@ class BatchReport:
     filing_error: str | None = None  # why, for the service's health and back-off
     failures: dict[str, int] = field(default_factory=dict)
     left_in_place: list[Path] = field(default_factory=list)  # to be offered again later
+    # per step of `Pipeline.process` (STEPS), logged with the batch: wall seconds, and the process's CPU
+    # seconds (all threads) meanwhile: where the service's time and its CPU go
+    step_seconds: dict[str, float] = field(default_factory=dict)
+    step_cpu_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def handled(self) -> int:
@@ -74,6 +84,25 @@ class BatchReport:
         self.left_in_place += other.left_in_place
         self.unavailable = self.unavailable or other.unavailable
         self.filing_error = self.filing_error or other.filing_error
+        for mine, theirs in ((self.step_seconds, other.step_seconds), (self.step_cpu_seconds, other.step_cpu_seconds)):
+            for step, seconds in theirs.items():
+                mine[step] = mine.get(step, 0.0) + seconds
+
+    def step_milliseconds(self) -> dict[str, dict[str, float]]:
+        """The step times for the batch's log line: ``steps_ms`` (wall) and ``steps_cpu_ms``."""
+        return {key: {step: round(1000 * seconds, 2) for step, seconds in times.items()}
+                for key, times in (("steps_ms", self.step_seconds), ("steps_cpu_ms", self.step_cpu_seconds))}
+
+    @contextmanager
+    def timing(self, step: str) -> Iterator[None]:
+        """Add the block's wall time to `step_seconds[step]` and the process's CPU time meanwhile to
+        `step_cpu_seconds[step]` (also when it raises)."""
+        started, cpu = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self.step_seconds[step] = self.step_seconds.get(step, 0.0) + time.perf_counter() - started
+            self.step_cpu_seconds[step] = self.step_cpu_seconds.get(step, 0.0) + time.process_time() - cpu
 
 
 @dataclass

@@ -161,9 +161,10 @@ class Pipeline:
         items = [Item(candidate) for candidate in candidates]
         try:
             try:
-                opening = [self._pool.submit(open_and_hash, item, max_bytes=self.max_bytes, heartbeat=self.heartbeat,
-                                             root=self.settings.drop_dir) for item in items]
-                wait(opening)  # all of them, so that no thread opens a file after the `finally` below
+                with report.timing("hash"):
+                    opening = [self._pool.submit(open_and_hash, item, max_bytes=self.max_bytes,
+                                                 heartbeat=self.heartbeat, root=self.settings.drop_dir) for item in items]
+                    wait(opening)  # all of them, so that no thread opens a file after the `finally` below
                 for future in opening:
                     future.result()
                 for item in items:
@@ -195,14 +196,17 @@ class Pipeline:
         try:
             hashed = [i for i in items if i.sha256 is not None and i.reason is None and not i.skip]
             if hashed:
-                suspects = claim_items(self.sessions, hashed, report, site=self.settings.site.name,
-                                       isolate_crashed=isolate_crashed)
-            self._decode_and_infer([i for i in hashed if i.image_id is not None and i.target is None
-                                    and not i.skip and i.reason is None])
+                with report.timing("claim"):
+                    suspects = claim_items(self.sessions, hashed, report, site=self.settings.site.name,
+                                           isolate_crashed=isolate_crashed)
+            with report.timing("decode_and_inference"):
+                self._decode_and_infer([i for i in hashed if i.image_id is not None and i.target is None
+                                        and not i.skip and i.reason is None], report)
             left_out = {id(i) for i in suspects}
             waiting = [i for i in items if not i.skip and i.target is None and id(i) not in left_out]
             known = [i for i in items if not i.skip and i.target is not None]  # before record() sets targets
-            to_file = known + record(self.sessions, self.models, waiting, report, site=self.settings.site.name)
+            with report.timing("record"):
+                to_file = known + record(self.sessions, self.models, waiting, report, site=self.settings.site.name)
         except BaseException:
             # Claims this batch made are still `processing`: release them before the next one.
             self._needs_recovery = True
@@ -210,13 +214,14 @@ class Pipeline:
         report.skipped += sum(1 for i in items if i.skip and i.skip != "memory")
         if self.file_results:
             try:
-                file_items(self.sessions, self.settings, to_file, report)
+                with report.timing("file"):
+                    file_items(self.sessions, self.settings, to_file, report)
             except BaseException:
                 self._needs_recovery = True  # moved files whose archive_path did not commit are found again
                 raise
         return suspects
 
-    def _decode_and_infer(self, items: list[Item]) -> None:
+    def _decode_and_infer(self, items: list[Item], report: BatchReport) -> None:
         """Decode in the thread pool while the models run on what is already decoded.
 
         Inference starts once half of the images are decoded (or the pixel budget is full), so the
@@ -230,13 +235,14 @@ class Pipeline:
                          pseudonym_secret=self.settings.site.pseudonym_secret, budget=budget)
         running = {self._pool.submit(decode, item): item for item in items}
         try:
-            self._infer_as_decoded(running, budget, first_part=max(1, (len(items) + 1) // 2))
+            self._infer_as_decoded(running, budget, report, first_part=max(1, (len(items) + 1) // 2))
         except BaseException:
             budget.close()  # no decoder waits for pixels that will never be released
             wait(running)
             raise
 
-    def _infer_as_decoded(self, running: dict[Future[None], Item], budget: PixelBudget, *, first_part: int) -> None:
+    def _infer_as_decoded(self, running: dict[Future[None], Item], budget: PixelBudget, report: BatchReport, *,
+                          first_part: int) -> None:
         ready: list[Item] = []
         while running or ready:
             if running:
@@ -248,7 +254,8 @@ class Pipeline:
                         ready.append(item)
             if ready and (not running or len(ready) >= first_part or budget.waiting):
                 try:
-                    self._infer(ready)
+                    with report.timing("inference"):
+                        self._infer(ready)
                 finally:
                     for item in ready:
                         budget.release(item.pixels)

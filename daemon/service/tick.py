@@ -54,7 +54,7 @@ class Tick:
     def run_once(self) -> int:
         """Take one micro-batch of ready files through the pipeline; return how many were handled."""
         assert self.pipeline is not None and self.watcher is not None, "call start() first"
-        self._heartbeat = time.monotonic()
+        self._heartbeat = tick = time.monotonic()
         self._release_abandoned_claims()
         self._swap_models()
         if self._short_of_space():
@@ -68,6 +68,7 @@ class Tick:
         started = time.monotonic()
         try:
             report = self.pipeline.process(batch)
+            report.step_seconds["next_batch"] = started - tick  # claims release, model swap, disk space, watcher
         except Exception as exc:  # noqa: BLE001 - sorted below: transient, or find the file that breaks
             if is_transient(exc):
                 self._transient_failure(error_summary(exc), batch)
@@ -102,7 +103,8 @@ class Tick:
             self.metrics.record(report)
         if report.handled:
             self.log.info("batch", done=report.done, failed=report.failed, duplicates=report.duplicates,
-                          refiled=report.refiled, skipped=report.skipped, unfiled=report.unfiled)
+                          refiled=report.refiled, skipped=report.skipped, unfiled=report.unfiled,
+                          **report.step_milliseconds())
         return went_through
 
     def _process_alone(self, candidate: Candidate) -> int:
