@@ -4,7 +4,9 @@
 database. PostgreSQL comes from $STAINBRIDGE_TEST_POSTGRES_URL (an admin connection that may
 CREATE DATABASE); when no server answers there, those runs are skipped with the reason shown
 in pytest's summary (`-ra`), never silently. Under CI (``CI=true``) they fail instead: a CI run
-whose database did not start must not pass with half of its tests skipped.
+whose database did not start must not pass with half of its tests skipped. The suite's rules (every
+PostgreSQL test carries its marker; under CI any other skip outside an allow-list fails the run) are
+the plugin tests/suite_rules.py, registered here (beside pytest's own ``pytester``, which its tests use).
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from stainbridge.daemon.config import SECTIONS, Settings, env_name, load_settings
+from tests import suite_rules
+from tests.suite_rules import under_ci
+
+pytest_plugins = ("pytester",)
 
 DEFAULT_POSTGRES_URL = "postgresql+psycopg://stainbridge:stainbridge@127.0.0.1:5432/postgres"
 POSTGRES_ENV = "STAINBRIDGE_TEST_POSTGRES_URL"
@@ -38,6 +44,10 @@ def postgres_admin_url() -> str:
 
 def _masked(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.pluginmanager.register(suite_rules, "stainbridge-suite-rules")
 
 
 @pytest.fixture(autouse=True)
@@ -62,7 +72,7 @@ def postgres_admin() -> str:
     except Exception as exc:  # any failure to connect means "no server for these tests"
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
         message = f"PostgreSQL not reachable at {_masked(url)} ({reason}); {HOW_TO_START}"
-        if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
+        if under_ci():
             pytest.fail(f"CI=true: {message}", pytrace=False)
         pytest.skip(message)
     finally:

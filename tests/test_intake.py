@@ -136,6 +136,7 @@ def test_concurrent_claims_one_wins(database_url):
     assert sorted(o.value for o in outcomes) == ["claimed", "duplicate"]
 
 
+@pytest.mark.postgres
 def test_two_workers_seeing_one_duplicate_file_record_it_once(postgres_url):
     """Two workers claiming the same copy of known content at the same moment: one duplicate row, every
     round (the other worker finds it in progress or already recorded, never records a second one)."""
@@ -263,6 +264,7 @@ def test_claim_owner_pids_are_checked_only_in_their_own_pid_namespace_and_boot(d
     assert released == {"earlier_boot", "here_dead"}
 
 
+@pytest.mark.postgres
 def test_claim_skips_a_row_another_worker_holds_instead_of_waiting(postgres_url):
     """On PostgreSQL, content whose row another worker holds locked is `in_progress` at once (SKIP
     LOCKED): the claim never waits behind the other worker's transaction (lock_timeout would fail it)."""

@@ -208,6 +208,7 @@ def test_missing_classifier_exits_1_with_a_one_line_error_before_ready(daemon_fa
     assert not any(m.startswith("READY=1") for m in daemon.receive())
 
 
+@pytest.mark.postgres
 def test_postgres_schema_behind_head_is_refused_with_the_upgrade_command(tmp_path, tiny_models, postgres_url):
     """On PostgreSQL the service does not migrate: an empty database makes it exit 1 naming `stainbridge db upgrade`."""
     config = write_config(tmp_path / "stainbridge.toml", tmp_path, postgres_url, tiny_models)

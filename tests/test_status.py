@@ -86,6 +86,7 @@ def test_status_shows_the_latest_run_of_each_kind(run_stainbridge, tmp_path):
     assert "last classifier     run 3 succeeded" in text and "last week's crash" not in text
 
 
+@pytest.mark.postgres
 def test_status_on_postgres_without_migrations_says_to_run_db_upgrade(postgres_url, monkeypatch, capsys):
     """On an un-migrated PostgreSQL database status exits 1 and names `stainbridge db upgrade`."""
     monkeypatch.setenv("STAINBRIDGE_DATABASE_URL", postgres_url)
