@@ -73,6 +73,7 @@ def test_the_site_prior_is_halfway_between_equal_shares_and_the_unadapted_mean_p
         adapt.class_prior("natural", clf, images)
 
 
+@pytest.mark.slow
 def test_the_site_prior_keeps_a_skewed_sites_majority_that_equal_shares_spread(lab, tmp_path: Path) -> None:
     """A drop folder where one class is most of the cells, as neutrophils are in blood (eosinophils here, drawn in the
     reference stain): adapted for the default epochs towards the site prior, more of the site is still predicted
@@ -105,6 +106,7 @@ def test_the_site_prior_keeps_a_skewed_sites_majority_that_equal_shares_spread(l
     assert shares["site"] > shares["uniform"] + 0.15, shares
 
 
+@pytest.mark.slow
 def test_adapt_writes_a_label_free_classifier_with_the_same_contract(lab, tmp_path: Path, run_stainbridge) -> None:
     """The real command: images are found recursively (class folders ignored), read through the service's
     geometry and standardizer; the checkpoint keeps the classifier's contract, records what it adapted on, and moved."""
@@ -133,6 +135,7 @@ def test_adapt_writes_a_label_free_classifier_with_the_same_contract(lab, tmp_pa
     assert report["sha256"] == done.stdout.strip() == inference.load_classifier(out).sha256
 
 
+@pytest.mark.slow
 def test_too_few_incoming_images_are_refused_with_the_fix(lab, tmp_path: Path, run_stainbridge) -> None:
     """A handful of images cannot stand for a site: exit 2, the count and the minimum, no checkpoint."""
     source = tmp_path / "few"
@@ -147,6 +150,7 @@ def test_too_few_incoming_images_are_refused_with_the_fix(lab, tmp_path: Path, r
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_models_list_says_a_classifier_was_adapted(lab, tmp_path: Path, run_stainbridge, sqlite_url: str) -> None:
     """`models register` + `models list` (real CLI) show the adaptation: the site's image count and class shares."""
     source = tmp_path / "site"

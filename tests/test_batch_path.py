@@ -43,6 +43,7 @@ def statuses(service: Service) -> list[ImageStatus]:
         return list(session.scalars(select(Image.status).order_by(Image.id)))
 
 
+@pytest.mark.slow
 def test_a_batch_of_new_files_takes_three_commits(make_service):
     """Six new files: one commit claims them all, one records every result, one records where they went."""
     service = make_service()
@@ -55,6 +56,7 @@ def test_a_batch_of_new_files_takes_three_commits(make_service):
     assert len(commits) == 3
 
 
+@pytest.mark.slow
 def test_archive_folder_is_fsynced_once_per_batch_before_the_paths_commit(make_service, monkeypatch):
     """Moved files' folder is fsynced once for the whole batch, and before their rows say where they are."""
     service = make_service()
@@ -72,6 +74,7 @@ def test_archive_folder_is_fsynced_once_per_batch_before_the_paths_commit(make_s
     assert steps == ["commit", "commit", f"fsync {folder}", "commit"]
 
 
+@pytest.mark.slow
 def test_pixel_budget_bounds_the_decoded_images_held_at_once(make_service, monkeypatch):
     """With room for two images, a batch of seven is decoded and classified two at a time, all of them."""
     cap = 2 * SIDE * SIDE
@@ -106,6 +109,7 @@ def test_one_image_over_the_budget_still_runs_alone():
     assert budget.used == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("moment", ["inference", "cross_filesystem_copy"])
 def test_file_replaced_mid_processing_is_not_archived_under_the_old_row(make_service, monkeypatch, moment):
     """A re-export (temp file + rename) during inference, or during the copy to an archive on another

@@ -25,6 +25,7 @@ torch.set_num_threads(1)  # a shared CPU: one math thread per process (as the ot
 KEYS = {"device", "images", "naive", "pipeline", "service", "speedup_vs_naive", "stages", "peak_rss_mb"}
 
 
+@pytest.mark.slow
 def test_all_three_modes_process_every_image(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """One run: naive, pipeline and the real `stainbridge run` each handle all 6 files; JSON has every key."""
     out = tmp_path / "tput.json"
@@ -189,6 +190,7 @@ def test_compile_falls_back_to_eager_when_compiling_fails(tmp_path: Path, monkey
     assert classifier.predict(torch.rand(1, 3, 64, 64)).shape == (1, len(CLASSES))
 
 
+@pytest.mark.slow
 def test_tta_modes_run_the_service_with_models_tta(tmp_path: Path) -> None:
     """`pipeline-tta` and `service-tta`: the same images through run_batch(tta=True) and a real service whose
     config says `[models] tta = true`, side by side with the plain pipeline in one run."""

@@ -13,6 +13,7 @@ from stainbridge.daemon.schema import head_revision
 pytestmark = pytest.mark.usefixtures("restore_logging")
 
 
+@pytest.mark.slow
 def test_db_upgrade_twice_then_current_prints_head(run_stainbridge, tmp_path: Path) -> None:
     """`db upgrade` on an empty SQLite file works twice; `db current` then prints the head revision."""
     env = {"STAINBRIDGE_DATABASE_URL": f"sqlite:///{tmp_path / 'fresh.db'}", "STAINBRIDGE_LOGGING_FORMAT": "json"}

@@ -13,6 +13,7 @@ import os
 import time
 from pathlib import Path
 
+import pytest
 from pydicom import dcmread
 from sqlalchemy import select
 
@@ -51,6 +52,7 @@ def drop_files(service: Service, count: int, *, start_seed: int = 0) -> list[Pat
     return [write_cell(service.settings.drop_dir / f"cell-{start_seed + i}.png", seed=start_seed + i) for i in range(count)]
 
 
+@pytest.mark.slow
 def test_latin1_file_name_is_classified_and_the_loop_goes_on(make_service, database_url):
     """A Latin-1 name (not UTF-8, as from a Windows share) is recorded with an escape and classified."""
     service = make_service(database_url)
@@ -64,6 +66,7 @@ def test_latin1_file_name_is_classified_and_the_loop_goes_on(make_service, datab
     assert [n for n in os.listdir(drop) if not n.startswith(b".")] == []
 
 
+@pytest.mark.slow
 def test_name_longer_than_the_column_is_recorded_not_retried_forever(make_service, database_url):
     """A 600-character relative path (deep folders) fits the 512-character column and is classified."""
     service = make_service(database_url)
@@ -76,6 +79,7 @@ def test_name_longer_than_the_column_is_recorded_not_retried_forever(make_servic
     assert long_row.source_name == storable_source_name(long_file.relative_to(service.settings.drop_dir).as_posix())
 
 
+@pytest.mark.slow
 def test_nul_byte_in_dicom_institution_does_not_poison_the_batch(make_service, database_url, tmp_path):
     """A DICOM InstitutionName with a NUL byte is stored without it; the other files of the batch are done."""
     service = make_service(database_url)
@@ -91,6 +95,7 @@ def test_nul_byte_in_dicom_institution_does_not_poison_the_batch(make_service, d
     assert next(r for r in final if r.source_name == "nul.dcm").institution == "Lab Two"
 
 
+@pytest.mark.slow
 def test_oserror_while_hashing_quarantines_that_file_only(make_service, monkeypatch):
     """EIO while hashing one file: it is quarantined as unreadable; the rest of the batch is classified."""
     service = make_service()
@@ -109,6 +114,7 @@ def test_oserror_while_hashing_quarantines_that_file_only(make_service, monkeypa
     assert "/quarantine/" in failed[0].archive_path and predictions(service) == 2
 
 
+@pytest.mark.slow
 def test_file_that_breaks_its_batch_is_quarantined_after_bounded_attempts(make_service, monkeypatch):
     """An unexpected error on one file: the others go through at once; it is quarantined after MAX_ATTEMPTS."""
     service = make_service()
@@ -143,6 +149,7 @@ def test_huge_file_is_refused_before_it_is_read(make_service, monkeypatch):
     assert final[0].error.startswith("too_large:") and hashed == []
 
 
+@pytest.mark.slow
 def test_gpu_failure_leaves_files_pending_and_the_service_unhealthy_until_it_works(make_service, monkeypatch):
     """Inference fails on everything (CUDA OOM): no file is failed, health says so, then all are classified."""
     service = make_service()
@@ -164,6 +171,7 @@ def test_gpu_failure_leaves_files_pending_and_the_service_unhealthy_until_it_wor
     assert service.healthy()["moving"] is True
 
 
+@pytest.mark.slow
 def test_database_outage_leaves_files_in_place_and_backs_off(make_service, monkeypatch):
     """An OperationalError in the claim: nothing is failed or lost, the pause grows, then the files go through."""
     from sqlalchemy.exc import OperationalError
@@ -219,6 +227,7 @@ def test_an_idle_worker_is_healthy_again_once_the_database_is_back(make_service,
     assert said == [f"STATUS=watching {service.settings.drop_dir}"]
 
 
+@pytest.mark.slow
 def test_ingest_and_service_record_a_drop_folder_file_under_one_name(make_service, tmp_path):
     """`ingest` of a file in the drop folder records the service's relative name: the service then files it, no twin."""
     import argparse

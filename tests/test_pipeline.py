@@ -70,6 +70,7 @@ def files_under(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if (p.is_file() or p.is_symlink()) and p.name != folders.MARKER)
 
 
+@pytest.mark.slow
 def test_run_once_classifies_records_and_archives(service, sessions, settings, tiny_models):
     """run_once returns how many files it handled; each gets one prediction with versions and sha256."""
     for i in range(2):
@@ -96,6 +97,7 @@ def test_run_once_returns_zero_when_nothing_is_ready(service):
     assert service.run_once() == 0
 
 
+@pytest.mark.slow
 def test_micro_batch_is_capped_at_batch_size(service, settings):
     """Six ready files with batch_size 4: one tick handles 4, the next 2."""
     for i in range(6):
@@ -120,6 +122,7 @@ def test_duplicate_is_recorded_once_and_archived(service, sessions, settings):
     assert sorted(p.name for p in files_under(settings.archive_dir)) == ["again.png", "first.png"]
 
 
+@pytest.mark.slow
 def test_corrupt_file_is_quarantined_with_reason_and_the_next_is_classified(service, sessions, settings):
     """A truncated PNG goes to quarantine with a .error.txt and its reason in SQL; a valid file still flows."""
     good = write_cell(settings.drop_dir / "good.png", seed=4)
@@ -147,6 +150,7 @@ def test_symlink_is_quarantined_as_a_link_and_its_target_untouched(service, sess
     assert moved.is_symlink() and target.exists()
 
 
+@pytest.mark.slow
 def test_poison_image_fails_alone(service, sessions, settings, monkeypatch):
     """When inference raises on one image, the batch is retried one by one and only that image fails."""
     real = pipeline_module.run_batch
@@ -167,6 +171,7 @@ def test_poison_image_fails_alone(service, sessions, settings, monkeypatch):
         assert s.scalars(select(Image.error).where(Image.source_name == "poison.png")).one().startswith("inference:")
 
 
+@pytest.mark.slow
 def test_save_standardized_writes_a_png_next_to_the_archived_original(settings_factory, tiny_models):
     """With save_standardized on, <stem>.standardized.png lands beside the archived file."""
     settings = settings_factory(models_classifier=str(tiny_models.classifier), models_standardizer="none",
@@ -199,6 +204,7 @@ def test_batch_report_times_each_step_of_the_batch(service, settings):
     assert report.step_seconds["inference"] <= report.step_seconds["decode_and_inference"]
 
 
+@pytest.mark.slow
 def test_crash_between_commit_and_move_files_without_reclassifying(service, sessions, settings):
     """A file already `done` but still in the drop folder is just archived: no new prediction, no duplicate."""
     write_cell(settings.drop_dir / "late.png", seed=11)
@@ -274,6 +280,7 @@ def _ingest(config: Path, *paths: Path, move: bool = False) -> int:
     return ingest.run(argparse.Namespace(config=str(config), paths=[str(p) for p in paths], move=move, json=False))
 
 
+@pytest.mark.slow
 def test_ingest_records_leaves_files_in_place_and_is_idempotent(tmp_path, tiny_models, capsys):
     """`ingest` classifies a folder, leaves the files, exits 1 on a failure; a rerun counts nothing twice."""
     config = write_config(tmp_path / "c.toml", tmp_path, f"sqlite:///{tmp_path / 'i.db'}", tiny_models)

@@ -73,6 +73,7 @@ def test_a_changed_file_is_refused_on_load_and_at_start_up(sqlite_url, tmp_path,
     engine.dispose()
 
 
+@pytest.mark.slow
 def test_models_commands(sqlite_url, tmp_path, monkeypatch, capsys, restore_logging) -> None:
     """`models register` adds a candidate, `promote` activates it, `list --json` shows states, `rollback` undoes it."""
     tiny = build_tiny_models(tmp_path / "m")

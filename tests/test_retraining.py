@@ -23,6 +23,9 @@ from stainbridge.models.imaging import synthetic
 from tests.daemon_helpers import STAINBRIDGE, subprocess_env, wait_for
 from tests.retraining_helpers import archive_incoming, open_world
 
+# every test here runs on the session's lab (a classifier trained in a subprocess) or trains a candidate
+pytestmark = pytest.mark.slow
+
 
 def _settings(settings_factory, lab, standardizer, **overrides):
     values = dict(models_classifier=lab.classifier, models_standardizer=standardizer, models_device="cpu",
@@ -126,7 +129,8 @@ def test_killed_training_is_recorded_as_failed(world, monkeypatch, tmp_path) -> 
     worker = threading.Thread(target=lambda: results.append(retraining.run_retraining(settings, sessions)))
     worker.start()
     pid = int(wait_for(lambda: pidfile.exists() and pidfile.read_text(), 60, "the training child's pid"))
-    assert os.getpriority(os.PRIO_PROCESS, pid) >= os.getpriority(os.PRIO_PROCESS, 0) + 10
+    # niceness stops at 19: a suite run under `nice -n 10` or more cannot see the full step
+    assert os.getpriority(os.PRIO_PROCESS, pid) >= min(19, os.getpriority(os.PRIO_PROCESS, 0) + 10)
     os.kill(pid, signal.SIGKILL)
     worker.join(60)
     (result,) = results

@@ -21,6 +21,9 @@ from stainbridge.models.checkpoint import file_sha256, load_checkpoint, save_che
 from tests.daemon_helpers import STAINBRIDGE, subprocess_env
 from tests.retraining_helpers import archive_incoming, open_world
 
+# every test here runs on the session's lab (a classifier trained in a subprocess) and trains a candidate
+pytestmark = pytest.mark.slow
+
 
 def _settings_values(lab, standardizer, **overrides):
     values = dict(models_classifier=lab.classifier, models_standardizer=standardizer, models_device="cpu",

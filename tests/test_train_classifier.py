@@ -39,6 +39,7 @@ def trained(reference_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tu
     return out, train(reference_dir, out, "--epochs", "1")
 
 
+@pytest.mark.slow
 def test_tiny_run_writes_checkpoint_with_contract_header(trained: tuple[Path, str], reference_dir: Path) -> None:
     """A tiny run writes a safetensors checkpoint whose header carries the full classifier contract."""
     out, sha = trained
@@ -65,6 +66,7 @@ def test_tiny_run_writes_checkpoint_with_contract_header(trained: tuple[Path, st
     assert state["fc.weight"].shape == (5, 512)
 
 
+@pytest.mark.slow
 def test_split_manifest_keeps_test_images_out_of_training(trained: tuple[Path, str]) -> None:
     """The split written next to the checkpoint is stratified and its test images are disjoint from training."""
     out, _ = trained
