@@ -51,6 +51,7 @@ def test_all_three_modes_process_every_image(tmp_path: Path, capsys: pytest.Capt
     assert "images/s" in printed and "x naive" in printed
 
 
+@pytest.mark.slow
 def test_service_reports_first_result_and_steady_state_apart(tmp_path: Path) -> None:
     """The real service over 10 files in batches of 4: the time to first result and a steady-state rate over
     the batches between the first and the last, with stage shares from the service's own step timers."""

@@ -259,6 +259,7 @@ def test_released_claim_of_replaced_content_is_not_left_pending(make_service):
     assert [(r.sha256[0], r.status) for r in rows(service)] == [("b", ImageStatus.processing)]
 
 
+@pytest.mark.slow
 def test_content_that_failed_gets_another_chance_when_dropped_again(make_service, monkeypatch):
     """A file quarantined for a content reason, dropped again, is classified: the same row, no duplicate."""
     service = make_service()

@@ -76,6 +76,7 @@ def test_review_import_is_all_or_nothing(world, tmp_path, capsys) -> None:
                       "ORDER BY image_id") == [(1, "lymphocyte", "dr a"), (3, "monocyte", "dr b")]
 
 
+@pytest.mark.slow
 def test_reprocess_adds_rows_and_keeps_the_old_ones(world, capsys) -> None:
     """`reprocess` adds a prediction per archived image; `--status failed` retries transient failures, which become done."""
     url, _, models = world

@@ -36,6 +36,7 @@ def start(folders: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) 
     return out
 
 
+@pytest.mark.slow
 def test_init_from_starts_the_generator_from_the_checkpoint(folders, start, tmp_path) -> None:
     """With learning rates 0, a warm-started run writes exactly the weights it started from, and says where from."""
     out = tmp_path / "warm.safetensors"
