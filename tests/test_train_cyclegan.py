@@ -92,6 +92,7 @@ def test_semantic_classifier_adds_a_kl_term(folders: tuple[Path, Path], tmp_path
     assert {"semantic_x_to_y", "semantic_y_cycle"} <= set(header["metrics"]["final"])
 
 
+@pytest.mark.slow
 def test_standardizer_checkpoint_is_refused_as_semantic_classifier(
         folders: tuple[Path, Path], trained: tuple[Path, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Passing a standardizer where the frozen classifier belongs exits 2 and names the problem."""
