@@ -80,6 +80,7 @@ def _lose_everything(settings, checkpoint: Path, url: str) -> None:
         engine.dispose()
 
 
+@pytest.mark.slow
 def test_a_restored_backup_brings_back_the_database_and_the_nightly_job_s_checkpoint(served, tmp_path, database_url):
     """Backup, lose the database and <state>/retraining, restore: the same rows, the active checkpoint back with its
     sha256, and the service starts on it (before: the docs' rsync list missed run-N/, the service refused to start)."""
@@ -105,6 +106,7 @@ def test_a_restored_backup_brings_back_the_database_and_the_nightly_job_s_checkp
         _stop(service)
 
 
+@pytest.mark.slow
 def test_a_damaged_backup_is_refused_before_anything_is_written(served, tmp_path, database_url):
     """One flipped byte in a backed-up checkpoint: restore exits 1 naming it and writes nothing."""
     config, settings, checkpoint, _ = served

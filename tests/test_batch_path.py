@@ -148,6 +148,7 @@ def test_file_replaced_mid_processing_is_not_archived_under_the_old_row(make_ser
     assert not (drop / "cell.png").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("moment", ["after_hashing", "during_inference", "cross_filesystem_copy"])
 @pytest.mark.parametrize("how", ["cp", "cp_p_same_size"])
 def test_file_rewritten_in_place_is_classified_and_archived_as_it_was_hashed(make_service, monkeypatch, moment, how):

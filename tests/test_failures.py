@@ -318,6 +318,7 @@ print(json.dumps({"capped": capped, "after": rows(), "trouble": service.pace.tro
 """
 
 
+@pytest.mark.slow
 def test_out_of_memory_while_decoding_is_retried_not_recorded_as_corrupt(tmp_path, tiny_models):
     """A valid 36-megapixel PNG decoded while the process's memory is capped (RLIMIT_AS: a real MemoryError): the
     file stays in the drop folder with its claim released, nothing is failed, the batch size halves and health says

@@ -50,6 +50,7 @@ def test_the_service_refuses_to_start_without_its_prepared_folders_and_creates_n
     assert archive.exists() == (fault == "unprepared") and not any(archive.iterdir() if archive.exists() else [])
 
 
+@pytest.mark.slow
 def test_an_archive_that_goes_away_stops_filing_reports_it_and_resumes(make_service, settings_factory) -> None:
     """The archive's marker gone mid-run (its share unmounted): files are classified and recorded but stay in the drop
     folder, nothing is written below the bare mount point, health and STATUS say why, metrics and `status` count
