@@ -38,8 +38,10 @@ __all__ = [
     "REASONS",
     "TENSOR_PREFIX",
     "Abstention",
+    "AbstentionError",
     "FeatureDensity",
     "Scores",
+    "calibration_error",
     "expected_calibration_error",
     "fit_abstention",
     "fit_temperature",
@@ -100,10 +102,15 @@ def fit_temperature(view_logits: Tensor, labels: Tensor, *, iterations: int = 60
 def expected_calibration_error(probabilities: Tensor, labels: Tensor, *, bins: int = ECE_BINS) -> float:
     """ECE (Guo et al. 2017, Eq. 3): over equal-width bins of the top probability, the cell-weighted mean
     of |accuracy - mean confidence|."""
-    if labels.numel() == 0:
-        raise AbstentionError("the expected calibration error needs at least one labeled cell")
     confidence, predicted = probabilities.double().max(1)
-    correct = (predicted == labels).double()
+    return calibration_error(confidence, predicted == labels, bins=bins)
+
+
+def calibration_error(confidence: Tensor, correct: Tensor, *, bins: int = ECE_BINS) -> float:
+    """The ECE of answers given with ``confidence`` [N] that were ``correct`` [N] (bool)."""
+    if correct.numel() == 0:
+        raise AbstentionError("the expected calibration error needs at least one labeled cell")
+    confidence, correct = confidence.double(), correct.double()
     edges = torch.linspace(0, 1, bins + 1, dtype=torch.float64)
     index = torch.bucketize(confidence, edges[1:-1], right=True)  # bin b holds (edge b, edge b+1]
     total = 0.0
@@ -111,10 +118,24 @@ def expected_calibration_error(probabilities: Tensor, labels: Tensor, *, bins: i
         members = index == b
         if members.any():
             total += float(members.sum()) * abs(float(correct[members].mean() - confidence[members].mean()))
-    return total / labels.numel()
+    return total / correct.numel()
 
 
 # --------------------------------------------------------------------------- out-of-distribution
+
+
+def ledoit_wolf(centred: Tensor) -> Tensor:
+    """The covariance of centred rows [N,D] shrunk towards mu * I (Ledoit & Wolf 2004, "A well-conditioned
+    estimator for large-dimensional covariance matrices", Lemma 3.2-3.4 with their sample estimates)."""
+    n, d = centred.shape
+    sample = centred.T @ centred / n
+    mu = float(sample.diagonal().mean())
+    target_distance = float(((sample - mu * torch.eye(d, dtype=sample.dtype)) ** 2).sum()) / d
+    # mean over rows of ||x x^T - S||_F^2 = |x|^4 - 2 x^T S x + ||S||_F^2, scaled as in the paper
+    norms = (centred ** 2).sum(1)
+    spread = float((norms ** 2 - 2 * ((centred @ sample) * centred).sum(1) + (sample ** 2).sum()).sum()) / (n * n * d)
+    shrinkage = 1.0 if target_distance <= 0 else min(spread, target_distance) / target_distance
+    return shrinkage * mu * torch.eye(d, dtype=sample.dtype) + (1 - shrinkage) * sample
 
 
 @dataclass(frozen=True)
@@ -125,18 +146,16 @@ class FeatureDensity:
     precision: Tensor
 
     @classmethod
-    def fit(cls, features: Tensor, labels: Tensor, num_classes: int, *, shrinkage: float = 1e-3) -> FeatureDensity:
-        """Means per class and the pooled within-class covariance, shrunk by ``shrinkage`` x its mean
-        variance towards the identity so that it inverts even with fewer cells than dimensions."""
+    def fit(cls, features: Tensor, labels: Tensor, num_classes: int) -> FeatureDensity:
+        """Means per class and the pooled within-class covariance, shrunk towards a multiple of the identity
+        by the Ledoit-Wolf (2004) amount, so that it inverts even with fewer cells than feature dimensions."""
         x = features.double()
         counts = torch.bincount(labels, minlength=num_classes)
         if int(counts.min()) < 2:
             missing = [k for k in range(num_classes) if counts[k] < 2]
             raise AbstentionError(f"classes {missing} have fewer than 2 training cells: no class mean to measure against")
         means = torch.stack([x[labels == k].mean(0) for k in range(num_classes)])
-        centred = x - means[labels]
-        covariance = centred.T @ centred / len(x)
-        covariance += shrinkage * covariance.diagonal().mean() * torch.eye(x.shape[1], dtype=torch.float64)
+        covariance = ledoit_wolf(x - means[labels])
         return cls(class_means=means.float(), precision=torch.linalg.inv(covariance).float())
 
     def score(self, features: Tensor) -> Tensor:

@@ -108,9 +108,10 @@ class BatchResult:
     how it was computed: ``tta`` (mean over the 8 turns and flips) and ``magnification`` (site pixels ->
     reference pixels of the window it was seen through; None for a classifier without a reference
     window, which sees the whole frame zoomed). Whether a person should look at it: the calibrated
-    probability of the label, the out-of-distribution score (None without feature statistics in the
-    checkpoint), ``needs_review`` and its reason, one of ``REVIEW_REASONS`` (``models.abstention``);
-    ``calibrated`` is False for a checkpoint without calibration (temperature 1)."""
+    probability of the label (None for a checkpoint without calibration, whose flags then read the
+    plain ``confidence``: temperature 1), the out-of-distribution score (None without feature
+    statistics in the checkpoint), ``needs_review`` and its reason, one of ``REVIEW_REASONS``
+    (``models.abstention``)."""
 
     label: str
     confidence: float
@@ -118,10 +119,9 @@ class BatchResult:
     standardized: Image.Image
     tta: bool
     magnification: float | None
-    calibrated_confidence: float
+    calibrated_confidence: float | None
     ood_score: float | None
     review_reason: str | None
-    calibrated: bool
 
     @property
     def needs_review(self) -> bool:
@@ -196,10 +196,9 @@ def run_batch(images: list[Image.Image], standardizer: Standardizer, classifier:
                 standardized=image,
                 tta=tta,
                 magnification=geometry.magnification,
-                calibrated_confidence=float(scores.calibrated[i, top]),
+                calibrated_confidence=float(scores.calibrated[i, top]) if classifier.abstention.calibrated else None,
                 ood_score=None if scores.ood is None else float(scores.ood[i]),
                 review_reason=reasons[i],
-                calibrated=classifier.abstention.calibrated,
             )
         )
     return results

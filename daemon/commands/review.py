@@ -1,9 +1,12 @@
 """`stainbridge review import CSV | review export [--out CSV]`: expert-confirmed labels.
 
-``export`` writes the low-confidence queue: classified images without a review whose latest
-prediction is less confident than ``[retraining] review_below``, least confident first, with an
-empty ``label`` column for the hematologist to fill in, as UTF-8 with a byte-order mark for Excel and
-with names that would start a formula neutralized (``commands.spreadsheet``). ``import`` reads such a file back (columns
+``export`` writes the review queue: classified images without a review, tier by tier
+(:data:`REVIEW_TIERS`, :func:`review_tiers`): first the cells the service flagged as not one of
+the known classes, then those it flagged for a low calibrated confidence, then any other whose
+latest prediction is less confident than ``[retraining] review_below``; least confident first
+within a tier, with an empty ``label`` column for the hematologist to fill in, as UTF-8 with a
+byte-order mark for Excel and with names that would start a formula neutralized
+(``commands.spreadsheet``). ``import`` reads such a file back (columns
 ``image`` = image id or sha256, ``label``, ``reviewer``, optional ``time`` (ISO 8601) and
 ``comment``; rows with an empty label are skipped). It is all or nothing: unknown images and
 labels the active classifier does not know are all reported and nothing is written.
@@ -18,7 +21,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from sqlalchemy import func, select
+from sqlalchemy import ColumnElement, case, func, or_, select
 from sqlalchemy.orm import Session
 
 from stainbridge.daemon.commands.models import database
@@ -28,8 +31,10 @@ from stainbridge.daemon.schema import SchemaError
 from stainbridge.daemon.store import Image, ImageStatus, ModelKind, Prediction, Review
 from stainbridge.daemon.versions import registry
 
-EXPORT_COLUMNS = ["image", "sha256", "source_name", "archive_path", "predicted", "confidence", "label", "reviewer",
-                  "time", "comment"]
+EXPORT_COLUMNS = ["image", "sha256", "source_name", "archive_path", "tier", "predicted", "confidence",
+                  "calibrated_confidence", "label", "reviewer", "time", "comment"]
+# The review queue's tiers, in the order a hematologist sees them (see review_tiers).
+REVIEW_TIERS = ("not_a_known_class", "low_confidence", "below_threshold")
 
 
 class ReviewFileError(Exception):
@@ -91,17 +96,34 @@ def import_reviews(session: Session, path: Path) -> int:
     return len(reviews)
 
 
+def review_tiers(below: float) -> list[tuple[str, ColumnElement[bool]]]:
+    """(name, condition on the latest prediction) for each of REVIEW_TIERS, in queue order. An image is in the
+    first tier whose condition it meets: flagged by the service (``needs_review`` with its reason), else less
+    confident than ``below`` (``[retraining] review_below``)."""
+    conditions = {
+        "not_a_known_class": Prediction.review_reason == "not_a_known_class",
+        "low_confidence": Prediction.review_reason == "low_confidence",
+        "below_threshold": Prediction.confidence < below,
+    }
+    return [(name, conditions[name]) for name in REVIEW_TIERS]
+
+
 def review_queue(session: Session, below: float, limit: int) -> list[dict[str, object]]:
+    """Unreviewed classified images in review order (``review_tiers``), least confident first within a tier."""
+    tiers = review_tiers(below)
+    tier = case(*[(condition, rank) for rank, (_, condition) in enumerate(tiers)], else_=len(tiers))
     latest = select(Prediction.image_id, func.max(Prediction.id).label("pid")).group_by(Prediction.image_id).subquery()
     rows = session.execute(
-        select(Image, Prediction).join(latest, latest.c.image_id == Image.id).join(Prediction, Prediction.id == latest.c.pid)
+        select(Image, Prediction, tier.label("tier"))
+        .join(latest, latest.c.image_id == Image.id).join(Prediction, Prediction.id == latest.c.pid)
         .outerjoin(Review, Review.image_id == Image.id)
-        .where(Image.status == ImageStatus.done, Review.id.is_(None), Prediction.confidence < below)
-        .order_by(Prediction.confidence, Image.id).limit(limit)
+        .where(Image.status == ImageStatus.done, Review.id.is_(None), or_(*[c for _, c in tiers]))
+        .order_by(tier, func.coalesce(Prediction.calibrated_confidence, Prediction.confidence), Image.id).limit(limit)
     ).all()
     return [{"image": i.id, "sha256": i.sha256, "source_name": i.source_name, "archive_path": i.archive_path or "",
-             "predicted": p.label, "confidence": round(p.confidence, 4), "label": "", "reviewer": "", "time": "",
-             "comment": ""} for i, p in rows]
+             "tier": tiers[rank][0], "predicted": p.label, "confidence": round(p.confidence, 4),
+             "calibrated_confidence": "" if p.calibrated_confidence is None else round(p.calibrated_confidence, 4),
+             "label": "", "reviewer": "", "time": "", "comment": ""} for i, p, rank in rows]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -127,6 +149,9 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if out is not sys.stdout:
             out.close()
-    print(f"{len(queue)} image(s) below confidence {settings.retraining.review_below} written to "
-          f"{'standard output' if args.out == '-' else args.out}", file=sys.stderr)
+    counts = {name: sum(1 for row in queue if row["tier"] == name) for name in REVIEW_TIERS}
+    print(f"{len(queue)} image(s) written to {'standard output' if args.out == '-' else args.out}: "
+          f"{counts['not_a_known_class']} flagged as not a known class, {counts['low_confidence']} flagged for low "
+          f"confidence, {counts['below_threshold']} more below confidence {settings.retraining.review_below}",
+          file=sys.stderr)
     return 0

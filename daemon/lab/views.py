@@ -3,8 +3,8 @@
 `results` (daemon/store.py) already picks each image's latest prediction and latest review; these
 views only filter and aggregate it, so "latest" has one definition. Two expressions differ between
 SQLite and PostgreSQL (the UTC day of a timestamp, the reason before the first ':' of an error),
-hence one text per dialect. Migrations keep frozen copies (0004; latest_results since 0006): a
-change here needs a new revision.
+hence one text per dialect. Migrations keep frozen copies (0004; latest_results since 0006, with the
+review columns since 0008): a change here needs a new revision.
 
 Any later migration that rebuilds a table with batch mode (SQLite) must drop these views and
 `results` first and create them again afterwards (see 0003 for `results`).
@@ -44,7 +44,8 @@ def lab_views_sql(dialect: str) -> list[str]:
         # One row per distinct image content that was classified: its current answer.
         """CREATE VIEW latest_results AS
 SELECT image_id, source_name, site, patient_pseudonym, study_uid, received_at, processed_at,
-       label, confidence, standardizer, classifier, reviewed_label, reviewer, archive_path, tta, magnification
+       label, confidence, standardizer, classifier, reviewed_label, reviewer, archive_path, tta, magnification,
+       calibrated_confidence, ood_score, needs_review, review_reason
 FROM results
 WHERE status = 'done' AND duplicate_of_id IS NULL""",
         f"""CREATE VIEW daily_counts AS

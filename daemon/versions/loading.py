@@ -94,7 +94,8 @@ def load_models(settings: Settings, sessions: sessionmaker) -> LoadedModels:
         raise ModelConfigError(f"cannot load the active registry version: {exc}") from None
     log.info("models_loaded", classifier=classifier.name, classifier_sha256=classifier.sha256[:12],
              standardizer=standardizer.name, standardizer_sha256=s_active.sha256[:12], device=str(classifier.device),
-             classifier_version=c_active.id, standardizer_version=s_active.id)
+             classifier_version=c_active.id, standardizer_version=s_active.id,
+             calibration=classifier.abstention.describe())
     return LoadedModels(classifier, standardizer, c_active.id, s_active.id)
 
 
