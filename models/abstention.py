@@ -8,17 +8,22 @@ Two scores, both fitted on the reference lab's own split (never on incoming labe
   confidence of 0.7 means about 7 in 10 such cells are right on the reference lab. With test-time
   augmentation the service averages softmax(z_v / T) over the 8 views, so T is fitted for that
   average separately ("tta" mode next to "plain").
-- **Out-of-distribution score**: the Mahalanobis distance of the classifier's penultimate features to
-  the nearest class mean, with one covariance shared by the classes (Lee et al. 2018, "A Simple
-  Unified Framework for Detecting Out-of-Distribution Samples", Eq. 2), both fitted on the reference
-  training split. Its threshold is the score that ``ood_val_rate`` of the validation cells exceed.
+- **Out-of-distribution score**: the relative Mahalanobis distance of the classifier's penultimate
+  features (Ren et al. 2021, "A Simple Fix to Mahalanobis Distance for Improving Near-OOD
+  Detection", Eq. 3): the squared distance to the nearest class mean under one covariance shared by
+  the classes (Lee et al. 2018, Eq. 2), minus the distance to the mean of all training cells under
+  their own covariance, both fitted on the reference training split (Ledoit-Wolf shrinkage). With the
+  8 views the features are averaged first. Its threshold is the score that ``ood_val_rate`` of the
+  validation cells exceed. Chosen by measurement (``stainbridge bench abstain``, docs/lab.md): on
+  PBC's own cells of other types it separated best among max softmax, energy, the plain Mahalanobis
+  distance (per stage of the network too) and the k-nearest-neighbour distance.
 
 A cell ``needs_review`` when its OOD score is above the threshold (reason ``not_a_known_class``,
 checked first) or its calibrated confidence is below ``confidence_below`` (``low_confidence``).
 
 The checkpoint carries all of it: ``header["abstention"]`` (temperatures, thresholds, ECE before and
-after, what it was fitted on) and the tensors ``abstention.class_means`` / ``abstention.precision``
-next to the network's weights (safetensors, never pickle). A checkpoint without them keeps working:
+after, what it was fitted on) and the tensors ``abstention.class_means``, ``abstention.precision``,
+``abstention.background_mean`` and ``abstention.background_precision`` next to the network's weights (safetensors, never pickle). A checkpoint without them keeps working:
 temperature 1, no OOD score, ``calibrated: false`` in the record.
 """
 
@@ -52,7 +57,9 @@ __all__ = [
 TENSOR_PREFIX = "abstention."
 MODES = ("plain", "tta")  # one fit per way the service scores a cell ([models] tta)
 REASONS = ("not_a_known_class", "low_confidence")  # in the order they are checked
-CONFIDENCE_BELOW = 0.5  # calibrated: below it the classifier expects to be wrong more often than right
+# Calibrated: below it the classifier expects to be wrong on more than 3 cells in 10. With the OOD rate, what kept
+# the reference's own test cells flagged at <= 0.05 in `bench abstain` (docs/lab.md) with both [models] tta modes.
+CONFIDENCE_BELOW = 0.7
 OOD_VAL_RATE = 0.02  # share of the reference validation cells above the OOD threshold
 ECE_BINS = 15
 _LOG_T_RANGE = (math.log(0.05), math.log(20.0))
@@ -140,32 +147,45 @@ def ledoit_wolf(centred: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class FeatureDensity:
-    """Class means [C,D] and the inverse of their shared covariance [D,D] of penultimate features."""
+    """Penultimate features of the reference training cells: class means [C,D] with the inverse of their shared
+    covariance [D,D], and the mean [D] and inverse covariance of all of them (the "background")."""
 
     class_means: Tensor
     precision: Tensor
+    background_mean: Tensor
+    background_precision: Tensor
+
+    TENSORS = ("class_means", "precision", "background_mean", "background_precision")
 
     @classmethod
     def fit(cls, features: Tensor, labels: Tensor, num_classes: int) -> FeatureDensity:
-        """Means per class and the pooled within-class covariance, shrunk towards a multiple of the identity
-        by the Ledoit-Wolf (2004) amount, so that it inverts even with fewer cells than feature dimensions."""
+        """Means per class and the pooled within-class covariance, and the mean and covariance of all cells, each
+        shrunk towards a multiple of the identity by the Ledoit-Wolf (2004) amount, so that they invert even with
+        fewer cells than feature dimensions."""
         x = features.double()
         counts = torch.bincount(labels, minlength=num_classes)
         if int(counts.min()) < 2:
             missing = [k for k in range(num_classes) if counts[k] < 2]
             raise AbstentionError(f"classes {missing} have fewer than 2 training cells: no class mean to measure against")
         means = torch.stack([x[labels == k].mean(0) for k in range(num_classes)])
-        covariance = ledoit_wolf(x - means[labels])
-        return cls(class_means=means.float(), precision=torch.linalg.inv(covariance).float())
+        background = x.mean(0)
+        return cls(class_means=means.float(), precision=torch.linalg.inv(ledoit_wolf(x - means[labels])).float(),
+                   background_mean=background.float(),
+                   background_precision=torch.linalg.inv(ledoit_wolf(x - background)).float())
+
+    def class_distance(self, features: Tensor) -> Tensor:
+        """[N] squared Mahalanobis distance to the nearest class mean (Lee et al. 2018)."""
+        diff = features.double().unsqueeze(1) - self.class_means.double().unsqueeze(0)  # [N,C,D]
+        return torch.einsum("ncd,de,nce->nc", diff, self.precision.double(), diff).min(1).values
 
     def score(self, features: Tensor) -> Tensor:
-        """[N] squared Mahalanobis distance to the nearest class mean (higher: less like any class)."""
-        diff = features.double().unsqueeze(1) - self.class_means.double().unsqueeze(0)  # [N,C,D]
-        distances = torch.einsum("ncd,de,nce->nc", diff, self.precision.double(), diff)
-        return distances.min(1).values
+        """[N] relative Mahalanobis distance (Ren et al. 2021): nearest class minus background; higher is less
+        like any of the classes."""
+        diff = features.double() - self.background_mean.double()
+        return self.class_distance(features) - torch.einsum("nd,de,ne->n", diff, self.background_precision.double(), diff)
 
     def tensors(self) -> dict[str, Tensor]:
-        return {f"{TENSOR_PREFIX}class_means": self.class_means, f"{TENSOR_PREFIX}precision": self.precision}
+        return {f"{TENSOR_PREFIX}{name}": getattr(self, name) for name in self.TENSORS}
 
 
 # --------------------------------------------------------------------------- the decision
@@ -212,11 +232,11 @@ class Abstention:
                                   "write it again with `stainbridge train calibrate`") from None
         density = None
         if thresholds:
-            names = (f"{TENSOR_PREFIX}class_means", f"{TENSOR_PREFIX}precision")
-            if not all(n in tensors for n in names):
-                raise AbstentionError(f"{where}: the header has OOD thresholds but the tensors {list(names)} are "
-                                      "missing; write it again with `stainbridge train calibrate`")
-            density = FeatureDensity(class_means=tensors[names[0]].float(), precision=tensors[names[1]].float())
+            names = {name: f"{TENSOR_PREFIX}{name}" for name in FeatureDensity.TENSORS}
+            if not all(n in tensors for n in names.values()):
+                raise AbstentionError(f"{where}: the header has OOD thresholds but the tensors {list(names.values())} "
+                                      "are missing; write it again with `stainbridge train calibrate`")
+            density = FeatureDensity(**{name: tensors[key].float() for name, key in names.items()})
         if not all(t > 0 for t in temperatures.values()):
             raise AbstentionError(f"{where}: temperatures must be positive, got {temperatures}")
         return cls(temperatures=temperatures, ood_thresholds=thresholds, density=density,
@@ -296,8 +316,8 @@ def fit_abstention(*, train_features: Tensor, train_labels: Tensor, val_logits: 
         entry["val_flagged"] = {r: round(sum(x == r for x in reasons) / len(reasons), 6) for r in REASONS}
         modes[mode] = entry
     record = {
-        "method": "temperature scaling (Guo et al. 2017) + Mahalanobis distance to the nearest class mean "
-                  "(penultimate features, shared covariance; Lee et al. 2018)",
+        "method": "temperature scaling (Guo et al. 2017) + relative Mahalanobis distance of the penultimate "
+                  "features (nearest class, shared covariance, minus all cells; Ren et al. 2021)",
         "confidence_below": confidence_below,
         "ood_val_rate": ood_val_rate,
         "feature_dim": int(train_features.shape[1]),

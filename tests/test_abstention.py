@@ -42,13 +42,13 @@ def test_calibration_error_of_a_calibrated_answer_is_small() -> None:
 
 
 def test_feature_density_scores_points_away_from_every_class_higher() -> None:
-    """Mahalanobis to the nearest class mean: held-out cells of the classes score low, points off the classes high."""
+    """Relative Mahalanobis: held-out cells of the classes score low, points between and beyond the classes high."""
     g = torch.Generator().manual_seed(2)
     means = torch.randn(5, 16, generator=g) * 6
     labels = torch.arange(5).repeat(200)
     train = means[labels] + torch.randn(1000, 16, generator=g)
     held_out = means[labels[:250]] + torch.randn(250, 16, generator=g)
-    outside = torch.randn(50, 16, generator=g) * 6 + 20
+    outside = torch.cat([means[:2].mean(0) + torch.randn(25, 16, generator=g), torch.randn(25, 16, generator=g) + 30])
     density = abstention.FeatureDensity.fit(train, labels, 5)
     threshold = float(torch.quantile(density.score(held_out), 0.98))
     assert bool((density.score(outside) > threshold).all())
@@ -65,7 +65,8 @@ def test_ledoit_wolf_inverts_with_fewer_cells_than_dimensions() -> None:
 
 def test_not_a_known_class_is_checked_before_low_confidence() -> None:
     """A confident cell far from every class is not_a_known_class; an unsure in-class one low_confidence; else none."""
-    density = abstention.FeatureDensity(class_means=torch.zeros(2, 2), precision=torch.eye(2))
+    density = abstention.FeatureDensity(class_means=torch.zeros(2, 2), precision=torch.eye(2),
+                                        background_mean=torch.zeros(2), background_precision=torch.zeros(2, 2))
     flags = abstention.Abstention(temperatures={"plain": 1.0, "tta": 1.0}, ood_thresholds={"plain": 4.0},
                                   density=density, confidence_below=0.6, record={"fitted": True})
     logits = torch.tensor([[[8.0, 0.0], [0.1, 0.0], [8.0, 0.0], [0.1, 0.0]]])

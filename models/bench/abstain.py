@@ -20,8 +20,9 @@ classifier, 8-view TTA as ``[models] tta``, the flag and its reason):
 - the expected calibration error before (the plain softmax) and after temperature scaling on every set.
 
 It also scores the other cells against the test cells with the scores the flag could have used
-(max softmax, energy, the Mahalanobis distance it uses), each thresholded as the checkpoint is, on the
-same share of validation cells, with the AUROC of each: the measurement behind the choice.
+(max softmax, energy, the Mahalanobis distance, the relative one it uses, the k-nearest-neighbour
+distance), each thresholded as the checkpoint is, on the same share of validation cells, with the
+AUROC of each: the measurement behind the choice.
 Results: ``--json`` (per seed and the mean, min and max over seeds) and ``--markdown``.
 """
 
@@ -133,21 +134,34 @@ def _score_files(paths: Sequence[Path], standardizer: inference.Standardizer, cl
     return out
 
 
-def _alternatives(clf: inference.Classifier, sets: dict[str, Sequence[Path]], *, tta: bool) -> dict[str, Any]:
-    """Max softmax, energy and the Mahalanobis distance as OOD scores of the other cells against the test cells,
-    each thresholded on the same share of validation cells as the checkpoint's."""
+def _outputs(clf: inference.Classifier, paths: Sequence[Path], *, tta: bool) -> tuple[Tensor, Tensor]:
+    """(logits [V,N,C], features [V,N,D]) of reference-lab files (magnification 1, no standardizer)."""
     geometry = inference.resolve_geometry(clf, None, scale="1.0")
+    logits, features = [], []
+    for batch in calibrate.image_batches(list(paths), geometry, BATCH):
+        z, f = inference.view_outputs(clf, batch, tta=tta)
+        logits.append(z)
+        features.append(f)
+    return torch.cat(logits, 1), torch.cat(features, 1)
+
+
+def _alternatives(clf: inference.Classifier, sets: dict[str, Sequence[Path]], *, tta: bool) -> dict[str, Any]:
+    """The scores the OOD flag could use, of the other cells against the test cells, each thresholded on the
+    checkpoint's share of validation cells: max softmax, energy (Liu et al. 2020), the Mahalanobis distance to
+    the nearest class (Lee et al. 2018), the relative one the checkpoint uses (Ren et al. 2021), and the
+    distance to the 10th nearest training cell of L2-normalized features (Sun et al. 2022)."""
+    train = torch.nn.functional.normalize(_outputs(clf, sets["train"], tta=False)[1][0].double(), dim=1)
+    density = clf.abstention.density
     scores: dict[str, dict[str, Tensor]] = {}
-    for name, paths in sets.items():
-        logits, features = [], []
-        for batch in calibrate.image_batches(list(paths), geometry, BATCH):
-            z, f = inference.view_outputs(clf, batch, tta=tta)
-            logits.append(z)
-            features.append(f)
-        z, f = torch.cat(logits, 1), torch.cat(features, 1)
+    for name in ("val", "test", "other"):
+        z, f = _outputs(clf, sets[name], tta=tta)
+        mean = f.double().mean(0)
         scores[name] = {"max_softmax": -abstention.tempered_probabilities(z, 1.0).max(1).values,
                         "energy": -torch.logsumexp(z.double(), dim=2).mean(0),
-                        "mahalanobis": clf.abstention.density.score(f.double().mean(0))}
+                        "mahalanobis": density.class_distance(mean),
+                        "relative_mahalanobis": density.score(mean),
+                        "knn10": torch.cdist(torch.nn.functional.normalize(mean, dim=1), train).topk(
+                            10, largest=False).values[:, -1]}
     rate = float(clf.abstention.record["ood_val_rate"])
     return {method: report.separation(scores["val"][method], scores["test"][method], scores["other"][method], rate)
             for method in scores["val"]}
@@ -188,8 +202,8 @@ def _seed_results(opts: argparse.Namespace, seed: int, device: torch.device) -> 
                 outcome = _score_files([p for p, _ in items], standardizer, clf, scale=str(profile["magnification"]),
                                        tta=tta)
                 scored[f"{name}/{spec}"] = report.summary(outcome, [c for _, c in items], clf.abstention.confidence_below)
-        val = [reference / rel for rel in d.manifest["val"]]
-        scored["alternatives"] = _alternatives(clf, {"val": val, "test": test, "other": [p for p, _ in other]}, tta=tta)
+        sets = {split: [reference / rel for rel in d.manifest[split]] for split in ("train", "val")}
+        scored["alternatives"] = _alternatives(clf, {**sets, "test": test, "other": [p for p, _ in other]}, tta=tta)
         result[mode] = scored
         _log(f"seed {seed} {mode}: other flagged {scored['other']['flagged']:.3f}, reference test flagged "
              f"{scored['reference_test']['flagged']:.3f} ({time.monotonic() - started:.0f} s)")

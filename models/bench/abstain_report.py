@@ -145,8 +145,8 @@ def markdown(result: dict[str, Any]) -> str:
                              f"| {_f(e['ece_before'])} | {_f(e['ece_after'])} |")
         coverage = {name: e["risk_coverage"] for name, e in s.items() if isinstance(e, dict) and "risk_coverage" in e}
         first = next(iter(coverage.values()))
-        lines += ["", "Risk-coverage, share flagged / accuracy of the cells not flagged (mean over seeds; "
-                  "not_a_known_class always flagged, and calibrated confidence below the threshold):", "",
+        lines += ["", ("Risk-coverage, share flagged / accuracy of the cells not flagged (mean over seeds; "
+                       "not_a_known_class always flagged, and calibrated confidence below the threshold):"), "",
                   "| cells | " + " | ".join(_threshold_name(r) for r in first) + " |", "|---" * (len(first) + 1) + "|"]
         lines += [f"| {name} | " + " | ".join(_coverage_cell(r) for r in rows) + " |" for name, rows in coverage.items()]
         lines += ["", "OOD scores, each thresholded on the checkpoint's share of validation cells:", "",

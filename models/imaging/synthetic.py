@@ -23,7 +23,7 @@ from PIL import Image, ImageFilter
 
 CLASSES = ("basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil")
 # Drawn too, but none of the five: what the service must flag instead of forcing into a class (models.abstention).
-OTHER_CLASSES = ("platelet",)
+OTHER_CLASSES = ("platelet", "smudge")
 
 # Stain channels drawn as concentration maps, and their optical density per unit
 # concentration (R, G, B) in the reference lab (May-Grunwald-Giemsa as in PBC).
@@ -190,7 +190,7 @@ def _granules(rng: np.random.Generator, size: int, per_frame: int, coverage: flo
 # and rotated. The drawer returns one concentration map per stain and the cell's own mask.
 
 _CELL_RADIUS = {"lymphocyte": 0.72, "monocyte": 1.3, "neutrophil": 1.0, "eosinophil": 1.05, "basophil": 0.9,
-                "platelet": 0.35}
+                "platelet": 0.35, "smudge": 1.5}
 
 
 def _draw_white_cell(
@@ -254,6 +254,10 @@ def _draw_white_cell(
         out["baso_granule"] = fragments * (0.25 + 0.5 * granules)
         out["cyto_blue"] = fragments * 0.3
         cell = fragments
+    elif label == "smudge":  # a ruptured cell: a large pale smear of nuclear material, streaked, no cytoplasm
+        streaks = _value_noise(rng, size, max(3, size // 24))
+        cell = _blob(x, y, 0.0, 0.0, radius, radius * rng.uniform(0.6, 0.8), 4 * edge)
+        out["nucleus"] = cell * (0.4 + 0.6 * streaks) * 0.45
     else:  # guarded by render_cell
         raise SyntheticError(f"unknown cell class {label!r}")
     return out, cell
