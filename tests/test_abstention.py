@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from stainbridge.models import abstention, checkpoint, inference
-from stainbridge.models.imaging import synthetic
+from stainbridge.models.imaging import data, synthetic
 from tests.daemon_helpers import build_tiny_models
 
 torch.set_num_threads(1)
@@ -109,3 +109,43 @@ def test_tta_temperature_is_fitted_on_the_view_mean() -> None:
     nll = [float(-abstention.tempered_probabilities(views, t)[torch.arange(len(labels)), labels].log().mean())
            for t in (temperature * 0.7, temperature, temperature * 1.4)]
     assert nll[1] <= nll[0] and nll[1] <= nll[2]
+
+
+def test_train_classifier_stores_the_calibration_in_the_checkpoint(lab) -> None:
+    """`train classifier` ends by fitting temperatures and OOD statistics on its split: header entry and tensors."""
+    state, header = checkpoint.load_checkpoint(lab.classifier)
+    record = header["abstention"]
+    assert set(record["modes"]) == set(abstention.MODES)
+    for fitted in record["modes"].values():
+        assert fitted["temperature"] > 0 and {"ece_before", "ece_after", "ood_threshold"} <= set(fitted)
+    assert {f"abstention.{name}" for name in abstention.FeatureDensity.TENSORS} <= set(state)
+    assert inference.load_classifier(lab.classifier).abstention.calibrated
+
+
+def test_train_calibrate_writes_a_new_checkpoint_with_the_same_weights(tmp_path: Path, run_stainbridge) -> None:
+    """`train calibrate` on a checkpoint from before calibration writes a new file (new sha256) with the fit and the
+    ECE before and after; the original is untouched and the network's weights are the same."""
+    tiny = build_tiny_models(tmp_path / "m")
+    reference = tmp_path / "reference"
+    synthetic.write_dataset(reference, protocol="reference", per_class=12, size=48, seed=1)
+    data.write_manifest(data.make_split(reference, seed=0), f"{tiny.classifier}.split.json")
+    out = tmp_path / "calibrated.safetensors"
+    done = run_stainbridge("train", "calibrate", "--classifier", str(tiny.classifier), "--reference", str(reference),
+                           "--out", str(out), "--confidence-below", "0.6", "--device", "cpu", timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert checkpoint.file_sha256(tiny.classifier) == tiny.classifier_sha256
+    assert done.stdout.strip() == checkpoint.file_sha256(out) != tiny.classifier_sha256
+    before, _ = checkpoint.load_checkpoint(tiny.classifier)
+    after, header = checkpoint.load_checkpoint(out)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert header["abstention"]["confidence_below"] == 0.6
+    assert {"ece_before", "ece_after"} <= set(header["abstention"]["modes"]["tta"])
+    assert inference.load_classifier(out).abstention.calibrated
+
+
+def test_train_calibrate_refuses_to_overwrite_its_input(tmp_path: Path, run_stainbridge) -> None:
+    """Calibrating in place would change a registered file's bytes: refused, saying why."""
+    tiny = build_tiny_models(tmp_path)
+    done = run_stainbridge("train", "calibrate", "--classifier", str(tiny.classifier), "--reference", str(tmp_path),
+                           "--out", str(tiny.classifier))
+    assert done.returncode == 2 and "new version" in done.stderr
