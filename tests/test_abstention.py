@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from stainbridge.daemon import cli
 from stainbridge.models import abstention, checkpoint, inference
 from stainbridge.models.imaging import data, synthetic
 from tests.daemon_helpers import build_tiny_models
@@ -111,6 +112,7 @@ def test_tta_temperature_is_fitted_on_the_view_mean() -> None:
     assert nll[1] <= nll[0] and nll[1] <= nll[2]
 
 
+@pytest.mark.slow  # the session's lab classifier is trained in a subprocess
 def test_train_classifier_stores_the_calibration_in_the_checkpoint(lab) -> None:
     """`train classifier` ends by fitting temperatures and OOD statistics on its split: header entry and tensors."""
     state, header = checkpoint.load_checkpoint(lab.classifier)
@@ -122,7 +124,7 @@ def test_train_classifier_stores_the_calibration_in_the_checkpoint(lab) -> None:
     assert inference.load_classifier(lab.classifier).abstention.calibrated
 
 
-def test_train_calibrate_writes_a_new_checkpoint_with_the_same_weights(tmp_path: Path, run_stainbridge) -> None:
+def test_train_calibrate_writes_a_new_checkpoint_with_the_same_weights(tmp_path: Path, capsys) -> None:
     """`train calibrate` on a checkpoint from before calibration writes a new file (new sha256) with the fit and the
     ECE before and after; the original is untouched and the network's weights are the same."""
     tiny = build_tiny_models(tmp_path / "m")
@@ -130,11 +132,10 @@ def test_train_calibrate_writes_a_new_checkpoint_with_the_same_weights(tmp_path:
     synthetic.write_dataset(reference, protocol="reference", per_class=12, size=48, seed=1)
     data.write_manifest(data.make_split(reference, seed=0), f"{tiny.classifier}.split.json")
     out = tmp_path / "calibrated.safetensors"
-    done = run_stainbridge("train", "calibrate", "--classifier", str(tiny.classifier), "--reference", str(reference),
-                           "--out", str(out), "--confidence-below", "0.6", "--device", "cpu", timeout=600)
-    assert done.returncode == 0, done.stderr
+    assert cli.main(["train", "calibrate", "--classifier", str(tiny.classifier), "--reference", str(reference),
+                     "--out", str(out), "--confidence-below", "0.6", "--device", "cpu"]) == 0
     assert checkpoint.file_sha256(tiny.classifier) == tiny.classifier_sha256
-    assert done.stdout.strip() == checkpoint.file_sha256(out) != tiny.classifier_sha256
+    assert capsys.readouterr().out.strip() == checkpoint.file_sha256(out) != tiny.classifier_sha256
     before, _ = checkpoint.load_checkpoint(tiny.classifier)
     after, header = checkpoint.load_checkpoint(out)
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -143,9 +144,9 @@ def test_train_calibrate_writes_a_new_checkpoint_with_the_same_weights(tmp_path:
     assert inference.load_classifier(out).abstention.calibrated
 
 
-def test_train_calibrate_refuses_to_overwrite_its_input(tmp_path: Path, run_stainbridge) -> None:
+def test_train_calibrate_refuses_to_overwrite_its_input(tmp_path: Path, capsys) -> None:
     """Calibrating in place would change a registered file's bytes: refused, saying why."""
     tiny = build_tiny_models(tmp_path)
-    done = run_stainbridge("train", "calibrate", "--classifier", str(tiny.classifier), "--reference", str(tmp_path),
-                           "--out", str(tiny.classifier))
-    assert done.returncode == 2 and "new version" in done.stderr
+    assert cli.main(["train", "calibrate", "--classifier", str(tiny.classifier), "--reference", str(tmp_path),
+                     "--out", str(tiny.classifier)]) == 2
+    assert "new version" in capsys.readouterr().err
