@@ -87,6 +87,6 @@ def test_service_records_the_flag_and_review_export_lists_the_cell_first(
     assert [bool(rows[f"{c}.png"][1]) for c in ("lymphocyte", "neutrophil", "eosinophil")] == [False] * 3
     out = tmp_path / "queue.csv"
     assert cli.main(["--config", str(daemon.config), "review", "export", "--out", str(out)]) == 0
-    queue = list(csv.DictReader(out.open()))
+    queue = list(csv.DictReader(out.open(encoding="utf-8-sig")))
     assert queue[0]["source_name"] == "smudge.png" and queue[0]["tier"] == "not_a_known_class"
     assert queue[0]["predicted"] == label
