@@ -24,10 +24,10 @@ def seed_known_history(url: str) -> None:
     try:
         with engine.begin() as c:
             c.execute(text(
-                "INSERT INTO model_versions (id, kind, name, path, sha256, header, metrics, state, created_at) VALUES "
-                "(1, 'standardizer', 'cyclegan-a', '/m/s', 's1', :h, '{}', 'active', :t), "
-                "(2, 'classifier', 'resnet-v1', '/m/c1', 'c1', '{}', '{}', 'retired', :t), "
-                "(3, 'classifier', 'resnet-v2', '/m/c2', 'c2', '{}', '{}', 'active', :t)"),
+                "INSERT INTO model_versions (id, kind, site, name, path, sha256, header, metrics, state, created_at) VALUES "
+                "(1, 'standardizer', 'hospital-x', 'cyclegan-a', '/m/s', 's1', :h, '{}', 'active', :t), "
+                "(2, 'classifier', 'hospital-x', 'resnet-v1', '/m/c1', 'c1', '{}', '{}', 'retired', :t), "
+                "(3, 'classifier', 'hospital-x', 'resnet-v2', '/m/c2', 'c2', '{}', '{}', 'active', :t)"),
                 {"t": DAY1, "h": '{"site_profile": {"magnification": 1.25, "method": "test"}}'})
             images = [
                 (1, "a.png", "done", None, None, DAY1), (2, "b.png", "done", None, None, DAY1),

@@ -74,10 +74,10 @@ def test_results_view_joins_latest_prediction_and_review(database_url: str) -> N
     try:
         with engine.begin() as c:
             c.execute(text(
-                "INSERT INTO model_versions (id, kind, name, path, sha256, header, metrics, state, created_at) VALUES "
-                "(1, 'classifier', 'resnet18-v1', '/m/c1', 'c1', '{}', '{}', 'retired', :t), "
-                "(2, 'classifier', 'resnet18-v2', '/m/c2', 'c2', '{}', '{}', 'active', :t), "
-                "(3, 'standardizer', 'cyclegan-v1', '/m/s1', 's1', '{}', '{}', 'active', :t)"), {"t": now})
+                "INSERT INTO model_versions (id, kind, site, name, path, sha256, header, metrics, state, created_at) VALUES "
+                "(1, 'classifier', 'hospital-x', 'resnet18-v1', '/m/c1', 'c1', '{}', '{}', 'retired', :t), "
+                "(2, 'classifier', 'hospital-x', 'resnet18-v2', '/m/c2', 'c2', '{}', '{}', 'active', :t), "
+                "(3, 'standardizer', 'hospital-x', 'cyclegan-v1', '/m/s1', 's1', '{}', '{}', 'active', :t)"), {"t": now})
             c.execute(text(
                 "INSERT INTO images (id, sha256, source_name, site, status, received_at) VALUES "
                 "(1, 'aa', 'one.png', 'hospital-x', 'done', :t), (2, 'bb', 'two.png', 'hospital-x', 'pending', :t)"),
