@@ -44,6 +44,7 @@ from stainbridge.models.networks import (
 from stainbridge.models.validation import (
     RecipeScore,
     choose_recipe,
+    disagreement,
     pool_size,
     score_recipes,
     select_validation_sample,
@@ -65,6 +66,7 @@ __all__ = [
     "choose_recipe",
     "classify_batch",
     "compile_networks",
+    "disagreement",
     "file_sha256",
     "fsync_dir",
     "full_precision",

@@ -5,12 +5,12 @@ it) and the benchmark (``bench accuracy --reviews N`` simulates it), so that the
 a lab gets.
 
 **The sample** (``select_validation_sample``): from the site's first ``POOL_FACTOR x N`` cells (in
-arrival order), ``N`` cells spread over the classes the day-0 recipe predicts (one per predicted
-class in turn, so that every class the site shows is reviewed, rare ones included), and within each
-predicted class the cells on which the candidate recipes disagree most first (they are the cells
-that tell the recipes apart; with equal disagreement the day-0 recipe's least confident first, then
-the earliest). The order of the picks is the review order: a hematologist who stops early has
-still seen every predicted class.
+arrival order), ``N`` cells spread over the predicted classes (each class that any candidate recipe
+predicts adds one cell in turn, so that rare classes are reviewed too, and a class the day-0 recipe
+never predicts at this site still is), and within each class the cells on which the recipes disagree
+most first (they are the cells that tell the recipes apart; with equal disagreement the day-0
+recipe's least confident first, then the earliest). The order of the picks is the review order: a
+hematologist who stops early has still seen every predicted class.
 
 **The scoring** (``score_recipes``): each recipe's balanced accuracy (mean recall over the classes
 present among the reviewed cells) with a percentile bootstrap 95 % interval over the cells.
@@ -51,31 +51,38 @@ def disagreement(recipe_labels: Sequence[Sequence[int]]) -> np.ndarray:
     return labels.shape[0] - top
 
 
-def select_validation_sample(day0_labels: Sequence[int], recipe_labels: Sequence[Sequence[int]], n: int, *,
-                             day0_confidence: Sequence[float] | None = None) -> list[int]:
+def select_validation_sample(recipe_labels: Sequence[Sequence[int]], n: int, *,
+                             confidence: Sequence[float] | None = None) -> list[int]:
     """Indices (into the pool, arrival order) of the ``n`` cells to review, in review order.
 
-    ``day0_labels``: the day-0 recipe's class per pool cell; ``recipe_labels``: every candidate recipe's
-    class per pool cell ([recipes, cells], the day-0 recipe may be among them); ``day0_confidence``: the
-    day-0 recipe's top probability per cell (ties in disagreement go to the least confident).
+    ``recipe_labels``: every candidate recipe's class per pool cell ([recipes, cells]; the first is the
+    site's current, day-0 recipe); ``confidence``: that recipe's top probability per cell (ties in
+    disagreement go to the least confident). Every class that any recipe predicts takes its turn, in
+    class order, adding the next cell not yet chosen among those predicted as that class: a class the
+    day-0 recipe never predicts (a collapsed class at a new site) is still reviewed.
     """
-    day0 = np.asarray(day0_labels, dtype=np.int64)
-    count = len(day0)
+    votes = np.asarray(recipe_labels, dtype=np.int64)
+    if votes.ndim != 2:
+        raise ValueError("recipe_labels must be [recipes, cells]")
     if n < 1:
         raise ValueError("a validation sample needs at least one cell")
-    votes = np.asarray(recipe_labels, dtype=np.int64).reshape(-1, count) if count else np.zeros((1, 0), np.int64)
-    if votes.shape[1] != count:
-        raise ValueError("recipe_labels and day0_labels cover different cells")
+    count = votes.shape[1]
     split = disagreement(votes)
-    confidence = np.zeros(count) if day0_confidence is None else np.asarray(day0_confidence, dtype=np.float64)
-    # within a predicted class: most disagreement, then least day-0 confidence, then arrival
-    queues = {int(k): sorted(np.flatnonzero(day0 == k).tolist(), key=lambda i: (-split[i], confidence[i], i))
-              for k in np.unique(day0)}
+    first = np.zeros(count) if confidence is None else np.asarray(confidence, dtype=np.float64)
+    if len(first) != count:
+        raise ValueError("confidence and recipe_labels cover different cells")
+    # each class's queue: the cells some recipe calls that class, most disagreement, least confident, earliest first
+    queues = {int(k): sorted(np.flatnonzero((votes == k).any(0)).tolist(), key=lambda i: (-split[i], first[i], i))
+              for k in np.unique(votes)}
     picks: list[int] = []
+    chosen: set[int] = set()
     while len(picks) < min(n, count):
         for k in sorted(queues):
+            while queues[k] and queues[k][0] in chosen:
+                queues[k].pop(0)
             if queues[k] and len(picks) < n:
                 picks.append(queues[k].pop(0))
+                chosen.add(picks[-1])
     return picks
 
 

@@ -51,6 +51,7 @@ from stainbridge.daemon.versions.site_models import SiteModels
 from stainbridge.daemon.versions.site_state import ensure_site
 from stainbridge.models.inference import (
     choose_recipe,
+    disagreement,
     load_classifier,
     load_standardizer,
     pool_size,
@@ -104,7 +105,13 @@ def load_recipes(settings: Settings, sessions: sessionmaker, site: str, cache: N
         day0.register_candidates(session, site)
         pairs.append((registry.find_version(session, ModelKind.classifier, day0.classifier.sha256, site),
                       registry.find_version(session, ModelKind.standardizer, day0.standardizer_sha256, site)))
-        pairs += [_register_spec(session, spec, day0, site, settings.models.device) for spec in settings.site.recipes]
+        for spec in settings.site.recipes:
+            try:
+                with session.begin_nested():
+                    pairs.append(_register_spec(session, spec, day0, site, settings.models.device))
+            except Exception as exc:  # noqa: BLE001 - one recipe that does not load leaves the others compared
+                log.error("recipe_unavailable", site=site, recipe=spec, error=f"{type(exc).__name__}: {exc}",
+                          action="fix or remove it in [site] recipes")
         seen, unique = set(), []
         for clf, std in pairs:
             if clf is not None and std is not None and (clf.sha256, std.sha256) not in seen:
@@ -185,8 +192,8 @@ def _choose_sample(settings: Settings, sessions: sessionmaker, site: str, cache:
     votes = [_labels(settings, images, recipe) for recipe in recipes]
     index = _index(*[[label for label, _ in v] for v in votes])
     labels = [[index[label] for label, _ in v] for v in votes]
-    picks = select_validation_sample(labels[0], labels, n, day0_confidence=[p for _, p in votes[0]])
-    split = [len(recipes) - max(column.count(k) for k in set(column)) for column in zip(*labels)]
+    picks = select_validation_sample(labels, n, confidence=[p for _, p in votes[0]])
+    split = disagreement(labels).tolist()
     now = utcnow()
     try:
         with sessions.begin() as session:
