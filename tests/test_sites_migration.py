@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from sqlalchemy import text
 
 from stainbridge.daemon.schema import current_revision, downgrade_database, head_revision, upgrade_database
 from stainbridge.daemon.store import make_engine
 
-NOW = datetime(2026, 12, 1, 9, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
 
 
 def _single_site_history(url: str) -> None:

@@ -12,7 +12,7 @@ classifier) and validation state (docs/sites.md).
   recorded under (it was ``[site] name``), else ``default``. The one-active index becomes one active per
   (site, kind); the same checkpoint may be registered for several sites: unique per (site, kind, sha256).
 - ``sites``: one row per site, ``unvalidated`` until `stainbridge sites validate` records its recipe and
-  score; a row for every site already in ``images`` and for the default site.
+  score; a row for every site already in ``images`` and for the default site when it has versions.
 - ``validation_cells``: the cells chosen for a site's expert review, in review order.
 - views: ``site_validation`` (per site, one line saying its state) and ``latest_results`` with that line
   as a last column, ``validation``. The lab views are dropped and re-created from 0004's frozen text
@@ -158,9 +158,11 @@ def upgrade() -> None:
     )
     op.create_index(op.f("uq_validation_cells_site_id_rank"), "validation_cells", ["site_id", "rank"], unique=True)
     names = [row[0] for row in bind.execute(sa.text("SELECT DISTINCT site FROM images ORDER BY site"))]
+    if bind.execute(sa.text("SELECT COUNT(*) FROM model_versions")).scalar_one():
+        names = [site, *names]
     now = datetime.now(UTC)
     op.bulk_insert(sites, [{"name": name, "state": "unvalidated", "reviews_needed": REVIEWS_NEEDED, "validation": {},
-                            "created_at": now} for name in dict.fromkeys([site, *names])])
+                            "created_at": now} for name in dict.fromkeys(names)])
     _create_views(dialect, with_sites=True)
 
 
