@@ -110,7 +110,7 @@ class Image(Base):
     sha256: Mapped[str | None] = mapped_column(String(64))
     duplicate_of_id: Mapped[int | None] = mapped_column(ForeignKey("images.id", ondelete="SET NULL"))
     source_name: Mapped[str] = mapped_column(String(512))
-    site: Mapped[str] = mapped_column(String(128))
+    site: Mapped[str] = mapped_column(String(128), index=True)
     status: Mapped[ImageStatus] = mapped_column(_str_enum(ImageStatus, "image_status"), index=True)
     error: Mapped[str | None] = mapped_column(Text)
     size_bytes: Mapped[int | None] = mapped_column(BigInteger)

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import pytest
+from sqlalchemy import select
 
 from stainbridge.daemon.config import ConfigError
 from stainbridge.daemon.intake.sites import site_of_decoded, site_of_file
+from stainbridge.daemon.intake.watcher import iter_candidates
+from stainbridge.daemon.store import Image, ModelVersion, Prediction, Site
+from tests import dicom_factory
+from tests.daemon_helpers import write_cell
 
 
 def test_folder_source_takes_the_first_sub_folder_and_falls_back_to_the_name(settings_factory) -> None:
@@ -49,3 +54,26 @@ def test_bad_site_settings_are_refused_with_what_is_allowed(settings_factory, ke
     """Each [site] key names what it accepts."""
     with pytest.raises(ConfigError, match=message):
         settings_factory(**{key: value})
+
+
+def test_a_batch_of_two_sites_is_served_by_each_site_s_models_sharing_one_checkpoint(make_service) -> None:
+    """Under "institution" a DICOM file and a PNG in one batch are recorded under their sites, each prediction
+    names its own site's versions, and the day-0 checkpoint both sites use is loaded once."""
+    service = make_service(site_source="institution", site_name="home")
+    drop = service.settings.drop_dir
+    dicom_factory.write_rgb(drop / "a.dcm")
+    write_cell(drop / "b.png", seed=3)
+    report = service.pipeline.process(list(iter_candidates([drop])))
+    assert report.done == 2
+    with service.pipeline.sessions() as session:
+        rows = session.execute(
+            select(Image.source_name, Image.site, ModelVersion.site)
+            .join(Prediction, Prediction.image_id == Image.id)
+            .join(ModelVersion, ModelVersion.id == Prediction.classifier_version_id).order_by(Image.source_name)).all()
+        sites = set(session.scalars(select(Site.name)))
+    institution = dicom_factory.INSTITUTION
+    assert [tuple(r) for r in rows] == [("a.dcm", institution, institution), ("b.png", "home", "home")]
+    assert sites == {"home", institution}
+    loaded = service.pipeline.models.loaded
+    assert loaded[institution].classifier is loaded["home"].classifier
+    assert loaded[institution].classifier_version_id != loaded["home"].classifier_version_id

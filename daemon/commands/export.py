@@ -25,6 +25,7 @@ from stainbridge.daemon.commands.report import parse_date
 from stainbridge.daemon.commands.spreadsheet import safe_row
 from stainbridge.daemon.config import ConfigError, load_settings
 from stainbridge.daemon.lab.report import Period
+from stainbridge.daemon.lab.views import ROW_VALIDATION_SQL
 from stainbridge.daemon.schema import SchemaError, require_database
 from stainbridge.daemon.store import make_engine
 
@@ -33,9 +34,10 @@ RESULTS_COLUMNS = ("image_id", "source_name", "site", "status", "error", "receiv
                    "confidence", "probabilities", "standardizer", "classifier", "reviewed_label", "reviewer",
                    "patient_pseudonym", "study_uid", "series_uid", "sop_instance_uid", "sha256", "archive_path", "tta",
                    "magnification")
-# ... and what the row's site rests on: "unvalidated (12 of 50 reviews)" or "validated: 0.91 [0.86-0.95] on 50 cells"
+# ... and what the row rests on (daemon.lab.views.ROW_VALIDATION_SQL): "unvalidated (12 of 50 reviews)",
+# "validated: 0.91 [0.86-0.95] on 50 cells" or "not the validated recipe (site validated: ...)"
 COLUMNS = (*RESULTS_COLUMNS, "validation")
-QUERY = (f"SELECT {', '.join('r.' + c for c in RESULTS_COLUMNS)}, v.validation FROM results r "
+QUERY = (f"SELECT {', '.join('r.' + c for c in RESULTS_COLUMNS)}, {ROW_VALIDATION_SQL} AS validation FROM results r "
          "LEFT JOIN site_validation v ON v.site = r.site "
          "WHERE r.received_at >= :since AND r.received_at < :until ORDER BY r.received_at, r.image_id")
 

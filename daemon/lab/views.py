@@ -36,6 +36,15 @@ def reason_sql(dialect: str, column: str = "error") -> str:
     return _REASON[dialect].format(col=column)
 
 
+# What one result rests on (``results r`` joined to ``site_validation v`` on the site): its site's line, or,
+# at a validated site, "not the validated recipe (site validated: ...)" when other versions made it (a
+# result from before validation, or from a version promoted since).
+ROW_VALIDATION_SQL = """CASE WHEN v.state = 'validated'
+            AND (COALESCE(r.standardizer_sha256, '') <> COALESCE(v.validated_standardizer_sha256, '')
+                 OR COALESCE(r.classifier_sha256, '') <> COALESCE(v.validated_classifier_sha256, ''))
+       THEN 'not the validated recipe (site ' || v.validation || ')'
+       ELSE v.validation END"""
+
 LAB_VIEW_NAMES = ("site_validation", "latest_results", "daily_counts", "low_confidence_queue",
                   "review_disagreements", "failures_by_reason")
 
@@ -52,14 +61,17 @@ SELECT s.name AS site, s.state, COALESCE(r.reviews, 0) AS reviews, s.reviews_nee
        CASE WHEN s.state = 'validated'
             THEN 'validated: ' || {score} || ' [' || {low} || '-' || {high} || '] on ' || s.validated_cells || ' cells'
             ELSE 'unvalidated (' || COALESCE(r.reviews, 0) || ' of ' || s.reviews_needed || ' reviews)'
-       END AS validation
+       END AS validation,
+       vs.sha256 AS validated_standardizer_sha256, vc.sha256 AS validated_classifier_sha256
 FROM sites s
 LEFT JOIN (SELECT i.site, COUNT(DISTINCT v.image_id) AS reviews
            FROM reviews v JOIN images i ON i.id = v.image_id
            WHERE i.status = 'done' AND i.duplicate_of_id IS NULL
            GROUP BY i.site) r ON r.site = s.name
 LEFT JOIN model_versions sv ON sv.site = s.name AND sv.kind = 'standardizer' AND sv.state = 'active'
-LEFT JOIN model_versions cv ON cv.site = s.name AND cv.kind = 'classifier' AND cv.state = 'active'"""
+LEFT JOIN model_versions cv ON cv.site = s.name AND cv.kind = 'classifier' AND cv.state = 'active'
+LEFT JOIN model_versions vs ON vs.id = s.standardizer_version_id
+LEFT JOIN model_versions vc ON vc.id = s.classifier_version_id"""
 
 
 def lab_views_sql(dialect: str) -> list[str]:
@@ -69,11 +81,11 @@ def lab_views_sql(dialect: str) -> list[str]:
     day, reason = day_sql(dialect, "received_at"), reason_sql(dialect)
     return [
         site_validation_sql(dialect),
-        # One row per distinct image content that was classified: its current answer, and its site's state.
-        """CREATE VIEW latest_results AS
+        # One row per distinct image content that was classified: its current answer, and what it rests on.
+        f"""CREATE VIEW latest_results AS
 SELECT r.image_id, r.source_name, r.site, r.patient_pseudonym, r.study_uid, r.received_at, r.processed_at,
        r.label, r.confidence, r.standardizer, r.classifier, r.reviewed_label, r.reviewer, r.archive_path, r.tta,
-       r.magnification, v.validation
+       r.magnification, {ROW_VALIDATION_SQL} AS validation
 FROM results r
 LEFT JOIN site_validation v ON v.site = r.site
 WHERE r.status = 'done' AND r.duplicate_of_id IS NULL""",

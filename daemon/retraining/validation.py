@@ -4,8 +4,8 @@ The rule itself (which cells, how recipes are scored) is ``models.validation``, 
 ``bench accuracy --reviews N``; this module runs it on a site's cells in the database (docs/sites.md).
 
 - **Recipes** (``load_recipes``): the site's current one (active standardizer + classifier), the day-0
-  one (``[models]``) and every ``[site] recipes`` entry, each registered as the site's candidate
-  versions (so a result names the exact checkpoints) and loaded through the shared ``NetworkCache``.
+  one (``[models]``) and every ``[site] recipes`` entry, loaded once each through the shared
+  ``NetworkCache``; only the one validation chooses is registered (as the site's active versions).
 - **The sample** (``choose_samples``, from the service loop): once an unvalidated site has
   ``POOL_FACTOR x [site] validation_reviews`` classified cells, its first ones are classified by every
   recipe and ``select_validation_sample`` picks ``validation_reviews`` of them; they are stored in
@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from PIL import Image as PILImage
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import sessionmaker
 
 from stainbridge.daemon.config import Settings
 from stainbridge.daemon.config_values import RECIPE_JOIN
@@ -37,23 +36,19 @@ from stainbridge.daemon.store import (
     Image,
     ImageStatus,
     ModelKind,
-    ModelVersion,
     Review,
     Site,
     SiteState,
     ValidationCell,
-    VersionState,
     utcnow,
 )
 from stainbridge.daemon.versions import registry
-from stainbridge.daemon.versions.loading import Day0Recipe, LoadedModels, NetworkCache, builtin_sha256, load_day0
+from stainbridge.daemon.versions.loading import NetworkCache, Recipe, load_day0
 from stainbridge.daemon.versions.site_models import SiteModels
 from stainbridge.daemon.versions.site_state import ensure_site
 from stainbridge.models.inference import (
     choose_recipe,
     disagreement,
-    load_classifier,
-    load_standardizer,
     pool_size,
     run_batch,
     score_recipes,
@@ -62,7 +57,7 @@ from stainbridge.models.inference import (
 
 log = get_logger(__name__)
 
-__all__ = ["LoadedRecipe", "ValidationError", "choose_samples", "load_recipes", "validate_ready_sites",
+__all__ = ["ValidationError", "choose_samples", "load_recipes", "validate_ready_sites",
            "validate_site"]
 
 
@@ -70,64 +65,35 @@ class ValidationError(Exception):
     """A site cannot be validated now; the message says what is missing."""
 
 
-@dataclass(frozen=True)
-class LoadedRecipe:
-    name: str  # "<standardizer name> + <classifier name>", the registry's names
-    models: LoadedModels
-
-
-def _register_spec(session: Session, spec: str, day0: Day0Recipe, site: str,
-                   device: str) -> tuple[ModelVersion, ModelVersion]:
-    """Register one ``[site] recipes`` entry ("STANDARDIZER" or "STANDARDIZER + CLASSIFIER") as the site's
-    candidates; returns (classifier version, standardizer version)."""
-    std_spec, _, clf_spec = (part.strip() for part in spec.partition(RECIPE_JOIN.strip()))
-    classifier = day0.classifier if not clf_spec else load_classifier(clf_spec, device=device)
-    clf_path = day0.classifier_path if not clf_spec else str(Path(clf_spec).resolve())
-    standardizer = load_standardizer(std_spec, device=device, classifier=classifier)
-    std_path = std_spec if standardizer.sha256 is None else str(Path(std_spec).resolve())
-    std_sha = standardizer.sha256 or builtin_sha256(standardizer.header)
-    candidate = VersionState.candidate
-    return (registry.register_model(session, ModelKind.classifier, clf_path, classifier.sha256, classifier.header,
-                                    site=site, state=candidate),
-            registry.register_model(session, ModelKind.standardizer, std_path, std_sha, standardizer.header,
-                                    site=site, state=candidate))
-
-
 def load_recipes(settings: Settings, sessions: sessionmaker, site: str, cache: NetworkCache,
-                 day0: Day0Recipe) -> list[LoadedRecipe]:
-    """The site's current recipe first, then the day-0 one and ``[site] recipes``, each once (by sha256)."""
-    with sessions.begin() as session:
-        if registry.active_version(session, ModelKind.classifier, site) is None:
-            day0.register(session, site)  # a site never served yet starts on the day-0 recipe
-        pairs: list[tuple[ModelVersion | None, ModelVersion | None]] = [
-            (registry.active_version(session, ModelKind.classifier, site),
-             registry.active_version(session, ModelKind.standardizer, site))]
-        day0.register_candidates(session, site)
-        pairs.append((registry.find_version(session, ModelKind.classifier, day0.classifier.sha256, site),
-                      registry.find_version(session, ModelKind.standardizer, day0.standardizer_sha256, site)))
-        for spec in settings.site.recipes:
-            try:
-                with session.begin_nested():
-                    pairs.append(_register_spec(session, spec, day0, site, settings.models.device))
-            except Exception as exc:  # noqa: BLE001 - one recipe that does not load leaves the others compared
-                log.error("recipe_unavailable", site=site, recipe=spec, error=f"{type(exc).__name__}: {exc}",
-                          action="fix or remove it in [site] recipes")
-        seen, unique = set(), []
-        for clf, std in pairs:
-            if clf is not None and std is not None and (clf.sha256, std.sha256) not in seen:
-                seen.add((clf.sha256, std.sha256))
-                unique.append((clf, std, f"{std.name} + {clf.name}"))
-    return [LoadedRecipe(name, cache.pair(clf, std, site)) for clf, std, name in unique]
+                 day0: Recipe) -> list[Recipe]:
+    """The site's current recipe first (its active versions; the day-0 one for a site never served), then the
+    day-0 one and each ``[site] recipes`` entry, each once (by sha256). An entry that does not load is
+    skipped and logged. Nothing is registered: only the recipe validation chooses becomes the site's."""
+    with sessions() as session:
+        active = (registry.active_version(session, ModelKind.classifier, site),
+                  registry.active_version(session, ModelKind.standardizer, site))
+    recipes = [day0 if None in active else cache.serving(*active), day0]  # type: ignore[arg-type]
+    for spec in settings.site.recipes:
+        std_spec, _, clf_spec = (part.strip() for part in spec.partition(RECIPE_JOIN.strip()))
+        try:
+            recipes.append(cache.recipe(std_spec, clf_spec or day0.classifier_path))
+        except Exception as exc:  # noqa: BLE001 - one recipe that does not load leaves the others compared
+            log.error("recipe_unavailable", site=site, recipe=spec, error=f"{type(exc).__name__}: {exc}",
+                      action="fix or remove it in [site] recipes")
+    unique: dict[tuple[str, str], Recipe] = {}
+    for recipe in recipes:
+        unique.setdefault(recipe.key, recipe)
+    return list(unique.values())
 
 
-def _labels(settings: Settings, images: list[PILImage.Image], recipe: LoadedRecipe) -> list[tuple[str, float]]:
+def _labels(settings: Settings, images: list[PILImage.Image], recipe: Recipe) -> list[tuple[str, float]]:
     """(class, probability) per image through the recipe, on the service's path (geometry, TTA setting)."""
     out = []
-    m = recipe.models
     for start in range(0, len(images), settings.models.batch_size):
         out += [(r.label, r.confidence) for r in run_batch(images[start:start + settings.models.batch_size],
-                                                          m.standardizer, m.classifier, scale=settings.site.scale,
-                                                          tta=settings.models.tta)]
+                                                          recipe.standardizer, recipe.classifier,
+                                                          scale=settings.site.scale, tta=settings.models.tta)]
     return out
 
 
@@ -167,7 +133,7 @@ class SampleChooser:
             return []
 
 
-def choose_samples(settings: Settings, sessions: sessionmaker, cache: NetworkCache, day0: Day0Recipe) -> list[str]:
+def choose_samples(settings: Settings, sessions: sessionmaker, cache: NetworkCache, day0: Recipe) -> list[str]:
     """Choose the validation sample of every unvalidated site whose first cells are in; returns those sites."""
     chosen = []
     for site in _sites_waiting_for_a_sample(settings, sessions):
@@ -177,7 +143,7 @@ def choose_samples(settings: Settings, sessions: sessionmaker, cache: NetworkCac
 
 
 def _choose_sample(settings: Settings, sessions: sessionmaker, site: str, cache: NetworkCache,
-                   day0: Day0Recipe) -> bool:
+                   day0: Recipe) -> bool:
     n = settings.site.validation_reviews
     with sessions() as session:
         pool = session.execute(
@@ -226,7 +192,7 @@ def _reviewed(sessions: sessionmaker, site: str) -> list[tuple[Path, str]]:
 
 
 def validate_site(settings: Settings, sessions: sessionmaker, site: str, *, cache: NetworkCache | None = None,
-                  day0: Day0Recipe | None = None) -> dict[str, Any]:
+                  day0: Recipe | None = None) -> dict[str, Any]:
     """Score every recipe on the site's reviewed cells, make the best the site's recipe, mark it validated.
 
     Returns the `sites --json` fields of the result and every recipe's score; raises ValidationError."""
@@ -245,24 +211,24 @@ def validate_site(settings: Settings, sessions: sessionmaker, site: str, *, cach
     truth = [reviewed[i][1] for i in kept]
     recipes = load_recipes(settings, sessions, site, cache, day0)
     predicted = {recipe.name: [label for label, _ in _labels(settings, images, recipe)] for recipe in recipes}
+    if len(predicted) < len(recipes):
+        raise ValidationError(f"site {site}: two recipes share the name {sorted(r.name for r in recipes)}; rename a "
+                              "checkpoint file in [site] recipes")
     index = _index(truth, *predicted.values())
     scores = score_recipes([index[t] for t in truth], {name: [index[p] for p in labels]
                                                       for name, labels in predicted.items()})
     best = choose_recipe(scores)
-    chosen = next(r for r in recipes if r.name == best.recipe)
+    chosen = recipes[[s.recipe for s in scores].index(best.recipe)]
     reason = (f"validated on {best.cells} reviewed cells: balanced accuracy {best.balanced_accuracy:.2f} "
               f"[{best.ci_low:.2f}-{best.ci_high:.2f}]")
-    report = {"recipes": [{**s.as_dict(), "classifier_version": r.models.classifier_version_id,
-                           "standardizer_version": r.models.standardizer_version_id}
-                          for s, r in zip(scores, recipes, strict=True)],
+    report = {"recipes": [{**s.as_dict(), "classifier_sha256": r.classifier.sha256,
+                           "standardizer_sha256": r.standardizer_sha256} for s, r in zip(scores, recipes, strict=True)],
               "chosen": best.recipe, "reviewed_cells": best.cells, "classes": sorted(set(truth))}
     with sessions.begin() as session:
-        for version_id in (chosen.models.standardizer_version_id, chosen.models.classifier_version_id):
-            registry.activate(session, session.get(ModelVersion, version_id), reason=reason)
+        classifier, standardizer = chosen.activate(session, site, reason=reason)
         row = ensure_site(session, site, needed)
         row.state, row.recipe, row.validated_at = SiteState.validated, best.recipe, utcnow()
-        row.standardizer_version_id = chosen.models.standardizer_version_id
-        row.classifier_version_id = chosen.models.classifier_version_id
+        row.standardizer_version_id, row.classifier_version_id = standardizer.id, classifier.id
         row.balanced_accuracy, row.ci_low, row.ci_high = best.balanced_accuracy, best.ci_low, best.ci_high
         row.validated_cells, row.validation = best.cells, report
     log.info("site_validated", site=site, recipe=best.recipe, balanced_accuracy=round(best.balanced_accuracy, 4),

@@ -1,7 +1,7 @@
 """Loading models: the configured day-0 recipe, each site's active versions, one copy per checkpoint.
 
 ``load_day0`` loads and verifies the checkpoints named in ``[models]`` (a file at a registered path
-must still hold the registered bytes): the day-0 recipe every new site starts on (docs/sites.md).
+must still hold the registered bytes): the day-0 ``Recipe`` every new site starts on (docs/sites.md).
 ``load_site`` records them for a site that has never seen them (a validated site keeps its recipe)
 and loads the site's active versions from the registry, through a ``NetworkCache`` that loads each
 checkpoint once, however many sites it serves (by sha256). ``load_models`` is both for the one site
@@ -31,6 +31,7 @@ from stainbridge.models.inference import (
     DeviceUnavailable,
     ModelMismatch,
     Standardizer,
+    file_sha256,
     load_classifier,
     load_standardizer,
 )
@@ -54,14 +55,25 @@ class LoadedModels:
 
 
 @dataclass(frozen=True)
-class Day0Recipe:
-    """The ``[models]`` checkpoints, loaded and verified: what a site is served before it is validated."""
+class Recipe:
+    """A standardizer and the classifier behind it, loaded and verified, with where they came from: the
+    day-0 recipe (``[models]``), a ``[site] recipes`` entry, or a site's active versions."""
 
     classifier: Classifier
     standardizer: Standardizer
     classifier_path: str
     standardizer_path: str  # resolved, or a built-in name (none, reinhard, macenko)
     standardizer_sha256: str  # of the file, or of a built-in's parameters
+
+    @property
+    def name(self) -> str:
+        """"<standardizer> + <classifier>", in the registry's names."""
+        return (f"{registry.model_name(ModelKind.standardizer, self.standardizer_path, self.standardizer.header)} + "
+                f"{registry.model_name(ModelKind.classifier, self.classifier_path, self.classifier.header)}")
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.classifier.sha256, self.standardizer_sha256
 
     def register(self, session: Session, site: str) -> None:
         """Record both for ``site``: a file the site has never seen becomes its active version."""
@@ -70,13 +82,15 @@ class Day0Recipe:
         registry.register_configured(session, ModelKind.standardizer, self.standardizer_path,
                                      self.standardizer_sha256, self.standardizer.header, site=site)
 
-    def register_candidates(self, session: Session, site: str) -> None:
-        """Record both for ``site`` without making them serve (a recipe validation compares)."""
-        candidate = VersionState.candidate
-        registry.register_model(session, ModelKind.classifier, self.classifier_path, self.classifier.sha256,
-                                self.classifier.header, site=site, state=candidate)
-        registry.register_model(session, ModelKind.standardizer, self.standardizer_path, self.standardizer_sha256,
-                                self.standardizer.header, site=site, state=candidate)
+    def activate(self, session: Session, site: str, *, reason: str) -> tuple[ModelVersion, ModelVersion]:
+        """Make both ``site``'s active versions (registered if new); returns (classifier, standardizer)."""
+        versions = (registry.register_model(session, ModelKind.classifier, self.classifier_path, self.classifier.sha256,
+                                            self.classifier.header, site=site),
+                    registry.register_model(session, ModelKind.standardizer, self.standardizer_path,
+                                            self.standardizer_sha256, self.standardizer.header, site=site))
+        for version in versions:
+            version.reason = reason
+        return versions
 
 
 def builtin_sha256(header: dict[str, Any]) -> str:
@@ -84,7 +98,7 @@ def builtin_sha256(header: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(header, sort_keys=True, default=str).encode("utf-8")).hexdigest()
 
 
-def load_day0(settings: Settings, sessions: sessionmaker) -> Day0Recipe:
+def load_day0(settings: Settings, sessions: sessionmaker) -> Recipe:
     """Load and verify the configured checkpoints; raise ModelConfigError saying which setting to fix."""
     spec = settings.models.classifier
     if not spec:
@@ -106,7 +120,7 @@ def load_day0(settings: Settings, sessions: sessionmaker) -> Day0Recipe:
     except (CheckpointError, ModelMismatch, DeviceUnavailable, FileNotFoundError, OSError, ValueError) as exc:
         raise ModelConfigError(f"cannot load the configured models: {exc}") from None
     s_path = std_spec if standardizer.sha256 is None else str(Path(std_spec).resolve())
-    return Day0Recipe(classifier, standardizer, str(Path(spec).resolve()), s_path,
+    return Recipe(classifier, standardizer, str(Path(spec).resolve()), s_path,
                       standardizer.sha256 or builtin_sha256(standardizer.header))
 
 
@@ -114,13 +128,34 @@ class NetworkCache:
     """Loaded networks shared between sites: a classifier by its sha256, a standardizer by its sha256 and
     the classifier's (a built-in one takes the reference stain from the classifier it stands in front of)."""
 
-    def __init__(self, device: str, day0: Day0Recipe | None = None) -> None:
+    def __init__(self, device: str, day0: Recipe | None = None) -> None:
         self.device = device
         self._classifiers: dict[str, Classifier] = {}
         self._standardizers: dict[tuple[str, str], Standardizer] = {}
         if day0 is not None:
             self._classifiers[day0.classifier.sha256] = day0.classifier
             self._standardizers[(day0.standardizer_sha256, day0.classifier.sha256)] = day0.standardizer
+
+    def recipe(self, standardizer: str, classifier: str) -> Recipe:
+        """A recipe from a standardizer (checkpoint or built-in name) and a classifier checkpoint, loaded once."""
+        clf_path = str(Path(classifier).resolve())
+        clf_sha = file_sha256(clf_path)
+        if clf_sha not in self._classifiers:
+            self._classifiers[clf_sha] = load_classifier(clf_path, device=self.device, expected_sha256=clf_sha)
+        clf = self._classifiers[clf_sha]
+        builtin = standardizer in registry.BUILTIN_STANDARDIZERS
+        std_path = standardizer if builtin else str(Path(standardizer).resolve())
+        key = (std_path if builtin else file_sha256(std_path), clf_sha)
+        if key not in self._standardizers:
+            self._standardizers[key] = load_standardizer(std_path, device=self.device, classifier=clf,
+                                                         expected_sha256=None if builtin else key[0])
+        std = self._standardizers[key]
+        return Recipe(clf, std, clf_path, std_path, std.sha256 or builtin_sha256(std.header))
+
+    def serving(self, classifier: ModelVersion, standardizer: ModelVersion) -> Recipe:
+        """The recipe of two registry versions (a site's active ones), loaded once and checked against the registry."""
+        models = self.pair(classifier, standardizer, classifier.site)
+        return Recipe(models.classifier, models.standardizer, classifier.path, standardizer.path, standardizer.sha256)
 
     def classifier(self, version: ModelVersion) -> Classifier:
         if version.sha256 not in self._classifiers:
@@ -139,7 +174,7 @@ class NetworkCache:
         return LoadedModels(clf, self.standardizer(standardizer, clf), classifier.id, standardizer.id, site)
 
 
-def load_site(settings: Settings, sessions: sessionmaker, day0: Day0Recipe, site: str,
+def load_site(settings: Settings, sessions: sessionmaker, day0: Recipe, site: str,
               cache: NetworkCache) -> LoadedModels:
     """The active versions of ``site`` (the day-0 recipe for a site that has none), loaded through ``cache``."""
     with sessions.begin() as session:

@@ -42,7 +42,8 @@ class RegistryError(Exception):
     """A registry change or load is not possible; the message says what to do instead."""
 
 
-def _model_name(kind: ModelKind, path: str, header: dict[str, Any]) -> str:
+def model_name(kind: ModelKind, path: str, header: dict[str, Any]) -> str:
+    """The registry's name of a checkpoint: its file stem and architecture, or a built-in's name."""
     if path in BUILTIN_STANDARDIZERS:
         return path
     stem = Path(path).name
@@ -121,7 +122,7 @@ def register_model(
         try:
             with session.begin_nested():
                 version = ModelVersion(
-                    kind=kind, site=site, name=_model_name(kind, path, header)[:128], path=str(path)[:1024], sha256=sha256,
+                    kind=kind, site=site, name=model_name(kind, path, header)[:128], path=str(path)[:1024], sha256=sha256,
                     header=header, metrics=dict(header.get("metrics") or {}), state=VersionState.candidate,
                     training_run_id=training_run_id,
                 )

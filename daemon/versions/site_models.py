@@ -16,7 +16,7 @@ from sqlalchemy.orm import sessionmaker
 
 from stainbridge.daemon.config import Settings
 from stainbridge.daemon.versions.hotswap import ModelSwapper
-from stainbridge.daemon.versions.loading import Day0Recipe, LoadedModels, NetworkCache, load_day0, load_site
+from stainbridge.daemon.versions.loading import LoadedModels, NetworkCache, Recipe, load_day0, load_site
 from stainbridge.daemon.versions.site_state import sync_reviews_needed
 
 __all__ = ["SiteModels"]
@@ -25,7 +25,7 @@ __all__ = ["SiteModels"]
 class SiteModels:
     """``for_site(site) -> LoadedModels``, loaded lazily; ``check()`` swaps in newly promoted versions."""
 
-    def __init__(self, settings: Settings, sessions: sessionmaker, day0: Day0Recipe, *,
+    def __init__(self, settings: Settings, sessions: sessionmaker, day0: Recipe, *,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.settings, self.sessions, self.day0 = settings, sessions, day0
         self.cache = NetworkCache(settings.models.device, day0)

@@ -13,7 +13,8 @@ classifier) and validation state (docs/sites.md).
   (site, kind); the same checkpoint may be registered for several sites: unique per (site, kind, sha256).
 - ``sites``: one row per site, ``unvalidated`` until `stainbridge sites validate` records its recipe and
   score; a row for every site already in ``images`` and for the default site when it has versions.
-- ``validation_cells``: the cells chosen for a site's expert review, in review order.
+- ``validation_cells``: the cells chosen for a site's expert review, in review order; ``images.site``
+  gets an index (a site's cells are looked up on their own now).
 - views: ``site_validation`` (per site, one line saying its state) and ``latest_results`` with that line
   as a last column, ``validation``. The lab views are dropped and re-created from 0004's frozen text
   (``results`` from 0005's), since SQLite rebuilds ``model_versions`` in batch mode.
@@ -49,18 +50,25 @@ SELECT s.name AS site, s.state, COALESCE(r.reviews, 0) AS reviews, s.reviews_nee
        CASE WHEN s.state = 'validated'
             THEN 'validated: ' || {score} || ' [' || {low} || '-' || {high} || '] on ' || s.validated_cells || ' cells'
             ELSE 'unvalidated (' || COALESCE(r.reviews, 0) || ' of ' || s.reviews_needed || ' reviews)'
-       END AS validation
+       END AS validation,
+       vs.sha256 AS validated_standardizer_sha256, vc.sha256 AS validated_classifier_sha256
 FROM sites s
 LEFT JOIN (SELECT i.site, COUNT(DISTINCT v.image_id) AS reviews
            FROM reviews v JOIN images i ON i.id = v.image_id
            WHERE i.status = 'done' AND i.duplicate_of_id IS NULL
            GROUP BY i.site) r ON r.site = s.name
 LEFT JOIN model_versions sv ON sv.site = s.name AND sv.kind = 'standardizer' AND sv.state = 'active'
-LEFT JOIN model_versions cv ON cv.site = s.name AND cv.kind = 'classifier' AND cv.state = 'active'"""
+LEFT JOIN model_versions cv ON cv.site = s.name AND cv.kind = 'classifier' AND cv.state = 'active'
+LEFT JOIN model_versions vs ON vs.id = s.standardizer_version_id
+LEFT JOIN model_versions vc ON vc.id = s.classifier_version_id"""
 LATEST_RESULTS_VIEW_SQL = """CREATE VIEW latest_results AS
 SELECT r.image_id, r.source_name, r.site, r.patient_pseudonym, r.study_uid, r.received_at, r.processed_at,
        r.label, r.confidence, r.standardizer, r.classifier, r.reviewed_label, r.reviewer, r.archive_path, r.tta,
-       r.magnification, v.validation
+       r.magnification, CASE WHEN v.state = 'validated'
+            AND (COALESCE(r.standardizer_sha256, '') <> COALESCE(v.validated_standardizer_sha256, '')
+                 OR COALESCE(r.classifier_sha256, '') <> COALESCE(v.validated_classifier_sha256, ''))
+       THEN 'not the validated recipe (site ' || v.validation || ')'
+       ELSE v.validation END AS validation
 FROM results r
 LEFT JOIN site_validation v ON v.site = r.site
 WHERE r.status = 'done' AND r.duplicate_of_id IS NULL"""
@@ -157,6 +165,7 @@ def upgrade() -> None:
         sa.UniqueConstraint("image_id", name=op.f("uq_validation_cells_image_id")),
     )
     op.create_index(op.f("uq_validation_cells_site_id_rank"), "validation_cells", ["site_id", "rank"], unique=True)
+    op.create_index(op.f("ix_images_site"), "images", ["site"])  # a site's cells: its sample, its reviews
     names = [row[0] for row in bind.execute(sa.text("SELECT DISTINCT site FROM images ORDER BY site"))]
     if bind.execute(sa.text("SELECT COUNT(*) FROM model_versions")).scalar_one():
         names = [site, *names]
@@ -191,6 +200,7 @@ def downgrade() -> None:
     bind = op.get_bind()
     site = _default_site(bind)
     _drop_views(("site_validation", *frozen_revision("0004_lab_views.py").VIEW_NAMES))
+    op.drop_index(op.f("ix_images_site"), table_name="images")
     op.drop_index(op.f("uq_validation_cells_site_id_rank"), table_name="validation_cells")
     op.drop_table("validation_cells")
     op.drop_table("sites")
