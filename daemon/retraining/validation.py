@@ -6,8 +6,8 @@ The rule itself (which cells, how recipes are scored) is ``models.validation``, 
 - **Recipes** (``load_recipes``): the site's current one (active standardizer + classifier), the day-0
   one (``[models]``) and every ``[site] recipes`` entry, loaded once each through the shared
   ``NetworkCache``; only the one validation chooses is registered (as the site's active versions).
-- **The sample** (``choose_samples``, from the service loop): once an unvalidated site has
-  ``POOL_FACTOR x [site] validation_reviews`` classified cells, its first ones are classified by every
+- **The sample** (``choose_samples``, from the service loop through ``SampleChooser``): once an
+  unvalidated site has ``POOL_FACTOR x [site] validation_reviews`` classified cells, its first ones are classified by every
   recipe and ``select_validation_sample`` picks ``validation_reviews`` of them; they are stored in
   ``validation_cells`` in review order and go first in ``stainbridge review export``.
 - **Validation** (``validate_site``: ``stainbridge sites validate SITE`` and the nightly job): with enough
@@ -57,7 +57,7 @@ from stainbridge.models.inference import (
 
 log = get_logger(__name__)
 
-__all__ = ["ValidationError", "choose_samples", "load_recipes", "validate_ready_sites",
+__all__ = ["SampleChooser", "ValidationError", "choose_samples", "load_recipes", "validate_ready_sites",
            "validate_site"]
 
 
