@@ -134,7 +134,7 @@ def recipes(value: Any) -> tuple[str, ...]:
     "STANDARDIZER" or "STANDARDIZER + CLASSIFIER"."""
     items = value.split(",") if isinstance(value, str) else value
     if not isinstance(items, (list, tuple)):
-        raise ValueError('expected a list such as ["reinhard", "macenko + /models/classifier-macenko.safetensors"]')
+        raise ValueError('expected a list such as ["reinhard", "macenko + /models/classifier-macenko.safetensors"]')  # noqa: TRY004
     out = []
     for item in items:
         parts = [part.strip() for part in string(item).split(RECIPE_JOIN.strip())]
