@@ -44,7 +44,7 @@ def alembic_config(url: str, *, default_site: str | None = None) -> Config:
     """An Alembic Config built in code: scripts from the `migrations` package, this URL.
 
     ``default_site`` (``[site] name``): the site that model versions from before sites existed
-    belong to (migration 0007); without it, the site most images were recorded under."""
+    belong to (migration 0008); without it, the site most images were recorded under."""
     from stainbridge import migrations
 
     cfg = Config()

@@ -199,11 +199,14 @@ SEEDED = ("images", "predictions", "model_versions", "reviews", "training_runs")
 
 
 def _seed(connection, revision: str, n: int, when: datetime) -> None:
-    """One row in each table, written as code of `revision` would write it (model_versions.active before 0003)."""
+    """One row in each table, written as code of `revision` would write it (model_versions.active before 0003,
+    its site from 0008)."""
     state_column, state = ("active", "false") if revision < "0003" else ("state", "'retired'")
+    site_column, site = (", site", ", 's'") if revision >= "0008" else ("", "")
     connection.execute(text(
-        f"INSERT INTO model_versions (id, kind, name, path, sha256, header, metrics, {state_column}, created_at) "
-        f"VALUES ({n}, 'classifier', 'v{n}', '/m/c{n}', 'sha-{n}', '{{}}', '{{}}', {state}, :t)"), {"t": when})
+        f"INSERT INTO model_versions (id, kind, name, path, sha256, header, metrics, {state_column}, created_at"
+        f"{site_column}) VALUES ({n}, 'classifier', 'v{n}', '/m/c{n}', 'sha-{n}', '{{}}', '{{}}', {state}, :t{site})"),
+        {"t": when})
     connection.execute(text(
         "INSERT INTO images (id, sha256, source_name, site, status, received_at, processed_at, archive_path) "
         f"VALUES ({n}, '{n:064x}', 'seeded-at-{revision}.png', 's', 'done', :t, :t, '/a/{n}.png')"), {"t": when})

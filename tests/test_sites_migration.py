@@ -1,4 +1,4 @@
-"""Migration 0007 (sites) on SQLite and PostgreSQL, with rows: up from a single-site database, and back down."""
+"""Migration 0008 (sites) on SQLite and PostgreSQL, with rows: up from a single-site database, and back down."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ NOW = datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
 
 
 def _single_site_history(url: str) -> None:
-    """At 0006: three versions (one retired), images of two sites (most of lab-a), predictions and a review."""
-    upgrade_database(url, "0006")
+    """At 0007 (before sites): three versions (one retired), images of two sites (most of lab-a), predictions and a review."""
+    upgrade_database(url, "0007")
     engine = make_engine(url)
     try:
         with engine.begin() as c:
@@ -88,7 +88,7 @@ def test_downgrade_keeps_every_prediction_and_one_active_version_per_kind(databa
             c.execute(text("UPDATE sites SET state = 'validated', recipe = 'reinhard + resnet-v2', "
                            "standardizer_version_id = 5, classifier_version_id = 4, balanced_accuracy = 0.9, "
                            "ci_low = 0.8, ci_high = 0.95, validated_cells = 50 WHERE name = 'lab-b'"))
-        downgrade_database(database_url, "0006", default_site="lab-a")
+        downgrade_database(database_url, "0007", default_site="lab-a")
         with engine.connect() as c:
             assert c.execute(text("SELECT id, kind, sha256, state FROM model_versions ORDER BY id")).all() == [
                 (1, "classifier", "c0", "retired"), (2, "classifier", "c1", "active"),
@@ -97,7 +97,7 @@ def test_downgrade_keeps_every_prediction_and_one_active_version_per_kind(databa
                                   "ORDER BY image_id")).all() == [(1, 1, 3), (2, 2, 3), (3, 2, 5)]
             assert c.execute(text("SELECT label FROM latest_results ORDER BY image_id")).all() == [
                 ("monocyte",), ("monocyte",), ("lymphocyte",)]
-        assert current_revision(database_url) == "0006"
+        assert current_revision(database_url) == "0007"
         upgrade_database(database_url, default_site="lab-a")
         with engine.connect() as c:
             assert c.execute(text("SELECT count(*) FROM sites")).scalar_one() == 2

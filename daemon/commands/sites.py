@@ -1,7 +1,7 @@
 """`stainbridge sites [--json] | sites validate SITE [--json]`: each site's validation state (docs/sites.md).
 
-``sites`` reads the database only (the ``site_validation`` view): one line per site saying what its
-results rest on. ``--json`` prints ``[{"site", "validated", "reviews", "reviews_needed", "recipe",
+``sites`` only reads the database (the ``site_validation`` view; like ``status`` it creates nothing
+and needs the schema at head): one line per site saying what its results rest on. ``--json`` prints ``[{"site", "validated", "reviews", "reviews_needed", "recipe",
 "balanced_accuracy", "ci_low", "ci_high"}]`` (``recipe``: the standardizer + classifier serving the
 site now). ``validate`` loads the recipes (on ``[models] device``), scores each on the site's
 reviewed cells and makes the best one the site's recipe; a running service switches at its next
@@ -18,7 +18,8 @@ from sqlalchemy.orm import sessionmaker
 
 from stainbridge.daemon.commands.models import database
 from stainbridge.daemon.config import ConfigError, Settings, load_settings
-from stainbridge.daemon.schema import SchemaError
+from stainbridge.daemon.schema import SchemaError, require_database
+from stainbridge.daemon.store import make_engine, make_sessionmaker
 from stainbridge.daemon.versions.site_state import site_summaries
 
 
@@ -39,11 +40,16 @@ def run(args: argparse.Namespace) -> int:
     name = "stainbridge sites" + (f" {args.action}" if args.action else "")
     try:
         settings = load_settings(args.config)
-        with database(settings) as sessions:
-            if args.action == "validate":
+        if args.action == "validate":
+            with database(settings) as sessions:
                 return _validate(settings, sessions, args)
-            with sessions() as session:
+        require_database(settings.database_url, settings.source)  # listing only reads: nothing is created
+        engine = make_engine(settings.database_url)
+        try:
+            with make_sessionmaker(engine)() as session:
                 summaries = site_summaries(session)
+        finally:
+            engine.dispose()
     except (ConfigError, SchemaError) as exc:
         print(f"{name}: {exc}", file=sys.stderr)
         return 1

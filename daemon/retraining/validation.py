@@ -7,9 +7,10 @@ The rule itself (which cells, how recipes are scored) is ``models.validation``, 
   one (``[models]``) and every ``[site] recipes`` entry, loaded once each through the shared
   ``NetworkCache``; only the one validation chooses is registered (as the site's active versions).
 - **The sample** (``choose_samples``, from the service loop through ``SampleChooser``): once an
-  unvalidated site has ``POOL_FACTOR x [site] validation_reviews`` classified cells, its first ones are classified by every
-  recipe and ``select_validation_sample`` picks ``validation_reviews`` of them; they are stored in
-  ``validation_cells`` in review order and go first in ``stainbridge review export``.
+  unvalidated site has ``POOL_FACTOR x [site] validation_reviews`` classified cells, its first ones
+  are classified by every recipe and ``select_validation_sample`` picks ``validation_reviews`` of
+  them; they are stored in ``validation_cells`` in review order and go first in
+  ``stainbridge review export``.
 - **Validation** (``validate_site``: ``stainbridge sites validate SITE`` and the nightly job): with enough
   reviewed cells of the site (any reviewed cell counts, the sample's first), every recipe is scored on
   them (balanced accuracy, bootstrap 95 % interval), the best becomes the site's active recipe and the

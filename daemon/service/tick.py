@@ -25,10 +25,10 @@ from stainbridge.daemon.intake.watcher import Candidate, DropFolderWatcher
 from stainbridge.daemon.lab.metrics import ServiceMetrics
 from stainbridge.daemon.pipeline.batch import BatchReport
 from stainbridge.daemon.pipeline.runner import STALE_CLAIM_SECONDS, Pipeline
+from stainbridge.daemon.retraining.validation import SampleChooser
 from stainbridge.daemon.service import sdnotify
 from stainbridge.daemon.service.health import database_answers
 from stainbridge.daemon.service.pacing import Pacing
-from stainbridge.daemon.retraining.validation import SampleChooser
 
 MAX_BACKLOG = 1_000  # ready files held in memory between batches
 

@@ -1,7 +1,7 @@
 """Sites: model versions per site (one active per kind and site), the validation state, its sample.
 
-Revision ID: 0007
-Revises: 0006
+Revision ID: 0008
+Revises: 0007
 Create Date: 2026-12-08
 
 One service may receive several hospitals (sites); each has its own recipe (active standardizer and
@@ -33,8 +33,8 @@ from alembic import context, op
 
 from stainbridge.migrations import frozen_revision
 
-revision: str = "0007"
-down_revision: str | None = "0006"
+revision: str = "0008"
+down_revision: str | None = "0007"
 branch_labels: str | tuple[str, ...] | None = None
 depends_on: str | tuple[str, ...] | None = None
 
