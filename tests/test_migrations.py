@@ -74,10 +74,10 @@ def test_results_view_joins_latest_prediction_and_review(database_url: str) -> N
     try:
         with engine.begin() as c:
             c.execute(text(
-                "INSERT INTO model_versions (id, kind, name, path, sha256, header, metrics, state, created_at) VALUES "
-                "(1, 'classifier', 'resnet18-v1', '/m/c1', 'c1', '{}', '{}', 'retired', :t), "
-                "(2, 'classifier', 'resnet18-v2', '/m/c2', 'c2', '{}', '{}', 'active', :t), "
-                "(3, 'standardizer', 'cyclegan-v1', '/m/s1', 's1', '{}', '{}', 'active', :t)"), {"t": now})
+                "INSERT INTO model_versions (id, kind, site, name, path, sha256, header, metrics, state, created_at) VALUES "
+                "(1, 'classifier', 'hospital-x', 'resnet18-v1', '/m/c1', 'c1', '{}', '{}', 'retired', :t), "
+                "(2, 'classifier', 'hospital-x', 'resnet18-v2', '/m/c2', 'c2', '{}', '{}', 'active', :t), "
+                "(3, 'standardizer', 'hospital-x', 'cyclegan-v1', '/m/s1', 's1', '{}', '{}', 'active', :t)"), {"t": now})
             c.execute(text(
                 "INSERT INTO images (id, sha256, source_name, site, status, received_at) VALUES "
                 "(1, 'aa', 'one.png', 'hospital-x', 'done', :t), (2, 'bb', 'two.png', 'hospital-x', 'pending', :t)"),
@@ -199,11 +199,14 @@ SEEDED = ("images", "predictions", "model_versions", "reviews", "training_runs")
 
 
 def _seed(connection, revision: str, n: int, when: datetime) -> None:
-    """One row in each table, written as code of `revision` would write it (model_versions.active before 0003)."""
+    """One row in each table, written as code of `revision` would write it (model_versions.active before 0003,
+    its site from 0008)."""
     state_column, state = ("active", "false") if revision < "0003" else ("state", "'retired'")
+    site_column, site = (", site", ", 's'") if revision >= "0008" else ("", "")
     connection.execute(text(
-        f"INSERT INTO model_versions (id, kind, name, path, sha256, header, metrics, {state_column}, created_at) "
-        f"VALUES ({n}, 'classifier', 'v{n}', '/m/c{n}', 'sha-{n}', '{{}}', '{{}}', {state}, :t)"), {"t": when})
+        f"INSERT INTO model_versions (id, kind, name, path, sha256, header, metrics, {state_column}, created_at"
+        f"{site_column}) VALUES ({n}, 'classifier', 'v{n}', '/m/c{n}', 'sha-{n}', '{{}}', '{{}}', {state}, :t{site})"),
+        {"t": when})
     connection.execute(text(
         "INSERT INTO images (id, sha256, source_name, site, status, received_at, processed_at, archive_path) "
         f"VALUES ({n}, '{n:064x}', 'seeded-at-{revision}.png', 's', 'done', :t, :t, '/a/{n}.png')"), {"t": when})
