@@ -52,6 +52,7 @@ COMMANDS: dict[tuple[str, ...], str] = {
     ("reprocess",): "stainbridge.daemon.commands.reprocess",
     ("report",): "stainbridge.daemon.commands.report",
     ("export",): "stainbridge.daemon.commands.export",
+    ("sites",): "stainbridge.daemon.commands.sites",
 }
 
 HELP: dict[tuple[str, ...], str] = {
@@ -84,6 +85,7 @@ HELP: dict[tuple[str, ...], str] = {
     ("reprocess",): "classify stored images again with the active models",
     ("report",): "write a self-contained HTML report of results (pictures, counts, accuracy, failures)",
     ("export",): "stream results as CSV or JSON",
+    ("sites",): "each site's validation state; `sites validate SITE` chooses its recipe on reviewed cells",
     ("db",): "database schema (Alembic)",
     ("db", "upgrade"): "migrate the database to the newest schema",
     ("db", "current"): "print the database's schema revision",
@@ -212,7 +214,7 @@ def _db_upgrade(args: argparse.Namespace) -> int:
     settings = _settings(args)
     _configure_logging(settings)
     try:
-        upgrade_database(settings.database_url)
+        upgrade_database(settings.database_url, default_site=settings.site.name)
         revision = current_revision(settings.database_url)
     except SchemaError as exc:
         print(f"{PROG}: database error: {exc}", file=sys.stderr)
@@ -244,6 +246,8 @@ def _toml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     return json.dumps(str(value))
 
 

@@ -62,9 +62,20 @@ class ModelsSettings:
     tta: bool = True  # average the classifier over the 8 turns and flips (8x classifier cost)
 
 
+SITE_SOURCES = ("name", "folder", "institution")
+
+
 @dataclass(frozen=True)
 class SiteSettings:
+    # Which hospital a file comes from: "name" (every file is [site] name), "folder" (the first
+    # sub-folder below the drop folder) or "institution" (the DICOM InstitutionName); [site] name is
+    # the fallback of the last two (a file right in the drop folder, a file without the tag).
+    source: str = "name"
     name: str = "default"
+    validation_reviews: int = 50  # reviewed cells before `sites validate` scores a site's recipes
+    # Recipes a site's validation compares with the day-0 one ([models]): "STANDARDIZER" (in front of
+    # the [models] classifier) or "STANDARDIZER + CLASSIFIER" (two checkpoint files, or a built-in name).
+    recipes: tuple[str, ...] = ("none", "reinhard", "macenko")
     # Geometry: "profile" uses the magnification in the standardizer's site profile (estimated
     # without labels when it was trained); a number sets the magnification by hand; "auto" zooms
     # each frame by its stained-cell fraction.
@@ -154,7 +165,8 @@ class Settings:
         out: dict[str, dict[str, Any]] = {}
         for section in SECTIONS:
             values = {f.name: getattr(getattr(self, section), f.name) for f in fields(SECTIONS[section])}
-            out[section] = {k: str(v) if isinstance(v, Path) else v for k, v in values.items()}
+            out[section] = {k: str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v
+                            for k, v in values.items()}
         out["paths"].update(
             drop=str(self.drop_dir), archive=str(self.archive_dir), quarantine=str(self.quarantine_dir)
         )
@@ -196,7 +208,10 @@ VALIDATORS: dict[tuple[str, str], Callable[[Any], Any]] = {
     ("models", "max_inflight_pixels"): check.positive(int),
     ("models", "poll_seconds"): check.positive(float),
     ("models", "tta"): check.boolean,
-    ("site", "name"): check.string,
+    ("site", "source"): check.choice(*SITE_SOURCES),
+    ("site", "name"): check.site_name,
+    ("site", "validation_reviews"): check.positive(int),
+    ("site", "recipes"): check.recipes,
     ("site", "scale"): check.scale,
     ("site", "pseudonym_secret"): check.pseudonym_secret,
     ("watch", "polling"): check.boolean,

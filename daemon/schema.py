@@ -40,14 +40,19 @@ def safe_url(url: str) -> str:
         return "<unparseable database URL>"
 
 
-def alembic_config(url: str) -> Config:
-    """An Alembic Config built in code: scripts from the `migrations` package, this URL."""
+def alembic_config(url: str, *, default_site: str | None = None) -> Config:
+    """An Alembic Config built in code: scripts from the `migrations` package, this URL.
+
+    ``default_site`` (``[site] name``): the site that model versions from before sites existed
+    belong to (migration 0008); without it, the site most images were recorded under."""
     from stainbridge import migrations
 
     cfg = Config()
     cfg.set_main_option("script_location", str(Path(migrations.__file__).resolve().parent))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     cfg.attributes["url"] = url
+    if default_site:
+        cfg.attributes["default_site"] = default_site
     return cfg
 
 
@@ -78,24 +83,25 @@ def _check_reachable(engine: Engine, url: str) -> None:
         ) from None
 
 
-def upgrade_database(url: str, revision: str = "head") -> None:
+def upgrade_database(url: str, revision: str = "head", *, default_site: str | None = None) -> None:
     """Bring the database at `url` to `revision` (a no-op when it is already there)."""
-    _run_alembic(command.upgrade, "migrating", url, revision)
+    _run_alembic(command.upgrade, "migrating", url, revision, default_site)
 
 
-def downgrade_database(url: str, revision: str) -> None:
+def downgrade_database(url: str, revision: str, *, default_site: str | None = None) -> None:
     """Take the database at `url` back to `revision` ("base" removes every table)."""
-    _run_alembic(command.downgrade, "downgrading", url, revision)
+    _run_alembic(command.downgrade, "downgrading", url, revision, default_site)
 
 
-def _run_alembic(action: Callable[[Config, str], None], verb: str, url: str, revision: str) -> None:
+def _run_alembic(action: Callable[[Config, str], None], verb: str, url: str, revision: str,
+                 default_site: str | None) -> None:
     engine = _engine(url)
     try:
         _check_reachable(engine, url)
     finally:
         engine.dispose()
     try:
-        action(alembic_config(url), revision)
+        action(alembic_config(url, default_site=default_site), revision)
     except SQLAlchemyError as exc:
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
         raise SchemaError(f"{verb} {safe_url(url)} to {revision} failed: {reason}") from exc
@@ -153,7 +159,7 @@ def require_database(url: str, source: str = "") -> None:
             f"{head}; run `stainbridge db upgrade` (with the same --config) first")
 
 
-def prepare_database(url: str) -> None:
+def prepare_database(url: str, *, default_site: str | None = None) -> None:
     """SQLite: run the migrations (embedded default). PostgreSQL: refuse unless at head.
 
     On a shared PostgreSQL server several workers start at once, and schema changes are an
@@ -161,7 +167,7 @@ def prepare_database(url: str) -> None:
     (DatabaseUnavailable, DatabaseNotReady) with a message that says what to do.
     """
     if url.startswith("sqlite"):
-        upgrade_database(url)
+        upgrade_database(url, default_site=default_site)
         return
     current, head = current_revision(url), head_revision()
     if current != head:

@@ -70,7 +70,7 @@ def archive_incoming(settings: Settings, sessions, lab: Lab, *, received_at: dat
             target = settings.archive_dir / "2026" / "12" / "01" / f"{source.parent.name}-{source.name}"
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(source.read_bytes())
-            session.add(Image(sha256=sha256_file(target), source_name=target.name, site="test-site",
+            session.add(Image(sha256=sha256_file(target), source_name=target.name, site=settings.site.name,
                               status=ImageStatus.done, received_at=when, processed_at=when, archive_path=str(target)))
             count += 1
     return count

@@ -74,10 +74,10 @@ def test_results_view_joins_latest_prediction_and_review(database_url: str) -> N
     try:
         with engine.begin() as c:
             c.execute(text(
-                "INSERT INTO model_versions (id, kind, name, path, sha256, header, metrics, state, created_at) VALUES "
-                "(1, 'classifier', 'resnet18-v1', '/m/c1', 'c1', '{}', '{}', 'retired', :t), "
-                "(2, 'classifier', 'resnet18-v2', '/m/c2', 'c2', '{}', '{}', 'active', :t), "
-                "(3, 'standardizer', 'cyclegan-v1', '/m/s1', 's1', '{}', '{}', 'active', :t)"), {"t": now})
+                "INSERT INTO model_versions (id, kind, site, name, path, sha256, header, metrics, state, created_at) VALUES "
+                "(1, 'classifier', 'hospital-x', 'resnet18-v1', '/m/c1', 'c1', '{}', '{}', 'retired', :t), "
+                "(2, 'classifier', 'hospital-x', 'resnet18-v2', '/m/c2', 'c2', '{}', '{}', 'active', :t), "
+                "(3, 'standardizer', 'hospital-x', 'cyclegan-v1', '/m/s1', 's1', '{}', '{}', 'active', :t)"), {"t": now})
             c.execute(text(
                 "INSERT INTO images (id, sha256, source_name, site, status, received_at) VALUES "
                 "(1, 'aa', 'one.png', 'hospital-x', 'done', :t), (2, 'bb', 'two.png', 'hospital-x', 'pending', :t)"),
@@ -151,18 +151,19 @@ def test_0005_keeps_earlier_predictions_as_unknown_and_goes_back(database_url: s
         engine.dispose()
     assert current_revision(database_url) == "0004"
 
-def test_0008_keeps_earlier_predictions_as_not_assessed_and_goes_back(database_url: str) -> None:
-    """Upgrading to 0008 keeps every prediction with the review columns NULL (not assessed) in results and
-    latest_results; a flagged row reads back; downgrading to 0007 drops the four columns and keeps the rows."""
-    upgrade_database(database_url, "0007")
+
+def test_0009_keeps_earlier_predictions_as_not_assessed_and_goes_back(database_url: str) -> None:
+    """Upgrading to 0009 keeps every prediction with the review columns NULL (not assessed) in results and
+    latest_results; a flagged row reads back; downgrading to 0008 drops the four columns and keeps the rows."""
+    upgrade_database(database_url, "0008")
     engine = make_engine(database_url)
     now = datetime.now(timezone.utc)
     columns = "calibrated_confidence, ood_score, needs_review, review_reason"
     try:
         with engine.begin() as connection:
             connection.execute(text(
-                "INSERT INTO model_versions (id, kind, name, path, sha256, header, metrics, state, created_at) "
-                "VALUES (1, 'classifier', 'resnet-v1', '/m/c', 'c1', '{}', '{}', 'active', :t)"), {"t": now})
+                "INSERT INTO model_versions (id, kind, name, path, sha256, header, metrics, state, created_at, site) "
+                "VALUES (1, 'classifier', 'resnet-v1', '/m/c', 'c1', '{}', '{}', 'active', :t, 's')"), {"t": now})
             connection.execute(text("INSERT INTO images (id, source_name, site, status, received_at) "
                                     "VALUES (1, 'a.png', 's', 'done', :t), (2, 'b.png', 's', 'done', :t)"), {"t": now})
             connection.execute(text(
@@ -178,14 +179,14 @@ def test_0008_keeps_earlier_predictions_as_not_assessed_and_goes_back(database_u
             assert connection.execute(text(f"SELECT image_id, {columns} FROM latest_results ORDER BY image_id")).all() == [
                 (1, None, None, None, None), (2, 0.7, 412.5, True, "not_a_known_class")]
             assert connection.execute(text("SELECT count(*) FROM results WHERE needs_review")).scalar() == 1
-        downgrade_database(database_url, "0007")
+        downgrade_database(database_url, "0008")
         assert not set(columns.split(", ")) & {c["name"] for c in inspect(engine).get_columns("predictions")}
         with engine.connect() as connection:
             assert connection.execute(text("SELECT label FROM latest_results ORDER BY image_id")).all() == [
                 ("monocyte",), ("lymphocyte",)]
     finally:
         engine.dispose()
-    assert current_revision(database_url) == "0007"
+    assert current_revision(database_url) == "0008"
 
 
 CRASH_AFTER_SECOND_TABLE = """
@@ -236,11 +237,14 @@ SEEDED = ("images", "predictions", "model_versions", "reviews", "training_runs")
 
 
 def _seed(connection, revision: str, n: int, when: datetime) -> None:
-    """One row in each table, written as code of `revision` would write it (model_versions.active before 0003)."""
+    """One row in each table, written as code of `revision` would write it (model_versions.active before 0003,
+    its site from 0008)."""
     state_column, state = ("active", "false") if revision < "0003" else ("state", "'retired'")
+    site_column, site = (", site", ", 's'") if revision >= "0008" else ("", "")
     connection.execute(text(
-        f"INSERT INTO model_versions (id, kind, name, path, sha256, header, metrics, {state_column}, created_at) "
-        f"VALUES ({n}, 'classifier', 'v{n}', '/m/c{n}', 'sha-{n}', '{{}}', '{{}}', {state}, :t)"), {"t": when})
+        f"INSERT INTO model_versions (id, kind, name, path, sha256, header, metrics, {state_column}, created_at"
+        f"{site_column}) VALUES ({n}, 'classifier', 'v{n}', '/m/c{n}', 'sha-{n}', '{{}}', '{{}}', {state}, :t{site})"),
+        {"t": when})
     connection.execute(text(
         "INSERT INTO images (id, sha256, source_name, site, status, received_at, processed_at, archive_path) "
         f"VALUES ({n}, '{n:064x}', 'seeded-at-{revision}.png', 's', 'done', :t, :t, '/a/{n}.png')"), {"t": when})

@@ -268,9 +268,11 @@ def test_missing_classifier_is_a_model_config_error(settings_factory, tmp_path):
 def test_register_model_is_idempotent_and_keeps_one_active_per_kind(sessions):
     """Registering the same sha256 twice returns one row; a new one deactivates the old."""
     with sessions.begin() as s:
-        a = register_model(s, ModelKind.classifier, "/m/a.safetensors", "a" * 64, {"architecture": "resnet18"})
-        again = register_model(s, ModelKind.classifier, "/m/a.safetensors", "a" * 64, {"architecture": "resnet18"})
-        b = register_model(s, ModelKind.classifier, "/m/b.safetensors", "b" * 64, {})
+        a = register_model(s, ModelKind.classifier, "/m/a.safetensors", "a" * 64, {"architecture": "resnet18"},
+                           site="default")
+        again = register_model(s, ModelKind.classifier, "/m/a.safetensors", "a" * 64, {"architecture": "resnet18"},
+                               site="default")
+        b = register_model(s, ModelKind.classifier, "/m/b.safetensors", "b" * 64, {}, site="default")
         assert a.id == again.id and not a.active and b.active
         kinds = [v.kind for v in active_versions(s)]
         assert kinds.count(ModelKind.classifier) == 1 and kinds.count(ModelKind.standardizer) == 1

@@ -59,7 +59,7 @@ def test_nightly_run_trains_a_candidate_and_promotes_it_over_a_worse_active(worl
         run = session.get(TrainingRun, result.run_id)
         assert run.status is RunStatus.succeeded and run.images_used > 0 and run.held_out_images > 0
         assert run.finished_at is not None and Path(run.log_path).is_file() and run.model_version_id == result.candidate_id
-        active = registry.active_version(session, ModelKind.standardizer)
+        active = registry.active_version(session, ModelKind.standardizer, "default")
         assert active.id == result.candidate_id and active.training_run_id == run.id
         broken = session.scalars(select(ModelVersion).where(ModelVersion.path == str(lab.broken.resolve()))).one()
         assert broken.state is VersionState.retired
@@ -100,7 +100,7 @@ def test_a_site_profile_standardizer_is_re_fitted_not_replaced_by_a_cyclegan(set
             profile = candidate.header["site_profile"]
             assert profile["source_images"] == run.images_used and profile["method"] in ("red_cell_diameter", "nucleus_area")
             assert result.metrics["site_profile"]["candidate"] == profile
-            assert registry.active_version(session, ModelKind.standardizer).header["architecture"] == method
+            assert registry.active_version(session, ModelKind.standardizer, "default").header["architecture"] == method
     finally:
         engine.dispose()
 
@@ -116,7 +116,7 @@ def test_broken_candidate_is_refused_and_stays_a_candidate(world, lab, monkeypat
     with sessions() as session:
         candidate = session.get(ModelVersion, result.candidate_id)
         assert candidate.state is VersionState.candidate and candidate.reason == result.reason
-        assert registry.active_version(session, ModelKind.standardizer).path == "none"
+        assert registry.active_version(session, ModelKind.standardizer, "default").path == "none"
 
 
 def test_killed_training_is_recorded_as_failed(world, monkeypatch, tmp_path) -> None:

@@ -115,8 +115,9 @@ def test_status_counts_failures_throughput_models_and_waiting_files(settings_fac
             session.flush()
             session.add(Image(sha256=added[0].sha256, duplicate_of_id=added[0].id, source_name="f.png", site="s",
                               status=ImageStatus.duplicate, received_at=now, processed_at=now))
-            register_model(session, ModelKind.classifier, "/m/clf.safetensors", "c" * 64, {"architecture": "resnet18"})
-            register_model(session, ModelKind.standardizer, "none", "d" * 64, {})
+            register_model(session, ModelKind.classifier, "/m/clf.safetensors", "c" * 64, {"architecture": "resnet18"},
+                           site="default")
+            register_model(session, ModelKind.standardizer, "none", "d" * 64, {}, site="default")
         settings.drop_dir.mkdir(parents=True)
         for name in ("x.png", "y.dcm", ".hidden.png", "z.png.part"):
             (settings.drop_dir / name).write_bytes(b"x")

@@ -1,6 +1,7 @@
 """`stainbridge export --format csv|json [--since DATE] [--until DATE] [--out FILE]`: the `results` view, streamed.
 
-One row per received image (its latest prediction, models and review), oldest first. Rows are
+One row per received image (its latest prediction, models and review, and its site's validation state),
+oldest first. Rows are
 fetched in chunks (``yield_per``; a server-side cursor on PostgreSQL) and written as they come,
 so memory stays constant however many years of results there are. CSV text cells that a
 spreadsheet would read as a formula (a file named ``=HYPERLINK(...).png``) get a leading ``'``
@@ -24,16 +25,21 @@ from stainbridge.daemon.commands.report import parse_date
 from stainbridge.daemon.commands.spreadsheet import safe_row
 from stainbridge.daemon.config import ConfigError, load_settings
 from stainbridge.daemon.lab.report import Period
+from stainbridge.daemon.lab.views import ROW_VALIDATION_SQL
 from stainbridge.daemon.schema import SchemaError, require_database
 from stainbridge.daemon.store import make_engine
 
 CHUNK_ROWS = 1000
-COLUMNS = ("image_id", "source_name", "site", "status", "error", "received_at", "processed_at", "label",
-           "confidence", "probabilities", "standardizer", "classifier", "reviewed_label", "reviewer",
-           "patient_pseudonym", "study_uid", "series_uid", "sop_instance_uid", "sha256", "archive_path", "tta",
-           "magnification")
-QUERY = (f"SELECT {', '.join(COLUMNS)} FROM results WHERE received_at >= :since AND received_at < :until "
-         "ORDER BY received_at, image_id")
+RESULTS_COLUMNS = ("image_id", "source_name", "site", "status", "error", "received_at", "processed_at", "label",
+                   "confidence", "probabilities", "standardizer", "classifier", "reviewed_label", "reviewer",
+                   "patient_pseudonym", "study_uid", "series_uid", "sop_instance_uid", "sha256", "archive_path", "tta",
+                   "magnification")
+# ... and what the row rests on (daemon.lab.views.ROW_VALIDATION_SQL): "unvalidated (12 of 50 reviews)",
+# "validated: 0.91 [0.86-0.95] on 50 cells" or "not the validated recipe (site validated: ...)"
+COLUMNS = (*RESULTS_COLUMNS, "validation")
+QUERY = (f"SELECT {', '.join('r.' + c for c in RESULTS_COLUMNS)}, {ROW_VALIDATION_SQL} AS validation FROM results r "
+         "LEFT JOIN site_validation v ON v.site = r.site "
+         "WHERE r.received_at >= :since AND r.received_at < :until ORDER BY r.received_at, r.image_id")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     for role, folder in folders.configured(settings).items():
         print(f"{role:<11}{folder}  (exists, prepared, writable)")
     try:
-        upgrade_database(settings.database_url)
+        upgrade_database(settings.database_url, default_site=settings.site.name)
         revision = current_revision(settings.database_url)
     except SchemaError as exc:
         print(f"stainbridge init: database error: {exc}", file=sys.stderr)

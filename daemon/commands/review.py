@@ -1,12 +1,15 @@
-"""`stainbridge review import CSV | review export [--out CSV]`: expert-confirmed labels.
+"""`stainbridge review import CSV | review export [--out CSV] [--thumbnails DIR]`: expert-confirmed labels.
 
-``export`` writes the review queue: classified images without a review, tier by tier
-(:data:`REVIEW_TIERS`, :func:`review_tiers`): first the cells the service flagged as not one of
-the known classes, then those it flagged for a low calibrated confidence, then any other whose
-latest prediction is less confident than ``[retraining] review_below``; least confident first
-within a tier, with an empty ``label`` column for the hematologist to fill in, as UTF-8 with a
-byte-order mark for Excel and with names that would start a formula neutralized
-(``commands.spreadsheet``). ``import`` reads such a file back (columns
+``export`` writes the review queue, with an empty ``label`` column for the hematologist to fill in, as
+UTF-8 with a byte-order mark for Excel and with names that would start a formula neutralized
+(``commands.spreadsheet``), tier by tier (column ``tier``): first each unvalidated site's validation sample
+(``validation_sample``: the cells the service chose from its first ones, docs/sites.md; ``validation_rank``
+1, 2, ... in review order; bounded by ``[site] validation_reviews``), then the cells the service flagged as
+not one of the known classes, then those it flagged for a low calibrated confidence, then any other whose
+latest prediction is less confident than ``[retraining] review_below`` (:data:`REVIEW_TIERS`,
+:func:`review_tiers`); least confident first within a tier. ``--thumbnails DIR`` writes a picture of
+each listed cell there (``<image id>.png``, decoded as the service decodes it) and names it in the
+``thumbnail`` column. ``import`` reads such a file back (columns
 ``image`` = image id or sha256, ``label``, ``reviewer``, optional ``time`` (ISO 8601) and
 ``comment``; rows with an empty label are skipped). It is all or nothing: unknown images and
 labels the active classifier does not know are all reported and nothing is written.
@@ -28,13 +31,24 @@ from stainbridge.daemon.commands.models import database
 from stainbridge.daemon.commands.spreadsheet import EXCEL_BOM, safe_row
 from stainbridge.daemon.config import ConfigError, load_settings
 from stainbridge.daemon.schema import SchemaError
-from stainbridge.daemon.store import Image, ImageStatus, ModelKind, Prediction, Review
+from stainbridge.daemon.store import (
+    Image,
+    ImageStatus,
+    ModelKind,
+    Prediction,
+    Review,
+    Site,
+    SiteState,
+    ValidationCell,
+)
 from stainbridge.daemon.versions import registry
 
-EXPORT_COLUMNS = ["image", "sha256", "source_name", "archive_path", "tier", "predicted", "confidence",
-                  "calibrated_confidence", "label", "reviewer", "time", "comment"]
-# The review queue's tiers, in the order a hematologist sees them (see review_tiers).
+EXPORT_COLUMNS = ["image", "sha256", "source_name", "archive_path", "site", "tier", "validation_rank", "predicted",
+                  "confidence", "calibrated_confidence", "label", "reviewer", "time", "comment", "thumbnail"]
+# The review queue's tiers after the validation samples, in the order a hematologist sees them (see review_tiers).
+VALIDATION_TIER = "validation_sample"
 REVIEW_TIERS = ("not_a_known_class", "low_confidence", "below_threshold")
+THUMBNAIL_PX = 192
 
 
 class ReviewFileError(Exception):
@@ -47,11 +61,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     export = sub.add_parser("export", help="write the low-confidence review queue as CSV")
     export.add_argument("--out", default="-", metavar="CSV", help="file to write (default: standard output)")
     export.add_argument("--limit", type=int, default=500, help="at most this many images (default 500)")
+    export.add_argument("--site", default=None, help="only this site's cells")
+    export.add_argument("--thumbnails", default=None, metavar="DIR",
+                        help="write a picture of each listed cell into DIR (<image id>.png)")
 
 
 def known_labels(session: Session) -> set[str]:
-    active = registry.active_version(session, ModelKind.classifier)
-    return set((active.header or {}).get("classes") or []) if active else set()
+    """The classes of every site's active classifier."""
+    return {label for version in registry.active_versions(session) if version.kind is ModelKind.classifier
+            for label in (version.header or {}).get("classes") or []}
 
 
 def import_reviews(session: Session, path: Path) -> int:
@@ -108,22 +126,54 @@ def review_tiers(below: float) -> list[tuple[str, ColumnElement[bool]]]:
     return [(name, conditions[name]) for name in REVIEW_TIERS]
 
 
-def review_queue(session: Session, below: float, limit: int) -> list[dict[str, object]]:
-    """Unreviewed classified images in review order (``review_tiers``), least confident first within a tier."""
+def review_queue(session: Session, below: float, limit: int, site: str | None = None) -> list[dict[str, object]]:
+    """Unreviewed cells in review order: the validation samples of unvalidated sites (by site, in review order),
+    then tier by tier (``review_tiers``), least confident first within a tier; at most ``limit``."""
     tiers = review_tiers(below)
     tier = case(*[(condition, rank) for rank, (_, condition) in enumerate(tiers)], else_=len(tiers))
     latest = select(Prediction.image_id, func.max(Prediction.id).label("pid")).group_by(Prediction.image_id).subquery()
-    rows = session.execute(
-        select(Image, Prediction, tier.label("tier"))
-        .join(latest, latest.c.image_id == Image.id).join(Prediction, Prediction.id == latest.c.pid)
-        .outerjoin(Review, Review.image_id == Image.id)
-        .where(Image.status == ImageStatus.done, Review.id.is_(None), or_(*[c for _, c in tiers]))
-        .order_by(tier, func.coalesce(Prediction.calibrated_confidence, Prediction.confidence), Image.id).limit(limit)
-    ).all()
+    unreviewed = (select(Image, Prediction, ValidationCell.rank, tier.label("tier"))
+                  .join(latest, latest.c.image_id == Image.id).join(Prediction, Prediction.id == latest.c.pid)
+                  .outerjoin(Review, Review.image_id == Image.id)
+                  .outerjoin(ValidationCell, ValidationCell.image_id == Image.id)
+                  .where(Image.status == ImageStatus.done, Review.id.is_(None)))
+    if site is not None:
+        unreviewed = unreviewed.where(Image.site == site)
+    sample = session.execute(
+        unreviewed.join(Site, Site.id == ValidationCell.site_id).where(Site.state == SiteState.unvalidated)
+        .order_by(Site.name, ValidationCell.rank).limit(limit)).all()
+    shown = {row[0].id for row in sample}
+    rest = session.execute(
+        unreviewed.where(or_(*[c for _, c in tiers]))
+        .order_by(tier, func.coalesce(Prediction.calibrated_confidence, Prediction.confidence), Image.id)
+        .limit(limit + len(shown))).all()
+    rows = (sample + [row for row in rest if row[0].id not in shown])[:limit]
     return [{"image": i.id, "sha256": i.sha256, "source_name": i.source_name, "archive_path": i.archive_path or "",
-             "tier": tiers[rank][0], "predicted": p.label, "confidence": round(p.confidence, 4),
+             "site": i.site, "tier": VALIDATION_TIER if i.id in shown else tiers[rank][0],
+             "validation_rank": vrank if i.id in shown else "", "predicted": p.label,
+             "confidence": round(p.confidence, 4),
              "calibrated_confidence": "" if p.calibrated_confidence is None else round(p.calibrated_confidence, 4),
-             "label": "", "reviewer": "", "time": "", "comment": ""} for i, p, rank in rows]
+             "label": "", "reviewer": "", "time": "", "comment": "", "thumbnail": ""}
+            for i, p, vrank, rank in rows]
+
+
+def write_thumbnails(queue: list[dict[str, object]], folder: Path) -> int:
+    """A picture of each listed cell in ``folder`` (``<image id>.png``), named in its ``thumbnail`` column."""
+    from stainbridge.daemon.lab.render import read_picture
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = 0
+    for row in queue:
+        picture = read_picture(Path(str(row["archive_path"]))) if row["archive_path"] else None
+        if picture is None:
+            continue
+        picture = picture.convert("RGB")
+        picture.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+        target = folder / f"{row['image']}.png"
+        picture.save(target)
+        row["thumbnail"] = str(target.absolute())
+        written += 1
+    return written
 
 
 def run(args: argparse.Namespace) -> int:
@@ -136,10 +186,11 @@ def run(args: argparse.Namespace) -> int:
                 session.commit()
                 print(f"imported {count} review(s)")
                 return 0
-            queue = review_queue(session, settings.retraining.review_below, args.limit)
+            queue = review_queue(session, settings.retraining.review_below, args.limit, args.site)
     except (ConfigError, SchemaError, ReviewFileError) as exc:
         print(f"{name}: {exc}", file=sys.stderr)
         return 1
+    pictures = write_thumbnails(queue, Path(args.thumbnails)) if args.thumbnails else 0
     out = sys.stdout if args.out == "-" else open(args.out, "w", newline="", encoding="utf-8")  # noqa: SIM115
     try:
         out.write(EXCEL_BOM)  # hematologists open it in Excel, which needs the mark to read UTF-8 names
@@ -149,9 +200,10 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if out is not sys.stdout:
             out.close()
-    counts = {name: sum(1 for row in queue if row["tier"] == name) for name in REVIEW_TIERS}
+    counts = {name: sum(1 for row in queue if row["tier"] == name) for name in (VALIDATION_TIER, *REVIEW_TIERS)}
     print(f"{len(queue)} image(s) written to {'standard output' if args.out == '-' else args.out}: "
-          f"{counts['not_a_known_class']} flagged as not a known class, {counts['low_confidence']} flagged for low "
-          f"confidence, {counts['below_threshold']} more below confidence {settings.retraining.review_below}",
-          file=sys.stderr)
+          f"{counts[VALIDATION_TIER]} of validation samples, {counts['not_a_known_class']} flagged as not a known "
+          f"class, {counts['low_confidence']} flagged for low confidence, {counts['below_threshold']} more below "
+          f"confidence {settings.retraining.review_below}"
+          + (f"; {pictures} thumbnail(s) in {args.thumbnails}" if args.thumbnails else ""), file=sys.stderr)
     return 0

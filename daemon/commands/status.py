@@ -41,6 +41,7 @@ from stainbridge.daemon.store import (
     utcnow,
 )
 from stainbridge.daemon.versions.registry import active_versions
+from stainbridge.daemon.versions.site_state import site_summaries
 
 
 def error_reason(error: str | None) -> str:
@@ -102,6 +103,8 @@ class StatusReport:
     unfiled: int = 0  # recorded, but still in the drop folder: filing fails (read-only drop, archive not mounted)
     unfiled_since: str | None = None  # when the oldest of them was recorded
     folder_problems: list[str] = field(default_factory=list)  # what is wrong with the configured folders
+    # every site's validation state: `stainbridge sites --json` objects plus the "validation" line
+    sites: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _local_midnight_utc() -> datetime:
@@ -126,7 +129,7 @@ def collect(settings: Settings, session: Session) -> StatusReport:
         reasons[error_reason(error)] = reasons.get(error_reason(error), 0) + int(n)
     last_hour = _count(session, finished, Image.processed_at >= hour_ago)
     models = [
-        {"kind": v.kind.value, "name": v.name, "sha256": v.sha256[:12], "id": v.id}
+        {"site": v.site, "kind": v.kind.value, "name": v.name, "sha256": v.sha256[:12], "id": v.id}
         for v in active_versions(session)
     ]
     return StatusReport(
@@ -149,6 +152,7 @@ def collect(settings: Settings, session: Session) -> StatusReport:
         disk_short=diskspace.shortage(folders, settings.paths.min_free_mb),
         **_unfiled(session),
         folder_problems=configured_folders.problems(settings, probe=False),
+        sites=[{**summary.as_json(), "validation": summary.validation} for summary in site_summaries(session)],
     )
 
 
@@ -202,9 +206,13 @@ def render(report: StatusReport) -> str:
         f"duplicates          {report.duplicates_total} in total",
         f"throughput          {report.throughput_per_min:.2f} images/min over the last hour",
     ]
+    for site in report.sites:
+        lines.append(f"site {site['site']}: {site['validation']}")
     if report.models:
+        several = len({model["site"] for model in report.models}) > 1
         for model in report.models:
-            lines.append(f"{model['kind']:<20}{model['name']}  sha256 {model['sha256']}")
+            lines.append(f"{model['kind']:<20}{model['name']}  sha256 {model['sha256']}"
+                         + (f"  (site {model['site']})" if several else ""))
     else:
         lines.append("models              none registered yet (the service records them at start-up)")
     lines.append(f"next retraining     {report.next_retraining}")

@@ -31,6 +31,7 @@ from stainbridge.daemon.logs import get_logger
 from stainbridge.daemon.pipeline.batch import BatchReport
 from stainbridge.daemon.store import RunStatus, TrainingRun
 from stainbridge.daemon.versions.registry import active_versions
+from stainbridge.daemon.versions.site_state import site_summaries
 
 log = get_logger(__name__)
 BATCH_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -46,16 +47,27 @@ class DatabaseCollector(Collector):
         try:
             with self.sessions() as session:
                 versions = active_versions(session)
+                sites = site_summaries(session)
                 last = session.scalar(select(func.max(TrainingRun.finished_at))
                                       .where(TrainingRun.status == RunStatus.succeeded))
         except SQLAlchemyError as exc:
             log.warning("metrics_database_unavailable", error=str(exc).splitlines()[0])
             return
-        info = GaugeMetricFamily("stainbridge_active_model_info", "The active model version of each kind (value 1)",
-                                 labels=["kind", "name", "sha256"])
+        info = GaugeMetricFamily("stainbridge_active_model_info",
+                                 "The active model version of each kind and site (value 1)",
+                                 labels=["site", "kind", "name", "sha256"])
         for version in versions:
-            info.add_metric([version.kind.value, version.name, version.sha256[:12]], 1)
+            info.add_metric([version.site, version.kind.value, version.name, version.sha256[:12]], 1)
         yield info
+        validated = GaugeMetricFamily("stainbridge_site_validated",
+                                      "1 when the site's recipe was chosen on its own reviewed cells, 0 on the "
+                                      "day-0 recipe (docs/sites.md)", labels=["site"])
+        reviews = GaugeMetricFamily("stainbridge_site_reviews", "Reviewed cells of each site", labels=["site"])
+        for site in sites:
+            validated.add_metric([site.site], 1 if site.validated else 0)
+            reviews.add_metric([site.site], site.reviews)
+        yield validated
+        yield reviews
         if last is not None:
             if last.tzinfo is None:  # SQLite hands timestamps back without their zone; they are UTC
                 last = last.replace(tzinfo=timezone.utc)

@@ -108,6 +108,8 @@ class BatchReport:
 @dataclass
 class Item:
     candidate: Candidate
+    site: str = ""  # by the file's name, then (``[site] source = "institution"``) by its DICOM tag once decoded
+    models: Any = None  # the site's LoadedModels that classified it
     sha256: str | None = None
     image_id: int | None = None
     decoded: decoding.DecodedImage | None = None

@@ -36,15 +36,15 @@ class _Vanished(Exception):
     """The file left the drop folder between its hash and its claim."""
 
 
-def claim_items(sessions: sessionmaker, items: Sequence[Item], report: BatchReport, *, site: str,
+def claim_items(sessions: sessionmaker, items: Sequence[Item], report: BatchReport, *,
                 isolate_crashed: bool = False) -> list[Item]:
-    """Claim every hashed item: sets `image_id`, and `target` for what is only to be filed.
+    """Claim every hashed item (under its ``site``): sets `image_id`, and `target` for what is only to be filed.
 
     Returns the items not claimed because a worker died holding their claim (``isolate_crashed``)."""
     rest, suspects = list(items), []
     try:
         with sessions.begin() as session:
-            rest, suspects = claim_new_content(session, items, site=site, isolate_crashed=isolate_crashed)
+            rest, suspects = claim_new_content(session, items, isolate_crashed=isolate_crashed)
     except SQLAlchemyError as exc:
         if is_transient(exc):
             raise
@@ -52,11 +52,11 @@ def claim_items(sessions: sessionmaker, items: Sequence[Item], report: BatchRepo
         for item in items:
             item.image_id = None
     for item in rest:
-        _claim_one(sessions, item, report, site=site)
+        _claim_one(sessions, item, report)
     return suspects
 
 
-def claim_new_content(session: Session, items: Sequence[Item], *, site: str,
+def claim_new_content(session: Session, items: Sequence[Item], *,
                       isolate_crashed: bool = False) -> tuple[list[Item], list[Item]]:
     """Claim the items whose sha256 the database has never seen; return the others (to claim one
     by one) and, with `isolate_crashed`, the items a dead worker held (to take in alone, later)."""
@@ -88,7 +88,7 @@ def claim_new_content(session: Session, items: Sequence[Item], *, site: str,
                                             Image.duplicate_of_id.is_(None))
                         .execution_options(synchronize_session=False))
     now, me = utcnow(), claims.claim_owner()
-    values = [{"sha256": sha, "source_name": item.candidate.source_name, "site": site,
+    values = [{"sha256": sha, "source_name": item.candidate.source_name, "site": item.site,
                "size_bytes": item.opened.st_size if item.opened else item.candidate.size,
                "status": ImageStatus.processing, "claimed_by": me, "claimed_at": now, "received_at": now}
               for sha, item in fresh.items()]
@@ -106,7 +106,7 @@ def claim_new_content(session: Session, items: Sequence[Item], *, site: str,
     return rest, suspects
 
 
-def _claim_one(sessions: sessionmaker, item: Item, report: BatchReport, *, site: str) -> None:
+def _claim_one(sessions: sessionmaker, item: Item, report: BatchReport) -> None:
     """Claim one file in its own transaction (duplicates, take-overs, crash leftovers, refusals)."""
     candidate = item.candidate
     bound = log.bind(source=candidate.source_name, image=item.sha256[:12])
@@ -114,7 +114,7 @@ def _claim_one(sessions: sessionmaker, item: Item, report: BatchReport, *, site:
     try:
         with sessions.begin() as session:
             claimed = claims.claim(session, sha256=item.sha256, source_name=candidate.source_name,
-                                   site=site, size_bytes=size)
+                                   site=item.site, size_bytes=size)
             if claimed.outcome is claims.ClaimOutcome.duplicate and not _still_there(item):
                 raise _Vanished  # another worker filed this very file after we hashed it: no duplicate row
     except _Vanished:

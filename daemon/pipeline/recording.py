@@ -28,30 +28,33 @@ from stainbridge.models.inference import BatchResult, fsync_dir
 log = get_logger(__name__)
 
 
-def record(sessions: sessionmaker, models: LoadedModels, items: list[Item], report: BatchReport, *,
-           site: str) -> list[Item]:
+def record(sessions: sessionmaker, items: list[Item], report: BatchReport) -> list[Item]:
     """Record the batch in one transaction; if the database refuses it, file by file.
+
+    Each prediction names the versions of its own site's models (``item.models``); each row is
+    recorded under ``item.site``.
 
     A file whose results the database refuses (a value it cannot store) is recorded as
     failed (``unrecordable``) instead, so that it never holds back the others.
     """
     try:
-        return _record_together(sessions, models, items, report, site=site)
+        return _record_together(sessions, items, report)
     except SQLAlchemyError as exc:
         if is_transient(exc):
             raise
     recorded: list[Item] = []
     for item in items:
         try:
-            recorded += _record_together(sessions, models, [item], report, site=site)
+            recorded += _record_together(sessions, [item], report)
         except SQLAlchemyError as exc:
             if is_transient(exc):
                 raise
             log.warning("results_refused", source=item.candidate.source_name, error=error_summary(exc))
             item.result, item.decoded = None, None
             item.reason, item.detail = "unrecordable", f"the database refused this file's results: {error_summary(exc)}"
-            recorded += _record_together(sessions, models, [item], report, site=site)
+            recorded += _record_together(sessions, [item], report)
     return recorded
+
 
 def prediction_row(result: BatchResult, *, image_id: int, models: LoadedModels, latency_ms: float,
                    created_at: datetime) -> Prediction:
@@ -65,8 +68,7 @@ def prediction_row(result: BatchResult, *, image_id: int, models: LoadedModels, 
         needs_review=result.needs_review, review_reason=result.review_reason, created_at=created_at)
 
 
-def _record_together(sessions: sessionmaker, m: LoadedModels, items: list[Item], report: BatchReport, *,
-                     site: str) -> list[Item]:
+def _record_together(sessions: sessionmaker, items: list[Item], report: BatchReport) -> list[Item]:
     now = utcnow()
     me = claims.claim_owner()
     recorded: list[Item] = []
@@ -84,7 +86,7 @@ def _record_together(sessions: sessionmaker, m: LoadedModels, items: list[Item],
                     counts.skipped += 1  # a stale candidate (filed by another worker, deleted): no row
                     continue
                 if row is None:
-                    row = Image(sha256=None, source_name=source, site=site,
+                    row = Image(sha256=None, source_name=source, site=item.site,
                                 status=ImageStatus.failed, size_bytes=item.candidate.size, received_at=now)
                     session.add(row)
                     item.created_row = True
@@ -105,8 +107,8 @@ def _record_together(sessions: sessionmaker, m: LoadedModels, items: list[Item],
             if item.reason != "crashed":
                 row.crashes = 0
             if item.result is not None:
-                decoded, result = item.decoded, item.result
-                row.status, row.error = ImageStatus.done, None
+                decoded, result, m = item.decoded, item.result, item.models
+                row.status, row.error, row.site = ImageStatus.done, None, item.site
                 row.format, row.width, row.height = decoded.format, decoded.width, decoded.height
                 for key, value in decoded.metadata.items():
                     setattr(row, key, value)

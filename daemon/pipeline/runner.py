@@ -68,6 +68,7 @@ from sqlalchemy.orm import sessionmaker
 from stainbridge.daemon.config import Settings
 from stainbridge.daemon.intake import claims
 from stainbridge.daemon.intake.failures import error_summary, storable_source_name, storable_text
+from stainbridge.daemon.intake.sites import site_of_decoded, site_of_file
 from stainbridge.daemon.intake.walking import Candidate
 from stainbridge.daemon.logs import get_logger
 from stainbridge.daemon.pipeline import filing
@@ -82,7 +83,7 @@ from stainbridge.daemon.pipeline.batch import (
 from stainbridge.daemon.pipeline.claiming import claim_items
 from stainbridge.daemon.pipeline.recording import file_items, record
 from stainbridge.daemon.store import Image, ImageStatus, utcnow
-from stainbridge.daemon.versions.loading import LoadedModels
+from stainbridge.daemon.versions.site_models import SiteModels
 from stainbridge.models.inference import run_batch
 
 log = get_logger(__name__)
@@ -114,9 +115,12 @@ def decode_threads() -> int:
 
 
 class Pipeline:
-    """One code path for the service and `ingest`: ``process(candidates) -> BatchReport``."""
+    """One code path for the service and `ingest`: ``process(candidates) -> BatchReport``.
 
-    def __init__(self, settings: Settings, sessions: sessionmaker, models: LoadedModels, *,
+    A batch may hold files of several sites (``[site] source``): each is classified by its own site's
+    models (``SiteModels``), one ``run_batch`` per site."""
+
+    def __init__(self, settings: Settings, sessions: sessionmaker, models: SiteModels, *,
                  file_results: bool = True) -> None:
         self.settings, self.sessions, self.models = settings, sessions, models
         self.file_results = file_results
@@ -158,7 +162,8 @@ class Pipeline:
         if self._needs_recovery:
             self.recover()
         report = BatchReport()
-        items = [Item(candidate) for candidate in candidates]
+        items = [Item(candidate, site=site_of_file(self.settings.site, candidate.source_name))
+                 for candidate in candidates]
         try:
             try:
                 with report.timing("hash"):
@@ -197,8 +202,7 @@ class Pipeline:
             hashed = [i for i in items if i.sha256 is not None and i.reason is None and not i.skip]
             if hashed:
                 with report.timing("claim"):
-                    suspects = claim_items(self.sessions, hashed, report, site=self.settings.site.name,
-                                           isolate_crashed=isolate_crashed)
+                    suspects = claim_items(self.sessions, hashed, report, isolate_crashed=isolate_crashed)
             with report.timing("decode_and_inference"):
                 self._decode_and_infer([i for i in hashed if i.image_id is not None and i.target is None
                                         and not i.skip and i.reason is None], report)
@@ -206,7 +210,7 @@ class Pipeline:
             waiting = [i for i in items if not i.skip and i.target is None and id(i) not in left_out]
             known = [i for i in items if not i.skip and i.target is not None]  # before record() sets targets
             with report.timing("record"):
-                to_file = known + record(self.sessions, self.models, waiting, report, site=self.settings.site.name)
+                to_file = known + record(self.sessions, waiting, report)
         except BaseException:
             # Claims this batch made are still `processing`: release them before the next one.
             self._needs_recovery = True
@@ -287,7 +291,8 @@ class Pipeline:
                 .execution_options(synchronize_session=False)
             ).rowcount
             if not updated:
-                session.add(Image(sha256=None, source_name=candidate.source_name, site=self.settings.site.name,
+                session.add(Image(sha256=None, source_name=candidate.source_name,
+                                  site=site_of_file(self.settings.site, candidate.source_name),
                                   size_bytes=candidate.size, received_at=now, **values))
         log.error("quarantined_poison", source=candidate.source_name, code=code, reason=detail)
         return target
@@ -295,10 +300,26 @@ class Pipeline:
     # inference -------------------------------------------------------------------------------
 
     def _infer(self, items: list[Item]) -> None:
-        items = [i for i in items if i.deferred is None]
-        if not items:
-            return
-        m = self.models
+        """Classify decoded items, each site's by its own models (one run_batch per site)."""
+        by_site: dict[str, list[Item]] = {}
+        for item in items:
+            if item.deferred is None:
+                item.site = site_of_decoded(self.settings.site, item.candidate.source_name, item.decoded.metadata)
+                by_site.setdefault(item.site, []).append(item)
+        for site, group in by_site.items():
+            try:
+                models = self.models.for_site(site)
+            except Exception as exc:  # noqa: BLE001 - this site's models, not its files: try again later
+                log.error("site_models_unavailable", site=site, error=error_summary(exc), batch=len(group))
+                for item in group:
+                    item.deferred = f"models of site {site}: {error_summary(exc)}"
+                continue
+            for item in group:
+                item.models = models
+            self._infer_site(group)
+
+    def _infer_site(self, items: list[Item]) -> None:
+        m = items[0].models
         started = time.perf_counter()
         try:
             results = run_batch([i.decoded.image for i in items], m.standardizer, m.classifier,
@@ -312,7 +333,7 @@ class Pipeline:
             if len(items) > 1:
                 log.warning("batch_failed_retrying_one_by_one", size=len(items), error=error_summary(exc))
                 for item in items:
-                    self._infer([item])
+                    self._infer_site([item])
                 return
             log.error("inference_failed", source=items[0].candidate.source_name, error=error_summary(exc))
             items[0].reason, items[0].detail = "inference", "the models fail on this image and work on others"
@@ -332,7 +353,8 @@ class Pipeline:
         """Do the models run on a plain probe image? (No: the failure is the GPU's, not the file's.)"""
         probe = PILImage.new("RGB", (64, 64), (200, 160, 190))
         try:
-            run_batch([probe], self.models.standardizer, self.models.classifier, scale=self.settings.site.scale)
+            default = self.models.default
+            run_batch([probe], default.standardizer, default.classifier, scale=self.settings.site.scale)
         except Exception:  # noqa: BLE001 - any failure here means "the models are unavailable"
             return False
         return True

@@ -1,4 +1,4 @@
-"""Reprocess: classify stored images again with the active models, adding prediction rows.
+"""Reprocess: classify stored images again with their site's active models, adding prediction rows.
 
 Old prediction rows stay (the ``results`` view shows the newest), so every result remains
 auditable: which versions said what, and when. Images are read from where they were filed:
@@ -28,6 +28,7 @@ from stainbridge.daemon.logs import get_logger
 from stainbridge.daemon.pipeline.recording import prediction_row
 from stainbridge.daemon.store import Image, ImageStatus, Prediction, utcnow
 from stainbridge.daemon.versions.loading import LoadedModels
+from stainbridge.daemon.versions.site_models import SiteModels
 from stainbridge.models.inference import run_batch
 
 log = get_logger(__name__)
@@ -44,9 +45,10 @@ class ReprocessReport:
 
 
 def select_images(sessions: sessionmaker, *, since: datetime | None = None, status: str = "done",
-                  model_version: int | None = None) -> list[tuple[int, str, str, str | None]]:
-    """(id, status, filed path, sha256) of the images to reprocess, oldest first."""
-    query = select(Image.id, Image.status, Image.archive_path, Image.sha256).where(Image.archive_path.is_not(None))
+                  model_version: int | None = None) -> list[tuple[int, str, str, str | None, str]]:
+    """(id, status, filed path, sha256, site) of the images to reprocess, oldest first."""
+    query = select(Image.id, Image.status, Image.archive_path, Image.sha256, Image.site).where(
+        Image.archive_path.is_not(None))
     if status == "failed":
         query = query.where(Image.status == ImageStatus.failed,
                             or_(*[Image.error.like(f"{reason}:%") for reason in TRANSIENT_REASONS]))
@@ -61,7 +63,7 @@ def select_images(sessions: sessionmaker, *, since: datetime | None = None, stat
             or_(Prediction.classifier_version_id == model_version, Prediction.standardizer_version_id == model_version))
         query = query.where(Image.id.in_(made_by))
     with sessions() as session:
-        return [(i, s.value, p, h) for i, s, p, h in session.execute(query.order_by(Image.id)).all()]
+        return [(i, s.value, p, h, site) for i, s, p, h, site in session.execute(query.order_by(Image.id)).all()]
 
 
 def read_filed(path: Path, sha256: str | None) -> bytes:
@@ -75,14 +77,25 @@ def read_filed(path: Path, sha256: str | None) -> bytes:
     return data
 
 
-def reprocess(settings: Settings, sessions: sessionmaker, models: LoadedModels,
-              images: list[tuple[int, str, str, str | None]]) -> ReprocessReport:
+def reprocess(settings: Settings, sessions: sessionmaker, models: SiteModels,
+              images: list[tuple[int, str, str, str | None, str]]) -> ReprocessReport:
+    """Each image through its site's active models, in micro-batches of one site each."""
     report = ReprocessReport(selected=len(images))
+    by_site: dict[str, list[tuple[int, str, str, str | None, str]]] = {}
+    for image in images:
+        by_site.setdefault(image[4], []).append(image)
+    for site, chosen in by_site.items():
+        _reprocess_site(settings, sessions, models.for_site(site), chosen, report)
+    return report
+
+
+def _reprocess_site(settings: Settings, sessions: sessionmaker, models: LoadedModels,
+                    images: list[tuple[int, str, str, str | None, str]], report: ReprocessReport) -> None:
     size = settings.models.batch_size
     for start in range(0, len(images), size):
         chunk, decoded = images[start:start + size], []
         began = time.perf_counter()
-        for image_id, _status, path, sha256 in chunk:
+        for image_id, _status, path, sha256, _site in chunk:
             try:
                 picture = decoding.decode_open(io.BytesIO(read_filed(Path(path), sha256)), Path(path).name,
                                                max_pixels=settings.watch.max_pixels,
@@ -108,4 +121,3 @@ def reprocess(settings: Settings, sessions: sessionmaker, models: LoadedModels,
                 if image.status is ImageStatus.failed:
                     image.status, image.error, image.processed_at = ImageStatus.done, None, now
         report.classified += len(decoded)
-    return report

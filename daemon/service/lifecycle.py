@@ -54,6 +54,7 @@ from stainbridge.daemon.logs import get_logger
 from stainbridge.daemon.pipeline.runner import Pipeline, use_all_cores
 from stainbridge.daemon.retraining.runs import recover_runs
 from stainbridge.daemon.retraining.scheduler import RetrainingScheduler
+from stainbridge.daemon.retraining.validation import SampleChooser
 from stainbridge.daemon.schema import safe_url
 from stainbridge.daemon.service import sdnotify
 from stainbridge.daemon.service.health import database_answers, watchdog_loop
@@ -66,7 +67,6 @@ from stainbridge.daemon.service.startup import (
     startup_errors,
 )
 from stainbridge.daemon.service.tick import MAX_BACKLOG, Tick
-from stainbridge.daemon.versions.hotswap import ModelSwapper
 
 __all__ = [  # start-up's names stay importable from here
     "IDLE_SECONDS", "MAX_BACKLOG", "STARTUP_BACKOFF_MAX_SECONDS", "Service", "StartupError",
@@ -95,8 +95,8 @@ class Service(Tick):
         self.pace = Pacing(settings.models.batch_size, f"watching {settings.drop_dir}", self.log)
         self._space_short: str | None = None  # why no files are taken (a volume below [paths] min_free_mb)
         self.handled = 0
-        self.swapper: ModelSwapper | None = None
         self.scheduler: RetrainingScheduler | None = None
+        self.samples: SampleChooser | None = None  # new sites' validation samples (docs/sites.md)
         self.metrics: ServiceMetrics | None = None  # [metrics] port
 
     # lifecycle -------------------------------------------------------------------------------
@@ -114,7 +114,7 @@ class Service(Tick):
             self.pipeline.warm_up()
             self.pipeline.heartbeat = self._beat
             self.pipeline.recover(startup=True)
-            self.swapper = ModelSwapper(s, sessions)
+            self.samples = SampleChooser(s, sessions, models)
             self.watcher = DropFolderWatcher(s)
             self.watcher.start()  # includes the start-up scan
             self.metrics = start_metrics(s, sessions, self.watcher.waiting)

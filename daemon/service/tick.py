@@ -1,9 +1,9 @@
 """One step of `stainbridge run`'s loop: take a micro-batch of ready files, book what happened.
 
 ``Tick.run_once`` is what the service loop repeats and what tests drive: it frees claims of dead
-workers now and then, swaps in newly promoted models between batches, waits while a volume is
-below ``[paths] min_free_mb``, takes up to a batch of ready files through the pipeline and books
-the report (``service.pacing`` decides the pause and the health after failures). A batch that
+workers now and then, swaps in each site's newly promoted models between batches, chooses new
+sites' validation samples, waits while a volume is below ``[paths] min_free_mb``, takes up to a
+batch of ready files through the pipeline and books the report (``service.pacing`` decides the pause and the health after failures). A batch that
 fails as a whole is retried file by file; a file that fails alone ``MAX_ATTEMPTS`` times (or runs
 out of memory alone that often) is quarantined. ``service.lifecycle.Service`` builds on it.
 """
@@ -25,10 +25,10 @@ from stainbridge.daemon.intake.watcher import Candidate, DropFolderWatcher
 from stainbridge.daemon.lab.metrics import ServiceMetrics
 from stainbridge.daemon.pipeline.batch import BatchReport
 from stainbridge.daemon.pipeline.runner import STALE_CLAIM_SECONDS, Pipeline
+from stainbridge.daemon.retraining.validation import SampleChooser
 from stainbridge.daemon.service import sdnotify
 from stainbridge.daemon.service.health import database_answers
 from stainbridge.daemon.service.pacing import Pacing
-from stainbridge.daemon.versions.hotswap import ModelSwapper
 
 MAX_BACKLOG = 1_000  # ready files held in memory between batches
 
@@ -41,7 +41,7 @@ class Tick:
     engine: Engine | None
     pipeline: Pipeline | None
     watcher: DropFolderWatcher | None
-    swapper: ModelSwapper | None
+    samples: SampleChooser | None
     metrics: ServiceMetrics | None
     pace: Pacing
     handled: int
@@ -57,6 +57,8 @@ class Tick:
         self._heartbeat = tick = time.monotonic()
         self._release_abandoned_claims()
         self._swap_models()
+        if self.samples is not None:
+            self.samples.tick()  # new sites' validation samples (docs/sites.md)
         if self._short_of_space():
             self.pace.progressed()  # waiting on purpose, not stuck: no restart by the watchdog
             return 0
@@ -207,12 +209,8 @@ class Tick:
             self.log.warning("claims_released", count=released)
 
     def _swap_models(self) -> None:
-        """At a batch boundary: switch to newly promoted registry versions (verified, or refused)."""
-        if self.swapper is None:
-            return
+        """At a batch boundary: switch each site to its newly promoted registry versions (verified, or refused)."""
         try:
-            new = self.swapper.check(self.pipeline.models)
+            self.pipeline.models.check()
         except SQLAlchemyError:
             return  # run_once reports database errors
-        if new is not None:
-            self.pipeline.models = new
