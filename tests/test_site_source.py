@@ -47,7 +47,7 @@ def test_recipes_come_as_a_list_or_one_comma_separated_variable(settings_factory
 @pytest.mark.parametrize(("key", "value", "message"), [
     ("site_recipes", "reinhard + ", "STANDARDIZER or STANDARDIZER \\+ CLASSIFIER"),
     ("site_source", "path", "allowed values: name, folder, institution"),
-    ("site_validation_reviews", "0", "positive int"),
+    ("site_validation_reviews", "0", "positive, finite int"),
     ("site_name", "x" * 129, "at most 128 characters"),
 ])
 def test_bad_site_settings_are_refused_with_what_is_allowed(settings_factory, key, value, message) -> None:
