@@ -112,7 +112,7 @@ class RetrainingSettings:
     margin: float = 0.02  # a candidate may be at most this much worse than the active version on each check
     min_reviews: int = 30  # reviewed images needed before reviewed accuracy is part of the gate
     max_gate_images: int = 200  # images per gate check (reference split, held-out recent images)
-    review_below: float = 0.6  # `review export` lists predictions less confident than this
+    review_below: float = 0.6  # `review export` lists, after the flagged cells, predictions less confident than this
 
 
 @dataclass(frozen=True)

@@ -197,6 +197,13 @@ class Prediction(Base):
     # site magnification of the window the cell was seen through (NULL: whole frame, legacy classifier).
     tta: Mapped[bool | None]
     magnification: Mapped[float | None] = mapped_column(Float)
+    # Whether a person should look at it (NULL on rows from before migration 0009): the label's calibrated
+    # probability, the out-of-distribution score (NULL: the classifier has no OOD statistics), and the flag
+    # with its reason, "low_confidence" or "not_a_known_class" (models.abstention). The label is the best guess.
+    calibrated_confidence: Mapped[float | None] = mapped_column(Float)
+    ood_score: Mapped[float | None] = mapped_column(Float)
+    needs_review: Mapped[bool | None]
+    review_reason: Mapped[str | None] = mapped_column(String(32))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     image: Mapped[Image] = relationship(back_populates="predictions")
@@ -308,6 +315,10 @@ SELECT
     p.latency_ms,
     p.tta,
     p.magnification,
+    p.calibrated_confidence,
+    p.ood_score,
+    p.needs_review,
+    p.review_reason,
     s.name AS standardizer,
     s.sha256 AS standardizer_sha256,
     c.name AS classifier,

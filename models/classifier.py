@@ -7,8 +7,8 @@ Eq. 5) in its softmax form: FL(p_t) = -alpha_t (1 - p_t)^gamma log(p_t).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -20,10 +20,12 @@ from stainbridge.models import small_resnet
 __all__ = [
     "ARCHITECTURES",
     "LOSSES",
+    "FeaturesAndLogits",
+    "FocalLoss",
     "PretrainedWeightsError",
     "build_classifier",
-    "FocalLoss",
     "make_loss",
+    "penultimate_features",
 ]
 
 # Architecture names a classifier checkpoint's header may carry -> torchvision constructor.
@@ -106,6 +108,35 @@ def build_classifier(*, arch: str, num_classes: int, pretrained_file: str | Path
         _load_backbone(model, Path(pretrained_file), arch)
     model.fc = nn.Linear(model.fc.in_features, num_classes)
     return model
+
+
+def penultimate_features(model: nn.Module, x: Tensor) -> Tensor | None:
+    """The pooled features [N, D] that the network's last layer ``fc`` turns into logits; None for a network
+    of another kind (a test double), which then has no out-of-distribution score."""
+    if isinstance(model, small_resnet.SmallResNet18):
+        return model.features(x)
+    if isinstance(model, ResNet):  # torchvision's _forward_impl up to fc
+        x = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+        x = model.layer4(model.layer3(model.layer2(model.layer1(x))))
+        return torch.flatten(model.avgpool(x), 1)
+    return None
+
+
+class FeaturesAndLogits(nn.Module):
+    """A classifier network seen as (penultimate features, logits): what the out-of-distribution score reads
+    next to the softmax, in one pass. Shares the network's parameters. A network whose features are not known
+    here gives [N, 0] features."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        features = penultimate_features(self.model, x)
+        if features is None:
+            logits = self.model(x)
+            return logits.new_zeros(len(x), 0), logits
+        return features, self.model.fc(features)
 
 
 # --------------------------------------------------------------------------- losses

@@ -2,9 +2,12 @@
 
     images (PIL) -> prepare_batch (geometry: the site's magnification, [0,1] tensor)
                  -> classify_batch: Standardizer (stain -> reference style, [0,1])
-                                    -> Classifier.predict (header normalization, ResNet, softmax;
-                                       optionally the mean over the 8 dihedral views)
-    run_batch = prepare_batch + classify_batch, with a BatchResult per image.
+                                    -> score_views: Classifier (header normalization, ResNet: logits and
+                                       penultimate features; optionally all 8 dihedral views)
+                                       -> Scores (``models.abstention``): softmax, calibrated softmax,
+                                          out-of-distribution score
+    run_batch = prepare_batch + classify_batch, with a BatchResult per image, including whether the
+    cell needs a person's review and why (``needs_review``, ``review_reason``).
 
 Geometry (``models.geometry``, re-exported here): every image is cut to the window of the
 reference window's physical width, using the site magnification from the standardizer's site
@@ -25,6 +28,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from stainbridge.models.abstention import REASONS as REVIEW_REASONS
+from stainbridge.models.abstention import Abstention, Scores
 from stainbridge.models.checkpoint import CheckpointError, ModelMismatch, file_sha256, fsync_dir
 from stainbridge.models.geometry import SCALE_FROM_PROFILE, Geometry, resolve_geometry
 from stainbridge.models.networks import (
@@ -53,8 +58,10 @@ from stainbridge.models.validation import (
 # The daemon's whole view of models/: everything it imports from the package is named here.
 __all__ = [
     "CLASSICAL_STANDARDIZERS",
+    "REVIEW_REASONS",
     "SCALE_FROM_PROFILE",
     "SITE_PROFILE_METHODS",
+    "Abstention",
     "BatchResult",
     "CheckpointError",
     "Classifier",
@@ -62,6 +69,7 @@ __all__ = [
     "Geometry",
     "ModelMismatch",
     "RecipeScore",
+    "Scores",
     "Standardizer",
     "choose_recipe",
     "classify_batch",
@@ -80,7 +88,9 @@ __all__ = [
     "resolve_geometry",
     "run_batch",
     "score_recipes",
+    "score_views",
     "select_validation_sample",
+    "view_outputs",
     "wrap_generator",
 ]
 
@@ -90,15 +100,15 @@ def compile_networks(standardizer: Standardizer, classifier: Classifier, sample:
     prepared [N,3,S,S] batch); on any failure both stay eager. Returns "compiled" or
     "eager (<why>)" for the record."""
     fn = standardizer._fn
-    eager = (classifier.model, fn.generator if isinstance(fn, GeneratorFn) else None)
+    eager = (classifier.network, fn.generator if isinstance(fn, GeneratorFn) else None)
     try:
-        classifier.model = torch.compile(classifier.model)
+        classifier.network = torch.compile(classifier.network)
         if isinstance(fn, GeneratorFn):
             fn.generator = torch.compile(fn.generator)
         classify_batch(sample, standardizer, classifier)
         return "compiled"
     except Exception as exc:  # noqa: BLE001 - any compiler failure means: run eager
-        classifier.model = eager[0]
+        classifier.network = eager[0]
         if isinstance(fn, GeneratorFn):
             fn.generator = eager[1]
         return f"eager ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})"
@@ -112,7 +122,11 @@ class BatchResult:
     """One image's outcome: top label, its probability, all probabilities, the image as classified, and
     how it was computed: ``tta`` (mean over the 8 turns and flips) and ``magnification`` (site pixels ->
     reference pixels of the window it was seen through; None for a classifier without a reference
-    window, which sees the whole frame zoomed)."""
+    window, which sees the whole frame zoomed). Whether a person should look at it: the calibrated
+    probability of the label (None for a checkpoint without calibration, whose flags then read the
+    plain ``confidence``: temperature 1), the out-of-distribution score (None without feature
+    statistics in the checkpoint), ``needs_review`` and its reason, one of ``REVIEW_REASONS``
+    (``models.abstention``)."""
 
     label: str
     confidence: float
@@ -120,6 +134,13 @@ class BatchResult:
     standardized: Image.Image
     tta: bool
     magnification: float | None
+    calibrated_confidence: float | None
+    ood_score: float | None
+    review_reason: str | None
+
+    @property
+    def needs_review(self) -> bool:
+        return self.review_reason is not None
 
 
 def _to_tensor(img: Image.Image) -> Tensor:
@@ -145,28 +166,42 @@ def _dihedral(batch: Tensor) -> list[Tensor]:
             for k in range(4) for flip in (False, True)]
 
 
+def view_outputs(classifier: Classifier, standardized: Tensor, *, tta: bool = False) -> tuple[Tensor, Tensor]:
+    """(logits [V,N,C], penultimate features [V,N,D]) on the CPU; V = 8 with ``tta`` (the image itself
+    first, then its turns and flips), else 1."""
+    outputs = [classifier.logits_and_features(v) for v in (_dihedral(standardized) if tta else [standardized])]
+    return torch.stack([o[0] for o in outputs]), torch.stack([o[1] for o in outputs])
+
+
+def score_views(classifier: Classifier, standardized: Tensor, *, tta: bool = False) -> Scores:
+    """The classifier's Scores (softmax, calibrated softmax, OOD score) on the CPU; with ``tta`` over the
+    8 turns and flips (probabilities averaged, features averaged before the OOD score)."""
+    logits, features = view_outputs(classifier, standardized, tta=tta)
+    return classifier.abstention.scores(logits, features, tta=tta)
+
+
 def predict_views(classifier: Classifier, standardized: Tensor, *, tta: bool = False) -> Tensor:
     """Softmax probabilities [N,C] on the CPU; with ``tta`` the mean over the 8 turns and flips."""
-    if not tta:
-        return classifier.predict(standardized)
-    return torch.stack([classifier.predict(v) for v in _dihedral(standardized)]).mean(0)
+    return score_views(classifier, standardized, tta=tta).probabilities
 
 
 def classify_batch(batch: Tensor, standardizer: Standardizer, classifier: Classifier, *,
-                   tta: bool = False) -> tuple[Tensor, Tensor]:
-    """(probabilities [N,C] on the CPU, standardized batch) for a prepared [0,1] batch."""
+                   tta: bool = False) -> tuple[Scores, Tensor]:
+    """(Scores on the CPU, standardized batch) for a prepared [0,1] batch."""
     batch = batch.to(classifier.device, non_blocking=True)  # stays there through both networks
     standardized = standardizer(batch)
-    return predict_views(classifier, standardized, tta=tta), standardized
+    return score_views(classifier, standardized, tta=tta), standardized
 
 
 def run_batch(images: list[Image.Image], standardizer: Standardizer, classifier: Classifier, *,
               scale: str = SCALE_FROM_PROFILE, tta: bool = False) -> list[BatchResult]:
     """Geometry -> stain standardization -> classification (-> TTA), for one micro-batch."""
     geometry = resolve_geometry(classifier, standardizer, scale=scale)
-    probs, standardized = classify_batch(prepare_batch(images, geometry), standardizer, classifier, tta=tta)
+    scores, standardized = classify_batch(prepare_batch(images, geometry), standardizer, classifier, tta=tta)
+    reasons = classifier.abstention.reasons(scores, tta=tta)
     results = []
-    for p, image in zip(probs, _to_images(standardized)):
+    for i, image in enumerate(_to_images(standardized)):
+        p = scores.probabilities[i]
         top = int(torch.argmax(p))
         results.append(
             BatchResult(
@@ -176,6 +211,9 @@ def run_batch(images: list[Image.Image], standardizer: Standardizer, classifier:
                 standardized=image,
                 tta=tta,
                 magnification=geometry.magnification,
+                calibrated_confidence=float(scores.calibrated[i, top]) if classifier.abstention.calibrated else None,
+                ood_score=None if scores.ood is None else float(scores.ood[i]),
+                review_reason=reasons[i],
             )
         )
     return results

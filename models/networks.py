@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from stainbridge.models.abstention import Abstention, AbstentionError, network_state
 from stainbridge.models.checkpoint import CheckpointError, ModelMismatch, file_sha256, load_checkpoint
-from stainbridge.models.classifier import ARCHITECTURES, build_classifier
+from stainbridge.models.classifier import ARCHITECTURES, FeaturesAndLogits, build_classifier
 from stainbridge.models.cyclegan import GENERATORS
 from stainbridge.models.imaging import classical, colour_map
 
@@ -107,10 +108,15 @@ def _check_normalization(header: dict, path: Path) -> tuple[list[float], list[fl
 
 class Classifier:
     """A loaded classifier checkpoint. ``predict`` takes [N,3,H,W] RGB in [0,1] and returns softmax
-    probabilities [N,C] (float32, on CPU) in the order of ``classes``."""
+    probabilities [N,C] (float32, on CPU) in the order of ``classes``; ``logits_and_features`` also gives
+    the penultimate features that ``abstention`` (calibration and the out-of-distribution score) reads.
+    ``network`` is what runs (``model`` with its features exposed; ``compile_networks`` compiles it)."""
 
-    def __init__(self, model: nn.Module, header: dict, *, name: str, sha256: str, device: torch.device) -> None:
+    def __init__(self, model: nn.Module, header: dict, *, name: str, sha256: str, device: torch.device,
+                 abstention: Abstention | None = None) -> None:
         self.model, self.header, self.name, self.sha256, self.device = model, header, name, sha256, device
+        self.network: nn.Module = FeaturesAndLogits(model)
+        self.abstention = abstention if abstention is not None else Abstention()
         self.classes: list[str] = list(header["classes"])
         self.input_size: int = int(header["input_size"])
         mean, std = _check_normalization(header, Path(name))
@@ -118,12 +124,16 @@ class Classifier:
         self._std = torch.tensor(std, device=device).view(1, 3, 1, 1)
 
     @torch.inference_mode()
-    def predict(self, batch: Tensor) -> Tensor:
+    def logits_and_features(self, batch: Tensor) -> tuple[Tensor, Tensor]:
+        """(logits [N,C], penultimate features [N,D]), float32 on the CPU."""
         x = batch.to(self.device, torch.float32, non_blocking=True)
         x = ((x - self._mean) / self._std).contiguous(memory_format=_memory_format(self.device))
         with _autocast(self.device):
-            logits = self.model(x)
-        return torch.softmax(logits.float(), dim=1).cpu()
+            features, logits = self.network(x)
+        return logits.float().cpu(), features.float().cpu()
+
+    def predict(self, batch: Tensor) -> Tensor:
+        return torch.softmax(self.logits_and_features(batch)[0], dim=1)
 
     def __repr__(self) -> str:
         return f"Classifier({self.name!r}, {self.header.get('architecture')}, classes={self.classes}, sha256={self.sha256[:12]})"
@@ -200,9 +210,13 @@ def load_classifier(path: str | Path, *, device: str = "cpu", expected_sha256: s
         raise ModelMismatch(f"{path}: arch_args num_classes={num_classes} but the header lists {len(classes)} classes")
     if arch_args:
         raise ModelMismatch(f"{path}: unsupported classifier arch_args {sorted(arch_args)}; only 'num_classes' is known")
+    try:
+        abstention = Abstention.from_checkpoint(header, state, str(path))
+    except AbstentionError as exc:
+        raise ModelMismatch(str(exc)) from None
     model = build_classifier(arch=arch, num_classes=len(classes))
-    _load_state(model, state, path)
-    return Classifier(place_model(model, dev), header, name=path.stem, sha256=sha, device=dev)
+    _load_state(model, network_state(state), path)
+    return Classifier(place_model(model, dev), header, name=path.stem, sha256=sha, device=dev, abstention=abstention)
 
 
 def load_standardizer(

@@ -50,8 +50,12 @@ class SmallResNet18(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(in_ch, num_classes)
 
+    def features(self, x: Tensor) -> Tensor:
+        """The pooled penultimate features [N, 8 x width] that ``fc`` reads."""
+        return self.pool(self.layers(self.stem(x))).flatten(1)
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc(self.pool(self.layers(self.stem(x))).flatten(1))
+        return self.fc(self.features(x))
 
 
 def build_small_resnet18(*, num_classes: int, pretrained_file: object = None) -> SmallResNet18:

@@ -177,7 +177,7 @@ def test_compile_falls_back_to_eager_when_compiling_fails(tmp_path: Path, monkey
     classifier_path, standardizer_path = throughput._random_checkpoints("cpu", tmp_path)
     classifier = inference.load_classifier(classifier_path, device="cpu")
     standardizer = inference.load_standardizer(str(standardizer_path), device="cpu", classifier=classifier)
-    eager_model = classifier.model
+    eager_network = classifier.network
 
     def broken_compile(module: torch.nn.Module) -> torch.nn.Module:
         def fail(*args: object, **kwargs: object) -> None:
@@ -187,7 +187,7 @@ def test_compile_falls_back_to_eager_when_compiling_fails(tmp_path: Path, monkey
     monkeypatch.setattr(torch, "compile", broken_compile)
     outcome = inference.compile_networks(standardizer, classifier, torch.rand(2, 3, 64, 64))
     assert outcome.startswith("eager (RuntimeError: no C++ compiler")
-    assert classifier.model is eager_model
+    assert classifier.network is eager_network
     assert classifier.predict(torch.rand(1, 3, 64, 64)).shape == (1, len(CLASSES))
 
 

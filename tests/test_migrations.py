@@ -151,6 +151,44 @@ def test_0005_keeps_earlier_predictions_as_unknown_and_goes_back(database_url: s
         engine.dispose()
     assert current_revision(database_url) == "0004"
 
+
+def test_0009_keeps_earlier_predictions_as_not_assessed_and_goes_back(database_url: str) -> None:
+    """Upgrading to 0009 keeps every prediction with the review columns NULL (not assessed) in results and
+    latest_results; a flagged row reads back; downgrading to 0008 drops the four columns and keeps the rows."""
+    upgrade_database(database_url, "0008")
+    engine = make_engine(database_url)
+    now = datetime.now(timezone.utc)
+    columns = "calibrated_confidence, ood_score, needs_review, review_reason"
+    try:
+        with engine.begin() as connection:
+            connection.execute(text(
+                "INSERT INTO model_versions (id, kind, name, path, sha256, header, metrics, state, created_at, site) "
+                "VALUES (1, 'classifier', 'resnet-v1', '/m/c', 'c1', '{}', '{}', 'active', :t, 's')"), {"t": now})
+            connection.execute(text("INSERT INTO images (id, source_name, site, status, received_at) "
+                                    "VALUES (1, 'a.png', 's', 'done', :t), (2, 'b.png', 's', 'done', :t)"), {"t": now})
+            connection.execute(text(
+                "INSERT INTO predictions (image_id, label, confidence, probabilities, classifier_version_id, "
+                "latency_ms, created_at) VALUES (1, 'monocyte', 0.8, '{}', 1, 5.0, :t)"), {"t": now})
+        upgrade_database(database_url)
+        with engine.begin() as connection:
+            connection.execute(text(
+                f"INSERT INTO predictions (image_id, label, confidence, probabilities, classifier_version_id, "
+                f"latency_ms, created_at, {columns}) VALUES (2, 'lymphocyte', 0.9, '{{}}', 1, 5.0, :t, "
+                f"0.7, 412.5, :flag, 'not_a_known_class')"), {"t": now, "flag": True})
+        with engine.connect() as connection:
+            assert connection.execute(text(f"SELECT image_id, {columns} FROM latest_results ORDER BY image_id")).all() == [
+                (1, None, None, None, None), (2, 0.7, 412.5, True, "not_a_known_class")]
+            assert connection.execute(text("SELECT count(*) FROM results WHERE needs_review")).scalar() == 1
+        downgrade_database(database_url, "0008")
+        assert not set(columns.split(", ")) & {c["name"] for c in inspect(engine).get_columns("predictions")}
+        with engine.connect() as connection:
+            assert connection.execute(text("SELECT label FROM latest_results ORDER BY image_id")).all() == [
+                ("monocyte",), ("lymphocyte",)]
+    finally:
+        engine.dispose()
+    assert current_revision(database_url) == "0008"
+
+
 CRASH_AFTER_SECOND_TABLE = """
 import os, sys
 from sqlalchemy import event

@@ -44,11 +44,22 @@ def test_render_cell_image_and_errors() -> None:
     img = synthetic.render_cell("monocyte", protocol="reference", size=72, rng=np.random.default_rng(0))
     assert img.mode == "RGB" and img.size == (72, 72)
     with pytest.raises(synthetic.SyntheticError, match="choose one of"):
-        synthetic.render_cell("platelet", protocol="reference", size=32, rng=np.random.default_rng(0))
+        synthetic.render_cell("blast", protocol="reference", size=32, rng=np.random.default_rng(0))
     with pytest.raises(synthetic.SyntheticError, match="choose one of"):
         synthetic.render_cell("monocyte", protocol="other-lab", size=32, rng=np.random.default_rng(0))
     with pytest.raises(synthetic.SyntheticError, match="png"):
         synthetic.write_dataset(Path("unused"), protocol="reference", per_class=1, fmt="gif")
+
+
+@pytest.mark.parametrize("label", synthetic.OTHER_CLASSES)
+def test_cells_outside_the_five_classes_render_without_a_white_cell_nucleus(label: str) -> None:
+    """Platelets and smudge cells render as RGB frames with much less dark nuclear stain than a lymphocyte."""
+    def darkest_share(name: str) -> float:
+        img = synthetic.render_cell(name, protocol="reference", size=64, rng=np.random.default_rng(3))
+        assert img.mode == "RGB" and img.size == (64, 64)
+        return float((np.asarray(img)[..., 0] < 110).mean())
+
+    assert darkest_share(label) < darkest_share("lymphocyte") / 3
 
 
 def test_protocols_change_colour() -> None:

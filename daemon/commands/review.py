@@ -2,10 +2,12 @@
 
 ``export`` writes the review queue, with an empty ``label`` column for the hematologist to fill in, as
 UTF-8 with a byte-order mark for Excel and with names that would start a formula neutralized
-(``commands.spreadsheet``): first each unvalidated site's validation sample (the cells the service
-chose from its first ones, docs/sites.md; ``validation_rank`` 1, 2, ... in review order), then the
-low-confidence queue: classified images without a review whose latest prediction is less confident
-than ``[retraining] review_below``, least confident first. ``--thumbnails DIR`` writes a picture of
+(``commands.spreadsheet``), tier by tier (column ``tier``): first each unvalidated site's validation sample
+(``validation_sample``: the cells the service chose from its first ones, docs/sites.md; ``validation_rank``
+1, 2, ... in review order; bounded by ``[site] validation_reviews``), then the cells the service flagged as
+not one of the known classes, then those it flagged for a low calibrated confidence, then any other whose
+latest prediction is less confident than ``[retraining] review_below`` (:data:`REVIEW_TIERS`,
+:func:`review_tiers`); least confident first within a tier. ``--thumbnails DIR`` writes a picture of
 each listed cell there (``<image id>.png``, decoded as the service decodes it) and names it in the
 ``thumbnail`` column. ``import`` reads such a file back (columns
 ``image`` = image id or sha256, ``label``, ``reviewer``, optional ``time`` (ISO 8601) and
@@ -22,7 +24,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from sqlalchemy import func, select
+from sqlalchemy import ColumnElement, case, func, or_, select
 from sqlalchemy.orm import Session
 
 from stainbridge.daemon.commands.models import database
@@ -41,8 +43,11 @@ from stainbridge.daemon.store import (
 )
 from stainbridge.daemon.versions import registry
 
-EXPORT_COLUMNS = ["image", "sha256", "source_name", "archive_path", "predicted", "confidence", "label", "reviewer",
-                  "time", "comment", "site", "validation_rank", "thumbnail"]
+EXPORT_COLUMNS = ["image", "sha256", "source_name", "archive_path", "site", "tier", "validation_rank", "predicted",
+                  "confidence", "calibrated_confidence", "label", "reviewer", "time", "comment", "thumbnail"]
+# The review queue's tiers after the validation samples, in the order a hematologist sees them (see review_tiers).
+VALIDATION_TIER = "validation_sample"
+REVIEW_TIERS = ("not_a_known_class", "low_confidence", "below_threshold")
 THUMBNAIL_PX = 192
 
 
@@ -109,11 +114,25 @@ def import_reviews(session: Session, path: Path) -> int:
     return len(reviews)
 
 
+def review_tiers(below: float) -> list[tuple[str, ColumnElement[bool]]]:
+    """(name, condition on the latest prediction) for each of REVIEW_TIERS, in queue order. An image is in the
+    first tier whose condition it meets: flagged by the service (``needs_review`` with its reason), else less
+    confident than ``below`` (``[retraining] review_below``)."""
+    conditions = {
+        "not_a_known_class": Prediction.review_reason == "not_a_known_class",
+        "low_confidence": Prediction.review_reason == "low_confidence",
+        "below_threshold": Prediction.confidence < below,
+    }
+    return [(name, conditions[name]) for name in REVIEW_TIERS]
+
+
 def review_queue(session: Session, below: float, limit: int, site: str | None = None) -> list[dict[str, object]]:
-    """Unreviewed cells: the validation samples of unvalidated sites (by site, in review order), then those less
-    confident than ``below`` (least confident first); at most ``limit``."""
+    """Unreviewed cells in review order: the validation samples of unvalidated sites (by site, in review order),
+    then tier by tier (``review_tiers``), least confident first within a tier; at most ``limit``."""
+    tiers = review_tiers(below)
+    tier = case(*[(condition, rank) for rank, (_, condition) in enumerate(tiers)], else_=len(tiers))
     latest = select(Prediction.image_id, func.max(Prediction.id).label("pid")).group_by(Prediction.image_id).subquery()
-    unreviewed = (select(Image, Prediction, ValidationCell.rank)
+    unreviewed = (select(Image, Prediction, ValidationCell.rank, tier.label("tier"))
                   .join(latest, latest.c.image_id == Image.id).join(Prediction, Prediction.id == latest.c.pid)
                   .outerjoin(Review, Review.image_id == Image.id)
                   .outerjoin(ValidationCell, ValidationCell.image_id == Image.id)
@@ -123,15 +142,19 @@ def review_queue(session: Session, below: float, limit: int, site: str | None = 
     sample = session.execute(
         unreviewed.join(Site, Site.id == ValidationCell.site_id).where(Site.state == SiteState.unvalidated)
         .order_by(Site.name, ValidationCell.rank).limit(limit)).all()
-    shown = {i.id for i, _, _ in sample}
+    shown = {row[0].id for row in sample}
     rest = session.execute(
-        unreviewed.where(Prediction.confidence < below).order_by(Prediction.confidence, Image.id)
+        unreviewed.where(or_(*[c for _, c in tiers]))
+        .order_by(tier, func.coalesce(Prediction.calibrated_confidence, Prediction.confidence), Image.id)
         .limit(limit + len(shown))).all()
     rows = (sample + [row for row in rest if row[0].id not in shown])[:limit]
     return [{"image": i.id, "sha256": i.sha256, "source_name": i.source_name, "archive_path": i.archive_path or "",
-             "predicted": p.label, "confidence": round(p.confidence, 4), "label": "", "reviewer": "", "time": "",
-             "comment": "", "site": i.site, "validation_rank": rank if i.id in shown else "", "thumbnail": ""}
-            for i, p, rank in rows]
+             "site": i.site, "tier": VALIDATION_TIER if i.id in shown else tiers[rank][0],
+             "validation_rank": vrank if i.id in shown else "", "predicted": p.label,
+             "confidence": round(p.confidence, 4),
+             "calibrated_confidence": "" if p.calibrated_confidence is None else round(p.calibrated_confidence, 4),
+             "label": "", "reviewer": "", "time": "", "comment": "", "thumbnail": ""}
+            for i, p, vrank, rank in rows]
 
 
 def write_thumbnails(queue: list[dict[str, object]], folder: Path) -> int:
@@ -177,8 +200,10 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if out is not sys.stdout:
             out.close()
-    sample = sum(1 for row in queue if row["validation_rank"] != "")
-    print(f"{len(queue)} image(s) written to {'standard output' if args.out == '-' else args.out}: {sample} of "
-          f"validation samples, {len(queue) - sample} below confidence {settings.retraining.review_below}"
+    counts = {name: sum(1 for row in queue if row["tier"] == name) for name in (VALIDATION_TIER, *REVIEW_TIERS)}
+    print(f"{len(queue)} image(s) written to {'standard output' if args.out == '-' else args.out}: "
+          f"{counts[VALIDATION_TIER]} of validation samples, {counts['not_a_known_class']} flagged as not a known "
+          f"class, {counts['low_confidence']} flagged for low confidence, {counts['below_threshold']} more below "
+          f"confidence {settings.retraining.review_below}"
           + (f"; {pictures} thumbnail(s) in {args.thumbnails}" if args.thumbnails else ""), file=sys.stderr)
     return 0

@@ -6,7 +6,7 @@ what its results rest on (docs/sites.md), and `latest_results` carries that text
 output is never mistaken for validated output. Three expressions differ between SQLite and PostgreSQL
 (the UTC day of a timestamp, the reason before the first ':' of an error, a number with two decimals),
 hence one text per dialect. Migrations keep frozen copies (0004; latest_results and site_validation
-since 0008): a change here needs a new revision.
+since 0008, with the review columns since 0009): a change here needs a new revision.
 
 Any later migration that rebuilds a table with batch mode (SQLite) must drop these views and
 `results` first and create them again afterwards (see 0003 for `results`).
@@ -85,7 +85,8 @@ def lab_views_sql(dialect: str) -> list[str]:
         f"""CREATE VIEW latest_results AS
 SELECT r.image_id, r.source_name, r.site, r.patient_pseudonym, r.study_uid, r.received_at, r.processed_at,
        r.label, r.confidence, r.standardizer, r.classifier, r.reviewed_label, r.reviewer, r.archive_path, r.tta,
-       r.magnification, {ROW_VALIDATION_SQL} AS validation
+       r.magnification, {ROW_VALIDATION_SQL} AS validation,
+       r.calibrated_confidence, r.ood_score, r.needs_review, r.review_reason
 FROM results r
 LEFT JOIN site_validation v ON v.site = r.site
 WHERE r.status = 'done' AND r.duplicate_of_id IS NULL""",

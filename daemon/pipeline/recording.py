@@ -7,6 +7,7 @@ moves the files only after that commit, then records where each one went (``arch
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
 
 from sqlalchemy import bindparam, delete, select
@@ -21,7 +22,8 @@ from stainbridge.daemon.logs import get_logger
 from stainbridge.daemon.pipeline import filing
 from stainbridge.daemon.pipeline.batch import BatchReport, Item
 from stainbridge.daemon.store import Image, ImageStatus, Prediction, utcnow
-from stainbridge.models.inference import fsync_dir
+from stainbridge.daemon.versions.loading import LoadedModels
+from stainbridge.models.inference import BatchResult, fsync_dir
 
 log = get_logger(__name__)
 
@@ -52,6 +54,19 @@ def record(sessions: sessionmaker, items: list[Item], report: BatchReport) -> li
             item.reason, item.detail = "unrecordable", f"the database refused this file's results: {error_summary(exc)}"
             recorded += _record_together(sessions, [item], report)
     return recorded
+
+
+def prediction_row(result: BatchResult, *, image_id: int, models: LoadedModels, latency_ms: float,
+                   created_at: datetime) -> Prediction:
+    """The stored form of one image's result (the service's batches and ``reprocess`` alike): the best guess,
+    how it was computed, and whether it needs review and why."""
+    return Prediction(
+        image_id=image_id, label=result.label, confidence=result.confidence, probabilities=result.probabilities,
+        standardizer_version_id=models.standardizer_version_id, classifier_version_id=models.classifier_version_id,
+        latency_ms=round(latency_ms, 3), tta=result.tta, magnification=result.magnification,
+        calibrated_confidence=result.calibrated_confidence, ood_score=result.ood_score,
+        needs_review=result.needs_review, review_reason=result.review_reason, created_at=created_at)
+
 
 def _record_together(sessions: sessionmaker, items: list[Item], report: BatchReport) -> list[Item]:
     now = utcnow()
@@ -97,11 +112,8 @@ def _record_together(sessions: sessionmaker, items: list[Item], report: BatchRep
                 row.format, row.width, row.height = decoded.format, decoded.width, decoded.height
                 for key, value in decoded.metadata.items():
                     setattr(row, key, value)
-                session.add(Prediction(
-                    image_id=row.id, label=result.label, confidence=result.confidence,
-                    probabilities=result.probabilities, standardizer_version_id=m.standardizer_version_id,
-                    classifier_version_id=m.classifier_version_id, latency_ms=round(item.seconds * 1000, 3),
-                    tta=result.tta, magnification=result.magnification, created_at=now))
+                session.add(prediction_row(result, image_id=row.id, models=m, latency_ms=item.seconds * 1000,
+                                           created_at=now))
                 item.target = ImageStatus.done
                 counts.done += 1
             else:
@@ -120,10 +132,14 @@ def _record_together(sessions: sessionmaker, items: list[Item], report: BatchRep
         bound = log.bind(source=item.candidate.source_name, image=(item.sha256 or "-")[:12])
         if item.target is ImageStatus.done:
             bound.info("classified", label=item.result.label, confidence=round(item.result.confidence, 4),
-                       latency_ms=round(item.seconds * 1000, 1))
+                       latency_ms=round(item.seconds * 1000, 1), **_review_fields(item.result))
         else:
             bound.warning("failed", reason=item.reason, detail=item.detail)
     return recorded
+
+
+def _review_fields(result: BatchResult) -> dict[str, object]:
+    return {"needs_review": result.review_reason} if result.needs_review else {}
 
 
 def file_items(sessions: sessionmaker, settings: Settings, items: list[Item], report: BatchReport) -> None:

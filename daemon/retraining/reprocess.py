@@ -25,6 +25,7 @@ from stainbridge.daemon.config import Settings
 from stainbridge.daemon.intake import decoding, reading
 from stainbridge.daemon.intake.errors import UnreadableImage
 from stainbridge.daemon.logs import get_logger
+from stainbridge.daemon.pipeline.recording import prediction_row
 from stainbridge.daemon.store import Image, ImageStatus, Prediction, utcnow
 from stainbridge.daemon.versions.loading import LoadedModels
 from stainbridge.daemon.versions.site_models import SiteModels
@@ -114,12 +115,8 @@ def _reprocess_site(settings: Settings, sessions: sessionmaker, models: LoadedMo
         now = utcnow()
         with sessions.begin() as session:
             for (image_id, _), result in zip(decoded, results, strict=True):
-                session.add(Prediction(image_id=image_id, label=result.label, confidence=result.confidence,
-                                       probabilities=result.probabilities,
-                                       standardizer_version_id=models.standardizer_version_id,
-                                       classifier_version_id=models.classifier_version_id,
-                                       latency_ms=round(latency, 3), tta=result.tta,
-                                       magnification=result.magnification, created_at=now))
+                session.add(prediction_row(result, image_id=image_id, models=models, latency_ms=latency,
+                                           created_at=now))
                 image = session.get(Image, image_id)
                 if image.status is ImageStatus.failed:
                     image.status, image.error, image.processed_at = ImageStatus.done, None, now

@@ -193,7 +193,8 @@ def load_site(settings: Settings, sessions: sessionmaker, day0: Recipe, site: st
     log.info("models_loaded", site=site, state=state.value, classifier=loaded.classifier.name,
              classifier_sha256=c_active.sha256[:12], standardizer=loaded.standardizer.name,
              standardizer_sha256=s_active.sha256[:12], device=str(loaded.classifier.device),
-             classifier_version=c_active.id, standardizer_version=s_active.id)
+             classifier_version=c_active.id, standardizer_version=s_active.id,
+             calibration=loaded.classifier.abstention.describe())
     return loaded
 
 

@@ -50,7 +50,7 @@ def _adapted(model: nn.Module, header: dict[str, Any], d: BenchData, target01: T
                           diversity=adapt.DEFAULTS["diversity"], prior=prior,
                           reference_weight=adapt.DEFAULTS["reference_weight"],
                           seed=seed, device=device, log=log)
-    new = {k: v for k, v in header.items() if k != "sha256"}
+    new = {k: v for k, v in header.items() if k not in ("sha256", "abstention")}  # abstention: fitted before adapting
     new["adaptation"] = {"method": "information maximization", "standardizer": standardizer, "labels_used": False,
                          "target_images": len(target01), "epochs": opts.im_epochs, "batch_size": opts.im_batch,
                          "seed": seed,

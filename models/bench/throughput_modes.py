@@ -69,8 +69,8 @@ def naive(paths: list[Path], standardizer: inference.Standardizer, classifier: i
 
     def one(path: Path) -> str:
         x = inference.prepare_batch([decode(path)], geometry)
-        probs, _ = inference.classify_batch(x, standardizer, classifier)
-        return classifier.classes[int(probs[0].argmax())]
+        scores, _ = inference.classify_batch(x, standardizer, classifier)
+        return classifier.classes[int(scores.probabilities[0].argmax())]
 
     with inference.full_precision():
         one(paths[0])  # warm-up: allocator, lazy initialisation

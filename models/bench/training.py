@@ -21,19 +21,20 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from stainbridge.models import checkpoint, classifier, colorization, cyclegan
+from stainbridge.models import abstention, checkpoint, classifier, colorization, cyclegan, inference
 from stainbridge.models.bench.data import BenchData, to_float
 from stainbridge.models.imaging import classical, data, stain_augment
+from stainbridge.models.training import calibrate, gan, semantic
 from stainbridge.models.training import classifier as tc
 from stainbridge.models.training import colorization as tcol
 from stainbridge.models.training import cyclegan as tg
-from stainbridge.models.training import gan, semantic
 from stainbridge.models.training import runtime as tu
 
 __all__ = [
     "adapt_classifier",
     "batches",
     "build_model",
+    "calibrate_reference_classifier",
     "classifier_header",
     "load_reference_classifier",
     "reference_scores",
@@ -98,6 +99,19 @@ def reference_scores(model: nn.Module, d: BenchData, device: torch.device) -> di
     return out
 
 
+def calibrate_reference_classifier(model: nn.Module, header: dict[str, Any], d: BenchData,
+                                   device: torch.device) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The abstention (``models.abstention``) of a reference classifier, fitted as ``stainbridge train calibrate``
+    fits it (``calibrate.fit``) on the in-memory reference windows: train split for the feature statistics,
+    validation split for the temperatures and the OOD threshold. Returns (tensors, header entry)."""
+    clf = inference.Classifier(model.eval(), header, name="reference", sha256="", device=device)
+    return calibrate.fit(clf, train=[to_float(d.train[i:i + 256]) for i in range(0, len(d.train), 256)],
+                         train_labels=d.train_labels, val=[to_float(d.val[i:i + 256]) for i in range(0, len(d.val), 256)],
+                         val_labels=d.val_labels,
+                         fitted_on={"root": str(Path(header["training_data"]["root"])),
+                                    "through": "the benchmark's reference windows (models.bench.data)"})
+
+
 def train_reference_classifier(d: BenchData, out: Path, *, arch: str, epochs: int, batch_size: int, lr: float,
                                strength: float, seed: int, reference_root: str | Path, device: torch.device,
                                log: Any = print) -> tuple[nn.Module, dict[str, Any]]:
@@ -115,7 +129,8 @@ def train_reference_classifier(d: BenchData, out: Path, *, arch: str, epochs: in
                                extra={"augmentation": f"models.imaging.stain_augment strength {strength}"})
     header.update(epochs=epochs, seed=seed, train_seconds=round(time.monotonic() - started, 1))
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    header["sha256"] = checkpoint.save_checkpoint(out, state, tu.jsonable(header))
+    tensors, header["abstention"] = calibrate_reference_classifier(model, header, d, device)
+    header["sha256"] = checkpoint.save_checkpoint(out, {**state, **tensors}, tu.jsonable(header))
     return model.eval(), header
 
 
@@ -129,7 +144,7 @@ def load_reference_classifier(path: Path, d: BenchData, device: torch.device) ->
             or abs(float(geo.get("window_fraction", -1)) - d.geometry["window_fraction"]) > 1e-9):
         return None
     model = build_model(header["architecture"], len(d.classes))
-    model.load_state_dict(state)
+    model.load_state_dict(abstention.network_state(state))
     header["sha256"] = checkpoint.file_sha256(path)
     return model.to(device).eval(), header
 
@@ -227,7 +242,7 @@ def adapt_classifier(model: nn.Module, header: dict[str, Any], d: BenchData, tra
                                                strength=strength, cover=d.cover, seed=seed + 1)
     loader = semantic.MixedBatches(translated, d.train_labels, reference, seed=seed)
     history = _fit(tuned, loader, epochs=epochs, lr=lr, device=device, log=log)
-    new = dict(header)
+    new = {k: v for k, v in header.items() if k != "abstention"}  # fitted to the features before fine-tuning
     new["training_data"] = {**header["training_data"], "fine_tuned_from": header.get("sha256"),
                             "translated_by_standardizer": standardizer_sha,
                             "translated_images": "G(F(y)) of the reference train split, labels of y"}

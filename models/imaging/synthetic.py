@@ -22,6 +22,8 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 CLASSES = ("basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil")
+# Drawn too, but none of the five: what the service must flag instead of forcing into a class (models.abstention).
+OTHER_CLASSES = ("platelet", "smudge")
 
 # Stain channels drawn as concentration maps, and their optical density per unit
 # concentration (R, G, B) in the reference lab (May-Grunwald-Giemsa as in PBC).
@@ -187,7 +189,8 @@ def _granules(rng: np.random.Generator, size: int, per_frame: int, coverage: flo
 # Coordinates are in units of a medium (neutrophil) white cell's radius, centred on the cell
 # and rotated. The drawer returns one concentration map per stain and the cell's own mask.
 
-_CELL_RADIUS = {"lymphocyte": 0.72, "monocyte": 1.3, "neutrophil": 1.0, "eosinophil": 1.05, "basophil": 0.9}
+_CELL_RADIUS = {"lymphocyte": 0.72, "monocyte": 1.3, "neutrophil": 1.0, "eosinophil": 1.05, "basophil": 0.9,
+                "platelet": 0.35, "smudge": 1.5}
 
 
 def _draw_white_cell(
@@ -242,6 +245,19 @@ def _draw_white_cell(
         granules = _granules(rng, size, max(8, size // 5), 0.5)
         out["baso_granule"] = cell * granules * 0.85
         out["cyto_pink"] = cell * (1 - nuc) * 0.4
+    elif label == "platelet":  # no white cell: a clump of small anucleate granular fragments
+        fragments = np.zeros_like(x)
+        for cx, cy in rng.normal(0, radius, (int(rng.integers(3, 7)), 2)).tolist():
+            r = rng.uniform(0.12, 0.2)
+            np.maximum(fragments, _blob(x, y, cx, cy, r, r * rng.uniform(0.7, 1.0), edge), out=fragments)
+        granules = _granules(rng, size, max(8, size // 6), 0.5)
+        out["baso_granule"] = fragments * (0.25 + 0.5 * granules)
+        out["cyto_blue"] = fragments * 0.3
+        cell = fragments
+    elif label == "smudge":  # a ruptured cell: a large pale smear of nuclear material, streaked, no cytoplasm
+        streaks = _value_noise(rng, size, max(3, size // 24))
+        cell = _blob(x, y, 0.0, 0.0, radius, radius * rng.uniform(0.6, 0.8), 4 * edge)
+        out["nucleus"] = cell * (0.4 + 0.6 * streaks) * 0.45
     else:  # guarded by render_cell
         raise SyntheticError(f"unknown cell class {label!r}")
     return out, cell
@@ -291,7 +307,7 @@ def render_cell(
 ) -> Image.Image:
     """One RGB image of a `label` white cell at the centre, stained by `protocol`."""
     if label not in _CELL_RADIUS:
-        raise SyntheticError(f"unknown cell class {label!r}; choose one of {list(CLASSES)}")
+        raise SyntheticError(f"unknown cell class {label!r}; choose one of {list(CLASSES + OTHER_CLASSES)}")
     p = get_protocol(protocol)
     unit = p.cell_fraction * size / 2  # px per medium-cell radius
     span = size / 2 / unit

@@ -32,10 +32,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
-from stainbridge.models import checkpoint, classifier
+from stainbridge.models import checkpoint, classifier, inference
 from stainbridge.models.imaging import classical, data, site_geometry, transforms
 from stainbridge.models.metrics import classification_metrics
-from stainbridge.models.training import resume
+from stainbridge.models.training import calibrate, resume
 from stainbridge.models.training import runtime as tu
 
 # Explicit flags override these. tiny: seconds on a laptop CPU for ~100 images; full: a GPU run.
@@ -299,11 +299,27 @@ def _train(args: argparse.Namespace, dist: tu.DistInfo) -> str:
         "code_version": checkpoint.code_version(),
     }
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    state, header = _calibrated(model, header, state, data_root, manifest, device)
     sha = checkpoint.save_checkpoint(out, state, tu.jsonable(header))
     final = {k: v for k, v in header["metrics"].items() if k != "history"}
     print(json.dumps({"out": str(out), "sha256": sha, **final}), file=sys.stderr)
     print(sha)
     return sha
+
+
+def _calibrated(model: nn.Module, header: dict[str, Any], state: dict[str, torch.Tensor], data_root: Path,
+                manifest: dict[str, Any], device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The checkpoint with its calibrated confidence and OOD statistics (``stainbridge train calibrate``'s fit on
+    this split); without them, and saying why, when the split cannot support a fit (e.g. no validation images)."""
+    clf = inference.Classifier(tu.unwrap(model).eval(), header, name="trained", sha256="", device=device)
+    try:
+        tensors, record = calibrate.fit_on_split(clf, data_root, manifest)
+    except calibrate.CalibrationError as exc:
+        print(f"not calibrated ({exc}): the checkpoint runs at temperature 1 without an OOD score", file=sys.stderr)
+        return state, header
+    modes = {m: {k: record["modes"][m][k] for k in ("temperature", "ece_before", "ece_after")} for m in record["modes"]}
+    print(json.dumps({"calibration": modes}), file=sys.stderr)
+    return calibrate.with_abstention(state, header, tensors, record)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
-from stainbridge.models import checkpoint, classifier, inference
+from stainbridge.models import abstention, checkpoint, classifier, inference
 from stainbridge.models.imaging import data, transforms
 from stainbridge.models.training import classifier as train_classifier
 from stainbridge.models.training import runtime as tu
@@ -73,14 +73,16 @@ def labeled_items(root: str, classes: list[str], what: str) -> list[tuple[Path, 
 
 def trainable_classifier(path: str | Path, device: torch.device) -> tuple[nn.Module, dict[str, Any],
                                                                       inference.Classifier, nn.Module]:
-    """A classifier checkpoint to train further: (its network as a trainable copy on ``device``, its header,
+    """A classifier checkpoint to train further: (its network as a trainable copy on ``device``, its header
+    without the calibration, which training moves away from (``stainbridge train calibrate`` fits it again),
     the checkpoint loaded as the service loads it, the loss it was trained with: focal at its gamma, else CE)."""
     state, header = checkpoint.load_checkpoint(path)
     if header.get("kind") != "classifier":
         raise FinetuneError(f"--init-from {path} is a {header.get('kind')} checkpoint, not a classifier")
     base = inference.load_classifier(path, device=str(device))
     model = classifier.build_classifier(arch=header["architecture"], num_classes=len(base.classes))
-    model.load_state_dict(state)
+    model.load_state_dict(abstention.network_state(state))
+    header = {k: v for k, v in header.items() if k != "abstention"}
     model.to(device, memory_format=tu.memory_format(device))
     gamma = float(header.get("gamma") or 0.0)
     return model, header, base, classifier.make_loss("focal" if gamma > 0 else "ce", gamma=gamma)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stainbridge.models import checkpoint, classifier
+from stainbridge.models import abstention, checkpoint, classifier
 from stainbridge.models.colour_generator import dihedral_views
 from stainbridge.models.imaging import classical, stain_augment
 
@@ -89,7 +89,7 @@ class ClassConsistency:
             raise TeacherError(f"--semantic-classifier {path} is a {header.get('kind')!r} checkpoint, not a classifier")
         try:
             model = classifier.build_classifier(arch=header["architecture"], num_classes=len(header["classes"]))
-            model.load_state_dict(state)
+            model.load_state_dict(abstention.network_state(state))
             anchor = classical.Reinhard.from_stats(header.get("reference_stain") or {}) if teacher == "reinhard" else None
             return cls(model.to(device), header["normalization"], teacher=teacher, anchor=anchor,
                        input_size=int(header["input_size"]), name=Path(path).name,
