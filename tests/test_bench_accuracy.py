@@ -58,6 +58,35 @@ def test_tiny_preset_writes_every_method_with_eval_keys(bench: tuple[Path, dict,
     assert "cyclegan_colour_adapted" not in methods  # the colour variant does not fine-tune the classifier
 
 
+def test_probabilities_file_holds_every_row_as_scored(bench: tuple[Path, dict, int]) -> None:
+    """probabilities.safetensors gives each row's softmax; its argmax reproduces the row's confusion matrix."""
+    out, result, _ = bench
+    tensors, header = checkpoint.load_checkpoint(out / "probabilities.safetensors")
+    assert header["kind"] == "bench_probabilities" and len(header["target_files"]) == 20
+    labels = tensors.pop("target_labels")
+    assert set(tensors) == set(result["methods"])
+    for name, probs in tensors.items():
+        assert probs.shape == (20, len(header["classes"]))
+        matrix = torch.zeros(len(header["classes"]), len(header["classes"]), dtype=torch.long)
+        matrix.index_put_((labels, probs.argmax(1)), torch.ones(20, dtype=torch.long), accumulate=True)
+        assert matrix.tolist() == result["methods"][name]["confusion_matrix"], name
+
+
+def test_inductive_halves_keep_each_slide_on_one_side() -> None:
+    """With slide groups, no slide has crops on both sides, every image is scored once, and the halves are near even."""
+    from stainbridge.models.bench import learned
+
+    groups = [f"slide-{i % 7}" if i < 60 else f"single-{i}" for i in range(80)]
+    for seed in (0, 1):
+        (fit, held), (fit2, held2) = learned.folds(len(groups), "inductive", seed, groups)
+        assert torch.equal(fit, held2) and torch.equal(held, fit2)
+        assert sorted(fit.tolist() + held.tolist()) == list(range(80))
+        assert not {groups[i] for i in fit.tolist()} & {groups[i] for i in held.tolist()}
+        assert abs(len(fit) - len(held)) <= 9  # at most one slide's worth apart
+    every = [f"file-{i}" for i in range(80)]  # one image per group: the plain seeded halves, as before
+    assert torch.equal(learned.folds(80, "inductive", 3, every)[0][0], learned.folds(80, "inductive", 3)[0][0])
+
+
 def test_colour_variant_checkpoint_is_a_pointwise_colour_standardizer(bench: tuple[Path, dict, int]) -> None:
     """cyclegan_colour writes a pointwise_colour standardizer (pooled tiny D, raw-teacher KL weight 5) that loads."""
     out, _, _ = bench

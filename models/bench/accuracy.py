@@ -29,9 +29,13 @@
 
 Modes: ``transductive`` (the standardizer sees every target image, unlabeled, as the nightly
 retraining does) and ``inductive`` (target images split in two halves by a seeded shuffle that
-ignores labels; a standardizer trained on one half scores the other, both ways). Classical methods
-do not learn from the target, so they have one result for both modes.
-Outputs in --out-dir: checkpoints, results.json (or --json), results.md, grid.png.
+ignores labels and keeps the crops of one slide on one side, ``data.slide_of``; a standardizer
+trained on one half scores the other, both ways). Classical methods do not learn from the target,
+so they have one result for both modes.
+Outputs in --out-dir: checkpoints, results.json (or --json), results.md, grid.png, and
+probabilities.safetensors: every row's [N, classes] softmax on the target images (tensor per method,
+plus ``target_labels``; the header names the classes and the target files), for analyses over recipes
+(averages, label-free choices) without scoring again.
 """
 
 from __future__ import annotations
@@ -192,7 +196,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     trained: dict[str, Any] = {}  # standardizers that do not depend on the mode, trained once
     modes = ("transductive", "inductive") if opts.mode == "both" else (opts.mode,)
     for mode in modes:
-        mode_folds = learned.folds(len(d.target), mode, opts.seed)
+        mode_folds = learned.folds(len(d.target), mode, opts.seed, d.target_groups)
         to_adapt = {k: [images[k]] * len(mode_folds) for k in adaptation.STANDARDIZERS}
         if "colour_map" in (opts.variants or SITE_FITTED):
             t = time.monotonic()
@@ -229,6 +233,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             stain_scores[key] = {**stain_distance(standardized, reference_colours),
                                  "pixel_change": float((standardized - x).abs().mean())}
         methods[name] = {**learned.metrics_of(probs, d.target_labels, d.classes), **stain_scores[key]}
+    probabilities = {name: probs for name, (probs, _) in outputs.items()}
+    checkpoint.save_checkpoint(out_dir / "probabilities.safetensors", {**probabilities, "target_labels": d.target_labels},
+                               {"kind": "bench_probabilities", "classes": d.classes, "seed": opts.seed,
+                                "target": str(Path(opts.target).resolve()),
+                                "target_files": [str(Path(p).relative_to(Path(opts.target))) for p in d.target_paths]})
     reference_self = stain_distance(bench_data.to_float(d.val), reference_colours)["delta_e"]
     times["total_s"] = round(time.monotonic() - started, 1)
     setup = {

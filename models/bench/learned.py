@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -84,13 +85,28 @@ def _semantic_term(variant: str, model: nn.Module, header: dict, classifier_path
                   "loss": "kl(p(reinhard(real)) || p(translated)) + 1.0 * structure_loss", "pairs": list(term.pairs)}
 
 
-def folds(n: int, mode: str, seed: int) -> list[tuple[Tensor, Tensor]]:
-    """(fit indices, score indices) per standardizer to train; the split ignores labels."""
+def folds(n: int, mode: str, seed: int, groups: Sequence[str] | None = None) -> list[tuple[Tensor, Tensor]]:
+    """(fit indices, score indices) per standardizer to train; the split ignores labels. ``groups``: one key per
+    image (``data.slide_of``); the images of one group stay on one side (crops of one slide, the same cell
+    photographed again), the groups dealt in a seeded order, each to the half with fewer images so far."""
     if mode == "transductive":
         every = torch.arange(n)
         return [(every, every)]
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 123))
-    a, b = perm[: n // 2], perm[n // 2:]
+    g = torch.Generator().manual_seed(seed + 123)
+    if groups is None or len(set(groups)) == n:
+        perm = torch.randperm(n, generator=g)
+        a, b = perm[: n // 2], perm[n // 2:]
+        return [(a, b), (b, a)]
+    if len(groups) != n:
+        raise ValueError(f"need one group per image: {len(groups)} groups for {n} images")
+    members: dict[str, list[int]] = {}
+    for index, key in enumerate(groups):
+        members.setdefault(key, []).append(index)
+    keys = sorted(members)
+    halves: tuple[list[int], list[int]] = ([], [])
+    for k in torch.randperm(len(keys), generator=g).tolist():
+        min(halves, key=len).extend(members[keys[k]])
+    a, b = (torch.tensor(sorted(h), dtype=torch.long) for h in halves)
     return [(a, b), (b, a)]
 
 
@@ -135,7 +151,7 @@ def run_colour_map(mode: str, d: bench_data.BenchData, model: nn.Module, header:
     reinhard = inference.load_standardizer("reinhard", classifier=clf)
     plain, tta = torch.zeros(n, len(d.classes)), torch.zeros(n, len(d.classes))
     shown, per_fold, runs = torch.zeros_like(x), [], []
-    for fold, (fit, held) in enumerate(folds(n, mode, opts.seed)):
+    for fold, (fit, held) in enumerate(folds(n, mode, opts.seed, d.target_groups)):
         started = time.monotonic()
         site = torch.stack(site_geometry.evenly(x[fit], site_profile.COLOUR_SAMPLE))
         fitted = colour_map.fit_colour_map(site, reference, baseline=reinhard, seed=opts.seed + fold)
@@ -172,7 +188,7 @@ def run_learned(variant: str, mode: str, d: bench_data.BenchData, model: nn.Modu
     standardized = torch.zeros(n, 3, d.size, d.size)
     reference = d.train
     infos = []
-    for fold, (fit, held) in enumerate(folds(n, mode, opts.seed)):
+    for fold, (fit, held) in enumerate(folds(n, mode, opts.seed, d.target_groups)):
         term, info = _semantic_term(variant, model, header, cls_path, device)
         ckpt = out_dir / f"standardizer_{variant}_{mode}{'' if mode == 'transductive' else f'_fold{fold}'}.safetensors"
         _log(f"training {ckpt.name} on {len(fit)} target + {len(reference)} reference images (unlabeled)")
