@@ -171,6 +171,33 @@ def test_stain_augment_keeps_range_and_varies_per_image() -> None:
     assert not torch.allclose(y[0], y[1])
 
 
+def test_lab_jitter_moves_each_image_to_its_own_stain_template() -> None:
+    """The L*a*b* template jitter keeps [0,1], keeps the image's layout, and moves two copies' colour means apart."""
+    x = torch.rand(1, 3, 16, 16).repeat(2, 1, 1, 1) * 0.6 + 0.2
+    y = stain_augment.lab_jitter(x, 1.0, torch.Generator().manual_seed(0))
+    assert y.shape == x.shape and 0 <= y.min() and y.max() <= 1
+    assert (y[0].mean((1, 2)) - y[1].mean((1, 2))).abs().max() > 0.02
+    layout = torch.corrcoef(torch.stack([x[0, 1].flatten(), y[0, 1].flatten()]))[0, 1]
+    assert layout > 0.8
+
+
+def test_a_classifier_trained_with_another_augmentation_is_not_reused(bench: tuple[Path, dict, int],
+                                                                       tmp_path: Path) -> None:
+    """--lab-jitter trains its own reference classifier rather than reusing one trained without it."""
+    out, result, _ = bench
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("classifier.safetensors", "classifier.safetensors.split.json"):
+        (run / name).write_bytes((out / name).read_bytes())
+    args = bench_accuracy.get_args_parser().parse_args(
+        ["--reference", result["setup"]["reference"], "--target", result["setup"]["target"], "--preset", "tiny",
+         "--out-dir", str(run), "--mode", "transductive", "--variants", "im", "--lab-jitter", "1", "--threads", "1"])
+    again = bench_accuracy.main(args)
+    assert again["setup"]["classifier"]["reused"] is False
+    _, header = checkpoint.load_checkpoint(run / "classifier.safetensors")
+    assert header["training_data"]["augmentation"] == "models.imaging.stain_augment strength 1.0 lab 1.0"
+
+
 def test_structure_loss_ignores_colour_but_not_texture() -> None:
     """The structure term is ~0 for a recoloured cell and clearly positive for the same cell with invented texture."""
     yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
