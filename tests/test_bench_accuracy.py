@@ -181,6 +181,18 @@ def test_lab_jitter_moves_each_image_to_its_own_stain_template() -> None:
     assert layout > 0.8
 
 
+def test_tight_crop_pads_a_centred_square_with_its_border_colour() -> None:
+    """A tight-crop image keeps a centred square of the original and is flat outside it, as the service pads."""
+    x = torch.rand(6, 3, 32, 32)
+    y = stain_augment.tight_crop(x, 1.0, torch.Generator().manual_seed(0))
+    for original, framed in zip(x, y):
+        assert torch.equal(framed[:, 15:17, 15:17], original[:, 15:17, 15:17])
+        corner = framed[:, 0, 0].view(3, 1, 1)
+        assert torch.equal(framed[:, 0], corner.expand(3, 1, 32)[:, 0])  # the top row is the pad colour
+    assert not torch.equal(x, y)
+    assert torch.equal(stain_augment.tight_crop(x, 0.0, torch.Generator().manual_seed(0)), x)
+
+
 def test_a_classifier_trained_with_another_augmentation_is_not_reused(bench: tuple[Path, dict, int],
                                                                        tmp_path: Path) -> None:
     """--lab-jitter trains its own reference classifier rather than reusing one trained without it."""

@@ -131,6 +131,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the reference classifier's augmentation also moves each image to a random L*a*b* "
                              "stain template (models.imaging.stain_augment.lab_jitter; 1 = its standard "
                              "deviations); 0, the default, leaves it out")
+    parser.add_argument("--tight-crops", type=float, default=0.0,
+                        help="share of the reference classifier's training images framed as another lab's tight crop "
+                             "(a smaller centred square padded with its border colour, as the service pads a crop "
+                             "smaller than the window; models.imaging.stain_augment.tight_crop); default 0")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -170,14 +174,14 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
     cls_path = out_dir / "classifier.safetensors"
     t = time.monotonic()
-    augmentation = bench_train.augmentation_name(learned.STAIN_STRENGTH, opts.lab_jitter)
+    augmentation = bench_train.augmentation_name(learned.STAIN_STRENGTH, opts.lab_jitter, opts.tight_crops)
     loaded = bench_train.load_reference_classifier(cls_path, d, device, augmentation)
     if loaded is None:
         _log(f"training the reference classifier ({opts.arch}, {opts.size} px, {opts.epochs} epochs, {augmentation})")
         model, header = bench_train.train_reference_classifier(
             d, cls_path, arch=opts.arch, epochs=opts.epochs, batch_size=opts.batch_size, lr=opts.lr,
             strength=learned.STAIN_STRENGTH, seed=opts.seed, reference_root=opts.reference, device=device, log=_log,
-            lab=opts.lab_jitter)
+            lab=opts.lab_jitter, tight_crops=opts.tight_crops)
         reused = False
     else:
         model, header = loaded

@@ -99,27 +99,31 @@ def reference_scores(model: nn.Module, d: BenchData, device: torch.device) -> di
     return out
 
 
-def augmentation_name(strength: float, lab: float = 0.0) -> str:
+def augmentation_name(strength: float, lab: float = 0.0, tight_crops: float = 0.0) -> str:
     """How a reference classifier's header names its augmentation (a reused classifier must match it)."""
-    return f"models.imaging.stain_augment strength {strength}" + (f" lab {lab}" if lab > 0 else "")
+    return (f"models.imaging.stain_augment strength {strength}" + (f" lab {lab}" if lab > 0 else "")
+            + (f" tight_crops {tight_crops}" if tight_crops > 0 else ""))
 
 
 def train_reference_classifier(d: BenchData, out: Path, *, arch: str, epochs: int, batch_size: int, lr: float,
                                strength: float, seed: int, reference_root: str | Path, device: torch.device,
-                               log: Any = print, lab: float = 0.0) -> tuple[nn.Module, dict[str, Any]]:
+                               log: Any = print, lab: float = 0.0,
+                               tight_crops: float = 0.0) -> tuple[nn.Module, dict[str, Any]]:
     """Train on the reference train split with stain augmentation (``lab`` > 0: with the L*a*b* template
-    jitter, ``stain_augment.lab_jitter``); write checkpoint + split manifest."""
+    jitter, ``stain_augment.lab_jitter``; ``tight_crops`` > 0: that share of images framed as a tight crop,
+    ``stain_augment.tight_crop``); write checkpoint + split manifest."""
     started = time.monotonic()
     tu.seed_everything(seed)
     model = build_model(arch, len(d.classes)).to(device)
     loader = stain_augment.AugmentedBatches(d.train_base, d.train_labels, out=d.size, batch_size=batch_size,
-                                            strength=strength, cover=d.cover, seed=seed, lab=lab)
+                                            strength=strength, cover=d.cover, seed=seed, lab=lab,
+                                            tight_crops=tight_crops)
     history = _fit(model, loader, epochs=epochs, lr=lr, device=device, log=log)
     split_path = Path(f"{out}.split.json")
     data.write_manifest(d.manifest, split_path)
     header = classifier_header(d, arch=arch, metrics=reference_scores(model, d, device), history=history,
                                reference_root=reference_root, split_path=split_path,
-                               extra={"augmentation": augmentation_name(strength, lab)})
+                               extra={"augmentation": augmentation_name(strength, lab, tight_crops)})
     header.update(epochs=epochs, seed=seed, train_seconds=round(time.monotonic() - started, 1))
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     header["sha256"] = checkpoint.save_checkpoint(out, state, tu.jsonable(header))
