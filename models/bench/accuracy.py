@@ -2,7 +2,8 @@
 
     stainbridge bench accuracy --reference DIR --target DIR [--preset tiny|cpu|full] [--json OUT]
         [--out-dir DIR] [--size PX] [--mode transductive|inductive|both] [--threads N]
-        [--variants cyclegan_semantic cyclegan_colour colorization colour_map im] [--markdown FILE] [--grid FILE]
+        [--variants cyclegan_semantic cyclegan_colour colorization colour_map colour_map_balanced im]
+        [--markdown FILE] [--grid FILE]
 
 1. Geometry (``models.bench.data``/``models.imaging.site_geometry``): reference images are cut to a centred
    window, target images to the window of the same physical width (site magnification estimated
@@ -21,7 +22,9 @@
    as ``stainbridge train colorization``), pix2pix L -> ab trained on the reference windows only.
    "colour_map" (``models.imaging.colour_map``, as ``stainbridge train site-profile --method colour_map``):
    one colour map per site, the site's pooled L*a*b* histograms matched to the reference windows'
-   (the deleted histogram matching above was per image, like Reinhard). "im"
+   (the deleted histogram matching above was per image, like Reinhard); "colour_map_balanced", the same map
+   fitted and applied after a per-image white balance to the reference's background (a camera that sets its
+   white balance per frame). "im"
    (``models.bench.adaptation``): the classifier adapted to the target without labels behind raw,
    Reinhard and the colour map (``<method>_im`` rows), as ``stainbridge train adapt``.
 4. Scoring on the labeled target images, each method also with 8-fold dihedral test-time
@@ -86,7 +89,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 CLASSICAL = ("reinhard", "macenko")
 LEARNED = ("cyclegan_semantic", "cyclegan_colour", "colorization")
-SITE_FITTED = ("colour_map",)  # the site colour map (models.imaging.colour_map), fitted per mode like a learned one
+# the site colour map (models.imaging.colour_map), fitted per mode like a learned one; "colour_map_balanced": the same
+# with each image white-balanced to the reference background first (colour_map.white_balance)
+SITE_FITTED = ("colour_map", "colour_map_balanced")
 ADAPTATION = ("im",)  # label-free classifier adaptation behind each classical standardizer (models.bench.adaptation)
 
 
@@ -208,14 +213,14 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     for mode in modes:
         mode_folds = learned.folds(len(d.target), mode, opts.seed, d.target_groups)
         to_adapt = {k: [images[k]] * len(mode_folds) for k in adaptation.STANDARDIZERS}
-        if "colour_map" in (opts.variants or SITE_FITTED):
+        for variant in (v for v in (opts.variants or SITE_FITTED) if v in SITE_FITTED):
             t = time.monotonic()
-            r = learned.run_colour_map(mode, d, model, header, cls_path, opts, out_dir, device)
+            r = learned.run_colour_map(mode, d, model, header, cls_path, opts, out_dir, device, variant=variant)
             outputs.update(r["results"])
-            runs[f"colour_map_{mode}"] = r["runs"]
-            to_adapt["colour_map"] = r["per_fold"]
-            times[f"colour_map_{mode}_s"] = round(time.monotonic() - t, 1)
-            key = "colour_map" if mode == "transductive" else "colour_map_inductive"
+            runs[f"{variant}_{mode}"] = r["runs"]
+            to_adapt[variant] = r["per_fold"]
+            times[f"{variant}_{mode}_s"] = round(time.monotonic() - t, 1)
+            key = variant if mode == "transductive" else f"{variant}_inductive"
             images.setdefault(key, r["results"][key][1])
         if "im" in (opts.variants or ADAPTATION):
             t = time.monotonic()

@@ -139,10 +139,12 @@ def run_colorization(mode: str, d: bench_data.BenchData, model: nn.Module, heade
 
 
 def run_colour_map(mode: str, d: bench_data.BenchData, model: nn.Module, header: dict, cls_path: Path,
-                   opts: argparse.Namespace, out_dir: Path, device: torch.device) -> dict[str, Any]:
+                   opts: argparse.Namespace, out_dir: Path, device: torch.device,
+                   variant: str = "colour_map") -> dict[str, Any]:
     """The site colour map (``models.imaging.colour_map``, as ``stainbridge train site-profile --method
     colour_map``): fitted per fold on the fit half's target windows (every window, transductive) and the
-    reference train windows, the same sample sizes as the command. Returns the rows, the checkpoints and
+    reference train windows, the same sample sizes as the command; ``variant`` "colour_map_balanced"
+    white-balances each image first (``balance=True``). Returns the rows, the checkpoints and
     "per_fold": every target window through each fold's map (for the adapted-classifier rows)."""
     clf = as_classifier(model, header, cls_path.stem, device)
     x = bench_data.to_float(d.target)
@@ -154,8 +156,9 @@ def run_colour_map(mode: str, d: bench_data.BenchData, model: nn.Module, header:
     for fold, (fit, held) in enumerate(folds(n, mode, opts.seed, d.target_groups)):
         started = time.monotonic()
         site = torch.stack(site_geometry.evenly(x[fit], site_profile.COLOUR_SAMPLE))
-        fitted = colour_map.fit_colour_map(site, reference, baseline=reinhard, seed=opts.seed + fold)
-        ckpt = out_dir / f"standardizer_colour_map_{mode}{'' if mode == 'transductive' else f'_fold{fold}'}.safetensors"
+        fitted = colour_map.fit_colour_map(site, reference, baseline=reinhard, seed=opts.seed + fold,
+                                           balance=variant == "colour_map_balanced")
+        ckpt = out_dir / f"standardizer_{variant}_{mode}{'' if mode == 'transductive' else f'_fold{fold}'}.safetensors"
         sh = {"kind": "standardizer", "architecture": colour_map.ARCHITECTURE, "reference_stain": header["reference_stain"],
               "classifier_sha256": header.get("sha256"), "site_profile": d.site_profile,
               "colour_map": fitted.fit,
@@ -171,7 +174,7 @@ def run_colour_map(mode: str, d: bench_data.BenchData, model: nn.Module, header:
         per_fold.append(scored["standardized"])
         runs.append({"checkpoint": ckpt.name, "sha256": sha, "train_seconds": sh["train_seconds"],
                      "target_images_seen": len(fit)})
-    key = "colour_map" if mode == "transductive" else "colour_map_inductive"
+    key = variant if mode == "transductive" else f"{variant}_inductive"
     return {"results": {key: (plain, shown), f"{key}_tta": (tta, shown)}, "runs": runs, "per_fold": per_fold}
 
 
