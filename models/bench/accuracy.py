@@ -140,6 +140,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="share of the reference classifier's training images framed as another lab's tight crop "
                              "(a smaller centred square padded with its border colour, as the service pads a crop "
                              "smaller than the window; models.imaging.stain_augment.tight_crop); default 0")
+    parser.add_argument("--im-prior", choices=adaptation.PRIORS, default=None,
+                        help="the class prior of the 'im' rows' adaptation (`train adapt --prior`; default: its "
+                             "default)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
