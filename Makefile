@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # Re-install only when pyproject.toml changes (or the venv is new).
 STAMP := $(VENV)/.installed
 
-.PHONY: all demo test venv clean-venv
+.PHONY: all demo test test-fast venv clean-venv
 
 all: test
 
@@ -23,6 +23,12 @@ $(STAMP): pyproject.toml | $(PY)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The unit tests and the quick service tests (under 3 minutes on 2 cores): every test that needs PostgreSQL,
+# Chromium or a GPU, or takes more than about 10 s, carries a marker and is left out here.
+FAST := not slow and not postgres and not browser and not cuda and not burst
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "$(FAST)"
 
 demo: $(STAMP)
 	$(VENV)/bin/stainbridge demo

@@ -8,7 +8,7 @@ SQL views, metrics), ``service`` (the long-running process: lifecycle, start-up,
 sd_notify) and ``commands`` (what an operator types, behind ``cli``).
 
 The foundation sits beside the stages: ``config`` (+ ``config_values``), ``logs``, ``store`` (the
-SQL tables), ``schema`` (Alembic from code) and ``diskspace``.
+SQL tables), ``schema`` (Alembic from code), ``diskspace`` and ``folders``.
 
 Import rule (checked by tests/test_layout.py): a module imports only from its own stage and the
 stages listed before it here: foundation, intake, versions, pipeline, retraining, lab, service,

@@ -4,7 +4,8 @@ Each command lives in its own module exposing ``add_arguments(parser)`` and
 ``run(args) -> int``; that module is imported only when its command is invoked (or asked
 for ``--help``), so one command's heavy imports never slow down another. ``db`` and
 ``config`` are built in here. Every command accepts ``--config FILE`` before or after
-its name (else ``$STAINBRIDGE_CONFIG``, else the built-in defaults).
+its name (else ``$STAINBRIDGE_CONFIG``, else ``/etc/stainbridge/stainbridge.toml`` if it exists,
+else the built-in defaults).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from importlib.metadata import PackageNotFoundError, version
 from types import ModuleType
 from typing import Any, Callable, Sequence
 
-from stainbridge.daemon.config import CONFIG_ENV, ConfigError, Settings, load_settings
+from stainbridge.daemon.config import CONFIG_ENV, SYSTEM_CONFIG, ConfigError, Settings, load_settings
 
 PROG = "stainbridge"
 
@@ -37,6 +38,9 @@ COMMANDS: dict[tuple[str, ...], str] = {
     ("train", "site-profile"): "stainbridge.models.training.site_profile",
     ("site-profile",): "stainbridge.models.bench.site_profile",
     ("run",): "stainbridge.daemon.service.lifecycle",
+    ("init",): "stainbridge.daemon.commands.init",
+    ("backup",): "stainbridge.daemon.commands.backup",
+    ("restore",): "stainbridge.daemon.commands.restore",
     ("ingest",): "stainbridge.daemon.commands.ingest",
     ("status",): "stainbridge.daemon.commands.status",
     ("demo",): "stainbridge.daemon.commands.demo",
@@ -46,6 +50,7 @@ COMMANDS: dict[tuple[str, ...], str] = {
     ("reprocess",): "stainbridge.daemon.commands.reprocess",
     ("report",): "stainbridge.daemon.commands.report",
     ("export",): "stainbridge.daemon.commands.export",
+    ("sites",): "stainbridge.daemon.commands.sites",
 }
 
 HELP: dict[tuple[str, ...], str] = {
@@ -64,6 +69,9 @@ HELP: dict[tuple[str, ...], str] = {
     ("bench", "seeds"): "mean and spread of several `bench accuracy` runs (one per seed)",
     ("site-profile",): "estimate a site's magnification from its unlabeled images (red-cell diameters)",
     ("run",): "run the service in the foreground (systemd runs this)",
+    ("init",): "create and check the configured folders and the database (once, at install)",
+    ("backup",): "back up the database, the registered checkpoints and the configuration (sha256-listed)",
+    ("restore",): "restore a backup after checking every sha256 (stop the service first)",
     ("ingest",): "run the pipeline once over files or folders",
     ("status",): "show queue, model versions and recent results",
     ("demo",): "end-to-end demonstration on synthetic data",
@@ -73,6 +81,7 @@ HELP: dict[tuple[str, ...], str] = {
     ("reprocess",): "classify stored images again with the active models",
     ("report",): "write a self-contained HTML report of results (pictures, counts, accuracy, failures)",
     ("export",): "stream results as CSV or JSON",
+    ("sites",): "each site's validation state; `sites validate SITE` chooses its recipe on reviewed cells",
     ("db",): "database schema (Alembic)",
     ("db", "upgrade"): "migrate the database to the newest schema",
     ("db", "current"): "print the database's schema revision",
@@ -106,7 +115,8 @@ def _common() -> argparse.ArgumentParser:
         "--config",
         metavar="FILE",
         default=argparse.SUPPRESS,
-        help=f"TOML configuration file (default: ${CONFIG_ENV}, else built-in defaults)",
+        help=f"TOML configuration file (default: ${CONFIG_ENV}, else {SYSTEM_CONFIG} if it exists, "
+             "else built-in defaults)",
     )
     return common
 
@@ -150,7 +160,7 @@ def build_parser(selected: tuple[str, ...] = ()) -> tuple[argparse.ArgumentParse
         prog=PROG,
         description="Standardize blood-smear cell images to the reference stain, classify them, record results in SQL.",
     )
-    parser.add_argument("--config", metavar="FILE", default=None, help=f"TOML configuration file (default: ${CONFIG_ENV})")
+    parser.add_argument("--config", metavar="FILE", default=None, help=f"TOML configuration file (default: ${CONFIG_ENV}, else {SYSTEM_CONFIG} if it exists)")
     parser.add_argument("--version", action="version", version=f"{PROG} {_version()}")
     top = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     groups: dict[str, argparse._SubParsersAction] = {}
@@ -200,7 +210,7 @@ def _db_upgrade(args: argparse.Namespace) -> int:
     settings = _settings(args)
     _configure_logging(settings)
     try:
-        upgrade_database(settings.database_url)
+        upgrade_database(settings.database_url, default_site=settings.site.name)
         revision = current_revision(settings.database_url)
     except SchemaError as exc:
         print(f"{PROG}: database error: {exc}", file=sys.stderr)
@@ -210,11 +220,12 @@ def _db_upgrade(args: argparse.Namespace) -> int:
 
 
 def _db_current(args: argparse.Namespace) -> int:
-    from stainbridge.daemon.schema import SchemaError, current_revision, head_revision
+    from stainbridge.daemon.schema import SchemaError, current_revision, head_revision, require_existing
 
     settings = _settings(args)
     _configure_logging(settings)
     try:
+        require_existing(settings.database_url, settings.source)  # reading must not create it
         current = current_revision(settings.database_url)
         head = head_revision()
     except SchemaError as exc:
@@ -231,6 +242,8 @@ def _toml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     return json.dumps(str(value))
 
 

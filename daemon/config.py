@@ -1,14 +1,17 @@
 """Settings: the one place that holds every default.
 
-Loading order, later wins: built-in defaults < TOML file (``--config FILE`` or
-``$STAINBRIDGE_CONFIG``) < environment variables ``STAINBRIDGE_<SECTION>_<KEY>``.
+Loading order, later wins: built-in defaults < TOML file < environment variables
+``STAINBRIDGE_<SECTION>_<KEY>``. The file is the first of: ``--config FILE``, ``$STAINBRIDGE_CONFIG``
+(set but empty: no file), ``/etc/stainbridge/stainbridge.toml`` if it exists (``SYSTEM_CONFIG``: what
+the systemd unit runs with, so that an operator's `stainbridge status` reads the service's database).
 Every value is validated here (each key's checker is in ``config_values``); a bad one raises
-:class:`ConfigError` naming the key, where it came from and what is allowed.
+:class:`ConfigError` naming the key, where it came from and what is allowed, without echoing secrets.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -19,6 +22,7 @@ from stainbridge.daemon import config_values as check
 
 ENV_PREFIX = "STAINBRIDGE_"
 CONFIG_ENV = "STAINBRIDGE_CONFIG"
+SYSTEM_CONFIG = Path("/etc/stainbridge/stainbridge.toml")  # used when neither --config nor $STAINBRIDGE_CONFIG says
 DEVICES = ("auto", "cpu", "cuda")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("auto", "json", "console")
@@ -58,9 +62,20 @@ class ModelsSettings:
     tta: bool = True  # average the classifier over the 8 turns and flips (8x classifier cost)
 
 
+SITE_SOURCES = ("name", "folder", "institution")
+
+
 @dataclass(frozen=True)
 class SiteSettings:
+    # Which hospital a file comes from: "name" (every file is [site] name), "folder" (the first
+    # sub-folder below the drop folder) or "institution" (the DICOM InstitutionName); [site] name is
+    # the fallback of the last two (a file right in the drop folder, a file without the tag).
+    source: str = "name"
     name: str = "default"
+    validation_reviews: int = 50  # reviewed cells before `sites validate` scores a site's recipes
+    # Recipes a site's validation compares with the day-0 one ([models]): "STANDARDIZER" (in front of
+    # the [models] classifier) or "STANDARDIZER + CLASSIFIER" (two checkpoint files, or a built-in name).
+    recipes: tuple[str, ...] = ("none", "reinhard", "macenko")
     # Geometry: "profile" uses the magnification in the standardizer's site profile (estimated
     # without labels when it was trained); a number sets the magnification by hand; "auto" zooms
     # each frame by its stained-cell fraction.
@@ -123,6 +138,7 @@ class Settings:
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     source: str = "built-in defaults"
+    config_file: Path | None = None  # the TOML file read, if any (`stainbridge backup` keeps a copy)
 
     @property
     def state_dir(self) -> Path:
@@ -149,11 +165,12 @@ class Settings:
         out: dict[str, dict[str, Any]] = {}
         for section in SECTIONS:
             values = {f.name: getattr(getattr(self, section), f.name) for f in fields(SECTIONS[section])}
-            out[section] = {k: str(v) if isinstance(v, Path) else v for k, v in values.items()}
+            out[section] = {k: str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v
+                            for k, v in values.items()}
         out["paths"].update(
             drop=str(self.drop_dir), archive=str(self.archive_dir), quarantine=str(self.quarantine_dir)
         )
-        out["database"]["url"] = self.database_url
+        out["database"]["url"] = hide_password(self.database_url)
         if out["site"]["pseudonym_secret"]:
             out["site"]["pseudonym_secret"] = "<set>"
         return out
@@ -191,7 +208,10 @@ VALIDATORS: dict[tuple[str, str], Callable[[Any], Any]] = {
     ("models", "max_inflight_pixels"): check.positive(int),
     ("models", "poll_seconds"): check.positive(float),
     ("models", "tta"): check.boolean,
-    ("site", "name"): check.string,
+    ("site", "source"): check.choice(*SITE_SOURCES),
+    ("site", "name"): check.site_name,
+    ("site", "validation_reviews"): check.positive(int),
+    ("site", "recipes"): check.recipes,
     ("site", "scale"): check.scale,
     ("site", "pseudonym_secret"): check.pseudonym_secret,
     ("watch", "polling"): check.boolean,
@@ -225,6 +245,23 @@ VALIDATORS: dict[tuple[str, str], Callable[[Any], Any]] = {
 }
 
 
+SECRET_KEYS = {("site", "pseudonym_secret")}  # never shown in messages, whatever their value
+
+
+def hide_password(url: str) -> str:
+    """A database URL with its password replaced by ``***`` (for messages, `config check` and logs)."""
+    return re.sub(r"^([A-Za-z0-9+.-]+://[^/@:]*:)[^/]*@", r"\1***@", url)
+
+
+def shown_value(section: str, key: str, raw: Any) -> str:
+    """A raw setting as an error message may show it: secrets hidden, a database URL without its password."""
+    if (section, key) in SECRET_KEYS:
+        return f"<hidden, {len(str(raw))} characters>"
+    if (section, key) == ("database", "url"):
+        return repr(hide_password(str(raw)))
+    return repr(raw)
+
+
 def env_name(section: str, key: str) -> str:
     return f"{ENV_PREFIX}{section.upper()}_{key.upper()}"
 
@@ -248,7 +285,12 @@ def _read_file(path: Path) -> dict[str, dict[str, Any]]:
 def load_settings(config_file: str | os.PathLike[str] | None = None, environ: dict[str, str] | None = None) -> Settings:
     """Build the effective settings: defaults, then the file, then the environment."""
     env = os.environ if environ is None else environ
-    chosen = config_file or env.get(CONFIG_ENV) or None
+    if config_file:
+        chosen = config_file
+    elif CONFIG_ENV in env:
+        chosen = env[CONFIG_ENV] or None
+    else:
+        chosen = str(SYSTEM_CONFIG) if SYSTEM_CONFIG.is_file() else None
     file_values = _read_file(Path(chosen)) if chosen else {}
     sources: list[str] = ["built-in defaults"] + ([str(chosen)] if chosen else [])
 
@@ -272,6 +314,7 @@ def load_settings(config_file: str | os.PathLike[str] | None = None, environ: di
             try:
                 values[key] = VALIDATORS[(section, key)](raw)
             except ValueError as exc:
-                raise ConfigError(f"[{section}] {key} = {raw!r} (from {origin[key]}) is not valid: {exc}") from None
+                raise ConfigError(f"[{section}] {key} = {shown_value(section, key, raw)} (from {origin[key]}) "
+                                  f"is not valid: {exc}") from None
         sections[section] = cls(**values)
-    return Settings(**sections, source=" < ".join(sources))
+    return Settings(**sections, source=" < ".join(sources), config_file=Path(chosen).absolute() if chosen else None)

@@ -39,8 +39,8 @@ def _number(value: Any, kind: type, expected: str, within: Callable[[Any], bool]
 
 
 def positive(kind: type) -> Callable[[Any], Any]:
-    def check(value: Any) -> Any:
-        return _number(value, kind, f"expected a positive {kind.__name__}", lambda n: n > 0)
+    def check(value: Any) -> Any:  # finite: "inf" seconds, images or MiB means a setting that never acts
+        return _number(value, kind, f"expected a positive, finite {kind.__name__}", lambda n: 0 < n < float("inf"))
 
     return check
 
@@ -112,6 +112,36 @@ def standardizer(value: Any) -> str:
     if not text:
         raise ValueError(f"expected a checkpoint file or one of: {', '.join(STANDARDIZER_BUILTINS)}")
     return text if text.lower() not in STANDARDIZER_BUILTINS else text.lower()
+
+
+MAX_SITE_CHARS = 128  # images.site, model_versions.site, sites.name
+
+
+def site_name(value: Any) -> str:
+    text = string(value)
+    if not text:
+        raise ValueError("expected a site name (the hospital or laboratory), e.g. 'hospital-a'")
+    if len(text) > MAX_SITE_CHARS:
+        raise ValueError(f"a site name has at most {MAX_SITE_CHARS} characters")
+    return text
+
+
+RECIPE_JOIN = " + "
+
+
+def recipes(value: Any) -> tuple[str, ...]:
+    """A list of recipes (TOML array, or one comma-separated string from the environment): each
+    "STANDARDIZER" or "STANDARDIZER + CLASSIFIER"."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)):
+        raise ValueError('expected a list such as ["reinhard", "macenko + /models/classifier-macenko.safetensors"]')  # noqa: TRY004
+    out = []
+    for item in items:
+        parts = [part.strip() for part in string(item).split(RECIPE_JOIN.strip())]
+        if not 1 <= len(parts) <= 2 or not all(parts):
+            raise ValueError(f"recipe {item!r}: expected STANDARDIZER or STANDARDIZER + CLASSIFIER")
+        out.append(RECIPE_JOIN.join([standardizer(parts[0]), *parts[1:]]))
+    return tuple(dict.fromkeys(out))
 
 
 def scale(value: Any) -> str:

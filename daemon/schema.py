@@ -40,14 +40,19 @@ def safe_url(url: str) -> str:
         return "<unparseable database URL>"
 
 
-def alembic_config(url: str) -> Config:
-    """An Alembic Config built in code: scripts from the `migrations` package, this URL."""
+def alembic_config(url: str, *, default_site: str | None = None) -> Config:
+    """An Alembic Config built in code: scripts from the `migrations` package, this URL.
+
+    ``default_site`` (``[site] name``): the site that model versions from before sites existed
+    belong to (migration 0008); without it, the site most images were recorded under."""
     from stainbridge import migrations
 
     cfg = Config()
     cfg.set_main_option("script_location", str(Path(migrations.__file__).resolve().parent))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     cfg.attributes["url"] = url
+    if default_site:
+        cfg.attributes["default_site"] = default_site
     return cfg
 
 
@@ -78,24 +83,25 @@ def _check_reachable(engine: Engine, url: str) -> None:
         ) from None
 
 
-def upgrade_database(url: str, revision: str = "head") -> None:
+def upgrade_database(url: str, revision: str = "head", *, default_site: str | None = None) -> None:
     """Bring the database at `url` to `revision` (a no-op when it is already there)."""
-    _run_alembic(command.upgrade, "migrating", url, revision)
+    _run_alembic(command.upgrade, "migrating", url, revision, default_site)
 
 
-def downgrade_database(url: str, revision: str) -> None:
+def downgrade_database(url: str, revision: str, *, default_site: str | None = None) -> None:
     """Take the database at `url` back to `revision` ("base" removes every table)."""
-    _run_alembic(command.downgrade, "downgrading", url, revision)
+    _run_alembic(command.downgrade, "downgrading", url, revision, default_site)
 
 
-def _run_alembic(action: Callable[[Config, str], None], verb: str, url: str, revision: str) -> None:
+def _run_alembic(action: Callable[[Config, str], None], verb: str, url: str, revision: str,
+                 default_site: str | None) -> None:
     engine = _engine(url)
     try:
         _check_reachable(engine, url)
     finally:
         engine.dispose()
     try:
-        action(alembic_config(url), revision)
+        action(alembic_config(url, default_site=default_site), revision)
     except SQLAlchemyError as exc:
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
         raise SchemaError(f"{verb} {safe_url(url)} to {revision} failed: {reason}") from exc
@@ -118,7 +124,42 @@ class DatabaseNotReady(SchemaError):
     """The database schema is missing or older than this code, and we may not migrate it."""
 
 
-def prepare_database(url: str) -> None:
+class DatabaseMissing(DatabaseUnavailable):
+    """A command that only reads found no database where the configuration says it is."""
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The file of a SQLite URL (None for other databases and in-memory SQLite)."""
+    if not url.startswith("sqlite"):
+        return None
+    path = make_url(url).database
+    return Path(path).absolute() if path and path != ":memory:" else None
+
+
+def require_existing(url: str, source: str = "") -> None:
+    """Raise DatabaseMissing unless the SQLite file exists (connecting would create it and its folder).
+
+    `source`: where the settings came from, so that the message says which configuration pointed here."""
+    path = sqlite_file(url)
+    if path is not None and not path.is_file():
+        where = f" (configuration: {source})" if source else ""
+        raise DatabaseMissing(
+            f"no database at {path}{where}; nothing was created. Pass the service's configuration with "
+            "--config FILE (or set STAINBRIDGE_CONFIG), or run `stainbridge init` to create a new one")
+
+
+def require_database(url: str, source: str = "") -> None:
+    """For commands that only read: the database must exist and be at the newest schema; nothing is created
+    or migrated (DatabaseMissing, DatabaseUnreachable or DatabaseNotReady say which database was looked for)."""
+    require_existing(url, source)
+    current, head = current_revision(url), head_revision()
+    if current != head:
+        raise DatabaseNotReady(
+            f"the database {safe_url(url)} is at revision {current or 'none (empty database)'}, this code needs "
+            f"{head}; run `stainbridge db upgrade` (with the same --config) first")
+
+
+def prepare_database(url: str, *, default_site: str | None = None) -> None:
     """SQLite: run the migrations (embedded default). PostgreSQL: refuse unless at head.
 
     On a shared PostgreSQL server several workers start at once, and schema changes are an
@@ -126,7 +167,7 @@ def prepare_database(url: str) -> None:
     (DatabaseUnavailable, DatabaseNotReady) with a message that says what to do.
     """
     if url.startswith("sqlite"):
-        upgrade_database(url)
+        upgrade_database(url, default_site=default_site)
         return
     current, head = current_revision(url), head_revision()
     if current != head:

@@ -58,11 +58,19 @@ class ModelKind(str, enum.Enum):
 
 
 class VersionState(str, enum.Enum):
-    """A model version's place in the registry: exactly one `active` per kind (a partial unique index)."""
+    """A model version's place in the registry: exactly one `active` per kind and site (a partial unique index)."""
 
     candidate = "candidate"  # registered (by hand or by the nightly job), not serving
     active = "active"  # what the service uses for new predictions
     retired = "retired"  # served once; `models rollback` may bring it back
+
+
+class SiteState(str, enum.Enum):
+    """What a site's results rest on: `unvalidated` (the day-0 recipe, no evidence from this site yet) or
+    `validated` (its recipe was chosen on reviewed cells of its own; the score is in the `sites` row)."""
+
+    unvalidated = "unvalidated"
+    validated = "validated"
 
 
 class RunStatus(str, enum.Enum):
@@ -102,7 +110,7 @@ class Image(Base):
     sha256: Mapped[str | None] = mapped_column(String(64))
     duplicate_of_id: Mapped[int | None] = mapped_column(ForeignKey("images.id", ondelete="SET NULL"))
     source_name: Mapped[str] = mapped_column(String(512))
-    site: Mapped[str] = mapped_column(String(128))
+    site: Mapped[str] = mapped_column(String(128), index=True)
     status: Mapped[ImageStatus] = mapped_column(_str_enum(ImageStatus, "image_status"), index=True)
     error: Mapped[str | None] = mapped_column(Text)
     size_bytes: Mapped[int | None] = mapped_column(BigInteger)
@@ -120,6 +128,9 @@ class Image(Base):
     received_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     processed_at: Mapped[datetime | None]
     archive_path: Mapped[str | None] = mapped_column(String(1024))
+    # Workers that died holding this image's claim, since a claim of it last ended otherwise
+    # (intake.claims: quarantined at MAX_CRASHES without being read again).
+    crashes: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
 
     predictions: Mapped[list["Prediction"]] = relationship(back_populates="image", cascade="all, delete-orphan")
 
@@ -137,12 +148,15 @@ class Image(Base):
 
 
 class ModelVersion(Base):
-    """A checkpoint the service has loaded or the retraining job has produced."""
+    """A checkpoint the service has loaded or the retraining job has produced, for one site.
+
+    Each site has its own versions (the same file serving two sites is two rows, one sha256)."""
 
     __tablename__ = "model_versions"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     kind: Mapped[ModelKind] = mapped_column(_str_enum(ModelKind, "model_kind"))
+    site: Mapped[str] = mapped_column(String(128))
     name: Mapped[str] = mapped_column(String(128))
     path: Mapped[str] = mapped_column(String(1024))
     sha256: Mapped[str] = mapped_column(String(64))
@@ -157,9 +171,9 @@ class ModelVersion(Base):
     promoted_at: Mapped[datetime | None]
 
     __table_args__ = (
-        Index("uq_model_versions_kind_sha256", "kind", "sha256", unique=True),
-        # Exactly one active version per kind, enforced by the database, not only by code.
-        Index("uq_model_versions_one_active", "kind", unique=True,
+        Index("uq_model_versions_site_kind_sha256", "site", "kind", "sha256", unique=True),
+        # Exactly one active version per kind and site, enforced by the database, not only by code.
+        Index("uq_model_versions_one_active_per_site", "site", "kind", unique=True,
               sqlite_where=text("state = 'active'"), postgresql_where=text("state = 'active'")),
     )
 
@@ -209,6 +223,49 @@ class TrainingRun(Base):
     error: Mapped[str | None] = mapped_column(Text)
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None]
+
+
+class Site(Base):
+    """One incoming hospital or laboratory and its validation state (docs/sites.md).
+
+    Created when the site's first file is classified. ``reviews_needed`` is ``[site] validation_reviews``
+    (kept in step by the service). When validated: the recipe chosen (its two version ids and name), its
+    balanced accuracy with the bootstrap 95 % interval on ``validated_cells`` reviewed cells, and every
+    recipe's score in ``validation``."""
+
+    __tablename__ = "sites"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    state: Mapped[SiteState] = mapped_column(_str_enum(SiteState, "site_state"), default=SiteState.unvalidated)
+    reviews_needed: Mapped[int] = mapped_column(Integer)
+    sample_chosen_at: Mapped[datetime | None]
+    recipe: Mapped[str | None] = mapped_column(String(512))
+    standardizer_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
+    classifier_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
+    balanced_accuracy: Mapped[float | None] = mapped_column(Float)
+    ci_low: Mapped[float | None] = mapped_column(Float)
+    ci_high: Mapped[float | None] = mapped_column(Float)
+    validated_cells: Mapped[int | None] = mapped_column(Integer)
+    validation: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    validated_at: Mapped[datetime | None]
+
+
+class ValidationCell(Base):
+    """A cell chosen for a site's validation sample (``models.validation.select_validation_sample``),
+    in review order (``rank`` 1 first); ``review export`` lists the unreviewed ones first."""
+
+    __tablename__ = "validation_cells"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    site_id: Mapped[int] = mapped_column(ForeignKey("sites.id", ondelete="CASCADE"))
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), unique=True)
+    rank: Mapped[int] = mapped_column(Integer)
+    predicted: Mapped[str] = mapped_column(String(64))  # the day-0 recipe's class when it was chosen
+    disagreement: Mapped[int] = mapped_column(Integer)  # recipes that did not give the most common class
+
+    __table_args__ = (Index("uq_validation_cells_site_id_rank", "site_id", "rank", unique=True),)
 
 
 class Review(Base):

@@ -28,11 +28,6 @@ def _url() -> str:
     return url
 
 
-def _include_name(name: str | None, type_: str, _parent: object) -> bool:
-    # APScheduler keeps its job table in the same database (daemon/retraining/scheduler.py); it is not ours.
-    return not (type_ == "table" and name == "apscheduler_jobs")
-
-
 def _configure(**kwargs: object) -> None:
     url = _url()
     context.configure(
@@ -40,7 +35,6 @@ def _configure(**kwargs: object) -> None:
         # SQLite cannot ALTER most things: later migrations recreate tables in batch mode.
         render_as_batch=url.startswith("sqlite"),
         compare_type=True,
-        include_name=_include_name,
         **kwargs,
     )
 

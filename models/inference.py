@@ -11,7 +11,8 @@ reference window's physical width, using the site magnification from the standar
 profile (estimated without labels from red-cell diameters when it was trained) or ``[site] scale``.
 
 The networks themselves (``Classifier``, ``Standardizer``) and their checkpoint loaders live in
-``models.networks``; everything the daemon needs is re-exported here, so this module is its whole
+``models.networks``, the site-validation rule (which cells to review, how recipes are scored) in
+``models.validation``; everything the daemon needs is re-exported here, so this module is its whole
 view of ``models/``. Everything runs in inference mode.
 """
 
@@ -40,6 +41,14 @@ from stainbridge.models.networks import (
     resolve_device,
     wrap_generator,
 )
+from stainbridge.models.validation import (
+    RecipeScore,
+    choose_recipe,
+    disagreement,
+    pool_size,
+    score_recipes,
+    select_validation_sample,
+)
 
 # The daemon's whole view of models/: everything it imports from the package is named here.
 __all__ = [
@@ -52,20 +61,26 @@ __all__ = [
     "DeviceUnavailable",
     "Geometry",
     "ModelMismatch",
+    "RecipeScore",
     "Standardizer",
+    "choose_recipe",
     "classify_batch",
     "compile_networks",
+    "disagreement",
     "file_sha256",
     "fsync_dir",
     "full_precision",
     "load_classifier",
     "load_standardizer",
     "place_model",
+    "pool_size",
     "predict_views",
     "prepare_batch",
     "resolve_device",
     "resolve_geometry",
     "run_batch",
+    "score_recipes",
+    "select_validation_sample",
     "wrap_generator",
 ]
 

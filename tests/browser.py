@@ -1,4 +1,4 @@
-"""Headless Chromium through the DevTools protocol: load a page, report its images and console errors.
+"""Headless Chromium through the DevTools protocol: load a page, report its visible text, images and errors.
 
 Debian's `chromium` (.ci/run installs it) is started with ``--remote-debugging-port=0``; the port it
 picked is read from ``DevToolsActivePort`` in its profile folder, and the page is driven over a
@@ -20,7 +20,8 @@ from typing import Any
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")
 IMAGES_JS = """JSON.stringify(Array.from(document.images).map(i => ({alt: i.alt, complete: i.complete,
-    width: i.naturalWidth, height: i.naturalHeight})))"""
+    width: i.naturalWidth, height: i.naturalHeight, shown: i.getBoundingClientRect().width > 0})))"""
+TEXT_JS = "document.body.innerText"  # what a reader sees: rendered text only (nothing hidden by CSS)
 
 
 def find_chromium() -> str | None:
@@ -36,6 +37,7 @@ class PageCheck:
     images: list[dict[str, Any]]
     errors: list[str] = field(default_factory=list)
     title: str = ""
+    text: str = ""  # the page's visible text
 
 
 class _DevTools:
@@ -109,9 +111,10 @@ def check_page(chromium: str, page: Path, screenshot: Path, profile: Path, timeo
         tools.wait_event("Page.loadEventFired", timeout)
         images = json.loads(tools.call("Runtime.evaluate", expression=IMAGES_JS, returnByValue=True)["result"]["value"])
         title = tools.call("Runtime.evaluate", expression="document.title", returnByValue=True)["result"]["value"]
+        text = tools.call("Runtime.evaluate", expression=TEXT_JS, returnByValue=True)["result"]["value"]
         shot = tools.call("Page.captureScreenshot", format="png", captureBeyondViewport=True)
         screenshot.write_bytes(base64.b64decode(shot["data"]))
-        return PageCheck(images=images, errors=_errors(tools.events), title=title)
+        return PageCheck(images=images, errors=_errors(tools.events), title=title, text=text)
     finally:
         if tools is not None:
             tools.close()

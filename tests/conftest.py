@@ -4,7 +4,9 @@
 database. PostgreSQL comes from $STAINBRIDGE_TEST_POSTGRES_URL (an admin connection that may
 CREATE DATABASE); when no server answers there, those runs are skipped with the reason shown
 in pytest's summary (`-ra`), never silently. Under CI (``CI=true``) they fail instead: a CI run
-whose database did not start must not pass with half of its tests skipped.
+whose database did not start must not pass with half of its tests skipped. The suite's rules (every
+PostgreSQL test carries its marker; under CI any other skip outside an allow-list fails the run) are
+the plugin tests/suite_rules.py, registered here (beside pytest's own ``pytester``, which its tests use).
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from stainbridge.daemon.config import SECTIONS, Settings, env_name, load_settings
+from tests import suite_rules
+from tests.suite_rules import under_ci
+
+pytest_plugins = ("pytester",)
 
 DEFAULT_POSTGRES_URL = "postgresql+psycopg://stainbridge:stainbridge@127.0.0.1:5432/postgres"
 POSTGRES_ENV = "STAINBRIDGE_TEST_POSTGRES_URL"
@@ -40,12 +46,19 @@ def _masked(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.pluginmanager.register(suite_rules, "stainbridge-suite-rules")
+
+
 @pytest.fixture(autouse=True)
-def _hermetic_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A developer's own STAINBRIDGE_* variables must not leak into the tests."""
+def _hermetic_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A developer's own STAINBRIDGE_* variables (and a machine's /etc/stainbridge) must not leak into the tests."""
+    from stainbridge.daemon import config
+
     for name in list(os.environ):
         if name.startswith("STAINBRIDGE_") and not name.startswith("STAINBRIDGE_TEST_"):
             monkeypatch.delenv(name)
+    monkeypatch.setattr(config, "SYSTEM_CONFIG", tmp_path / "no-system-config" / "stainbridge.toml")
 
 
 @pytest.fixture(scope="session")
@@ -59,7 +72,7 @@ def postgres_admin() -> str:
     except Exception as exc:  # any failure to connect means "no server for these tests"
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
         message = f"PostgreSQL not reachable at {_masked(url)} ({reason}); {HOW_TO_START}"
-        if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
+        if under_ci():
             pytest.fail(f"CI=true: {message}", pytrace=False)
         pytest.skip(message)
     finally:
@@ -159,6 +172,7 @@ def make_service(settings_factory: SettingsFactory, tiny_models) -> Iterator[Cal
     The watcher is quick (files ready after 0.05 s, a rescan every 0.2 s, batches of 4); overrides are
     settings_factory's SECTION_KEY=value. A PostgreSQL database is migrated first. All are stopped at teardown.
     """
+    from stainbridge.daemon import folders
     from stainbridge.daemon.schema import upgrade_database
     from stainbridge.daemon.service.lifecycle import Service
 
@@ -172,6 +186,7 @@ def make_service(settings_factory: SettingsFactory, tiny_models) -> Iterator[Cal
             "models_device": "cpu", "models_batch_size": 4, "watch_quiet_seconds": 0.05, "watch_rescan_seconds": 0.2,
             "watch_batch_wait_seconds": 0.05, "site_pseudonym_secret": "a-long-enough-test-secret-0123456789",
             **overrides})
+        folders.prepare(settings)  # `stainbridge init`
         service = Service(settings)
         service.start()
         made.append(service)
@@ -199,6 +214,7 @@ def run_stainbridge(stainbridge_exe: Path, tmp_path: Path) -> Callable[..., subp
 
     def run(*args: str, env: dict[str, str] | None = None, timeout: float = 120, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
         base = {k: v for k, v in os.environ.items() if not k.startswith("STAINBRIDGE_")}
+        base["STAINBRIDGE_CONFIG"] = ""  # no file unless the test names one (not this machine's /etc/stainbridge)
         base.update(env or {})
         return subprocess.run(
             [str(stainbridge_exe), *args],

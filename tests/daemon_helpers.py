@@ -25,6 +25,8 @@ import torch
 from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
 
+from stainbridge.daemon import folders
+from stainbridge.daemon.config import load_settings
 from stainbridge.models.checkpoint import save_checkpoint
 from stainbridge.models.classifier import build_classifier
 from stainbridge.models.cyclegan import build_generator
@@ -101,8 +103,7 @@ def write_config(path: Path, root: Path, database_url: str, checkpoints: TinyMod
         lines += [f"{key} = {toml_value(value)}" for key, value in values.items()]
         lines.append("")
     path.write_text("\n".join(lines), encoding="utf-8")
-    for folder in ("drop",):
-        Path(config["paths"][folder]).mkdir(parents=True, exist_ok=True)
+    folders.prepare(load_settings(path, environ={}))  # what `stainbridge init` does at install
     return path
 
 
@@ -139,12 +140,22 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return env
 
 
-class Daemon:
-    """A real `stainbridge run --config FILE` process with a notify socket and a log file."""
+REPO = Path(__file__).resolve().parents[1]
+# `stainbridge` in a process that SIGKILLs itself when it decodes a marked file (tests/crashing_service.py)
+CRASHING_STAINBRIDGE = (sys.executable, "-m", "tests.crashing_service")
 
-    def __init__(self, config: Path, workdir: Path, *, env: dict[str, str] | None = None) -> None:
+
+class Daemon:
+    """A real `stainbridge run --config FILE` process with a notify socket and a log file.
+
+    `launcher`: the command that stands for `stainbridge` (e.g. CRASHING_STAINBRIDGE, or one wrapped in
+    `unshare` to give the service its own mounts); the repository is put on its PYTHONPATH."""
+
+    def __init__(self, config: Path, workdir: Path, *, env: dict[str, str] | None = None,
+                 launcher: tuple[str, ...] = (str(STAINBRIDGE),)) -> None:
         self.config, self.workdir = config, workdir
         self.extra_env = env or {}
+        self.launcher = launcher
         self.process: subprocess.Popen[bytes] | None = None
         self.messages: list[str] = []
         self.starts = 0
@@ -178,8 +189,8 @@ class Daemon:
             log.write(f"--- start {self.starts} ---\n".encode())
             log.flush()
             self.process = subprocess.Popen(
-                [str(STAINBRIDGE), "run", "--config", str(self.config)],
-                env=subprocess_env(NOTIFY_SOCKET=str(self.socket_path), **self.extra_env),
+                [*self.launcher, "run", "--config", str(self.config)],
+                env=subprocess_env(NOTIFY_SOCKET=str(self.socket_path), PYTHONPATH=str(REPO), **self.extra_env),
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.workdir,
             )
         if wait_ready:

@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import insert, text
 
 from stainbridge.daemon.schema import upgrade_database
-from stainbridge.daemon.store import Image, Review, make_engine
+from stainbridge.daemon.store import Image, Review, Site, make_engine
 
 DAY1 = datetime(2026, 11, 2, 9, 0, tzinfo=timezone.utc)
 DAY2 = datetime(2026, 11, 3, 15, 30, tzinfo=timezone.utc)
@@ -24,10 +24,10 @@ def seed_known_history(url: str) -> None:
     try:
         with engine.begin() as c:
             c.execute(text(
-                "INSERT INTO model_versions (id, kind, name, path, sha256, header, metrics, state, created_at) VALUES "
-                "(1, 'standardizer', 'cyclegan-a', '/m/s', 's1', :h, '{}', 'active', :t), "
-                "(2, 'classifier', 'resnet-v1', '/m/c1', 'c1', '{}', '{}', 'retired', :t), "
-                "(3, 'classifier', 'resnet-v2', '/m/c2', 'c2', '{}', '{}', 'active', :t)"),
+                "INSERT INTO model_versions (id, kind, site, name, path, sha256, header, metrics, state, created_at) VALUES "
+                "(1, 'standardizer', 'hospital-x', 'cyclegan-a', '/m/s', 's1', :h, '{}', 'active', :t), "
+                "(2, 'classifier', 'hospital-x', 'resnet-v1', '/m/c1', 'c1', '{}', '{}', 'retired', :t), "
+                "(3, 'classifier', 'hospital-x', 'resnet-v2', '/m/c2', 'c2', '{}', '{}', 'active', :t)"),
                 {"t": DAY1, "h": '{"site_profile": {"magnification": 1.25, "method": "test"}}'})
             images = [
                 (1, "a.png", "done", None, None, DAY1), (2, "b.png", "done", None, None, DAY1),
@@ -51,6 +51,9 @@ def seed_known_history(url: str) -> None:
                  {"id": 3, "img": 2, "label": "neutrophil", "conf": 0.9, "clf": 3, "tta": True, "mag": 1.25, "t": DAY1},
                  {"id": 4, "img": 3, "label": "neutrophil", "conf": 0.4, "clf": 3, "tta": False, "mag": 1.25,
                   "t": DAY2}])
+            c.execute(insert(Site.__table__),  # as the service records a site it serves for the first time
+                      [{"name": "hospital-x", "state": "unvalidated", "reviews_needed": 50, "validation": {},
+                        "created_at": DAY1}])
             c.execute(insert(Review.__table__),
                       [{"image_id": 1, "label": "monocyte", "reviewer": "dr-a", "created_at": DAY2},
                        {"image_id": 2, "label": "lymphocyte", "reviewer": "dr-a", "created_at": DAY2}])

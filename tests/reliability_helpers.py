@@ -7,9 +7,10 @@ to files outside the drop folder, a link-then-unlink publisher, unusual pixel fo
 DICOM with a NUL byte, a duplicate, an input named like a quarantine note, a file still being
 written and a file deleted at once.
 
-`audit` reads the database and the folders after a run and counts what the table in docs/reliability.md reports:
+`audit` reads the database and the folders after a run and counts what the Reliability table reports:
 lost (an entry with no filed row, or a filed path that does not exist), duplicated (more than one
-row for one entry, or more than one prediction for one image), stuck (rows left pending/processing).
+row for one entry, or more than one prediction for one image), stuck (rows left pending/processing);
+and it checks that every filed file holds the bytes its row's sha256 names (nothing mislabelled).
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from PIL import Image
 from pydicom import dcmread
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-from stainbridge.daemon.intake.failures import storable_source_name, storable_text
+from stainbridge.daemon.folders import MARKER
+from stainbridge.daemon.intake.failures import storable_source_name
 from tests import dicom_factory
 from tests.daemon_helpers import bomb_png, cell_bytes, query
 
@@ -186,26 +188,40 @@ class Audit:
     wrong_outcome: list[str]
     left_in_drop: list[str]
     outside_changed: bool
+    mislabelled: list[str] = field(default_factory=list)  # a filed file whose bytes are not its row's sha256
 
     @property
     def clean(self) -> bool:
         return not (self.lost or self.duplicated or self.stuck or self.wrong_outcome or self.left_in_drop
-                    or self.outside_changed)
+                    or self.outside_changed or self.mislabelled)
 
 
-def _filed_at(archive_path: str) -> bool:
-    """The recorded path exists (names that are not UTF-8 are recorded escaped: compare them so)."""
-    if os.path.lexists(archive_path):
-        return True
-    folder = Path(archive_path).parent
-    try:
-        return any(storable_text(str(p), 1024) == archive_path for p in folder.iterdir())
-    except OSError:
-        return False
+def _mislabelled(rows: list[tuple], moved: dict[str, str]) -> list[str]:
+    """Filed rows with a sha256 whose file does not hold those bytes."""
+    out = []
+    for _id, name, status, archive_path, sha256 in rows:
+        if sha256 is None or not archive_path or status not in ("done", "failed", "duplicate"):
+            continue
+        path = Path(_seen_from_here(archive_path, moved))
+        if path.is_symlink() or not path.is_file():
+            continue  # counted as lost
+        if hashlib.sha256(path.read_bytes()).hexdigest() != sha256:
+            out.append(f"{name}: {archive_path} does not hold {sha256[:12]}")
+    return out
 
 
-def audit(url: str, corpus: Corpus) -> Audit:
-    rows = query(url, "SELECT id, source_name, status, archive_path FROM images ORDER BY id")
+def _seen_from_here(path: str, moved: dict[str, str]) -> str:
+    """`path` as this process sees it: a service with its own mounts (`moved`: its folder -> ours)."""
+    for theirs, ours in moved.items():
+        if path.startswith(theirs + "/"):
+            return ours + path[len(theirs):]
+    return path
+
+
+def audit(url: str, corpus: Corpus, moved: dict[str, str] | None = None) -> Audit:
+    """The outcome of a run (see the module's doc); `moved` maps a folder as the service saw it to ours."""
+    moved = moved or {}
+    rows = query(url, "SELECT id, source_name, status, archive_path, sha256 FROM images ORDER BY id")
     by_source: dict[str, list[tuple]] = {}
     for row in rows:
         by_source.setdefault(row[1], []).append(row)
@@ -215,7 +231,8 @@ def audit(url: str, corpus: Corpus) -> Audit:
         found = by_source.get(name, [])
         if len(found) > 1:
             duplicated.append(name)
-        filed = [r for r in found if r[2] in ("done", "failed", "duplicate") and r[3] and _filed_at(r[3])]
+        filed = [r for r in found if r[2] in ("done", "failed", "duplicate") and r[3]
+                 and os.path.lexists(_seen_from_here(r[3], moved))]
         if not filed:
             lost.append(name)
             continue
@@ -230,9 +247,10 @@ def audit(url: str, corpus: Corpus) -> Audit:
     strays = set(by_source) - set(corpus.entries) - corpus.vanished
     duplicated += [f"unexpected row: {name}" for name in sorted(strays)]
     stuck = sum(1 for r in rows if r[2] in ("pending", "processing"))
-    left = sorted(str(p.relative_to(corpus.drop)) for p in corpus.drop.rglob("*") if p.is_file() or p.is_symlink())
+    left = sorted(str(p.relative_to(corpus.drop)) for p in corpus.drop.rglob("*")
+                  if (p.is_file() or p.is_symlink()) and p.name != MARKER)
     return Audit(len(corpus.entries), lost, duplicated, stuck, wrong, left,
-                 digest_tree(corpus.outside) != corpus.outside_digests)
+                 digest_tree(corpus.outside) != corpus.outside_digests, _mislabelled(rows, moved))
 
 
 class TcpProxy:
@@ -307,13 +325,65 @@ class TcpProxy:
                     pass
 
 
+TABLE_BEGIN = "<!-- reliability-table: rows written by tests/test_reliability.py and tests/test_burst.py -->"
+TABLE_END = "<!-- reliability-table end -->"
+
+
 def report_row(scenario: str, repetitions: str, files: int, lost: int, duplicated: int, stuck: int,
                seconds: float) -> str:
-    """Print one row of the table in docs/reliability.md (and append it to $STAINBRIDGE_TEST_RELIABILITY_REPORT)."""
+    """Print one row of the Reliability table; with $STAINBRIDGE_TEST_RELIABILITY_REPORT=FILE, write it there too.
+
+    A FILE holding the table between TABLE_BEGIN and TABLE_END (docs/reliability.md) gets the row of the same
+    scenario replaced (or the row added): the suite regenerates the table it is documented by. Any other FILE
+    gets the row appended."""
     row = f"| {scenario} | {repetitions} | {files} | {lost} | {duplicated} | {stuck} | {seconds:.0f} s |"
     print(f"\nreliability: {row}", flush=True)
     target = os.environ.get("STAINBRIDGE_TEST_RELIABILITY_REPORT")
     if target:
-        with open(target, "a", encoding="utf-8") as out:
-            out.write(row + "\n")
+        update_table(Path(target), scenario, row)
     return row
+
+
+def update_table(path: Path, scenario: str, row: str) -> None:
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    if TABLE_BEGIN not in text or TABLE_END not in text:
+        with path.open("a", encoding="utf-8") as out:
+            out.write(row + "\n")
+        return
+    head, rest = text.split(TABLE_BEGIN, 1)
+    table, tail = rest.split(TABLE_END, 1)
+    lines = [line for line in table.strip().splitlines() if line.strip()]
+    key = f"| {scenario.split(' (')[0]}"  # a scenario's measured details (memory) may differ between runs
+    at = next((i for i, line in enumerate(lines) if line.startswith((key + " |", key + " ("))), None)
+    if at is None:
+        lines.append(row)
+    else:
+        lines[at] = row
+    path.write_text(f"{head}{TABLE_BEGIN}\n" + "\n".join(lines) + f"\n{TABLE_END}{tail}", encoding="utf-8")
+
+
+def own_mounts_available() -> str | None:
+    """Why a service cannot get a mount namespace of its own here (None: it can)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("unshare") is None or shutil.which("nsenter") is None:
+        return "unshare/nsenter (util-linux) are not installed"
+    probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "true"], capture_output=True, text=True,
+                           check=False)
+    if probe.returncode != 0:
+        return f"no mount namespace for the service ({probe.stderr.strip()}): run as root (CI does)"
+    return None
+
+
+def with_own_mounts(script: str, exe: str) -> tuple[str, ...]:
+    """A launcher that runs `exe` in a mount namespace of its own after `script` (sh; the paths come in the
+    environment): what the service sees can be changed (nsenter) while the test's view stays as it was."""
+    return ("unshare", "--mount", "--propagation", "private", "sh", "-c", f'{script} && exec "$@"', "sh", exe)
+
+
+def in_mounts_of(pid: int, *command: str) -> None:
+    """Run `command` (mount, umount) in the mount namespace of process `pid`."""
+    import subprocess
+
+    subprocess.run(["nsenter", "-t", str(pid), "-m", *command], check=True, capture_output=True, text=True)

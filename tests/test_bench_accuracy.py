@@ -33,6 +33,7 @@ def bench(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, int]:
     return out, json.loads((out / "r.json").read_text()), code
 
 
+@pytest.mark.slow
 def test_tiny_preset_writes_every_method_with_eval_keys(bench: tuple[Path, dict, int]) -> None:
     """The tiny preset exits 0 and reports raw, the classical baselines and the CycleGAN variants, each with the eval keys."""
     _, result, code = bench
@@ -58,6 +59,7 @@ def test_tiny_preset_writes_every_method_with_eval_keys(bench: tuple[Path, dict,
     assert "cyclegan_colour_adapted" not in methods  # the colour variant does not fine-tune the classifier
 
 
+@pytest.mark.slow
 def test_probabilities_file_holds_every_row_as_scored(bench: tuple[Path, dict, int]) -> None:
     """probabilities.safetensors gives each row's softmax; its argmax reproduces the row's confusion matrix."""
     out, result, _ = bench
@@ -87,6 +89,7 @@ def test_inductive_halves_keep_each_slide_on_one_side() -> None:
     assert torch.equal(learned.folds(80, "inductive", 3, every)[0][0], learned.folds(80, "inductive", 3)[0][0])
 
 
+@pytest.mark.slow
 def test_colour_variant_checkpoint_is_a_pointwise_colour_standardizer(bench: tuple[Path, dict, int]) -> None:
     """cyclegan_colour writes a pointwise_colour standardizer (pooled tiny D, raw-teacher KL weight 5) that loads."""
     out, _, _ = bench
@@ -101,6 +104,7 @@ def test_colour_variant_checkpoint_is_a_pointwise_colour_standardizer(bench: tup
     assert_standardizes(inference.load_standardizer(str(path)), sh["architecture"])
 
 
+@pytest.mark.slow
 def test_report_grid_and_checkpoints_are_written(bench: tuple[Path, dict, int]) -> None:
     """results.md lists every method, grid.png has one row per shown method, checkpoint headers carry data and metrics."""
     out, result, _ = bench
@@ -117,6 +121,7 @@ def test_report_grid_and_checkpoints_are_written(bench: tuple[Path, dict, int]) 
                         None)
 
 
+@pytest.mark.slow
 def test_colorization_variant_is_trained_on_the_reference_only(bench: tuple[Path, dict, int]) -> None:
     """The colorization rows come from one pix2pix L -> ab model that saw no target image, saved per mode
     with the site profile, loadable by the service like any standardizer."""
@@ -146,6 +151,7 @@ def assert_standardizes(standardizer: inference.Standardizer, architecture: str 
         assert standardizer.header["architecture"] == architecture
 
 
+@pytest.mark.slow
 def test_existing_classifier_is_reused(bench: tuple[Path, dict, int], tmp_path: Path) -> None:
     """A second run over the same out-dir reuses the classifier instead of training it again."""
     out, result, _ = bench
@@ -193,6 +199,7 @@ def test_tight_crop_pads_a_centred_square_with_its_border_colour() -> None:
     assert torch.equal(stain_augment.tight_crop(x, 0.0, torch.Generator().manual_seed(0)), x)
 
 
+@pytest.mark.slow
 def test_a_classifier_trained_with_another_augmentation_is_not_reused(bench: tuple[Path, dict, int],
                                                                        tmp_path: Path) -> None:
     """--lab-jitter trains its own reference classifier rather than reusing one trained without it."""
@@ -229,6 +236,7 @@ def test_site_magnification_from_nucleus_areas() -> None:
         site_geometry.site_magnification(0.0, 1.0)
 
 
+@pytest.mark.slow
 def test_service_ingest_and_eval_score_exactly_what_the_bench_scores(bench: tuple[Path, dict, int], tmp_path: Path,
                                                                      run_stainbridge) -> None:
     """One path: the bench's classifier and colour standardizer, run through `stainbridge ingest` into SQL
@@ -306,6 +314,7 @@ name = "synthetic-incoming"
     return [(source, label, confidence) for source, label, confidence, _, _ in rows]
 
 
+@pytest.mark.slow
 def test_adapted_classifier_rows_are_label_free_and_what_the_service_scores(bench: tuple[Path, dict, int],
                                                                            tmp_path: Path, run_stainbridge) -> None:
     """The `_im` rows: one classifier per standardizer and mode, adapted without target labels (inductive:
@@ -333,6 +342,7 @@ def test_adapted_classifier_rows_are_label_free_and_what_the_service_scores(benc
     assert matrix == result["methods"]["reinhard_im_tta"]["confusion_matrix"]
 
 
+@pytest.mark.slow
 def test_colour_map_rows_are_label_free_and_what_the_service_scores(bench: tuple[Path, dict, int], tmp_path: Path,
                                                                     run_stainbridge) -> None:
     """The site colour map: fitted per fold on unlabeled target windows only (inductive: the other half), far

@@ -130,6 +130,6 @@ def test_burst_every_file_recorded_once_with_bounded_memory(tmp_path):
     assert sorted(recorded) == sorted(names)  # no row for anything else
     assert {status for _, status, _ in rows} == {"done"}
     assert query(url, "SELECT count(*), count(DISTINCT image_id) FROM predictions")[0] == (FILES, FILES)
-    assert [p for p in (tmp_path / "drop").rglob("*") if p.is_file()] == []
+    assert [p for p in (tmp_path / "drop").rglob("*") if p.is_file() and not p.name.startswith(".")] == []
     assert all(Path(path).is_file() and Path(path).is_relative_to(tmp_path / "archive") for _, _, path in rows)
     assert peak - ready_rss <= GROWTH_BOUND_MIB

@@ -25,6 +25,7 @@ def run_postgres_tests(ci: str | None) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ci,exit_code,word", [("true", 1, "CI=true: PostgreSQL not reachable"), (None, 0, "skipped")])
 def test_unreachable_postgres_fails_under_ci_and_skips_otherwise(ci, exit_code, word):
     """CI=true: the PostgreSQL tests fail with the reason; a developer without a server sees them skipped."""

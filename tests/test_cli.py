@@ -13,6 +13,7 @@ from stainbridge.daemon.schema import head_revision
 pytestmark = pytest.mark.usefixtures("restore_logging")
 
 
+@pytest.mark.slow
 def test_db_upgrade_twice_then_current_prints_head(run_stainbridge, tmp_path: Path) -> None:
     """`db upgrade` on an empty SQLite file works twice; `db current` then prints the head revision."""
     env = {"STAINBRIDGE_DATABASE_URL": f"sqlite:///{tmp_path / 'fresh.db'}", "STAINBRIDGE_LOGGING_FORMAT": "json"}
@@ -27,6 +28,7 @@ def test_db_upgrade_twice_then_current_prints_head(run_stainbridge, tmp_path: Pa
 
 def test_db_current_on_empty_database_says_none(run_stainbridge, tmp_path: Path) -> None:
     """`db current` on a never-migrated database prints none and says how to upgrade."""
+    (tmp_path / "e.db").touch()  # an empty SQLite file: a database that was never migrated
     result = run_stainbridge("db", "current", env={"STAINBRIDGE_DATABASE_URL": f"sqlite:///{tmp_path / 'e.db'}"})
     assert result.returncode == 0
     assert result.stdout.strip() == "none"

@@ -42,6 +42,7 @@ def test_output_keeps_the_incoming_structure_by_construction() -> None:
     assert expected.mean() == pytest.approx(70.0, abs=1.0)
 
 
+@pytest.mark.slow
 def test_training_on_the_reference_moves_incoming_colours_towards_it() -> None:
     """A few pix2pix steps on reference cells only make incoming cells' mean colour (a, b) closer to the reference's."""
     reference, incoming = _cells("reference", 40), _cells("incoming", 10).float() / 255
@@ -58,6 +59,7 @@ def test_training_on_the_reference_moves_incoming_colours_towards_it() -> None:
     assert (ab(standardized) - target).norm() < 0.6 * (ab(incoming) - target).norm()
 
 
+@pytest.mark.slow
 def test_train_colorization_command_writes_a_standardizer_the_service_loads(tmp_path: Path, run_stainbridge) -> None:
     """`stainbridge train colorization` trains on a reference folder, records the --source site profile,
     and the checkpoint loads through inference.load_standardizer like any standardizer."""
@@ -79,6 +81,7 @@ def test_train_colorization_command_writes_a_standardizer_the_service_loads(tmp_
     assert json.loads(done.stderr.strip().splitlines()[-1])["sha256"] == standardizer.sha256
 
 
+@pytest.mark.slow
 def test_size_must_suit_the_unet(tmp_path: Path, run_stainbridge) -> None:
     """A training size the U-Net cannot halve down to 1 px is refused with the multiple it needs."""
     synthetic.write_dataset(tmp_path / "ref", protocol="reference", per_class=1, size=32, seed=0)

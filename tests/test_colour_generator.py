@@ -88,6 +88,7 @@ def _classifier(reference: Path, out: Path) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_train_colour_generator_with_raw_teacher(tmp_path: Path) -> None:
     """`train cyclegan --generator colour --discriminator-pool 4 --semantic-teacher raw` writes a
     loadable pointwise_colour checkpoint whose header records the options."""

@@ -78,6 +78,7 @@ def test_weight_zero_moves_each_channel_by_one_affine_map_onto_the_reference_mea
     assert np.allclose(np.median(matched, 0), np.median(reference_lab, 0), atol=1.0)
 
 
+@pytest.mark.slow
 def test_the_weight_is_chosen_against_the_baseline_on_the_sites_own_images(site_and_reference) -> None:
     """Default: the smallest weight whose output is more reference-like than the baseline's by the margin (Delta E
     on the site's images), recorded with the score of every candidate tried (smallest first, up to that one); a baseline that changes nothing is beaten at once

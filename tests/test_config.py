@@ -147,3 +147,58 @@ def test_config_check_prints_effective_configuration(run_stainbridge, tmp_path: 
     effective = json.loads(result.stdout)
     assert set(SECTIONS) <= set(effective)
     assert effective["models"]["batch_size"] == 8
+
+
+CHECKS = [  # (setting as SECTION_KEY, value as the environment gives it, accepted?)
+    ("watch_quiet_seconds", "2", True), ("watch_quiet_seconds", "0.5", True), ("watch_quiet_seconds", "0", False),
+    ("watch_quiet_seconds", "-1", False), ("watch_quiet_seconds", "inf", False), ("watch_quiet_seconds", "nan", False),
+    ("watch_quiet_seconds", "1e309", False), ("watch_quiet_seconds", "true", False),
+    ("paths_min_free_mb", "0", True), ("paths_min_free_mb", "500", True), ("paths_min_free_mb", "inf", False),
+    ("paths_min_free_mb", "-1", False), ("paths_min_free_mb", "nan", False),
+    ("models_batch_size", "16", True), ("models_batch_size", "0", False), ("models_batch_size", "1.5", False),
+    ("models_batch_size", "inf", False),
+    ("retraining_steps_per_epoch", "0", True), ("retraining_steps_per_epoch", "-1", False),
+    ("retraining_held_out_fraction", "0", True), ("retraining_held_out_fraction", "1", True),
+    ("retraining_held_out_fraction", "1.1", False), ("retraining_held_out_fraction", "nan", False),
+    ("metrics_port", "0", True), ("metrics_port", "65535", True), ("metrics_port", "65536", False),
+    ("metrics_port", "-1", False), ("watch_polling", "yes", True), ("watch_polling", "maybe", False),
+    ("site_scale", "profile", True), ("site_scale", "1.5", True), ("site_scale", "0", False),
+    ("site_scale", "inf", False), ("retraining_schedule", "0 2 * * *", True),
+    ("retraining_schedule", "every night", False), ("models_device", "CUDA", True), ("models_device", "tpu", False),
+    ("site_pseudonym_secret", "0123456789abcdef", True), ("site_pseudonym_secret", "hunter2", False),
+    ("database_url", "postgresql://lab:hunter2@db/stainbridge", True),
+    ("database_url", "mysql://lab:hunter2@db/stainbridge", False),
+]
+
+
+@pytest.mark.parametrize("setting,value,accepted", CHECKS, ids=[f"{k}={v!r}" for k, v, _ in CHECKS])
+def test_each_checker_accepts_and_refuses_what_its_setting_means(setting, value, accepted) -> None:
+    """One table over the value checkers: finite numbers only where a number is expected (quiet_seconds = inf
+    was accepted while min_free_mb = inf was refused), ranges, choices; a refusal never shows a secret."""
+    section, key = next((s, k) for s in SECTIONS for k in (f.name for f in fields(SECTIONS[s]))
+                        if f"{s}_{k}" == setting)
+    environ = {f"STAINBRIDGE_{setting.upper()}": value}
+    if accepted:
+        load_settings(environ=environ)
+        return
+    with pytest.raises(ConfigError, match=rf"\[{section}\] {key} = .* is not valid") as refused:
+        load_settings(environ=environ)
+    assert "hunter2" not in str(refused.value)
+
+
+@pytest.mark.parametrize("line", ["[watch]\nquiet_seconds = inf", "[paths]\nmin_free_mb = inf",
+                                  "[models]\nbatch_size = nan", "[retraining]\ntimeout_minutes = inf"])
+def test_toml_infinities_are_refused_like_the_environment_s(tmp_path: Path, line: str) -> None:
+    """TOML has inf and nan literals: the file's values go through the same checkers."""
+    with pytest.raises(ConfigError, match="is not valid"):
+        load_settings(write(tmp_path / "s.toml", line + "\n"), environ={})
+
+
+def test_config_check_hides_the_database_password(run_stainbridge, tmp_path: Path) -> None:
+    """`config check` prints the effective configuration without the database password or the secret."""
+    env = {"STAINBRIDGE_DATABASE_URL": "postgresql+psycopg://lab:hunter2@db/stainbridge",
+           "STAINBRIDGE_SITE_PSEUDONYM_SECRET": "correct-horse-battery-staple"}
+    result = run_stainbridge("config", "check", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "lab:***@db" in result.stdout and "hunter2" not in result.stdout
+    assert "correct-horse" not in result.stdout

@@ -44,12 +44,13 @@ def test_min_free_mb_must_be_a_finite_number_at_least_zero(settings_factory, val
         settings_factory(paths_min_free_mb=value)
 
 
+@pytest.mark.slow
 def test_the_tick_takes_nothing_below_the_floor_and_goes_on_above_it(make_service) -> None:
     service = make_service(paths_min_free_mb=ABOVE_ANY_DISK_MB)
     files = [write_cell(service.settings.drop_dir / f"c{i}.png", seed=i) for i in range(3)]
-    time.sleep(0.2)  # past quiet_seconds: the files would be ready
+    wait_for(lambda: service.run_once() == 0 and service.watcher.ready_count() == 3, 30, "the files ready")
     assert [service.run_once() for _ in range(5)] == [0] * 5
-    assert all(f.exists() for f in files)
+    assert all(f.exists() for f in files) and service.watcher.ready_count() == 3  # ready, and left alone
     assert "min_free_mb" in service._space_short
     assert all(service.healthy().values())  # waiting on purpose: the watchdog keeps the service
 
@@ -60,6 +61,7 @@ def test_the_tick_takes_nothing_below_the_floor_and_goes_on_above_it(make_servic
     assert not any(f.exists() for f in files) and service._space_short is None
 
 
+@pytest.mark.slow
 def test_the_running_service_pauses_reports_and_resumes(tiny_models, tmp_path, run_stainbridge) -> None:
     """`stainbridge run` with a floor above the disk: STATUS= and the log say why, the files stay, `status` shows
     it; restarted with the floor off (as after freeing space) it takes them."""

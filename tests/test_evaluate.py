@@ -60,6 +60,7 @@ def test_classification_metrics_balanced_accuracy_over_present_classes() -> None
     assert m["confusion_matrix"] == [[8, 0, 2], [1, 1, 0], [0, 0, 0]]
 
 
+@pytest.mark.slow
 def test_eval_json_has_contract_keys_and_confusion_png(setup: dict[str, Path]) -> None:
     """The JSON holds the contract keys, the confusion matrix sums to n, and a PNG is drawn next to it."""
     out = setup["base"] / "raw.json"
@@ -73,6 +74,7 @@ def test_eval_json_has_contract_keys_and_confusion_png(setup: dict[str, Path]) -
         assert png.width > 300 and png.height > 300
 
 
+@pytest.mark.slow
 def test_split_test_scores_only_held_out_images_of_the_training_folder(setup: dict[str, Path]) -> None:
     """On the training folder --split test scores exactly the manifest's test images; --split all scores every image."""
     manifest = data.read_manifest(Path(f"{setup['clf']}.split.json"))
@@ -82,6 +84,7 @@ def test_split_test_scores_only_held_out_images_of_the_training_folder(setup: di
     assert everything["n"] == 50
 
 
+@pytest.mark.slow
 def test_missing_manifest_for_training_folder_is_an_error(setup: dict[str, Path], tmp_path: Path) -> None:
     """Without its split manifest, evaluating the training folder refuses instead of scoring training images."""
     lonely = tmp_path / "clf.safetensors"
@@ -91,6 +94,7 @@ def test_missing_manifest_for_training_folder_is_an_error(setup: dict[str, Path]
         ev.main(args)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("standardizer", ["reinhard", "macenko"])
 def test_classical_standardizers_and_auto_scale_run(setup: dict[str, Path], standardizer: str) -> None:
     """Each classical standardizer (stats from the classifier header) and --scale auto evaluate every image."""
@@ -99,6 +103,7 @@ def test_classical_standardizers_and_auto_scale_run(setup: dict[str, Path], stan
     assert result["standardizer"]["name"] == standardizer and result["scale"] == "auto" and result["n"] == 6
 
 
+@pytest.mark.slow
 def test_unknown_class_folder_exits_2(setup: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A class the classifier does not know is reported with exit code 2, not silently dropped."""
     synthetic.write_dataset(tmp_path / "odd", protocol="reference", per_class=1, size=64, classes=("lymphocyte",))

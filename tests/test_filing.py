@@ -140,3 +140,56 @@ def test_file_moved_before_a_crash_gets_its_archive_path_back(tmp_path, settings
         assert paths["a.png"].read_bytes() == b"first" and paths["b/a.png"].read_bytes() == b"second"
     finally:
         engine.dispose()
+
+
+def test_a_file_moved_before_a_crash_is_found_behind_many_rows_still_waiting(tmp_path, settings_factory):
+    """1,500 recorded rows whose files still wait in the drop folder (a read-only drop folder for a while) do not
+    hide the one whose file was moved before the crash: every row is looked at, not an unordered first 1,000."""
+    import hashlib
+    from datetime import UTC
+
+    from sqlalchemy import insert
+
+    from stainbridge.daemon.pipeline.filing import record_moved_files
+    from stainbridge.daemon.schema import upgrade_database
+    from stainbridge.daemon.store import Image, ImageStatus, make_engine, make_sessionmaker
+
+    settings = settings_factory()
+    upgrade_database(settings.database_url)
+    engine = make_engine(settings.database_url)
+    try:
+        sessions = make_sessionmaker(engine)
+        now = datetime.now(UTC)
+        settings.drop_dir.mkdir(parents=True)
+        waiting = [{"sha256": f"{n:064x}", "source_name": f"wait-{n}.png", "site": "s", "status": ImageStatus.done,
+                    "received_at": now, "processed_at": now} for n in range(1500)]
+        for row in waiting:
+            (settings.drop_dir / row["source_name"]).write_bytes(b"x")
+        moved = drop(tmp_path, "moved.png", b"moved")
+        archive_file(moved, settings.archive_dir, now)
+        with sessions.begin() as session:
+            session.execute(insert(Image), waiting)
+            session.add(Image(sha256=hashlib.sha256(b"moved").hexdigest(), source_name="moved.png", site="s",
+                              status=ImageStatus.done, received_at=now, processed_at=now))
+        assert record_moved_files(sessions, settings) == 1
+        with sessions() as session:
+            found = session.query(Image).filter(Image.source_name == "moved.png").one().archive_path
+        assert Path(found).read_bytes() == b"moved"
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("raw_name", [b"\xc9chantillon.png", ("\u00e9" * 121 + ".png").encode(), b"new\nline.png"],
+                         ids=["latin-1", "long-utf-8-cut-mid-character", "newline"])
+def test_the_stored_archive_path_opens_the_archived_file(tmp_path, raw_name):
+    """A name that is not UTF-8, a long UTF-8 name shortened where a character would be cut in two, a control
+    character: the file is archived under a name whose stored text (`archive_path`) opens it."""
+    from stainbridge.daemon.intake.failures import storable_text
+
+    folder = tmp_path / "drop"
+    folder.mkdir()
+    source = Path(os.fsdecode(os.fsencode(folder) + b"/" + raw_name))
+    source.write_bytes(b"cell")
+    stored = storable_text(str(archive_file(source, tmp_path / "archive", WHEN)), 1024)  # what the row holds
+    assert Path(stored).read_bytes() == b"cell"  # before: it named no file ("file moved", reprocess: missing)
+    assert len(os.fsencode(Path(stored).name)) <= filing.NAME_MAX_BYTES

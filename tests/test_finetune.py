@@ -19,6 +19,7 @@ def _args(lab, out, *extra: str):
          "--out", str(out), "--epochs", "1", "--batch-size", "8", "--device", "cpu", *extra])
 
 
+@pytest.mark.slow
 def test_finetune_writes_a_loadable_classifier_with_the_same_contract(lab, tmp_path) -> None:
     """The fine-tuned checkpoint keeps classes, size, normalization and geometry, records its data, and moved."""
     out = tmp_path / "tuned.safetensors"
@@ -36,6 +37,7 @@ def test_finetune_writes_a_loadable_classifier_with_the_same_contract(lab, tmp_p
     assert loaded.sha256 == sha and loaded.classes == before["classes"]
 
 
+@pytest.mark.slow
 def test_a_reviewed_class_the_classifier_does_not_know_is_refused(lab, tmp_path) -> None:
     """Reviewed images of an unknown class stop the run before training, naming the class and the fix."""
     reviewed = tmp_path / "reviewed"

@@ -32,11 +32,11 @@ def world(tmp_path, settings_factory):
     engine.dispose()
 
 
-def _promote(sessions, path: Path) -> int:
+def _promote(sessions, path: Path, site: str = "default") -> int:
     from stainbridge.models.checkpoint import file_sha256
 
     with sessions.begin() as s:
-        version = registry.register_model(s, ModelKind.standardizer, str(path), file_sha256(path), {},
+        version = registry.register_model(s, ModelKind.standardizer, str(path), file_sha256(path), {}, site=site,
                                           state=VersionState.candidate)
         registry.promote(s, version.id)
         return version.id
@@ -85,7 +85,7 @@ def test_the_running_service_switches_models_between_batches_and_survives_a_kill
         old = query(url, "SELECT DISTINCT standardizer_version_id FROM predictions")
         engine = make_engine(url)
         sessions = make_sessionmaker(engine)
-        new_id = _promote(sessions, broken_standardizer(tmp_path / "other.safetensors"))
+        new_id = _promote(sessions, broken_standardizer(tmp_path / "other.safetensors"), "test-site")
         flowing = threading.Thread(target=lambda: [write_cell(drop / f"b{i}.png", seed=100 + i) for i in range(8)])
         flowing.start()
         flowing.join()

@@ -174,6 +174,7 @@ def test_resolve_device() -> None:
         inference.resolve_device("tpu")
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bf16 autocast + channels_last path)")
 def test_cuda_matches_cpu(checkpoints) -> None:
     """On CUDA (bf16, channels_last) the probabilities agree with the float32 CPU run."""

@@ -27,6 +27,7 @@ from stainbridge.daemon.intake.errors import IntakeError, RefusedFile, Unreadabl
 from stainbridge.daemon.intake.reading import sha256_file
 from stainbridge.daemon.store import Base, Image, ImageStatus, make_engine, make_sessionmaker, utcnow
 from tests import dicom_factory
+from tests.daemon_helpers import scalar, wait_for
 
 LIMITS = {"max_pixels": 50_000_000, "max_bytes": 200 * 2**20}
 SECRET = "test-site-secret"
@@ -96,29 +97,46 @@ def test_duplicate_claim_recorded_as_duplicate(db):
 
 
 def test_concurrent_claims_one_wins(database_url):
-    """Two workers claiming the same bytes at once: exactly one claims, the other records a duplicate."""
+    """Two workers claiming the same bytes at once: exactly one claims, the other records a duplicate. The second
+    claim is shown to wait on the first's open transaction (PostgreSQL: its backend waits on a lock; SQLite: its
+    INSERT was issued before the first commit and returned after it), so the race really happened."""
+    from sqlalchemy import event
+
     engine = make_engine(database_url)
     Base.metadata.create_all(engine)
     make = make_sessionmaker(engine)
     outcomes: list[ClaimOutcome] = []
+    moments: dict[str, float] = {}
     first = make()
     outcomes.append(claim(first, sha256="9" * 64, source_name="a.png", site="s", size_bytes=1).outcome)
 
     def other_worker() -> None:
         with make() as second:
+            connection = second.connection()
+            event.listen(connection, "before_cursor_execute", lambda *a: moments.setdefault(
+                "issued", time.monotonic()) if a[2].lstrip().upper().startswith("INSERT") else None)
             outcomes.append(claim(second, sha256="9" * 64, source_name="b.png", site="s", size_bytes=1).outcome)
+            moments["returned"] = time.monotonic()
             second.commit()
 
     thread = threading.Thread(target=other_worker)
     thread.start()
-    time.sleep(0.3)  # on PostgreSQL the second INSERT waits for the first transaction
+    wait_for(lambda: "issued" in moments, 30, "the second worker's INSERT")
+    if database_url.startswith("postgresql"):
+        wait_for(lambda: scalar(database_url, "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                              "AND datname = current_database()"), 30, "the second INSERT to wait")
+    else:
+        time.sleep(0.2)  # SQLite's busy wait cannot be seen; 0.2 s is ample for the issued INSERT to reach it
+    committed = time.monotonic()
     first.commit()
     first.close()
     thread.join(timeout=30)
     engine.dispose()
+    assert moments["issued"] < committed < moments["returned"]
     assert sorted(o.value for o in outcomes) == ["claimed", "duplicate"]
 
 
+@pytest.mark.postgres
 def test_two_workers_seeing_one_duplicate_file_record_it_once(postgres_url):
     """Two workers claiming the same copy of known content at the same moment: one duplicate row, every
     round (the other worker finds it in progress or already recorded, never records a second one)."""
@@ -246,6 +264,7 @@ def test_claim_owner_pids_are_checked_only_in_their_own_pid_namespace_and_boot(d
     assert released == {"earlier_boot", "here_dead"}
 
 
+@pytest.mark.postgres
 def test_claim_skips_a_row_another_worker_holds_instead_of_waiting(postgres_url):
     """On PostgreSQL, content whose row another worker holds locked is `in_progress` at once (SKIP
     LOCKED): the claim never waits behind the other worker's transaction (lock_timeout would fail it)."""

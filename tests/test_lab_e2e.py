@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import re
 import socket
 import urllib.request
@@ -25,6 +24,7 @@ from stainbridge.daemon.schema import upgrade_database
 from stainbridge.daemon.store import make_engine
 from tests.browser import check_page, find_chromium
 from tests.daemon_helpers import CLASSES, Daemon, build_tiny_models, query, wait_for, write_cell, write_config
+from tests.suite_rules import under_ci
 
 pytestmark = pytest.mark.slow
 GOOD = 8
@@ -139,11 +139,13 @@ def test_report_from_a_real_history(history, run_stainbridge) -> None:
     assert backwards.returncode == 2 and "--until" in backwards.stderr
 
 
+@pytest.mark.browser
 def test_report_loads_in_headless_chromium(history, run_stainbridge, tmp_path) -> None:
-    """Every <img> decodes (naturalWidth > 0), nothing is logged as an error, a screenshot is saved."""
+    """What a reader sees: the counts, the failure reasons and every shown cell's name as rendered text, every
+    <img> decoded and laid out (not only "the page loaded"), nothing logged as an error, a screenshot saved."""
     chromium = find_chromium()
     if chromium is None:
-        if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
+        if under_ci():
             pytest.fail("CI=true but chromium is not installed; .ci/run installs Debian's chromium", pytrace=False)
         pytest.skip("chromium not installed (apt-get install -y chromium; .ci/run does it)")
     out = tmp_path / "report.html"
@@ -153,7 +155,12 @@ def test_report_loads_in_headless_chromium(history, run_stainbridge, tmp_path) -
     check = check_page(chromium, out, screenshot, tmp_path / "chromium-profile")
     assert check.title.startswith("stainbridge report")
     assert len(check.images) >= 2 * GOOD + 3
-    assert [i for i in check.images if not (i["complete"] and i["width"] > 0)] == []
+    assert [i for i in check.images if not (i["complete"] and i["width"] > 0 and i["shown"])] == []
+    visible = check.text
+    assert re.search(r"files received\s+10\b", visible), visible[:2000]
+    assert re.search(r"\bempty\s+1\b", visible) and re.search(r"\bunsupported_format\s+1\b", visible)
+    assert all(f"cell-{i}.png" in visible for i in range(GOOD))
+    assert "Traceback" not in visible and "{{" not in visible and "{%" not in visible
     assert check.errors == []
     assert screenshot.stat().st_size > 10_000 and screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

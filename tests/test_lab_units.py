@@ -42,3 +42,30 @@ def test_metrics_are_off_by_default_and_a_taken_port_is_a_clear_error(settings_f
         metrics = ServiceMetrics(settings_factory(), sessions=None, queue_depth=lambda: 0)  # type: ignore[arg-type]
         with pytest.raises(ConfigError, match=rf"127\.0\.0\.1:{port}.*\[metrics\] port = 0"):
             metrics.serve(port, "127.0.0.1")
+
+
+def test_the_report_shows_a_dicom_with_a_patient_id_without_the_pseudonym_secret(tmp_path, monkeypatch) -> None:
+    """An archived DICOM that carries a PatientID, and a configuration without the pseudonym secret (the report
+    only draws pixels): `stainbridge report` exits 0 with its thumbnail (before: exit 1, PseudonymSecretMissing)."""
+    from sqlalchemy import text
+
+    from stainbridge.daemon import cli
+    from stainbridge.daemon.store import make_engine
+    from tests import dicom_factory
+    from tests.lab_helpers import seed_known_history
+
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    seed_known_history(url)
+    scan = tmp_path / "archive" / "scan.dcm"
+    scan.parent.mkdir()
+    dicom_factory.write_rgb(scan, patient_id="PAT-000123")
+    engine = make_engine(url)
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE images SET source_name = 'scan.dcm', archive_path = :p WHERE id = 3"),
+                           {"p": str(scan)})
+    engine.dispose()
+    monkeypatch.setenv("STAINBRIDGE_DATABASE_URL", url)
+    out = tmp_path / "report.html"
+    assert cli.main(["report", "--out", str(out)]) == 0
+    page = out.read_text(encoding="utf-8")
+    assert 'alt="received scan.dcm" src="data:image/jpeg;base64,' in page and "PAT-000123" not in page

@@ -22,6 +22,7 @@ EXPECTED = {
     "low_confidence_queue": [(3, "c.png", "neutrophil", 0.4)],
     "review_disagreements": [("b.png", "neutrophil", "lymphocyte", "dr-a", "resnet-v2")],
     "failures_by_reason": [("corrupt", 2), ("empty", 1)],
+    "site_validation": [("hospital-x", "unvalidated", 2, 50, "unvalidated (2 of 50 reviews)")],
 }
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
@@ -74,10 +74,10 @@ def test_results_view_joins_latest_prediction_and_review(database_url: str) -> N
     try:
         with engine.begin() as c:
             c.execute(text(
-                "INSERT INTO model_versions (id, kind, name, path, sha256, header, metrics, state, created_at) VALUES "
-                "(1, 'classifier', 'resnet18-v1', '/m/c1', 'c1', '{}', '{}', 'retired', :t), "
-                "(2, 'classifier', 'resnet18-v2', '/m/c2', 'c2', '{}', '{}', 'active', :t), "
-                "(3, 'standardizer', 'cyclegan-v1', '/m/s1', 's1', '{}', '{}', 'active', :t)"), {"t": now})
+                "INSERT INTO model_versions (id, kind, site, name, path, sha256, header, metrics, state, created_at) VALUES "
+                "(1, 'classifier', 'hospital-x', 'resnet18-v1', '/m/c1', 'c1', '{}', '{}', 'retired', :t), "
+                "(2, 'classifier', 'hospital-x', 'resnet18-v2', '/m/c2', 'c2', '{}', '{}', 'active', :t), "
+                "(3, 'standardizer', 'hospital-x', 'cyclegan-v1', '/m/s1', 's1', '{}', '{}', 'active', :t)"), {"t": now})
             c.execute(text(
                 "INSERT INTO images (id, sha256, source_name, site, status, received_at) VALUES "
                 "(1, 'aa', 'one.png', 'hospital-x', 'done', :t), (2, 'bb', 'two.png', 'hospital-x', 'pending', :t)"),
@@ -183,3 +183,73 @@ def test_sqlite_upgrade_killed_midway_leaves_no_half_schema(tmp_path) -> None:
         engine.dispose()
     upgrade_database(url)  # before: "table images already exists", at every start
     assert current_revision(url) == head_revision()
+
+
+def _revisions() -> list[str]:
+    """Every revision, oldest first."""
+    from alembic.script import ScriptDirectory
+
+    from stainbridge.daemon.schema import alembic_config
+
+    script = ScriptDirectory.from_config(alembic_config("sqlite://"))
+    return [r.revision for r in reversed(list(script.walk_revisions()))]
+
+
+SEEDED = ("images", "predictions", "model_versions", "reviews", "training_runs")
+
+
+def _seed(connection, revision: str, n: int, when: datetime) -> None:
+    """One row in each table, written as code of `revision` would write it (model_versions.active before 0003,
+    its site from 0008)."""
+    state_column, state = ("active", "false") if revision < "0003" else ("state", "'retired'")
+    site_column, site = (", site", ", 's'") if revision >= "0008" else ("", "")
+    connection.execute(text(
+        f"INSERT INTO model_versions (id, kind, name, path, sha256, header, metrics, {state_column}, created_at"
+        f"{site_column}) VALUES ({n}, 'classifier', 'v{n}', '/m/c{n}', 'sha-{n}', '{{}}', '{{}}', {state}, :t{site})"),
+        {"t": when})
+    connection.execute(text(
+        "INSERT INTO images (id, sha256, source_name, site, status, received_at, processed_at, archive_path) "
+        f"VALUES ({n}, '{n:064x}', 'seeded-at-{revision}.png', 's', 'done', :t, :t, '/a/{n}.png')"), {"t": when})
+    connection.execute(text(
+        "INSERT INTO predictions (id, image_id, label, confidence, probabilities, classifier_version_id, latency_ms, "
+        f"created_at) VALUES ({n}, {n}, 'monocyte', 0.5, '{{}}', {n}, 1.0, :t)"), {"t": when})
+    connection.execute(text(f"INSERT INTO reviews (id, image_id, label, reviewer, created_at) "
+                            f"VALUES ({n}, {n}, 'monocyte', 'dr', :t)"), {"t": when})
+    connection.execute(text(
+        "INSERT INTO training_runs (id, kind, status, trigger, params, metrics, started_at) "
+        f"VALUES ({n}, 'standardizer', 'failed', 'manual', '{{}}', '{{}}', :t)"), {"t": when})
+
+
+def _kept(engine, seeded: int) -> None:
+    """Every seeded row is still there, in each table and through the results view."""
+    with engine.connect() as connection:
+        for table in SEEDED:
+            assert connection.execute(text(f"SELECT count(*) FROM {table}")).scalar() == seeded, table
+        assert connection.execute(text("SELECT count(*) FROM results WHERE label = 'monocyte'")).scalar() == seeded
+
+
+def test_every_revision_walks_up_and_down_keeping_the_rows_of_each(database_url: str) -> None:
+    """Up one revision at a time, with rows written at each one as that revision's code would, then down one at a
+    time to base: every step keeps every row (and 0003's active flag becomes a state; 0007's crashes start at 0)."""
+    revisions = _revisions()
+    assert revisions[0] == "0001" and revisions[-1] == head_revision()
+    when = datetime.now(UTC)
+    engine = make_engine(database_url)
+    try:
+        for n, revision in enumerate(revisions, start=1):
+            upgrade_database(database_url, revision)
+            _kept(engine, n - 1)
+            with engine.begin() as connection:
+                _seed(connection, revision, n, when)
+            _kept(engine, n)
+        with engine.connect() as connection:
+            assert set(connection.execute(text("SELECT state FROM model_versions")).scalars()) == {"retired"}
+            assert set(connection.execute(text("SELECT crashes FROM images")).scalars()) == {0}
+        for revision in reversed(revisions[:-1]):
+            downgrade_database(database_url, revision)
+            assert current_revision(database_url) == revision
+            _kept(engine, len(revisions))
+        downgrade_database(database_url, "base")
+        assert not TABLES & set(inspect(engine).get_table_names())
+    finally:
+        engine.dispose()

@@ -13,10 +13,12 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
+from stainbridge.daemon import folders
 from stainbridge.daemon.commands import ingest
 from stainbridge.daemon.intake import claims, reading
 from stainbridge.daemon.intake.watcher import iter_candidates
 from stainbridge.daemon.pipeline import runner as pipeline_module
+from stainbridge.daemon.pipeline.batch import STEPS
 from stainbridge.daemon.pipeline.runner import Pipeline
 from stainbridge.daemon.service.lifecycle import Service
 from stainbridge.daemon.store import (
@@ -65,9 +67,10 @@ def count(sessions, *where) -> int:
 
 
 def files_under(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() or p.is_symlink())
+    return sorted(p for p in folder.rglob("*") if (p.is_file() or p.is_symlink()) and p.name != folders.MARKER)
 
 
+@pytest.mark.slow
 def test_run_once_classifies_records_and_archives(service, sessions, settings, tiny_models):
     """run_once returns how many files it handled; each gets one prediction with versions and sha256."""
     for i in range(2):
@@ -94,6 +97,7 @@ def test_run_once_returns_zero_when_nothing_is_ready(service):
     assert service.run_once() == 0
 
 
+@pytest.mark.slow
 def test_micro_batch_is_capped_at_batch_size(service, settings):
     """Six ready files with batch_size 4: one tick handles 4, the next 2."""
     for i in range(6):
@@ -118,6 +122,7 @@ def test_duplicate_is_recorded_once_and_archived(service, sessions, settings):
     assert sorted(p.name for p in files_under(settings.archive_dir)) == ["again.png", "first.png"]
 
 
+@pytest.mark.slow
 def test_corrupt_file_is_quarantined_with_reason_and_the_next_is_classified(service, sessions, settings):
     """A truncated PNG goes to quarantine with a .error.txt and its reason in SQL; a valid file still flows."""
     good = write_cell(settings.drop_dir / "good.png", seed=4)
@@ -145,6 +150,7 @@ def test_symlink_is_quarantined_as_a_link_and_its_target_untouched(service, sess
     assert moved.is_symlink() and target.exists()
 
 
+@pytest.mark.slow
 def test_poison_image_fails_alone(service, sessions, settings, monkeypatch):
     """When inference raises on one image, the batch is retried one by one and only that image fails."""
     real = pipeline_module.run_batch
@@ -165,10 +171,12 @@ def test_poison_image_fails_alone(service, sessions, settings, monkeypatch):
         assert s.scalars(select(Image.error).where(Image.source_name == "poison.png")).one().startswith("inference:")
 
 
+@pytest.mark.slow
 def test_save_standardized_writes_a_png_next_to_the_archived_original(settings_factory, tiny_models):
     """With save_standardized on, <stem>.standardized.png lands beside the archived file."""
     settings = settings_factory(models_classifier=str(tiny_models.classifier), models_standardizer="none",
                                 models_device="cpu", watch_quiet_seconds=0.05, watch_save_standardized=True)
+    folders.prepare(settings)
     svc = Service(settings)
     svc.start()
     try:
@@ -185,6 +193,18 @@ def _candidates(settings):
     return list(iter_candidates([settings.drop_dir]))
 
 
+def test_batch_report_times_each_step_of_the_batch(service, settings):
+    """A batch's report carries the wall and CPU time of every pipeline step (the service logs them with the batch)."""
+    for i in range(3):
+        write_cell(settings.drop_dir / f"t{i}.png", seed=20 + i)
+    report = service.pipeline.process(_candidates(settings))
+    assert report.done == 3
+    assert set(report.step_seconds) == set(report.step_cpu_seconds) == set(STEPS)
+    assert all(seconds >= 0 for seconds in report.step_seconds.values())
+    assert report.step_seconds["inference"] <= report.step_seconds["decode_and_inference"]
+
+
+@pytest.mark.slow
 def test_crash_between_commit_and_move_files_without_reclassifying(service, sessions, settings):
     """A file already `done` but still in the drop folder is just archived: no new prediction, no duplicate."""
     write_cell(settings.drop_dir / "late.png", seed=11)
@@ -248,9 +268,11 @@ def test_missing_classifier_is_a_model_config_error(settings_factory, tmp_path):
 def test_register_model_is_idempotent_and_keeps_one_active_per_kind(sessions):
     """Registering the same sha256 twice returns one row; a new one deactivates the old."""
     with sessions.begin() as s:
-        a = register_model(s, ModelKind.classifier, "/m/a.safetensors", "a" * 64, {"architecture": "resnet18"})
-        again = register_model(s, ModelKind.classifier, "/m/a.safetensors", "a" * 64, {"architecture": "resnet18"})
-        b = register_model(s, ModelKind.classifier, "/m/b.safetensors", "b" * 64, {})
+        a = register_model(s, ModelKind.classifier, "/m/a.safetensors", "a" * 64, {"architecture": "resnet18"},
+                           site="default")
+        again = register_model(s, ModelKind.classifier, "/m/a.safetensors", "a" * 64, {"architecture": "resnet18"},
+                               site="default")
+        b = register_model(s, ModelKind.classifier, "/m/b.safetensors", "b" * 64, {}, site="default")
         assert a.id == again.id and not a.active and b.active
         kinds = [v.kind for v in active_versions(s)]
         assert kinds.count(ModelKind.classifier) == 1 and kinds.count(ModelKind.standardizer) == 1
@@ -260,6 +282,7 @@ def _ingest(config: Path, *paths: Path, move: bool = False) -> int:
     return ingest.run(argparse.Namespace(config=str(config), paths=[str(p) for p in paths], move=move, json=False))
 
 
+@pytest.mark.slow
 def test_ingest_records_leaves_files_in_place_and_is_idempotent(tmp_path, tiny_models, capsys):
     """`ingest` classifies a folder, leaves the files, exits 1 on a failure; a rerun counts nothing twice."""
     config = write_config(tmp_path / "c.toml", tmp_path, f"sqlite:///{tmp_path / 'i.db'}", tiny_models)
@@ -269,7 +292,7 @@ def test_ingest_records_leaves_files_in_place_and_is_idempotent(tmp_path, tiny_m
     (backfill / "bad.png").write_bytes(b"\x89PNG broken")
     assert _ingest(config, backfill) == 1
     assert "classified          3" in capsys.readouterr().out
-    assert len(files_under(backfill)) == 4 and not (tmp_path / "archive").exists()
+    assert len(files_under(backfill)) == 4 and files_under(tmp_path / "archive") == []
     assert _ingest(config, backfill) == 1
     out = capsys.readouterr().out
     assert "classified          0" in out and "already recorded    4 (1 of them failed before)" in out

@@ -86,6 +86,7 @@ def test_the_sample_spans_the_whole_folder_from_first_to_last() -> None:
     assert site_geometry.evenly(files, 1) == files[:1] and site_geometry.evenly(files, 0) == []
 
 
+@pytest.mark.slow
 def test_site_profile_command_prints_one_line_per_site(tmp_path: Path, run_stainbridge) -> None:
     """`stainbridge site-profile` measures a reference folder and a target folder and prints JSON lines."""
     for name, images in (("ref", _smear(0.3)), ("tgt", _smear(0.45, protocol="incoming"))):

@@ -24,33 +24,46 @@ def sessions(database_url):
     engine.dispose()
 
 
-def test_the_database_allows_one_active_version_per_kind(sessions) -> None:
-    """A second active row of the same kind is refused by the partial unique index, not only by code."""
-    insert = ("INSERT INTO model_versions (kind, name, path, sha256, header, metrics, state, created_at) "
-              "VALUES ('classifier', :n, '/m', :n, '{}', '{}', :state, CURRENT_TIMESTAMP)")
+INSERT_VERSION = ("INSERT INTO model_versions (kind, site, name, path, sha256, header, metrics, state, created_at) "
+                  "VALUES (:kind, :site, :n, '/m', :n, '{}', '{}', :state, CURRENT_TIMESTAMP)")
+
+
+def test_the_database_allows_one_active_version_per_kind_and_site(sessions) -> None:
+    """Each site has its own active classifier and standardizer; other states are unlimited."""
+    rows = [("classifier", "a", "active"), ("classifier", "a", "retired"), ("standardizer", "a", "active"),
+            ("classifier", "b", "active"), ("standardizer", "b", "active"), ("standardizer", "b", "candidate")]
     with sessions.begin() as session:
-        session.execute(text(insert), {"n": "a", "state": "active"})
-        session.execute(text(insert), {"n": "b", "state": "retired"})
-        session.execute(text(insert.replace("'classifier'", "'standardizer'")), {"n": "c", "state": "active"})
+        for n, (kind, site, state) in enumerate(rows):
+            session.execute(text(INSERT_VERSION), {"kind": kind, "site": site, "n": f"v{n}", "state": state})
+
+
+def test_the_database_refuses_two_active_versions_of_one_kind_for_one_site(sessions) -> None:
+    """A second active classifier for one site is refused by the partial unique index, not only by code."""
+    with sessions.begin() as session:
+        session.execute(text(INSERT_VERSION), {"kind": "classifier", "site": "a", "n": "v1", "state": "active"})
     with pytest.raises(IntegrityError), sessions.begin() as session:
-        session.execute(text(insert), {"n": "d", "state": "active"})
+        session.execute(text(INSERT_VERSION), {"kind": "classifier", "site": "a", "n": "v2", "state": "active"})
 
 
 def test_promote_and_rollback_walk_the_history(sessions) -> None:
     """Promote retires the old active version; rollback re-activates the one before it, then the one before that."""
     with sessions.begin() as s:
-        a = registry.register_model(s, ModelKind.standardizer, "none", "a" * 64, {})
-        b = registry.register_model(s, ModelKind.standardizer, "reinhard", "b" * 64, {}, state=VersionState.candidate)
-        c = registry.register_model(s, ModelKind.standardizer, "macenko", "c" * 64, {}, state=VersionState.candidate)
+        a = registry.register_model(s, ModelKind.standardizer, "none", "a" * 64, {}, site="x")
+        b = registry.register_model(s, ModelKind.standardizer, "reinhard", "b" * 64, {}, site="x",
+                                    state=VersionState.candidate)
+        c = registry.register_model(s, ModelKind.standardizer, "macenko", "c" * 64, {}, site="x",
+                                    state=VersionState.candidate)
+        other = registry.register_model(s, ModelKind.standardizer, "none", "a" * 64, {}, site="y")
         assert (a.state, b.state) == (VersionState.active, VersionState.candidate)
         registry.promote(s, b.id)
         registry.promote(s, c.id)
-        assert [v.id for v in registry.active_versions(s)] == [c.id]
+        assert [v.id for v in registry.active_versions(s, "x")] == [c.id]
         assert (a.state, b.state) == (VersionState.retired, VersionState.retired)
-        assert registry.rollback(s, ModelKind.standardizer)[1].id == b.id
-        assert registry.rollback(s, ModelKind.standardizer)[1].id == a.id
+        assert registry.rollback(s, ModelKind.standardizer, "x")[1].id == b.id
+        assert registry.rollback(s, ModelKind.standardizer, "x")[1].id == a.id
         with pytest.raises(registry.RegistryError, match="no earlier standardizer"):
-            registry.rollback(s, ModelKind.standardizer)
+            registry.rollback(s, ModelKind.standardizer, "x")
+        assert other.state is VersionState.active  # another site's versions are never touched
 
 
 def test_a_changed_file_is_refused_on_load_and_at_start_up(sqlite_url, tmp_path, monkeypatch) -> None:
@@ -60,19 +73,22 @@ def test_a_changed_file_is_refused_on_load_and_at_start_up(sqlite_url, tmp_path,
     sessions = make_sessionmaker(engine)
     tiny = build_tiny_models(tmp_path / "m")
     with sessions.begin() as s:
-        version = registry.register_model(s, ModelKind.standardizer, str(tiny.standardizer), tiny.standardizer_sha256, {})
+        version = registry.register_model(s, ModelKind.standardizer, str(tiny.standardizer), tiny.standardizer_sha256, {},
+                                          site="x")
     tiny.standardizer.write_bytes(tiny.classifier.read_bytes())  # same path, other bytes
     recorder = EventRecorder()
     monkeypatch.setattr(registry, "log", recorder)
     with pytest.raises(registry.RegistryError, match="has changed since it was registered"):
         registry.load_version(version, device="cpu")
     with sessions.begin() as s:
-        assert registry.register_configured(s, ModelKind.standardizer, str(tiny.standardizer), "f" * 64, {}) is None
+        assert registry.register_configured(s, ModelKind.standardizer, str(tiny.standardizer), "f" * 64, {},
+                                            site="x") is None
         assert len(registry.list_versions(s)) == 1
     assert recorder.names() == ["checkpoint_changed", "checkpoint_changed"]
     engine.dispose()
 
 
+@pytest.mark.slow
 def test_models_commands(sqlite_url, tmp_path, monkeypatch, capsys, restore_logging) -> None:
     """`models register` adds a candidate, `promote` activates it, `list --json` shows states, `rollback` undoes it."""
     tiny = build_tiny_models(tmp_path / "m")
@@ -81,15 +97,16 @@ def test_models_commands(sqlite_url, tmp_path, monkeypatch, capsys, restore_logg
     upgrade_database(sqlite_url)
     engine = make_engine(sqlite_url)
     with make_sessionmaker(engine).begin() as s:
-        registry.register_model(s, ModelKind.classifier, str(tiny.classifier), tiny.classifier_sha256, {"classes": []})
-        registry.register_model(s, ModelKind.standardizer, "none", "0" * 64, {})
+        registry.register_model(s, ModelKind.classifier, str(tiny.classifier), tiny.classifier_sha256, {"classes": []},
+                                site="default")
+        registry.register_model(s, ModelKind.standardizer, "none", "0" * 64, {}, site="default")
     engine.dispose()
     assert cli.main(["models", "register", str(tiny.standardizer)]) == 0
     assert cli.main(["models", "promote", "3"]) == 0
     capsys.readouterr()
     assert cli.main(["models", "list", "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
-    assert {k for v in listed for k in v} >= {"id", "kind", "name", "state", "sha256", "created_at", "metrics"}
+    assert {k for v in listed for k in v} >= {"id", "kind", "site", "name", "state", "sha256", "created_at", "metrics"}
     assert [(v["id"], v["kind"], v["state"]) for v in listed] == [
         (1, "classifier", "active"), (2, "standardizer", "retired"), (3, "standardizer", "active")]
     assert listed[2]["sha256"] == tiny.standardizer_sha256

@@ -23,6 +23,9 @@ from stainbridge.models.imaging import synthetic
 from tests.daemon_helpers import STAINBRIDGE, subprocess_env, wait_for
 from tests.retraining_helpers import archive_incoming, open_world
 
+# every test here runs on the session's lab (a classifier trained in a subprocess) or trains a candidate
+pytestmark = pytest.mark.slow
+
 
 def _settings(settings_factory, lab, standardizer, **overrides):
     values = dict(models_classifier=lab.classifier, models_standardizer=standardizer, models_device="cpu",
@@ -56,7 +59,7 @@ def test_nightly_run_trains_a_candidate_and_promotes_it_over_a_worse_active(worl
         run = session.get(TrainingRun, result.run_id)
         assert run.status is RunStatus.succeeded and run.images_used > 0 and run.held_out_images > 0
         assert run.finished_at is not None and Path(run.log_path).is_file() and run.model_version_id == result.candidate_id
-        active = registry.active_version(session, ModelKind.standardizer)
+        active = registry.active_version(session, ModelKind.standardizer, "default")
         assert active.id == result.candidate_id and active.training_run_id == run.id
         broken = session.scalars(select(ModelVersion).where(ModelVersion.path == str(lab.broken.resolve()))).one()
         assert broken.state is VersionState.retired
@@ -97,7 +100,7 @@ def test_a_site_profile_standardizer_is_re_fitted_not_replaced_by_a_cyclegan(set
             profile = candidate.header["site_profile"]
             assert profile["source_images"] == run.images_used and profile["method"] in ("red_cell_diameter", "nucleus_area")
             assert result.metrics["site_profile"]["candidate"] == profile
-            assert registry.active_version(session, ModelKind.standardizer).header["architecture"] == method
+            assert registry.active_version(session, ModelKind.standardizer, "default").header["architecture"] == method
     finally:
         engine.dispose()
 
@@ -113,7 +116,7 @@ def test_broken_candidate_is_refused_and_stays_a_candidate(world, lab, monkeypat
     with sessions() as session:
         candidate = session.get(ModelVersion, result.candidate_id)
         assert candidate.state is VersionState.candidate and candidate.reason == result.reason
-        assert registry.active_version(session, ModelKind.standardizer).path == "none"
+        assert registry.active_version(session, ModelKind.standardizer, "default").path == "none"
 
 
 def test_killed_training_is_recorded_as_failed(world, monkeypatch, tmp_path) -> None:
@@ -126,7 +129,8 @@ def test_killed_training_is_recorded_as_failed(world, monkeypatch, tmp_path) -> 
     worker = threading.Thread(target=lambda: results.append(retraining.run_retraining(settings, sessions)))
     worker.start()
     pid = int(wait_for(lambda: pidfile.exists() and pidfile.read_text(), 60, "the training child's pid"))
-    assert os.getpriority(os.PRIO_PROCESS, pid) >= os.getpriority(os.PRIO_PROCESS, 0) + 10
+    # niceness stops at 19: a suite run under `nice -n 10` or more cannot see the full step
+    assert os.getpriority(os.PRIO_PROCESS, pid) >= min(19, os.getpriority(os.PRIO_PROCESS, 0) + 10)
     os.kill(pid, signal.SIGKILL)
     worker.join(60)
     (result,) = results

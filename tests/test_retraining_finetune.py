@@ -21,6 +21,9 @@ from stainbridge.models.checkpoint import file_sha256, load_checkpoint, save_che
 from tests.daemon_helpers import STAINBRIDGE, subprocess_env
 from tests.retraining_helpers import archive_incoming, open_world
 
+# every test here runs on the session's lab (a classifier trained in a subprocess) and trains a candidate
+pytestmark = pytest.mark.slow
+
 
 def _settings_values(lab, standardizer, **overrides):
     values = dict(models_classifier=lab.classifier, models_standardizer=standardizer, models_device="cpu",
@@ -132,7 +135,7 @@ def test_reviews_fine_tune_the_classifier_and_a_candidate_not_worse_is_promoted(
         run = session.get(TrainingRun, tuned["run_id"])
         assert run.kind is ModelKind.classifier and run.status is RunStatus.succeeded
         assert run.images_used + run.held_out_images == 20 and run.held_out_images > 0 and run.reference_images > 0
-        active = registry.active_version(session, ModelKind.classifier)
+        active = registry.active_version(session, ModelKind.classifier, "default")
         assert active.id == tuned["candidate_id"] and active.training_run_id == run.id
         assert active.header["finetune"]["reviewed"]["images"] == run.images_used
         assert session.scalar(select(ModelVersion.state).where(
@@ -158,7 +161,7 @@ def test_a_broken_classifier_candidate_is_refused_and_stays_a_candidate(reviewed
         candidate = session.get(ModelVersion, tuned["candidate_id"])
         assert candidate.kind is ModelKind.classifier and candidate.state is VersionState.candidate
         assert candidate.reason == tuned["reason"]
-        assert registry.active_version(session, ModelKind.classifier).path == str(lab.classifier.resolve())
+        assert registry.active_version(session, ModelKind.classifier, "default").path == str(lab.classifier.resolve())
         assert session.get(TrainingRun, tuned["run_id"]).status is RunStatus.rejected
 
 
@@ -207,7 +210,7 @@ def test_a_crashed_fine_tuning_is_a_failed_classifier_run(reviewed_world, lab, m
     with sessions() as session:
         run = session.scalars(select(TrainingRun).where(TrainingRun.kind == ModelKind.classifier)).one()
         assert run.status is RunStatus.failed and "exited with status 3" in run.reason and "out of memory" in run.reason
-        assert registry.active_version(session, ModelKind.classifier).path == str(lab.classifier.resolve())
+        assert registry.active_version(session, ModelKind.classifier, "default").path == str(lab.classifier.resolve())
 
 
 def test_below_the_disk_floor_the_classifier_half_is_skipped_too(reviewed_world, monkeypatch, capsys) -> None:

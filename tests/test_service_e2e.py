@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from stainbridge.daemon import folders
 from stainbridge.daemon.schema import upgrade_database
 from tests.daemon_helpers import (
     Daemon,
@@ -69,7 +70,7 @@ def rows_by_source(url: str) -> dict[str, list[str]]:
 
 
 def files_under(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() or p.is_symlink())
+    return sorted(p for p in folder.rglob("*") if (p.is_file() or p.is_symlink()) and p.name != folders.MARKER)
 
 
 def test_ready_after_startup_scan_watchdog_pings_and_stopping_on_sigterm(daemon_factory, database_url, tmp_path):
@@ -207,6 +208,7 @@ def test_missing_classifier_exits_1_with_a_one_line_error_before_ready(daemon_fa
     assert not any(m.startswith("READY=1") for m in daemon.receive())
 
 
+@pytest.mark.postgres
 def test_postgres_schema_behind_head_is_refused_with_the_upgrade_command(tmp_path, tiny_models, postgres_url):
     """On PostgreSQL the service does not migrate: an empty database makes it exit 1 naming `stainbridge db upgrade`."""
     config = write_config(tmp_path / "stainbridge.toml", tmp_path, postgres_url, tiny_models)
@@ -238,6 +240,16 @@ def test_systemd_unit_is_notify_hardened_and_still_reaches_the_gpu():
     allowed = [value for key, value in directives if key == "DeviceAllow"]
     assert {"/dev/nvidia0 rw", "/dev/nvidiactl rw", "/dev/nvidia-uvm rw"} <= set(allowed)
     assert "PrivateDevices" not in keys and "MemoryDenyWriteExecute" not in keys
+
+
+def test_systemd_unit_writes_no_core_file_and_outlasts_a_file_that_kills_the_service():
+    """LimitCORE=0: a watchdog SIGABRT or a crash writes no core file (it would hold patient images); the start
+    limit leaves room for the deaths after which a file that kills the service is quarantined."""
+    from stainbridge.daemon.intake.claims import MAX_CRASHES
+
+    values = dict(line.split("=", 1) for line in UNIT.read_text().splitlines() if "=" in line and not line.startswith("#"))
+    assert values["LimitCORE"] == "0"
+    assert int(values["StartLimitBurst"]) > MAX_CRASHES + 1  # the deaths, then the start that quarantines it
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")

@@ -41,6 +41,7 @@ def _site_and_classifier(tmp_path: Path) -> tuple[list, Path]:
     return reference, clf_path
 
 
+@pytest.mark.slow
 def test_reinhard_checkpoint_runs_reinhard_with_the_estimated_geometry(tmp_path: Path, run_stainbridge) -> None:
     """The checkpoint standardizes exactly as the built-in Reinhard does, and the service's geometry
     takes the magnification (red cells 24 px vs 40 px: k = 0.6) from its site profile."""
@@ -60,6 +61,7 @@ def test_reinhard_checkpoint_runs_reinhard_with_the_estimated_geometry(tmp_path:
     assert geometry.magnification == pytest.approx(0.6, rel=0.08) and "red_cell_diameter" in geometry.source
 
 
+@pytest.mark.slow
 def test_a_classifier_without_reference_scale_needs_the_reference_folder(tmp_path: Path, run_stainbridge) -> None:
     """Without a recorded reference red-cell diameter and without --reference, the command says what to pass."""
     _write_smears(tmp_path / "src", "incoming", 0.5, n=3)
@@ -74,6 +76,7 @@ def test_a_classifier_without_reference_scale_needs_the_reference_folder(tmp_pat
     assert done.returncode == 2 and "--reference DIR" in done.stderr
 
 
+@pytest.mark.slow
 def test_colour_map_checkpoint_maps_the_site_onto_the_reference_colours(tmp_path: Path, run_stainbridge) -> None:
     """`--method colour_map`: the checkpoint carries the site profile and the fitted map (tensors, no pickle);
     the service loads it, and it brings the site's windows (cut at the profile's magnification) close to the

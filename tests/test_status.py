@@ -6,6 +6,8 @@ import argparse
 import json
 from datetime import datetime, timedelta
 
+import pytest
+
 from stainbridge.daemon.commands import status
 from stainbridge.daemon.schema import upgrade_database
 from stainbridge.daemon.store import (
@@ -21,16 +23,40 @@ from stainbridge.daemon.store import (
 from stainbridge.daemon.versions.registry import register_model
 
 
-def test_status_on_a_new_sqlite_database_creates_the_schema_and_reports_zeros(run_stainbridge, tmp_path):
-    """A brand-new SQLite state folder: status migrates it and prints an all-zero JSON report."""
-    env = {"STAINBRIDGE_PATHS_STATE": str(tmp_path / "state")}
-    result = run_stainbridge("status", "--json", env=env)
-    assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout)
-    assert (report["waiting"], report["processed_today"], report["failed_total"]) == (0, 0, 0)
-    assert report["models"] == [] and report["next_retraining"] == "disabled"
-    assert (tmp_path / "state" / "stainbridge.db").exists()
-    assert report["last_retraining"] == {"standardizer": None, "classifier": None}
+@pytest.mark.parametrize("command", [("status",), ("status", "--json"), ("report", "--out", "r.html"),
+                                     ("export", "--format", "csv"), ("db", "current")])
+def test_read_only_commands_never_create_a_database(run_stainbridge, tmp_path, command):
+    """Without a database where the configuration points (the default state folder, or a URL into a folder that
+    does not exist), `status`, `report`, `export` and `db current` exit 1 naming the file they looked for, and
+    create neither the file nor its folder (before: a fresh database, zeros and exit 0)."""
+    home = tmp_path / "home"
+    default = home / ".local" / "state" / "stainbridge" / "stainbridge.db"
+    for env, looked_for in (({"HOME": str(home), "XDG_STATE_HOME": ""}, default),
+                            ({"STAINBRIDGE_DATABASE_URL": f"sqlite:///{tmp_path / 'nonexistent' / 'dir' / 'x.db'}"},
+                             tmp_path / "nonexistent" / "dir" / "x.db")):
+        result = run_stainbridge(*command, env=env)
+        assert result.returncode == 1, result.stdout
+        assert f"no database at {looked_for}" in result.stderr and "nothing was created" in result.stderr
+        assert not looked_for.parent.exists()
+        assert result.stdout == ""
+
+
+def test_read_only_commands_read_the_system_configuration_by_default(monkeypatch, tmp_path, settings_factory):
+    """Without --config and $STAINBRIDGE_CONFIG, /etc/stainbridge/stainbridge.toml (when it exists) is the
+    configuration: an operator's `stainbridge status` reads the service's database. --config and the variable win."""
+    from stainbridge.daemon import config
+
+    system = tmp_path / "etc" / "stainbridge.toml"
+    system.parent.mkdir()
+    system.write_text(f'[paths]\nstate = "{tmp_path / "service-state"}"\n', encoding="utf-8")
+    other = tmp_path / "other.toml"
+    other.write_text(f'[paths]\nstate = "{tmp_path / "other-state"}"\n', encoding="utf-8")
+    monkeypatch.setattr(config, "SYSTEM_CONFIG", system)
+    assert config.load_settings(environ={}).state_dir == tmp_path / "service-state"
+    assert config.load_settings(environ={}).source == f"built-in defaults < {system}"
+    assert config.load_settings(other, environ={}).state_dir == tmp_path / "other-state"
+    assert config.load_settings(environ={"STAINBRIDGE_CONFIG": str(other)}).state_dir == tmp_path / "other-state"
+    assert config.load_settings(environ={"STAINBRIDGE_CONFIG": ""}).source == "built-in defaults"
 
 
 def test_status_shows_the_latest_run_of_each_kind(run_stainbridge, tmp_path):
@@ -60,6 +86,7 @@ def test_status_shows_the_latest_run_of_each_kind(run_stainbridge, tmp_path):
     assert "last classifier     run 3 succeeded" in text and "last week's crash" not in text
 
 
+@pytest.mark.postgres
 def test_status_on_postgres_without_migrations_says_to_run_db_upgrade(postgres_url, monkeypatch, capsys):
     """On an un-migrated PostgreSQL database status exits 1 and names `stainbridge db upgrade`."""
     monkeypatch.setenv("STAINBRIDGE_DATABASE_URL", postgres_url)
@@ -88,8 +115,9 @@ def test_status_counts_failures_throughput_models_and_waiting_files(settings_fac
             session.flush()
             session.add(Image(sha256=added[0].sha256, duplicate_of_id=added[0].id, source_name="f.png", site="s",
                               status=ImageStatus.duplicate, received_at=now, processed_at=now))
-            register_model(session, ModelKind.classifier, "/m/clf.safetensors", "c" * 64, {"architecture": "resnet18"})
-            register_model(session, ModelKind.standardizer, "none", "d" * 64, {})
+            register_model(session, ModelKind.classifier, "/m/clf.safetensors", "c" * 64, {"architecture": "resnet18"},
+                           site="default")
+            register_model(session, ModelKind.standardizer, "none", "d" * 64, {}, site="default")
         settings.drop_dir.mkdir(parents=True)
         for name in ("x.png", "y.dcm", ".hidden.png", "z.png.part"):
             (settings.drop_dir / name).write_bytes(b"x")

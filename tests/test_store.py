@@ -36,7 +36,7 @@ def image(sha256: str | None = SHA, **kw) -> Image:
 
 
 def classifier_version(sha256: str = "cd" * 32) -> ModelVersion:
-    return ModelVersion(kind=ModelKind.classifier, name="resnet18", path="/m/c.safetensors", sha256=sha256)
+    return ModelVersion(kind=ModelKind.classifier, site="test", name="resnet18", path="/m/c.safetensors", sha256=sha256)
 
 
 def test_insert_image_prediction_and_model_version(session: Session) -> None:

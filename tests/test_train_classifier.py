@@ -39,6 +39,7 @@ def trained(reference_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tu
     return out, train(reference_dir, out, "--epochs", "1")
 
 
+@pytest.mark.slow
 def test_tiny_run_writes_checkpoint_with_contract_header(trained: tuple[Path, str], reference_dir: Path) -> None:
     """A tiny run writes a safetensors checkpoint whose header carries the full classifier contract."""
     out, sha = trained
@@ -65,6 +66,7 @@ def test_tiny_run_writes_checkpoint_with_contract_header(trained: tuple[Path, st
     assert state["fc.weight"].shape == (5, 512)
 
 
+@pytest.mark.slow
 def test_split_manifest_keeps_test_images_out_of_training(trained: tuple[Path, str]) -> None:
     """The split written next to the checkpoint is stratified and its test images are disjoint from training."""
     out, _ = trained
@@ -74,6 +76,7 @@ def test_split_manifest_keeps_test_images_out_of_training(trained: tuple[Path, s
     assert {Path(p).parts[0] for p in manifest["test"]} == set(synthetic.CLASSES)
 
 
+@pytest.mark.slow
 def test_resume_continues_from_saved_state(reference_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """--resume restarts after the last saved epoch instead of training from scratch."""
     out = tmp_path / "clf.safetensors"
@@ -90,6 +93,7 @@ def test_resume_continues_from_saved_state(reference_dir: Path, tmp_path: Path, 
     assert [h["epoch"] for h in header["metrics"]["history"]] == [1, 2]
 
 
+@pytest.mark.slow
 def test_training_uses_the_focal_loss(reference_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every training step goes through models.classifier.FocalLoss with the requested gamma."""
     gammas: list[float] = []
@@ -157,6 +161,7 @@ def test_resume_refuses_a_state_for_other_modules(tmp_path: Path) -> None:
         resume.load_training_state(path, modules={"b": model}, optimizers={"o": opt})
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_train_one_checkpoint(reference_dir: Path, tmp_path: Path) -> None:
     """Under torchrun (2 CPU processes, gloo, DistributedSampler) rank 0 alone writes the checkpoint."""
     out = tmp_path / "clf.safetensors"

@@ -39,6 +39,7 @@ def trained(folders: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
     return out, train(folders, out, "--epochs", "1")
 
 
+@pytest.mark.slow
 def test_tiny_run_writes_generator_checkpoint_and_sample_grid(trained: tuple[Path, str]) -> None:
     """A few tiny iterations write a loadable G-only standardizer checkpoint and a 3-row sample grid."""
     out, sha = trained
@@ -60,6 +61,7 @@ def test_tiny_run_writes_generator_checkpoint_and_sample_grid(trained: tuple[Pat
         assert grid.height == 3 * 64 + 4 * 2  # real / standardized / reconstructed rows, 2 px padding
 
 
+@pytest.mark.slow
 def test_resume_continues_the_gan_from_its_state(folders: tuple[Path, Path], tmp_path: Path) -> None:
     """--resume restores G, F, both discriminators and optimizers and runs only the remaining epochs."""
     out = tmp_path / "std.safetensors"
@@ -71,6 +73,7 @@ def test_resume_continues_the_gan_from_its_state(folders: tuple[Path, Path], tmp
     assert [h["epoch"] for h in header["metrics"]["history"]] == [1, 2]
 
 
+@pytest.mark.slow
 def test_semantic_classifier_adds_a_kl_term(folders: tuple[Path, Path], tmp_path: Path) -> None:
     """With --semantic-classifier the generator loss carries the KL class-preservation terms."""
     reference = folders[1]
@@ -89,6 +92,7 @@ def test_semantic_classifier_adds_a_kl_term(folders: tuple[Path, Path], tmp_path
     assert {"semantic_x_to_y", "semantic_y_cycle"} <= set(header["metrics"]["final"])
 
 
+@pytest.mark.slow
 def test_standardizer_checkpoint_is_refused_as_semantic_classifier(
         folders: tuple[Path, Path], trained: tuple[Path, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Passing a standardizer where the frozen classifier belongs exits 2 and names the problem."""
@@ -108,6 +112,7 @@ def test_size_must_suit_the_generator(folders: tuple[Path, Path], tmp_path: Path
     assert tg.run(args) == 2
 
 
+@pytest.mark.slow
 def test_checkpoint_carries_a_site_profile_from_unlabeled_red_cells(tmp_path: Path) -> None:
     """train cyclegan measures the source lab's red cells (none of its labels) and writes the site profile
     that the service's geometry then uses: red cells drawn 24 px (reference) vs 40 px (source) give k = 0.6."""

@@ -36,6 +36,7 @@ def start(folders: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) 
     return out
 
 
+@pytest.mark.slow
 def test_init_from_starts_the_generator_from_the_checkpoint(folders, start, tmp_path) -> None:
     """With learning rates 0, a warm-started run writes exactly the weights it started from, and says where from."""
     out = tmp_path / "warm.safetensors"
@@ -48,6 +49,7 @@ def test_init_from_starts_the_generator_from_the_checkpoint(folders, start, tmp_
                                                       "sha256": checkpoint.file_sha256(start)}
 
 
+@pytest.mark.slow
 def test_init_from_a_different_architecture_is_a_clear_error(folders, start, tmp_path) -> None:
     """A ResNet-generator checkpoint cannot warm-start the colour generator: the error names both and the fix."""
     with pytest.raises(tg.TrainingError, match=r"--init-from .*resnet_generator.*pointwise_colour.*from scratch"):
@@ -55,6 +57,7 @@ def test_init_from_a_different_architecture_is_a_clear_error(folders, start, tmp
     assert not (tmp_path / "x.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_init_from_a_classifier_is_refused(folders, start, tmp_path) -> None:
     """A checkpoint of another kind is refused before any training."""
     header = dict(checkpoint.load_checkpoint(start)[1], kind="classifier")

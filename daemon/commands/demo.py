@@ -302,8 +302,9 @@ def run(args: argparse.Namespace) -> int:
         classifier, adapted, standardizer = make_models(workdir, data, args.retrain)
         _step(f"3/5 the service on a fresh drop folder ({run_dir})")
         shutil.rmtree(run_dir, ignore_errors=True)
-        (run_dir / "drop").mkdir(parents=True)
+        run_dir.mkdir(parents=True)
         config = write_config(workdir, run_dir, adapted, standardizer)
+        _run_logged(_cli("init", "--config", str(config)), workdir / "init.log", "stainbridge init")
         daemon = DemoDaemon(config, run_dir)
         daemon.wait_for("READY=1", args.timeout)
         print(f"   READY=1 received (config: {config}, log: {daemon.log})")
@@ -326,7 +327,8 @@ def run(args: argparse.Namespace) -> int:
               "incoming lab's unlabeled images (`train site-profile --method colour_map`) and the classifier "
               f"adapted to them without labels (`train adapt`); {verdict}. `stainbridge bench accuracy` compares "
               "the methods on real images.")
-        quarantined = sorted(p.name for p in (run_dir / "quarantine").rglob("*") if p.is_file())
+        quarantined = sorted(p.name for p in (run_dir / "quarantine").rglob("*")
+                             if p.is_file() and not p.name.startswith("."))  # not init's marker
         print(f"   quarantine: {', '.join(quarantined)}")
         code = daemon.stop()
         daemon = None

@@ -1,8 +1,12 @@
 """`stainbridge export --format csv|json [--since DATE] [--until DATE] [--out FILE]`: the `results` view, streamed.
 
-One row per received image (its latest prediction, models and review), oldest first. Rows are
+One row per received image (its latest prediction, models and review, and its site's validation state),
+oldest first. Rows are
 fetched in chunks (``yield_per``; a server-side cursor on PostgreSQL) and written as they come,
-so memory stays constant however many years of results there are.
+so memory stays constant however many years of results there are. CSV text cells that a
+spreadsheet would read as a formula (a file named ``=HYPERLINK(...).png``) get a leading ``'``
+(``commands.spreadsheet``); JSON is written as it is. It creates no database: it
+reads the one the configuration names (as `status` does).
 """
 
 from __future__ import annotations
@@ -18,18 +22,24 @@ from typing import IO, Any
 from sqlalchemy import Boolean, DateTime, bindparam, text
 
 from stainbridge.daemon.commands.report import parse_date
+from stainbridge.daemon.commands.spreadsheet import safe_row
 from stainbridge.daemon.config import ConfigError, load_settings
 from stainbridge.daemon.lab.report import Period
-from stainbridge.daemon.schema import SchemaError, prepare_database
+from stainbridge.daemon.lab.views import ROW_VALIDATION_SQL
+from stainbridge.daemon.schema import SchemaError, require_database
 from stainbridge.daemon.store import make_engine
 
 CHUNK_ROWS = 1000
-COLUMNS = ("image_id", "source_name", "site", "status", "error", "received_at", "processed_at", "label",
-           "confidence", "probabilities", "standardizer", "classifier", "reviewed_label", "reviewer",
-           "patient_pseudonym", "study_uid", "series_uid", "sop_instance_uid", "sha256", "archive_path", "tta",
-           "magnification")
-QUERY = (f"SELECT {', '.join(COLUMNS)} FROM results WHERE received_at >= :since AND received_at < :until "
-         "ORDER BY received_at, image_id")
+RESULTS_COLUMNS = ("image_id", "source_name", "site", "status", "error", "received_at", "processed_at", "label",
+                   "confidence", "probabilities", "standardizer", "classifier", "reviewed_label", "reviewer",
+                   "patient_pseudonym", "study_uid", "series_uid", "sop_instance_uid", "sha256", "archive_path", "tta",
+                   "magnification")
+# ... and what the row rests on (daemon.lab.views.ROW_VALIDATION_SQL): "unvalidated (12 of 50 reviews)",
+# "validated: 0.91 [0.86-0.95] on 50 cells" or "not the validated recipe (site validated: ...)"
+COLUMNS = (*RESULTS_COLUMNS, "validation")
+QUERY = (f"SELECT {', '.join('r.' + c for c in RESULTS_COLUMNS)}, {ROW_VALIDATION_SQL} AS validation FROM results r "
+         "LEFT JOIN site_validation v ON v.site = r.site "
+         "WHERE r.received_at >= :since AND r.received_at < :until ORDER BY r.received_at, r.image_id")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -74,7 +84,7 @@ def write_csv(rows: Iterator[dict[str, Any]], out: IO[str]) -> int:
     for n, row in enumerate(rows, 1):
         if row["probabilities"] is not None:
             row["probabilities"] = json.dumps(row["probabilities"], sort_keys=True)
-        writer.writerow(row)
+        writer.writerow(safe_row(row))  # names from another hospital never become spreadsheet formulas
     return n
 
 
@@ -90,7 +100,7 @@ def write_json(rows: Iterator[dict[str, Any]], out: IO[str]) -> int:
 def run(args: argparse.Namespace) -> int:
     try:
         settings = load_settings(args.config)
-        prepare_database(settings.database_url)
+        require_database(settings.database_url, settings.source)
         Period.from_dates(args.since, args.until)
     except (ConfigError, SchemaError) as exc:
         print(f"stainbridge export: {exc}", file=sys.stderr)

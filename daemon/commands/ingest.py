@@ -27,7 +27,8 @@ from stainbridge.daemon.pipeline.batch import BatchReport
 from stainbridge.daemon.pipeline.runner import Pipeline, absolute_candidates
 from stainbridge.daemon.schema import SchemaError, prepare_database, safe_url
 from stainbridge.daemon.store import make_engine, make_sessionmaker
-from stainbridge.daemon.versions.loading import ModelConfigError, load_models
+from stainbridge.daemon.versions.loading import ModelConfigError
+from stainbridge.daemon.versions.site_models import SiteModels
 
 log = get_logger(__name__)
 
@@ -69,11 +70,11 @@ def run(args: argparse.Namespace) -> int:
     engine = None
     report = BatchReport()
     try:
-        prepare_database(settings.database_url)
+        prepare_database(settings.database_url, default_site=settings.site.name)
         engine = make_engine(settings.database_url)
         sessions = make_sessionmaker(engine)
-        pipeline = Pipeline(settings, sessions, load_models(settings, sessions), file_results=args.move)
-        pipeline.recover()
+        pipeline = Pipeline(settings, sessions, SiteModels.start(settings, sessions), file_results=args.move)
+        pipeline.recover(startup=True)
         size = settings.models.batch_size
         for start in range(0, len(candidates), size):
             report.add(pipeline.process(candidates[start:start + size]))

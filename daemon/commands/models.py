@@ -1,9 +1,10 @@
 """`stainbridge models list [--json] | register PATH | promote ID | rollback KIND`: the registry by hand.
 
+Every version belongs to one site (docs/sites.md); ``--site`` names it (default ``[site] name``).
 ``register`` loads the file through the inference path (so only a checkpoint that loads can be
-registered) and records it as a candidate; ``promote`` makes a version active (no gate: the
-operator decides); ``rollback`` re-activates the version that served before the active one.
-The running service picks up the change between two batches (``[models] poll_seconds``).
+registered) and records it as a candidate of the site; ``promote`` makes a version active for its site
+(no gate: the operator decides); ``rollback`` re-activates the version that served the site before
+the active one. The running service picks up the change between two batches (``[models] poll_seconds``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from stainbridge.daemon.versions import registry
 @contextmanager
 def database(settings: Settings) -> Iterator[Callable[[], Session]]:
     """A sessionmaker on the configured database (schema prepared as `status` does); disposed after."""
-    prepare_database(settings.database_url)
+    prepare_database(settings.database_url, default_site=settings.site.name)
     engine = make_engine(settings.database_url)
     try:
         yield make_sessionmaker(engine)
@@ -36,18 +37,23 @@ def database(settings: Settings) -> Iterator[Callable[[], Session]]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-    listing = sub.add_parser("list", help="every registered version with its state")
+    listing = sub.add_parser("list", help="every registered version with its site and state")
     listing.add_argument("--json", action="store_true", help="a JSON list of objects")
-    sub.add_parser("register", help="record a checkpoint as a candidate").add_argument("path", metavar="PATH")
-    sub.add_parser("promote", help="make a version the active one of its kind").add_argument("id", type=int, metavar="ID")
-    sub.add_parser("rollback", help="re-activate the version that served before the active one").add_argument(
-        "kind", choices=[k.value for k in ModelKind], metavar="KIND")
+    listing.add_argument("--site", default=None, help="only this site's versions")
+    register = sub.add_parser("register", help="record a checkpoint as a candidate of a site")
+    register.add_argument("path", metavar="PATH")
+    register.add_argument("--site", default=None, help="the site it is for (default: [site] name)")
+    sub.add_parser("promote", help="make a version the active one of its kind for its site").add_argument(
+        "id", type=int, metavar="ID")
+    rollback = sub.add_parser("rollback", help="re-activate the version that served a site before the active one")
+    rollback.add_argument("kind", choices=[k.value for k in ModelKind], metavar="KIND")
+    rollback.add_argument("--site", default=None, help="the site (default: [site] name)")
 
 
-def _register(session: Session, settings: Settings, path: Path) -> registry.ModelVersion:
+def _register(session: Session, path: Path, site: str) -> registry.ModelVersion:
     from stainbridge.models.inference import load_classifier, load_standardizer
 
-    active_clf = registry.active_version(session, ModelKind.classifier)
+    active_clf = registry.active_version(session, ModelKind.classifier, site)
     try:
         model = load_classifier(path, device="cpu")
         kind = ModelKind.classifier
@@ -55,7 +61,7 @@ def _register(session: Session, settings: Settings, path: Path) -> registry.Mode
         classifier = registry.load_version(active_clf, device="cpu") if active_clf is not None else None
         model = load_standardizer(str(path), device="cpu", classifier=classifier)
         kind = ModelKind.standardizer
-    return registry.register_model(session, kind, str(path.resolve()), model.sha256, model.header,
+    return registry.register_model(session, kind, str(path.resolve()), model.sha256, model.header, site=site,
                                    state=VersionState.candidate)
 
 
@@ -81,11 +87,13 @@ def run(args: argparse.Namespace) -> int:
         settings = load_settings(args.config)
         with database(settings) as sessions, sessions() as session:
             if args.action == "list":
-                versions = [registry.describe(v) for v in registry.list_versions(session)]
+                versions = [registry.describe(v) for v in registry.list_versions(session)
+                            if args.site is None or v.site == args.site]
                 if args.json:
                     print(json.dumps(versions, indent=2, default=str))
                 for v in [] if args.json else versions:
-                    print(f"{v['id']:>4}  {v['kind']:<12} {v['state']:<9} {v['sha256'][:12]}  {v['created_at'][:19]}  "
+                    print(f"{v['id']:>4}  {v['site']:<14} {v['kind']:<12} {v['state']:<9} {v['sha256'][:12]}  "
+                          f"{v['created_at'][:19]}  "
                           f"{v['name']}" + _profile(v["site_profile"]) + _adapted(v["adaptation"])
                           + (f"  ({v['reason']})" if v["reason"] and v["state"] == "candidate" else ""))
                 return 0
@@ -94,14 +102,18 @@ def run(args: argparse.Namespace) -> int:
                 if not path.is_file():
                     print(f"{name}: {path} is not a file", file=sys.stderr)
                     return 2
-                version = _register(session, settings, path)
-                message = f"registered {version.kind.value} version {version.id} ({version.state.value})"
+                version = _register(session, path, args.site or settings.site.name)
+                message = (f"registered {version.kind.value} version {version.id} ({version.state.value}) "
+                           f"for site {version.site}")
             elif args.action == "promote":
                 version = registry.promote(session, args.id)
-                message = f"version {version.id} ({version.name}) is now the active {version.kind.value}"
+                message = (f"version {version.id} ({version.name}) is now the active {version.kind.value} "
+                           f"of site {version.site}")
             else:
-                old, new = registry.rollback(session, args.kind)
-                message = f"rolled back {args.kind}: version {old.id} retired, version {new.id} ({new.name}) active"
+                site = args.site or settings.site.name
+                old, new = registry.rollback(session, args.kind, site)
+                message = (f"rolled back {args.kind} of site {site}: version {old.id} retired, version {new.id} "
+                           f"({new.name}) active")
             session.commit()
     except (ConfigError, SchemaError, registry.RegistryError) as exc:
         print(f"{name}: {exc}", file=sys.stderr)

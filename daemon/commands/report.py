@@ -3,8 +3,8 @@
 Reads the database (aggregates, see daemon/lab/report.py) and the archived images of the few it shows;
 it needs neither the models nor a GPU, so it can run while the service works, except with
 ``--restandardize``, which loads the active models on the CPU to draw the standardized pictures the
-service did not save. On a new SQLite database it
-first creates the schema (as `status` does); on PostgreSQL it asks for `stainbridge db upgrade`.
+service did not save. It creates no database: it reads the one the configuration names, at the
+newest schema (as `status` does), and says which one it looked for otherwise.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 from sqlalchemy.engine import Engine
 
 from stainbridge.daemon.config import ConfigError, Settings, load_settings
-from stainbridge.daemon.schema import SchemaError, prepare_database, safe_url
+from stainbridge.daemon.schema import SchemaError, require_database, safe_url
 from stainbridge.daemon.store import make_engine
 
 
@@ -47,10 +47,12 @@ class RestandardizeError(RuntimeError):
 
 def restandardize(settings: Settings, engine: Engine, shown: list[Any]) -> dict[int, str]:
     """Standardized thumbnails, made now with the registry's active models on the CPU, for the shown
-    images that have no saved copy (image id -> data URI); the service's geometry ([site] scale) applies."""
+    images that have no saved copy (image id -> data URI), each by its own site's models; the service's geometry
+    ([site] scale) applies."""
     from stainbridge.daemon.lab.render import read_picture, standardized_path, thumbnail_of
     from stainbridge.daemon.store import ModelKind, make_sessionmaker
     from stainbridge.daemon.versions import registry
+    from stainbridge.daemon.versions.loading import NetworkCache
     from stainbridge.models.inference import DeviceUnavailable, ModelMismatch, run_batch
 
     todo = []
@@ -59,23 +61,31 @@ def restandardize(settings: Settings, engine: Engine, shown: list[Any]) -> dict[
         if original is not None and not standardized_path(original).exists():
             picture = read_picture(original)
             if picture is not None:
-                todo.append((item.image_id, picture))
+                todo.append((item.image_id, picture, item.site or settings.site.name))
     if not todo:
         return {}
-    with make_sessionmaker(engine)() as session:
-        clf_version = registry.active_version(session, ModelKind.classifier)
-        std_version = registry.active_version(session, ModelKind.standardizer)
-    if clf_version is None or std_version is None:
-        raise RestandardizeError("no active models are registered yet; start the service once, "
-                                 "or leave out --restandardize")
-    try:
-        classifier = registry.load_version(clf_version, device="cpu")
-        standardizer = registry.load_version(std_version, device="cpu", classifier=classifier)
-        results = run_batch([picture for _, picture in todo], standardizer, classifier, scale=settings.site.scale)
-    except (registry.RegistryError, ModelMismatch, DeviceUnavailable, OSError, ValueError) as exc:
-        raise RestandardizeError(f"cannot standardize with the active models: {exc}; "
-                                 "leave out --restandardize") from None
-    return {image_id: thumbnail_of(result.standardized) for (image_id, _), result in zip(todo, results, strict=True)}
+    by_site: dict[str, list[tuple[int, Any]]] = {}
+    for image_id, picture, site in todo:
+        by_site.setdefault(site, []).append((image_id, picture))
+    cache = NetworkCache("cpu")
+    redone: dict[int, str] = {}
+    for site, pictures in by_site.items():
+        with make_sessionmaker(engine)() as session:
+            clf_version = registry.active_version(session, ModelKind.classifier, site)
+            std_version = registry.active_version(session, ModelKind.standardizer, site)
+        if clf_version is None or std_version is None:
+            raise RestandardizeError(f"site {site} has no active models registered yet; start the service once, "
+                                     "or leave out --restandardize")
+        try:
+            models = cache.pair(clf_version, std_version, site)
+            results = run_batch([picture for _, picture in pictures], models.standardizer, models.classifier,
+                                scale=settings.site.scale)
+        except (registry.RegistryError, ModelMismatch, DeviceUnavailable, OSError, ValueError) as exc:
+            raise RestandardizeError(f"cannot standardize with the active models of site {site}: {exc}; "
+                                     "leave out --restandardize") from None
+        redone.update({image_id: thumbnail_of(result.standardized)
+                       for (image_id, _), result in zip(pictures, results, strict=True)})
+    return redone
 
 
 def write_report(database_url: str, out: Path, since: date | None = None, until: date | None = None,
@@ -104,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out).absolute()
     try:
         settings = load_settings(args.config)
-        prepare_database(settings.database_url)
+        require_database(settings.database_url, settings.source)
         write_report(settings.database_url, out, args.since, args.until,
                      settings if args.restandardize else None)
     except (ConfigError, SchemaError, RestandardizeError) as exc:

@@ -18,7 +18,8 @@ from stainbridge.daemon.config import ConfigError, load_settings
 from stainbridge.daemon.retraining.reprocess import reprocess, select_images
 from stainbridge.daemon.schema import SchemaError, prepare_database
 from stainbridge.daemon.store import make_engine, make_sessionmaker
-from stainbridge.daemon.versions.loading import ModelConfigError, load_models
+from stainbridge.daemon.versions.loading import ModelConfigError
+from stainbridge.daemon.versions.site_models import SiteModels
 
 
 def _date(text: str) -> datetime:
@@ -41,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         settings = load_settings(args.config)
-        prepare_database(settings.database_url)
+        prepare_database(settings.database_url, default_site=settings.site.name)
     except (ConfigError, SchemaError) as exc:
         print(f"stainbridge reprocess: {exc}", file=sys.stderr)
         return 1
@@ -49,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         sessions = make_sessionmaker(engine)
         try:
-            models = load_models(settings, sessions)
+            models = SiteModels.start(settings, sessions)
         except ModelConfigError as exc:
             print(f"stainbridge reprocess: {exc}", file=sys.stderr)
             return 1
@@ -57,12 +58,16 @@ def run(args: argparse.Namespace) -> int:
         report = reprocess(settings, sessions, models, images)
     finally:
         engine.dispose()
-    summary = {**asdict(report), "classifier_version": models.classifier_version_id,
-               "standardizer_version": models.standardizer_version_id}
+    default = models.default
+    summary = {**asdict(report), "classifier_version": default.classifier_version_id,
+               "standardizer_version": default.standardizer_version_id,
+               "sites": {site: {"classifier_version": m.classifier_version_id,
+                                "standardizer_version": m.standardizer_version_id} for site, m in models.loaded.items()}}
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
-        print(f"reprocessed {report.classified} of {report.selected} image(s) with classifier version "
-              f"{models.classifier_version_id} and standardizer version {models.standardizer_version_id}"
+        versions = "; ".join(f"site {site}: classifier version {m['classifier_version']}, standardizer version "
+                             f"{m['standardizer_version']}" for site, m in summary["sites"].items())
+        print(f"reprocessed {report.classified} of {report.selected} image(s) ({versions})"
               + (f"; unreadable: {report.unreadable}" if report.unreadable else ""))
     return 1 if report.unreadable else 0

@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         settings = load_settings(args.config)
-        prepare_database(settings.database_url)
+        prepare_database(settings.database_url, default_site=settings.site.name)
     except (ConfigError, SchemaError) as exc:
         print(f"stainbridge retrain: {exc}", file=sys.stderr)
         return 1

@@ -1,8 +1,13 @@
-"""`stainbridge review import CSV | review export [--out CSV]`: expert-confirmed labels.
+"""`stainbridge review import CSV | review export [--out CSV] [--thumbnails DIR]`: expert-confirmed labels.
 
-``export`` writes the low-confidence queue: classified images without a review whose latest
-prediction is less confident than ``[retraining] review_below``, least confident first, with an
-empty ``label`` column for the hematologist to fill in. ``import`` reads such a file back (columns
+``export`` writes the review queue, with an empty ``label`` column for the hematologist to fill in, as
+UTF-8 with a byte-order mark for Excel and with names that would start a formula neutralized
+(``commands.spreadsheet``): first each unvalidated site's validation sample (the cells the service
+chose from its first ones, docs/sites.md; ``validation_rank`` 1, 2, ... in review order), then the
+low-confidence queue: classified images without a review whose latest prediction is less confident
+than ``[retraining] review_below``, least confident first. ``--thumbnails DIR`` writes a picture of
+each listed cell there (``<image id>.png``, decoded as the service decodes it) and names it in the
+``thumbnail`` column. ``import`` reads such a file back (columns
 ``image`` = image id or sha256, ``label``, ``reviewer``, optional ``time`` (ISO 8601) and
 ``comment``; rows with an empty label are skipped). It is all or nothing: unknown images and
 labels the active classifier does not know are all reported and nothing is written.
@@ -21,13 +26,24 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from stainbridge.daemon.commands.models import database
+from stainbridge.daemon.commands.spreadsheet import EXCEL_BOM, safe_row
 from stainbridge.daemon.config import ConfigError, load_settings
 from stainbridge.daemon.schema import SchemaError
-from stainbridge.daemon.store import Image, ImageStatus, ModelKind, Prediction, Review
+from stainbridge.daemon.store import (
+    Image,
+    ImageStatus,
+    ModelKind,
+    Prediction,
+    Review,
+    Site,
+    SiteState,
+    ValidationCell,
+)
 from stainbridge.daemon.versions import registry
 
 EXPORT_COLUMNS = ["image", "sha256", "source_name", "archive_path", "predicted", "confidence", "label", "reviewer",
-                  "time", "comment"]
+                  "time", "comment", "site", "validation_rank", "thumbnail"]
+THUMBNAIL_PX = 192
 
 
 class ReviewFileError(Exception):
@@ -40,11 +56,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     export = sub.add_parser("export", help="write the low-confidence review queue as CSV")
     export.add_argument("--out", default="-", metavar="CSV", help="file to write (default: standard output)")
     export.add_argument("--limit", type=int, default=500, help="at most this many images (default 500)")
+    export.add_argument("--site", default=None, help="only this site's cells")
+    export.add_argument("--thumbnails", default=None, metavar="DIR",
+                        help="write a picture of each listed cell into DIR (<image id>.png)")
 
 
 def known_labels(session: Session) -> set[str]:
-    active = registry.active_version(session, ModelKind.classifier)
-    return set((active.header or {}).get("classes") or []) if active else set()
+    """The classes of every site's active classifier."""
+    return {label for version in registry.active_versions(session) if version.kind is ModelKind.classifier
+            for label in (version.header or {}).get("classes") or []}
 
 
 def import_reviews(session: Session, path: Path) -> int:
@@ -89,17 +109,48 @@ def import_reviews(session: Session, path: Path) -> int:
     return len(reviews)
 
 
-def review_queue(session: Session, below: float, limit: int) -> list[dict[str, object]]:
+def review_queue(session: Session, below: float, limit: int, site: str | None = None) -> list[dict[str, object]]:
+    """Unreviewed cells: the validation samples of unvalidated sites (by site, in review order), then those less
+    confident than ``below`` (least confident first); at most ``limit``."""
     latest = select(Prediction.image_id, func.max(Prediction.id).label("pid")).group_by(Prediction.image_id).subquery()
-    rows = session.execute(
-        select(Image, Prediction).join(latest, latest.c.image_id == Image.id).join(Prediction, Prediction.id == latest.c.pid)
-        .outerjoin(Review, Review.image_id == Image.id)
-        .where(Image.status == ImageStatus.done, Review.id.is_(None), Prediction.confidence < below)
-        .order_by(Prediction.confidence, Image.id).limit(limit)
-    ).all()
+    unreviewed = (select(Image, Prediction, ValidationCell.rank)
+                  .join(latest, latest.c.image_id == Image.id).join(Prediction, Prediction.id == latest.c.pid)
+                  .outerjoin(Review, Review.image_id == Image.id)
+                  .outerjoin(ValidationCell, ValidationCell.image_id == Image.id)
+                  .where(Image.status == ImageStatus.done, Review.id.is_(None)))
+    if site is not None:
+        unreviewed = unreviewed.where(Image.site == site)
+    sample = session.execute(
+        unreviewed.join(Site, Site.id == ValidationCell.site_id).where(Site.state == SiteState.unvalidated)
+        .order_by(Site.name, ValidationCell.rank).limit(limit)).all()
+    shown = {i.id for i, _, _ in sample}
+    rest = session.execute(
+        unreviewed.where(Prediction.confidence < below).order_by(Prediction.confidence, Image.id)
+        .limit(limit + len(shown))).all()
+    rows = (sample + [row for row in rest if row[0].id not in shown])[:limit]
     return [{"image": i.id, "sha256": i.sha256, "source_name": i.source_name, "archive_path": i.archive_path or "",
              "predicted": p.label, "confidence": round(p.confidence, 4), "label": "", "reviewer": "", "time": "",
-             "comment": ""} for i, p in rows]
+             "comment": "", "site": i.site, "validation_rank": rank if i.id in shown else "", "thumbnail": ""}
+            for i, p, rank in rows]
+
+
+def write_thumbnails(queue: list[dict[str, object]], folder: Path) -> int:
+    """A picture of each listed cell in ``folder`` (``<image id>.png``), named in its ``thumbnail`` column."""
+    from stainbridge.daemon.lab.render import read_picture
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = 0
+    for row in queue:
+        picture = read_picture(Path(str(row["archive_path"]))) if row["archive_path"] else None
+        if picture is None:
+            continue
+        picture = picture.convert("RGB")
+        picture.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+        target = folder / f"{row['image']}.png"
+        picture.save(target)
+        row["thumbnail"] = str(target.absolute())
+        written += 1
+    return written
 
 
 def run(args: argparse.Namespace) -> int:
@@ -112,18 +163,22 @@ def run(args: argparse.Namespace) -> int:
                 session.commit()
                 print(f"imported {count} review(s)")
                 return 0
-            queue = review_queue(session, settings.retraining.review_below, args.limit)
+            queue = review_queue(session, settings.retraining.review_below, args.limit, args.site)
     except (ConfigError, SchemaError, ReviewFileError) as exc:
         print(f"{name}: {exc}", file=sys.stderr)
         return 1
+    pictures = write_thumbnails(queue, Path(args.thumbnails)) if args.thumbnails else 0
     out = sys.stdout if args.out == "-" else open(args.out, "w", newline="", encoding="utf-8")  # noqa: SIM115
     try:
+        out.write(EXCEL_BOM)  # hematologists open it in Excel, which needs the mark to read UTF-8 names
         writer = csv.DictWriter(out, fieldnames=EXPORT_COLUMNS)
         writer.writeheader()
-        writer.writerows(queue)
+        writer.writerows(safe_row(row) for row in queue)
     finally:
         if out is not sys.stdout:
             out.close()
-    print(f"{len(queue)} image(s) below confidence {settings.retraining.review_below} written to "
-          f"{'standard output' if args.out == '-' else args.out}", file=sys.stderr)
+    sample = sum(1 for row in queue if row["validation_rank"] != "")
+    print(f"{len(queue)} image(s) written to {'standard output' if args.out == '-' else args.out}: {sample} of "
+          f"validation samples, {len(queue) - sample} below confidence {settings.retraining.review_below}"
+          + (f"; {pictures} thumbnail(s) in {args.thumbnails}" if args.thumbnails else ""), file=sys.stderr)
     return 0

@@ -1,8 +1,10 @@
 """`stainbridge status [--json]`: what the service has done and what is waiting.
 
 Reads the database and the drop folder only; it never needs the models or a GPU, so it can run
-while the service is busy. On a new SQLite database it first creates the schema (the same
-migrations the service runs at start-up); on PostgreSQL it asks for `stainbridge db upgrade`.
+while the service is busy. It creates nothing: without a database where the configuration points
+it says which one it looked for and exits 1; a database older than this code asks for `stainbridge
+db upgrade`. It also shows recorded files that could not be filed yet (a read-only drop folder, an
+archive that is not mounted) and what is wrong with the configured folders.
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from stainbridge.daemon import diskspace
+from stainbridge.daemon import folders as configured_folders
 from stainbridge.daemon.config import ConfigError, Settings, load_settings
 from stainbridge.daemon.intake.walking import is_ignored_name
 from stainbridge.daemon.schema import (
     SchemaError,
-    prepare_database,
+    require_database,
     safe_url,
 )
 from stainbridge.daemon.store import (
@@ -38,6 +41,7 @@ from stainbridge.daemon.store import (
     utcnow,
 )
 from stainbridge.daemon.versions.registry import active_versions
+from stainbridge.daemon.versions.site_state import site_summaries
 
 
 def error_reason(error: str | None) -> str:
@@ -96,6 +100,11 @@ class StatusReport:
     last_retraining: dict[str, dict[str, Any] | None] = field(default_factory=dict)  # per kind; None: no run yet
     disk: list[dict[str, Any]] = field(default_factory=list)  # free space per volume written to
     disk_short: str | None = None  # why the service takes no files now, if a volume is below [paths] min_free_mb
+    unfiled: int = 0  # recorded, but still in the drop folder: filing fails (read-only drop, archive not mounted)
+    unfiled_since: str | None = None  # when the oldest of them was recorded
+    folder_problems: list[str] = field(default_factory=list)  # what is wrong with the configured folders
+    # every site's validation state: `stainbridge sites --json` objects plus the "validation" line
+    sites: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _local_midnight_utc() -> datetime:
@@ -120,7 +129,7 @@ def collect(settings: Settings, session: Session) -> StatusReport:
         reasons[error_reason(error)] = reasons.get(error_reason(error), 0) + int(n)
     last_hour = _count(session, finished, Image.processed_at >= hour_ago)
     models = [
-        {"kind": v.kind.value, "name": v.name, "sha256": v.sha256[:12], "id": v.id}
+        {"site": v.site, "kind": v.kind.value, "name": v.name, "sha256": v.sha256[:12], "id": v.id}
         for v in active_versions(session)
     ]
     return StatusReport(
@@ -141,7 +150,22 @@ def collect(settings: Settings, session: Session) -> StatusReport:
         disk=[{"role": v.role, "folder": str(v.folder), "free_mb": round(v.free_bytes / diskspace.MIB)}
               for v in diskspace.volumes(folders)],
         disk_short=diskspace.shortage(folders, settings.paths.min_free_mb),
+        **_unfiled(session),
+        folder_problems=configured_folders.problems(settings, probe=False),
+        sites=[{**summary.as_json(), "validation": summary.validation} for summary in site_summaries(session)],
     )
+
+
+UNFILED_AFTER_SECONDS = 60  # a file is moved within a second of its row's commit: older ones are stuck
+
+
+def _unfiled(session: Session) -> dict[str, Any]:
+    """Recorded files whose move out of the drop folder has not happened (the service retries them)."""
+    recorded = Image.status.in_([ImageStatus.done, ImageStatus.failed, ImageStatus.duplicate])
+    before = utcnow() - timedelta(seconds=UNFILED_AFTER_SECONDS)
+    count, oldest = session.execute(select(func.count(Image.id), func.min(Image.processed_at)).where(
+        recorded, Image.archive_path.is_(None), Image.processed_at < before)).one()
+    return {"unfiled": int(count or 0), "unfiled_since": oldest.isoformat(timespec="seconds") if oldest else None}
 
 
 def _latest_run(session: Session, kind: ModelKind) -> dict[str, Any] | None:
@@ -182,9 +206,13 @@ def render(report: StatusReport) -> str:
         f"duplicates          {report.duplicates_total} in total",
         f"throughput          {report.throughput_per_min:.2f} images/min over the last hour",
     ]
+    for site in report.sites:
+        lines.append(f"site {site['site']}: {site['validation']}")
     if report.models:
+        several = len({model["site"] for model in report.models}) > 1
         for model in report.models:
-            lines.append(f"{model['kind']:<20}{model['name']}  sha256 {model['sha256']}")
+            lines.append(f"{model['kind']:<20}{model['name']}  sha256 {model['sha256']}"
+                         + (f"  (site {model['site']})" if several else ""))
     else:
         lines.append("models              none registered yet (the service records them at start-up)")
     lines.append(f"next retraining     {report.next_retraining}")
@@ -199,6 +227,11 @@ def render(report: StatusReport) -> str:
         lines.append(f"{'free, ' + volume['role']:<20}{volume['free_mb']} MiB ({volume['folder']})")
     if report.disk_short:
         lines.append(f"PAUSED              {report.disk_short}; no files are taken until space is freed")
+    if report.unfiled:
+        lines.append(f"NOT FILED           {report.unfiled} recorded file(s) still in the drop folder (oldest "
+                     f"{report.unfiled_since}): the service cannot move them; see its log (filing_failed)")
+    for problem in report.folder_problems:
+        lines.append(f"FOLDER              {problem}")
     return "\n".join(lines)
 
 
@@ -209,7 +242,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         settings = load_settings(args.config)
-        prepare_database(settings.database_url)
+        require_database(settings.database_url, settings.source)
     except (ConfigError, SchemaError) as exc:
         print(f"stainbridge status: {exc}", file=sys.stderr)
         return 1

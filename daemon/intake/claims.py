@@ -3,6 +3,12 @@
 The first row holding a sha256 (``duplicate_of_id IS NULL``) is unique per content, enforced by
 the partial unique index ``uq_images_sha256_original``; a claim is a ``processing`` row owned by
 ``host@boot.pidns:pid``, released when its owner is dead (``release_stale_claims``).
+
+A claim released because its owner died adds one to the row's ``crashes``: the worker was killed
+(out of memory, a decoder crash, the watchdog, kill -9) while the file was in flight. The pipeline
+processes such a file alone, so that the files that shared its batch go on without it; at
+``MAX_CRASHES`` the next claim says so (``ClaimResult.crashes``) and the file is quarantined
+without being read again, instead of killing every restart until systemd gives up.
 """
 
 
@@ -22,9 +28,7 @@ from sqlalchemy.orm import Session
 
 from stainbridge.daemon.store import Image, ImageStatus, utcnow
 
-PILLOW_FORMATS = ("PNG", "JPEG", "TIFF", "BMP")
-
-
+MAX_CRASHES = 3  # workers that died holding a file's claim, in a row, before it is quarantined unread
 
 
 def worker_id() -> str:
@@ -67,6 +71,7 @@ class ClaimResult:
     image_id: int  # the row to update (for `duplicate`: the new duplicate row)
     duplicate_of_id: int | None = None
     reclaimed: bool = False  # a pending (released) row was taken over
+    crashes: int = 0  # workers that died holding this content's claim, in a row (see MAX_CRASHES)
     original_status: ImageStatus | None = None  # for `unfiled`: done or failed, i.e. archive or quarantine
 
     @property
@@ -109,6 +114,7 @@ def claim(session: Session, *, sha256: str, source_name: str, site: str, size_by
     if twin is not None:  # recorded as a duplicate already (by another worker, or before a crash): file it only
         return ClaimResult(ClaimOutcome.unfiled, twin.id, original_status=ImageStatus.duplicate)
     if original.status is ImageStatus.pending:
+        crashes = original.crashes
         taken = session.execute(
             update(Image)
             .where(Image.id == original.id, Image.status == ImageStatus.pending)
@@ -119,7 +125,7 @@ def claim(session: Session, *, sha256: str, source_name: str, site: str, size_by
         session.expire(original)
         if taken == 1:
             _forget_replaced_content(session, source_name, sha256)
-            return ClaimResult(ClaimOutcome.claimed, original.id, reclaimed=True)
+            return ClaimResult(ClaimOutcome.claimed, original.id, reclaimed=True, crashes=crashes)
         session.refresh(original)
     if original.status is ImageStatus.failed and original.archive_path is not None:
         # Dropped again after a failure (a corrected configuration, a fixed GPU): another chance.
@@ -127,7 +133,7 @@ def claim(session: Session, *, sha256: str, source_name: str, site: str, size_by
             update(Image)
             .where(Image.id == original.id, Image.status == ImageStatus.failed, Image.archive_path.is_not(None))
             .values(status=ImageStatus.processing, claimed_by=claim_owner(), claimed_at=now, error=None,
-                    source_name=source_name, size_bytes=size_bytes, archive_path=None, received_at=now)
+                    source_name=source_name, size_bytes=size_bytes, archive_path=None, received_at=now, crashes=0)
             .execution_options(synchronize_session=False)
         ).rowcount
         session.expire(original)
@@ -205,12 +211,14 @@ def _owner_dead(owner: str, host: str, scope: str) -> bool:
     return other.split(".", 1)[0] != scope.split(".", 1)[0]  # rebooted since: every process of then is gone
 
 
-def release_stale_claims(session: Session, older_than_s: float, *, startup: bool = False) -> int:
+def release_stale_claims(session: Session, older_than_s: float, *, startup: bool = False, own: bool = False) -> int:
     """Reset stale `processing` claims to `pending` so that the file can be claimed again.
 
     Stale means: claimed more than `older_than_s` seconds ago, or claimed on this host by a
     process that no longer exists (see `_owner_dead`), or (``startup=True``, before this worker
     holds anything) claimed under this very `claim_owner` by an earlier life (pid 1 in containers).
+    Each of those was in flight when its worker died (or hung): its ``crashes`` goes up by one.
+    ``own=True`` also releases this worker's own claims (a batch that failed), which is no crash.
     Returns how many rows were released; does not commit.
     """
     host, me, scope = socket.gethostname(), claim_owner(), _pid_scope()
@@ -227,13 +235,20 @@ def release_stale_claims(session: Session, older_than_s: float, *, startup: bool
                 dead.append(owner)
         elif _owner_dead(owner, host, scope):
             dead.append(owner)
-    stale = or_(Image.claimed_at < cutoff, Image.claimed_at.is_(None), Image.claimed_by.in_(dead))
-    result = session.execute(
-        update(Image)
-        .where(Image.status == ImageStatus.processing, Image.duplicate_of_id.is_(None), stale)
-        .values(status=ImageStatus.pending, claimed_by=None, claimed_at=None)
-        .execution_options(synchronize_session=False)
-    )
-    return result.rowcount or 0
-
-
+    released = 0
+    for condition, crashed in ((or_(Image.claimed_at < cutoff, Image.claimed_at.is_(None),
+                                    Image.claimed_by.in_(dead)), True),
+                               (Image.claimed_by == me, False)):
+        if not crashed and (startup or not own):
+            continue
+        values = {"status": ImageStatus.pending, "claimed_by": None, "claimed_at": None}
+        if crashed:
+            values["crashes"] = Image.crashes + 1
+        result = session.execute(
+            update(Image)
+            .where(Image.status == ImageStatus.processing, Image.duplicate_of_id.is_(None), condition)
+            .values(**values)
+            .execution_options(synchronize_session=False)
+        )
+        released += result.rowcount or 0
+    return released

@@ -11,9 +11,10 @@ from __future__ import annotations
 import os
 import threading
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image as PILImage
@@ -44,23 +45,26 @@ class DecodedImage:
 
 
 def decode_image(path: str | os.PathLike[str], *, max_pixels: int, max_bytes: int,
-                 pseudonym_secret: str = "", reserve: Callable[[int], None] | None = None) -> DecodedImage:
+                 pseudonym_secret: str = "", reserve: Callable[[int], None] | None = None,
+                 metadata: bool = True) -> DecodedImage:
     """Fully decode `path` into an RGB picture, or raise an :class:`IntakeError` saying why not."""
     with open_regular(path) as handle:
         return decode_open(handle, Path(path).name, max_pixels=max_pixels, max_bytes=max_bytes,
-                           pseudonym_secret=pseudonym_secret, reserve=reserve)
+                           pseudonym_secret=pseudonym_secret, reserve=reserve, metadata=metadata)
 
 
 def decode_open(handle: BinaryIO, name: str, *, max_pixels: int, max_bytes: int, pseudonym_secret: str = "",
-                reserve: Callable[[int], None] | None = None) -> DecodedImage:
-    """Decode the open file `handle` (read from its start; the same inode that was hashed).
+                reserve: Callable[[int], None] | None = None, metadata: bool = True) -> DecodedImage:
+    """Decode `handle` from its start: an open file, or the bytes that were hashed (``io.BytesIO``).
 
     `max_bytes` is checked before anything is read (``settings.watch.max_file_mb`` * 2**20),
     `max_pixels` before pixel data is decoded (``settings.watch.max_pixels``). `reserve(pixels)`
     is called once the size is known and before the pixels are decoded (PNG, JPEG, TIFF, BMP): the
     pipeline's in-flight pixel budget, which may block until earlier images are done.
+    ``metadata=False``: the pixels only (a DICOM's identifiers are not read, so no pseudonym secret is
+    needed: the report's thumbnails).
     """
-    size = os.fstat(handle.fileno()).st_size
+    size = handle.seek(0, os.SEEK_END)
     if size == 0:
         raise UnreadableImage(f"{name} is empty (0 bytes); was the copy interrupted?", reason="empty")
     if size > max_bytes:
@@ -70,9 +74,9 @@ def decode_open(handle: BinaryIO, name: str, *, max_pixels: int, max_bytes: int,
     head = handle.read(132)
     handle.seek(0)
     if head[128:132] == b"DICM" or name.lower().endswith(".dcm"):
-        image, metadata = decode_dicom(handle, name, max_pixels=max_pixels, pseudonym_secret=pseudonym_secret,
-                                       max_inflated_bytes=min(max_bytes, max_pixels * 6 + (1 << 20)))
-        return DecodedImage(image, "DICOM", image.width, image.height, metadata)
+        image, found = decode_dicom(handle, name, max_pixels=max_pixels, pseudonym_secret=pseudonym_secret,
+                                    max_inflated_bytes=min(max_bytes, max_pixels * 6 + (1 << 20)), metadata=metadata)
+        return DecodedImage(image, "DICOM", image.width, image.height, found)
     return _decode_pillow(handle, name, max_pixels=max_pixels, reserve=reserve)
 
 
@@ -118,7 +122,9 @@ def _decode_pillow(handle: BinaryIO, name: str, *, max_pixels: int,
     except UnidentifiedImageError:
         raise UnsupportedFormat(f"{name} is not a PNG, JPEG, TIFF, BMP or DICOM file (its content is not "
                                 "recognized, whatever its extension says)") from None
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, KeyError, MemoryError) as exc:
+    except MemoryError:
+        raise  # not the file's fault: the caller retries it later, alone (failures.is_transient)
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, KeyError) as exc:
         text = str(exc) or type(exc).__name__
         reason = "truncated" if "truncat" in text.lower() else "corrupt"
         # Only the error's class: decoder text can quote the file's own bytes (text chunks, EXIF).

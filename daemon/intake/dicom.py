@@ -137,11 +137,14 @@ def refuse_deflate_bomb(handle: BinaryIO, name: str, max_inflated_bytes: int) ->
         handle.seek(start)
 
 
-def decode_dicom(handle: BinaryIO, name: str, *, max_pixels: int,
-                 pseudonym_secret: str, max_inflated_bytes: int | None = None) -> tuple[PILImage.Image, dict[str, Any]]:
-    """The RGB picture and the `images` metadata columns of a single-frame DICOM file."""
+def decode_dicom(handle: BinaryIO, name: str, *, max_pixels: int, pseudonym_secret: str,
+                 max_inflated_bytes: int | None = None, metadata: bool = True) -> tuple[PILImage.Image, dict[str, Any]]:
+    """The RGB picture and the `images` metadata columns of a single-frame DICOM file (``metadata=False``:
+    none, and no pseudonym secret needed)."""
     limit = max_inflated_bytes if max_inflated_bytes is not None else max_pixels * 6 + (1 << 20)
-    size = os.fstat(handle.fileno()).st_size if hasattr(handle, "fileno") else 0
+    start = handle.tell()
+    size = handle.seek(0, os.SEEK_END)
+    handle.seek(start)
     # Pixel data deflates 2-5x; a ratio past MAX_DEFLATE_RATIO is a bomb, whatever the absolute limit.
     refuse_deflate_bomb(handle, name, min(limit, max(MIN_INFLATE_LIMIT, size * MAX_DEFLATE_RATIO)))
     try:
@@ -150,13 +153,15 @@ def decode_dicom(handle: BinaryIO, name: str, *, max_pixels: int,
         mask_in_free_text(str(ds.get("PatientID") or ""), str(ds.get("PatientName") or ""))
         handle.seek(0)
         ds = dcmread(handle)
+    except MemoryError:
+        raise  # not the file's fault (failures.is_transient)
     except InvalidDicomError:
         raise UnsupportedFormat(f"{name} is not a DICOM Part 10 file (no 'DICM' marker after the 128-byte preamble); "
                                 "export it with a file meta header") from None
     except Exception as exc:  # pydicom raises many types on damaged headers
         raise UnreadableImage(f"{name}: the DICOM file cannot be parsed (damaged or cut short; "
                               f"{type(exc).__name__})") from None
-    metadata = _dicom_metadata(ds, pseudonym_secret)
+    columns = _dicom_metadata(ds, pseudonym_secret) if metadata else {}
     if "PixelData" not in ds:
         raise UnreadableImage(f"{name} is a DICOM file without pixel data (not an image)", reason="dicom_no_pixels")
     frames = int(ds.get("NumberOfFrames") or 1)
@@ -171,6 +176,8 @@ def decode_dicom(handle: BinaryIO, name: str, *, max_pixels: int,
     try:
         ds.pixel_array_options(as_rgb=True)  # YBR_FULL / YBR_FULL_422 are converted to RGB by pydicom
         array = ds.pixel_array
+    except MemoryError:
+        raise
     except (NotImplementedError, RuntimeError):
         syntax = ds.file_meta.get("TransferSyntaxUID")
         raise UnsupportedFormat(f"{name}: no installed decoder for transfer syntax {syntax} "
@@ -198,4 +205,4 @@ def decode_dicom(handle: BinaryIO, name: str, *, max_pixels: int,
         raise UnsupportedFormat(f"{name}: photometric interpretation {photometric or 'missing'} with pixel shape "
                                 f"{array.shape} is not supported", reason="unsupported_photometric")
     image = PILImage.fromarray(np.ascontiguousarray(rgb[..., :3], dtype=np.uint8), "RGB")
-    return image, metadata
+    return image, columns

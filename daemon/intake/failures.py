@@ -4,9 +4,11 @@ The service never stops for one file. Every error that reaches the loop is sorte
 
 - **transient**: the database is unreachable or refuses writes for a while (``OperationalError``,
   ``InterfaceError``, ``InternalError``, pool timeouts), the models cannot run (``InferenceUnavailable``:
-  CUDA out of memory, a driver error), or the configuration lacks something a file needs
-  (``ConfigError``). The file stays in the drop folder, its claim is released, the service waits
-  with a growing pause and reports itself unhealthy until work moves again.
+  CUDA out of memory, a driver error), the configuration lacks something a file needs
+  (``ConfigError``), or memory ran out (``MemoryError``: retried in smaller batches, then alone;
+  a file that runs out of memory alone ``MAX_ATTEMPTS`` times is quarantined as ``memory``, which
+  ``reprocess --status failed`` retries). The file stays in the drop folder, its claim is
+  released, the service waits with a growing pause and reports itself unhealthy until work moves again.
 - **content**: anything else raised while handling one file (a name the database rejects, a
   value it cannot store, a decoder bug, an ``OSError`` while reading). The file gets a bounded
   number of attempts (``MAX_ATTEMPTS``), alone, and is then quarantined with its reason.
@@ -42,7 +44,7 @@ class PoisonFile(RuntimeError):
 
 def is_transient(exc: BaseException) -> bool:
     """True when retrying later can succeed without anyone touching the file."""
-    if isinstance(exc, (InferenceUnavailable, ConfigError, DisconnectionError, PoolTimeoutError)):
+    if isinstance(exc, (InferenceUnavailable, ConfigError, DisconnectionError, PoolTimeoutError, MemoryError)):
         return True
     if isinstance(exc, (OperationalError, InterfaceError, InternalError)):
         return True
@@ -61,16 +63,26 @@ def storable_text(text: str, limit: int = 4000) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def storable_source_name(name: str) -> str:
-    """A file's source name as stored in ``images.source_name``: always the same for the same file.
+def text_of_name(name: str | bytes) -> str:
+    """A file name as valid UTF-8 text without control characters, the same text for the same name.
 
     Non-UTF-8 bytes (Latin-1 names from Windows shares) appear as ``\\xc9`` escapes; control
-    characters likewise. Names longer than the column keep their start and end around a short
-    hash of the whole, so that two long names never collide.
+    characters (a newline) likewise. Files are archived under this text, so that the path stored
+    in ``archive_path`` opens them.
     """
     raw = os.fsencode(name) if isinstance(name, str) else name
     text = raw.decode("utf-8", "backslashreplace")
-    text = re.sub(r"[\x00-\x1f\x7f]", lambda m: f"\\x{ord(m.group()):02x}", text)
+    return re.sub(r"[\x00-\x1f\x7f]", lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+def storable_source_name(name: str) -> str:
+    """A file's source name as stored in ``images.source_name``: always the same for the same file.
+
+    Its text as `text_of_name` gives it. Names longer than the column keep their start and end
+    around a short hash of the whole, so that two long names never collide.
+    """
+    raw = os.fsencode(name) if isinstance(name, str) else name
+    text = text_of_name(raw)
     if len(text) <= SOURCE_NAME_LIMIT:
         return text
     digest = hashlib.sha256(raw).hexdigest()[:16]

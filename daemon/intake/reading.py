@@ -2,8 +2,9 @@
 
 `open_beneath` opens every folder below the drop folder with O_NOFOLLOW relative to the one
 before it (so a sub-folder swapped for a symbolic link is refused, never read through) and
-returns the file with a descriptor of its folder; the pipeline hashes, decodes and moves that
-same inode from that same folder. `intake` re-exports these names.
+returns the file with a descriptor of its folder. The pipeline reads the file once
+(`read_and_hash`): the bytes it hashed are the bytes it decodes, and the bytes it files if the
+file changed meanwhile (`same_version` compares what fstat said then with what lstat says now).
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import errno
 import hashlib
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO
 
 from stainbridge.daemon.intake.errors import RefusedFile, UnreadableImage
 
@@ -101,6 +103,29 @@ def sha256_file(path: str | os.PathLike[str], *, on_chunk: Callable[[], None] | 
     """The sha256 of a file's bytes (hex), read in 1 MiB chunks; `on_chunk()` after each (a liveness ping)."""
     with open_regular(path) as handle:
         return sha256_open(handle, on_chunk=on_chunk)
+
+
+def read_and_hash(handle: BinaryIO, *, on_chunk: Callable[[], None] | None = None) -> tuple[bytes, str]:
+    """The whole file from its start and its sha256: read once, so that what is hashed is what is decoded."""
+    digest = hashlib.sha256()
+    chunks = []
+    handle.seek(0)
+    while chunk := handle.read(CHUNK):
+        digest.update(chunk)
+        chunks.append(chunk)
+        if on_chunk is not None:
+            on_chunk()
+    return b"".join(chunks), digest.hexdigest()
+
+
+def same_version(then: os.stat_result, now: os.stat_result, *, ctime: bool = True) -> bool:
+    """`now` is the file `then` described, unchanged: same inode, size, mtime and (with `ctime`) ctime.
+
+    A rewrite in place (``cp`` over an existing name) keeps the inode; it changes the size or the
+    mtime, and always the ctime (``cp -p`` and ``touch -d`` set the mtime back, never the ctime).
+    A rename changes the ctime of the file it moves: compare without it after a move."""
+    keys = ("st_dev", "st_ino", "st_size", "st_mtime_ns") + (("st_ctime_ns",) if ctime else ())
+    return all(getattr(then, key) == getattr(now, key) for key in keys)
 
 
 def sha256_open(handle: BinaryIO, *, on_chunk: Callable[[], None] | None = None) -> str:

@@ -10,6 +10,11 @@ quarantine (a publisher that links a file in and then unlinks its own name gets 
 Sub-folders that are symlinks are never walked, and no path that runs through one is observed
 (walking.py: the walk, the link rules, `Candidate`; its names stay importable from here).
 
+The drop folder itself is watched too: replaced (moved away and made again, a share remounted)
+the observer is started again on the new folder with a log line, since its events were going to
+the old one; gone, the watcher reports itself unhealthy (the service exits to be restarted,
+and start-up says the folder is missing).
+
 Cost (issue 13): readiness is kept incrementally. An event-ready file goes straight to a ready
 queue and is handed out without another stat; only files waiting out their quiet time are
 re-stat'ed, each once when it can next be ready (a heap keyed by that moment). Every map is
@@ -45,12 +50,15 @@ from stainbridge.daemon.intake.walking import (
     relative_source_name,
     walk,
 )
+from stainbridge.daemon.logs import get_logger
 
 __all__ = [  # the walking names stay importable from here, where callers have always found them
     "IGNORED_NAMES", "MAX_TRACKED", "TEMP_SUFFIXES", "Candidate", "DropFolderWatcher", "FileObservation",
     "Identity", "WatcherError", "candidate_for", "is_ignored_name", "is_ready", "iter_candidates",
     "lstat_inside", "refusal_for",
 ]
+
+log = get_logger(__name__)
 
 MAX_TRACKED = 50_000  # files waiting or ready, and files delivered, each (a later rescan finds the rest)
 
@@ -126,13 +134,21 @@ class DropFolderWatcher:
         self._last_scan = float("-inf")
         self.overflowed = 0  # sightings not tracked because MAX_TRACKED files were waiting or ready
         self._missed = False  # some were not tracked: rescan as soon as half the room is free again
+        self._root_identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the folder being observed
+        self.root_missing = False
 
     # lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
         """Start the observer thread, then scan what is already there."""
-        if not self.root.is_dir():
-            raise WatcherError(f"drop folder {self.root} does not exist or is not a folder; create it or set [paths] drop")
+        self._root_identity = self._identity_of_root()
+        if self._root_identity is None:
+            raise WatcherError(f"drop folder {self.root} does not exist or is not a folder; create it with "
+                               "`stainbridge init` or set [paths] drop")
+        self._observer = self._observe_root()
+        self.rescan()
+
+    def _observe_root(self) -> BaseObserver:
         if self.polling:  # network shares: inotify sees only local writes
             interval = max(1.0, min(self.quiet_seconds, self.rescan_seconds))
             observer: BaseObserver = PollingObserverVFS(os.lstat, os.scandir, polling_interval=interval)
@@ -141,8 +157,30 @@ class DropFolderWatcher:
         observer.schedule(_Handler(self), str(self.root), recursive=True)
         observer.daemon = True
         observer.start()
-        self._observer = observer
-        self.rescan()
+        return observer
+
+    def _identity_of_root(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.root)
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
+
+    def _check_root(self) -> None:
+        """At each rescan: the drop folder replaced since it was watched gets a new observer; gone, it is said."""
+        identity = self._identity_of_root()
+        if identity == self._root_identity or self._observer is None:
+            return
+        if identity is None:
+            if not self.root_missing:
+                log.error("drop_folder_missing", drop=str(self.root),
+                          action="recreate it with `stainbridge init`, or mount it again")
+            self.root_missing = True
+            return
+        log.warning("drop_folder_replaced", drop=str(self.root), action="watching the new folder")
+        old, self._observer = self._observer, self._observe_root()
+        old.stop()
+        self._root_identity, self.root_missing = identity, False
 
     def stop(self) -> None:
         observer, self._observer = self._observer, None
@@ -151,8 +189,9 @@ class DropFolderWatcher:
             observer.join(timeout=10)
 
     def healthy(self) -> bool:
-        """The observer thread is running (False before start, after stop, or if it died)."""
-        return self._observer is not None and self._observer.is_alive()
+        """The observer thread is running on the drop folder (False before start, after stop, if it died or if
+        the folder is gone)."""
+        return self._observer is not None and self._observer.is_alive() and not self.root_missing
 
     # what the service loop calls ---------------------------------------------------------
 
@@ -179,6 +218,12 @@ class DropFolderWatcher:
                 taken.append(candidate)
         return sorted(taken, key=lambda c: c.source_name)
 
+    def ready_count(self, now: float | None = None) -> int:
+        """Files ready to be handed out now (files whose quiet time has run out are looked at first)."""
+        with self._lock:
+            self._promote_due(time.monotonic() if now is None else now)
+            return len(self._ready)
+
     def waiting(self) -> int:
         """Files seen in the drop folder and not yet handed out: still changing, or ready (the queue)."""
         with self._lock:
@@ -192,6 +237,7 @@ class DropFolderWatcher:
     def rescan(self, now: float | None = None) -> None:
         """Walk the drop folder and observe every file an event may have missed."""
         now = time.monotonic() if now is None else now
+        self._check_root()
         found = list(walk(self.root, self.root, self.skip)) if self.root.is_dir() else []
         present = {path for path, _ in found}
         with self._lock:

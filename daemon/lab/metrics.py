@@ -1,8 +1,9 @@
 """Prometheus metrics of `stainbridge run` (`[metrics] port`; off when 0, the default).
 
 What this worker did since it started (counters and a histogram, kept in memory):
-``stainbridge_files_processed_total{outcome}``, ``stainbridge_files_failed_total{reason}`` and
-``stainbridge_batch_seconds``. What is true now (read at each scrape): ``stainbridge_queue_depth``
+``stainbridge_files_processed_total{outcome}``, ``stainbridge_files_failed_total{reason}``,
+``stainbridge_filing_failures_total`` (recorded files that could not be moved out of the drop folder)
+and ``stainbridge_batch_seconds``. What is true now (read at each scrape): ``stainbridge_queue_depth``
 (files the watcher tracks as waiting or ready: its own count, no walk of the drop folder), ``stainbridge_active_model_info{kind,name,sha256}`` and
 ``stainbridge_last_successful_retraining_timestamp_seconds`` from the database.
 
@@ -30,6 +31,7 @@ from stainbridge.daemon.logs import get_logger
 from stainbridge.daemon.pipeline.batch import BatchReport
 from stainbridge.daemon.store import RunStatus, TrainingRun
 from stainbridge.daemon.versions.registry import active_versions
+from stainbridge.daemon.versions.site_state import site_summaries
 
 log = get_logger(__name__)
 BATCH_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -45,16 +47,27 @@ class DatabaseCollector(Collector):
         try:
             with self.sessions() as session:
                 versions = active_versions(session)
+                sites = site_summaries(session)
                 last = session.scalar(select(func.max(TrainingRun.finished_at))
                                       .where(TrainingRun.status == RunStatus.succeeded))
         except SQLAlchemyError as exc:
             log.warning("metrics_database_unavailable", error=str(exc).splitlines()[0])
             return
-        info = GaugeMetricFamily("stainbridge_active_model_info", "The active model version of each kind (value 1)",
-                                 labels=["kind", "name", "sha256"])
+        info = GaugeMetricFamily("stainbridge_active_model_info",
+                                 "The active model version of each kind and site (value 1)",
+                                 labels=["site", "kind", "name", "sha256"])
         for version in versions:
-            info.add_metric([version.kind.value, version.name, version.sha256[:12]], 1)
+            info.add_metric([version.site, version.kind.value, version.name, version.sha256[:12]], 1)
         yield info
+        validated = GaugeMetricFamily("stainbridge_site_validated",
+                                      "1 when the site's recipe was chosen on its own reviewed cells, 0 on the "
+                                      "day-0 recipe (docs/sites.md)", labels=["site"])
+        reviews = GaugeMetricFamily("stainbridge_site_reviews", "Reviewed cells of each site", labels=["site"])
+        for site in sites:
+            validated.add_metric([site.site], 1 if site.validated else 0)
+            reviews.add_metric([site.site], site.reviews)
+        yield validated
+        yield reviews
         if last is not None:
             if last.tzinfo is None:  # SQLite hands timestamps back without their zone; they are UTC
                 last = last.replace(tzinfo=timezone.utc)
@@ -72,6 +85,9 @@ class ServiceMetrics:
                              ["outcome"], registry=self.registry)
         self.failures = Counter("stainbridge_files_failed", "Files this worker quarantined, by reason",
                                 ["reason"], registry=self.registry)
+        self.unfiled = Counter("stainbridge_filing_failures", "Recorded files this worker could not move out of the "
+                               "drop folder (read-only drop folder, archive not mounted...); they are retried",
+                               registry=self.registry)
         self.batch_seconds = Histogram("stainbridge_batch_seconds", "Time to take one micro-batch through the "
                                        "pipeline (decode, models, database, filing)", buckets=BATCH_BUCKETS,
                                        registry=self.registry)
@@ -93,11 +109,12 @@ class ServiceMetrics:
         self.files.labels("duplicate").inc(report.duplicates)
         for reason, n in report.failures.items():
             self.failures.labels(reason).inc(n)
+        self.unfiled.inc(report.unfiled)
 
-    def record_poison(self) -> None:
-        """A file quarantined after failing its batch alone, again and again."""
+    def record_poison(self, reason: str = "poison") -> None:
+        """A file quarantined after failing alone, again and again (`reason`: poison, memory)."""
         self.files.labels("failed").inc()
-        self.failures.labels("poison").inc()
+        self.failures.labels(reason).inc()
 
     def observe_batch(self, seconds: float) -> None:
         self.batch_seconds.observe(seconds)

@@ -27,14 +27,16 @@ def _data_uri(payload: bytes, mime: str) -> str:
 
 
 def read_picture(path: Path) -> "PILImage | None":
-    """The archived file decoded as the service decodes it (DICOM too, bombs refused); None when unreadable."""
+    """The archived file's pixels decoded as the service decodes them (DICOM too, bombs refused; a DICOM's
+    identifiers are not read, so no pseudonym secret is needed); None when unreadable."""
     from stainbridge.daemon.config import WatchSettings
     from stainbridge.daemon.intake.decoding import decode_image
     from stainbridge.daemon.intake.errors import IntakeError
 
     limits = WatchSettings()
     try:
-        return decode_image(path, max_pixels=limits.max_pixels, max_bytes=int(limits.max_file_mb * 2**20)).image
+        return decode_image(path, max_pixels=limits.max_pixels, max_bytes=int(limits.max_file_mb * 2**20),
+                            metadata=False).image
     except (IntakeError, OSError):
         return None
 

@@ -56,6 +56,7 @@ class Shown:
     confidence: float
     archive_path: str | None
     reviewed_label: str | None = None
+    site: str | None = None
 
 
 @dataclass
@@ -76,6 +77,7 @@ class ReportData:
     versions: list[dict[str, Any]] = field(default_factory=list)
     usage: list[tuple[str, str, int]] = field(default_factory=list)  # (standardizer, classifier, predictions)
     runs: list[dict[str, Any]] = field(default_factory=list)
+    sites: list[tuple[str, str]] = field(default_factory=list)  # (site, its validation line)
 
     @property
     def reviewed(self) -> int:
@@ -117,11 +119,11 @@ def gather(engine: Engine, period: Period, database: str) -> ReportData:
                    else f"CAST(FLOOR(confidence * {HISTOGRAM_BINS}) AS INTEGER)")
         for bucket, n in rows(f"SELECT {bin_sql} AS b, COUNT(*) FROM latest_results WHERE {IN_PERIOD} GROUP BY b"):
             data.histogram[min(max(int(bucket), 0), HISTOGRAM_BINS - 1)] += n
-        shown = ("SELECT image_id, source_name, label, confidence, archive_path, reviewed_label FROM {view} "
+        shown = ("SELECT image_id, source_name, label, confidence, archive_path, reviewed_label, site FROM {view} "
                  f"WHERE {IN_PERIOD} ORDER BY {{order}} LIMIT {{limit}}")
         newest = shown.format(view="latest_results", order="received_at DESC, image_id DESC", limit=GRID_IMAGES)
         data.grid = [Shown(*r) for r in rows(newest)]
-        lowest = shown.replace("reviewed_label FROM", "NULL AS reviewed_label FROM")
+        lowest = shown.replace("reviewed_label, site FROM", "NULL AS reviewed_label, site FROM")
         data.lowest = [Shown(*r) for r in rows(lowest.format(view="low_confidence_queue", order="confidence, image_id",
                                                              limit=REVIEW_IMAGES))]
         data.confusion = [tuple(r) for r in rows(
@@ -141,6 +143,8 @@ def gather(engine: Engine, period: Period, database: str) -> ReportData:
         data.versions = [dict(r._mapping) for r in c.execute(text(
             "SELECT id, kind, name, state, sha256, created_at, promoted_at, reason, header FROM model_versions "
             "ORDER BY created_at DESC, id DESC LIMIT 50"))]
+        data.sites = [(site, line) for site, line in c.execute(text(
+            "SELECT site, validation FROM site_validation ORDER BY site"))]
         data.runs = [dict(r._mapping) for r in c.execute(text(
             "SELECT id, kind, status, trigger, images_used, reason, started_at, finished_at FROM training_runs "
             "ORDER BY started_at DESC, id DESC LIMIT 20"))]

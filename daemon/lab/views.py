@@ -1,10 +1,12 @@
 """The SQL views the lab queries (docs/lab.md, "SQL views"): one question each, built on `results`.
 
 `results` (daemon/store.py) already picks each image's latest prediction and latest review; these
-views only filter and aggregate it, so "latest" has one definition. Two expressions differ between
-SQLite and PostgreSQL (the UTC day of a timestamp, the reason before the first ':' of an error),
-hence one text per dialect. Migrations keep frozen copies (0004; latest_results since 0006): a
-change here needs a new revision.
+views only filter and aggregate it, so "latest" has one definition. `site_validation` says per site
+what its results rest on (docs/sites.md), and `latest_results` carries that text on every row, so day-0
+output is never mistaken for validated output. Three expressions differ between SQLite and PostgreSQL
+(the UTC day of a timestamp, the reason before the first ':' of an error, a number with two decimals),
+hence one text per dialect. Migrations keep frozen copies (0004; latest_results and site_validation
+since 0008): a change here needs a new revision.
 
 Any later migration that rebuilds a table with batch mode (SQLite) must drop these views and
 `results` first and create them again afterwards (see 0003 for `results`).
@@ -21,6 +23,9 @@ _REASON = {
 }
 
 
+_TWO_DECIMALS = {"sqlite": "printf('%.2f', {col})", "postgresql": "to_char({col}, 'FM0.00')"}
+
+
 def day_sql(dialect: str, column: str) -> str:
     """SQL for the UTC calendar day of a timestamp column."""
     return _DAY[dialect].format(col=column)
@@ -31,8 +36,42 @@ def reason_sql(dialect: str, column: str = "error") -> str:
     return _REASON[dialect].format(col=column)
 
 
-LAB_VIEW_NAMES = ("latest_results", "daily_counts", "low_confidence_queue", "review_disagreements",
-                  "failures_by_reason")
+# What one result rests on (``results r`` joined to ``site_validation v`` on the site): its site's line, or,
+# at a validated site, "not the validated recipe (site validated: ...)" when other versions made it (a
+# result from before validation, or from a version promoted since).
+ROW_VALIDATION_SQL = """CASE WHEN v.state = 'validated'
+            AND (COALESCE(r.standardizer_sha256, '') <> COALESCE(v.validated_standardizer_sha256, '')
+                 OR COALESCE(r.classifier_sha256, '') <> COALESCE(v.validated_classifier_sha256, ''))
+       THEN 'not the validated recipe (site ' || v.validation || ')'
+       ELSE v.validation END"""
+
+LAB_VIEW_NAMES = ("site_validation", "latest_results", "daily_counts", "low_confidence_queue",
+                  "review_disagreements", "failures_by_reason")
+
+
+def site_validation_sql(dialect: str) -> str:
+    """CREATE VIEW site_validation: per site its state, reviews in and needed, the recipe serving it now
+    (active standardizer + classifier) and the one validation chose, the score, and one line saying it
+    ("unvalidated (12 of 50 reviews)", "validated: 0.91 [0.86-0.95] on 50 cells")."""
+    score, low, high = (_TWO_DECIMALS[dialect].format(col=f"s.{c}") for c in ("balanced_accuracy", "ci_low", "ci_high"))
+    return f"""CREATE VIEW site_validation AS
+SELECT s.name AS site, s.state, COALESCE(r.reviews, 0) AS reviews, s.reviews_needed,
+       sv.name || ' + ' || cv.name AS recipe, s.recipe AS validated_recipe,
+       s.balanced_accuracy, s.ci_low, s.ci_high, s.validated_cells, s.validated_at,
+       CASE WHEN s.state = 'validated'
+            THEN 'validated: ' || {score} || ' [' || {low} || '-' || {high} || '] on ' || s.validated_cells || ' cells'
+            ELSE 'unvalidated (' || COALESCE(r.reviews, 0) || ' of ' || s.reviews_needed || ' reviews)'
+       END AS validation,
+       vs.sha256 AS validated_standardizer_sha256, vc.sha256 AS validated_classifier_sha256
+FROM sites s
+LEFT JOIN (SELECT i.site, COUNT(DISTINCT v.image_id) AS reviews
+           FROM reviews v JOIN images i ON i.id = v.image_id
+           WHERE i.status = 'done' AND i.duplicate_of_id IS NULL
+           GROUP BY i.site) r ON r.site = s.name
+LEFT JOIN model_versions sv ON sv.site = s.name AND sv.kind = 'standardizer' AND sv.state = 'active'
+LEFT JOIN model_versions cv ON cv.site = s.name AND cv.kind = 'classifier' AND cv.state = 'active'
+LEFT JOIN model_versions vs ON vs.id = s.standardizer_version_id
+LEFT JOIN model_versions vc ON vc.id = s.classifier_version_id"""
 
 
 def lab_views_sql(dialect: str) -> list[str]:
@@ -41,12 +80,15 @@ def lab_views_sql(dialect: str) -> list[str]:
         raise ValueError(f"no lab views for the {dialect!r} dialect; stainbridge supports sqlite and postgresql")
     day, reason = day_sql(dialect, "received_at"), reason_sql(dialect)
     return [
-        # One row per distinct image content that was classified: its current answer.
-        """CREATE VIEW latest_results AS
-SELECT image_id, source_name, site, patient_pseudonym, study_uid, received_at, processed_at,
-       label, confidence, standardizer, classifier, reviewed_label, reviewer, archive_path, tta, magnification
-FROM results
-WHERE status = 'done' AND duplicate_of_id IS NULL""",
+        site_validation_sql(dialect),
+        # One row per distinct image content that was classified: its current answer, and what it rests on.
+        f"""CREATE VIEW latest_results AS
+SELECT r.image_id, r.source_name, r.site, r.patient_pseudonym, r.study_uid, r.received_at, r.processed_at,
+       r.label, r.confidence, r.standardizer, r.classifier, r.reviewed_label, r.reviewer, r.archive_path, r.tta,
+       r.magnification, {ROW_VALIDATION_SQL} AS validation
+FROM results r
+LEFT JOIN site_validation v ON v.site = r.site
+WHERE r.status = 'done' AND r.duplicate_of_id IS NULL""",
         f"""CREATE VIEW daily_counts AS
 SELECT {day} AS day, site, label, COUNT(*) AS images, AVG(confidence) AS mean_confidence
 FROM latest_results

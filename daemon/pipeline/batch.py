@@ -1,20 +1,23 @@
 """One batch's items and report, and the per-file work that runs in the pipeline's thread pool.
 
-`open_and_hash` opens a file once (never following a link), hashes it and keeps it open: the
-same inode is decoded (`decode_item`) and, later, moved. A file gets no claim when it is refused
-(symlinks, hard links), too large or unreadable. `PixelBudget` bounds the decoded pixels held
-at once. See ``pipeline.runner`` for the stages and the crash points.
+`open_and_hash` opens a file once (never following a link) and reads it once: the bytes it
+hashed are the bytes `decode_item` decodes, and the bytes filed if the file is rewritten before
+its move. A file gets no claim when it is refused (symlinks, hard links), too large or
+unreadable. `PixelBudget` bounds the decoded pixels held at once, `byte_batches` the bytes. See
+``pipeline.runner`` for the stages and the crash points.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from stainbridge.daemon.config import ConfigError
 from stainbridge.daemon.intake import decoding, errors, reading
@@ -24,6 +27,28 @@ from stainbridge.daemon.logs import get_logger
 from stainbridge.daemon.store import ImageStatus
 
 log = get_logger(__name__)
+
+MEMORY_SHORT = "memory: not enough memory to read or decode this file now"
+BATCH_BYTES = 256 * 2**20  # file bytes one batch holds in memory at once (a larger file goes alone)
+
+
+def byte_batches(candidates: Sequence[Candidate], cap: int = BATCH_BYTES) -> Iterator[list[Candidate]]:
+    """`candidates` in order, in runs whose sizes add up to at most `cap` (at least one file each)."""
+    run: list[Candidate] = []
+    total = 0
+    for candidate in candidates:
+        if run and total + candidate.size > cap:
+            yield run
+            run, total = [], 0
+        run.append(candidate)
+        total += candidate.size
+    if run:
+        yield run
+# The steps of one batch, in order, as `BatchReport.step_seconds` names them: open + hash (thread pool),
+# the claim transaction(s), decode overlapped with inference, the results transaction (with its log
+# lines), filing (moves, folder fsyncs, the archive_path transaction). `inference` is the part of
+# `decode_and_inference` spent in the networks.
+STEPS = ("hash", "claim", "decode_and_inference", "inference", "record", "file")
 
 
 @dataclass
@@ -38,25 +63,53 @@ class BatchReport:
     skipped: int = 0  # changed while being read, or being processed by another live worker
     deferred: int = 0  # left in place for a transient reason (models unavailable, configuration)
     unavailable: str | None = None  # that reason, for the service's health and back-off
+    unfiled: int = 0  # recorded, but could not be moved out of the drop folder (they stay, to be filed later)
+    filing_error: str | None = None  # why, for the service's health and back-off
     failures: dict[str, int] = field(default_factory=dict)
     left_in_place: list[Path] = field(default_factory=list)  # to be offered again later
+    # per step of `Pipeline.process` (STEPS), logged with the batch: wall seconds, and the process's CPU
+    # seconds (all threads) meanwhile: where the service's time and its CPU go
+    step_seconds: dict[str, float] = field(default_factory=dict)
+    step_cpu_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def handled(self) -> int:
         return self.done + self.failed + self.duplicates + self.refiled
 
     def add(self, other: BatchReport) -> None:
-        for name in ("done", "failed", "duplicates", "refiled", "refiled_failed", "skipped", "deferred"):
+        for name in ("done", "failed", "duplicates", "refiled", "refiled_failed", "skipped", "deferred", "unfiled"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for reason, n in other.failures.items():
             self.failures[reason] = self.failures.get(reason, 0) + n
         self.left_in_place += other.left_in_place
         self.unavailable = self.unavailable or other.unavailable
+        self.filing_error = self.filing_error or other.filing_error
+        for mine, theirs in ((self.step_seconds, other.step_seconds), (self.step_cpu_seconds, other.step_cpu_seconds)):
+            for step, seconds in theirs.items():
+                mine[step] = mine.get(step, 0.0) + seconds
+
+    def step_milliseconds(self) -> dict[str, dict[str, float]]:
+        """The step times for the batch's log line: ``steps_ms`` (wall) and ``steps_cpu_ms``."""
+        return {key: {step: round(1000 * seconds, 2) for step, seconds in times.items()}
+                for key, times in (("steps_ms", self.step_seconds), ("steps_cpu_ms", self.step_cpu_seconds))}
+
+    @contextmanager
+    def timing(self, step: str) -> Iterator[None]:
+        """Add the block's wall time to `step_seconds[step]` and the process's CPU time meanwhile to
+        `step_cpu_seconds[step]` (also when it raises)."""
+        started, cpu = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self.step_seconds[step] = self.step_seconds.get(step, 0.0) + time.perf_counter() - started
+            self.step_cpu_seconds[step] = self.step_cpu_seconds.get(step, 0.0) + time.process_time() - cpu
 
 
 @dataclass
 class Item:
     candidate: Candidate
+    site: str = ""  # by the file's name, then (``[site] source = "institution"``) by its DICOM tag once decoded
+    models: Any = None  # the site's LoadedModels that classified it
     sha256: str | None = None
     image_id: int | None = None
     decoded: decoding.DecodedImage | None = None
@@ -67,16 +120,14 @@ class Item:
     target: ImageStatus | None = None  # status to file by (done -> archive, failed -> quarantine)
     deferred: str | None = None  # a transient failure: release the claim, leave the file in place
     created_row: bool = False  # this batch created the (unclaimed, failed) row of a refused entry
-    handle: BinaryIO | None = None  # the one open file: hashed, decoded, checked before the move
+    data: bytes | None = None  # the file as it was read once: hashed, decoded, filed if it changed since
     dir_fd: int | None = None  # its folder, reached without following links: the move starts there
-    opened: os.stat_result | None = None  # its fstat once hashed
+    opened: os.stat_result | None = None  # its fstat once read
     skip: str | None = None  # not this worker's to handle now (vanished, changed while read)
     pixels: int = 0  # held in the batch's PixelBudget while decoded
 
     def close(self) -> None:
-        if self.handle is not None:
-            self.handle.close()
-            self.handle = None
+        self.data = None
         if self.dir_fd is not None:
             os.close(self.dir_fd)
             self.dir_fd = None
@@ -116,7 +167,8 @@ class PixelBudget:
 
 
 def open_and_hash(item: Item, *, max_bytes: int, heartbeat: Callable[[], None], root: Path | None) -> None:
-    """Open the candidate once, fstat and hash it, keep it open; or say why it is refused or skipped.
+    """Open the candidate once and read it once (its bytes, sha256 and fstat, its folder kept open);
+    or say why it is refused or skipped. A file that changed while it was read is skipped.
 
     Every folder below `root` (the drop folder) is opened without following links, so a sub-folder
     swapped for a link is refused, never read through. Runs in a worker thread: it only fills
@@ -134,9 +186,11 @@ def open_and_hash(item: Item, *, max_bytes: int, heartbeat: Callable[[], None], 
                            f"{max_bytes / 2**20:.1f} MiB limit ([watch] max_file_mb)")
             item.dir_fd = reading.open_folder(Path(candidate.path).parent, root)
             return
-        item.handle, item.dir_fd = reading.open_beneath(candidate.path, root)
-        item.sha256 = reading.sha256_open(item.handle, on_chunk=heartbeat)
-        st = item.opened = os.fstat(item.handle.fileno())
+        handle, item.dir_fd = reading.open_beneath(candidate.path, root)
+        with handle:
+            before = os.fstat(handle.fileno())
+            item.data, item.sha256 = reading.read_and_hash(handle, on_chunk=heartbeat)
+            st = item.opened = os.fstat(handle.fileno())
     except errors.IntakeError as exc:
         item.close()
         if exc.reason in ("missing", "linked_folder"):  # filed elsewhere, deleted, or not ours to touch
@@ -150,18 +204,23 @@ def open_and_hash(item: Item, *, max_bytes: int, heartbeat: Callable[[], None], 
         item.close()
         item.skip = "missing"
         return
+    except MemoryError:  # not the file's fault: it stays in place, to be read again in a smaller batch
+        item.close()
+        item.sha256, item.skip, item.deferred = None, "memory", MEMORY_SHORT
+        return
     except OSError as exc:  # EIO, ESTALE on a network share: this file, not the service
         item.close()
         item.reason = "unreadable"
         item.detail = f"{candidate.source_name} cannot be read ({exc.strerror or exc}); drop it again"
         return
-    if st.st_size != candidate.size or abs(st.st_mtime - candidate.mtime) > 1e-3:
+    if (not reading.same_version(before, st) or len(item.data) != st.st_size or st.st_size != candidate.size
+            or abs(st.st_mtime - candidate.mtime) > 1e-3):
         item.close()  # still being written, or replaced since it was seen: the watcher offers it again
         item.sha256, item.skip = None, "changed"
 
 
 def decode_item(item: Item, *, max_pixels: int, max_bytes: int, pseudonym_secret: str, budget: PixelBudget) -> None:
-    """Decode the claimed file from its open handle; reserve its pixels in `budget` (worker thread)."""
+    """Decode the claimed file from the bytes that were hashed; reserve its pixels in `budget` (worker thread)."""
     bound = log.bind(source=item.candidate.source_name, image=(item.sha256 or "-")[:12])
     started = time.perf_counter()
 
@@ -170,12 +229,16 @@ def decode_item(item: Item, *, max_pixels: int, max_bytes: int, pseudonym_secret
         item.pixels += pixels
 
     try:
-        item.decoded = decoding.decode_open(item.handle, Path(item.candidate.path).name, max_pixels=max_pixels,
-                                          max_bytes=max_bytes, pseudonym_secret=pseudonym_secret, reserve=reserve)
+        item.decoded = decoding.decode_open(io.BytesIO(item.data), Path(item.candidate.path).name,
+                                            max_pixels=max_pixels, max_bytes=max_bytes,
+                                            pseudonym_secret=pseudonym_secret, reserve=reserve)
         if not item.pixels:  # DICOM: counted once decoded
             reserve(item.decoded.width * item.decoded.height)
     except errors.IntakeError as exc:
         item.reason, item.detail = exc.reason, storable_text(str(exc), 1000)
+    except MemoryError:  # not the file's fault: released, tried again in a smaller batch, then alone
+        bound.error("decode_out_of_memory")
+        item.deferred = MEMORY_SHORT
     except ConfigError as exc:  # e.g. a patient ID but no pseudonym secret: fix the settings, then it runs
         bound.error("configuration_missing", error=str(exc))
         item.deferred = f"configuration: {exc}"

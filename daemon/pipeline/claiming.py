@@ -8,6 +8,9 @@ the batch. A sha256 the database already knows (a duplicate, a released claim, a
 filing), a sha256 twice in the batch, or a row another worker inserted first goes through
 ``claims.claim`` in its own short transaction, as before. If the database refuses the batch
 (a value it cannot store), each file is claimed alone so that the refusal stays with its file.
+
+With ``isolate_crashed``, content whose last claim was held by a worker that died (a released
+claim with ``crashes > 0``) is not claimed with the batch: the caller takes it in alone afterwards.
 """
 
 from __future__ import annotations
@@ -33,12 +36,15 @@ class _Vanished(Exception):
     """The file left the drop folder between its hash and its claim."""
 
 
-def claim_items(sessions: sessionmaker, items: Sequence[Item], report: BatchReport, *, site: str) -> None:
-    """Claim every hashed item: sets `image_id`, and `target` for what is only to be filed."""
-    rest = list(items)
+def claim_items(sessions: sessionmaker, items: Sequence[Item], report: BatchReport, *,
+                isolate_crashed: bool = False) -> list[Item]:
+    """Claim every hashed item (under its ``site``): sets `image_id`, and `target` for what is only to be filed.
+
+    Returns the items not claimed because a worker died holding their claim (``isolate_crashed``)."""
+    rest, suspects = list(items), []
     try:
         with sessions.begin() as session:
-            rest = claim_new_content(session, items, site=site)
+            rest, suspects = claim_new_content(session, items, isolate_crashed=isolate_crashed)
     except SQLAlchemyError as exc:
         if is_transient(exc):
             raise
@@ -46,35 +52,43 @@ def claim_items(sessions: sessionmaker, items: Sequence[Item], report: BatchRepo
         for item in items:
             item.image_id = None
     for item in rest:
-        _claim_one(sessions, item, report, site=site)
+        _claim_one(sessions, item, report)
+    return suspects
 
 
-def claim_new_content(session: Session, items: Sequence[Item], *, site: str) -> list[Item]:
-    """Claim the items whose sha256 the database has never seen; return the others."""
+def claim_new_content(session: Session, items: Sequence[Item], *,
+                      isolate_crashed: bool = False) -> tuple[list[Item], list[Item]]:
+    """Claim the items whose sha256 the database has never seen; return the others (to claim one
+    by one) and, with `isolate_crashed`, the items a dead worker held (to take in alone, later)."""
     shas = {i.sha256 for i in items}
     names = {i.candidate.source_name for i in items}
     known = session.execute(
-        select(Image.sha256, Image.status, Image.source_name).where(or_(
+        select(Image.sha256, Image.status, Image.source_name, Image.crashes, Image.duplicate_of_id).where(or_(
             Image.sha256.in_(shas), and_(Image.status == ImageStatus.pending, Image.source_name.in_(names))))
     ).all()
     known_shas = {row.sha256 for row in known}
+    crashed = {row.sha256 for row in known if isolate_crashed and row.status is ImageStatus.pending
+               and row.crashes and row.duplicate_of_id is None}
     replaced = {row.source_name for row in known if row.status is ImageStatus.pending and row.sha256 not in shas}
     fresh: dict[str, Item] = {}
     rest: list[Item] = []
+    suspects: list[Item] = []
     for item in items:
-        if item.sha256 in known_shas or item.sha256 in fresh:
+        if item.sha256 in crashed:
+            suspects.append(item)
+        elif item.sha256 in known_shas or item.sha256 in fresh:
             rest.append(item)
         else:
             fresh[item.sha256] = item
     if not fresh:
-        return rest
+        return rest, suspects
     replaced &= {item.candidate.source_name for item in fresh.values()}
     if replaced:  # released claims of earlier content under these names: that content is gone
         session.execute(delete(Image).where(Image.source_name.in_(replaced), Image.status == ImageStatus.pending,
                                             Image.duplicate_of_id.is_(None))
                         .execution_options(synchronize_session=False))
     now, me = utcnow(), claims.claim_owner()
-    values = [{"sha256": sha, "source_name": item.candidate.source_name, "site": site,
+    values = [{"sha256": sha, "source_name": item.candidate.source_name, "site": item.site,
                "size_bytes": item.opened.st_size if item.opened else item.candidate.size,
                "status": ImageStatus.processing, "claimed_by": me, "claimed_at": now, "received_at": now}
               for sha, item in fresh.items()]
@@ -89,10 +103,10 @@ def claim_new_content(session: Session, items: Sequence[Item], *, site: str) -> 
             log.debug("claimed", source=item.candidate.source_name, image=sha[:12])
         else:  # another worker inserted it between our read and our insert
             rest.append(item)
-    return rest
+    return rest, suspects
 
 
-def _claim_one(sessions: sessionmaker, item: Item, report: BatchReport, *, site: str) -> None:
+def _claim_one(sessions: sessionmaker, item: Item, report: BatchReport) -> None:
     """Claim one file in its own transaction (duplicates, take-overs, crash leftovers, refusals)."""
     candidate = item.candidate
     bound = log.bind(source=candidate.source_name, image=item.sha256[:12])
@@ -100,7 +114,7 @@ def _claim_one(sessions: sessionmaker, item: Item, report: BatchReport, *, site:
     try:
         with sessions.begin() as session:
             claimed = claims.claim(session, sha256=item.sha256, source_name=candidate.source_name,
-                                   site=site, size_bytes=size)
+                                   site=item.site, size_bytes=size)
             if claimed.outcome is claims.ClaimOutcome.duplicate and not _still_there(item):
                 raise _Vanished  # another worker filed this very file after we hashed it: no duplicate row
     except _Vanished:
@@ -115,6 +129,12 @@ def _claim_one(sessions: sessionmaker, item: Item, report: BatchReport, *, site:
         return
     outcome = claimed.outcome
     item.image_id = claimed.image_id
+    if outcome is claims.ClaimOutcome.claimed and claimed.crashes >= claims.MAX_CRASHES:
+        bound.error("quarantined_after_crashes", crashes=claimed.crashes)
+        item.reason = "crashed"
+        item.detail = (f"the service died {claimed.crashes} times in a row while this file was being processed "
+                       "(killed: out of memory, a decoder crash or the watchdog); it was not read again. Check "
+                       "the file and the service's memory limit, then drop it again to retry")
     if outcome is claims.ClaimOutcome.in_progress:
         bound.info("in_progress_elsewhere")
         item.image_id, item.skip = None, "in_progress"

@@ -13,6 +13,7 @@ from sqlalchemy import bindparam, delete, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import sessionmaker
 
+from stainbridge.daemon import folders
 from stainbridge.daemon.config import Settings
 from stainbridge.daemon.intake import claims
 from stainbridge.daemon.intake.failures import error_summary, is_transient, storable_text
@@ -20,39 +21,39 @@ from stainbridge.daemon.logs import get_logger
 from stainbridge.daemon.pipeline import filing
 from stainbridge.daemon.pipeline.batch import BatchReport, Item
 from stainbridge.daemon.store import Image, ImageStatus, Prediction, utcnow
-from stainbridge.daemon.versions.loading import LoadedModels
 from stainbridge.models.inference import fsync_dir
 
 log = get_logger(__name__)
 
 
-def record(sessions: sessionmaker, models: LoadedModels, items: list[Item], report: BatchReport, *,
-           site: str) -> list[Item]:
+def record(sessions: sessionmaker, items: list[Item], report: BatchReport) -> list[Item]:
     """Record the batch in one transaction; if the database refuses it, file by file.
+
+    Each prediction names the versions of its own site's models (``item.models``); each row is
+    recorded under ``item.site``.
 
     A file whose results the database refuses (a value it cannot store) is recorded as
     failed (``unrecordable``) instead, so that it never holds back the others.
     """
     try:
-        return _record_together(sessions, models, items, report, site=site)
+        return _record_together(sessions, items, report)
     except SQLAlchemyError as exc:
         if is_transient(exc):
             raise
     recorded: list[Item] = []
     for item in items:
         try:
-            recorded += _record_together(sessions, models, [item], report, site=site)
+            recorded += _record_together(sessions, [item], report)
         except SQLAlchemyError as exc:
             if is_transient(exc):
                 raise
             log.warning("results_refused", source=item.candidate.source_name, error=error_summary(exc))
             item.result, item.decoded = None, None
             item.reason, item.detail = "unrecordable", f"the database refused this file's results: {error_summary(exc)}"
-            recorded += _record_together(sessions, models, [item], report, site=site)
+            recorded += _record_together(sessions, [item], report)
     return recorded
 
-def _record_together(sessions: sessionmaker, m: LoadedModels, items: list[Item], report: BatchReport, *,
-                     site: str) -> list[Item]:
+def _record_together(sessions: sessionmaker, items: list[Item], report: BatchReport) -> list[Item]:
     now = utcnow()
     me = claims.claim_owner()
     recorded: list[Item] = []
@@ -70,7 +71,7 @@ def _record_together(sessions: sessionmaker, m: LoadedModels, items: list[Item],
                     counts.skipped += 1  # a stale candidate (filed by another worker, deleted): no row
                     continue
                 if row is None:
-                    row = Image(sha256=None, source_name=source, site=site,
+                    row = Image(sha256=None, source_name=source, site=item.site,
                                 status=ImageStatus.failed, size_bytes=item.candidate.size, received_at=now)
                     session.add(row)
                     item.created_row = True
@@ -82,14 +83,17 @@ def _record_together(sessions: sessionmaker, m: LoadedModels, items: list[Item],
                     continue
                 if item.deferred is not None:  # transient: give the claim back, try again later
                     row.status, row.claimed_by, row.claimed_at = ImageStatus.pending, None, None
+                    row.crashes = 0  # this worker lived through it
                     counts.deferred += 1
                     counts.unavailable = counts.unavailable or item.deferred
                     counts.left_in_place.append(item.candidate.path)
                     continue
             row.processed_at, row.claimed_by = now, None
+            if item.reason != "crashed":
+                row.crashes = 0
             if item.result is not None:
-                decoded, result = item.decoded, item.result
-                row.status, row.error = ImageStatus.done, None
+                decoded, result, m = item.decoded, item.result, item.models
+                row.status, row.error, row.site = ImageStatus.done, None, item.site
                 row.format, row.width, row.height = decoded.format, decoded.width, decoded.height
                 for key, value in decoded.metadata.items():
                     setattr(row, key, value)
@@ -132,22 +136,36 @@ def file_items(sessions: sessionmaker, settings: Settings, items: list[Item], re
             errors = dict(session.execute(select(Image.id, Image.error).where(Image.id.in_(ids))).all())
     vanished: list[int] = []
     unsynced: set[Path] = set()  # archive folders with new entries: fsynced once each, before archive_path commits
+    roots = {ImageStatus.failed: ("quarantine", settings.quarantine_dir)}
+    unprepared: dict[str, str | None] = {}  # root -> why it may not be written to now (checked once per batch)
     for item in items:
         path = item.candidate.path
         when = utcnow()
+        read = filing.Read(item.opened, item.data) if item.data is not None else None
+        role, root = roots.get(item.target, ("archive", settings.archive_dir))
+        if role not in unprepared:
+            try:
+                folders.require(root, role)  # an unmounted share: never re-created on the disk below it
+                unprepared[role] = None
+            except folders.FolderError as exc:
+                unprepared[role] = str(exc)
+        if unprepared[role] is not None:
+            log.error("filing_failed", source=item.candidate.source_name, error=unprepared[role])
+            _unfiled(report, path, unprepared[role])
+            continue
         try:
             if item.target is ImageStatus.failed:
                 if item.reason is None:
                     stored = errors.get(item.image_id) or "unknown: no reason recorded"
                     item.reason, item.detail = stored.split(":", 1)[0], stored.split(":", 1)[-1].strip()
                 target = filing.quarantine_file(path, settings.quarantine_dir, item.reason, item.detail, when,
-                                                held=item.handle, dir_fd=item.dir_fd)
+                                                read=read, dir_fd=item.dir_fd)
             else:
-                target = filing.archive_file(path, settings.archive_dir, when, fsync=False, held=item.handle,
+                target = filing.archive_file(path, settings.archive_dir, when, fsync=False, read=read,
                                              dir_fd=item.dir_fd)
                 unsynced.add(target.parent)
-            if item.handle is not None and filing.Source(path, item.dir_fd).exists():  # replaced: the held
-                log.warning("replaced_while_processing", source=item.candidate.source_name)  # bytes were filed
+            if read is not None and filing.Source(path, item.dir_fd).exists():  # replaced or rewritten: the
+                log.warning("replaced_while_processing", source=item.candidate.source_name)  # bytes read were filed
                 report.left_in_place.append(path)  # the new version is offered again, on its own
         except FileNotFoundError:
             if item.created_row:  # a refused entry another worker quarantined first: no second row
@@ -157,7 +175,7 @@ def file_items(sessions: sessionmaker, settings: Settings, items: list[Item], re
             continue
         except Exception as exc:  # noqa: BLE001 - this file stays in place; the others are filed
             log.error("filing_failed", source=item.candidate.source_name, error=error_summary(exc))
-            report.left_in_place.append(path)
+            _unfiled(report, path, error_summary(exc))
             continue
         filed[item.image_id] = str(target)
         if item.result is not None and item.target is ImageStatus.done and settings.watch.save_standardized:
@@ -178,3 +196,10 @@ def file_items(sessions: sessionmaker, settings: Settings, items: list[Item], re
                             .values(archive_path=bindparam("archive_path")),
                             [{"image_id": image_id, "archive_path": storable_text(target, 1024)}
                              for image_id, target in filed.items()])
+
+
+def _unfiled(report: BatchReport, path: Path, why: str) -> None:
+    """A recorded file that could not be filed: it stays where it is; the service reports and retries it."""
+    report.unfiled += 1
+    report.filing_error = report.filing_error or why
+    report.left_in_place.append(path)

@@ -6,11 +6,11 @@ Inference goes through ``models.inference`` only (geometry normalization, standa
 classifier, softmax). The stages live in ``pipeline.batch`` (intake) and ``pipeline.recording``
 (the one transaction, then filing); ``versions.loading`` loads and registers the models. Per batch:
 
-1. intake: each file is opened ONCE (no link followed) and hashed in the thread pool; the batch's
+1. intake: each file is opened and read ONCE (no link followed) and hashed in the thread pool; the batch's
    new content is claimed in one transaction (``pipeline.claiming``; anything the database already
    knows goes through ``claims.claim`` on its own, committed at once so other workers see it).
    Refused entries (symlinks, hard links) and files that cannot be hashed get no claim.
-2. claimed files are decoded from that same open file in the pool while the models run on the
+2. claimed files are decoded from those same bytes in the pool while the models run on the
    images already decoded (``[models] max_inflight_pixels`` bounds the decoded pixels held);
    inference is one call per part (one image at a time again if it fails, so that one poison
    image fails alone).
@@ -19,11 +19,11 @@ classifier, softmax). The stages live in ``pipeline.batch`` (intake) and ``pipel
    inference time) and every image status (done / failed with "reason: detail").
 4. only after that commit are the files moved: archive/YYYY/MM/DD/ or quarantine/ with a
    ``.error.txt``; the archive folders are fsynced once each, then a second small transaction
-   records where each file went (``archive_path``). Only the inode that was read is moved: if
-   its path now names another file (a re-export by temp file + rename), the bytes that were
-   read are copied to the archive from the open file and the new file is left in place, to be
-   processed on its own. Input files are never deleted; `ingest` without ``--move`` leaves
-   them where they are.
+   records where each file went (``archive_path``). Only the version that was read is moved: if
+   its path now names another file (a re-export by temp file + rename) or the same one rewritten
+   in place (``cp`` over it: size, mtime or ctime differ), the bytes that were read are written
+   to the archive and the new version is left in place, to be processed on its own. Input files
+   are never deleted; `ingest` without ``--move`` leaves them where they are.
 
 Crash points (process killed, power lost, database gone) and what happens next:
 
@@ -68,14 +68,22 @@ from sqlalchemy.orm import sessionmaker
 from stainbridge.daemon.config import Settings
 from stainbridge.daemon.intake import claims
 from stainbridge.daemon.intake.failures import error_summary, storable_source_name, storable_text
+from stainbridge.daemon.intake.sites import site_of_decoded, site_of_file
 from stainbridge.daemon.intake.walking import Candidate
 from stainbridge.daemon.logs import get_logger
 from stainbridge.daemon.pipeline import filing
-from stainbridge.daemon.pipeline.batch import BatchReport, Item, PixelBudget, decode_item, open_and_hash
+from stainbridge.daemon.pipeline.batch import (
+    BatchReport,
+    Item,
+    PixelBudget,
+    byte_batches,
+    decode_item,
+    open_and_hash,
+)
 from stainbridge.daemon.pipeline.claiming import claim_items
 from stainbridge.daemon.pipeline.recording import file_items, record
 from stainbridge.daemon.store import Image, ImageStatus, utcnow
-from stainbridge.daemon.versions.loading import LoadedModels
+from stainbridge.daemon.versions.site_models import SiteModels
 from stainbridge.models.inference import run_batch
 
 log = get_logger(__name__)
@@ -107,9 +115,12 @@ def decode_threads() -> int:
 
 
 class Pipeline:
-    """One code path for the service and `ingest`: ``process(candidates) -> BatchReport``."""
+    """One code path for the service and `ingest`: ``process(candidates) -> BatchReport``.
 
-    def __init__(self, settings: Settings, sessions: sessionmaker, models: LoadedModels, *,
+    A batch may hold files of several sites (``[site] source``): each is classified by its own site's
+    models (``SiteModels``), one ``run_batch`` per site."""
+
+    def __init__(self, settings: Settings, sessions: sessionmaker, models: SiteModels, *,
                  file_results: bool = True) -> None:
         self.settings, self.sessions, self.models = settings, sessions, models
         self.file_results = file_results
@@ -123,10 +134,12 @@ class Pipeline:
         """Stop the intake threads (the service's `finally`)."""
         self._pool.shutdown(wait=True)
 
-    def recover(self) -> int:
-        """Release claims left `processing` by dead (or this very) processes; call before work."""
+    def recover(self, *, startup: bool = False) -> int:
+        """Release claims left `processing` by dead processes, and this one's own; call before work.
+
+        ``startup=True``: claims under this process's owner name are an earlier life's (a crash)."""
         with self.sessions.begin() as session:
-            released = claims.release_stale_claims(session, STALE_CLAIM_SECONDS, startup=True)
+            released = claims.release_stale_claims(session, STALE_CLAIM_SECONDS, startup=startup, own=True)
         if released:
             log.warning("claims_released", count=released)
         self._needs_recovery = False
@@ -135,47 +148,84 @@ class Pipeline:
         return released
 
     def process(self, candidates: Sequence[Candidate]) -> BatchReport:
-        """Take one micro-batch from ready files to recorded, filed results."""
+        """Take one micro-batch from ready files to recorded, filed results.
+
+        A file whose claim a dead worker held (``images.crashes``) is taken in alone, after the rest
+        of the batch is recorded and filed: if it kills this process too, only it was in flight.
+        Files are read into memory: a batch holds at most ``BATCH_BYTES`` of them (runs in turn)."""
+        report = BatchReport()
+        for run in byte_batches(candidates):
+            report.add(self._process(run))
+        return report
+
+    def _process(self, candidates: Sequence[Candidate]) -> BatchReport:
         if self._needs_recovery:
             self.recover()
         report = BatchReport()
-        items = [Item(candidate) for candidate in candidates]
+        items = [Item(candidate, site=site_of_file(self.settings.site, candidate.source_name))
+                 for candidate in candidates]
         try:
             try:
-                opening = [self._pool.submit(open_and_hash, item, max_bytes=self.max_bytes, heartbeat=self.heartbeat,
-                                             root=self.settings.drop_dir) for item in items]
-                wait(opening)  # all of them, so that no thread opens a file after the `finally` below
+                with report.timing("hash"):
+                    opening = [self._pool.submit(open_and_hash, item, max_bytes=self.max_bytes,
+                                                 heartbeat=self.heartbeat, root=self.settings.drop_dir) for item in items]
+                    wait(opening)  # all of them, so that no thread opens a file after the `finally` below
                 for future in opening:
                     future.result()
                 for item in items:
-                    if item.skip:
+                    if item.skip == "memory":  # read again later, in a smaller batch
+                        report.deferred += 1
+                        report.unavailable = report.unavailable or item.deferred
+                        report.left_in_place.append(item.candidate.path)
+                    elif item.skip:
                         log.info("changed_while_reading" if item.skip == "changed" else "vanished",
                                  source=item.candidate.source_name)
-                hashed = [i for i in items if i.sha256 is not None and i.reason is None and not i.skip]
-                if hashed:
-                    claim_items(self.sessions, hashed, report, site=self.settings.site.name)
-                self._decode_and_infer([i for i in hashed if i.image_id is not None and i.target is None
-                                        and not i.skip and i.reason is None])
-                waiting = [i for i in items if not i.skip and i.target is None]
-                known = [i for i in items if not i.skip and i.target is not None]  # before record() sets targets
-                to_file = known + record(self.sessions, self.models, waiting, report, site=self.settings.site.name)
             except BaseException:
-                # Claims this batch made are still `processing`: release them before the next one.
                 self._needs_recovery = True
                 raise
-            report.skipped += sum(1 for i in items if i.skip)
-            if self.file_results:
-                try:
-                    file_items(self.sessions, self.settings, to_file, report)
-                except BaseException:
-                    self._needs_recovery = True  # moved files whose archive_path did not commit are found again
-                    raise
+            suspects = self._take_in(items, report, isolate_crashed=len(items) > 1)
+            for suspect in suspects:
+                log.warning("taken_alone_after_a_crash", source=suspect.candidate.source_name,
+                            image=suspect.sha256[:12])
+                self._take_in([suspect], report, isolate_crashed=False)
         finally:
             for item in items:
                 item.close()
         return report
 
-    def _decode_and_infer(self, items: list[Item]) -> None:
+    def _take_in(self, items: list[Item], report: BatchReport, *, isolate_crashed: bool) -> list[Item]:
+        """Claim, decode, classify, record and file `items` (already opened and hashed).
+
+        Returns the items left out because a worker died holding their claim (``isolate_crashed``)."""
+        suspects: list[Item] = []
+        try:
+            hashed = [i for i in items if i.sha256 is not None and i.reason is None and not i.skip]
+            if hashed:
+                with report.timing("claim"):
+                    suspects = claim_items(self.sessions, hashed, report, isolate_crashed=isolate_crashed)
+            with report.timing("decode_and_inference"):
+                self._decode_and_infer([i for i in hashed if i.image_id is not None and i.target is None
+                                        and not i.skip and i.reason is None], report)
+            left_out = {id(i) for i in suspects}
+            waiting = [i for i in items if not i.skip and i.target is None and id(i) not in left_out]
+            known = [i for i in items if not i.skip and i.target is not None]  # before record() sets targets
+            with report.timing("record"):
+                to_file = known + record(self.sessions, waiting, report)
+        except BaseException:
+            # Claims this batch made are still `processing`: release them before the next one.
+            self._needs_recovery = True
+            raise
+        report.skipped += sum(1 for i in items if i.skip and i.skip != "memory")
+        if self.file_results:
+            try:
+                with report.timing("file"):
+                    file_items(self.sessions, self.settings, to_file, report)
+            except BaseException:
+                self._needs_recovery = True  # moved files whose archive_path did not commit are found again
+                raise
+        return suspects
+
+    def _decode_and_infer(self, items: list[Item], report: BatchReport) -> None:
         """Decode in the thread pool while the models run on what is already decoded.
 
         Inference starts once half of the images are decoded (or the pixel budget is full), so the
@@ -189,13 +239,14 @@ class Pipeline:
                          pseudonym_secret=self.settings.site.pseudonym_secret, budget=budget)
         running = {self._pool.submit(decode, item): item for item in items}
         try:
-            self._infer_as_decoded(running, budget, first_part=max(1, (len(items) + 1) // 2))
+            self._infer_as_decoded(running, budget, report, first_part=max(1, (len(items) + 1) // 2))
         except BaseException:
             budget.close()  # no decoder waits for pixels that will never be released
             wait(running)
             raise
 
-    def _infer_as_decoded(self, running: dict[Future[None], Item], budget: PixelBudget, *, first_part: int) -> None:
+    def _infer_as_decoded(self, running: dict[Future[None], Item], budget: PixelBudget, report: BatchReport, *,
+                          first_part: int) -> None:
         ready: list[Item] = []
         while running or ready:
             if running:
@@ -207,7 +258,8 @@ class Pipeline:
                         ready.append(item)
             if ready and (not running or len(ready) >= first_part or budget.waiting):
                 try:
-                    self._infer(ready)
+                    with report.timing("inference"):
+                        self._infer(ready)
                 finally:
                     for item in ready:
                         budget.release(item.pixels)
@@ -216,8 +268,9 @@ class Pipeline:
                             item.decoded.image = None  # the pixels are no longer needed
                 ready = []
 
-    def quarantine_poison(self, candidate: Candidate, reason: str) -> Path:
-        """Quarantine a file that broke its batch again and again, alone; record it as failed (``poison``).
+    def quarantine_poison(self, candidate: Candidate, reason: str, *, code: str = "poison") -> Path:
+        """Quarantine a file that broke its batch again and again, alone; record it as failed (`code`:
+        ``poison``, or ``memory`` for a file that ran out of memory on its own).
 
         Its claim from the failed attempts (released to ``pending``) becomes the failed row; a file
         that never got that far gets a new failed row. The file moves first: it leaves the drop folder
@@ -226,8 +279,8 @@ class Pipeline:
         self.recover()
         now = utcnow()
         detail = storable_text(reason, 1000)
-        target = filing.quarantine_file(candidate.path, self.settings.quarantine_dir, "poison", detail, now)
-        values = {"status": ImageStatus.failed, "error": f"poison: {detail}", "processed_at": now, "claimed_by": None,
+        target = filing.quarantine_file(candidate.path, self.settings.quarantine_dir, code, detail, now)
+        values = {"status": ImageStatus.failed, "error": f"{code}: {detail}", "processed_at": now, "claimed_by": None,
                   "archive_path": storable_text(str(target), 1024)}
         with self.sessions.begin() as session:
             updated = session.execute(
@@ -238,18 +291,35 @@ class Pipeline:
                 .execution_options(synchronize_session=False)
             ).rowcount
             if not updated:
-                session.add(Image(sha256=None, source_name=candidate.source_name, site=self.settings.site.name,
+                session.add(Image(sha256=None, source_name=candidate.source_name,
+                                  site=site_of_file(self.settings.site, candidate.source_name),
                                   size_bytes=candidate.size, received_at=now, **values))
-        log.error("quarantined_poison", source=candidate.source_name, reason=detail)
+        log.error("quarantined_poison", source=candidate.source_name, code=code, reason=detail)
         return target
 
     # inference -------------------------------------------------------------------------------
 
     def _infer(self, items: list[Item]) -> None:
-        items = [i for i in items if i.deferred is None]
-        if not items:
-            return
-        m = self.models
+        """Classify decoded items, each site's by its own models (one run_batch per site)."""
+        by_site: dict[str, list[Item]] = {}
+        for item in items:
+            if item.deferred is None:
+                item.site = site_of_decoded(self.settings.site, item.candidate.source_name, item.decoded.metadata)
+                by_site.setdefault(item.site, []).append(item)
+        for site, group in by_site.items():
+            try:
+                models = self.models.for_site(site)
+            except Exception as exc:  # noqa: BLE001 - this site's models, not its files: try again later
+                log.error("site_models_unavailable", site=site, error=error_summary(exc), batch=len(group))
+                for item in group:
+                    item.deferred = f"models of site {site}: {error_summary(exc)}"
+                continue
+            for item in group:
+                item.models = models
+            self._infer_site(group)
+
+    def _infer_site(self, items: list[Item]) -> None:
+        m = items[0].models
         started = time.perf_counter()
         try:
             results = run_batch([i.decoded.image for i in items], m.standardizer, m.classifier,
@@ -263,7 +333,7 @@ class Pipeline:
             if len(items) > 1:
                 log.warning("batch_failed_retrying_one_by_one", size=len(items), error=error_summary(exc))
                 for item in items:
-                    self._infer([item])
+                    self._infer_site([item])
                 return
             log.error("inference_failed", source=items[0].candidate.source_name, error=error_summary(exc))
             items[0].reason, items[0].detail = "inference", "the models fail on this image and work on others"
@@ -283,7 +353,8 @@ class Pipeline:
         """Do the models run on a plain probe image? (No: the failure is the GPU's, not the file's.)"""
         probe = PILImage.new("RGB", (64, 64), (200, 160, 190))
         try:
-            run_batch([probe], self.models.standardizer, self.models.classifier, scale=self.settings.site.scale)
+            default = self.models.default
+            run_batch([probe], default.standardizer, default.classifier, scale=self.settings.site.scale)
         except Exception:  # noqa: BLE001 - any failure here means "the models are unavailable"
             return False
         return True

@@ -54,7 +54,7 @@ def run_classifier_finetune(settings: Settings, sessions: sessionmaker, *, trigg
     Returns what ``retrain --json`` shows under ``metrics.classifier``: the run's id, status,
     candidate, promotion, reason and gate metrics, or ``{"status": "not run", "reason": ...}``."""
     cfg = settings.retraining
-    reviewed = runs.reviewed_images(sessions)
+    reviewed = runs.reviewed_images(sessions, settings.site.name)
     if len(reviewed) < cfg.min_reviews:
         return {"status": "not run", "reason": f"{len(reviewed)} reviewed images, fewer than [retraining] "
                                                f"min_reviews ({cfg.min_reviews})"}
@@ -106,8 +106,8 @@ def _run(settings: Settings, sessions: sessionmaker, run_id: int, reviewed: list
         return skipped(f"{len(train)} reviewed images to train on and {len(held)} held out for the gate; "
                        "both are needed: import more reviews or change [retraining] held_out_fraction")
     with sessions() as session:
-        c_active = registry.active_version(session, ModelKind.classifier)
-        s_active = registry.active_version(session, ModelKind.standardizer)
+        c_active = registry.active_version(session, ModelKind.classifier, settings.site.name)
+        s_active = registry.active_version(session, ModelKind.standardizer, settings.site.name)
     if c_active is None or s_active is None:
         raise runs.TrainingFailed("no active classifier or standardizer in the registry; start the service "
                                         "once or run `stainbridge models promote ID`")
@@ -145,7 +145,8 @@ def _run(settings: Settings, sessions: sessionmaker, run_id: int, reviewed: list
     candidate = load_classifier(out, device=device)
     with sessions.begin() as session:
         version = registry.register_model(session, ModelKind.classifier, str(out), candidate.sha256, candidate.header,
-                                          state=VersionState.candidate, training_run_id=run_id)
+                                          site=settings.site.name, state=VersionState.candidate,
+                                          training_run_id=run_id)
         candidate_id = version.id
         session.get(TrainingRun, run_id).model_version_id = candidate_id
     gate = promotion.evaluate_classifier(settings, standardizer, classifier, candidate, reviewed=held,

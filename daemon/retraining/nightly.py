@@ -16,7 +16,12 @@ One run, in order (each run is a ``training_runs`` row; every outcome is one of 
 5. the gate (``retraining.promotion``): passed -> promoted (``succeeded``), refused -> it stays a
    candidate with the reason (``rejected``);
 6. then the classifier half (``retraining.finetuning``): with enough expert reviews, a second run
-   fine-tunes the active classifier; its outcome is in the result's ``metrics.classifier``.
+   fine-tunes the active classifier; its outcome is in the result's ``metrics.classifier``;
+7. then every unvalidated site with enough reviews is validated (``retraining.validation``):
+   its recipe is chosen on its reviewed cells (``metrics.sites``).
+
+Both training halves serve the site ``[site] name``: they train on its images and reviews and promote
+for it; the other sites of a multi-site service keep their recipes (chosen by validation).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from stainbridge.daemon import diskspace
 from stainbridge.daemon.config import Settings
 from stainbridge.daemon.intake import claims
 from stainbridge.daemon.logs import get_logger
-from stainbridge.daemon.retraining import finetuning, promotion, runs
+from stainbridge.daemon.retraining import finetuning, promotion, runs, validation
 from stainbridge.daemon.store import (
     Image,
     ImageStatus,
@@ -66,26 +71,26 @@ class RetrainResult:
 
 
 def recent_images(settings: Settings, sessions: sessionmaker, now: datetime) -> list[tuple[str, Path]]:
-    """(sha256, archived file) of the newest classified images in the window, files that still exist."""
+    """(sha256, archived file) of ``[site] name``'s newest classified images in the window, files that still exist."""
     cfg = settings.retraining
     with sessions() as session:
         rows = session.execute(
             select(Image.sha256, Image.archive_path)
-            .where(Image.status == ImageStatus.done, Image.archive_path.is_not(None),
+            .where(Image.status == ImageStatus.done, Image.archive_path.is_not(None), Image.site == settings.site.name,
                    Image.received_at >= now - timedelta(days=cfg.window_days))
             .order_by(Image.received_at.desc(), Image.id.desc()).limit(cfg.max_images)
         ).all()
     return [(sha, Path(p)) for sha, p in rows if sha and Path(p).is_file()]
 
 
-def _new_since_last_run(sessions: sessionmaker, run_id: int) -> int:
+def _new_since_last_run(sessions: sessionmaker, run_id: int, site: str) -> int:
     with sessions() as session:
         last = session.scalar(
             select(func.max(TrainingRun.started_at))
             .where(TrainingRun.id != run_id, TrainingRun.kind == ModelKind.standardizer,
                    TrainingRun.status.in_([RunStatus.succeeded, RunStatus.rejected]))
         )
-        query = select(func.count(Image.id)).where(Image.status == ImageStatus.done)
+        query = select(func.count(Image.id)).where(Image.status == ImageStatus.done, Image.site == site)
         if last is not None:
             query = query.where(Image.received_at > last)
         return int(session.scalar(query) or 0)
@@ -168,6 +173,8 @@ def run_retraining(settings: Settings, sessions: sessionmaker, *, trigger: str =
     if stop is None or not stop.is_set():
         result.metrics["classifier"] = finetuning.run_classifier_finetune(settings, sessions, trigger=trigger,
                                                                           now=utcnow(), stop=stop)
+    if stop is None or not stop.is_set():
+        result.metrics["sites"] = validation.validate_ready_sites(settings, sessions)
     return result
 
 
@@ -184,7 +191,7 @@ def _run(settings: Settings, sessions: sessionmaker, run_id: int, now: datetime,
                        f"folder (now {cfg.reference or 'unset'})")
     if (short := diskspace.shortage(diskspace.written_folders(settings), settings.paths.min_free_mb)) is not None:
         return skipped(f"{short}; no training until space is freed")
-    new = _new_since_last_run(sessions, run_id)
+    new = _new_since_last_run(sessions, run_id, settings.site.name)
     if new < cfg.min_new_images:
         return skipped(f"{new} new images since the last run, fewer than [retraining] min_new_images "
                        f"({cfg.min_new_images})", images_used=0)
@@ -201,8 +208,8 @@ def _run(settings: Settings, sessions: sessionmaker, run_id: int, now: datetime,
     with sessions.begin() as session:
         run = session.get(TrainingRun, run_id)
         run.images_used, run.held_out_images, run.log_path = len(train), len(held_out), str(log_path)
-        c_active = registry.active_version(session, ModelKind.classifier)
-        s_active = registry.active_version(session, ModelKind.standardizer)
+        c_active = registry.active_version(session, ModelKind.classifier, settings.site.name)
+        s_active = registry.active_version(session, ModelKind.standardizer, settings.site.name)
     if c_active is None or s_active is None:
         raise runs.TrainingFailed("no active classifier or standardizer in the registry; start the service once "
                              "or run `stainbridge models promote ID`")
@@ -232,11 +239,13 @@ def _run(settings: Settings, sessions: sessionmaker, run_id: int, now: datetime,
     candidate = load_standardizer(str(out), device=device, classifier=classifier)
     with sessions.begin() as session:
         version = registry.register_model(session, ModelKind.standardizer, str(out), candidate.sha256,
-                                          candidate.header, state=VersionState.candidate, training_run_id=run_id)
+                                          candidate.header, site=settings.site.name, state=VersionState.candidate,
+                                          training_run_id=run_id)
         candidate_id = version.id
         session.get(TrainingRun, run_id).model_version_id = candidate_id
     gate = promotion.evaluate(settings, classifier, active, candidate, held_out=held_out,
-                              reviewed=[(p, label) for _, p, label, _ in runs.reviewed_images(sessions)],
+                              reviewed=[(p, label) for _, p, label, _ in
+                                        runs.reviewed_images(sessions, settings.site.name)],
                               reference=cfg.reference)
     metrics = {"gate": gate.metrics(), "training": (candidate.header.get("metrics") or {}).get("final", {}),
                "site_profile": gate.site_profile}

@@ -65,14 +65,14 @@ def split_held_out(images: list[tuple[str, Path]], fraction: float) -> tuple[lis
     return train, held
 
 
-def reviewed_images(sessions: sessionmaker) -> list[tuple[str, Path, str, datetime]]:
-    """(sha256, archived file, latest reviewed label, review time) of reviewed images whose file exists."""
+def reviewed_images(sessions: sessionmaker, site: str) -> list[tuple[str, Path, str, datetime]]:
+    """(sha256, archived file, latest reviewed label, review time) of ``site``'s reviewed images whose file exists."""
     with sessions() as session:
         latest = select(func.max(Review.id)).group_by(Review.image_id)
         rows = session.execute(
             select(Image.sha256, Image.archive_path, Review.label, Review.created_at)
             .join(Review, Review.image_id == Image.id)
-            .where(Review.id.in_(latest), Image.archive_path.is_not(None)).order_by(Image.id)
+            .where(Review.id.in_(latest), Image.archive_path.is_not(None), Image.site == site).order_by(Image.id)
         ).all()
     return [(sha, Path(p), label, at) for sha, p, label, at in rows if Path(p).is_file()]
 

@@ -1,11 +1,13 @@
 """The nightly job inside `stainbridge run`: APScheduler 3, one job, run once per slot.
 
-The job lives in the database's ``apscheduler_jobs`` table under a fixed id, added with
-``replace_existing`` (a restart never duplicates it), ``max_instances=1``, ``coalesce`` and a
-misfire grace of an hour: a service that was down at 02:00 and is back by 03:00 still runs that
-night's job. A restart keeps the pending run time of an unchanged schedule, so a reboot at 02:00
-does not silently move the run to tomorrow. The cron trigger reads ``[retraining] schedule`` in
-local time.
+The job lives in this process's memory only. Its schedule comes from the configuration, so
+nothing about it needs to be stored, and nothing is read back from the database to build it:
+APScheduler's SQLAlchemy job store unpickled its table at every start, which let whoever could
+write to the database run code on every worker (migration 0007 drops that table). The job has a
+fixed id, ``max_instances=1``, ``coalesce`` and a misfire grace of an hour: a service that was
+down at 02:00 and is back by 03:00 still runs that night's job (at start, the latest slot within
+the grace that has no scheduled run in ``training_runs`` is due at once). The cron trigger reads
+``[retraining] schedule`` in local time.
 
 Several workers share one job (and one database): only one of them runs it. On PostgreSQL a
 session advisory lock (``pg_try_advisory_lock``) decides, on SQLite a file lock in the state
@@ -22,7 +24,7 @@ from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
+from apscheduler.jobstores.memory import MemoryJobStore
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 from sqlalchemy import select, text
@@ -35,17 +37,15 @@ from stainbridge.daemon.store import TrainingRun, make_sessionmaker
 log = get_logger(__name__)
 
 JOB_ID = "stainbridge-retraining"
-JOBS_TABLE = "apscheduler_jobs"
 LOCK_KEY = 0x53_42_52_54  # "SBRT": the advisory lock every worker of one database contends for
 MISFIRE_GRACE_SECONDS = 3600
 
-# What `fire` runs in this process (set by RetrainingScheduler.start): the job store keeps a
-# reference to `fire` only, so the stored job needs no pickled state of a particular process.
+# What `fire` runs in this process (set by RetrainingScheduler.start).
 _runner: Callable[[], Any] | None = None
 
 
 def fire() -> None:
-    """The stored job's function."""
+    """The job's function."""
     if _runner is None:
         log.warning("retraining_job_without_service")
         return
@@ -122,7 +122,7 @@ class RetrainingScheduler:
         self.stop_event = threading.Event()
         self.runner = runner or self._run
         self.scheduler = BackgroundScheduler(
-            jobstores={"default": SQLAlchemyJobStore(engine=engine, tablename=JOBS_TABLE)},
+            jobstores={"default": MemoryJobStore()},
             executors={"default": {"type": "threadpool", "max_workers": 1}},
             timezone=self.trigger.timezone,
         )
@@ -134,16 +134,26 @@ class RetrainingScheduler:
         global _runner
         _runner = self.runner
         self.scheduler.start(paused=True)
-        existing = self.scheduler.get_job(JOB_ID)
-        keep: dict[str, Any] = {}
-        if existing is not None and str(existing.trigger) == str(self.trigger) and existing.next_run_time:
-            keep["next_run_time"] = existing.next_run_time  # a missed run stays due (within the grace)
+        due = self._missed_slot()
         job = self.scheduler.add_job(fire, trigger=self.trigger, id=JOB_ID, name="nightly retraining",
                                      replace_existing=True, max_instances=1, coalesce=True,
-                                     misfire_grace_time=MISFIRE_GRACE_SECONDS, **keep)
+                                     misfire_grace_time=MISFIRE_GRACE_SECONDS,
+                                     **({"next_run_time": due} if due is not None else {}))
         self.scheduler.resume()
         log.info("retraining_scheduled", schedule=self.settings.retraining.schedule,
-                 next_run=job.next_run_time.isoformat() if job.next_run_time else None)
+                 next_run=job.next_run_time.isoformat() if job.next_run_time else None,
+                 missed_slot=due.isoformat() if due is not None else None)
+
+    def _missed_slot(self) -> datetime | None:
+        """Now, if the latest slot is within the misfire grace and no scheduled run started since it."""
+        now = self.clock().astimezone(self.trigger.timezone)
+        slot = latest_slot(self.trigger, now)
+        if slot >= now or (now - slot).total_seconds() > MISFIRE_GRACE_SECONDS:
+            return None
+        with make_sessionmaker(self.engine)() as session:
+            earlier = session.scalar(select(TrainingRun.id).where(TrainingRun.trigger == "schedule",
+                                                                  TrainingRun.started_at >= slot).limit(1))
+        return now if earlier is None else None
 
     def next_run_time(self) -> datetime | None:
         job = self.scheduler.get_job(JOB_ID)

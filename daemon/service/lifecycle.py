@@ -17,10 +17,12 @@ While a volume the service writes to has less free space than ``[paths] min_free
 the loop goes on by itself once space is freed.
 
 No error of one file stops the service (see ``intake.failures``): a transient failure (database,
-models, configuration) leaves the files in place, releases their claims and pauses with a
-growing back-off while ``STATUS=`` says why; any other error is retried with each file alone,
-and a file that fails alone ``MAX_ATTEMPTS`` times is quarantined with its reason. At start-up
-an unreachable database is waited for, with back-off and ``STATUS=``, instead of exiting.
+models, configuration, memory) leaves the files in place, releases their claims and pauses with a
+growing back-off while ``STATUS=`` says why (``service.pacing``); so does a file that cannot be
+filed (a read-only drop folder, an archive share that went away). Any other error is retried with
+each file alone, and a file that fails alone ``MAX_ATTEMPTS`` times is quarantined with its
+reason. At start-up an unreachable database is waited for, with back-off and ``STATUS=``, instead
+of exiting; the configured folders must exist, be prepared by `stainbridge init` and be writable.
 
 Shutdown like rq: the first SIGTERM/SIGINT sends ``STOPPING=1``, stops taking files and lets
 the current batch finish, then exits 0; a second signal exits at once (128 + signal number).
@@ -32,31 +34,31 @@ database, models, folders; before READY=1), 2 when the watcher thread dies (syst
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import signal
 import sys
 import threading
 import time
-from pathlib import Path
 from types import FrameType
 
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import SQLAlchemyError
 
-from stainbridge.daemon import diskspace
+from stainbridge.daemon import folders
 from stainbridge.daemon.config import ConfigError, Settings, load_settings
 from stainbridge.daemon.intake import claims
-from stainbridge.daemon.intake.failures import MAX_ATTEMPTS, Backoff, error_summary, is_transient
+from stainbridge.daemon.intake.failures import error_summary
 from stainbridge.daemon.intake.watcher import Candidate, DropFolderWatcher
 from stainbridge.daemon.lab.metrics import ServiceMetrics, start_metrics
 from stainbridge.daemon.logs import get_logger
-from stainbridge.daemon.pipeline.batch import BatchReport
-from stainbridge.daemon.pipeline.runner import STALE_CLAIM_SECONDS, Pipeline, use_all_cores
+from stainbridge.daemon.pipeline.runner import Pipeline, use_all_cores
 from stainbridge.daemon.retraining.runs import recover_runs
 from stainbridge.daemon.retraining.scheduler import RetrainingScheduler
+from stainbridge.daemon.retraining.validation import SampleChooser
 from stainbridge.daemon.schema import safe_url
 from stainbridge.daemon.service import sdnotify
 from stainbridge.daemon.service.health import database_answers, watchdog_loop
+from stainbridge.daemon.service.pacing import Pacing
 from stainbridge.daemon.service.startup import (
     STARTUP_BACKOFF_MAX_SECONDS,
     StartupError,
@@ -64,21 +66,19 @@ from stainbridge.daemon.service.startup import (
     connect_and_load,
     startup_errors,
 )
-from stainbridge.daemon.versions.hotswap import ModelSwapper
+from stainbridge.daemon.service.tick import MAX_BACKLOG, Tick
 
 __all__ = [  # start-up's names stay importable from here
-    "IDLE_SECONDS", "MAX_BACKLOG", "MAX_TRACKED_ATTEMPTS", "STARTUP_BACKOFF_MAX_SECONDS", "Service",
-    "StartupError", "StoppedDuringStartup", "add_arguments", "run",
+    "IDLE_SECONDS", "MAX_BACKLOG", "STARTUP_BACKOFF_MAX_SECONDS", "Service", "StartupError",
+    "StoppedDuringStartup", "add_arguments", "run",
 ]
 
 log = get_logger(__name__)
 
 IDLE_SECONDS = 0.25  # how often an idle loop asks the watcher for ready files
-MAX_BACKLOG = 1_000  # ready files held in memory between batches
-MAX_TRACKED_ATTEMPTS = 10_000  # files remembered with failed attempts (oldest forgotten first)
 
 
-class Service:
+class Service(Tick):
     """The worker: ``run()`` until a signal; ``run_once()`` handles one micro-batch."""
 
     def __init__(self, settings: Settings) -> None:
@@ -92,15 +92,11 @@ class Service:
         self._backlog: list[Candidate] = []
         self._heartbeat = time.monotonic()
         self._last_release = time.monotonic()
-        self._last_progress = time.monotonic()  # files moved, or nothing was waiting
-        self._backoff = Backoff()
-        self._backoff_delay = 0.0
-        self._trouble: str | None = None  # the transient failure being waited out, for STATUS= and health
+        self.pace = Pacing(settings.models.batch_size, f"watching {settings.drop_dir}", self.log)
         self._space_short: str | None = None  # why no files are taken (a volume below [paths] min_free_mb)
-        self._attempts: dict[tuple[Path, int, float], int] = {}  # failed attempts of a file, alone
         self.handled = 0
-        self.swapper: ModelSwapper | None = None
         self.scheduler: RetrainingScheduler | None = None
+        self.samples: SampleChooser | None = None  # new sites' validation samples (docs/sites.md)
         self.metrics: ServiceMetrics | None = None  # [metrics] port
 
     # lifecycle -------------------------------------------------------------------------------
@@ -109,15 +105,16 @@ class Service:
         """Everything before READY=1; raises StartupError with a one-line reason."""
         s = self.settings
         with startup_errors(s):
+            wrong = folders.problems(s)  # before the database: on SQLite it lives in one of them
+            if wrong:
+                raise StartupError("; ".join(wrong))
             self.engine, sessions, models = connect_and_load(s, self._stop, self.log)
             self.pipeline = Pipeline(s, sessions, models)
             use_all_cores()
             self.pipeline.warm_up()
             self.pipeline.heartbeat = self._beat
-            self.pipeline.recover()
-            self.swapper = ModelSwapper(s, sessions)
-            for folder in (s.drop_dir, s.archive_dir, s.quarantine_dir):
-                folder.mkdir(parents=True, exist_ok=True)
+            self.pipeline.recover(startup=True)
+            self.samples = SampleChooser(s, sessions, models)
             self.watcher = DropFolderWatcher(s)
             self.watcher.start()  # includes the start-up scan
             self.metrics = start_metrics(s, sessions, self.watcher.waiting)
@@ -142,12 +139,15 @@ class Service:
                 self.log.error("startup_failed", error=str(exc))
                 print(f"stainbridge run: {exc}", file=sys.stderr)
                 return 1
+            gc.freeze()  # start-up's ~400k objects (modules, models) leave the collector's full passes: 0.1-1 s each
             while not self._stop.is_set():
                 if not self.watcher.healthy():
                     # Exit non-zero so that systemd (Restart=on-failure) starts a fresh process.
-                    self.log.error("watcher_died", drop=str(self.settings.drop_dir))
-                    print("stainbridge run: the drop-folder watcher thread died; exiting to be restarted",
-                          file=sys.stderr)
+                    gone = self.watcher.root_missing
+                    self.log.error("drop_folder_missing" if gone else "watcher_died", drop=str(self.settings.drop_dir))
+                    print(f"stainbridge run: the drop folder {self.settings.drop_dir} is gone" if gone else
+                          "stainbridge run: the drop-folder watcher thread died", "; exiting to be restarted",
+                          sep="", file=sys.stderr)
                     return 2
                 try:
                     handled = self.run_once()
@@ -156,7 +156,7 @@ class Service:
                     handled = 0
                     self._transient_failure(error_summary(exc), [])
                 if handled == 0:
-                    self._stop.wait(self._backoff_delay if self._trouble else IDLE_SECONDS)
+                    self._stop.wait(self.pace.pause or IDLE_SECONDS)
             self.log.info("stopped", handled=self.handled)
             return 0
         finally:
@@ -188,165 +188,7 @@ class Service:
         self.log.info("stopping", signal=name)
         self.stop()
 
-    # the tick --------------------------------------------------------------------------------
-
-    def run_once(self) -> int:
-        """Take one micro-batch of ready files through the pipeline; return how many were handled."""
-        assert self.pipeline is not None and self.watcher is not None, "call start() first"
-        self._heartbeat = time.monotonic()
-        self._release_abandoned_claims()
-        self._swap_models()
-        if self._short_of_space():
-            self._last_progress = time.monotonic()  # waiting on purpose, not stuck: no restart by the watchdog
-            return 0
-        batch = self._next_batch()
-        if not batch:
-            if not self._backlog and self._trouble is None:
-                self._last_progress = time.monotonic()  # nothing waiting: nothing is stuck
-            return 0
-        started = time.monotonic()
-        try:
-            report = self.pipeline.process(batch)
-        except Exception as exc:  # noqa: BLE001 - sorted below: transient, or find the file that breaks
-            if is_transient(exc):
-                self._transient_failure(error_summary(exc), batch)
-                return 0
-            if len(batch) == 1:
-                return self._failed_alone(batch[0], exc)
-            self.log.warning("batch_failed_retrying_each_file", error=error_summary(exc), batch=len(batch))
-            return sum(self._process_alone(candidate) for candidate in batch)
-        if self.metrics is not None:
-            self.metrics.observe_batch(time.monotonic() - started)
-        return self._account(report)
-
-    def _account(self, report: BatchReport) -> int:
-        """Book a report: forget files left in place, note progress or the transient trouble."""
-        for path in report.left_in_place:
-            self.watcher.forget(path)
-        now = self._heartbeat = time.monotonic()
-        if report.handled or report.skipped:
-            self._last_progress = now
-        if report.deferred:
-            self._transient_failure(report.unavailable or "transient failure", [])
-        elif report.handled:
-            self._recovered()
-        self.handled += report.handled
-        if self.metrics is not None:
-            self.metrics.record(report)
-        if report.handled:
-            self.log.info("batch", done=report.done, failed=report.failed, duplicates=report.duplicates,
-                          refiled=report.refiled, skipped=report.skipped)
-        return report.handled
-
-    def _process_alone(self, candidate: Candidate) -> int:
-        """One file of a batch that failed as a whole; after MAX_ATTEMPTS failures alone it is quarantined."""
-        try:
-            return self._account(self.pipeline.process([candidate]))
-        except Exception as exc:  # noqa: BLE001
-            if is_transient(exc):
-                self._transient_failure(error_summary(exc), [candidate])
-                return 0
-            return self._failed_alone(candidate, exc)
-
-    def _failed_alone(self, candidate: Candidate, exc: Exception) -> int:
-        """Count a failure of `candidate` on its own; quarantine it at MAX_ATTEMPTS."""
-        key = (candidate.path, candidate.size, candidate.mtime)
-        attempts = self._attempts.get(key, 0) + 1
-        self._attempts[key] = attempts
-        while len(self._attempts) > MAX_TRACKED_ATTEMPTS:
-            self._attempts.pop(next(iter(self._attempts)))
-        self.log.warning("file_failed", source=candidate.source_name, attempt=attempts, error=error_summary(exc))
-        if attempts < MAX_ATTEMPTS:
-            self.watcher.forget(candidate.path)
-            return 0
-        self._attempts.pop(key, None)
-        try:
-            self.pipeline.quarantine_poison(candidate, f"failed {attempts} times: {error_summary(exc)}")
-        except Exception as again:  # noqa: BLE001 - e.g. the database went away just now
-            self.log.error("quarantine_failed", source=candidate.source_name, error=error_summary(again))
-            self.watcher.forget(candidate.path)
-            return 0
-        self._last_progress = time.monotonic()
-        self.handled += 1
-        if self.metrics is not None:
-            self.metrics.record_poison()
-        return 1
-
-    def _transient_failure(self, reason: str, batch: list[Candidate]) -> None:
-        """Leave `batch` in place and pause with back-off; health and STATUS= say why."""
-        self._backoff_delay = self._backoff.failed()
-        self._trouble = reason
-        self.log.error("transient_failure", error=reason, batch=len(batch), retry_in_s=self._backoff_delay)
-        sdnotify.notify(f"STATUS=retrying in {self._backoff_delay:.0f} s: {reason}")
-        for candidate in batch:  # offered again after the pause
-            self.watcher.forget(candidate.path)
-
-    def _recovered(self) -> None:
-        if self._trouble is not None:
-            self.log.info("recovered", after=self._trouble)
-            sdnotify.notify(f"STATUS=watching {self.settings.drop_dir}")
-        self._trouble = None
-        self._backoff.succeeded()
-
-    def _short_of_space(self) -> bool:
-        """A volume written to is below [paths] min_free_mb: say so when that starts and ends (log, STATUS=)."""
-        short = diskspace.shortage(diskspace.written_folders(self.settings), self.settings.paths.min_free_mb)
-        if short is not None:
-            short += "; files wait in the drop folder until space is freed"
-        before, self._space_short = self._space_short, short  # the MiB in the text change; the state is what counts
-        if short is not None and before is None:
-            self.log.error("disk_space_low", error=short)
-            sdnotify.notify(f"STATUS=paused: {short}")
-        elif short is None and before is not None:
-            self.log.info("disk_space_recovered", after=before)
-            sdnotify.notify(f"STATUS=watching {self.settings.drop_dir}")
-        return short is not None
-
-    def _beat(self) -> None:
-        """The loop is alive (also called while hashing a large file)."""
-        self._heartbeat = time.monotonic()
-
-    def _next_batch(self) -> list[Candidate]:
-        """Up to batch_size ready files, waiting at most batch_wait_seconds for a batch to fill."""
-        size = self.settings.models.batch_size
-        if len(self._backlog) < size:
-            self._backlog += self.watcher.ready_files(limit=MAX_BACKLOG - len(self._backlog))  # the rest stay ready
-            deadline = time.monotonic() + self.settings.watch.batch_wait_seconds
-            while self._backlog and len(self._backlog) < size and not self._stop.is_set():
-                if time.monotonic() >= deadline:
-                    break
-                time.sleep(min(0.05, self.settings.watch.batch_wait_seconds))
-                self._backlog += self.watcher.ready_files(limit=MAX_BACKLOG - len(self._backlog))
-        if self._stop.is_set():
-            return []  # stop accepting: what was not started stays in the drop folder
-        batch, self._backlog = self._backlog[:size], self._backlog[size:]
-        return batch
-
-    def _release_abandoned_claims(self) -> None:
-        """Now and then, free claims of workers that died (other processes, other hosts)."""
-        if time.monotonic() - self._last_release < self.settings.watch.rescan_seconds:
-            return
-        self._last_release = time.monotonic()
-        try:
-            with self.pipeline.sessions.begin() as session:
-                released = claims.release_stale_claims(session, STALE_CLAIM_SECONDS)
-        except SQLAlchemyError:
-            return  # run_once reports database errors
-        if released:
-            self.log.warning("claims_released", count=released)
-
-    # retraining: model swaps between batches, the nightly job ------------------------------------
-
-    def _swap_models(self) -> None:
-        """At a batch boundary: switch to newly promoted registry versions (verified, or refused)."""
-        if self.swapper is None:
-            return
-        try:
-            new = self.swapper.check(self.pipeline.models)
-        except SQLAlchemyError:
-            return  # run_once reports database errors
-        if new is not None:
-            self.pipeline.models = new
+    # retraining: the nightly job -----------------------------------------------------------------
 
     def _start_scheduler(self) -> None:
         """Mark runs of a dead process failed; start the nightly job. A failure here leaves inference running."""
@@ -375,11 +217,12 @@ class Service:
             "watcher": self.watcher is not None and self.watcher.healthy(),
             "loop": now - self._heartbeat < max_loop_age,
             "database": database_answers(self.engine),
-            "moving": self._trouble is None or now - self._last_progress < max_loop_age,
+            "moving": self.pace.moving(max_loop_age),
         }
 
     def _watchdog(self, interval: float) -> None:
-        watchdog_loop(self._stop, interval, lambda age: self.healthy(max_loop_age=age), lambda: self._trouble, self.log)
+        watchdog_loop(self._stop, interval, lambda age: self.healthy(max_loop_age=age), lambda: self.pace.trouble,
+                      self.log)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -24,7 +24,8 @@ from stainbridge.daemon.intake.watcher import WatcherError
 from stainbridge.daemon.schema import DatabaseUnreachable, SchemaError, prepare_database, safe_url
 from stainbridge.daemon.service import sdnotify
 from stainbridge.daemon.store import make_engine, make_sessionmaker
-from stainbridge.daemon.versions.loading import LoadedModels, ModelConfigError, load_models
+from stainbridge.daemon.versions.loading import ModelConfigError
+from stainbridge.daemon.versions.site_models import SiteModels
 
 STARTUP_BACKOFF_MAX_SECONDS = 30.0  # longest pause between start-up attempts to reach the database
 
@@ -38,7 +39,7 @@ class StoppedDuringStartup(Exception):
 
 
 def connect_and_load(settings: Settings, stop: threading.Event,
-                     log: BoundLogger) -> tuple[Engine, sessionmaker, LoadedModels]:
+                     log: BoundLogger) -> tuple[Engine, sessionmaker, SiteModels]:
     """Migrate/check the database and load the models, waiting (with back-off) while it is unreachable.
 
     Raises StoppedDuringStartup when `stop` is set during a wait; other errors propagate.
@@ -48,10 +49,10 @@ def connect_and_load(settings: Settings, stop: threading.Event,
     while True:
         engine = None
         try:
-            prepare_database(s.database_url)
+            prepare_database(s.database_url, default_site=s.site.name)
             engine = make_engine(s.database_url)
             sessions = make_sessionmaker(engine)
-            models = load_models(s, sessions)
+            models = SiteModels.start(s, sessions)
             return engine, sessions, models
         except (DatabaseUnreachable, SQLAlchemyError) as exc:
             if engine is not None:

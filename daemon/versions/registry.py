@@ -1,18 +1,20 @@
-"""The model registry: every checkpoint the service may use, and which one serves.
+"""The model registry: every checkpoint the service may use, and which one serves each site.
 
-Each checkpoint is one ``model_versions`` row per (kind, sha256), in one of three states:
-``candidate`` (registered, not serving), ``active`` (serving new predictions) and ``retired``
-(served once). The database allows exactly one active version per kind (a partial unique index),
-so two workers promoting at once cannot both win. Predictions point at the versions that made
-them, so a result can always be traced to the exact file bytes.
+Each site (incoming hospital, see docs/sites.md) has its own versions: a checkpoint is one
+``model_versions`` row per (site, kind, sha256), in one of three states: ``candidate`` (registered,
+not serving), ``active`` (serving the site's new predictions) and ``retired`` (served once). The
+database allows exactly one active version per kind and site (a partial unique index), so two
+workers promoting at once cannot both win. Predictions point at the versions that made them, so a
+result can always be traced to the exact file bytes and the site it served.
 
 The sha256 is checked on every load (``load_version``): a file changed at the same path is
 refused with a ``checkpoint_changed`` log line, never silently registered as something else.
 
-The configured files (``[models]``) and the registry meet at start-up (``register_configured``):
-a file the registry has never seen becomes the active version (the operator changed the
-configuration); a file it knows changes nothing, so a version promoted by the nightly job or by
-``stainbridge models promote`` stays active across restarts.
+The configured files (``[models]``, the day-0 recipe) and the registry meet when a site is first
+served in a process (``register_configured``): a file the site has never seen becomes its active
+version (a new site, or the operator changed the configuration); a file it knows changes nothing, so
+a version promoted by the nightly job, by ``stainbridge models promote`` or chosen by validation stays
+active across restarts.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ class RegistryError(Exception):
     """A registry change or load is not possible; the message says what to do instead."""
 
 
-def _model_name(kind: ModelKind, path: str, header: dict[str, Any]) -> str:
+def model_name(kind: ModelKind, path: str, header: dict[str, Any]) -> str:
+    """The registry's name of a checkpoint: its file stem and architecture, or a built-in's name."""
     if path in BUILTIN_STANDARDIZERS:
         return path
     stem = Path(path).name
@@ -54,30 +57,34 @@ def is_builtin(version: ModelVersion) -> bool:
     return version.kind is ModelKind.standardizer and version.path in BUILTIN_STANDARDIZERS
 
 
-def find_version(session: Session, kind: ModelKind | str, sha256: str) -> ModelVersion | None:
+def find_version(session: Session, kind: ModelKind | str, sha256: str, site: str) -> ModelVersion | None:
     return session.scalars(
-        select(ModelVersion).where(ModelVersion.kind == ModelKind(kind), ModelVersion.sha256 == sha256)
+        select(ModelVersion).where(ModelVersion.kind == ModelKind(kind), ModelVersion.sha256 == sha256,
+                                   ModelVersion.site == site)
     ).one_or_none()
 
 
-def active_version(session: Session, kind: ModelKind | str) -> ModelVersion | None:
+def active_version(session: Session, kind: ModelKind | str, site: str) -> ModelVersion | None:
     return session.scalars(
-        select(ModelVersion).where(ModelVersion.kind == ModelKind(kind), ModelVersion.state == VersionState.active)
+        select(ModelVersion).where(ModelVersion.kind == ModelKind(kind), ModelVersion.site == site,
+                                   ModelVersion.state == VersionState.active)
     ).one_or_none()
 
 
-def active_versions(session: Session) -> list[ModelVersion]:
-    """The active version of each kind (standardizer first), for status and reports."""
-    rows = session.scalars(select(ModelVersion).where(ModelVersion.state == VersionState.active)).all()
-    return sorted(rows, key=lambda v: (v.kind.value != "standardizer", v.id))
+def active_versions(session: Session, site: str | None = None) -> list[ModelVersion]:
+    """The active version of each kind of ``site`` (of every site when None), by site, standardizer first."""
+    query = select(ModelVersion).where(ModelVersion.state == VersionState.active)
+    if site is not None:
+        query = query.where(ModelVersion.site == site)
+    return sorted(session.scalars(query).all(), key=lambda v: (v.site, v.kind.value != "standardizer", v.id))
 
 
 def list_versions(session: Session) -> list[ModelVersion]:
-    return list(session.scalars(select(ModelVersion).order_by(ModelVersion.kind, ModelVersion.id)).all())
+    return list(session.scalars(select(ModelVersion).order_by(ModelVersion.site, ModelVersion.kind, ModelVersion.id)).all())
 
 
 def activate(session: Session, version: ModelVersion, *, reason: str | None = None) -> ModelVersion:
-    """Make ``version`` the active one of its kind; the previous active one is retired.
+    """Make ``version`` the active one of its kind for its site; the previous active one is retired.
 
     The old row is retired (and flushed) before the new one is marked, so the one-active index
     never sees two. The caller commits.
@@ -86,7 +93,7 @@ def activate(session: Session, version: ModelVersion, *, reason: str | None = No
         return version
     session.execute(
         update(ModelVersion)
-        .where(ModelVersion.kind == version.kind, ModelVersion.id != version.id,
+        .where(ModelVersion.kind == version.kind, ModelVersion.site == version.site, ModelVersion.id != version.id,
                ModelVersion.state == VersionState.active)
         .values(state=VersionState.retired)
         .execution_options(synchronize_session="fetch")
@@ -101,28 +108,28 @@ def activate(session: Session, version: ModelVersion, *, reason: str | None = No
 
 
 def register_model(
-    session: Session, kind: ModelKind | str, path: str, sha256: str, header: dict[str, Any], *,
+    session: Session, kind: ModelKind | str, path: str, sha256: str, header: dict[str, Any], *, site: str,
     state: VersionState = VersionState.active, training_run_id: int | None = None,
 ) -> ModelVersion:
-    """Record a checkpoint once per kind and sha256; ``state=active`` (the default) also activates it.
+    """Record a checkpoint once per site, kind and sha256; ``state=active`` (the default) also activates it.
 
     The caller commits. A concurrent worker registering the same file at the same time is
     handled: the unique index decides and the existing row is reused.
     """
     kind = ModelKind(kind)
-    version = find_version(session, kind, sha256)
+    version = find_version(session, kind, sha256, site)
     if version is None:
         try:
             with session.begin_nested():
                 version = ModelVersion(
-                    kind=kind, name=_model_name(kind, path, header)[:128], path=str(path)[:1024], sha256=sha256,
+                    kind=kind, site=site, name=model_name(kind, path, header)[:128], path=str(path)[:1024], sha256=sha256,
                     header=header, metrics=dict(header.get("metrics") or {}), state=VersionState.candidate,
                     training_run_id=training_run_id,
                 )
                 session.add(version)
                 session.flush()
         except IntegrityError:
-            version = find_version(session, kind, sha256)
+            version = find_version(session, kind, sha256, site)
             assert version is not None
     version.path = str(path)[:1024]
     if state is VersionState.active:
@@ -132,17 +139,19 @@ def register_model(
 
 
 def register_configured(session: Session, kind: ModelKind, path: str, sha256: str,
-                        header: dict[str, Any]) -> ModelVersion | None:
-    """Start-up: a configured checkpoint the registry has never seen becomes active; a known one
-    changes nothing. A file whose bytes changed at a registered path is refused (None, logged)."""
-    known = find_version(session, kind, sha256)
+                        header: dict[str, Any], *, site: str) -> ModelVersion | None:
+    """A site served for the first time in this process: a configured checkpoint the site has never seen
+    becomes its active version; a known one changes nothing. A file whose bytes changed at a registered
+    path is refused (None, logged)."""
+    known = find_version(session, kind, sha256, site)
     if known is not None:
-        if active_version(session, kind) is None:
+        if active_version(session, kind, site) is None:
             activate(session, known)
         return known
     if path not in BUILTIN_STANDARDIZERS:
         same_path = session.scalars(
-            select(ModelVersion).where(ModelVersion.kind == kind, ModelVersion.path == str(path)[:1024])
+            select(ModelVersion).where(ModelVersion.kind == kind, ModelVersion.path == str(path)[:1024],
+                                       ModelVersion.sha256 != sha256)
         ).first()
         if same_path is not None:
             log.error("checkpoint_changed", kind=kind.value, path=path, registered_version=same_path.id,
@@ -150,7 +159,7 @@ def register_configured(session: Session, kind: ModelKind, path: str, sha256: st
                       action="refused; restore the file, or copy it to a new name and set [models] to it, "
                              "or run `stainbridge models register PATH`")
             return None
-    return register_model(session, kind, path, sha256, header)
+    return register_model(session, kind, path, sha256, header, site=site)
 
 
 def verify_file(version: ModelVersion) -> None:
@@ -164,7 +173,7 @@ def verify_file(version: ModelVersion) -> None:
     except OSError as exc:
         raise RegistryError(f"version {version.id} ({version.name}): cannot read {version.path}: "
                             f"{exc.strerror or exc}; restore the file or roll back with "
-                            f"`stainbridge models rollback {version.kind.value}`") from None
+                            f"`stainbridge models rollback {version.kind.value} --site {version.site}`") from None
     if actual != version.sha256:
         log.error("checkpoint_changed", kind=version.kind.value, path=version.path, version=version.id,
                   registered_sha256=version.sha256[:12], file_sha256=actual[:12])
@@ -200,23 +209,23 @@ def promote(session: Session, version_id: int, *, reason: str | None = None) -> 
     return activate(session, version, reason=reason or "promoted by hand")
 
 
-def rollback(session: Session, kind: ModelKind | str) -> tuple[ModelVersion, ModelVersion]:
-    """Retire the active version of ``kind`` and re-activate the one that served before it.
+def rollback(session: Session, kind: ModelKind | str, site: str) -> tuple[ModelVersion, ModelVersion]:
+    """Retire the active version of ``kind`` for ``site`` and re-activate the one that served it before.
 
     Walks back through history: the previous one is the retired version promoted most recently
     before the current one. Returns (retired, now active); the caller commits.
     """
     kind = ModelKind(kind)
-    current = active_version(session, kind)
+    current = active_version(session, kind, site)
     if current is None:
-        raise RegistryError(f"no active {kind.value} to roll back")
-    query = select(ModelVersion).where(ModelVersion.kind == kind, ModelVersion.state == VersionState.retired,
-                                       ModelVersion.promoted_at.is_not(None))
+        raise RegistryError(f"no active {kind.value} of site {site!r} to roll back")
+    query = select(ModelVersion).where(ModelVersion.kind == kind, ModelVersion.site == site,
+                                       ModelVersion.state == VersionState.retired, ModelVersion.promoted_at.is_not(None))
     if current.promoted_at is not None:
         query = query.where(ModelVersion.promoted_at < current.promoted_at)
     previous = session.scalars(query.order_by(ModelVersion.promoted_at.desc(), ModelVersion.id.desc())).first()
     if previous is None:
-        raise RegistryError(f"no earlier {kind.value} version to roll back to; promote one with "
+        raise RegistryError(f"no earlier {kind.value} version of site {site!r} to roll back to; promote one with "
                             "`stainbridge models promote ID`")
     verify_file(previous)
     promoted_at = previous.promoted_at
@@ -232,7 +241,8 @@ def rollback(session: Session, kind: ModelKind | str) -> tuple[ModelVersion, Mod
 def describe(version: ModelVersion) -> dict[str, Any]:
     """The `models list --json` object of one version."""
     return {
-        "id": version.id, "kind": version.kind.value, "name": version.name, "state": version.state.value,
+        "id": version.id, "kind": version.kind.value, "site": version.site, "name": version.name,
+        "state": version.state.value,
         "sha256": version.sha256, "created_at": version.created_at.isoformat() if version.created_at else None,
         "metrics": version.metrics or {}, "path": version.path, "training_run_id": version.training_run_id,
         "reason": version.reason, "site_profile": (version.header or {}).get("site_profile"),

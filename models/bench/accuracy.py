@@ -3,7 +3,7 @@
     stainbridge bench accuracy --reference DIR --target DIR [--preset tiny|cpu|full] [--json OUT]
         [--out-dir DIR] [--size PX] [--mode transductive|inductive|both] [--threads N]
         [--variants cyclegan_semantic cyclegan_colour colorization colour_map colour_map_balanced im]
-        [--markdown FILE] [--grid FILE]
+        [--markdown FILE] [--grid FILE] [--reviews N]
 
 1. Geometry (``models.bench.data``/``models.imaging.site_geometry``): reference images are cut to a centred
    window, target images to the window of the same physical width (site magnification estimated
@@ -28,7 +28,10 @@
    (``models.bench.adaptation``): the classifier adapted to the target without labels behind raw,
    Reinhard and the colour map (``<method>_im`` rows), as ``stainbridge train adapt``.
 4. Scoring on the labeled target images, each method also with 8-fold dihedral test-time
-   augmentation (``_tta``). Target labels are used for nothing else.
+   augmentation (``_tta``). Target labels are used for nothing else, except with ``--reviews N``:
+   the ``validated`` row simulates the site's validation (``models.bench.validated``): N cells
+   chosen by the service's rule are reviewed, the recipe is chosen on their labels and scored on
+   the other cells only.
 
 Modes: ``transductive`` (the standardizer sees every target image, unlabeled, as the nightly
 retraining does) and ``inductive`` (target images split in two halves by a seeded shuffle that
@@ -56,7 +59,7 @@ import torch
 from torch import Tensor
 
 from stainbridge.models import checkpoint, inference
-from stainbridge.models.bench import adaptation, learned
+from stainbridge.models.bench import adaptation, learned, validated
 from stainbridge.models.bench import data as bench_data
 from stainbridge.models.bench import report as bench_report
 from stainbridge.models.bench import training as bench_train
@@ -146,6 +149,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--reviews", type=int, default=0, metavar="N",
+                        help="simulate a site's validation: N target cells chosen by the service's rule are "
+                             "reviewed, the recipe is chosen on them and scored on the other cells (row "
+                             "'validated', models.bench.validated); 0, the default, leaves it out")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -161,6 +168,8 @@ def _options(args: argparse.Namespace) -> argparse.Namespace:
             setattr(opts, key, value)
     if opts.size % 4 or opts.size < 16:
         raise BenchError(f"--size must be a multiple of 4 and at least 16, got {opts.size}")
+    if opts.reviews < 0:
+        raise BenchError(f"--reviews must be 0 (off) or a number of cells, got {opts.reviews}")
     return opts
 
 
@@ -274,6 +283,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "options": {k: v for k, v in vars(opts).items() if isinstance(v, (int, float, str, bool, type(None)))},
     }
     result = {"methods": methods, "setup": setup}
+    if opts.reviews:
+        methods.update(validated.validated_rows(outputs, d.target_labels, d.classes, d.target_paths,
+                                                reviews=opts.reviews, seed=opts.seed))
     json_path = Path(opts.json) if opts.json else out_dir / "results.json"
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(result, indent=2))
@@ -289,7 +301,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         main(args)
     except (BenchError, bench_data.BenchDataError, site_geometry.GeometryEstimateError, checkpoint.CheckpointError,
-            classical.BaselineError, tg.TrainingError, OSError) as exc:
+            classical.BaselineError, tg.TrainingError, validated.ValidationBenchError, OSError) as exc:
         print(f"stainbridge bench accuracy: {exc}", file=sys.stderr)
         return 2
     return 0

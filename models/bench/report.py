@@ -18,7 +18,9 @@ def _f(v: float | None) -> str:
     return "-" if v is None else f"{v:.3f}"
 
 
-def _mode(name: str) -> str:
+def _mode(name: str, m: dict[str, Any]) -> str:
+    if name == "validated":
+        return f"{m['recipe']}, chosen on {m['reviews']} reviewed cells (not scored)"
     if "cyclegan" not in name and "_im" not in name:
         return "n/a (no training on target)"
     return "inductive" if "inductive" in name else "transductive"
@@ -45,7 +47,7 @@ def markdown(result: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|" + "---|" * len(classes),
     ]
     for name, m in methods.items():
-        lines.append(f"| {name} | {_mode(name)} | {_f(m['balanced_accuracy_min10'])} | {_f(m['balanced_accuracy'])} "
+        lines.append(f"| {name} | {_mode(name, m)} | {_f(m['balanced_accuracy_min10'])} | {_f(m['balanced_accuracy'])} "
                      f"| {_f(m['accuracy'])} | {_f(m.get('delta_e'))} | {_f(m.get('pixel_change'))} | "
                      + " | ".join(_f(m['per_class_recall'][c]) for c in classes) + " |")
     lines += ["", "Confusion matrices (rows: true class, columns: predicted; order " + ", ".join(classes) + "):", ""]

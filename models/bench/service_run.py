@@ -7,6 +7,16 @@ one after the other (atomic, so the watcher never sees a half-written file). The
 the first rename to the moment ``SELECT count(*) FROM images WHERE status IN ('done','failed')``
 reaches the number of files; then SIGTERM, and the process must exit.
 
+That burst holds two different numbers, reported apart: the **time to first result** (first
+rename -> first committed row: the ``[watch] quiet_seconds`` wait for files not announced by a
+close or move event, then one batch) and the **steady state**: the rows of the batches between
+the first and the last over the time between their commits (``images.processed_at``, one value
+per batch), so neither the quiet time and the first batch nor the last, partial batch's wait
+(``[watch] batch_wait_seconds``) is in the rate. The service logs each batch's steps (``steps_ms`` of its ``batch`` line, ``Pipeline.process``'s own
+timers); they are summed over the same batches for the stage shares. The child's CPU time
+(``/proc/<pid>/stat``) is read at the first result and at the end: CPU milliseconds per image
+hold still on a shared machine where wall-clock rates do not.
+
 This module talks to the service only through its command line, its config file, its log and
 its database (plain SQL through SQLAlchemy): ``models`` never imports ``daemon``.
 """
@@ -25,10 +35,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy import create_engine, text
+from sqlalchemy import Engine, create_engine, text
 
 DONE_SQL = text("SELECT count(*) FROM images WHERE status IN ('done', 'failed')")
 FAILED_SQL = text("SELECT count(*) FROM images WHERE status = 'failed'")
+# one processed_at per results transaction, i.e. per batch
+BATCHES_SQL = text("SELECT processed_at, count(*) FROM images WHERE status IN ('done', 'failed') "
+                   "GROUP BY processed_at ORDER BY processed_at")
 POLL_SECONDS = 0.02
 
 
@@ -46,10 +59,21 @@ class ServiceResult:
     exit_code: int
     log_stages: dict[str, float] = field(default_factory=dict)  # seconds, summed over the run, from the log
     batches: int = 0
+    time_to_first_result: float | None = None  # first file dropped -> first row committed (seconds)
+    steady_images: int = 0  # rows committed by the batches between the first and the last
+    steady_seconds: float = 0.0  # first batch's commit -> the last but one's
+    batch_steps: list[dict[str, float]] = field(default_factory=list)  # per batch, seconds per step (from the log)
+    batch_cpu_steps: list[dict[str, float]] = field(default_factory=list)  # per batch, CPU seconds per step
+    steady_cpu_seconds: float | None = None  # the child's CPU time from the first result seen to the last
+    steady_cpu_images: int = 0  # rows committed over that CPU time
 
     @property
     def images_per_s(self) -> float:
         return self.images / self.seconds if self.seconds > 0 else float("nan")
+
+    @property
+    def steady_images_per_s(self) -> float | None:
+        return self.steady_images / self.steady_seconds if self.steady_seconds > 0 else None
 
 
 def write_config(root: Path, *, classifier: Path, standardizer: str, device: str, batch_size: int,
@@ -87,6 +111,33 @@ def _child_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("STAINBRIDGE_") and k != "NOTIFY_SOCKET"}
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """A process's CPU time so far (user + system, all its threads), or None when /proc does not say."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14, 15)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def steady_state(batches: list[tuple[datetime, int]]) -> tuple[int, float]:
+    """(rows, seconds) of the steady state: the rows of batches 2 .. n-1 over the time from the first
+    batch's commit to batch n-1's. Left out: the first batch (it waited out the quiet time) and the
+    last (the burst's rest, which waits ``[watch] batch_wait_seconds`` for files that never come).
+    ``batches``: (processed_at, rows) in order; (0, 0.0) with fewer than three."""
+    if len(batches) < 3:
+        return 0, 0.0
+    return sum(n for _, n in batches[1:-1]), (batches[-2][0] - batches[0][0]).total_seconds()
+
+
+def committed_batches(engine: Engine) -> list[tuple[datetime, int]]:
+    """(processed_at, rows) per results transaction, oldest first."""
+    with engine.connect() as connection:
+        rows = connection.execute(BATCHES_SQL).all()
+    return [(value if isinstance(value, datetime) else datetime.fromisoformat(value), int(n))
+            for value, n in rows if value is not None]
+
+
 def vm_hwm_mb(pid: int) -> float | None:
     """A process's peak resident set (VmHWM) in MiB, or None when /proc does not say."""
     try:
@@ -96,6 +147,14 @@ def vm_hwm_mb(pid: int) -> float | None:
     except (OSError, ValueError, IndexError):
         return None
     return None
+
+
+def prepare_folders(config: Path) -> None:
+    """`stainbridge init`: the folders the service needs (it creates none of them itself) and the database."""
+    cmd = [sys.executable, "-m", "stainbridge.daemon.cli", "init", "--config", str(config)]
+    done = subprocess.run(cmd, env=_child_env(), capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise ServiceRunError(f"`stainbridge init` failed ({done.returncode}): {done.stderr.strip()}")
 
 
 class ServiceProcess:
@@ -201,6 +260,29 @@ def log_stages(log: Path, dropped_at: datetime | None = None) -> tuple[dict[str,
     return {"move": move, "decode_and_inference": decode_infer, "intake_and_database": rest}, batches
 
 
+def batch_steps(log: Path, key: str = "steps_ms") -> list[dict[str, float]]:
+    """Each batch's step times in seconds, in order, from `key` of the log's ``batch`` lines (``steps_ms``:
+    wall time, ``steps_cpu_ms``: the process's CPU time)."""
+    batches = []
+    for line in log.read_text(errors="replace").splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and entry.get("event") == "batch" and isinstance(entry.get(key), dict):
+            batches.append({step: float(ms) / 1000 for step, ms in entry[key].items()})
+    return batches
+
+
+def sum_steps(batches: list[dict[str, float]]) -> dict[str, float]:
+    """Seconds per step, summed over `batches`."""
+    total: dict[str, float] = {}
+    for steps in batches:
+        for step, seconds in steps.items():
+            total[step] = total.get(step, 0.0) + seconds
+    return total
+
+
 def run_service(images: list[Path], root: Path, *, classifier: Path, standardizer: str, device: str,
                 batch_size: int, timeout: float, tta: bool = False) -> ServiceResult:
     """Start the service on a fresh folder, drop ``images``, time them to committed rows, stop it."""
@@ -209,7 +291,7 @@ def run_service(images: list[Path], root: Path, *, classifier: Path, standardize
     config = write_config(root, classifier=classifier, standardizer=standardizer, device=device,
                           batch_size=batch_size, tta=tta)
     drop = root / "drop"
-    drop.mkdir(parents=True, exist_ok=True)
+    prepare_folders(config)
     staged = stage_files(images, root / "staging")
     started = time.monotonic()
     service = ServiceProcess(config, root)
@@ -223,10 +305,13 @@ def run_service(images: list[Path], root: Path, *, classifier: Path, standardize
         for path in staged:
             os.rename(path, drop / path.name)
         handled = 0
+        first: tuple[float, float | None, int] | None = None  # (seconds since the drop, child CPU, rows) at the first row
         deadline = time.monotonic() + timeout
         while True:
             with engine.connect() as connection:
                 handled = int(connection.scalar(DONE_SQL) or 0)
+            if handled and first is None:
+                first = (time.perf_counter() - t0, cpu_seconds(service.process.pid), handled)
             if handled >= len(staged):
                 break
             peak = max(peak or 0.0, vm_hwm_mb(service.process.pid) or 0.0) or None
@@ -238,9 +323,11 @@ def run_service(images: list[Path], root: Path, *, classifier: Path, standardize
                                       f"see {service.log}")
             time.sleep(POLL_SECONDS)
         seconds = time.perf_counter() - t0
+        cpu_end = cpu_seconds(service.process.pid)
         peak = max(peak or 0.0, vm_hwm_mb(service.process.pid) or 0.0) or None
         with engine.connect() as connection:
             failed = int(connection.scalar(FAILED_SQL) or 0)
+        steady_images, steady_seconds = steady_state(committed_batches(engine))
     finally:
         if engine is not None:
             engine.dispose()
@@ -249,5 +336,12 @@ def run_service(images: list[Path], root: Path, *, classifier: Path, standardize
         raise ServiceRunError(f"`stainbridge run` exited {code} on SIGTERM (expected 0); log: {service.log}\n"
                               + service.tail())
     stages, batches = log_stages(service.log, dropped_at)
+    cpu_start = first[1] if first else None
     return ServiceResult(images=len(staged), seconds=seconds, failed=failed, peak_rss_mb=peak,
-                         startup_seconds=startup, exit_code=code, log_stages=stages, batches=batches)
+                         startup_seconds=startup, exit_code=code, log_stages=stages, batches=batches,
+                         time_to_first_result=first[0] if first else None,
+                         steady_images=steady_images, steady_seconds=steady_seconds,
+                         batch_steps=batch_steps(service.log),
+                         batch_cpu_steps=batch_steps(service.log, "steps_cpu_ms"),
+                         steady_cpu_seconds=cpu_end - cpu_start if cpu_end is not None and cpu_start is not None else None,
+                         steady_cpu_images=len(staged) - first[2] if first else 0)

@@ -29,7 +29,7 @@ import torch
 
 from stainbridge.models import inference
 from stainbridge.models.bench import throughput_modes as modes
-from stainbridge.models.bench.service_run import ServiceRunError, run_service
+from stainbridge.models.bench.service_run import ServiceResult, ServiceRunError, run_service, sum_steps
 from stainbridge.models.checkpoint import CheckpointError, save_checkpoint
 from stainbridge.models.classifier import build_classifier
 from stainbridge.models.cyclegan import GENERATOR_PRESETS, GENERATORS
@@ -56,7 +56,8 @@ SERVICE_TIMEOUT_S = 600.0
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--images", type=int, default=64, help="images per mode (default 64)")
+    parser.add_argument("--images", type=int, default=1000,
+                        help="images per mode (default 1000: the service's steady state needs many batches)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
                         help="networks when no checkpoints are given: tiny (default), cpu (the service's recipe: "
                              "colour-only CycleGAN + resnet18_w16 at 64 px), full (reference generator at 256 px)")
@@ -103,17 +104,67 @@ def _rate(done: int, seconds: float) -> dict:
     return {"images_per_s": round(done / seconds, 2) if seconds > 0 else None, "images": done, "seconds": round(seconds, 3)}
 
 
+def _cpu_seconds() -> float:
+    """This process's CPU time so far (user + system, every thread)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _timed_pipeline(paths: list[Path], standardizer: inference.Standardizer, classifier: inference.Classifier,
+                    batch_size: int) -> dict:
+    """The pipeline mode's rate, with this process's CPU milliseconds per image."""
+    cpu_before = _cpu_seconds()
+    rate = _rate(*modes.pipeline(paths, standardizer, classifier, batch_size=batch_size))
+    rate["cpu_ms_per_image"] = round(1000 * (_cpu_seconds() - cpu_before) / len(paths), 3)
+    return rate
+
+
+def _mean_of_passes(pipeline: dict | None, key: str) -> float | None:
+    """`key` of the pipeline, averaged with its pass after the service when there is one."""
+    values = [v for v in ((pipeline or {}).get(key), ((pipeline or {}).get("after_service") or {}).get(key)) if v]
+    return sum(values) / len(values) if values else None
+
+
+def _steady(service: ServiceResult, pipeline: dict | None) -> dict:
+    """The service's time to first result and steady state, and its ratios to the in-process pipeline
+    (images/s, and CPU milliseconds per image: the one that holds still on a shared machine), the
+    pipeline's passes before and after the service averaged."""
+    rate = service.steady_images_per_s
+    cpu_ms = (1000 * service.steady_cpu_seconds / service.steady_cpu_images
+              if service.steady_cpu_seconds is not None and service.steady_cpu_images else None)
+    pipe_rate, pipe_cpu = _mean_of_passes(pipeline, "images_per_s"), _mean_of_passes(pipeline, "cpu_ms_per_image")
+    by_step: dict[str, float] | None = None
+    if service.steady_images and service.batch_cpu_steps:
+        by_step = {step: 1000 * seconds / service.steady_images
+                   for step, seconds in sum_steps(service.batch_cpu_steps[1:-1]).items()}
+        # "inference" is part of "decode_and_inference"; "rest": the loop, the watcher's thread, logging
+        by_step = {k: round(v, 3) for k, v in by_step.items() if k != "inference"}
+        if cpu_ms:
+            by_step["rest"] = round(max(0.0, cpu_ms - sum(by_step.values())), 3)
+    return {
+        "time_to_first_result_s": round(service.time_to_first_result, 3) if service.time_to_first_result else None,
+        "steady_images_per_s": round(rate, 2) if rate else None,
+        "steady_images": service.steady_images, "steady_seconds": round(service.steady_seconds, 3),
+        "steady_cpu_ms_per_image": round(cpu_ms, 3) if cpu_ms else None,
+        "steady_cpu_ms_per_image_by_step": by_step,
+        "steady_vs_pipeline": round(rate / pipe_rate, 3) if rate and pipe_rate else None,
+        "pipeline_vs_steady_cpu": round(pipe_cpu / cpu_ms, 3) if cpu_ms and pipe_cpu else None,
+    }
+
+
 COMPUTE = ("decode", "geometry", "standardizer", "classifier")
+NETWORKS = ("geometry", "standardizer", "classifier")  # what inference.run_batch runs
 
 
 def _stages(inproc: dict[str, float], n: int, service: dict | None) -> dict:
-    """Per stage: milliseconds per image measured in-process (batched) and its share of the
-    service's files-to-rows time per image.
+    """Per stage: milliseconds per image measured in-process (batched) and, with a service run, in
+    the service (its own step timers, summed over the steady-state batches) with its share of the
+    service's steady-state time per image.
 
-    The service's log gives decode + inference together (``latency_ms``); it is split over decode,
-    geometry, standardizer and classifier in the proportions measured in-process. Database and
-    move come from the log (``service_run.log_stages``); "other" is what none of them explains.
-    Without a service run the shares are of the in-process sum."""
+    ``service``: ``{"steps": seconds per step, "seconds": the window, "images": rows in it}``. The
+    service's inference time is split over geometry, standardizer and classifier in the in-process
+    proportions; its "decode" is decoding not hidden behind inference. Without a service run the
+    shares are of the in-process sum."""
     ms = {k: 1000 * v / n for k, v in inproc.items()}
     out: dict[str, dict] = {k: {"ms_per_image": round(v, 3), "source": "in-process, batched"} for k, v in ms.items()}
     if service is None:
@@ -121,26 +172,36 @@ def _stages(inproc: dict[str, float], n: int, service: dict | None) -> dict:
         for value in out.values():
             value["share"] = round(value["ms_per_image"] / total, 3) if total > 0 else None
         return out
-    log, total = service["log_stages"], 1000 * service["seconds"] / n
-    service_ms = {"hash": ms["hash"]}
-    compute_inproc, compute_service = sum(ms[k] for k in COMPUTE), 1000 * log["decode_and_inference"] / n
-    for k in COMPUTE:
-        service_ms[k] = compute_service * ms[k] / compute_inproc if compute_inproc > 0 else 0.0
-    service_ms["database"] = max(0.0, 1000 * log["intake_and_database"] / n - ms["hash"])
-    service_ms["move"] = 1000 * log["move"] / n
+    steps, images = service["steps"], service["images"]
+    per_image = {step: 1000 * seconds / images for step, seconds in steps.items()}
+    total = 1000 * service["seconds"] / images
+    networks_inproc = sum(ms[k] for k in NETWORKS)
+    inference_ms = per_image.get("inference", 0.0)
+    service_ms = {"hash": per_image.get("hash", 0.0),
+                  "decode": max(0.0, per_image.get("decode_and_inference", 0.0) - inference_ms)}
+    for k in NETWORKS:
+        service_ms[k] = inference_ms * ms[k] / networks_inproc if networks_inproc > 0 else 0.0
+    service_ms["database"] = per_image.get("claim", 0.0) + per_image.get("record", 0.0)
+    service_ms["move"] = per_image.get("file", 0.0)
+    service_ms["service_loop"] = per_image.get("next_batch", 0.0)
     service_ms["other"] = max(0.0, total - sum(service_ms.values()))
-    out["database"] = {"ms_per_image": round(service_ms["database"], 3),
-                       "source": "service log: each batch's time before its results are logged, minus decode and "
-                                 "inference (latency_ms) and the in-process hash time: the per-image claim "
-                                 "transactions, the results transaction, the watcher's scans, batch waiting"}
-    out["move"] = {"ms_per_image": round(service_ms["move"], 3),
-                   "source": "service log: results logged -> batch logged (renames into the archive, a directory "
-                             "fsync per file, the archive_path transaction)"}
-    out["other"] = {"ms_per_image": round(service_ms["other"], 3),
-                    "source": "service time between batches that no stage above explains (loop, logging)"}
+    sources = {
+        "hash": "service: open + sha256 of the batch's files in the intake threads",
+        "decode": "service: decoding not overlapped with inference (the wait for the first half of the batch)",
+        "database": "service: the claim transaction and the results transaction (with its per-image log lines)",
+        "move": "service: renames into the archive, one fsync per folder, the archive_path transaction",
+        "service_loop": "service: between batches, before the pipeline: stale-claim release, model swap check, "
+                        "disk space, the watcher's ready files",
+        "other": "service time per image that no step above explains (the loop's bookkeeping, the batch log line)",
+    }
+    for k in NETWORKS:
+        sources[k] = "service: inference time (run_batch), split in the in-process proportions"
+    for k, text_ in sources.items():
+        entry = out.setdefault(k, {"ms_per_image": round(service_ms[k], 3)})  # measured in the service only
+        entry["source"] = (f"{entry['source']}; " if entry.get("source") else "") + text_
     for k, value in out.items():
-        value["service_ms_per_image"] = round(service_ms[k], 3)
-        value["share"] = round(service_ms[k] / total, 3) if total > 0 else None
+        value["service_ms_per_image"] = round(service_ms.get(k, 0.0), 3)
+        value["share"] = round(service_ms.get(k, 0.0) / total, 3) if total > 0 else None
     return out
 
 
@@ -182,7 +243,7 @@ def measure(args: argparse.Namespace) -> dict:
                 sample = inference.prepare_batch([modes.decode(p) for p in paths[:batch_size]],
                                                  inference.resolve_geometry(classifier, standardizer))
                 result["compile"] = inference.compile_networks(standardizer, classifier, sample)
-            result["pipeline"] = _rate(*modes.pipeline(paths, standardizer, classifier, batch_size=batch_size))
+            result["pipeline"] = _timed_pipeline(paths, standardizer, classifier, batch_size)
             print(f"  pipeline  {result['pipeline']['images_per_s']:>8} images/s", flush=True)
         if "pipeline-tta" in wanted:
             result["pipeline_tta"] = _rate(*modes.pipeline(paths, standardizer, classifier, batch_size=batch_size,
@@ -196,19 +257,30 @@ def measure(args: argparse.Namespace) -> dict:
             service = run_service(paths, work / "service", classifier=classifier_path.resolve(),
                                   standardizer=service_standardizer, device=str(device), batch_size=batch_size,
                                   timeout=SERVICE_TIMEOUT_S)
-            result["service"] = {**_rate(service.images, service.seconds), "failed": service.failed,
-                                 "startup_s": round(service.startup_seconds, 2), "batches": service.batches,
-                                 "exit_code": service.exit_code,
+            if result["pipeline"]:  # again, right after the service: the ratio is not one of two machine loads
+                again = _timed_pipeline(paths, standardizer, classifier, batch_size)
+                result["pipeline"]["after_service"] = {k: again[k] for k in ("images_per_s", "cpu_ms_per_image")}
+                print(f"  pipeline  {again['images_per_s']:>8} images/s (again, after the service)", flush=True)
+            result["service"] = {**_rate(service.images, service.seconds), **_steady(service, result["pipeline"]),
+                                 "failed": service.failed, "startup_s": round(service.startup_seconds, 2),
+                                 "batches": service.batches, "exit_code": service.exit_code,
                                  "log_stages_s": {k: round(v, 3) for k, v in service.log_stages.items()}}
-            print(f"  service   {result['service']['images_per_s']:>8} images/s", flush=True)
-            service_info = {"seconds": service.seconds, "log_stages": service.log_stages, "batches": service.batches}
+            print(f"  service   {result['service']['images_per_s']:>8} images/s (burst), steady "
+                  f"{result['service']['steady_images_per_s']} images/s, first result after "
+                  f"{result['service']['time_to_first_result_s']} s", flush=True)
+            steady = service.steady_images > 0
+            service_info = {"steps": sum_steps(service.batch_steps[1:-1] if steady else service.batch_steps),
+                            "seconds": service.steady_seconds if steady else service.seconds,
+                            "images": service.steady_images if steady else service.images}
+            result["stages_window"] = "steady state (the batches between the first and the last)" if steady else "whole run"
         else:
             service_info, service = None, None
         if "service-tta" in wanted:
             with_tta = run_service(paths, work / "service-tta", classifier=classifier_path.resolve(),
                                    standardizer=service_standardizer, device=str(device), batch_size=batch_size,
                                    timeout=SERVICE_TIMEOUT_S, tta=True)
-            result["service_tta"] = {**_rate(with_tta.images, with_tta.seconds), "failed": with_tta.failed,
+            result["service_tta"] = {**_rate(with_tta.images, with_tta.seconds),
+                                     **_steady(with_tta, result["pipeline_tta"]), "failed": with_tta.failed,
                                      "exit_code": with_tta.exit_code}
             print(f"  service-tta {result['service_tta']['images_per_s']:>6} images/s", flush=True)
         result["stages"] = _stages(inproc, len(paths), service_info)
@@ -230,9 +302,23 @@ def _print(result: dict) -> None:
         if result[key(mode)]:
             ratio = result["speedup_vs_naive"].get(key(mode))
             extra = f"  ({ratio:.2f}x naive)" if ratio else ""
-            print(f"  {mode:<12} {result[key(mode)]['images_per_s']:>9.1f} images/s{extra}")
+            entry = result[key(mode)]
+            print(f"  {mode:<12} {entry['images_per_s']:>9.1f} images/s{extra}"
+                  + (f", {entry['after_service']['images_per_s']:.1f} again after the service"
+                     if entry.get("after_service") else ""))
+            if entry.get("steady_images_per_s") is not None:
+                pipe_cpu = _mean_of_passes(result[key(mode).replace("service", "pipeline")], "cpu_ms_per_image")
+                print(f"  {'':<12} steady state {entry['steady_images_per_s']:.1f} images/s over "
+                      f"{entry['steady_images']} images ({entry['steady_vs_pipeline'] or '-'}x the in-process "
+                      f"pipeline; CPU {entry['steady_cpu_ms_per_image'] or '-'} ms per image against "
+                      f"{f'{pipe_cpu:.3f}' if pipe_cpu else '-'}), first result after "
+                      f"{entry['time_to_first_result_s']} s")
+            if entry.get("steady_cpu_ms_per_image_by_step"):
+                print(f"  {'':<12} its CPU ms per image by step: " + ", ".join(
+                    f"{step} {ms:.2f}" for step, ms in entry["steady_cpu_ms_per_image_by_step"].items()))
     with_service = result["service"] is not None
-    print("  stages, ms per image in-process" + (", in the service, share of the service's time:" if with_service
+    print("  stages, ms per image in-process" + (f", in the service, share of the service's time "
+                                                 f"({result['stages_window']}):" if with_service
                                                  else ", share of the in-process sum:"))
     for stage, value in result["stages"].items():
         share = f"{value['share']:.0%}" if value.get("share") is not None else "-"
