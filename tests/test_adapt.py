@@ -61,6 +61,7 @@ class _ConstantLogits(nn.Module):
 
 
 def test_the_site_prior_is_halfway_between_equal_shares_and_the_unadapted_mean_prediction() -> None:
+    """site: halfway between equal shares and the mean prediction; predicted: that mean; an unknown kind is refused."""
     logits = torch.tensor([[2.0, 0.0, 0.0, -1.0, 1.0]])
     header = {"classes": list(synthetic.CLASSES), "input_size": 8,
               "normalization": {"mean": [0.5] * 3, "std": [0.25] * 3}}
@@ -69,7 +70,8 @@ def test_the_site_prior_is_halfway_between_equal_shares_and_the_unadapted_mean_p
     site = adapt.class_prior("site", clf, images)
     assert torch.allclose(site, 0.5 * logits.softmax(1)[0] + 0.1, atol=1e-5)
     assert torch.allclose(adapt.class_prior("uniform", clf, images), torch.full((5,), 0.2))
-    with pytest.raises(adapt.AdaptError, match="site, uniform"):
+    assert torch.allclose(adapt.class_prior("predicted", clf, images), logits.softmax(1)[0], atol=1e-5)
+    with pytest.raises(adapt.AdaptError, match="site, predicted, uniform"):
         adapt.class_prior("natural", clf, images)
 
 

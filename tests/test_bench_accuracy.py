@@ -60,6 +60,36 @@ def test_tiny_preset_writes_every_method_with_eval_keys(bench: tuple[Path, dict,
 
 
 @pytest.mark.slow
+def test_probabilities_file_holds_every_row_as_scored(bench: tuple[Path, dict, int]) -> None:
+    """probabilities.safetensors gives each row's softmax; its argmax reproduces the row's confusion matrix."""
+    out, result, _ = bench
+    tensors, header = checkpoint.load_checkpoint(out / "probabilities.safetensors")
+    assert header["kind"] == "bench_probabilities" and len(header["target_files"]) == 20
+    labels = tensors.pop("target_labels")
+    assert set(tensors) == set(result["methods"])
+    for name, probs in tensors.items():
+        assert probs.shape == (20, len(header["classes"]))
+        matrix = torch.zeros(len(header["classes"]), len(header["classes"]), dtype=torch.long)
+        matrix.index_put_((labels, probs.argmax(1)), torch.ones(20, dtype=torch.long), accumulate=True)
+        assert matrix.tolist() == result["methods"][name]["confusion_matrix"], name
+
+
+def test_inductive_halves_keep_each_slide_on_one_side() -> None:
+    """With slide groups, no slide has crops on both sides, every image is scored once, and the halves are near even."""
+    from stainbridge.models.bench import learned
+
+    groups = [f"slide-{i % 7}" if i < 60 else f"single-{i}" for i in range(80)]
+    for seed in (0, 1):
+        (fit, held), (fit2, held2) = learned.folds(len(groups), "inductive", seed, groups)
+        assert torch.equal(fit, held2) and torch.equal(held, fit2)
+        assert sorted(fit.tolist() + held.tolist()) == list(range(80))
+        assert not {groups[i] for i in fit.tolist()} & {groups[i] for i in held.tolist()}
+        assert abs(len(fit) - len(held)) <= 9  # at most one slide's worth apart
+    every = [f"file-{i}" for i in range(80)]  # one image per group: the plain seeded halves, as before
+    assert torch.equal(learned.folds(80, "inductive", 3, every)[0][0], learned.folds(80, "inductive", 3)[0][0])
+
+
+@pytest.mark.slow
 def test_colour_variant_checkpoint_is_a_pointwise_colour_standardizer(bench: tuple[Path, dict, int]) -> None:
     """cyclegan_colour writes a pointwise_colour standardizer (pooled tiny D, raw-teacher KL weight 5) that loads."""
     out, _, _ = bench
@@ -145,6 +175,46 @@ def test_stain_augment_keeps_range_and_varies_per_image() -> None:
     y = stain_augment.stain_augment(x, 1.0, torch.Generator().manual_seed(0))
     assert y.shape == x.shape and 0 <= y.min() and y.max() <= 1
     assert not torch.allclose(y[0], y[1])
+
+
+def test_lab_jitter_moves_each_image_to_its_own_stain_template() -> None:
+    """The L*a*b* template jitter keeps [0,1], keeps the image's layout, and moves two copies' colour means apart."""
+    x = torch.rand(1, 3, 16, 16).repeat(2, 1, 1, 1) * 0.6 + 0.2
+    y = stain_augment.lab_jitter(x, 1.0, torch.Generator().manual_seed(0))
+    assert y.shape == x.shape and 0 <= y.min() and y.max() <= 1
+    assert (y[0].mean((1, 2)) - y[1].mean((1, 2))).abs().max() > 0.02
+    layout = torch.corrcoef(torch.stack([x[0, 1].flatten(), y[0, 1].flatten()]))[0, 1]
+    assert layout > 0.8
+
+
+def test_tight_crop_pads_a_centred_square_with_its_border_colour() -> None:
+    """A tight-crop image keeps a centred square of the original and is flat outside it, as the service pads."""
+    x = torch.rand(6, 3, 32, 32)
+    y = stain_augment.tight_crop(x, 1.0, torch.Generator().manual_seed(0))
+    for original, framed in zip(x, y):
+        assert torch.equal(framed[:, 15:17, 15:17], original[:, 15:17, 15:17])
+        corner = framed[:, 0, 0].view(3, 1, 1)
+        assert torch.equal(framed[:, 0], corner.expand(3, 1, 32)[:, 0])  # the top row is the pad colour
+    assert not torch.equal(x, y)
+    assert torch.equal(stain_augment.tight_crop(x, 0.0, torch.Generator().manual_seed(0)), x)
+
+
+@pytest.mark.slow
+def test_a_classifier_trained_with_another_augmentation_is_not_reused(bench: tuple[Path, dict, int],
+                                                                       tmp_path: Path) -> None:
+    """--lab-jitter trains its own reference classifier rather than reusing one trained without it."""
+    out, result, _ = bench
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("classifier.safetensors", "classifier.safetensors.split.json"):
+        (run / name).write_bytes((out / name).read_bytes())
+    args = bench_accuracy.get_args_parser().parse_args(
+        ["--reference", result["setup"]["reference"], "--target", result["setup"]["target"], "--preset", "tiny",
+         "--out-dir", str(run), "--mode", "transductive", "--variants", "im", "--lab-jitter", "1", "--threads", "1"])
+    again = bench_accuracy.main(args)
+    assert again["setup"]["classifier"]["reused"] is False
+    _, header = checkpoint.load_checkpoint(run / "classifier.safetensors")
+    assert header["training_data"]["augmentation"] == "models.imaging.stain_augment strength 1.0 lab 1.0"
 
 
 def test_structure_loss_ignores_colour_but_not_texture() -> None:

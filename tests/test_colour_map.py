@@ -122,3 +122,41 @@ def test_the_name_alone_says_how_to_make_one() -> None:
 
     with pytest.raises(FileNotFoundError, match="train site-profile --method colour_map"):
         inference.load_standardizer("colour_map")
+
+
+def _cast(images: torch.Tensor, gains: tuple[float, float, float]) -> torch.Tensor:
+    """A camera's own white balance and exposure: each linear-RGB channel scaled."""
+    x = images.double().numpy().transpose(0, 2, 3, 1)
+    return torch.from_numpy(colour_map._srgb(colour_map._linear(x) * np.array(gains)).transpose(0, 3, 1, 2)).float()
+
+
+def test_white_balance_takes_each_images_background_to_the_reference_background(site_and_reference) -> None:
+    """Images with different casts come out with the same background colour, the reference's."""
+    site, reference = site_and_reference
+    target = np.median(colour_map.backgrounds(reference.double().numpy().transpose(0, 2, 3, 1)), axis=0)
+    for gains in ((1.0, 1.0, 1.0), (0.6, 0.8, 1.1), (1.1, 0.7, 0.5)):
+        balanced = colour_map.white_balance(_cast(site[:6], gains).double().numpy().transpose(0, 2, 3, 1), target)
+        assert np.allclose(colour_map.backgrounds(balanced), target, atol=0.02), gains
+
+
+def test_a_balanced_map_undoes_per_image_casts_that_one_map_per_site_keeps(site_and_reference) -> None:
+    """A site whose images each carry their own cast: the balanced map takes its worst cast as close to the
+    reference stain as the plain map takes the same site without casts, where the plain map on the cast site is
+    far off; its checkpoint tensors rebuild it (the background travels with it)."""
+    site, reference = site_and_reference
+    gains = [(0.6, 0.8, 1.1), (1.1, 0.7, 0.5), (0.8, 1.0, 0.7), (1.0, 1.0, 1.0)]
+    mixed = torch.cat([_cast(site[i::4], g) for i, g in enumerate(gains)])
+    clean = torch.cat([site[i::4] for i in range(4)])
+    reference_colours = stain_region_colours(reference)
+    plain = fit_colour_map(mixed, reference, histogram_weight=1.0, seed=0)
+    balanced = fit_colour_map(mixed, reference, histogram_weight=1.0, seed=0, balance=True)
+    plain_on_clean = fit_colour_map(clean, reference, histogram_weight=1.0, seed=0)
+    per_cast = [slice(i * 10, (i + 1) * 10) for i in range(4)]
+
+    def worst(fitted: ColourMap, images: torch.Tensor) -> float:
+        return max(stain_distance(fitted(images[s]), reference_colours)["delta_e"] for s in per_cast)
+
+    assert worst(balanced, mixed) < worst(plain_on_clean, clean) + 2 < worst(plain, mixed) - 3
+    assert "background" in balanced.state() and "background" not in plain.state()
+    assert torch.allclose(ColourMap.from_state(balanced.state())(mixed[:4]), balanced(mixed[:4]), atol=1e-3)
+    assert balanced.fit["white_balance"]["background_share"] == colour_map.BACKGROUND_SHARE

@@ -2,8 +2,8 @@
 
     stainbridge bench accuracy --reference DIR --target DIR [--preset tiny|cpu|full] [--json OUT]
         [--out-dir DIR] [--size PX] [--mode transductive|inductive|both] [--threads N]
-        [--variants cyclegan_semantic cyclegan_colour colorization colour_map im] [--markdown FILE] [--grid FILE]
-        [--reviews N]
+        [--variants cyclegan_semantic cyclegan_colour colorization colour_map colour_map_balanced im]
+        [--markdown FILE] [--grid FILE] [--reviews N]
 
 1. Geometry (``models.bench.data``/``models.imaging.site_geometry``): reference images are cut to a centred
    window, target images to the window of the same physical width (site magnification estimated
@@ -22,7 +22,9 @@
    as ``stainbridge train colorization``), pix2pix L -> ab trained on the reference windows only.
    "colour_map" (``models.imaging.colour_map``, as ``stainbridge train site-profile --method colour_map``):
    one colour map per site, the site's pooled L*a*b* histograms matched to the reference windows'
-   (the deleted histogram matching above was per image, like Reinhard). "im"
+   (the deleted histogram matching above was per image, like Reinhard); "colour_map_balanced", the same map
+   fitted and applied after a per-image white balance to the reference's background (a camera that sets its
+   white balance per frame). "im"
    (``models.bench.adaptation``): the classifier adapted to the target without labels behind raw,
    Reinhard and the colour map (``<method>_im`` rows), as ``stainbridge train adapt``.
 4. Scoring on the labeled target images, each method also with 8-fold dihedral test-time
@@ -33,9 +35,13 @@
 
 Modes: ``transductive`` (the standardizer sees every target image, unlabeled, as the nightly
 retraining does) and ``inductive`` (target images split in two halves by a seeded shuffle that
-ignores labels; a standardizer trained on one half scores the other, both ways). Classical methods
-do not learn from the target, so they have one result for both modes.
-Outputs in --out-dir: checkpoints, results.json (or --json), results.md, grid.png.
+ignores labels and keeps the crops of one slide on one side, ``data.slide_of``; a standardizer
+trained on one half scores the other, both ways). Classical methods do not learn from the target,
+so they have one result for both modes.
+Outputs in --out-dir: checkpoints, results.json (or --json), results.md, grid.png, and
+probabilities.safetensors: every row's [N, classes] softmax on the target images (tensor per method,
+plus ``target_labels``; the header names the classes and the target files), for analyses over recipes
+(averages, label-free choices) without scoring again.
 """
 
 from __future__ import annotations
@@ -86,7 +92,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 CLASSICAL = ("reinhard", "macenko")
 LEARNED = ("cyclegan_semantic", "cyclegan_colour", "colorization")
-SITE_FITTED = ("colour_map",)  # the site colour map (models.imaging.colour_map), fitted per mode like a learned one
+# the site colour map (models.imaging.colour_map), fitted per mode like a learned one; "colour_map_balanced": the same
+# with each image white-balanced to the reference background first (colour_map.white_balance)
+SITE_FITTED = ("colour_map", "colour_map_balanced")
 ADAPTATION = ("im",)  # label-free classifier adaptation behind each classical standardizer (models.bench.adaptation)
 
 
@@ -127,6 +135,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--magnification", type=float, default=None,
                         help="target px -> reference px (an oracle when chosen by looking at results); "
                              "estimated without labels from red-cell diameters when omitted")
+    parser.add_argument("--lab-jitter", type=float, default=0.0,
+                        help="the reference classifier's augmentation also moves each image to a random L*a*b* "
+                             "stain template (models.imaging.stain_augment.lab_jitter; 1 = its standard "
+                             "deviations); 0, the default, leaves it out")
+    parser.add_argument("--tight-crops", type=float, default=0.0,
+                        help="share of the reference classifier's training images framed as another lab's tight crop "
+                             "(a smaller centred square padded with its border colour, as the service pads a crop "
+                             "smaller than the window; models.imaging.stain_augment.tight_crop); default 0")
+    parser.add_argument("--im-prior", choices=adaptation.PRIORS, default=None,
+                        help="the class prior of the 'im' rows' adaptation (`train adapt --prior`; default: its "
+                             "default)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -172,12 +191,14 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
     cls_path = out_dir / "classifier.safetensors"
     t = time.monotonic()
-    loaded = bench_train.load_reference_classifier(cls_path, d, device)
+    augmentation = bench_train.augmentation_name(learned.STAIN_STRENGTH, opts.lab_jitter, opts.tight_crops)
+    loaded = bench_train.load_reference_classifier(cls_path, d, device, augmentation)
     if loaded is None:
-        _log(f"training the reference classifier ({opts.arch}, {opts.size} px, {opts.epochs} epochs)")
+        _log(f"training the reference classifier ({opts.arch}, {opts.size} px, {opts.epochs} epochs, {augmentation})")
         model, header = bench_train.train_reference_classifier(
             d, cls_path, arch=opts.arch, epochs=opts.epochs, batch_size=opts.batch_size, lr=opts.lr,
-            strength=learned.STAIN_STRENGTH, seed=opts.seed, reference_root=opts.reference, device=device, log=_log)
+            strength=learned.STAIN_STRENGTH, seed=opts.seed, reference_root=opts.reference, device=device, log=_log,
+            lab=opts.lab_jitter, tight_crops=opts.tight_crops)
         reused = False
     else:
         model, header = loaded
@@ -202,16 +223,16 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     trained: dict[str, Any] = {}  # standardizers that do not depend on the mode, trained once
     modes = ("transductive", "inductive") if opts.mode == "both" else (opts.mode,)
     for mode in modes:
-        mode_folds = learned.folds(len(d.target), mode, opts.seed)
+        mode_folds = learned.folds(len(d.target), mode, opts.seed, d.target_groups)
         to_adapt = {k: [images[k]] * len(mode_folds) for k in adaptation.STANDARDIZERS}
-        if "colour_map" in (opts.variants or SITE_FITTED):
+        for variant in (v for v in (opts.variants or SITE_FITTED) if v in SITE_FITTED):
             t = time.monotonic()
-            r = learned.run_colour_map(mode, d, model, header, cls_path, opts, out_dir, device)
+            r = learned.run_colour_map(mode, d, model, header, cls_path, opts, out_dir, device, variant=variant)
             outputs.update(r["results"])
-            runs[f"colour_map_{mode}"] = r["runs"]
-            to_adapt["colour_map"] = r["per_fold"]
-            times[f"colour_map_{mode}_s"] = round(time.monotonic() - t, 1)
-            key = "colour_map" if mode == "transductive" else "colour_map_inductive"
+            runs[f"{variant}_{mode}"] = r["runs"]
+            to_adapt[variant] = r["per_fold"]
+            times[f"{variant}_{mode}_s"] = round(time.monotonic() - t, 1)
+            key = variant if mode == "transductive" else f"{variant}_inductive"
             images.setdefault(key, r["results"][key][1])
         if "im" in (opts.variants or ADAPTATION):
             t = time.monotonic()
@@ -239,6 +260,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             stain_scores[key] = {**stain_distance(standardized, reference_colours),
                                  "pixel_change": float((standardized - x).abs().mean())}
         methods[name] = {**learned.metrics_of(probs, d.target_labels, d.classes), **stain_scores[key]}
+    probabilities = {name: probs for name, (probs, _) in outputs.items()}
+    checkpoint.save_checkpoint(out_dir / "probabilities.safetensors", {**probabilities, "target_labels": d.target_labels},
+                               {"kind": "bench_probabilities", "classes": d.classes, "seed": opts.seed,
+                                "target": str(Path(opts.target).resolve()),
+                                "target_files": [str(Path(p).relative_to(Path(opts.target))) for p in d.target_paths]})
     reference_self = stain_distance(bench_data.to_float(d.val), reference_colours)["delta_e"]
     times["total_s"] = round(time.monotonic() - started, 1)
     setup = {

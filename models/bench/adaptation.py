@@ -27,9 +27,10 @@ from stainbridge.models.imaging import stain_augment
 from stainbridge.models.training import adapt
 from stainbridge.models.training import runtime as tu
 
-__all__ = ["STANDARDIZERS", "run_information_maximization"]
+__all__ = ["PRIORS", "STANDARDIZERS", "run_information_maximization"]
 
 STANDARDIZERS = ("raw", "reinhard")
+PRIORS = adapt.PRIORS
 
 
 def _adapted(model: nn.Module, header: dict[str, Any], d: BenchData, target01: Tensor, out: Path, *,
@@ -40,8 +41,8 @@ def _adapted(model: nn.Module, header: dict[str, Any], d: BenchData, target01: T
     tuned = bench_train.build_model(header["architecture"], len(d.classes))
     tuned.load_state_dict(model.state_dict())
     tuned.to(device)
-    prior = adapt.class_prior(adapt.DEFAULTS["prior"], learned.as_classifier(model, header, "reference", device),
-                              target01)
+    prior_kind = getattr(opts, "im_prior", None) or adapt.DEFAULTS["prior"]
+    prior = adapt.class_prior(prior_kind, learned.as_classifier(model, header, "reference", device), target01)
     reference = stain_augment.AugmentedBatches(d.train_base, d.train_labels, out=d.size, batch_size=opts.im_batch,
                                                cover=d.cover, seed=seed + 1)
     history = adapt.adapt(tuned, target01, lambda: reference, normalization=header["normalization"],
@@ -54,7 +55,7 @@ def _adapted(model: nn.Module, header: dict[str, Any], d: BenchData, target01: T
     new["adaptation"] = {"method": "information maximization", "standardizer": standardizer, "labels_used": False,
                          "target_images": len(target01), "epochs": opts.im_epochs, "batch_size": opts.im_batch,
                          "seed": seed,
-                         **{k: adapt.DEFAULTS[k] for k in ("lr", "diversity", "prior", "reference_weight")},
+                         **{k: adapt.DEFAULTS[k] for k in ("lr", "diversity", "reference_weight")}, "prior": prior_kind,
                          "class_prior": [round(float(v), 4) for v in prior]}
     # what adapting to the site cost at home: the reference's own val/test windows
     new["metrics"] = {**bench_train.reference_scores(tuned.eval(), d, device), "history": history,

@@ -54,6 +54,7 @@ class BenchData:
     target: Tensor  # uint8 [M,3,size,size], geometry-normalized target images
     target_labels: Tensor  # scoring only
     target_paths: list[str]
+    target_groups: list[str]  # data.slide_of: crops of one slide stay on one side of an inductive split
     manifest: dict[str, Any]
     geometry: dict[str, Any] = field(default_factory=dict)
     stain_images: list[Image.Image] = field(default_factory=list)  # reference windows for stain statistics
@@ -157,5 +158,6 @@ def prepare(reference: str | Path, target: str | Path, *, size: int, window_frac
         target=torch.stack([to_uint8(target_geometry.apply(data.load_rgb(p))) for p, _ in target_items]),
         target_labels=torch.tensor([index[label] for _, label in target_items], dtype=torch.long),
         target_paths=[str(p) for p, _ in target_items],
+        target_groups=[data.slide_of(p) for p, _ in target_items],
         manifest=manifest, geometry=geometry, stain_images=stain_images,
     )

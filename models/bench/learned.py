@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -84,13 +85,28 @@ def _semantic_term(variant: str, model: nn.Module, header: dict, classifier_path
                   "loss": "kl(p(reinhard(real)) || p(translated)) + 1.0 * structure_loss", "pairs": list(term.pairs)}
 
 
-def folds(n: int, mode: str, seed: int) -> list[tuple[Tensor, Tensor]]:
-    """(fit indices, score indices) per standardizer to train; the split ignores labels."""
+def folds(n: int, mode: str, seed: int, groups: Sequence[str] | None = None) -> list[tuple[Tensor, Tensor]]:
+    """(fit indices, score indices) per standardizer to train; the split ignores labels. ``groups``: one key per
+    image (``data.slide_of``); the images of one group stay on one side (crops of one slide, the same cell
+    photographed again), the groups dealt in a seeded order, each to the half with fewer images so far."""
     if mode == "transductive":
         every = torch.arange(n)
         return [(every, every)]
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 123))
-    a, b = perm[: n // 2], perm[n // 2:]
+    g = torch.Generator().manual_seed(seed + 123)
+    if groups is None or len(set(groups)) == n:
+        perm = torch.randperm(n, generator=g)
+        a, b = perm[: n // 2], perm[n // 2:]
+        return [(a, b), (b, a)]
+    if len(groups) != n:
+        raise ValueError(f"need one group per image: {len(groups)} groups for {n} images")
+    members: dict[str, list[int]] = {}
+    for index, key in enumerate(groups):
+        members.setdefault(key, []).append(index)
+    keys = sorted(members)
+    halves: tuple[list[int], list[int]] = ([], [])
+    for k in torch.randperm(len(keys), generator=g).tolist():
+        min(halves, key=len).extend(members[keys[k]])
+    a, b = (torch.tensor(sorted(h), dtype=torch.long) for h in halves)
     return [(a, b), (b, a)]
 
 
@@ -123,10 +139,12 @@ def run_colorization(mode: str, d: bench_data.BenchData, model: nn.Module, heade
 
 
 def run_colour_map(mode: str, d: bench_data.BenchData, model: nn.Module, header: dict, cls_path: Path,
-                   opts: argparse.Namespace, out_dir: Path, device: torch.device) -> dict[str, Any]:
+                   opts: argparse.Namespace, out_dir: Path, device: torch.device,
+                   variant: str = "colour_map") -> dict[str, Any]:
     """The site colour map (``models.imaging.colour_map``, as ``stainbridge train site-profile --method
     colour_map``): fitted per fold on the fit half's target windows (every window, transductive) and the
-    reference train windows, the same sample sizes as the command. Returns the rows, the checkpoints and
+    reference train windows, the same sample sizes as the command; ``variant`` "colour_map_balanced"
+    white-balances each image first (``balance=True``). Returns the rows, the checkpoints and
     "per_fold": every target window through each fold's map (for the adapted-classifier rows)."""
     clf = as_classifier(model, header, cls_path.stem, device)
     x = bench_data.to_float(d.target)
@@ -135,11 +153,12 @@ def run_colour_map(mode: str, d: bench_data.BenchData, model: nn.Module, header:
     reinhard = inference.load_standardizer("reinhard", classifier=clf)
     plain, tta = torch.zeros(n, len(d.classes)), torch.zeros(n, len(d.classes))
     shown, per_fold, runs = torch.zeros_like(x), [], []
-    for fold, (fit, held) in enumerate(folds(n, mode, opts.seed)):
+    for fold, (fit, held) in enumerate(folds(n, mode, opts.seed, d.target_groups)):
         started = time.monotonic()
         site = torch.stack(site_geometry.evenly(x[fit], site_profile.COLOUR_SAMPLE))
-        fitted = colour_map.fit_colour_map(site, reference, baseline=reinhard, seed=opts.seed + fold)
-        ckpt = out_dir / f"standardizer_colour_map_{mode}{'' if mode == 'transductive' else f'_fold{fold}'}.safetensors"
+        fitted = colour_map.fit_colour_map(site, reference, baseline=reinhard, seed=opts.seed + fold,
+                                           balance=variant == "colour_map_balanced")
+        ckpt = out_dir / f"standardizer_{variant}_{mode}{'' if mode == 'transductive' else f'_fold{fold}'}.safetensors"
         sh = {"kind": "standardizer", "architecture": colour_map.ARCHITECTURE, "reference_stain": header["reference_stain"],
               "classifier_sha256": header.get("sha256"), "site_profile": d.site_profile,
               "colour_map": fitted.fit,
@@ -155,7 +174,7 @@ def run_colour_map(mode: str, d: bench_data.BenchData, model: nn.Module, header:
         per_fold.append(scored["standardized"])
         runs.append({"checkpoint": ckpt.name, "sha256": sha, "train_seconds": sh["train_seconds"],
                      "target_images_seen": len(fit)})
-    key = "colour_map" if mode == "transductive" else "colour_map_inductive"
+    key = variant if mode == "transductive" else f"{variant}_inductive"
     return {"results": {key: (plain, shown), f"{key}_tta": (tta, shown)}, "runs": runs, "per_fold": per_fold}
 
 
@@ -172,7 +191,7 @@ def run_learned(variant: str, mode: str, d: bench_data.BenchData, model: nn.Modu
     standardized = torch.zeros(n, 3, d.size, d.size)
     reference = d.train
     infos = []
-    for fold, (fit, held) in enumerate(folds(n, mode, opts.seed)):
+    for fold, (fit, held) in enumerate(folds(n, mode, opts.seed, d.target_groups)):
         term, info = _semantic_term(variant, model, header, cls_path, device)
         ckpt = out_dir / f"standardizer_{variant}_{mode}{'' if mode == 'transductive' else f'_fold{fold}'}.safetensors"
         _log(f"training {ckpt.name} on {len(fit)} target + {len(reference)} reference images (unlabeled)")

@@ -7,6 +7,11 @@ difference can be read against run-to-run noise::
 
     stainbridge bench seeds runs/s0-bccd/results.json runs/s1-bccd/results.json ... [--markdown FILE] [--json FILE]
 
+Given several labs (target folders), it also judges each method by its worst lab: per method, the
+mean over the labs and the **minimum over the labs** of the per-lab seed means (the lab that gave it,
+and each lab's spread beside it), and it names the method whose minimum is the best (``OVER_LABS``
+in the JSON, after the per-lab entries). A method is compared only over labs where it was measured.
+
 Runs of one target must share preset, resolution and target folder; a mismatch is an error
 rather than a silently mixed mean. Several files of one seed are one run: a later ``--variants``
 run that reused the seed's classifier adds its learned rows (the raw and classical rows, recomputed
@@ -23,10 +28,12 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SeedsError", "markdown", "summarize"]
+__all__ = ["OVER_LABS", "SeedsError", "markdown", "over_labs", "summarize"]
 
 # Setup keys that must agree between the seeds of one target.
 MUST_MATCH = ("preset", "resolution_px", "target", "reference")
+HEADLINE = "balanced_accuracy_min10"
+OVER_LABS = "over_labs"  # the summary's key for the judgement across labs (present with two labs or more)
 
 
 class SeedsError(Exception):
@@ -68,6 +75,9 @@ def summarize(paths: list[Path]) -> dict[str, Any]:
             _merge_same_seed(path, same[0], result)
         else:
             runs.append((path, result))
+    if OVER_LABS in by_target:
+        raise SeedsError(f"a target folder named {OVER_LABS!r} clashes with the summary's key for the labs "
+                         "together; rename the folder")
     summary: dict[str, Any] = {}
     for target, runs in sorted(by_target.items()):
         first = runs[0][1]["setup"]
@@ -93,13 +103,35 @@ def summarize(paths: list[Path]) -> dict[str, Any]:
             "methods": methods,
             "missing": sorted({m for _, r in runs for m in r["methods"]} - set(names)),
         }
+    if len(summary) > 1:
+        summary[OVER_LABS] = over_labs(summary)
     return summary
+
+
+def over_labs(per_lab: dict[str, Any]) -> dict[str, Any]:
+    """Per method measured on every lab: the mean and the minimum over the labs of its per-lab seed mean,
+    the lab of that minimum, and each lab's stats; ``best_minimum``: the method whose worst lab is best."""
+    labs = [lab for lab in per_lab if lab != OVER_LABS]
+    names = [m for m in per_lab[labs[0]]["methods"] if all(m in per_lab[lab]["methods"] for lab in labs)]
+    methods: dict[str, Any] = {}
+    for name in names:
+        stats = {lab: per_lab[lab]["methods"][name][HEADLINE] for lab in labs}
+        worst = min(labs, key=lambda lab: stats[lab]["mean"])
+        methods[name] = {"mean": statistics.fmean(s["mean"] for s in stats.values()), "min": stats[worst]["mean"],
+                         "worst_lab": worst,
+                         "labs": {lab: {k: s[k] for k in ("n", "mean", "std", "min", "max")} for lab, s in stats.items()}}
+    best = max(methods, key=lambda m: methods[m]["min"]) if methods else None
+    return {"labs": labs, "metric": HEADLINE, "methods": methods, "best_minimum": best,
+            "not_on_every_lab": sorted({m for lab in labs for m in per_lab[lab]["methods"]} - set(names))}
 
 
 def markdown(summary: dict[str, Any]) -> str:
     """Per target: method, balanced accuracy mean +- std (min-max), stain Delta E mean."""
     lines: list[str] = []
     for target, s in summary.items():
+        if target == OVER_LABS:
+            lines += _over_labs_markdown(s)
+            continue
         home = s["reference_test_accuracy"]
         lines += [f"**{target}** (seeds {', '.join(map(str, s['seeds']))}; {s['preset']} preset, "
                   f"{s['resolution_px']} px; magnification {', '.join(f'{m:.3f}' for m in s['magnification'])}"
@@ -114,6 +146,27 @@ def markdown(summary: dict[str, Any]) -> str:
             lines.append(f"\nNot in every run (left out): {', '.join(s['missing'])}.")
         lines.append("")
     return "\n".join(lines)
+
+
+def _over_labs_markdown(o: dict[str, Any]) -> list[str]:
+    """Methods by their worst lab: each lab's mean +- std (min-max), the mean and the minimum over the labs."""
+    labs = o["labs"]
+    title = (f"**Over the labs** ({', '.join(labs)}): each lab's value is its mean over the seeds; methods "
+             "sorted by the minimum over the labs")
+    lines = [title, "",
+             "| method | " + " | ".join(labs) + " | mean over labs | min over labs (lab) |",
+             "|---|" + "---|" * (len(labs) + 2)]
+    for name, m in sorted(o["methods"].items(), key=lambda item: -item[1]["min"]):
+        cells = [f"{s['mean']:.3f} +- {s['std']:.3f} ({s['min']:.3f}-{s['max']:.3f})" for s in m["labs"].values()]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {m['mean']:.3f} | {m['min']:.3f} ({m['worst_lab']}) |")
+    if o["best_minimum"]:
+        best = o["methods"][o["best_minimum"]]
+        lines += ["", (f"Best minimum over the labs: **{o['best_minimum']}**, {best['min']:.3f} "
+                       f"(its worst lab: {best['worst_lab']}).")]
+    if o["not_on_every_lab"]:
+        lines.append(f"\nNot measured on every lab (not compared): {', '.join(o['not_on_every_lab'])}.")
+    lines.append("")
+    return lines
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

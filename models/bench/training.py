@@ -32,6 +32,7 @@ from stainbridge.models.training import runtime as tu
 
 __all__ = [
     "adapt_classifier",
+    "augmentation_name",
     "batches",
     "build_model",
     "calibrate_reference_classifier",
@@ -112,21 +113,31 @@ def calibrate_reference_classifier(model: nn.Module, header: dict[str, Any], d: 
                                     "through": "the benchmark's reference windows (models.bench.data)"})
 
 
+def augmentation_name(strength: float, lab: float = 0.0, tight_crops: float = 0.0) -> str:
+    """How a reference classifier's header names its augmentation (a reused classifier must match it)."""
+    return (f"models.imaging.stain_augment strength {strength}" + (f" lab {lab}" if lab > 0 else "")
+            + (f" tight_crops {tight_crops}" if tight_crops > 0 else ""))
+
+
 def train_reference_classifier(d: BenchData, out: Path, *, arch: str, epochs: int, batch_size: int, lr: float,
                                strength: float, seed: int, reference_root: str | Path, device: torch.device,
-                               log: Any = print) -> tuple[nn.Module, dict[str, Any]]:
-    """Train on the reference train split with stain augmentation; write checkpoint + split manifest."""
+                               log: Any = print, lab: float = 0.0,
+                               tight_crops: float = 0.0) -> tuple[nn.Module, dict[str, Any]]:
+    """Train on the reference train split with stain augmentation (``lab`` > 0: with the L*a*b* template
+    jitter, ``stain_augment.lab_jitter``; ``tight_crops`` > 0: that share of images framed as a tight crop,
+    ``stain_augment.tight_crop``); write checkpoint + split manifest."""
     started = time.monotonic()
     tu.seed_everything(seed)
     model = build_model(arch, len(d.classes)).to(device)
     loader = stain_augment.AugmentedBatches(d.train_base, d.train_labels, out=d.size, batch_size=batch_size,
-                                            strength=strength, cover=d.cover, seed=seed)
+                                            strength=strength, cover=d.cover, seed=seed, lab=lab,
+                                            tight_crops=tight_crops)
     history = _fit(model, loader, epochs=epochs, lr=lr, device=device, log=log)
     split_path = Path(f"{out}.split.json")
     data.write_manifest(d.manifest, split_path)
     header = classifier_header(d, arch=arch, metrics=reference_scores(model, d, device), history=history,
                                reference_root=reference_root, split_path=split_path,
-                               extra={"augmentation": f"models.imaging.stain_augment strength {strength}"})
+                               extra={"augmentation": augmentation_name(strength, lab, tight_crops)})
     header.update(epochs=epochs, seed=seed, train_seconds=round(time.monotonic() - started, 1))
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     tensors, header["abstention"] = calibrate_reference_classifier(model, header, d, device)
@@ -134,14 +145,18 @@ def train_reference_classifier(d: BenchData, out: Path, *, arch: str, epochs: in
     return model.eval(), header
 
 
-def load_reference_classifier(path: Path, d: BenchData, device: torch.device) -> tuple[nn.Module, dict] | None:
-    """The checkpoint at ``path`` if it was trained for these classes, size and geometry, else None."""
+def load_reference_classifier(path: Path, d: BenchData, device: torch.device,
+                              augmentation: str | None = None) -> tuple[nn.Module, dict] | None:
+    """The checkpoint at ``path`` if it was trained for these classes, size and geometry (and, when given,
+    with this ``augmentation_name``), else None."""
     if not path.exists():
         return None
     state, header = checkpoint.load_checkpoint(path)
     geo = header.get("geometry") or {}
     if (header.get("kind") != "classifier" or header.get("classes") != d.classes or header.get("input_size") != d.size
-            or abs(float(geo.get("window_fraction", -1)) - d.geometry["window_fraction"]) > 1e-9):
+            or abs(float(geo.get("window_fraction", -1)) - d.geometry["window_fraction"]) > 1e-9
+            or (augmentation is not None
+                and (header.get("training_data") or {}).get("augmentation") != augmentation)):
         return None
     model = build_model(header["architecture"], len(d.classes))
     model.load_state_dict(abstention.network_state(state))

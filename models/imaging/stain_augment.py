@@ -9,8 +9,16 @@ which is much faster on a CPU than per-image PIL transforms:
   resampled once from a base image that covers more than the output window;
 - stain: HED-space jitter (Tellez et al. 2018, "Whole-slide mitosis detection in H&E breast
   histology using PHH3 as a reference to train distilled stain-invariant convolutional networks"),
-  hue rotation, saturation, contrast, brightness, gamma, occasional grayscale;
-- optics: Gaussian blur (another microscope's focus and resolution) and a little sensor noise.
+  hue rotation, saturation, contrast, brightness, gamma, occasional grayscale; optionally
+  (``lab`` > 0) each image moved to a random stain template in CIE L*a*b*, its channel means and
+  spreads drawn around its own (in the spirit of RandStainNA, Shen et al. 2022, whose templates are
+  drawn from the training labs' statistics: the reference is one lab, so the draw is widened to the
+  casts other labs show, Delta E 20-27 raw on BCCD and LISC);
+- optics: Gaussian blur (another microscope's focus and resolution) and a little sensor noise;
+- framing (``tight_crops`` > 0): a share of the images cut to a smaller centred square and padded
+  with its border colour, as ``data.normalize_geometry`` pads another lab's crop that is smaller than
+  the window (87 % of BCCD's tight boxes, a quarter of Chula's crops, mostly its small lymphocytes; the
+  reference's windows never are).
 
 ``AugmentedBatches`` turns uint8 tensors and labels into an iterable of augmented batches that
 ``models.training.classifier.train_one_epoch`` consumes like a DataLoader.
@@ -25,7 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["AugmentedBatches", "gaussian_blur", "hed_jitter", "hue_rotate", "random_geometry", "stain_augment"]
+from stainbridge.models.colorization import lab_to_rgb, rgb_to_lab
+
+__all__ = ["AugmentedBatches", "gaussian_blur", "hed_jitter", "hue_rotate", "lab_jitter", "random_geometry",
+           "stain_augment", "tight_crop"]
 
 # Ruifrok & Johnston's stain vectors (haematoxylin, eosin, DAB), rows normalized, as in scikit-image.
 _RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
@@ -59,6 +70,27 @@ def random_geometry(base: Tensor, out: int, *, zoom: tuple[float, float] = (0.85
     return F.grid_sample(base, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
+TIGHT_CROP_SMALLEST = 0.5  # the smallest kept square, as a fraction of the window (BCCD's boxes: 0.5-1.4)
+
+
+def tight_crop(x: Tensor, probability: float, g: torch.Generator | None = None) -> Tensor:
+    """For a random ``probability`` share of the images, keep a centred square of a random fraction
+    (``TIGHT_CROP_SMALLEST`` to 1) of the side and fill the rest with the median colour of that square's
+    border: what the service's geometry makes of a crop smaller than the window."""
+    n, _, size, _ = x.shape
+    chosen = (torch.rand(n, generator=g) < probability).nonzero().flatten().tolist()
+    fraction = _uniform(n, TIGHT_CROP_SMALLEST, 1.0, g)
+    out = x.clone()
+    for i in chosen:
+        side = max(2, round(size * float(fraction[i])))
+        o = (size - side) // 2
+        box = x[i, :, o:o + side, o:o + side]
+        border = torch.cat([box[:, 0], box[:, -1], box[:, :, 0], box[:, :, -1]], dim=1)
+        out[i] = border.median(dim=1).values.view(3, 1, 1)
+        out[i, :, o:o + side, o:o + side] = box
+    return out
+
+
 def hed_jitter(x: Tensor, sigma: float, bias: float, g: torch.Generator | None = None) -> Tensor:
     """Scale and shift each image's haematoxylin/eosin/DAB optical densities at random."""
     n = x.shape[0]
@@ -67,6 +99,24 @@ def hed_jitter(x: Tensor, sigma: float, bias: float, g: torch.Generator | None =
     hed = hed * (1 + (torch.rand(n, 3, 1, 1, generator=g) * 2 - 1) * sigma)
     hed = hed + (torch.rand(n, 3, 1, 1, generator=g) * 2 - 1) * bias
     return torch.exp(-torch.einsum("ndhw,dc->nchw", hed, _RGB_FROM_HED)).clamp(0, 1)
+
+
+# lab = 1: per-image L*a*b* mean shifts drawn with these standard deviations, and the spreads scaled by exp(N(0, 0.3))
+LAB_MEAN_SIGMA = (8.0, 6.0, 6.0)
+LAB_SPREAD_SIGMA = 0.3
+
+
+def lab_jitter(x: Tensor, amount: float, g: torch.Generator | None = None) -> Tensor:
+    """Move each image's L*a*b* channel means and spreads to a random template around its own (Reinhard's
+    transfer onto a drawn target): ``amount`` scales ``LAB_MEAN_SIGMA`` and ``LAB_SPREAD_SIGMA``."""
+    n = x.shape[0]
+    lab = rgb_to_lab(x)
+    mean = lab.mean((2, 3), keepdim=True)
+    spread = lab.std((2, 3), keepdim=True).clamp_min(1e-3)
+    sigma = torch.tensor(LAB_MEAN_SIGMA).view(1, 3, 1, 1) * amount
+    new_mean = mean + torch.randn(n, 3, 1, 1, generator=g) * sigma
+    new_spread = spread * torch.exp(torch.randn(n, 3, 1, 1, generator=g) * LAB_SPREAD_SIGMA * amount)
+    return lab_to_rgb((lab - mean) / spread * new_spread + new_mean)
 
 
 def hue_rotate(x: Tensor, angle: Tensor) -> Tensor:
@@ -90,11 +140,14 @@ def gaussian_blur(x: Tensor, sigma: Tensor, radius: int = 3) -> Tensor:
     return y.reshape(n, c, h, w)
 
 
-def stain_augment(x: Tensor, strength: float = 1.0, g: torch.Generator | None = None) -> Tensor:
-    """Strong stain, colour and optics augmentation; ``strength`` 0 returns ``x`` unchanged."""
+def stain_augment(x: Tensor, strength: float = 1.0, g: torch.Generator | None = None, *, lab: float = 0.0) -> Tensor:
+    """Strong stain, colour and optics augmentation; ``strength`` 0 returns ``x`` unchanged; ``lab`` > 0 first
+    moves each image to a random L*a*b* template (``lab_jitter``)."""
     if strength <= 0:
         return x
     n = x.shape[0]
+    if lab > 0:
+        x = lab_jitter(x, lab, g)
 
     def u(lo: float, hi: float) -> Tensor:
         return _uniform(n, lo, hi, g).view(n, 1, 1, 1)
@@ -120,11 +173,11 @@ class AugmentedBatches:
     in-memory uint8 ``base`` images [N,3,S,S] that cover ``cover`` times the output window."""
 
     def __init__(self, base: Tensor, labels: Tensor, *, out: int, batch_size: int, strength: float = 1.0,
-                 cover: float = 1.3, seed: int = 0) -> None:
+                 cover: float = 1.3, seed: int = 0, lab: float = 0.0, tight_crops: float = 0.0) -> None:
         if len(base) != len(labels) or len(base) == 0:
             raise ValueError(f"need as many labels as images, and at least one image; got {len(base)} and {len(labels)}")
         self.base, self.labels, self.out, self.batch_size = base, labels, out, batch_size
-        self.strength, self.cover = strength, cover
+        self.strength, self.cover, self.lab, self.tight_crops = strength, cover, lab, tight_crops
         self.g = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
@@ -135,4 +188,6 @@ class AugmentedBatches:
         for i in range(len(self)):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
             x = random_geometry(self.base[idx].float() / 255, self.out, cover=self.cover, g=self.g)
-            yield stain_augment(x, self.strength, self.g), self.labels[idx]
+            if self.tight_crops > 0:
+                x = tight_crop(x, self.tight_crops, self.g)
+            yield stain_augment(x, self.strength, self.g, lab=self.lab), self.labels[idx]

@@ -59,7 +59,7 @@ from stainbridge.models.training import runtime as tu
 __all__ = ["PRIORS", "AdaptError", "adapt", "add_arguments", "class_prior", "information_maximization", "main", "run"]
 
 DEFAULTS = {"epochs": 10, "lr": 1e-3, "batch_size": 64, "diversity": 1.0, "prior": "site", "reference_weight": 0.0}
-PRIORS = ("site", "uniform")
+PRIORS = ("site", "predicted", "uniform")
 MIN_SOURCE_IMAGES = 32  # below this the mean prediction is too noisy to stand for the site
 
 
@@ -86,14 +86,15 @@ def information_maximization(logits: Tensor, diversity: float, prior: Tensor | N
 @torch.inference_mode()
 def class_prior(kind: str, classifier: inference.Classifier, target01: Tensor) -> Tensor:
     """The class shares the adaptation keeps the site's mean prediction near (see the module's text):
-    ``uniform``, or ``site``: halfway between equal shares and ``classifier``'s mean prediction over the
-    standardized site images (8 turns and flips), computed before adapting."""
+    ``uniform``; ``predicted``: ``classifier``'s mean prediction over the standardized site images (8 turns
+    and flips), computed before adapting; ``site``: halfway between equal shares and that."""
     equal = torch.full((len(classifier.classes),), 1.0 / len(classifier.classes))
     if kind == "uniform":
         return equal
-    if kind != "site":
+    if kind not in PRIORS:
         raise AdaptError(f"unknown --prior {kind!r}: use one of {', '.join(PRIORS)}")
-    return 0.5 * _probabilities(classifier, target01, tta=True).mean(0) + 0.5 * equal
+    predicted = _probabilities(classifier, target01, tta=True).mean(0)
+    return predicted if kind == "predicted" else 0.5 * predicted + 0.5 * equal
 
 
 def _probabilities(classifier: inference.Classifier, target01: Tensor, *, tta: bool) -> Tensor:
@@ -180,8 +181,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "lets every cell fall into one class)")
     parser.add_argument("--prior", default=DEFAULTS["prior"], choices=PRIORS,
                         help="class shares the site's mean prediction is kept near: site (default; halfway between "
-                             "equal shares and the unadapted classifier's mean prediction on the site) or uniform "
-                             "(equal shares, as SHOT; for a curated folder with about as many cells of each class)")
+                             "equal shares and the unadapted classifier's mean prediction on the site), predicted "
+                             "(that mean prediction itself) or uniform (equal shares, as SHOT; for a curated folder "
+                             "with about as many cells of each class)")
     parser.add_argument("--reference-weight", type=float, default=DEFAULTS["reference_weight"],
                         help="weight of a labeled reference batch's loss per step (default 0: source-free)")
     parser.add_argument("--seed", type=int, default=0)
