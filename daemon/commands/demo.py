@@ -3,10 +3,10 @@
 1. synthetic cell images of two staining protocols: "reference" (the lab whose classifier we
    trust) and "incoming" (another lab's stain), with known labels;
 2. tiny models trained on CPU (reused from the state folder when present): a classifier on the
-   reference images, and the service's default recipe for a new site: the site colour map onto the
-   reference stain with the site profile (magnification from red-cell diameters, else nucleus areas),
-   both estimated from the incoming lab's unlabeled images (``train site-profile --method
-   colour_map``), and the classifier adapted to those same unlabeled images behind it (``train adapt``);
+   reference images, and the service's default recipe for a new site: Reinhard's stain normalization
+   onto the reference stain with the site profile (magnification from red-cell diameters, else nucleus
+   areas), both estimated from the incoming lab's unlabeled images (``train site-profile --method
+   reinhard``), and the classifier adapted to those same unlabeled images behind it (``train adapt``);
 3. a config file, then the real service (`stainbridge run`, a subprocess) on a fresh drop folder
    with SQLite; READY=1 arrives on a notify socket, as it would for systemd;
 4. held-out incoming images dropped in (atomically renamed), plus one corrupt file;
@@ -109,7 +109,7 @@ def make_data(root: Path, per_class: int) -> dict[str, Path]:
 def make_models(workdir: Path, data: dict[str, Path], retrain: bool) -> tuple[Path, Path, Path]:
     """(reference classifier, classifier adapted to the incoming site, standardizer)."""
     models, logs = workdir / "models", workdir / "logs"
-    classifier, standardizer = models / "classifier.safetensors", models / "standardizer-colour-map.safetensors"
+    classifier, standardizer = models / "classifier.safetensors", models / "standardizer-reinhard.safetensors"
     adapted = models / "classifier-adapted.safetensors"
     if retrain or not classifier.exists():
         _run_logged(_cli("train", "classifier", "--data", str(data["reference"]), "--out", str(classifier),
@@ -118,12 +118,11 @@ def make_models(workdir: Path, data: dict[str, Path], retrain: bool) -> tuple[Pa
     else:
         print(f"   reusing {classifier}")
     if retrain or not standardizer.exists():
-        _run_logged(_cli("train", "site-profile", "--method", "colour_map", "--source", str(data["incoming-train"]),
-                         "--reference", str(data["reference"]), "--classifier", str(classifier),
-                         "--out", str(standardizer)),
+        _run_logged(_cli("train", "site-profile", "--method", "reinhard", "--source", str(data["incoming-train"]),
+                         "--classifier", str(classifier), "--out", str(standardizer)),
                     logs / "train-site-profile.log",
-                    "fitted the incoming lab's colour map onto the reference stain and its site profile "
-                    "(no labels used)")
+                    "estimated the incoming lab's site profile for Reinhard's normalization onto the reference "
+                    "stain (no labels used)")
     else:
         print(f"   reusing {standardizer}")
     if retrain or not adapted.exists():
@@ -323,8 +322,8 @@ def run(args: argparse.Namespace) -> int:
         verdict = (f"here it gains {accuracy - raw:+.2f} over that" if accuracy > raw else
                    "here it does not beat that" if accuracy < raw else "here it ties that")
         print(f"   the reference classifier, not adapted, without standardization: {raw:.2f}. The service ran the "
-              "default recipe: the site colour map onto the reference stain and the site profile, estimated from the "
-              "incoming lab's unlabeled images (`train site-profile --method colour_map`) and the classifier "
+              "default recipe: Reinhard's normalization onto the reference stain with the site profile, estimated from "
+              "the incoming lab's unlabeled images (`train site-profile --method reinhard`) and the classifier "
               f"adapted to them without labels (`train adapt`); {verdict}. `stainbridge bench accuracy` compares "
               "the methods on real images.")
         quarantined = sorted(p.name for p in (run_dir / "quarantine").rglob("*")
