@@ -29,7 +29,7 @@ from stainbridge.models.validation import choose_recipe, pool_size, score_recipe
 __all__ = ["DAY0_ROWS", "ValidationBenchError", "arrival_order", "validated_rows"]
 
 # The day-0 recipe, the first of these the run has: what a new site is served before any review.
-DAY0_ROWS = ("colour_map_im_tta", "reinhard_im_tta", "reinhard_tta", "raw_tta")
+DAY0_ROWS = ("reinhard_im_tta", "colour_map_im_tta", "reinhard_tta", "raw_tta")
 
 
 class ValidationBenchError(ValueError):
