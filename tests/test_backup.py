@@ -99,7 +99,7 @@ def test_a_restored_backup_brings_back_the_database_and_the_nightly_job_s_checkp
     service = Service(settings)
     service.start()  # the registry's active standardizer is the restored run-1 file, sha256 verified at load
     try:
-        assert service.pipeline.models.standardizer_version_id == new_id
+        assert service.pipeline.models.default.standardizer_version_id == new_id
         assert query(database_url, "SELECT sha256 FROM model_versions WHERE state = 'active' AND "
                                    "kind = 'standardizer'") == [(sha,)]
     finally:
