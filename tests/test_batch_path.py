@@ -210,7 +210,8 @@ def classify(service: Service, data: bytes) -> dict[str, float]:
     """The probabilities the service's models give these bytes (decoded as the service decodes them)."""
     picture = decode_open(io.BytesIO(data), "x.bmp", max_pixels=10**8, max_bytes=10**8).image
     settings = service.settings
-    result = run_batch([picture], service.pipeline.models.standardizer, service.pipeline.models.classifier,
+    models = service.pipeline.models.default
+    result = run_batch([picture], models.standardizer, models.classifier,
                        scale=settings.site.scale, tta=settings.models.tta)[0]
     return result.probabilities
 
