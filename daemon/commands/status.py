@@ -184,7 +184,7 @@ def _retraining_status(session: Session) -> dict[str, Any]:
     fine-tuning, and the standardizer's run must not disappear behind the later one.
     """
     return {
-        "reviews_total": int(session.scalar(select(func.count(Review.id))) or 0),
+        "reviews_total": int(session.scalar(select(func.count(Review.id)).where(Review.superseded_at.is_(None))) or 0),
         "candidates": int(session.scalar(select(func.count(ModelVersion.id))
                                          .where(ModelVersion.state == VersionState.candidate)) or 0),
         "last_retraining": {kind.value: _latest_run(session, kind) for kind in ModelKind},
