@@ -156,7 +156,7 @@ def _run(settings: Settings, sessions: sessionmaker, run_id: int, reviewed: list
         version = session.get(ModelVersion, candidate_id)
         version.metrics = {**(version.metrics or {}), "gate": gate.metrics()}
         if gate.passed:
-            registry.activate(session, version, reason=gate.reason)
+            registry.activate(session, version, reason=gate.reason, actor=f"nightly job, run {run_id}")
         else:
             version.reason = gate.reason
         session.get(TrainingRun, run_id).metrics = metrics

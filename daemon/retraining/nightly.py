@@ -253,7 +253,7 @@ def _run(settings: Settings, sessions: sessionmaker, run_id: int, now: datetime,
         version = session.get(ModelVersion, candidate_id)
         version.metrics = {**(version.metrics or {}), "gate": gate.metrics(), "site_profile": gate.site_profile}
         if gate.passed:
-            registry.activate(session, version, reason=gate.reason)
+            registry.activate(session, version, reason=gate.reason, actor=f"nightly job, run {run_id}")
         else:
             version.reason = gate.reason
         run = session.get(TrainingRun, run_id)
