@@ -161,3 +161,17 @@ def test_models_history_lists_promotions_and_rollbacks_with_actor_and_reason(sql
     assert "rollback 2 -> 1" in capsys.readouterr().out
     assert cli.main(["models", "history", "--site", "elsewhere"]) == 0
     assert capsys.readouterr().out.strip() == "no promotion recorded yet"
+
+
+def test_versions_the_nightly_job_made_have_names_that_tell_them_apart(sessions) -> None:
+    """Two retrained classifiers (same file name in their run folders) are named by kind, method, run, site, date."""
+    header = {"architecture": "resnet18"}
+    with sessions.begin() as s:
+        names = [registry.register_model(s, ModelKind.classifier, f"/state/retraining/run-{run}/classifier.safetensors",
+                                         f"{run}" * 64, header, site="lab-a", state=VersionState.candidate,
+                                         training_run_id=run).name for run in (3, 4)]
+        by_hand = registry.register_model(s, ModelKind.classifier, "/m/clf-site.safetensors", "f" * 64, header,
+                                          site="lab-a", state=VersionState.candidate).name
+    today = registry.utcnow().strftime("%Y-%m-%d")
+    assert names == [f"classifier resnet18 run 3 lab-a {today}", f"classifier resnet18 run 4 lab-a {today}"]
+    assert by_hand == "clf-site (resnet18)"  # a file registered by hand keeps the name the operator gave it
