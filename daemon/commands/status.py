@@ -191,9 +191,14 @@ def _latest_run(session: Session, kind: ModelKind) -> dict[str, Any] | None:
     """The latest retraining run of one kind with its outcome (None: no run of that kind yet)."""
     last = session.scalars(select(TrainingRun).where(TrainingRun.kind == kind)
                            .order_by(TrainingRun.id.desc()).limit(1)).first()
-    return None if last is None else {
-        "run_id": last.id, "status": last.status.value, "started_at": last.started_at.isoformat(),
-        "reason": last.reason, "candidate_id": last.model_version_id}
+    if last is None:
+        return None
+    running = last.status.value == "running"
+    return {"run_id": last.id, "status": last.status.value, "started_at": last.started_at.isoformat(),
+            "reason": last.reason, "candidate_id": last.model_version_id,
+            # a run in progress: where it is (retraining.runs.mark_stage) and the log to follow
+            "stage": ((last.params or {}).get("stage") or "preparing") if running else None,
+            "log_path": last.log_path}
 
 
 def _retraining_status(session: Session) -> dict[str, Any]:
@@ -242,7 +247,9 @@ def render(report: StatusReport) -> str:
         if last is None:
             lines.append(f"{label:<20}none yet")
         else:
-            lines.append(f"{label:<20}run {last['run_id']} {last['status']} ({last['started_at'][:16]}): {last['reason']}")
+            lines.append(f"{label:<20}run {last['run_id']} {last['status']} ({last['started_at'][:16]}): "
+                         + (f"stage {last['stage']}, log {last['log_path'] or '(not yet)'}" if last["stage"]
+                            else str(last["reason"])))
     lines.append(f"reviews             {report.reviews_total} recorded, {report.candidates} candidate model(s) waiting")
     for volume in report.disk:
         lines.append(f"{'free, ' + volume['role']:<20}{volume['free_mb']} MiB ({volume['folder']})")

@@ -213,6 +213,11 @@ def _run(settings: Settings, sessions: sessionmaker, run_id: int, now: datetime,
     if c_active is None or s_active is None:
         raise runs.TrainingFailed("no active classifier or standardizer in the registry; start the service once "
                              "or run `stainbridge models promote ID`")
+    try:  # before training: a changed checkpoint fails the run now, not after an hour of training
+        for version in (c_active, s_active):
+            registry.verify_file(version)
+    except registry.RegistryError as exc:
+        raise runs.TrainingFailed(f"not trained: {exc}") from None
     method = site_profile_method(s_active)
     if method is not None:
         init_from, start = None, (f"re-fitting the active {method} standardizer's site profile (version "
@@ -229,7 +234,9 @@ def _run(settings: Settings, sessions: sessionmaker, run_id: int, now: datetime,
         run = session.get(TrainingRun, run_id)
         run.params = {**(run.params or {}), "init_from": init_from, "init_from_version": s_active.id if init_from
                       else None, "start": start, "command": command}
+    runs.mark_stage(sessions, run_id, f"training ({command})", log_path)
     runs.run_training(cmd, log_path, timeout=cfg.timeout_minutes * 60, stop=stop)
+    runs.mark_stage(sessions, run_id, "gate", log_path)
 
     device = settings.models.device
     classifier = registry.load_version(c_active, device=device)
