@@ -18,7 +18,9 @@ One run, in order (each run is a ``training_runs`` row; every outcome is one of 
 6. then the classifier half (``retraining.finetuning``): with enough expert reviews, a second run
    fine-tunes the active classifier; its outcome is in the result's ``metrics.classifier``;
 7. then every unvalidated site with enough reviews is validated (``retraining.validation``):
-   its recipe is chosen on its reviewed cells (``metrics.sites``).
+   its recipe is chosen on its reviewed cells (``metrics.sites``);
+8. last, run folders and unused candidates older than ``[retraining] keep_days`` are removed
+   (``retraining.retention``, ``metrics.pruned``).
 
 Both training halves serve the site ``[site] name``: they train on its images and reviews and promote
 for it; the other sites of a multi-site service keep their recipes (chosen by validation).
@@ -40,7 +42,7 @@ from stainbridge.daemon import diskspace
 from stainbridge.daemon.config import Settings
 from stainbridge.daemon.intake import claims
 from stainbridge.daemon.logs import get_logger
-from stainbridge.daemon.retraining import finetuning, promotion, runs, validation
+from stainbridge.daemon.retraining import finetuning, promotion, retention, runs, validation
 from stainbridge.daemon.store import (
     Image,
     ImageStatus,
@@ -175,6 +177,7 @@ def run_retraining(settings: Settings, sessions: sessionmaker, *, trigger: str =
                                                                           now=utcnow(), stop=stop)
     if stop is None or not stop.is_set():
         result.metrics["sites"] = validation.validate_ready_sites(settings, sessions)
+    result.metrics["pruned"] = retention.prune_after_run(settings, sessions)  # [retraining] keep_days
     return result
 
 

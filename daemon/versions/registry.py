@@ -242,6 +242,17 @@ def promote(session: Session, version_id: int, *, reason: str | None = None,
     return activate(session, version, reason=reason or "promoted by hand", actor=actor or operator())
 
 
+def rollback_target(session: Session, current: ModelVersion) -> ModelVersion | None:
+    """The version ``models rollback`` would re-activate in place of ``current``: the one it was promoted over."""
+    promoted = session.scalars(
+        select(Promotion).where(Promotion.kind == current.kind, Promotion.site == current.site,
+                                Promotion.to_version_id == current.id, Promotion.action == PromotionAction.promote)
+        .order_by(Promotion.id.desc()).limit(1)).first()
+    if promoted is None or promoted.from_version_id in (None, current.id):
+        return None
+    return session.get(ModelVersion, promoted.from_version_id)
+
+
 def rollback(session: Session, kind: ModelKind | str, site: str, *, actor: str | None = None,
              reason: str | None = None) -> tuple[ModelVersion, ModelVersion]:
     """Retire the active version of ``kind`` for ``site`` and re-activate the one that was active before it.
@@ -254,13 +265,8 @@ def rollback(session: Session, kind: ModelKind | str, site: str, *, actor: str |
     current = active_version(session, kind, site)
     if current is None:
         raise RegistryError(f"no active {kind.value} of site {site!r} to roll back")
-    promoted = session.scalars(
-        select(Promotion).where(Promotion.kind == kind, Promotion.site == site, Promotion.to_version_id == current.id,
-                                Promotion.action == PromotionAction.promote)
-        .order_by(Promotion.id.desc()).limit(1)).first()
-    previous = (session.get(ModelVersion, promoted.from_version_id)
-                if promoted is not None and promoted.from_version_id is not None else None)
-    if previous is None or previous.id == current.id:
+    previous = rollback_target(session, current)
+    if previous is None:
         raise RegistryError(f"no earlier {kind.value} version of site {site!r} to roll back to (see `stainbridge "
                             "models history`); promote one with `stainbridge models promote ID`")
     verify_file(previous)
