@@ -226,7 +226,7 @@ def test_a_windows_1252_review_file_is_read_and_says_so(world, tmp_path, capsys)
 
 
 @pytest.mark.parametrize("row, expected", [
-    ("1,lymphocyte,dr a," + "x" * (129 * 1024), "field larger than field limit"),
+    ("1,lymphocyte,dr a," + "x" * (129 * 1024), "line 3: field larger than field limit"),
     ("9" * 5000 + ",lymphocyte,dr a,", "unknown image '99999999"),
 ])
 def test_an_oversized_field_or_a_huge_image_id_is_refused_and_nothing_written(world, tmp_path, capsys, row,

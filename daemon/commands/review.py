@@ -101,7 +101,7 @@ def read_review_file(path: Path) -> tuple[list[dict[str, str]], str]:
     try:
         rows = list(reader)
     except csv.Error as exc:  # a field over csv.field_size_limit() (128 KiB), a NUL byte...
-        raise ReviewFileError(f"{path}, line {reader.line_num}: {exc}; a review field is a label, a name or a short "
+        raise ReviewFileError(f"{path}, line {reader.line_num + 1}: {exc}; a review field is a label, a name or a short "
                               "comment: fix that line; nothing imported") from None
     found = [name.strip() for name in reader.fieldnames or []]
     missing = [column for column in REQUIRED_COLUMNS if column not in found]

@@ -191,7 +191,8 @@ def register_configured(session: Session, kind: ModelKind, path: str, sha256: st
                       action="refused; restore the file, or copy it to a new name and set [models] to it, "
                              "or run `stainbridge models register PATH`")
             return None
-    return register_model(session, kind, path, sha256, header, site=site, actor="configuration")
+    return register_model(session, kind, path, sha256, header, site=site, actor="configuration",
+                          reason="[models] names it and the site had not served it")
 
 
 def verify_file(version: ModelVersion) -> None:
