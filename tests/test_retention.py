@@ -96,3 +96,16 @@ def test_the_nightly_job_prunes_too(runs_world) -> None:
     assert result.status == "skipped"
     assert result.metrics["pruned"]["folders"] == [str(folders[n]) for n in (1, 4, 5)]
     assert not folders[5].exists() and Path(folders[3] / "standardizer.safetensors").is_file()
+
+
+def test_backup_leaves_pruned_checkpoints_out_without_a_warning(runs_world, tmp_path, capsys) -> None:
+    """After a prune, `backup` copies the kept checkpoints and says nothing about the files removed on purpose."""
+    sessions, _ = runs_world
+    from stainbridge.daemon.commands.backup import copy_checkpoints
+
+    assert cli.main(["models", "prune"]) == 0
+    with sessions() as s:
+        versions = [v for v in s.query(ModelVersion) if not registry.is_builtin(v)]
+    (tmp_path / "backup").mkdir()
+    entries, warnings = copy_checkpoints(versions, tmp_path / "backup")
+    assert warnings == [] and sorted(i for e in entries for i in e.versions) == [3, 4, 7]
