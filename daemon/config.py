@@ -113,6 +113,7 @@ class RetrainingSettings:
     min_reviews: int = 30  # reviewed images needed before reviewed accuracy is part of the gate
     max_gate_images: int = 200  # images per gate check (reference split, held-out recent images)
     review_below: float = 0.6  # `review export` lists, after the flagged cells, predictions less confident than this
+    keep_days: int = 30  # run folders (PNG copies of reviewed images) and unused candidates older than this go
 
 
 @dataclass(frozen=True)
@@ -238,6 +239,7 @@ VALIDATORS: dict[tuple[str, str], Callable[[Any], Any]] = {
     ("retraining", "min_reviews"): check.positive(int),
     ("retraining", "max_gate_images"): check.positive(int),
     ("retraining", "review_below"): check.fraction,
+    ("retraining", "keep_days"): check.positive(int),
     ("metrics", "port"): check.port,
     ("metrics", "address"): check.string,
     ("logging", "level"): check.choice(*LOG_LEVELS),

@@ -276,7 +276,10 @@ class ValidationCell(Base):
 
 
 class Review(Base):
-    """A label confirmed (or corrected) by a hematologist."""
+    """A label confirmed (or corrected) by a hematologist.
+
+    One current review per image and reviewer (a partial unique index); a changed label supersedes the
+    old row (``superseded_at`` set), which stays as the history."""
 
     __tablename__ = "reviews"
 
@@ -286,6 +289,52 @@ class Review(Base):
     reviewer: Mapped[str] = mapped_column(String(128))
     comment: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    superseded_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        Index("uq_reviews_current", "image_id", "reviewer", unique=True,
+              sqlite_where=text("superseded_at IS NULL"), postgresql_where=text("superseded_at IS NULL")),
+    )
+
+
+class PromotionAction(str, enum.Enum):
+    promote = "promote"  # a version made active: by hand, by the nightly gate, by validation, by the configuration
+    rollback = "rollback"  # `models rollback`: back to the version that served before
+
+
+class Promotion(Base):
+    """One change of a site's active version of one kind: the history `models rollback` walks back."""
+
+    __tablename__ = "promotions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[ModelKind] = mapped_column(_str_enum(ModelKind, "model_kind"))
+    site: Mapped[str] = mapped_column(String(128))
+    from_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
+    to_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"))
+    action: Mapped[PromotionAction] = mapped_column(_str_enum(PromotionAction, "promotion_action"))
+    actor: Mapped[str] = mapped_column(String(128))
+    reason: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (Index("ix_promotions_site_kind", "site", "kind"),)
+
+
+class ServedModels(Base):
+    """What one worker's service actually serves for one site (hot swap writes it), and a swap it refused."""
+
+    __tablename__ = "served_models"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    worker: Mapped[str] = mapped_column(String(128))  # intake.claim_owner: host@boot.pidns:pid
+    site: Mapped[str] = mapped_column(String(128))
+    classifier_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"))
+    standardizer_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"))
+    refused_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
+    refused_reason: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (Index("uq_served_models_worker_site", "worker", "site", unique=True),)
 
 
 # What lab staff query: one row per image with its latest prediction and latest review.

@@ -53,19 +53,49 @@ def test_a_promoted_version_replaces_the_loaded_one(world) -> None:
     assert new.classifier is current.classifier
 
 
-def test_a_version_that_fails_to_load_is_refused_and_the_old_one_stays(world, monkeypatch) -> None:
-    """A promoted file changed on disk is refused once (logged), not retried, and the loaded models keep serving."""
+def test_a_refused_swap_is_retried_at_the_next_poll_and_reported(world, monkeypatch) -> None:
+    """A promoted file changed on disk is refused at each poll (logged with the attempt, the old models keep serving,
+    `status` names the refusal); once the file is restored the next poll swaps it in and `status` says it serves."""
+    from stainbridge.daemon.commands.status import collect
+
     settings, sessions, current, other = world
     swaps, loads = EventRecorder(), EventRecorder()
     monkeypatch.setattr(hotswap, "log", swaps)
     monkeypatch.setattr(registry, "log", loads)
     swapper = ModelSwapper(settings, sessions)
     new_id = _promote(sessions, other)
+    good = other.read_bytes()
+    other.write_bytes(good[:-10] + b"0123456789")
+    assert swapper.check(current, force=True) is None
+    assert swapper.check(current, force=True) is None
+    assert swaps.names() == ["model_refused", "model_refused"] and loads.names() == ["checkpoint_changed"] * 2
+    with sessions() as s:
+        standardizer = next(m for m in collect(settings, s).models if m["kind"] == "standardizer")
+    assert standardizer["id"] == new_id and standardizer["served"] is False
+    assert "swap refused" in standardizer["not_served"] and "attempt 2" in standardizer["not_served"]
+    other.write_bytes(good)
+    new = swapper.check(current, force=True)
+    assert new is not None and new.standardizer_version_id == new_id
+    with sessions() as s:
+        report = collect(settings, s)
+    assert all(m["served"] for m in report.models) and report.serving[0]["refused"] is None
+
+
+def test_the_metrics_name_the_served_version_not_only_the_registry_s(world) -> None:
+    """While a promoted version is refused, the metrics' served standardizer is the one still loaded, flagged refused."""
+    from stainbridge.daemon.lab.metrics import DatabaseCollector
+
+    settings, sessions, current, other = world
+    new_id = _promote(sessions, other)
     other.write_bytes(other.read_bytes()[:-10] + b"0123456789")
-    assert swapper.check(current, force=True) is None
-    assert swapper.check(current, force=True) is None
-    assert new_id in swapper.refused
-    assert swaps.names() == ["model_refused"] and loads.names() == ["checkpoint_changed"]
+    assert ModelSwapper(settings, sessions).check(current, force=True) is None
+    families = {family.name: family.samples for family in DatabaseCollector(sessions).collect()}
+    served = {s.labels["kind"]: s.labels["name"] for s in families["stainbridge_served_model_info"]}
+    active = {s.labels["kind"]: s.labels["name"] for s in families["stainbridge_active_model_info"]}
+    with sessions() as s:
+        names = {v.id: v.name for v in registry.list_versions(s)}
+    assert served["standardizer"] == names[current.standardizer_version_id] != active["standardizer"] == names[new_id]
+    assert [s.value for s in families["stainbridge_model_swap_refused"]] == [1]
 
 
 @pytest.mark.slow

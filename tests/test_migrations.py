@@ -88,9 +88,10 @@ def test_results_view_joins_latest_prediction_and_review(database_url: str) -> N
             c.execute(text(prediction), {"id": 1, "label": "monocyte", "conf": 0.6, "std": None, "clf": 1, "t": now})
             c.execute(text(prediction), {"id": 2, "label": "lymphocyte", "conf": 0.9, "std": 3, "clf": 2,
                                          "t": now + timedelta(seconds=1)})
-            review = "INSERT INTO reviews (id, image_id, label, reviewer, created_at) VALUES (:id, 1, :label, 'dr', :t)"
-            c.execute(text(review), {"id": 1, "label": "monocyte", "t": now})
-            c.execute(text(review), {"id": 2, "label": "lymphocyte", "t": now})
+            review = ("INSERT INTO reviews (id, image_id, label, reviewer, created_at, superseded_at) "
+                      "VALUES (:id, 1, :label, 'dr', :t, :gone)")
+            c.execute(text(review), {"id": 1, "label": "monocyte", "t": now, "gone": now})  # corrected by the next
+            c.execute(text(review), {"id": 2, "label": "lymphocyte", "t": now, "gone": None})
         with engine.connect() as c:
             rows = c.execute(text(
                 "SELECT image_id, label, confidence, standardizer, classifier, classifier_sha256, reviewed_label "
@@ -289,5 +290,42 @@ def test_every_revision_walks_up_and_down_keeping_the_rows_of_each(database_url:
             _kept(engine, len(revisions))
         downgrade_database(database_url, "base")
         assert not TABLES & set(inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+
+
+def test_0010_keeps_reviews_as_history_and_seeds_the_promotion_history(database_url: str) -> None:
+    """Upgrading to 0010 marks all but the newest review of an image and reviewer superseded and records past
+    promotions in order (the active version last); downgrading to 0009 keeps every review row."""
+    upgrade_database(database_url, "0009")
+    when = datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
+    engine = make_engine(database_url)
+    try:
+        with engine.begin() as c:
+            c.execute(text(
+                "INSERT INTO model_versions (id, kind, site, name, path, sha256, header, metrics, state, created_at, "
+                "promoted_at) VALUES (1, 'classifier', 's', 'v1', '/m/1', 'a', '{}', '{}', 'retired', :t, :t1), "
+                "(4, 'classifier', 's', 'v4', '/m/4', 'b', '{}', '{}', 'active', :t, :t1), "
+                "(5, 'classifier', 's', 'v5', '/m/5', 'c', '{}', '{}', 'retired', :t, :t5)"),
+                {"t": when, "t1": when + timedelta(hours=1), "t5": when + timedelta(hours=5)})
+            c.execute(text("INSERT INTO images (id, source_name, site, status, received_at) "
+                           "VALUES (1, 'a.png', 's', 'done', :t)"), {"t": when})
+            for n, (label, reviewer) in enumerate([("monocyte", "dr a"), ("lymphocyte", "dr a"),
+                                                   ("monocyte", "dr b")], start=1):
+                c.execute(text("INSERT INTO reviews (id, image_id, label, reviewer, created_at) "
+                               "VALUES (:id, 1, :label, :who, :t)"),
+                          {"id": n, "label": label, "who": reviewer, "t": when + timedelta(minutes=n)})
+        upgrade_database(database_url, "0010")
+        with engine.connect() as c:
+            current = c.execute(text("SELECT id FROM reviews WHERE superseded_at IS NULL ORDER BY id")).scalars().all()
+            history = c.execute(text("SELECT from_version_id, to_version_id, action FROM promotions "
+                                     "ORDER BY id")).all()
+        assert current == [2, 3]
+        assert [tuple(row) for row in history] == [(None, 1, "promote"), (1, 5, "promote"), (5, 4, "promote")]
+        downgrade_database(database_url, "0009")
+        with engine.connect() as c:
+            assert c.execute(text("SELECT count(*) FROM reviews")).scalar() == 3
+            assert "superseded_at" not in {col["name"] for col in inspect(engine).get_columns("reviews")}
+            assert "promotions" not in inspect(engine).get_table_names()
     finally:
         engine.dispose()

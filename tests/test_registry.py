@@ -113,3 +113,65 @@ def test_models_commands(sqlite_url, tmp_path, monkeypatch, capsys, restore_logg
     assert cli.main(["models", "rollback", "standardizer"]) == 0
     assert cli.main(["models", "promote", "99"]) == 1
     assert "no model version 99" in capsys.readouterr().err
+
+
+def _builtin_versions(url: str, count: int) -> None:
+    """Versions 1..count of the default site's standardizer (built-ins: no file to check), version 1 active."""
+    upgrade_database(url)
+    engine = make_engine(url)
+    with make_sessionmaker(engine).begin() as s:
+        for n in range(1, count + 1):
+            registry.register_model(s, ModelKind.standardizer, ("none", "reinhard", "macenko")[n % 3], f"{n}" * 64, {},
+                                    site="default", state=VersionState.active if n == 1 else VersionState.candidate)
+    engine.dispose()
+
+
+def test_rollback_returns_to_the_version_active_before_the_current_one(sqlite_url, tmp_path, monkeypatch,
+                                                                      capsys) -> None:
+    """Promote 4, roll back (to 1), promote 5, roll back: version 1 serves again, not 4 (promoted more recently)."""
+    monkeypatch.setenv("STAINBRIDGE_DATABASE_URL", sqlite_url)
+    monkeypatch.setenv("STAINBRIDGE_PATHS_STATE", str(tmp_path / "state"))
+    _builtin_versions(sqlite_url, 5)
+    assert cli.main(["models", "promote", "4"]) == 0
+    assert cli.main(["models", "rollback", "standardizer"]) == 0
+    assert cli.main(["models", "promote", "5"]) == 0
+    assert cli.main(["models", "rollback", "standardizer"]) == 0
+    capsys.readouterr()
+    assert cli.main(["models", "list", "--json"]) == 0
+    assert [v["id"] for v in json.loads(capsys.readouterr().out) if v["state"] == "active"] == [1]
+
+
+def test_models_history_lists_promotions_and_rollbacks_with_actor_and_reason(sqlite_url, tmp_path, monkeypatch,
+                                                                            capsys) -> None:
+    """`models history --json` has every change in order: action, from, to, actor, reason, time."""
+    monkeypatch.setenv("STAINBRIDGE_DATABASE_URL", sqlite_url)
+    monkeypatch.setenv("STAINBRIDGE_PATHS_STATE", str(tmp_path / "state"))
+    _builtin_versions(sqlite_url, 2)
+    assert cli.main(["models", "promote", "2", "--reason", "new stain lot"]) == 0
+    assert cli.main(["models", "rollback", "standardizer"]) == 0
+    capsys.readouterr()
+    assert cli.main(["models", "history", "--json", "--site", "default"]) == 0
+    events = json.loads(capsys.readouterr().out)
+    assert [(e["action"], e["from_version"], e["to_version"]) for e in events] == [
+        ("promote", None, 1), ("promote", 1, 2), ("rollback", 2, 1)]
+    assert events[0]["actor"] == "configuration" and events[1]["reason"] == "new stain lot"
+    assert events[1]["actor"].endswith("(command line)") and events[2]["reason"] == "rolled back from version 2"
+    assert all(e["time"] for e in events)
+    assert cli.main(["models", "history"]) == 0
+    assert "rollback 2 -> 1" in capsys.readouterr().out
+    assert cli.main(["models", "history", "--site", "elsewhere"]) == 0
+    assert capsys.readouterr().out.strip() == "no promotion recorded yet"
+
+
+def test_versions_the_nightly_job_made_have_names_that_tell_them_apart(sessions) -> None:
+    """Two retrained classifiers (same file name in their run folders) are named by kind, method, run, site, date."""
+    header = {"architecture": "resnet18"}
+    with sessions.begin() as s:
+        names = [registry.register_model(s, ModelKind.classifier, f"/state/retraining/run-{run}/classifier.safetensors",
+                                         f"{run}" * 64, header, site="lab-a", state=VersionState.candidate,
+                                         training_run_id=run).name for run in (3, 4)]
+        by_hand = registry.register_model(s, ModelKind.classifier, "/m/clf-site.safetensors", "f" * 64, header,
+                                          site="lab-a", state=VersionState.candidate).name
+    today = registry.utcnow().strftime("%Y-%m-%d")
+    assert names == [f"classifier resnet18 run 3 lab-a {today}", f"classifier resnet18 run 4 lab-a {today}"]
+    assert by_hand == "clf-site (resnet18)"  # a file registered by hand keeps the name the operator gave it

@@ -209,3 +209,43 @@ def test_retrain_now_json(world, lab, monkeypatch, capsys, restore_logging) -> N
     status = json.loads(capsys.readouterr().out)
     assert status["last_retraining"]["standardizer"]["status"] == "skipped" and status["reviews_total"] == 0
     assert status["last_retraining"]["classifier"] is None
+
+
+def test_a_changed_active_checkpoint_fails_the_run_before_training(settings_factory, lab, tmp_path) -> None:
+    """The active classifier's bytes changed after registration: the run fails at once, naming it, and never trains."""
+    classifier = tmp_path / "classifier.safetensors"
+    classifier.write_bytes(lab.classifier.read_bytes())
+    settings = _settings(settings_factory, lab, "none", models_classifier=classifier)
+    engine, sessions = open_world(settings)
+    try:
+        archive_incoming(settings, sessions, lab)
+        classifier.write_bytes(classifier.read_bytes()[:-10] + b"0123456789")
+        result = retraining.run_retraining(settings, sessions)
+        assert result.status == "failed" and result.reason.startswith("not trained: ")
+        assert "has changed since it was registered" in result.reason
+        assert not (settings.state_dir / "retraining" / f"run-{result.run_id}" / "train.log").exists()
+    finally:
+        engine.dispose()
+
+
+def test_status_shows_the_running_run_s_stage_and_log(world, monkeypatch, tmp_path, capsys, restore_logging) -> None:
+    """While the training child runs, `status --json` names the run's stage and log, and the log has a progress line."""
+    settings, sessions = world
+    pidfile = tmp_path / "child.pid"
+    monkeypatch.setattr(runs, "CHILD", "import os, sys, time; os.nice(int(sys.argv[1])); "
+                        f"open({str(pidfile)!r}, 'w').write(str(os.getpid())); time.sleep(120)")
+    monkeypatch.setenv("STAINBRIDGE_DATABASE_URL", settings.database_url)
+    monkeypatch.setenv("STAINBRIDGE_PATHS_STATE", str(settings.state_dir))
+    results = []
+    worker = threading.Thread(target=lambda: results.append(retraining.run_retraining(settings, sessions)))
+    worker.start()
+    pid = int(wait_for(lambda: pidfile.exists() and pidfile.read_text(), 60, "the training child's pid"))
+    try:
+        assert cli.main(["status", "--json"]) == 0
+        running = json.loads(capsys.readouterr().out)["last_retraining"]["standardizer"]
+        assert running["status"] == "running" and running["stage"].startswith("training (train cyclegan)")
+        assert "stage: training (train cyclegan)" in Path(running["log_path"]).read_text()
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        worker.join(60)
+    assert results[0].status == "failed"

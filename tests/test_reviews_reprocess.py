@@ -156,3 +156,86 @@ def test_reprocess_refuses_a_filed_file_whose_bytes_changed(world, capsys) -> No
     assert (summary["selected"], summary["classified"], summary["unreadable"]) == (3, 2, {"changed_since_filed": 1})
     assert query(url, "SELECT image_id, count(*) FROM predictions GROUP BY image_id ORDER BY image_id") == [
         (1, 2), (2, 1), (3, 2)]
+
+
+def _reviews(url: str) -> list[tuple]:
+    return [tuple(r) for r in query(url, "SELECT image_id, label, reviewer, superseded_at IS NOT NULL FROM reviews "
+                                         "ORDER BY id")]
+
+
+def test_importing_the_same_reviews_again_changes_nothing_and_starts_no_finetuning(world, tmp_path, capsys,
+                                                                                   monkeypatch) -> None:
+    """A second import of one file adds no review, and the nightly classifier half sees nothing new to train on."""
+    from stainbridge.daemon.config import load_settings
+    from stainbridge.daemon.retraining.finetuning import run_classifier_finetune
+    from stainbridge.daemon.store import ModelKind, RunStatus, TrainingRun
+
+    url, _, _ = world
+    monkeypatch.setenv("STAINBRIDGE_RETRAINING_MIN_REVIEWS", "1")
+    monkeypatch.setenv("STAINBRIDGE_SITE_NAME", "s")  # the fixture's images
+    reviews = tmp_path / "reviews.csv"
+    reviews.write_text("image,label,reviewer\n1,lymphocyte,dr a\n2,monocyte,dr a\n")
+    assert cli.main(["review", "import", str(reviews)]) == 0
+    engine = make_engine(url)
+    sessions = make_sessionmaker(engine)
+    with sessions.begin() as s:  # a fine-tuning already ran on these reviews
+        s.add(TrainingRun(kind=ModelKind.classifier, status=RunStatus.rejected, started_at=utcnow(),
+                          params={"reviews_up_to": max(r[0] for r in query(url, "SELECT id FROM reviews"))}))
+    capsys.readouterr()
+    assert cli.main(["review", "import", str(reviews)]) == 0
+    assert "0 new, 0 changed, 2 already recorded" in capsys.readouterr().out
+    assert len(_reviews(url)) == 2
+    outcome = run_classifier_finetune(load_settings(), sessions, trigger="manual", now=utcnow())
+    engine.dispose()
+    assert outcome["status"] == "not run" and "no review imported since" in outcome["reason"]
+
+
+def test_a_changed_label_replaces_the_current_review_and_keeps_the_old_one(world, tmp_path, capsys) -> None:
+    """Relabelling an image by the same reviewer supersedes the old row: results show the new label, history stays."""
+    url, _, _ = world
+    first, second = tmp_path / "first.csv", tmp_path / "second.csv"
+    first.write_text("image,label,reviewer\n1,lymphocyte,dr a\n")
+    second.write_text("image,label,reviewer\n1,monocyte,dr a\n")
+    assert cli.main(["review", "import", str(first)]) == 0
+    assert cli.main(["review", "import", str(second)]) == 0
+    assert "0 new, 1 changed" in capsys.readouterr().out
+    assert _reviews(url) == [(1, "lymphocyte", "dr a", 1), (1, "monocyte", "dr a", 0)]
+    assert query(url, "SELECT reviewed_label FROM results WHERE image_id = 1") == [("monocyte",)]
+    assert cli.main(["status", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["reviews_total"] == 1
+
+
+def test_a_review_file_without_the_required_columns_is_refused(world, tmp_path, capsys) -> None:
+    """A header-only CSV with other columns exits 1 naming the missing columns; nothing is written."""
+    url, _, _ = world
+    wrong = tmp_path / "wrong.csv"
+    wrong.write_text("cell,diagnosis,who\n")
+    assert cli.main(["review", "import", str(wrong)]) == 1
+    assert "missing column(s) image, label (found: cell, diagnosis, who)" in capsys.readouterr().err
+    assert _reviews(url) == []
+
+
+def test_a_windows_1252_review_file_is_read_and_says_so(world, tmp_path, capsys) -> None:
+    """Excel's default "CSV" (Windows-1252) imports with the reviewer's accented name intact, and the note says so."""
+    url, _, _ = world
+    excel = tmp_path / "excel.csv"
+    excel.write_bytes("image,label,reviewer,comment\n1,lymphocyte,Dra. Muñoz,célula típica\n".encode("cp1252"))
+    assert cli.main(["review", "import", str(excel)]) == 0
+    assert "read as Windows-1252" in capsys.readouterr().out
+    assert query(url, "SELECT reviewer, comment FROM reviews") == [("Dra. Muñoz", "célula típica")]
+
+
+@pytest.mark.parametrize("row, expected", [
+    ("1,lymphocyte,dr a," + "x" * (129 * 1024), "line 3: field larger than field limit"),
+    ("9" * 5000 + ",lymphocyte,dr a,", "unknown image '99999999"),
+])
+def test_an_oversized_field_or_a_huge_image_id_is_refused_and_nothing_written(world, tmp_path, capsys, row,
+                                                                             expected) -> None:
+    """A field over 128 KiB or an image id no database holds is refused with a clear error; no review is written."""
+    url, _, _ = world
+    hostile = tmp_path / "hostile.csv"
+    hostile.write_text(f"image,label,reviewer,comment\n2,monocyte,dr a,\n{row}\n")
+    assert cli.main(["review", "import", str(hostile)]) == 1
+    err = capsys.readouterr().err
+    assert expected in err and "nothing imported" in err and "Traceback" not in err
+    assert _reviews(url) == []

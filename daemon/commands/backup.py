@@ -124,13 +124,16 @@ def registered_checkpoints(settings: Settings) -> list[ModelVersion]:
 
 def copy_checkpoints(versions: list[ModelVersion], folder: Path) -> tuple[list[Entry], list[str]]:
     """Copy each registered checkpoint once (by sha256); returns the entries and the warnings. A missing or changed
-    file of an active version is an error; of a candidate or retired one, a warning (it is left out)."""
+    file of an active version is an error; of a candidate or retired one, a warning (it is left out). A version whose
+    file `models prune` removed on purpose (``metrics.pruned_at``) is left out without one."""
     (folder / "checkpoints").mkdir()
     entries: dict[str, Entry] = {}
     warnings: list[str] = []
     for v in versions:
         if v.sha256 in entries:
             entries[v.sha256].versions.append(v.id)
+            continue
+        if (v.metrics or {}).get("pruned_at") and v.state is not VersionState.active:
             continue
         source = Path(v.path)
         target = folder / "checkpoints" / f"{v.sha256}.safetensors"

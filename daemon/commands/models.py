@@ -1,10 +1,12 @@
-"""`stainbridge models list [--json] | register PATH | promote ID | rollback KIND`: the registry by hand.
+"""`stainbridge models list | register PATH | promote ID | rollback KIND | history | prune`: the registry by hand.
 
 Every version belongs to one site (docs/sites.md); ``--site`` names it (default ``[site] name``).
 ``register`` loads the file through the inference path (so only a checkpoint that loads can be
 registered) and records it as a candidate of the site; ``promote`` makes a version active for its site
 (no gate: the operator decides); ``rollback`` re-activates the version that served the site before
-the active one. The running service picks up the change between two batches (``[models] poll_seconds``).
+the active one (from the promotion history, which ``history`` lists); ``prune`` removes old run folders and
+unused candidates (``daemon.retraining.retention``). The running service picks up a change between two
+batches (``[models] poll_seconds``).
 """
 
 from __future__ import annotations
@@ -43,11 +45,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     register = sub.add_parser("register", help="record a checkpoint as a candidate of a site")
     register.add_argument("path", metavar="PATH")
     register.add_argument("--site", default=None, help="the site it is for (default: [site] name)")
-    sub.add_parser("promote", help="make a version the active one of its kind for its site").add_argument(
-        "id", type=int, metavar="ID")
+    promote = sub.add_parser("promote", help="make a version the active one of its kind for its site")
+    promote.add_argument("id", type=int, metavar="ID")
+    promote.add_argument("--reason", default=None, help="why, for the promotion history")
     rollback = sub.add_parser("rollback", help="re-activate the version that served a site before the active one")
     rollback.add_argument("kind", choices=[k.value for k in ModelKind], metavar="KIND")
     rollback.add_argument("--site", default=None, help="the site (default: [site] name)")
+    rollback.add_argument("--reason", default=None, help="why, for the promotion history")
+    history = sub.add_parser("history", help="every promotion and rollback: when, what, by whom, why")
+    history.add_argument("--json", action="store_true", help="a JSON list of objects")
+    history.add_argument("--site", default=None, help="only this site's changes")
+    prune = sub.add_parser("prune", help="remove run folders and unused candidates older than [retraining] keep_days")
+    prune.add_argument("--dry-run", action="store_true", help="only list what would be removed")
+    prune.add_argument("--json", action="store_true", help="print what was (or would be) removed as JSON")
 
 
 def _register(session: Session, path: Path, site: str) -> registry.ModelVersion:
@@ -81,6 +91,28 @@ def _adapted(adaptation: dict | None) -> str:
     return f"  [adapted to {images} unlabeled site images]"
 
 
+def _history_lines(events: list[dict]) -> str:
+    if not events:
+        return "no promotion recorded yet"
+    return "\n".join(
+        f"{e['time'][:19]}  {e['site']:<14} {e['kind']:<12} {e['action']:<8} "
+        f"{e['from_version'] if e['from_version'] is not None else '-'} -> {e['to_version']} ({e['to_name']})  "
+        f"by {e['actor']}" + (f": {e['reason']}" if e["reason"] else "") for e in events)
+
+
+def _prune(settings: Settings, session: Session, *, dry_run: bool, as_json: bool) -> int:
+    from stainbridge.daemon.retraining.retention import prune
+
+    removed = prune(settings, session, dry_run=dry_run)
+    if not dry_run:
+        session.commit()
+    if as_json:
+        print(json.dumps(removed.as_json(), indent=2))
+    else:
+        print(removed.summary(dry_run=dry_run))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     name = f"stainbridge models {args.action}"
     try:
@@ -97,6 +129,12 @@ def run(args: argparse.Namespace) -> int:
                           f"{v['name']}" + _profile(v["site_profile"]) + _adapted(v["adaptation"])
                           + (f"  ({v['reason']})" if v["reason"] and v["state"] == "candidate" else ""))
                 return 0
+            if args.action == "history":
+                events = registry.history(session, args.site)
+                print(json.dumps(events, indent=2) if args.json else _history_lines(events))
+                return 0
+            if args.action == "prune":
+                return _prune(settings, session, dry_run=args.dry_run, as_json=args.json)
             if args.action == "register":
                 path = Path(args.path)
                 if not path.is_file():
@@ -106,12 +144,12 @@ def run(args: argparse.Namespace) -> int:
                 message = (f"registered {version.kind.value} version {version.id} ({version.state.value}) "
                            f"for site {version.site}")
             elif args.action == "promote":
-                version = registry.promote(session, args.id)
+                version = registry.promote(session, args.id, reason=args.reason)
                 message = (f"version {version.id} ({version.name}) is now the active {version.kind.value} "
                            f"of site {version.site}")
             else:
                 site = args.site or settings.site.name
-                old, new = registry.rollback(session, args.kind, site)
+                old, new = registry.rollback(session, args.kind, site, reason=args.reason)
                 message = (f"rolled back {args.kind} of site {site}: version {old.id} retired, version {new.id} "
                            f"({new.name}) active")
             session.commit()

@@ -3,7 +3,8 @@
 Same job as the scheduler's (training subprocess, candidate, gate), under the same lock, so it
 never runs alongside a scheduled run of another worker. Exit 0 when the run finished (promoted,
 refused or skipped: see ``status``), 1 when it (or the classifier fine-tuning after it) failed or
-another worker is running it.
+another worker is running it. With ``--json`` the output is JSON in every case: no run at all is
+``{"status": "locked" | "error", "reason": ..., "run_id": null, ...}``.
 """
 
 from __future__ import annotations
@@ -25,20 +26,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print {run_id, status, candidate_id, promoted, reason, metrics}")
 
 
+def _refused(args: argparse.Namespace, status: str, reason: str) -> int:
+    """No run: the reason on standard error, and with --json the same as JSON (a script always gets JSON)."""
+    print(f"stainbridge retrain: {reason}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({"run_id": None, "status": status, "candidate_id": None, "promoted": False,
+                          "reason": reason, "metrics": {}}, indent=2))
+    return 1
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         settings = load_settings(args.config)
         prepare_database(settings.database_url, default_site=settings.site.name)
     except (ConfigError, SchemaError) as exc:
-        print(f"stainbridge retrain: {exc}", file=sys.stderr)
-        return 1
+        return _refused(args, "error", str(exc))
     engine = make_engine(settings.database_url)
     try:
         with job_lock(settings, engine) as got:
             if not got:
-                print("stainbridge retrain: another worker is running the retraining job; try again later",
-                      file=sys.stderr)
-                return 1
+                return _refused(args, "locked", "another worker is running the retraining job (it holds the "
+                                "retraining lock); `stainbridge status` shows its stage; try again when it ends")
             result = run_retraining(settings, make_sessionmaker(engine), trigger="manual")
     finally:
         engine.dispose()

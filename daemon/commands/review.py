@@ -11,8 +11,10 @@ latest prediction is less confident than ``[retraining] review_below`` (:data:`R
 each listed cell there (``<image id>.png``, decoded as the service decodes it) and names it in the
 ``thumbnail`` column. ``import`` reads such a file back (columns
 ``image`` = image id or sha256, ``label``, ``reviewer``, optional ``time`` (ISO 8601) and
-``comment``; rows with an empty label are skipped). It is all or nothing: unknown images and
-labels the active classifier does not know are all reported and nothing is written.
+``comment``; rows with an empty label are skipped; UTF-8, or Windows-1252 as Excel saves "CSV"). It is
+all or nothing: a missing column, an unknown image or label, an oversized field are all reported and
+nothing is written. One current review per image and reviewer: importing the same file again changes
+nothing (and so starts no fine-tuning), a changed label supersedes the old one, which stays as history.
 Reviews feed the promotion gate, ``status`` and the ``results`` view.
 """
 
@@ -20,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import sys
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -40,6 +44,7 @@ from stainbridge.daemon.store import (
     Site,
     SiteState,
     ValidationCell,
+    utcnow,
 )
 from stainbridge.daemon.versions import registry
 
@@ -72,46 +77,119 @@ def known_labels(session: Session) -> set[str]:
             for label in (version.header or {}).get("classes") or []}
 
 
-def import_reviews(session: Session, path: Path) -> int:
-    """Validate every row, then add them all; raise ReviewFileError listing the problems. Caller commits."""
+REQUIRED_COLUMNS = ("image", "label")
+MAX_IMAGE_ID = 2**63 - 1  # the database's BIGINT; a longer number cannot name an image
+
+
+def read_review_file(path: Path) -> tuple[list[dict[str, str]], str]:
+    """The rows of a review CSV and the encoding it was read in: UTF-8 (with or without a byte-order mark),
+    else Windows-1252, Excel's "CSV" format; raise ReviewFileError for anything else or a missing column."""
     try:
-        with path.open(newline="", encoding="utf-8-sig") as handle:
-            rows = list(csv.DictReader(handle))
+        data = path.read_bytes()
     except OSError as exc:
         raise ReviewFileError(f"cannot read {path}: {exc.strerror or exc}") from None
-    if rows and not {"image", "label"} <= set(rows[0]):
-        raise ReviewFileError(f"{path}: needs the columns image, label, reviewer (found {', '.join(rows[0])})")
+    for encoding in ("utf-8-sig", "cp1252"):
+        try:
+            text = data.decode(encoding)
+            break
+        except UnicodeDecodeError:
+            continue
+    else:
+        raise ReviewFileError(f"{path} is neither UTF-8 nor Windows-1252 text; save it from the spreadsheet as "
+                              "\"CSV UTF-8\" and import it again; nothing imported")
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        rows = list(reader)
+    except csv.Error as exc:  # a field over csv.field_size_limit() (128 KiB), a NUL byte...
+        raise ReviewFileError(f"{path}, line {reader.line_num + 1}: {exc}; a review field is a label, a name or a short "
+                              "comment: fix that line; nothing imported") from None
+    found = [name.strip() for name in reader.fieldnames or []]
+    missing = [column for column in REQUIRED_COLUMNS if column not in found]
+    if missing:
+        raise ReviewFileError(f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(found) or 'none'}); "
+                              "a review file needs the columns image, label and, optionally, reviewer, time, comment "
+                              "(`stainbridge review export` writes one); nothing imported")
+    return [{(k or "").strip(): v for k, v in row.items()} for row in rows], (
+        "UTF-8" if encoding == "utf-8-sig" else "Windows-1252")
+
+
+def _find_image(session: Session, key: str) -> Image | None:
+    if len(key) == 64 and all(c in "0123456789abcdef" for c in key.lower()):  # a sha256, even if all digits
+        return session.scalars(select(Image).where(Image.sha256 == key.lower(), Image.duplicate_of_id.is_(None))).first()
+    if key.isdigit() and len(key) <= 19 and int(key) <= MAX_IMAGE_ID:
+        return session.get(Image, int(key))
+    return None
+
+
+@dataclass
+class ImportCounts:
+    """What an import did: reviews added, changed (the old label kept as history) and already recorded."""
+
+    added: int = 0
+    changed: int = 0
+    unchanged: int = 0
+    encoding: str = "UTF-8"
+
+    def summary(self) -> str:
+        note = ("; read as Windows-1252 (Excel's \"CSV\" format; \"CSV UTF-8\" keeps every name)"
+                if self.encoding != "UTF-8" else "")
+        return (f"imported {self.added + self.changed} review(s): {self.added} new, {self.changed} changed, "
+                f"{self.unchanged} already recorded{note}")
+
+
+def import_reviews(session: Session, path: Path) -> ImportCounts:
+    """Validate every row, then record them; raise ReviewFileError listing the problems. Caller commits.
+
+    One current review per image and reviewer: the same label again changes nothing, another label
+    supersedes the current one (kept, with ``superseded_at``)."""
+    rows, encoding = read_review_file(path)
     labels = known_labels(session)
     problems: list[str] = []
-    reviews: list[Review] = []
+    wanted: dict[tuple[int, str], tuple[int, Review]] = {}
     for line, row in enumerate(rows, start=2):
         key, label = (row.get("image") or "").strip(), (row.get("label") or "").strip()
         if not label:
             continue
-        image = None
-        if len(key) == 64 and all(c in "0123456789abcdef" for c in key.lower()):  # a sha256, even if all digits
-            image = session.scalars(select(Image).where(Image.sha256 == key.lower(),
-                                                        Image.duplicate_of_id.is_(None))).first()
-        elif key.isdigit():
-            image = session.get(Image, int(key))
+        image = _find_image(session, key)
         if image is None:
-            problems.append(f"line {line}: unknown image {key!r}")
-        if labels and label not in labels:
-            problems.append(f"line {line}: unknown label {label!r} (the classifier knows {', '.join(sorted(labels))})")
+            problems.append(f"line {line}: unknown image {key[:80]!r}" + ("..." if len(key) > 80 else ""))
+        if (labels and label not in labels) or len(label) > 64:
+            problems.append(f"line {line}: unknown label {label[:80]!r} (the classifier knows "
+                            f"{', '.join(sorted(labels)) or 'no classes yet'})")
         when = datetime.now(timezone.utc)
         if (row.get("time") or "").strip():
             try:
                 when = datetime.fromisoformat(row["time"].strip())
                 when = when if when.tzinfo else when.replace(tzinfo=timezone.utc)
             except ValueError:
-                problems.append(f"line {line}: time {row['time']!r} is not ISO 8601 (2026-12-01T09:30)")
-        if image is not None:
-            reviews.append(Review(image_id=image.id, label=label, reviewer=(row.get("reviewer") or "unknown")[:128],
-                                  comment=(row.get("comment") or None), created_at=when))
+                problems.append(f"line {line}: time {row['time'][:80]!r} is not ISO 8601 (2026-12-01T09:30)")
+        reviewer = (row.get("reviewer") or "").strip()[:128] or "unknown"
+        if image is None:
+            continue
+        earlier = wanted.get((image.id, reviewer))
+        if earlier is not None and earlier[1].label != label:
+            problems.append(f"line {line}: image {key} is labelled {label!r} by {reviewer} here and "
+                            f"{earlier[1].label!r} on line {earlier[0]}; keep one")
+        wanted[(image.id, reviewer)] = (line, Review(image_id=image.id, label=label, reviewer=reviewer,
+                                                     comment=(row.get("comment") or None), created_at=when))
     if problems:
         raise ReviewFileError(f"{path}: nothing imported; fix these {len(problems)} problem(s):\n  " + "\n  ".join(problems))
-    session.add_all(reviews)
-    return len(reviews)
+    counts = ImportCounts(encoding=encoding)
+    for (image_id, reviewer), (_, review) in wanted.items():
+        current = session.scalars(select(Review).where(Review.image_id == image_id, Review.reviewer == reviewer,
+                                                       Review.superseded_at.is_(None))).one_or_none()
+        if current is not None and current.label == review.label:
+            counts.unchanged += 1
+            continue
+        if current is not None:
+            current.superseded_at = utcnow()
+            session.flush()  # out of the one-current index before its successor goes in
+            counts.changed += 1
+        else:
+            counts.added += 1
+        session.add(review)
+    session.flush()
+    return counts
 
 
 def review_tiers(below: float) -> list[tuple[str, ColumnElement[bool]]]:
@@ -182,9 +260,9 @@ def run(args: argparse.Namespace) -> int:
         settings = load_settings(args.config)
         with database(settings) as sessions, sessions() as session:
             if args.action == "import":
-                count = import_reviews(session, Path(args.csv))
+                counts = import_reviews(session, Path(args.csv))
                 session.commit()
-                print(f"imported {count} review(s)")
+                print(counts.summary())
                 return 0
             queue = review_queue(session, settings.retraining.review_below, args.limit, args.site)
     except (ConfigError, SchemaError, ReviewFileError) as exc:

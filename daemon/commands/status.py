@@ -41,6 +41,7 @@ from stainbridge.daemon.store import (
     utcnow,
 )
 from stainbridge.daemon.versions.registry import active_versions
+from stainbridge.daemon.versions.serving import served
 from stainbridge.daemon.versions.site_state import site_summaries
 
 
@@ -105,6 +106,8 @@ class StatusReport:
     folder_problems: list[str] = field(default_factory=list)  # what is wrong with the configured folders
     # every site's validation state: `stainbridge sites --json` objects plus the "validation" line
     sites: list[dict[str, Any]] = field(default_factory=list)
+    # what each running worker serves per site (daemon.versions.serving), and a hot swap it refused
+    serving: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _local_midnight_utc() -> datetime:
@@ -128,10 +131,9 @@ def collect(settings: Settings, session: Session) -> StatusReport:
     for error, n in session.execute(select(Image.error, func.count(Image.id)).where(failed).group_by(Image.error)):
         reasons[error_reason(error)] = reasons.get(error_reason(error), 0) + int(n)
     last_hour = _count(session, finished, Image.processed_at >= hour_ago)
-    models = [
-        {"site": v.site, "kind": v.kind.value, "name": v.name, "sha256": v.sha256[:12], "id": v.id}
-        for v in active_versions(session)
-    ]
+    serving = served(session)
+    models = [{"site": v.site, "kind": v.kind.value, "name": v.name, "sha256": v.sha256[:12], "id": v.id,
+               **_served_state(v.site, v.kind.value, v.id, serving)} for v in active_versions(session)]
     return StatusReport(
         site=settings.site.name,
         database=safe_url(settings.database_url),
@@ -153,7 +155,24 @@ def collect(settings: Settings, session: Session) -> StatusReport:
         **_unfiled(session),
         folder_problems=configured_folders.problems(settings, probe=False),
         sites=[{**summary.as_json(), "validation": summary.validation} for summary in site_summaries(session)],
+        serving=serving,
     )
+
+
+def _served_state(site: str, kind: str, version_id: int, serving: list[dict[str, Any]]) -> dict[str, Any]:
+    """Whether the running workers serve a site's active version: ``served`` None (no worker serves the site
+    now), True, or False with ``not_served`` saying what they serve instead and why."""
+    workers = [row for row in serving if row["site"] == site]
+    if not workers:
+        return {"served": None, "not_served": None}
+    behind = [row for row in workers if (row[kind] or {}).get("id") != version_id]
+    if not behind:
+        return {"served": True, "not_served": None}
+    row = behind[0]
+    why = (f"swap refused: {row['refused_reason']}" if row["refused"] and row["refused"]["id"] == version_id
+           else "switches at the next poll")
+    return {"served": False, "not_served": f"{len(behind)} of {len(workers)} worker(s) still serve version "
+                                          f"{(row[kind] or {}).get('id')} ({(row[kind] or {}).get('name')}); {why}"}
 
 
 UNFILED_AFTER_SECONDS = 60  # a file is moved within a second of its row's commit: older ones are stuck
@@ -172,9 +191,14 @@ def _latest_run(session: Session, kind: ModelKind) -> dict[str, Any] | None:
     """The latest retraining run of one kind with its outcome (None: no run of that kind yet)."""
     last = session.scalars(select(TrainingRun).where(TrainingRun.kind == kind)
                            .order_by(TrainingRun.id.desc()).limit(1)).first()
-    return None if last is None else {
-        "run_id": last.id, "status": last.status.value, "started_at": last.started_at.isoformat(),
-        "reason": last.reason, "candidate_id": last.model_version_id}
+    if last is None:
+        return None
+    running = last.status.value == "running"
+    return {"run_id": last.id, "status": last.status.value, "started_at": last.started_at.isoformat(),
+            "reason": last.reason, "candidate_id": last.model_version_id,
+            # a run in progress: where it is (retraining.runs.mark_stage) and the log to follow
+            "stage": ((last.params or {}).get("stage") or "preparing") if running else None,
+            "log_path": last.log_path}
 
 
 def _retraining_status(session: Session) -> dict[str, Any]:
@@ -184,7 +208,7 @@ def _retraining_status(session: Session) -> dict[str, Any]:
     fine-tuning, and the standardizer's run must not disappear behind the later one.
     """
     return {
-        "reviews_total": int(session.scalar(select(func.count(Review.id))) or 0),
+        "reviews_total": int(session.scalar(select(func.count(Review.id)).where(Review.superseded_at.is_(None))) or 0),
         "candidates": int(session.scalar(select(func.count(ModelVersion.id))
                                          .where(ModelVersion.state == VersionState.candidate)) or 0),
         "last_retraining": {kind.value: _latest_run(session, kind) for kind in ModelKind},
@@ -213,6 +237,8 @@ def render(report: StatusReport) -> str:
         for model in report.models:
             lines.append(f"{model['kind']:<20}{model['name']}  sha256 {model['sha256']}"
                          + (f"  (site {model['site']})" if several else ""))
+            if model["served"] is False:
+                lines.append(f"{'  NOT SERVED':<20}{model['not_served']}")
     else:
         lines.append("models              none registered yet (the service records them at start-up)")
     lines.append(f"next retraining     {report.next_retraining}")
@@ -221,7 +247,9 @@ def render(report: StatusReport) -> str:
         if last is None:
             lines.append(f"{label:<20}none yet")
         else:
-            lines.append(f"{label:<20}run {last['run_id']} {last['status']} ({last['started_at'][:16]}): {last['reason']}")
+            lines.append(f"{label:<20}run {last['run_id']} {last['status']} ({last['started_at'][:16]}): "
+                         + (f"stage {last['stage']}, log {last['log_path'] or '(not yet)'}" if last["stage"]
+                            else str(last["reason"])))
     lines.append(f"reviews             {report.reviews_total} recorded, {report.candidates} candidate model(s) waiting")
     for volume in report.disk:
         lines.append(f"{'free, ' + volume['role']:<20}{volume['free_mb']} MiB ({volume['folder']})")

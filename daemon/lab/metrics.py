@@ -4,8 +4,11 @@ What this worker did since it started (counters and a histogram, kept in memory)
 ``stainbridge_files_processed_total{outcome}``, ``stainbridge_files_failed_total{reason}``,
 ``stainbridge_filing_failures_total`` (recorded files that could not be moved out of the drop folder)
 and ``stainbridge_batch_seconds``. What is true now (read at each scrape): ``stainbridge_queue_depth``
-(files the watcher tracks as waiting or ready: its own count, no walk of the drop folder), ``stainbridge_active_model_info{kind,name,sha256}`` and
-``stainbridge_last_successful_retraining_timestamp_seconds`` from the database.
+(files the watcher tracks as waiting or ready: its own count, no walk of the drop folder),
+``stainbridge_served_model_info{site,kind,name,sha256}`` (the versions this worker serves: a promotion shows
+here once the hot swap has loaded it), ``stainbridge_model_swap_refused{site}`` (1 while this worker refuses a
+promoted version; it retries at every poll), ``stainbridge_active_model_info{site,kind,name,sha256}`` (the
+registry's active versions) and ``stainbridge_last_successful_retraining_timestamp_seconds`` from the database.
 
 The endpoint is plain HTTP without authentication: it listens on 127.0.0.1 unless ``[metrics]
 address`` says otherwise; expose it only to the lab's monitoring network.
@@ -27,10 +30,12 @@ from sqlalchemy.orm import sessionmaker
 
 from stainbridge.daemon import diskspace
 from stainbridge.daemon.config import ConfigError, Settings
+from stainbridge.daemon.intake import claims
 from stainbridge.daemon.logs import get_logger
 from stainbridge.daemon.pipeline.batch import BatchReport
 from stainbridge.daemon.store import RunStatus, TrainingRun
 from stainbridge.daemon.versions.registry import active_versions
+from stainbridge.daemon.versions.serving import served
 from stainbridge.daemon.versions.site_state import site_summaries
 
 log = get_logger(__name__)
@@ -47,6 +52,7 @@ class DatabaseCollector(Collector):
         try:
             with self.sessions() as session:
                 versions = active_versions(session)
+                serving = served(session, claims.claim_owner())
                 sites = site_summaries(session)
                 last = session.scalar(select(func.max(TrainingRun.finished_at))
                                       .where(TrainingRun.status == RunStatus.succeeded))
@@ -59,6 +65,18 @@ class DatabaseCollector(Collector):
         for version in versions:
             info.add_metric([version.site, version.kind.value, version.name, version.sha256[:12]], 1)
         yield info
+        served_info = GaugeMetricFamily("stainbridge_served_model_info",
+                                        "The model version this worker serves, per kind and site (value 1)",
+                                        labels=["site", "kind", "name", "sha256"])
+        refused = GaugeMetricFamily("stainbridge_model_swap_refused", "1 while this worker refuses to load a site's "
+                                    "newly active version (retried at every poll), else 0", labels=["site"])
+        for row in serving:
+            for kind in ("standardizer", "classifier"):
+                if row[kind] is not None:
+                    served_info.add_metric([row["site"], kind, row[kind]["name"], row[kind]["sha256"]], 1)
+            refused.add_metric([row["site"]], 1 if row["refused"] else 0)
+        yield served_info
+        yield refused
         validated = GaugeMetricFamily("stainbridge_site_validated",
                                       "1 when the site's recipe was chosen on its own reviewed cells, 0 on the "
                                       "day-0 recipe (docs/sites.md)", labels=["site"])

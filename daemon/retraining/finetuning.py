@@ -138,7 +138,9 @@ def _run(settings: Settings, sessions: sessionmaker, run_id: int, reviewed: list
            "--reviewed", str(reviewed_dir), "--reference", str(reference_dir), "--out", str(out),
            "--standardizer", s_active.path, "--scale", settings.site.scale, "--epochs", str(cfg.epochs),
            "--device", cfg.device]
+    runs.mark_stage(sessions, run_id, "training (train finetune)", log_path)
     runs.run_training(cmd, log_path, timeout=cfg.timeout_minutes * 60, stop=stop)
+    runs.mark_stage(sessions, run_id, "gate", log_path)
 
     from stainbridge.models.inference import load_classifier
 
@@ -156,7 +158,7 @@ def _run(settings: Settings, sessions: sessionmaker, run_id: int, reviewed: list
         version = session.get(ModelVersion, candidate_id)
         version.metrics = {**(version.metrics or {}), "gate": gate.metrics()}
         if gate.passed:
-            registry.activate(session, version, reason=gate.reason)
+            registry.activate(session, version, reason=gate.reason, actor=f"nightly job, run {run_id}")
         else:
             version.reason = gate.reason
         session.get(TrainingRun, run_id).metrics = metrics

@@ -18,7 +18,9 @@ One run, in order (each run is a ``training_runs`` row; every outcome is one of 
 6. then the classifier half (``retraining.finetuning``): with enough expert reviews, a second run
    fine-tunes the active classifier; its outcome is in the result's ``metrics.classifier``;
 7. then every unvalidated site with enough reviews is validated (``retraining.validation``):
-   its recipe is chosen on its reviewed cells (``metrics.sites``).
+   its recipe is chosen on its reviewed cells (``metrics.sites``);
+8. last, run folders and unused candidates older than ``[retraining] keep_days`` are removed
+   (``retraining.retention``, ``metrics.pruned``).
 
 Both training halves serve the site ``[site] name``: they train on its images and reviews and promote
 for it; the other sites of a multi-site service keep their recipes (chosen by validation).
@@ -40,7 +42,7 @@ from stainbridge.daemon import diskspace
 from stainbridge.daemon.config import Settings
 from stainbridge.daemon.intake import claims
 from stainbridge.daemon.logs import get_logger
-from stainbridge.daemon.retraining import finetuning, promotion, runs, validation
+from stainbridge.daemon.retraining import finetuning, promotion, retention, runs, validation
 from stainbridge.daemon.store import (
     Image,
     ImageStatus,
@@ -175,6 +177,7 @@ def run_retraining(settings: Settings, sessions: sessionmaker, *, trigger: str =
                                                                           now=utcnow(), stop=stop)
     if stop is None or not stop.is_set():
         result.metrics["sites"] = validation.validate_ready_sites(settings, sessions)
+    result.metrics["pruned"] = retention.prune_after_run(settings, sessions)  # [retraining] keep_days
     return result
 
 
@@ -213,6 +216,11 @@ def _run(settings: Settings, sessions: sessionmaker, run_id: int, now: datetime,
     if c_active is None or s_active is None:
         raise runs.TrainingFailed("no active classifier or standardizer in the registry; start the service once "
                              "or run `stainbridge models promote ID`")
+    try:  # before training: a changed checkpoint fails the run now, not after an hour of training
+        for version in (c_active, s_active):
+            registry.verify_file(version)
+    except registry.RegistryError as exc:
+        raise runs.TrainingFailed(f"not trained: {exc}") from None
     method = site_profile_method(s_active)
     if method is not None:
         init_from, start = None, (f"re-fitting the active {method} standardizer's site profile (version "
@@ -229,7 +237,9 @@ def _run(settings: Settings, sessions: sessionmaker, run_id: int, now: datetime,
         run = session.get(TrainingRun, run_id)
         run.params = {**(run.params or {}), "init_from": init_from, "init_from_version": s_active.id if init_from
                       else None, "start": start, "command": command}
+    runs.mark_stage(sessions, run_id, f"training ({command})", log_path)
     runs.run_training(cmd, log_path, timeout=cfg.timeout_minutes * 60, stop=stop)
+    runs.mark_stage(sessions, run_id, "gate", log_path)
 
     device = settings.models.device
     classifier = registry.load_version(c_active, device=device)
@@ -253,7 +263,7 @@ def _run(settings: Settings, sessions: sessionmaker, run_id: int, now: datetime,
         version = session.get(ModelVersion, candidate_id)
         version.metrics = {**(version.metrics or {}), "gate": gate.metrics(), "site_profile": gate.site_profile}
         if gate.passed:
-            registry.activate(session, version, reason=gate.reason)
+            registry.activate(session, version, reason=gate.reason, actor=f"nightly job, run {run_id}")
         else:
             version.reason = gate.reason
         run = session.get(TrainingRun, run_id)

@@ -2,6 +2,8 @@
 
 A run is one ``training_runs`` row (``running`` until ``finish_run``); training happens in a child
 process that runs the same CLI an operator would (``CHILD``), ``nice``-d, its output in the run's log.
+``mark_stage`` records where a run is (``params.stage``, read by ``status``) and writes a progress line
+to its log; while the child trains, a line with the elapsed time follows every ``PROGRESS_SECONDS``.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from stainbridge.daemon.logs import get_logger
 from stainbridge.daemon.store import Image, Review, RunStatus, TrainingRun, utcnow
 
 log = get_logger(__name__)
+PROGRESS_SECONDS = 60.0
 
 # The child lowers its own priority, then runs the same CLI an operator would.
 CHILD = "import os, sys; os.nice(int(sys.argv[1])); from stainbridge.daemon.cli import main; sys.exit(main(sys.argv[2:]))"
@@ -51,6 +54,24 @@ def finish_run(sessions: sessionmaker, run_id: int, status: RunStatus, reason: s
         run.status, run.reason, run.finished_at = status, reason[:4000], utcnow()
         for key, value in values.items():
             setattr(run, key, value)
+
+
+def progress_line(log_path: Path, stage: str, elapsed: float) -> None:
+    """``[stainbridge <time>] stage: <stage>, <s> s elapsed`` appended to a run's log (the child appends there too)."""
+    with log_path.open("a", encoding="utf-8") as out:
+        out.write(f"[stainbridge {utcnow().isoformat(timespec='seconds')}] stage: {stage}, {elapsed:.0f} s elapsed\n")
+
+
+def mark_stage(sessions: sessionmaker, run_id: int, stage: str, log_path: Path) -> None:
+    """The run is now at ``stage``: recorded in ``params.stage`` (with the time) and as a line in its log."""
+    with sessions.begin() as session:
+        run = session.get(TrainingRun, run_id)
+        run.params = {**(run.params or {}), "stage": stage, "stage_at": utcnow().isoformat(timespec="seconds")}
+        started = run.started_at
+    if started.tzinfo is None:  # SQLite hands timestamps back without their zone; they are UTC
+        started = started.replace(tzinfo=utcnow().tzinfo)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    progress_line(log_path, stage, (utcnow() - started).total_seconds())
 
 
 def is_held_out(sha256: str, fraction: float) -> bool:
@@ -84,8 +105,12 @@ def run_training(cmd: list[str], log_path: Path, *, timeout: float, stop: thread
         child = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                  start_new_session=True)
     log.info("training_started", pid=child.pid, log=str(log_path))
-    deadline = time.monotonic() + timeout
+    started = time.monotonic()
+    deadline, next_line = started + timeout, started + PROGRESS_SECONDS
     while child.poll() is None:
+        if time.monotonic() >= next_line:
+            progress_line(log_path, "training", time.monotonic() - started)
+            next_line += PROGRESS_SECONDS
         if stop is not None and stop.is_set():
             child.kill()
             child.wait()

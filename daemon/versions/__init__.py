@@ -2,5 +2,6 @@
 
 ``registry`` keeps model versions in SQL (register, activate, promote, roll back, verify sha256),
 ``loading`` loads the active standardizer and classifier for the pipeline, ``hotswap`` swaps a newly
-promoted version into the running service between batches. May import: the foundation, intake.
+promoted version into the running service between batches (retrying one it refused at every poll), and
+``serving`` records what each worker actually serves, for ``status`` and the metrics. May import: the foundation, intake.
 """

@@ -6,8 +6,9 @@ When they differ from what is loaded, the new version is loaded through the infe
 sha256 checked against the registry (through the shared ``NetworkCache``: a checkpoint another site
 already uses is not loaded twice). Only a complete, verified pair replaces the old one, so a batch is
 always scored by one pair of models per site and its predictions name exactly those versions. A
-version that fails to load is refused: logged once (``model_refused``) and remembered, and the old
-models stay.
+version that fails to load is refused (``model_refused``, with the attempt number) and the old models
+stay; it is tried again at every poll (a file restored, a device freed: the swap then happens), and the
+refusal is recorded for ``status`` (``daemon.versions.serving``) until a swap succeeds.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from stainbridge.daemon.logs import get_logger
 from stainbridge.daemon.store import ModelKind
 from stainbridge.daemon.versions import registry
 from stainbridge.daemon.versions.loading import LoadedModels, NetworkCache
+from stainbridge.daemon.versions.serving import record_served
 
 log = get_logger(__name__)
 
@@ -33,7 +35,7 @@ class ModelSwapper:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.settings, self.sessions, self.clock = settings, sessions, clock
         self.cache = cache or NetworkCache(settings.models.device)
-        self.refused: set[int] = set()
+        self.refused: dict[int, int] = {}  # version id -> failed attempts; tried again at every poll
         self._last_poll = clock()
 
     def due(self) -> bool:
@@ -58,8 +60,6 @@ class ModelSwapper:
             return None
         if (c_active.id, s_active.id) == (current.classifier_version_id, current.standardizer_version_id):
             return None
-        if c_active.id in self.refused or s_active.id in self.refused:
-            return None
         trying = c_active.id
         try:
             classifier = (current.classifier if c_active.id == current.classifier_version_id
@@ -70,12 +70,18 @@ class ModelSwapper:
                             else self.cache.standardizer(s_active, classifier))
             new = LoadedModels(classifier, standardizer, c_active.id, s_active.id, site)
         except Exception as exc:  # noqa: BLE001 - whatever breaks a load, the old models keep serving
-            self.refused.add(trying)
-            log.error("model_refused", site=site, version=trying, error=f"{type(exc).__name__}: {exc}",
-                      kept_classifier=current.classifier_version_id,
+            self.refused[trying] = attempts = self.refused.get(trying, 0) + 1
+            error = f"{type(exc).__name__}: {exc}"
+            log.error("model_refused", site=site, version=trying, error=error, attempt=attempts,
+                      retry_in_s=self.settings.models.poll_seconds, kept_classifier=current.classifier_version_id,
                       kept_standardizer=current.standardizer_version_id)
+            record_served(self.sessions, current, refused_version=trying,
+                          refused_reason=f"{error} (attempt {attempts}; tried again at every poll)")
             return None
+        for version_id in (c_active.id, s_active.id):
+            self.refused.pop(version_id, None)
         log.info("models_swapped", site=site, classifier_version=new.classifier_version_id,
                  standardizer_version=new.standardizer_version_id, classifier=new.classifier.name,
                  standardizer=new.standardizer.name)
+        record_served(self.sessions, new)
         return new

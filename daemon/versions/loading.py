@@ -85,9 +85,10 @@ class Recipe:
     def activate(self, session: Session, site: str, *, reason: str) -> tuple[ModelVersion, ModelVersion]:
         """Make both ``site``'s active versions (registered if new); returns (classifier, standardizer)."""
         versions = (registry.register_model(session, ModelKind.classifier, self.classifier_path, self.classifier.sha256,
-                                            self.classifier.header, site=site),
+                                            self.classifier.header, site=site, actor="site validation", reason=reason),
                     registry.register_model(session, ModelKind.standardizer, self.standardizer_path,
-                                            self.standardizer_sha256, self.standardizer.header, site=site))
+                                            self.standardizer_sha256, self.standardizer.header, site=site,
+                                            actor="site validation", reason=reason))
         for version in versions:
             version.reason = reason
         return versions

@@ -19,6 +19,7 @@ active across restarts.
 
 from __future__ import annotations
 
+import getpass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +29,7 @@ from sqlalchemy.orm import Session
 
 from stainbridge.daemon.config_values import STANDARDIZER_BUILTINS
 from stainbridge.daemon.logs import get_logger
-from stainbridge.daemon.store import ModelKind, ModelVersion, VersionState, utcnow
+from stainbridge.daemon.store import ModelKind, ModelVersion, Promotion, PromotionAction, VersionState, utcnow
 
 if TYPE_CHECKING:  # the inference path (torch) is imported only by what loads models, not by `status`
     from stainbridge.models.inference import Classifier, Standardizer
@@ -51,6 +52,25 @@ def model_name(kind: ModelKind, path: str, header: dict[str, Any]) -> str:
         stem = stem.removesuffix(suffix)
     architecture = header.get("architecture")
     return f"{stem} ({architecture})" if architecture else stem
+
+
+def version_name(kind: ModelKind, path: str, header: dict[str, Any], *, site: str,
+                 training_run_id: int | None = None) -> str:
+    """A new version's registry name. A file registered by hand or configured keeps :func:`model_name`
+    (the operator chose the file name); a checkpoint a retraining run produced (always ``run-N/<kind>``)
+    is named by its kind, method, run, site and date, so that versions the nightly job made tell apart."""
+    if training_run_id is None:
+        return model_name(kind, path, header)[:128]
+    method = header.get("architecture") or kind.value
+    return f"{kind.value} {method} run {training_run_id} {site} {utcnow():%Y-%m-%d}"[:128]
+
+
+def operator() -> str:
+    """Who runs a `models` command: the login name, for the promotion history."""
+    try:
+        return f"{getpass.getuser()} (command line)"
+    except (KeyError, OSError):  # no passwd entry for the uid (a container)
+        return "command line"
 
 
 def is_builtin(version: ModelVersion) -> bool:
@@ -83,14 +103,17 @@ def list_versions(session: Session) -> list[ModelVersion]:
     return list(session.scalars(select(ModelVersion).order_by(ModelVersion.site, ModelVersion.kind, ModelVersion.id)).all())
 
 
-def activate(session: Session, version: ModelVersion, *, reason: str | None = None) -> ModelVersion:
-    """Make ``version`` the active one of its kind for its site; the previous active one is retired.
+def activate(session: Session, version: ModelVersion, *, reason: str | None = None,
+             actor: str = "stainbridge") -> ModelVersion:
+    """Make ``version`` the active one of its kind for its site; the previous active one is retired, and the
+    change is recorded in the promotion history (by ``actor``, for ``reason``).
 
     The old row is retired (and flushed) before the new one is marked, so the one-active index
     never sees two. The caller commits.
     """
     if version.state is VersionState.active:
         return version
+    previous = active_version(session, version.kind, version.site)
     session.execute(
         update(ModelVersion)
         .where(ModelVersion.kind == version.kind, ModelVersion.site == version.site, ModelVersion.id != version.id,
@@ -103,13 +126,21 @@ def activate(session: Session, version: ModelVersion, *, reason: str | None = No
     version.promoted_at = utcnow()
     if reason:
         version.reason = reason
+    _record(session, version, previous, PromotionAction.promote, actor, reason)
     session.flush()
     return version
 
 
+def _record(session: Session, to: ModelVersion, previous: ModelVersion | None, action: PromotionAction,
+            actor: str, reason: str | None) -> None:
+    session.add(Promotion(kind=to.kind, site=to.site, from_version_id=previous.id if previous else None,
+                          to_version_id=to.id, action=action, actor=actor[:128], reason=reason))
+
+
 def register_model(
     session: Session, kind: ModelKind | str, path: str, sha256: str, header: dict[str, Any], *, site: str,
-    state: VersionState = VersionState.active, training_run_id: int | None = None,
+    state: VersionState = VersionState.active, training_run_id: int | None = None, actor: str = "configuration",
+    reason: str | None = None,
 ) -> ModelVersion:
     """Record a checkpoint once per site, kind and sha256; ``state=active`` (the default) also activates it.
 
@@ -122,7 +153,8 @@ def register_model(
         try:
             with session.begin_nested():
                 version = ModelVersion(
-                    kind=kind, site=site, name=model_name(kind, path, header)[:128], path=str(path)[:1024], sha256=sha256,
+                    kind=kind, site=site, path=str(path)[:1024], sha256=sha256,
+                    name=version_name(kind, path, header, site=site, training_run_id=training_run_id),
                     header=header, metrics=dict(header.get("metrics") or {}), state=VersionState.candidate,
                     training_run_id=training_run_id,
                 )
@@ -133,7 +165,7 @@ def register_model(
             assert version is not None
     version.path = str(path)[:1024]
     if state is VersionState.active:
-        activate(session, version)
+        activate(session, version, actor=actor, reason=reason)
     session.flush()
     return version
 
@@ -146,7 +178,7 @@ def register_configured(session: Session, kind: ModelKind, path: str, sha256: st
     known = find_version(session, kind, sha256, site)
     if known is not None:
         if active_version(session, kind, site) is None:
-            activate(session, known)
+            activate(session, known, actor="configuration", reason="[models] names it and the site had none active")
         return known
     if path not in BUILTIN_STANDARDIZERS:
         same_path = session.scalars(
@@ -159,7 +191,8 @@ def register_configured(session: Session, kind: ModelKind, path: str, sha256: st
                       action="refused; restore the file, or copy it to a new name and set [models] to it, "
                              "or run `stainbridge models register PATH`")
             return None
-    return register_model(session, kind, path, sha256, header, site=site)
+    return register_model(session, kind, path, sha256, header, site=site, actor="configuration",
+                          reason="[models] names it and the site had not served it")
 
 
 def verify_file(version: ModelVersion) -> None:
@@ -200,42 +233,67 @@ def load_version(version: ModelVersion, *, device: str,
         raise RegistryError(str(exc)) from None
 
 
-def promote(session: Session, version_id: int, *, reason: str | None = None) -> ModelVersion:
+def promote(session: Session, version_id: int, *, reason: str | None = None,
+            actor: str | None = None) -> ModelVersion:
     """Make a registered version active after checking its file; the caller commits."""
     version = session.get(ModelVersion, version_id)
     if version is None:
         raise RegistryError(f"no model version {version_id}; see `stainbridge models list`")
     verify_file(version)
-    return activate(session, version, reason=reason or "promoted by hand")
+    return activate(session, version, reason=reason or "promoted by hand", actor=actor or operator())
 
 
-def rollback(session: Session, kind: ModelKind | str, site: str) -> tuple[ModelVersion, ModelVersion]:
-    """Retire the active version of ``kind`` for ``site`` and re-activate the one that served it before.
+def rollback_target(session: Session, current: ModelVersion) -> ModelVersion | None:
+    """The version ``models rollback`` would re-activate in place of ``current``: the one it was promoted over."""
+    promoted = session.scalars(
+        select(Promotion).where(Promotion.kind == current.kind, Promotion.site == current.site,
+                                Promotion.to_version_id == current.id, Promotion.action == PromotionAction.promote)
+        .order_by(Promotion.id.desc()).limit(1)).first()
+    if promoted is None or promoted.from_version_id in (None, current.id):
+        return None
+    return session.get(ModelVersion, promoted.from_version_id)
 
-    Walks back through history: the previous one is the retired version promoted most recently
-    before the current one. Returns (retired, now active); the caller commits.
+
+def rollback(session: Session, kind: ModelKind | str, site: str, *, actor: str | None = None,
+             reason: str | None = None) -> tuple[ModelVersion, ModelVersion]:
+    """Retire the active version of ``kind`` for ``site`` and re-activate the one that was active before it.
+
+    "Before it" comes from the promotion history: the version the current one was promoted over (a version
+    that came back by a rollback counts from its own promotion, so a second rollback walks further back).
+    Returns (retired, now active); the caller commits.
     """
     kind = ModelKind(kind)
     current = active_version(session, kind, site)
     if current is None:
         raise RegistryError(f"no active {kind.value} of site {site!r} to roll back")
-    query = select(ModelVersion).where(ModelVersion.kind == kind, ModelVersion.site == site,
-                                       ModelVersion.state == VersionState.retired, ModelVersion.promoted_at.is_not(None))
-    if current.promoted_at is not None:
-        query = query.where(ModelVersion.promoted_at < current.promoted_at)
-    previous = session.scalars(query.order_by(ModelVersion.promoted_at.desc(), ModelVersion.id.desc())).first()
+    previous = rollback_target(session, current)
     if previous is None:
-        raise RegistryError(f"no earlier {kind.value} version of site {site!r} to roll back to; promote one with "
-                            "`stainbridge models promote ID`")
+        raise RegistryError(f"no earlier {kind.value} version of site {site!r} to roll back to (see `stainbridge "
+                            "models history`); promote one with `stainbridge models promote ID`")
     verify_file(previous)
-    promoted_at = previous.promoted_at
     current.state = VersionState.retired
     current.reason = "rolled back"
     session.flush()
     previous.state = VersionState.active
-    previous.promoted_at = promoted_at  # kept, so a second rollback walks further back
+    session.flush()
+    _record(session, previous, current, PromotionAction.rollback, actor or operator(),
+            reason or f"rolled back from version {current.id}")
     session.flush()
     return current, previous
+
+
+def history(session: Session, site: str | None = None) -> list[dict[str, Any]]:
+    """The `models history --json` objects: every promotion and rollback, oldest first."""
+    query = select(Promotion).order_by(Promotion.id)
+    if site is not None:
+        query = query.where(Promotion.site == site)
+    events = session.scalars(query).all()
+    ids = {e.to_version_id for e in events} | {e.from_version_id for e in events if e.from_version_id}
+    names = dict(session.execute(select(ModelVersion.id, ModelVersion.name).where(ModelVersion.id.in_(ids))).all())
+    return [{"id": e.id, "time": e.created_at.isoformat() if e.created_at else None, "site": e.site,
+             "kind": e.kind.value, "action": e.action.value, "from_version": e.from_version_id,
+             "from_name": names.get(e.from_version_id), "to_version": e.to_version_id,
+             "to_name": names.get(e.to_version_id), "actor": e.actor, "reason": e.reason} for e in events]
 
 
 def describe(version: ModelVersion) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from sqlalchemy.orm import sessionmaker
 from stainbridge.daemon.config import Settings
 from stainbridge.daemon.versions.hotswap import ModelSwapper
 from stainbridge.daemon.versions.loading import LoadedModels, NetworkCache, Recipe, load_day0, load_site
+from stainbridge.daemon.versions.serving import record_served
 from stainbridge.daemon.versions.site_state import sync_reviews_needed
 
 __all__ = ["SiteModels"]
@@ -49,6 +50,7 @@ class SiteModels:
     def for_site(self, site: str) -> LoadedModels:
         if site not in self.loaded:
             self.loaded[site] = load_site(self.settings, self.sessions, self.day0, site, self.cache)
+            record_served(self.sessions, self.loaded[site])
         return self.loaded[site]
 
     def check(self, *, force: bool = False) -> list[str]:
