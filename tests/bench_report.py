@@ -24,7 +24,7 @@ from pathlib import Path
 from PIL import Image as PILImage
 from sqlalchemy import insert
 
-from stainbridge.daemon.commands.export import stream_rows, write_csv
+from stainbridge.daemon.commands.export import known_classes, stream_rows, write_csv
 from stainbridge.daemon.lab.render import render
 from stainbridge.daemon.lab.report import Period, gather
 from stainbridge.daemon.schema import upgrade_database
@@ -99,7 +99,7 @@ def main() -> int:
         engine.dispose()
         print(f"report: queries {queries:.2f} s, rendering {rendering:.2f} s, {len(page.encode()) / 1024:.0f} KiB HTML")
         started = time.perf_counter()
-        rows = write_csv(stream_rows(url), _Null())
+        rows = write_csv(stream_rows(url), _Null(), known_classes(url))
         print(f"export csv: {rows} rows in {time.perf_counter() - started:.2f} s")
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(f"peak memory (max RSS) of this process: {peak:.0f} MiB")

@@ -174,7 +174,13 @@ def test_export_streams_csv_and_json(history, run_stainbridge) -> None:
     assert len(rows) == GOOD + 2 and "stainbridge export: 10 rows" in as_csv.stderr
     labels = {int(r["image_id"]): r["label"] for r in rows if r["status"] == "done"}
     assert labels == dict(history["done"])
-    assert all(set(json.loads(r["probabilities"])) == set(CLASSES) for r in rows if r["status"] == "done")
+    probabilities = [f"probability_{name}" for name in sorted(CLASSES)]
+    assert "probabilities" not in rows[0] and list(rows[0])[list(rows[0]).index("confidence") - len(CLASSES):
+                                                        list(rows[0]).index("confidence")] == probabilities
+    for row in (r for r in rows if r["status"] == "done"):  # 4 decimals at most, summing to 1
+        assert all(re.fullmatch(r"[01](\.\d{1,4})?", row[c]) for c in [*probabilities, "confidence"]), row
+        assert sum(float(row[c]) for c in probabilities) == pytest.approx(1.0, abs=1e-3)
+        assert row["received_at"].endswith("+00:00") and row["processed_at"].endswith("+00:00")
     out = history["root"] / "export.json"
     as_json = run_stainbridge("export", "--format", "json", "--out", str(out), "--config", config)
     assert as_json.returncode == 0, as_json.stderr

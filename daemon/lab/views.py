@@ -6,7 +6,8 @@ what its results rest on (docs/sites.md), and `latest_results` carries that text
 output is never mistaken for validated output. Three expressions differ between SQLite and PostgreSQL
 (the UTC day of a timestamp, the reason before the first ':' of an error, a number with two decimals),
 hence one text per dialect. Migrations keep frozen copies (0004; latest_results and site_validation
-since 0008, with the review columns since 0009): a change here needs a new revision.
+since 0008, with the review columns since 0009, the specimen and specimen_differentials since 0010): a
+change here needs a new revision.
 
 Any later migration that rebuilds a table with batch mode (SQLite) must drop these views and
 `results` first and create them again afterwards (see 0003 for `results`).
@@ -46,7 +47,30 @@ ROW_VALIDATION_SQL = """CASE WHEN v.state = 'validated'
        ELSE v.validation END"""
 
 LAB_VIEW_NAMES = ("site_validation", "latest_results", "daily_counts", "low_confidence_queue",
-                  "review_disagreements", "failures_by_reason")
+                  "review_disagreements", "failures_by_reason", "specimen_differentials")
+
+# Per site, specimen and predicted class (long format: the classes are whatever the site's classifier knows, so
+# no column per class): cells counted (the cell's current answer, not a duplicate, not flagged for review), their
+# share of the specimen's counted cells in percent, the cells of that best guess flagged for review, and the
+# specimen's totals and first and last image (received_at). Percentages of a specimen sum to 100; a specimen with
+# every cell flagged has NULL percentages. Cells without a specimen are left out.
+SPECIMEN_DIFFERENTIALS_SQL = """CREATE VIEW specimen_differentials AS
+SELECT c.site, c.specimen, c.label, c.cells,
+       CASE WHEN t.cells_counted > 0 THEN CAST(100.0 * c.cells / t.cells_counted AS DOUBLE PRECISION) END AS percent,
+       c.flagged, t.cells_counted, t.cells_flagged, t.first_at, t.last_at
+FROM (SELECT site, specimen, label,
+             SUM(CASE WHEN needs_review THEN 0 ELSE 1 END) AS cells,
+             SUM(CASE WHEN needs_review THEN 1 ELSE 0 END) AS flagged
+      FROM latest_results
+      WHERE specimen IS NOT NULL
+      GROUP BY site, specimen, label) c
+JOIN (SELECT site, specimen,
+             SUM(CASE WHEN needs_review THEN 0 ELSE 1 END) AS cells_counted,
+             SUM(CASE WHEN needs_review THEN 1 ELSE 0 END) AS cells_flagged,
+             MIN(received_at) AS first_at, MAX(received_at) AS last_at
+      FROM latest_results
+      WHERE specimen IS NOT NULL
+      GROUP BY site, specimen) t ON t.site = c.site AND t.specimen = c.specimen"""
 
 
 def site_validation_sql(dialect: str) -> str:
@@ -83,7 +107,7 @@ def lab_views_sql(dialect: str) -> list[str]:
         site_validation_sql(dialect),
         # One row per distinct image content that was classified: its current answer, and what it rests on.
         f"""CREATE VIEW latest_results AS
-SELECT r.image_id, r.source_name, r.site, r.patient_pseudonym, r.study_uid, r.received_at, r.processed_at,
+SELECT r.image_id, r.source_name, r.site, r.specimen, r.patient_pseudonym, r.study_uid, r.received_at, r.processed_at,
        r.label, r.confidence, r.standardizer, r.classifier, r.reviewed_label, r.reviewer, r.archive_path, r.tta,
        r.magnification, {ROW_VALIDATION_SQL} AS validation,
        r.calibrated_confidence, r.ood_score, r.needs_review, r.review_reason
@@ -108,4 +132,5 @@ SELECT {reason} AS reason, site, COUNT(*) AS images, MIN(received_at) AS first_a
 FROM images
 WHERE status = 'failed'
 GROUP BY {reason}, site""",
+        SPECIMEN_DIFFERENTIALS_SQL,
     ]

@@ -1,0 +1,99 @@
+"""Specimens (``images.specimen``, the ``specimen_differentials`` view) and the service's heartbeat (``workers``).
+
+Revision ID: 0010
+Revises: 0009
+Create Date: 2026-12-07
+
+- ``images.specimen``: the slide / patient sample a cell was taken from (``daemon.intake.specimens``), indexed;
+  NULL for rows from before this revision. ``results`` shows it after ``site``, ``latest_results`` too.
+- ``specimen_differentials``: the differential per site and specimen, one row per class (frozen copy of
+  ``daemon.lab.views.SPECIMEN_DIFFERENTIALS_SQL`` as of this revision).
+- ``workers``: one row per running service process, rewritten every few seconds (its state, why, and when it
+  last finished a file); `stainbridge status` says "not running" when the newest row is stale.
+
+The views are dropped and re-created from 0009's frozen text with the specimen inserted (no copies here).
+Downgrade drops the column in place (SQLite 3.35+; a batch copy of ``images`` would lose its partial unique index's
+WHERE), the view and the table.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+from stainbridge.migrations import frozen_revision
+
+revision: str = "0010"
+down_revision: str | None = "0009"
+branch_labels: str | tuple[str, ...] | None = None
+depends_on: str | tuple[str, ...] | None = None
+
+SPECIMEN_DIFFERENTIALS_VIEW_SQL = """CREATE VIEW specimen_differentials AS
+SELECT c.site, c.specimen, c.label, c.cells,
+       CASE WHEN t.cells_counted > 0 THEN CAST(100.0 * c.cells / t.cells_counted AS DOUBLE PRECISION) END AS percent,
+       c.flagged, t.cells_counted, t.cells_flagged, t.first_at, t.last_at
+FROM (SELECT site, specimen, label,
+             SUM(CASE WHEN needs_review THEN 0 ELSE 1 END) AS cells,
+             SUM(CASE WHEN needs_review THEN 1 ELSE 0 END) AS flagged
+      FROM latest_results
+      WHERE specimen IS NOT NULL
+      GROUP BY site, specimen, label) c
+JOIN (SELECT site, specimen,
+             SUM(CASE WHEN needs_review THEN 0 ELSE 1 END) AS cells_counted,
+             SUM(CASE WHEN needs_review THEN 1 ELSE 0 END) AS cells_flagged,
+             MIN(received_at) AS first_at, MAX(received_at) AS last_at
+      FROM latest_results
+      WHERE specimen IS NOT NULL
+      GROUP BY site, specimen) t ON t.site = c.site AND t.specimen = c.specimen"""
+
+
+def _insert_once(text: str, anchor: str, replacement: str, what: str) -> str:
+    if text.count(anchor) != 1:
+        raise RuntimeError(f"the frozen {what} changed; revision 0010 builds on its text")
+    return text.replace(anchor, replacement)
+
+
+def _create_views(with_specimen: bool) -> None:
+    results, views = frozen_revision("0009_needs_review.py")._views(with_columns=True)
+    if with_specimen:
+        results = _insert_once(results, "    i.site,\n", "    i.site,\n    i.specimen,\n", "results view")
+        views[1] = _insert_once(views[1], "r.source_name, r.site, ", "r.source_name, r.site, r.specimen, ",
+                                "latest_results view")
+        views.append(SPECIMEN_DIFFERENTIALS_VIEW_SQL)
+    for statement in (results, *views):
+        op.execute(statement)
+
+
+def _drop_views() -> None:
+    op.execute("DROP VIEW IF EXISTS specimen_differentials")
+    frozen_revision("0009_needs_review.py")._drop_views()
+
+
+def upgrade() -> None:
+    _drop_views()
+    op.add_column("images", sa.Column("specimen", sa.String(length=128), nullable=True))
+    op.create_index(op.f("ix_images_specimen"), "images", ["specimen"], unique=False)
+    op.create_table(
+        "workers",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("worker", sa.String(length=255), nullable=False),
+        sa.Column("version", sa.String(length=64), nullable=False),
+        sa.Column("state", sa.String(length=16), nullable=False),
+        sa.Column("reason", sa.Text(), nullable=True),
+        sa.Column("interval_seconds", sa.Float(), nullable=False),
+        sa.Column("handled", sa.Integer(), nullable=False),
+        sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("heartbeat_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("last_processed_at", sa.DateTime(timezone=True), nullable=True),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_workers")),
+        sa.UniqueConstraint("worker", name=op.f("uq_workers_worker")),
+    )
+    _create_views(with_specimen=True)
+
+
+def downgrade() -> None:
+    _drop_views()
+    op.drop_table("workers")
+    op.drop_index(op.f("ix_images_specimen"), table_name="images")
+    op.execute("ALTER TABLE images DROP COLUMN specimen")  # in place (SQLite 3.35+): no batch copy of images
+    _create_views(with_specimen=False)
