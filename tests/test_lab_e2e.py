@@ -106,6 +106,21 @@ def test_metrics_scraped_from_the_running_service(history) -> None:
     assert samples[("stainbridge_last_successful_retraining_timestamp_seconds", ())] == RETRAINED_AT.timestamp()
 
 
+
+def test_metrics_say_the_state_last_file_predictions_confidence_and_version(history) -> None:
+    """The heartbeat's state, when the last file went through, predictions per class, the confidence histogram
+    and the build's version."""
+    samples = _samples(history["scrape"])
+    assert samples[("stainbridge_service_state", (("state", "ready"),))] == 1
+    assert samples[("stainbridge_service_state", (("state", "stopped"),))] == 0
+    assert samples[("stainbridge_last_processed_timestamp_seconds", ())] > RETRAINED_AT.timestamp()
+    predicted = sum(v for (name, _), v in samples.items() if name == "stainbridge_predictions_total")
+    assert predicted == GOOD == samples[("stainbridge_confidence_count", ())]
+    assert {dict(labels)["label"] for name, labels in samples if name == "stainbridge_predictions_total"} <= set(CLASSES)
+    build = next(dict(labels) for name, labels in samples if name == "stainbridge_build_info")
+    assert set(build) == {"version"} and build["version"]
+
+
 def test_report_from_a_real_history(history, run_stainbridge) -> None:
     """`review import` then `report`: self-contained, every picture embedded, the numbers right."""
     imported = run_stainbridge("--config", str(history["config"]), "review", "import", str(history["reviews"]))

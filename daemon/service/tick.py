@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
+from datetime import datetime
 
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
@@ -29,6 +30,7 @@ from stainbridge.daemon.retraining.validation import SampleChooser
 from stainbridge.daemon.service import sdnotify
 from stainbridge.daemon.service.health import database_answers
 from stainbridge.daemon.service.pacing import Pacing
+from stainbridge.daemon.store import utcnow
 
 MAX_BACKLOG = 1_000  # ready files held in memory between batches
 
@@ -45,6 +47,7 @@ class Tick:
     metrics: ServiceMetrics | None
     pace: Pacing
     handled: int
+    last_processed_at: datetime | None
     _stop: threading.Event
     _backlog: list[Candidate]
     _heartbeat: float
@@ -101,6 +104,8 @@ class Tick:
         elif report.handled:
             self.pace.went_through()
         self.handled += went_through
+        if went_through:
+            self.last_processed_at = utcnow()
         if self.metrics is not None:
             self.metrics.record(report)
         if report.handled:
