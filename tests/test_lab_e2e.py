@@ -155,6 +155,25 @@ def test_report_from_a_real_history(history, run_stainbridge) -> None:
 
 
 @pytest.mark.browser
+def test_report_fits_a_phone_screen_with_the_notice_on_top(history, run_stainbridge, tmp_path) -> None:
+    """At 420 px wide nothing makes the page scroll sideways (plots and pictures shrink, wide tables scroll in
+    their own box), and the research-use notice is the first thing on it."""
+    chromium = find_chromium()
+    if chromium is None:
+        if under_ci():
+            pytest.fail("CI=true but chromium is not installed; .ci/run installs Debian's chromium", pytrace=False)
+        pytest.skip("chromium not installed (apt-get install -y chromium; .ci/run does it)")
+    out = tmp_path / "report.html"
+    assert run_stainbridge("report", "--out", str(out), "--config", str(history["config"])).returncode == 0
+    page = out.read_text(encoding="utf-8")
+    assert '<meta name="viewport" content="width=device-width, initial-scale=1">' in page
+    check = check_page(chromium, out, tmp_path / "narrow.png", tmp_path / "chromium-profile", width=420)
+    assert check.scroll_width <= 420, check.scroll_width
+    assert check.text.lstrip().startswith("For research use only.")
+    assert [i for i in check.images if not (i["complete"] and i["width"] > 0 and i["shown"])] == []
+
+
+@pytest.mark.browser
 def test_report_loads_in_headless_chromium(history, run_stainbridge, tmp_path) -> None:
     """What a reader sees: the counts, the failure reasons and every shown cell's name as rendered text, every
     <img> decoded and laid out (not only "the page loaded"), nothing logged as an error, a screenshot saved."""

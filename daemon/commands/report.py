@@ -90,6 +90,23 @@ def restandardize(settings: Settings, engine: Engine, shown: list[Any]) -> dict[
     return redone
 
 
+def require_site(database_url: str, site: str) -> None:
+    """Raise ConfigError naming the known sites when no image was ever recorded under `site`."""
+    from sqlalchemy import select
+
+    from stainbridge.daemon.store import Image
+
+    engine = make_engine(database_url)
+    try:
+        with engine.connect() as connection:
+            known = list(connection.execute(select(Image.site).distinct().order_by(Image.site)).scalars())
+    finally:
+        engine.dispose()
+    if site not in known:
+        raise ConfigError(f"--site {site!r}: no image was recorded under that site; known sites: "
+                          f"{', '.join(known) or 'none yet'}")
+
+
 def write_report(database_url: str, out: Path, since: date | None = None, until: date | None = None,
                  settings: Settings | None = None, *, lab: LabSettings | None = None, site: str | None = None) -> Path:
     """Gather, render and write the report atomically; returns the path written. With `settings`, shown
@@ -118,6 +135,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         settings = load_settings(args.config)
         require_database(settings.database_url, settings.source)
+        if args.site:
+            require_site(settings.database_url, args.site)
         write_report(settings.database_url, out, args.since, args.until,
                      settings if args.restandardize else None, lab=settings.lab, site=args.site)
     except (ConfigError, SchemaError, RestandardizeError) as exc:

@@ -82,6 +82,7 @@ class ReportData:
     sites: list[tuple[str, str]] = field(default_factory=list)  # (site, its validation line)
     site: str | None = None  # --site: the report is about this site only
     site_counts: list[tuple[str, int, int]] = field(default_factory=list)  # (site, classified, flagged)
+    site_classes: dict[tuple[str, str], int] = field(default_factory=dict)  # (site, predicted class) -> cells
     specimens: list[SiteSpecimens] = field(default_factory=list)  # per site, its specimens' differentials
 
     @property
@@ -156,6 +157,8 @@ def gather(engine: Engine, period: Period, database: str, *, lab: LabSettings | 
         data.site_counts = [tuple(r) for r in rows(
             "SELECT site, COUNT(*), SUM(CASE WHEN needs_review THEN 1 ELSE 0 END) FROM latest_results "
             f"WHERE {where} GROUP BY site ORDER BY site")]
+        data.site_classes = {(site, label): n for site, label, n in rows(
+            f"SELECT site, label, COUNT(*) FROM latest_results WHERE {where} GROUP BY site, label")}
         data.specimens = gather_specimens(rows, lab or LabSettings(), site)
         data.runs = [dict(r._mapping) for r in c.execute(text(
             "SELECT id, kind, status, trigger, images_used, reason, started_at, finished_at FROM training_runs "
