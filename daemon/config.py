@@ -125,6 +125,12 @@ class LabSettings:
     min_cells: int = 100  # a specimen with fewer cells counted is flagged in the report
     # Per-class percentage ranges; a specimen outside one is flagged: "neutrophil 40-75, lymphocyte 20-45".
     reference_ranges: tuple[tuple[str, float, float], ...] = ()
+    # Drift (docs/lab.md "Drift"): a site's baseline is the weeks up to its validation, else its first
+    # drift_baseline_weeks weeks; a later week whose class share (or share flagged) moved more than
+    # drift_share_points percentage points, or whose mean confidence fell more than drift_confidence_drop, alerts.
+    drift_baseline_weeks: int = 4
+    drift_share_points: float = 15.0
+    drift_confidence_drop: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -256,6 +262,9 @@ VALIDATORS: dict[tuple[str, str], Callable[[Any], Any]] = {
     ("lab", "specimen_pattern"): check.specimen_pattern,
     ("lab", "min_cells"): check.positive(int),
     ("lab", "reference_ranges"): check.reference_ranges,
+    ("lab", "drift_baseline_weeks"): check.positive(int),
+    ("lab", "drift_share_points"): check.positive(float),
+    ("lab", "drift_confidence_drop"): check.fraction,
     ("metrics", "port"): check.port,
     ("metrics", "address"): check.string,
     ("logging", "level"): check.choice(*LOG_LEVELS),

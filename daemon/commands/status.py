@@ -16,13 +16,14 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from stainbridge.daemon import diskspace
 from stainbridge.daemon import folders as configured_folders
 from stainbridge.daemon.config import ConfigError, Settings, load_settings
 from stainbridge.daemon.intake.walking import is_ignored_name
+from stainbridge.daemon.lab.drift import gather_drift
 from stainbridge.daemon.schema import (
     SchemaError,
     require_database,
@@ -114,6 +115,7 @@ class StatusReport:
     service: str = "never started"
     workers: list[dict[str, Any]] = field(default_factory=list)  # live ones, else the newest that went silent
     last_processed_at: str | None = None  # the newest processed_at of any image, whichever worker did it
+    drift: list[str] = field(default_factory=list)  # sites whose latest week drifted from their baseline, in words
 
 
 def _local_midnight_utc() -> datetime:
@@ -163,6 +165,8 @@ def collect(settings: Settings, session: Session) -> StatusReport:
         sites=[{**summary.as_json(), "validation": summary.validation} for summary in site_summaries(session)],
         serving=serving,
         **_liveness(session),
+        drift=[d.latest_alert.describe() for d in gather_drift(lambda sql: session.execute(text(sql)).all(),
+                                                                   settings.lab) if d.latest_alert],
     )
 
 
@@ -305,6 +309,8 @@ def render(report: StatusReport) -> str:
     if report.unfiled:
         lines.append(f"NOT FILED           {report.unfiled} recorded file(s) still in the drop folder (oldest "
                      f"{report.unfiled_since}): the service cannot move them; see its log (filing_failed)")
+    for line in report.drift:
+        lines.append(f"DRIFT               {line} (stainbridge report, docs/lab.md)")
     for problem in report.folder_problems:
         lines.append(f"FOLDER              {problem}")
     return "\n".join(lines)

@@ -28,13 +28,14 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import start_http_server
 from prometheus_client.registry import Collector
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import sessionmaker
 
 from stainbridge.daemon import diskspace
-from stainbridge.daemon.config import ConfigError, Settings
+from stainbridge.daemon.config import ConfigError, LabSettings, Settings
 from stainbridge.daemon.intake import claims
+from stainbridge.daemon.lab.drift import gather_drift
 from stainbridge.daemon.logs import get_logger
 from stainbridge.daemon.pipeline.batch import BatchReport
 from stainbridge.daemon.store import RunStatus, TrainingRun
@@ -59,8 +60,9 @@ STATES = ("ready", "paused", "retrying", "unhealthy", "stopped")  # daemon.servi
 class DatabaseCollector(Collector):
     """Gauges read from the database at scrape time; a database that does not answer yields none."""
 
-    def __init__(self, sessions: sessionmaker) -> None:
+    def __init__(self, sessions: sessionmaker, lab: LabSettings | None = None) -> None:
         self.sessions = sessions
+        self.lab = lab or LabSettings()
 
     def collect(self) -> Iterator[Any]:
         try:
@@ -70,6 +72,7 @@ class DatabaseCollector(Collector):
                 sites = site_summaries(session)
                 last = session.scalar(select(func.max(TrainingRun.finished_at))
                                       .where(TrainingRun.status == RunStatus.succeeded))
+                drift = gather_drift(lambda sql: session.execute(text(sql)).all(), self.lab)
         except SQLAlchemyError as exc:
             log.warning("metrics_database_unavailable", error=str(exc).splitlines()[0])
             return
@@ -100,6 +103,11 @@ class DatabaseCollector(Collector):
             reviews.add_metric([site.site], site.reviews)
         yield validated
         yield reviews
+        alerts = GaugeMetricFamily("stainbridge_drift_alert", "1 when the site's latest week moved beyond [lab] "
+                                   "drift bounds from its baseline (docs/lab.md, Drift)", labels=["site"])
+        for site in drift:
+            alerts.add_metric([site.site], 1 if site.latest_alert else 0)
+        yield alerts
         if last is not None:
             if last.tzinfo is None:  # SQLite hands timestamps back without their zone; they are UTC
                 last = last.replace(tzinfo=timezone.utc)
@@ -129,7 +137,7 @@ class ServiceMetrics:
                      "(no files are taken below [paths] min_free_mb)", ["folder"], registry=self.registry)
         for role, folder in diskspace.written_folders(settings).items():
             free.labels(role).set_function(lambda folder=folder: diskspace.free_bytes(folder))
-        self.registry.register(DatabaseCollector(sessions))
+        self.registry.register(DatabaseCollector(sessions, settings.lab))
         self.predictions = Counter("stainbridge_predictions", "Cells this worker classified, by predicted class and "
                                    "whether they were flagged for review", ["label", "flagged"], registry=self.registry)
         self.confidence = Histogram("stainbridge_confidence", "Confidence of each classified cell in its label "

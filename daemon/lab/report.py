@@ -9,7 +9,7 @@ registry. Rendering (plots, thumbnails, the HTML template) lives in daemon/lab/r
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date, datetime, time, timedelta, timezone
 from typing import Any
 
@@ -17,6 +17,7 @@ from sqlalchemy import DateTime, bindparam, text
 from sqlalchemy.engine import Engine
 
 from stainbridge.daemon.config import LabSettings
+from stainbridge.daemon.lab.drift import SiteDrift, gather_drift
 from stainbridge.daemon.lab.specimens import SiteSpecimens, gather_specimens
 from stainbridge.daemon.lab.views import day_sql, reason_sql
 
@@ -84,6 +85,7 @@ class ReportData:
     site_counts: list[tuple[str, int, int]] = field(default_factory=list)  # (site, classified, flagged)
     site_classes: dict[tuple[str, str], int] = field(default_factory=dict)  # (site, predicted class) -> cells
     specimens: list[SiteSpecimens] = field(default_factory=list)  # per site, its specimens' differentials
+    drift: list[SiteDrift] = field(default_factory=list)  # per site, its weeks in the period and their alerts
 
     @property
     def reviewed(self) -> int:
@@ -160,6 +162,10 @@ def gather(engine: Engine, period: Period, database: str, *, lab: LabSettings | 
         data.site_classes = {(site, label): n for site, label, n in rows(
             f"SELECT site, label, COUNT(*) FROM latest_results WHERE {where} GROUP BY site, label")}
         data.specimens = gather_specimens(rows, lab or LabSettings(), site)
+        first, last = (period.since.date().isoformat(), period.until.date().isoformat())
+        data.drift = [replace(d, weeks=[w for w in d.weeks if first <= w.week < last],
+                              alerts=[a for a in d.alerts if first <= a.week < last])
+                      for d in gather_drift(lambda sql: list(c.execute(text(sql), bounds)), lab or LabSettings(), site)]
         data.runs = [dict(r._mapping) for r in c.execute(text(
             "SELECT id, kind, status, trigger, images_used, reason, started_at, finished_at FROM training_runs "
             "ORDER BY started_at DESC, id DESC LIMIT 20"))]

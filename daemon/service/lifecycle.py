@@ -69,7 +69,7 @@ from stainbridge.daemon.service.startup import (
     connect_and_load,
     startup_errors,
 )
-from stainbridge.daemon.service.tick import MAX_BACKLOG, Tick
+from stainbridge.daemon.service.tick import DRIFT_CHECK_SECONDS, MAX_BACKLOG, Tick
 
 __all__ = [  # start-up's names stay importable from here
     "IDLE_SECONDS", "MAX_BACKLOG", "STARTUP_BACKOFF_MAX_SECONDS", "Service", "StartupError",
@@ -95,6 +95,8 @@ class Service(Tick):
         self._backlog: list[Candidate] = []
         self._heartbeat = time.monotonic()
         self._last_release = time.monotonic()
+        self._last_drift_check = -DRIFT_CHECK_SECONDS  # the first batch looks at once
+        self._drift_said: set[tuple[str, str]] = set()  # (site, week) alerts already logged
         self.pace = Pacing(settings.models.batch_size, f"watching {settings.drop_dir}", self.log)
         self._space_short: str | None = None  # why no files are taken (a volume below [paths] min_free_mb)
         self.handled = 0

@@ -1,4 +1,4 @@
-"""Specimens (``images.specimen``, the ``specimen_differentials`` view) and the service's heartbeat (``workers``).
+"""Specimens (``images.specimen``, ``specimen_differentials``), weekly drift (``weekly_drift``) and the heartbeat.
 
 Revision ID: 0010
 Revises: 0009
@@ -8,6 +8,8 @@ Create Date: 2026-12-07
   NULL for rows from before this revision. ``results`` shows it after ``site``, ``latest_results`` too.
 - ``specimen_differentials``: the differential per site and specimen, one row per class (frozen copy of
   ``daemon.lab.views.SPECIMEN_DIFFERENTIALS_SQL`` as of this revision).
+- ``weekly_drift``: per site, UTC week and class, the share of the week's cells, with the week's mean confidence
+  and share flagged (frozen copy of ``daemon.lab.views.weekly_drift_sql``).
 - ``workers``: one row per running service process, rewritten every few seconds (its state, why, and when it
   last finished a file); `stainbridge status` says "not running" when the newest row is stale.
 
@@ -46,6 +48,20 @@ JOIN (SELECT site, specimen,
       WHERE specimen IS NOT NULL
       GROUP BY site, specimen) t ON t.site = c.site AND t.specimen = c.specimen"""
 
+_WEEK = {"sqlite": "date(received_at, '-6 days', 'weekday 1')",
+         "postgresql": "CAST(date_trunc('week', received_at AT TIME ZONE 'UTC') AS date)"}
+WEEKLY_DRIFT_VIEW_SQL = """CREATE VIEW weekly_drift AS
+SELECT c.site, c.week, c.label, c.cells, CAST(1.0 * c.cells / t.cells AS DOUBLE PRECISION) AS share,
+       t.cells AS week_cells, t.mean_confidence, t.share_flagged
+FROM (SELECT site, {week} AS week, label, COUNT(*) AS cells
+      FROM latest_results
+      GROUP BY site, {week}, label) c
+JOIN (SELECT site, {week} AS week, COUNT(*) AS cells,
+             CAST(AVG(COALESCE(calibrated_confidence, confidence)) AS DOUBLE PRECISION) AS mean_confidence,
+             CAST(AVG(CASE WHEN needs_review THEN 1.0 ELSE 0.0 END) AS DOUBLE PRECISION) AS share_flagged
+      FROM latest_results
+      GROUP BY site, {week}) t ON t.site = c.site AND t.week = c.week"""
+
 
 def _insert_once(text: str, anchor: str, replacement: str, what: str) -> str:
     if text.count(anchor) != 1:
@@ -60,11 +76,13 @@ def _create_views(with_specimen: bool) -> None:
         views[1] = _insert_once(views[1], "r.source_name, r.site, ", "r.source_name, r.site, r.specimen, ",
                                 "latest_results view")
         views.append(SPECIMEN_DIFFERENTIALS_VIEW_SQL)
+        views.append(WEEKLY_DRIFT_VIEW_SQL.format(week=_WEEK[op.get_bind().dialect.name]))
     for statement in (results, *views):
         op.execute(statement)
 
 
 def _drop_views() -> None:
+    op.execute("DROP VIEW IF EXISTS weekly_drift")
     op.execute("DROP VIEW IF EXISTS specimen_differentials")
     frozen_revision("0009_needs_review.py")._drop_views()
 
