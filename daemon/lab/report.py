@@ -156,11 +156,13 @@ def gather(engine: Engine, period: Period, database: str, *, lab: LabSettings | 
             f"{of_site} ORDER BY created_at DESC, id DESC LIMIT 50"), bounds)]
         data.sites = [(name, line) for name, line in c.execute(text(
             f"SELECT site, validation FROM site_validation {of_site} ORDER BY site"), bounds)]
-        data.site_counts = [tuple(r) for r in rows(
-            "SELECT site, COUNT(*), SUM(CASE WHEN needs_review THEN 1 ELSE 0 END) FROM latest_results "
-            f"WHERE {where} GROUP BY site ORDER BY site")]
-        data.site_classes = {(site, label): n for site, label, n in rows(
-            f"SELECT site, label, COUNT(*) FROM latest_results WHERE {where} GROUP BY site, label")}
+        per_site: dict[str, list[int]] = {}
+        for name, label, n, flagged in rows("SELECT site, label, COUNT(*), SUM(CASE WHEN needs_review THEN 1 ELSE 0 "
+                                            f"END) FROM latest_results WHERE {where} GROUP BY site, label"):
+            data.site_classes[(name, label)] = int(n)
+            totals = per_site.setdefault(name, [0, 0])
+            totals[0], totals[1] = totals[0] + int(n), totals[1] + int(flagged or 0)
+        data.site_counts = [(name, n, flagged) for name, (n, flagged) in sorted(per_site.items())]
         data.specimens = gather_specimens(rows, lab or LabSettings(), site)
         first, last = (period.since.date().isoformat(), period.until.date().isoformat())
         data.drift = [replace(d, weeks=[w for w in d.weeks if first <= w.week < last],

@@ -53,31 +53,25 @@ def flags_of(row: SpecimenRow, lab: LabSettings) -> list[str]:
     return flags
 
 
-RANKED = """SELECT site, specimen FROM (
-    SELECT site, specimen, ROW_NUMBER() OVER (PARTITION BY site ORDER BY MAX(last_at) DESC, specimen) AS n
-    FROM specimen_differentials
-    WHERE last_at >= :since AND first_at < :until {site}
-    GROUP BY site, specimen) ranked
-WHERE n <= {limit}"""
-
-
 def gather_specimens(query: Callable[[str], list[Any]], lab: LabSettings, site: str | None = None) -> list[SiteSpecimens]:
     """The specimen tables of every site (or `site`), newest specimens first. `query(sql)` runs a statement with the
-    report's bounds bound (``:since``, ``:until`` and, with `site`, ``:site``)."""
+    report's bounds bound (``:since``, ``:until`` and, with `site`, ``:site``). One pass over the view (each
+    evaluation of it groups latest_results twice): the rows are specimens x classes, ranked here."""
     only = "AND site = :site" if site else ""
-    totals = dict(query(f"SELECT site, COUNT(DISTINCT specimen) FROM specimen_differentials "
-                        f"WHERE last_at >= :since AND first_at < :until {only} GROUP BY site"))
     rows: dict[tuple[str, str], SpecimenRow] = {}
-    for r in query("SELECT d.site, d.specimen, d.label, d.cells, d.percent, d.flagged, d.cells_counted, "
-                   f"d.cells_flagged, d.first_at, d.last_at FROM specimen_differentials d "
-                   f"JOIN ({RANKED.format(site=only, limit=SPECIMENS_SHOWN)}) k "
-                   "ON k.site = d.site AND k.specimen = d.specimen ORDER BY d.site, d.last_at DESC, d.specimen, d.label"):
+    for r in query("SELECT site, specimen, label, cells, percent, flagged, cells_counted, cells_flagged, first_at, "
+                   f"last_at FROM specimen_differentials WHERE last_at >= :since AND first_at < :until {only}"):
         row = rows.setdefault((r.site, r.specimen), SpecimenRow(r.site, r.specimen, int(r.cells_counted),
                                                                 int(r.cells_flagged), r.first_at, r.last_at))
         row.classes[r.label] = (int(r.cells), None if r.percent is None else float(r.percent), int(r.flagged))
+    totals: dict[str, int] = {}
+    for name, _ in rows:
+        totals[name] = totals.get(name, 0) + 1
     out = []
     for name in sorted(totals):
-        shown = [row for (s, _), row in rows.items() if s == name]
+        newest = sorted((row for (s, _), row in rows.items() if s == name),
+                        key=lambda row: (str(row.last_at), row.specimen), reverse=True)
+        shown = newest[:SPECIMENS_SHOWN]
         for row in shown:
             row.flags = flags_of(row, lab)
         labels = sorted({label for row in shown for label in row.classes})
