@@ -3,7 +3,7 @@ weeks raises an alert that the report, `status` and the metrics show, on both da
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from prometheus_client.core import GaugeMetricFamily
 from sqlalchemy import insert, text
@@ -17,7 +17,7 @@ from stainbridge.daemon.lab.report import Period, gather
 from stainbridge.daemon.schema import upgrade_database
 from stainbridge.daemon.store import Image, ModelVersion, Prediction, make_engine, make_sessionmaker
 
-MONDAY = datetime(2026, 10, 5, 10, 0, tzinfo=timezone.utc)  # weeks of 2026-10-05 ... 2026-11-02
+MONDAY = datetime(2026, 10, 5, 10, 0, tzinfo=UTC)  # weeks of 2026-10-05 ... 2026-11-02
 CELLS = 40
 
 

@@ -100,14 +100,14 @@ def test_specimen_folders_of_two_sites_give_differentials_that_report_and_export
         if percent is None:
             continue
         row = re.search(rf'<table class="specimens" data-site="{site}">.*?<tr data-specimen="{specimen}">(.*?)</tr>',
-                        html, re.S)
+                        html, re.DOTALL)
         assert row, f"no report row for {site}/{specimen}"
         cell = re.search(rf'data-label="{label}">([^<]*)</td>', row.group(1))
         assert cell and cell.group(1) == f"{percent:.1f} ({cells})", (site, specimen, label)
     for specimen, n in (("BS-102", 3), ("BS-202", 2)):  # fewer than [lab] min_cells
-        row = re.search(rf'<tr data-specimen="{specimen}">(.*?)</tr>', html, re.S).group(1)
+        row = re.search(rf'<tr data-specimen="{specimen}">(.*?)</tr>', html, re.DOTALL).group(1)
         assert f"{n} cells counted (fewer than 4)" in row
-    assert "cells counted (fewer than" not in re.search(r'<tr data-specimen="BS-101">(.*?)</tr>', html, re.S).group(1)
+    assert "cells counted (fewer than" not in re.search(r'<tr data-specimen="BS-101">(.*?)</tr>', html, re.DOTALL).group(1)
 
     only_b = tmp_path / "report-b.html"
     _stainbridge(config, "report", "--site", "hospital-b", "--out", str(only_b))
