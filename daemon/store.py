@@ -111,7 +111,7 @@ class Image(Base):
     duplicate_of_id: Mapped[int | None] = mapped_column(ForeignKey("images.id", ondelete="SET NULL"))
     source_name: Mapped[str] = mapped_column(String(512))
     site: Mapped[str] = mapped_column(String(128), index=True)
-    # The slide / patient sample it was taken from (intake.specimens; NULL: nothing said, or before 0010).
+    # The slide / patient sample it was taken from (intake.specimens; NULL: nothing said, or before 0011).
     specimen: Mapped[str | None] = mapped_column(String(128), index=True)
     status: Mapped[ImageStatus] = mapped_column(_str_enum(ImageStatus, "image_status"), index=True)
     error: Mapped[str | None] = mapped_column(Text)

@@ -6,7 +6,7 @@ what its results rest on (docs/sites.md), and `latest_results` carries that text
 output is never mistaken for validated output. Three expressions differ between SQLite and PostgreSQL
 (the UTC day of a timestamp, the reason before the first ':' of an error, a number with two decimals),
 hence one text per dialect. Migrations keep frozen copies (0004; latest_results and site_validation
-since 0008, with the review columns since 0009, the specimen, specimen_differentials and weekly_drift since 0010): a
+since 0008, with the review columns since 0009, the specimen, specimen_differentials and weekly_drift since 0011): a
 change here needs a new revision.
 
 Any later migration that rebuilds a table with batch mode (SQLite) must drop these views and

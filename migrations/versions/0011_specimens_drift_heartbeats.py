@@ -1,7 +1,7 @@
 """Specimens (``images.specimen``, ``specimen_differentials``), weekly drift (``weekly_drift``) and the heartbeat.
 
-Revision ID: 0010
-Revises: 0009
+Revision ID: 0011
+Revises: 0010
 Create Date: 2026-12-07
 
 - ``images.specimen``: the slide / patient sample a cell was taken from (``daemon.intake.specimens``), indexed;
@@ -25,8 +25,8 @@ from alembic import op
 
 from stainbridge.migrations import frozen_revision
 
-revision: str = "0010"
-down_revision: str | None = "0009"
+revision: str = "0011"
+down_revision: str | None = "0010"
 branch_labels: str | tuple[str, ...] | None = None
 depends_on: str | tuple[str, ...] | None = None
 
@@ -65,7 +65,7 @@ JOIN (SELECT site, {week} AS week, COUNT(*) AS cells,
 
 def _insert_once(text: str, anchor: str, replacement: str, what: str) -> str:
     if text.count(anchor) != 1:
-        raise RuntimeError(f"the frozen {what} changed; revision 0010 builds on its text")
+        raise RuntimeError(f"the frozen {what} changed; revision 0011 builds on its text")
     return text.replace(anchor, replacement)
 
 
