@@ -117,6 +117,23 @@ class RetrainingSettings:
 
 
 @dataclass(frozen=True)
+class LabSettings:
+    # A regular expression with a named group `specimen`, searched in each file's name (not its folders):
+    # r"^(?P<specimen>[A-Z]{2}\d+)_" makes "BS123_004.png" specimen "BS123". Empty: specimens come from DICOM
+    # (accession number, else study) or from the sub-folder under the site's folder (docs/lab.md, "Specimens").
+    specimen_pattern: str = ""
+    min_cells: int = 100  # a specimen with fewer cells counted is flagged in the report
+    # Per-class percentage ranges; a specimen outside one is flagged: "neutrophil 40-75, lymphocyte 20-45".
+    reference_ranges: tuple[tuple[str, float, float], ...] = ()
+    # Drift (docs/lab.md "Drift"): a site's baseline is the weeks up to its validation, else its first
+    # drift_baseline_weeks weeks; a later week whose class share (or share flagged) moved more than
+    # drift_share_points percentage points, or whose mean confidence fell more than drift_confidence_drop, alerts.
+    drift_baseline_weeks: int = 4
+    drift_share_points: float = 15.0
+    drift_confidence_drop: float = 0.1
+
+
+@dataclass(frozen=True)
 class MetricsSettings:
     port: int = 0  # Prometheus endpoint of `stainbridge run`; 0: off
     address: str = "127.0.0.1"
@@ -136,6 +153,7 @@ class Settings:
     site: SiteSettings = field(default_factory=SiteSettings)
     watch: WatchSettings = field(default_factory=WatchSettings)
     retraining: RetrainingSettings = field(default_factory=RetrainingSettings)
+    lab: LabSettings = field(default_factory=LabSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     source: str = "built-in defaults"
@@ -184,6 +202,7 @@ SECTIONS: dict[str, type] = {
     "site": SiteSettings,
     "watch": WatchSettings,
     "retraining": RetrainingSettings,
+    "lab": LabSettings,
     "metrics": MetricsSettings,
     "logging": LoggingSettings,
 }
@@ -240,6 +259,12 @@ VALIDATORS: dict[tuple[str, str], Callable[[Any], Any]] = {
     ("retraining", "max_gate_images"): check.positive(int),
     ("retraining", "review_below"): check.fraction,
     ("retraining", "keep_days"): check.positive(int),
+    ("lab", "specimen_pattern"): check.specimen_pattern,
+    ("lab", "min_cells"): check.positive(int),
+    ("lab", "reference_ranges"): check.reference_ranges,
+    ("lab", "drift_baseline_weeks"): check.positive(int),
+    ("lab", "drift_share_points"): check.positive(float),
+    ("lab", "drift_confidence_drop"): check.fraction,
     ("metrics", "port"): check.port,
     ("metrics", "address"): check.string,
     ("logging", "level"): check.choice(*LOG_LEVELS),

@@ -6,6 +6,7 @@ Each checker returns the value in its settings type or raises ValueError saying 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -166,3 +167,39 @@ def cron(value: Any) -> str:
     except ValueError as exc:
         raise ValueError(f"expected a crontab expression such as '0 2 * * *' ({exc})") from None
     return text
+
+
+def specimen_pattern(value: Any) -> str:
+    """A regular expression with a named group ``specimen`` (empty: none)."""
+    text = string(value)
+    if not text:
+        return text
+    try:
+        compiled = re.compile(text)
+    except re.error as exc:
+        raise ValueError(f"not a regular expression ({exc})") from None
+    if "specimen" not in compiled.groupindex:
+        raise ValueError(r"the expression needs a named group 'specimen', e.g. ^(?P<specimen>[A-Z]+\d+)_")
+    return text
+
+
+def reference_ranges(value: Any) -> tuple[tuple[str, float, float], ...]:
+    """Per-class percentage ranges: "neutrophil 40-75, lymphocyte 20-45" (or a TOML array of such items)."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)):
+        raise ValueError('expected "CLASS LOW-HIGH, ..." such as "neutrophil 40-75, lymphocyte 20-45"')  # noqa: TRY004
+    ranges: dict[str, tuple[float, float]] = {}
+    for item in items:
+        text = string(item)
+        if not text:
+            continue
+        name, _, bounds = text.rpartition(" ")
+        low, _, high = bounds.partition("-")
+        try:
+            low_value, high_value = float(low), float(high)
+        except ValueError:
+            raise ValueError(f"{text!r}: expected CLASS LOW-HIGH in percent, e.g. 'neutrophil 40-75'") from None
+        if not name.strip() or not 0 <= low_value <= high_value <= 100:
+            raise ValueError(f"{text!r}: expected CLASS LOW-HIGH with 0 <= LOW <= HIGH <= 100")
+        ranges[name.strip()] = (low_value, high_value)
+    return tuple((name, low, high) for name, (low, high) in ranges.items())

@@ -111,6 +111,8 @@ class Image(Base):
     duplicate_of_id: Mapped[int | None] = mapped_column(ForeignKey("images.id", ondelete="SET NULL"))
     source_name: Mapped[str] = mapped_column(String(512))
     site: Mapped[str] = mapped_column(String(128), index=True)
+    # The slide / patient sample it was taken from (intake.specimens; NULL: nothing said, or before 0011).
+    specimen: Mapped[str | None] = mapped_column(String(128), index=True)
     status: Mapped[ImageStatus] = mapped_column(_str_enum(ImageStatus, "image_status"), index=True)
     error: Mapped[str | None] = mapped_column(Text)
     size_bytes: Mapped[int | None] = mapped_column(BigInteger)
@@ -337,6 +339,25 @@ class ServedModels(Base):
     __table_args__ = (Index("uq_served_models_worker_site", "worker", "site", unique=True),)
 
 
+class Worker(Base):
+    """A `stainbridge run` process's heartbeat (``daemon.service.heartbeat``), rewritten every ``interval_seconds``:
+    ``state`` ready / paused / retrying / unhealthy / stopped, ``reason`` why, files ``handled`` since it started
+    and when it last finished one. A row whose heartbeat is older than three intervals is a process that died."""
+
+    __tablename__ = "workers"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    worker: Mapped[str] = mapped_column(String(255), unique=True)  # intake.claims.worker_id(): host:pid
+    version: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(Text)
+    interval_seconds: Mapped[float] = mapped_column(Float)
+    handled: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime]
+    heartbeat_at: Mapped[datetime]
+    last_processed_at: Mapped[datetime | None]
+
+
 # What lab staff query: one row per image with its latest prediction and latest review.
 # Migrations keep their own frozen copy of this text; change both together. The latest rows are
 # found by joining grouped maxima, not by a correlated subquery in the join condition: PostgreSQL
@@ -347,6 +368,7 @@ SELECT
     i.id AS image_id,
     i.source_name,
     i.site,
+    i.specimen,
     i.status,
     i.error,
     i.sha256,

@@ -24,7 +24,7 @@ from pathlib import Path
 from PIL import Image as PILImage
 from sqlalchemy import insert
 
-from stainbridge.daemon.commands.export import stream_rows, write_csv
+from stainbridge.daemon.commands.export import known_classes, stream_rows, write_csv
 from stainbridge.daemon.lab.render import render
 from stainbridge.daemon.lab.report import Period, gather
 from stainbridge.daemon.schema import upgrade_database
@@ -47,9 +47,9 @@ def fill(url: str, n: int, archive: Path) -> None:
     engine = make_engine(url)
     with engine.begin() as c:
         c.execute(insert(ModelVersion.__table__), [
-            {"id": 1, "kind": "standardizer", "name": "cyclegan", "path": "/m/s", "sha256": "s" * 64, "header": {},
+            {"id": 1, "kind": "standardizer", "site": "hospital-x", "name": "cyclegan", "path": "/m/s", "sha256": "s" * 64, "header": {},
              "metrics": {}, "state": "active", "created_at": start},
-            {"id": 2, "kind": "classifier", "name": "resnet18", "path": "/m/c", "sha256": "c" * 64, "header": {},
+            {"id": 2, "kind": "classifier", "site": "hospital-x", "name": "resnet18", "path": "/m/c", "sha256": "c" * 64, "header": {},
              "metrics": {}, "state": "active", "created_at": start}])
     for first in range(1, n + 1, CHUNK):
         images, predictions, reviews = [], [], []
@@ -57,6 +57,7 @@ def fill(url: str, n: int, archive: Path) -> None:
             at = start + timedelta(seconds=365 * 86400 * i / n)
             failed = rng.random() < 0.01
             images.append({"id": i, "sha256": f"{i:064x}", "source_name": f"img-{i}.png", "site": "hospital-x",
+                           "specimen": f"BS-{i // 200}",  # 200 cells per specimen
                            "status": "failed" if failed else "done", "received_at": at, "processed_at": at,
                            "error": rng.choice(["corrupt: x", "empty: x", "too_large: x"]) if failed else None,
                            "archive_path": files[i % len(files)]})
@@ -68,7 +69,7 @@ def fill(url: str, n: int, archive: Path) -> None:
             predictions.append({"image_id": i, "label": CLASSES[top], "confidence": probs[top] / total,
                                 "probabilities": {c: p / total for c, p in zip(CLASSES, probs)},
                                 "standardizer_version_id": 1, "classifier_version_id": 2, "latency_ms": 20.0,
-                                "created_at": at})
+                                "needs_review": probs[top] / total < 0.25, "created_at": at})
             if rng.random() < 0.02:
                 reviews.append({"image_id": i, "label": rng.choice(CLASSES), "reviewer": "dr", "created_at": at})
         with engine.begin() as c:
@@ -99,7 +100,7 @@ def main() -> int:
         engine.dispose()
         print(f"report: queries {queries:.2f} s, rendering {rendering:.2f} s, {len(page.encode()) / 1024:.0f} KiB HTML")
         started = time.perf_counter()
-        rows = write_csv(stream_rows(url), _Null())
+        rows = write_csv(stream_rows(url), _Null(), known_classes(url))
         print(f"export csv: {rows} rows in {time.perf_counter() - started:.2f} s")
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(f"peak memory (max RSS) of this process: {peak:.0f} MiB")

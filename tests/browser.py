@@ -38,6 +38,7 @@ class PageCheck:
     errors: list[str] = field(default_factory=list)
     title: str = ""
     text: str = ""  # the page's visible text
+    scroll_width: int = 0  # the document's width in CSS pixels: wider than the window means sideways scrolling
 
 
 class _DevTools:
@@ -83,12 +84,14 @@ def _errors(events: list[dict[str, Any]]) -> list[str]:
     return errors
 
 
-def check_page(chromium: str, page: Path, screenshot: Path, profile: Path, timeout: float = 60) -> PageCheck:
-    """Open `page` (a local file) in headless Chromium, save a full-page PNG screenshot, report what loaded."""
+def check_page(chromium: str, page: Path, screenshot: Path, profile: Path, timeout: float = 60,
+               width: int = 1280) -> PageCheck:
+    """Open `page` (a local file) in headless Chromium `width` pixels wide, save a full-page PNG screenshot, report
+    what loaded."""
     profile.mkdir(parents=True, exist_ok=True)
     cmd = [chromium, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
            "--no-default-browser-check", "--disable-extensions", "--remote-debugging-port=0",
-           "--remote-allow-origins=*", f"--user-data-dir={profile}", "--window-size=1280,900", "about:blank"]
+           "--remote-allow-origins=*", f"--user-data-dir={profile}", f"--window-size={width},900", "about:blank"]
     log = profile / "chromium.log"  # a file, not a pipe: a chatty browser must never block on a full pipe
     with log.open("wb") as sink:
         process = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env={**os.environ, "HOME": str(profile)})
@@ -107,14 +110,20 @@ def check_page(chromium: str, page: Path, screenshot: Path, profile: Path, timeo
         tools = _DevTools(page_target["webSocketDebuggerUrl"])
         for domain in ("Page", "Runtime", "Log"):
             tools.call(f"{domain}.enable")
+        # the window cannot be made narrower than ~500 px: a phone's width is emulated, as DevTools' device mode does
+        tools.call("Emulation.setDeviceMetricsOverride", width=width, height=900, deviceScaleFactor=1,
+                   mobile=width < 600)
         tools.call("Page.navigate", url=page.resolve().as_uri())
         tools.wait_event("Page.loadEventFired", timeout)
         images = json.loads(tools.call("Runtime.evaluate", expression=IMAGES_JS, returnByValue=True)["result"]["value"])
         title = tools.call("Runtime.evaluate", expression="document.title", returnByValue=True)["result"]["value"]
         text = tools.call("Runtime.evaluate", expression=TEXT_JS, returnByValue=True)["result"]["value"]
+        scroll_width = tools.call("Runtime.evaluate", expression="document.documentElement.scrollWidth",
+                                  returnByValue=True)["result"]["value"]
         shot = tools.call("Page.captureScreenshot", format="png", captureBeyondViewport=True)
         screenshot.write_bytes(base64.b64decode(shot["data"]))
-        return PageCheck(images=images, errors=_errors(tools.events), title=title, text=text)
+        return PageCheck(images=images, errors=_errors(tools.events), title=title, text=text,
+                         scroll_width=int(scroll_width))
     finally:
         if tools is not None:
             tools.close()

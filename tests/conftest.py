@@ -194,6 +194,8 @@ def make_service(settings_factory: SettingsFactory, tiny_models) -> Iterator[Cal
 
     yield make
     for service in made:
+        if service.heartbeat is not None:
+            service.heartbeat.stop()
         service.watcher.stop()
         service.pipeline.close()
         service.engine.dispose()

@@ -14,11 +14,13 @@ from stainbridge.daemon.store import Image, Review, Site, make_engine
 
 DAY1 = datetime(2026, 11, 2, 9, 0, tzinfo=timezone.utc)
 DAY2 = datetime(2026, 11, 3, 15, 30, tzinfo=timezone.utc)
+SPECIMENS = {"a.png": "BS-1", "b.png": "BS-1", "c.png": "BS-1", "c-copy.png": "BS-1", "g.png": "BS-2"}
 
 
 def seed_known_history(url: str) -> None:
     """Three classified images (one re-classified, one reviewed in agreement, one in disagreement, one
-    unreviewed at low confidence), a duplicate, three failures (two reasons) and a pending file."""
+    unreviewed at low confidence and flagged for it), a duplicate, three failures (two reasons) and a pending file;
+    a.png, b.png and c.png (and its duplicate) are specimen BS-1, the pending g.png BS-2."""
     upgrade_database(url)
     engine = make_engine(url)
     try:
@@ -39,18 +41,23 @@ def seed_known_history(url: str) -> None:
             ]
             c.execute(insert(Image.__table__),  # typed: timestamps stored exactly as the service stores them
                       [{"id": i, "sha256": None if dup else f"sha{i}", "source_name": name, "site": "hospital-x",
-                        "status": status, "error": error, "duplicate_of_id": dup, "received_at": t, "processed_at": t}
+                        "status": status, "error": error, "duplicate_of_id": dup, "received_at": t, "processed_at": t,
+                        "specimen": SPECIMENS.get(name)}
                        for i, name, status, error, dup, t in images])
             c.execute(text(
                 "INSERT INTO predictions (id, image_id, label, confidence, probabilities, standardizer_version_id, "
-                "classifier_version_id, latency_ms, tta, magnification, created_at) VALUES (:id, :img, :label, "
-                ":conf, '{}', 1, :clf, 12.0, :tta, :mag, :t)"),
+                "classifier_version_id, latency_ms, tta, magnification, needs_review, review_reason, created_at) "
+                "VALUES (:id, :img, :label, :conf, '{}', 1, :clf, 12.0, :tta, :mag, :flag, :why, :t)"),
                 # the first from before predictions recorded tta and magnification (migration 0005)
-                [{"id": 1, "img": 1, "label": "lymphocyte", "conf": 0.95, "clf": 2, "tta": None, "mag": None, "t": DAY1},
-                 {"id": 2, "img": 1, "label": "monocyte", "conf": 0.55, "clf": 3, "tta": True, "mag": 1.25, "t": DAY2},
-                 {"id": 3, "img": 2, "label": "neutrophil", "conf": 0.9, "clf": 3, "tta": True, "mag": 1.25, "t": DAY1},
+                # and the last flagged for its low confidence (migration 0009)
+                [{"id": 1, "img": 1, "label": "lymphocyte", "conf": 0.95, "clf": 2, "tta": None, "mag": None, "t": DAY1,
+                  "flag": None, "why": None},
+                 {"id": 2, "img": 1, "label": "monocyte", "conf": 0.55, "clf": 3, "tta": True, "mag": 1.25, "t": DAY2,
+                  "flag": False, "why": None},
+                 {"id": 3, "img": 2, "label": "neutrophil", "conf": 0.9, "clf": 3, "tta": True, "mag": 1.25, "t": DAY1,
+                  "flag": False, "why": None},
                  {"id": 4, "img": 3, "label": "neutrophil", "conf": 0.4, "clf": 3, "tta": False, "mag": 1.25,
-                  "t": DAY2}])
+                  "t": DAY2, "flag": True, "why": "low_confidence"}])
             c.execute(insert(Site.__table__),  # as the service records a site it serves for the first time
                       [{"name": "hospital-x", "state": "unvalidated", "reviews_needed": 50, "validation": {},
                         "created_at": DAY1}])

@@ -106,6 +106,21 @@ def test_metrics_scraped_from_the_running_service(history) -> None:
     assert samples[("stainbridge_last_successful_retraining_timestamp_seconds", ())] == RETRAINED_AT.timestamp()
 
 
+
+def test_metrics_say_the_state_last_file_predictions_confidence_and_version(history) -> None:
+    """The heartbeat's state, when the last file went through, predictions per class, the confidence histogram
+    and the build's version."""
+    samples = _samples(history["scrape"])
+    assert samples[("stainbridge_service_state", (("state", "ready"),))] == 1
+    assert samples[("stainbridge_service_state", (("state", "stopped"),))] == 0
+    assert samples[("stainbridge_last_processed_timestamp_seconds", ())] > RETRAINED_AT.timestamp()
+    predicted = sum(v for (name, _), v in samples.items() if name == "stainbridge_predictions_total")
+    assert predicted == GOOD == samples[("stainbridge_confidence_count", ())]
+    assert {dict(labels)["label"] for name, labels in samples if name == "stainbridge_predictions_total"} <= set(CLASSES)
+    build = next(dict(labels) for name, labels in samples if name == "stainbridge_build_info")
+    assert set(build) == {"version"} and build["version"]
+
+
 def test_report_from_a_real_history(history, run_stainbridge) -> None:
     """`review import` then `report`: self-contained, every picture embedded, the numbers right."""
     imported = run_stainbridge("--config", str(history["config"]), "review", "import", str(history["reviews"]))
@@ -137,6 +152,25 @@ def test_report_from_a_real_history(history, run_stainbridge) -> None:
     backwards = run_stainbridge("report", "--since", "2026-12-02", "--until", "2026-12-01", "--out", str(out),
                                 "--config", str(history["config"]))
     assert backwards.returncode == 2 and "--until" in backwards.stderr
+
+
+@pytest.mark.browser
+def test_report_fits_a_phone_screen_with_the_notice_on_top(history, run_stainbridge, tmp_path) -> None:
+    """At 420 px wide nothing makes the page scroll sideways (plots and pictures shrink, wide tables scroll in
+    their own box), and the research-use notice is the first thing on it."""
+    chromium = find_chromium()
+    if chromium is None:
+        if under_ci():
+            pytest.fail("CI=true but chromium is not installed; .ci/run installs Debian's chromium", pytrace=False)
+        pytest.skip("chromium not installed (apt-get install -y chromium; .ci/run does it)")
+    out = tmp_path / "report.html"
+    assert run_stainbridge("report", "--out", str(out), "--config", str(history["config"])).returncode == 0
+    page = out.read_text(encoding="utf-8")
+    assert '<meta name="viewport" content="width=device-width, initial-scale=1">' in page
+    check = check_page(chromium, out, tmp_path / "narrow.png", tmp_path / "chromium-profile", width=420)
+    assert check.scroll_width <= 420, check.scroll_width
+    assert check.text.lstrip().startswith("For research use only.")
+    assert [i for i in check.images if not (i["complete"] and i["width"] > 0 and i["shown"])] == []
 
 
 @pytest.mark.browser
@@ -174,7 +208,13 @@ def test_export_streams_csv_and_json(history, run_stainbridge) -> None:
     assert len(rows) == GOOD + 2 and "stainbridge export: 10 rows" in as_csv.stderr
     labels = {int(r["image_id"]): r["label"] for r in rows if r["status"] == "done"}
     assert labels == dict(history["done"])
-    assert all(set(json.loads(r["probabilities"])) == set(CLASSES) for r in rows if r["status"] == "done")
+    probabilities = [f"probability_{name}" for name in sorted(CLASSES)]
+    assert "probabilities" not in rows[0] and list(rows[0])[list(rows[0]).index("confidence") - len(CLASSES):
+                                                        list(rows[0]).index("confidence")] == probabilities
+    for row in (r for r in rows if r["status"] == "done"):  # 4 decimals at most, summing to 1
+        assert all(re.fullmatch(r"[01](\.\d{1,4})?", row[c]) for c in [*probabilities, "confidence"]), row
+        assert sum(float(row[c]) for c in probabilities) == pytest.approx(1.0, abs=1e-3)
+        assert row["received_at"].endswith("+00:00") and row["processed_at"].endswith("+00:00")
     out = history["root"] / "export.json"
     as_json = run_stainbridge("export", "--format", "json", "--out", str(out), "--config", config)
     assert as_json.returncode == 0, as_json.stderr

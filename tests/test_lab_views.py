@@ -23,6 +23,11 @@ EXPECTED = {
     "review_disagreements": [("b.png", "neutrophil", "lymphocyte", "dr-a", "resnet-v2")],
     "failures_by_reason": [("corrupt", 2), ("empty", 1)],
     "site_validation": [("hospital-x", "unvalidated", 2, 50, "unvalidated (2 of 50 reviews)")],
+    # a.png and b.png counted, c.png (a neutrophil by its best guess) flagged and counted apart
+    "specimen_differentials": [("BS-1", "monocyte", 1, 50.0, 0, 2, 1), ("BS-1", "neutrophil", 1, 50.0, 1, 2, 1)],
+    # one week (Monday 2026-11-02): a.png monocyte 0.55, b.png neutrophil 0.9, c.png neutrophil 0.4 and flagged
+    "weekly_drift": [("2026-11-02", "monocyte", 1, 0.333, 3, 0.617, 0.333),
+                     ("2026-11-02", "neutrophil", 2, 0.667, 3, 0.617, 0.333)],
 }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import date
 
 from stainbridge.daemon.commands.export import stream_rows
+from stainbridge.daemon.config import LabSettings
 from stainbridge.daemon.lab.render import render
 from stainbridge.daemon.lab.report import Period, gather
 from stainbridge.daemon.store import make_engine
@@ -55,3 +56,35 @@ def test_report_period_and_export_stream_on_both_databases(database_url: str) ->
     assert rows[0]["label"] == "monocyte" and rows[0]["reviewed_label"] == "monocyte"
     assert rows[0]["received_at"].startswith("2026-11-02T09:00:00")
     assert [r["source_name"] for r in stream_rows(database_url, since=date(2026, 11, 3))][0] == "c.png"
+
+
+def test_report_specimens_and_one_site_on_both_databases(database_url: str) -> None:
+    """The specimen table comes from specimen_differentials; --site keeps that site's rows and names it."""
+    seed_known_history(database_url)
+    engine = make_engine(database_url)
+    try:
+        data = gather(engine, Period(), "test", lab=LabSettings(min_cells=3), site="hospital-x")
+        elsewhere = gather(engine, Period(), "test", site="hospital-y")
+    finally:
+        engine.dispose()
+    assert data.site_counts == [("hospital-x", 3, 1)]
+    assert data.site_classes == {("hospital-x", "monocyte"): 1, ("hospital-x", "neutrophil"): 2}
+    [group] = data.specimens
+    assert (group.site, group.total, group.labels) == ("hospital-x", 1, ["monocyte", "neutrophil"])
+    [row] = group.rows
+    assert (row.specimen, row.counted, row.flagged) == ("BS-1", 2, 1)
+    assert row.classes == {"monocyte": (1, 50.0, 0), "neutrophil": (1, 50.0, 1)}
+    assert row.flags == ["2 cells counted (fewer than 3)", "1 flagged for review"]
+    page = render(data)
+    assert "site hospital-x" in page and 'data-label="neutrophil">50.0 (1)</td>' in page
+    assert elsewhere.status_counts == {} and elsewhere.specimens == [] and elsewhere.sites == []
+
+
+def test_report_refuses_an_unknown_site_naming_the_known_ones(tmp_path, run_stainbridge) -> None:
+    """`report --site` with a typo: exit 1 and the sites the database knows."""
+    url = f"sqlite:///{tmp_path / 'stainbridge.db'}"
+    seed_known_history(url)
+    result = run_stainbridge("report", "--site", "hospital-z", "--out", str(tmp_path / "r.html"),
+                             env={"STAINBRIDGE_DATABASE_URL": url})
+    assert result.returncode == 1 and "known sites: hospital-x" in result.stderr
+    assert not (tmp_path / "r.html").exists()

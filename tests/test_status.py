@@ -135,6 +135,10 @@ def test_status_counts_failures_throughput_models_and_waiting_files(settings_fac
     assert (fire.hour, fire.minute) == (3, 30) and fire > datetime.now(fire.tzinfo)
     text = status.render(report)
     assert "corrupt" in text and "c" * 12 in text and "images/min" in text
+    # no service ever wrote a heartbeat here; the newest processed file is one of today's
+    assert report.service == "never started" and report.workers == []
+    assert text.startswith("service             NOT RUNNING (no heartbeat")
+    assert datetime.fromisoformat(report.last_processed_at) >= now.replace(microsecond=0)
 
 
 def test_next_retraining_is_disabled_unless_enabled(settings_factory):

@@ -17,9 +17,10 @@ import json
 import sys
 from collections.abc import Iterator
 from datetime import date, datetime, timezone
+from functools import partial
 from typing import IO, Any
 
-from sqlalchemy import Boolean, DateTime, bindparam, text
+from sqlalchemy import Boolean, DateTime, bindparam, select, text
 
 from stainbridge.daemon.commands.report import parse_date
 from stainbridge.daemon.commands.spreadsheet import safe_row
@@ -27,13 +28,15 @@ from stainbridge.daemon.config import ConfigError, load_settings
 from stainbridge.daemon.lab.report import Period
 from stainbridge.daemon.lab.views import ROW_VALIDATION_SQL
 from stainbridge.daemon.schema import SchemaError, require_database
-from stainbridge.daemon.store import make_engine
+from stainbridge.daemon.store import ModelKind, ModelVersion, make_engine
 
 CHUNK_ROWS = 1000
-RESULTS_COLUMNS = ("image_id", "source_name", "site", "status", "error", "received_at", "processed_at", "label",
+RESULTS_COLUMNS = ("image_id", "source_name", "site", "specimen", "status", "error", "received_at", "processed_at", "label",
                    "confidence", "probabilities", "standardizer", "classifier", "reviewed_label", "reviewer",
                    "patient_pseudonym", "study_uid", "series_uid", "sop_instance_uid", "sha256", "archive_path", "tta",
-                   "magnification")
+                   "magnification", "calibrated_confidence", "ood_score", "needs_review", "review_reason")
+DECIMALS = 4  # probabilities and confidences: what a spreadsheet needs, not float noise
+PROBABILITY_PREFIX = "probability_"  # CSV: one column per class (classes of every registered classifier)
 # ... and what the row rests on (daemon.lab.views.ROW_VALIDATION_SQL): "unvalidated (12 of 50 reviews)",
 # "validated: 0.91 [0.86-0.95] on 50 cells" or "not the validated recipe (site validated: ...)"
 COLUMNS = (*RESULTS_COLUMNS, "validation")
@@ -62,7 +65,7 @@ def stream_rows(database_url: str, since: date | None = None, until: date | None
     period = Period.from_dates(since, until)
     stamp = DateTime(timezone=True)
     query = text(QUERY).bindparams(bindparam("since", type_=stamp), bindparam("until", type_=stamp)).columns(
-        received_at=stamp, processed_at=stamp, tta=Boolean())  # typed: SQLite stores the boolean as 0/1
+        received_at=stamp, processed_at=stamp, tta=Boolean(), needs_review=Boolean())  # typed: SQLite stores 0/1
     engine = make_engine(database_url)
     try:
         with engine.connect() as connection:
@@ -72,18 +75,38 @@ def stream_rows(database_url: str, since: date | None = None, until: date | None
                 record = {k: _plain(v) for k, v in row._mapping.items()}
                 if isinstance(record["probabilities"], str):  # SQLite hands JSON back as text
                     record["probabilities"] = json.loads(record["probabilities"])
+                if record["probabilities"] is not None:
+                    record["probabilities"] = {k: round(float(v), DECIMALS) for k, v in record["probabilities"].items()}
+                for key in ("confidence", "calibrated_confidence", "ood_score"):
+                    if record[key] is not None:
+                        record[key] = round(float(record[key]), DECIMALS)
                 yield record
     finally:
         engine.dispose()
 
 
-def write_csv(rows: Iterator[dict[str, Any]], out: IO[str]) -> int:
-    writer = csv.DictWriter(out, fieldnames=COLUMNS, lineterminator="\n")
+def known_classes(database_url: str) -> list[str]:
+    """Every class a registered classifier knows (the CSV's probability columns), sorted."""
+    engine = make_engine(database_url)
+    try:
+        with engine.connect() as connection:
+            headers = connection.execute(select(ModelVersion.header).where(ModelVersion.kind == ModelKind.classifier))
+            return sorted({str(name) for (header,) in headers for name in (header or {}).get("classes", [])})
+    finally:
+        engine.dispose()
+
+
+def write_csv(rows: Iterator[dict[str, Any]], out: IO[str], classes: list[str]) -> int:
+    """CSV with one ``probability_<class>`` column per class instead of the probabilities object."""
+    columns = [c for c in COLUMNS if c != "probabilities"]
+    at = columns.index("confidence")
+    columns[at:at] = [PROBABILITY_PREFIX + name for name in classes]
+    writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
     n = 0
     for n, row in enumerate(rows, 1):
-        if row["probabilities"] is not None:
-            row["probabilities"] = json.dumps(row["probabilities"], sort_keys=True)
+        for name, value in (row.pop("probabilities") or {}).items():
+            row[PROBABILITY_PREFIX + name] = value  # a class no classifier header names is left out
         writer.writerow(safe_row(row))  # names from another hospital never become spreadsheet formulas
     return n
 
@@ -108,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"stainbridge export: {exc}", file=sys.stderr)
         return 2
-    writer = write_csv if args.format == "csv" else write_json
+    writer = partial(write_csv, classes=known_classes(settings.database_url)) if args.format == "csv" else write_json
     rows = stream_rows(settings.database_url, args.since, args.until)
     if args.out is None:
         n = writer(rows, sys.stdout)

@@ -1,4 +1,4 @@
-"""`stainbridge report [--since DATE] [--until DATE] --out FILE.html`: one self-contained HTML page.
+"""`stainbridge report [--since DATE] [--until DATE] [--site SITE] --out FILE.html`: one self-contained HTML page.
 
 Reads the database (aggregates, see daemon/lab/report.py) and the archived images of the few it shows;
 it needs neither the models nor a GPU, so it can run while the service works, except with
@@ -19,7 +19,7 @@ from typing import Any
 
 from sqlalchemy.engine import Engine
 
-from stainbridge.daemon.config import ConfigError, Settings, load_settings
+from stainbridge.daemon.config import ConfigError, LabSettings, Settings, load_settings
 from stainbridge.daemon.schema import SchemaError, require_database, safe_url
 from stainbridge.daemon.store import make_engine
 
@@ -36,6 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--since", type=parse_date, metavar="DATE", help="first day included (YYYY-MM-DD, UTC)")
     parser.add_argument("--until", type=parse_date, metavar="DATE", help="last day included (YYYY-MM-DD, UTC)")
     parser.add_argument("--out", required=True, metavar="FILE.html", help="where to write the report")
+    parser.add_argument("--site", metavar="SITE", help="only this site's images (default: every site, each in its "
+                                                        "own section)")
     parser.add_argument("--restandardize", action="store_true",
                         help="for shown images without a saved standardized copy, standardize them now with the "
                              "active models (loads them on the CPU; a few seconds)")
@@ -88,17 +90,35 @@ def restandardize(settings: Settings, engine: Engine, shown: list[Any]) -> dict[
     return redone
 
 
+def require_site(database_url: str, site: str) -> None:
+    """Raise ConfigError naming the known sites when no image was ever recorded under `site`."""
+    from sqlalchemy import select
+
+    from stainbridge.daemon.store import Image
+
+    engine = make_engine(database_url)
+    try:
+        with engine.connect() as connection:
+            known = list(connection.execute(select(Image.site).distinct().order_by(Image.site)).scalars())
+    finally:
+        engine.dispose()
+    if site not in known:
+        raise ConfigError(f"--site {site!r}: no image was recorded under that site; known sites: "
+                          f"{', '.join(known) or 'none yet'}")
+
+
 def write_report(database_url: str, out: Path, since: date | None = None, until: date | None = None,
-                 settings: Settings | None = None) -> Path:
+                 settings: Settings | None = None, *, lab: LabSettings | None = None, site: str | None = None) -> Path:
     """Gather, render and write the report atomically; returns the path written. With `settings`, shown
-    images without a saved standardized copy are standardized now (see restandardize)."""
+    images without a saved standardized copy are standardized now (see restandardize). `lab`: the specimen
+    flags' settings (``[lab]``); `site`: only that site."""
     from stainbridge.daemon.lab.render import render
     from stainbridge.daemon.lab.report import Period, gather
 
     period = Period.from_dates(since, until)
     engine = make_engine(database_url)
     try:
-        data = gather(engine, period, safe_url(database_url))
+        data = gather(engine, period, safe_url(database_url), lab=lab, site=site)
         redone = restandardize(settings, engine, data.grid + data.lowest) if settings is not None else {}
     finally:
         engine.dispose()
@@ -115,8 +135,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         settings = load_settings(args.config)
         require_database(settings.database_url, settings.source)
+        if args.site:
+            require_site(settings.database_url, args.site)
         write_report(settings.database_url, out, args.since, args.until,
-                     settings if args.restandardize else None)
+                     settings if args.restandardize else None, lab=settings.lab, site=args.site)
     except (ConfigError, SchemaError, RestandardizeError) as exc:
         print(f"stainbridge report: {exc}", file=sys.stderr)
         return 1

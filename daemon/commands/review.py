@@ -48,7 +48,7 @@ from stainbridge.daemon.store import (
 )
 from stainbridge.daemon.versions import registry
 
-EXPORT_COLUMNS = ["image", "sha256", "source_name", "archive_path", "site", "tier", "validation_rank", "predicted",
+EXPORT_COLUMNS = ["image", "sha256", "source_name", "archive_path", "site", "specimen", "tier", "validation_rank", "predicted",
                   "confidence", "calibrated_confidence", "label", "reviewer", "time", "comment", "thumbnail"]
 # The review queue's tiers after the validation samples, in the order a hematologist sees them (see review_tiers).
 VALIDATION_TIER = "validation_sample"
@@ -227,7 +227,7 @@ def review_queue(session: Session, below: float, limit: int, site: str | None = 
         .limit(limit + len(shown))).all()
     rows = (sample + [row for row in rest if row[0].id not in shown])[:limit]
     return [{"image": i.id, "sha256": i.sha256, "source_name": i.source_name, "archive_path": i.archive_path or "",
-             "site": i.site, "tier": VALIDATION_TIER if i.id in shown else tiers[rank][0],
+             "site": i.site, "specimen": i.specimen or "", "tier": VALIDATION_TIER if i.id in shown else tiers[rank][0],
              "validation_rank": vrank if i.id in shown else "", "predicted": p.label,
              "confidence": round(p.confidence, 4),
              "calibrated_confidence": "" if p.calibrated_confidence is None else round(p.calibrated_confidence, 4),

@@ -16,18 +16,20 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from stainbridge.daemon import diskspace
 from stainbridge.daemon import folders as configured_folders
 from stainbridge.daemon.config import ConfigError, Settings, load_settings
 from stainbridge.daemon.intake.walking import is_ignored_name
+from stainbridge.daemon.lab.drift import gather_drift
 from stainbridge.daemon.schema import (
     SchemaError,
     require_database,
     safe_url,
 )
+from stainbridge.daemon.service.heartbeat import is_stale
 from stainbridge.daemon.store import (
     Image,
     ImageStatus,
@@ -36,6 +38,7 @@ from stainbridge.daemon.store import (
     Review,
     TrainingRun,
     VersionState,
+    Worker,
     make_engine,
     make_sessionmaker,
     utcnow,
@@ -108,6 +111,11 @@ class StatusReport:
     sites: list[dict[str, Any]] = field(default_factory=list)
     # what each running worker serves per site (daemon.versions.serving), and a hot swap it refused
     serving: list[dict[str, Any]] = field(default_factory=list)
+    # the service's heartbeat (daemon.service.heartbeat): "running", "not running", or "never started"
+    service: str = "never started"
+    workers: list[dict[str, Any]] = field(default_factory=list)  # live ones, else the newest that went silent
+    last_processed_at: str | None = None  # the newest processed_at of any image, whichever worker did it
+    drift: list[str] = field(default_factory=list)  # sites whose latest week drifted from their baseline, in words
 
 
 def _local_midnight_utc() -> datetime:
@@ -156,6 +164,9 @@ def collect(settings: Settings, session: Session) -> StatusReport:
         folder_problems=configured_folders.problems(settings, probe=False),
         sites=[{**summary.as_json(), "validation": summary.validation} for summary in site_summaries(session)],
         serving=serving,
+        **_liveness(session),
+        drift=[d.latest_alert.describe() for d in gather_drift(lambda sql: session.execute(text(sql)).all(),
+                                                                   settings.lab) if d.latest_alert],
     )
 
 
@@ -173,6 +184,27 @@ def _served_state(site: str, kind: str, version_id: int, serving: list[dict[str,
            else "switches at the next poll")
     return {"served": False, "not_served": f"{len(behind)} of {len(workers)} worker(s) still serve version "
                                           f"{(row[kind] or {}).get('id')} ({(row[kind] or {}).get('name')}); {why}"}
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    return value if value is None or value.tzinfo else value.replace(tzinfo=UTC)  # SQLite drops the zone
+
+
+def _liveness(session: Session) -> dict[str, Any]:
+    """Whether a service beats (its `workers` rows), and when any file was last processed."""
+    now = utcnow()
+    rows = session.scalars(select(Worker).order_by(Worker.heartbeat_at.desc()).limit(50)).all()
+    live = [row for row in rows if not is_stale(row, now)]
+    shown = live or rows[:1]
+    workers = [{"worker": row.worker, "running": row in live, "state": row.state, "reason": row.reason,
+                "version": row.version, "heartbeat_at": _aware(row.heartbeat_at).isoformat(timespec="seconds"),
+                "heartbeat_age_s": round((now - _aware(row.heartbeat_at)).total_seconds()),
+                "handled": row.handled, "started_at": _aware(row.started_at).isoformat(timespec="seconds"),
+                "last_processed_at": (_aware(row.last_processed_at).isoformat(timespec="seconds")
+                                      if row.last_processed_at else None)} for row in shown]
+    last = _aware(session.scalar(select(func.max(Image.processed_at)).where(Image.status == ImageStatus.done)))
+    return {"service": "running" if live else "not running" if rows else "never started", "workers": workers,
+            "last_processed_at": last.isoformat(timespec="seconds") if last else None}
 
 
 UNFILED_AFTER_SECONDS = 60  # a file is moved within a second of its row's commit: older ones are stuck
@@ -215,8 +247,27 @@ def _retraining_status(session: Session) -> dict[str, Any]:
     }
 
 
+def _service_lines(report: StatusReport) -> list[str]:
+    if report.service == "never started":
+        return ["service             NOT RUNNING (no heartbeat: `stainbridge run` never ran against this database)"]
+    lines = []
+    for w in report.workers:
+        if w["running"]:
+            why = f": {w['reason']}" if w["reason"] else ""
+            lines.append(f"service             running, {w['state']}{why} ({w['worker']}, heartbeat {w['heartbeat_age_s']} s "
+                         f"ago, version {w['version']}, {w['handled']} file(s) since {w['started_at']})")
+        elif w["state"] == "stopped":
+            lines.append(f"service             NOT RUNNING (stopped at {w['heartbeat_at']}, {w['worker']})")
+        else:
+            lines.append(f"service             NOT RUNNING (last heartbeat {w['heartbeat_age_s']} s ago from {w['worker']}, "
+                         f"state then: {w['state']}; it was killed or the machine went down: see its log)")
+    return lines
+
+
 def render(report: StatusReport) -> str:
     lines = [
+        *_service_lines(report),
+        f"last processed      {report.last_processed_at or 'never'}",
         f"site                {report.site}",
         f"database            {report.database}",
         f"drop folder         {report.drop_folder}",
@@ -225,7 +276,7 @@ def render(report: StatusReport) -> str:
         f"failed              {report.failed_today} today, {report.failed_total} in total",
     ]
     for reason, n in report.failures_by_reason.items():
-        lines.append(f"  {reason:<18}{n}")
+        lines.append(f"  {reason:<18} {n}")  # a space even after an 18-character reason (unsupported_format)
     lines += [
         f"duplicates          {report.duplicates_total} in total",
         f"throughput          {report.throughput_per_min:.2f} images/min over the last hour",
@@ -258,6 +309,8 @@ def render(report: StatusReport) -> str:
     if report.unfiled:
         lines.append(f"NOT FILED           {report.unfiled} recorded file(s) still in the drop folder (oldest "
                      f"{report.unfiled_since}): the service cannot move them; see its log (filing_failed)")
+    for line in report.drift:
+        lines.append(f"DRIFT               {line} (stainbridge report, docs/lab.md)")
     for problem in report.folder_problems:
         lines.append(f"FOLDER              {problem}")
     return "\n".join(lines)

@@ -1,7 +1,7 @@
 """DICOM intake: pixel data through pydicom's installed handlers, metadata with pseudonyms.
 
-Files are read without ``force``; the patient ID is kept only as an HMAC-SHA256 pseudonym
-keyed with the site secret, and the patient name is never stored (it is read only to be masked
+Files are read without ``force``; the patient ID (and the accession number, as the specimen) is kept only
+as an HMAC-SHA256 pseudonym keyed with the site secret, and the patient name is never stored (it is read only to be masked
 in log lines). A deflated file is inflated once, bounded, before pydicom reads it: pydicom would
 inflate all of it in one call, so a 1 MiB file could take gigabytes.
 """
@@ -89,9 +89,23 @@ def _dicom_time(ds: Any) -> datetime | None:
     return None
 
 
+SPECIMEN_PSEUDONYM_CHARS = 16  # of the HMAC's hex: 64 bits, no collision among a lab's specimens
+
+
+def _specimen(ds: Any, pseudonym_secret: str) -> str | None:
+    """The specimen: ``acc-`` + the AccessionNumber's pseudonym (it names a patient's order in the lab system, so
+    it is keyed like the patient ID), else ``study-`` + the StudyInstanceUID (stored as it is in ``study_uid``)."""
+    accession = str(ds.get("AccessionNumber") or "").replace("\x00", " ").strip()
+    if accession:
+        return "acc-" + pseudonymize(accession, require_secret(pseudonym_secret))[:SPECIMEN_PSEUDONYM_CHARS]
+    study = _dicom_text(ds, "StudyInstanceUID", 64)
+    return f"study-{study}" if study else None
+
+
 def _dicom_metadata(ds: Any, pseudonym_secret: str) -> dict[str, Any]:
     patient_id = str(ds.get("PatientID") or "").strip()  # the patient name is never read
     return {
+        "specimen": _specimen(ds, pseudonym_secret),
         "study_uid": _dicom_text(ds, "StudyInstanceUID", 64),
         "series_uid": _dicom_text(ds, "SeriesInstanceUID", 64),
         "sop_instance_uid": _dicom_text(ds, "SOPInstanceUID", 64),
@@ -150,7 +164,8 @@ def decode_dicom(handle: BinaryIO, name: str, *, max_pixels: int, pseudonym_secr
     try:
         ds = dcmread(handle, stop_before_pixels=True)
         # Masked in every later log line: exception texts and tracebacks may quote them.
-        mask_in_free_text(str(ds.get("PatientID") or ""), str(ds.get("PatientName") or ""))
+        mask_in_free_text(str(ds.get("PatientID") or ""), str(ds.get("PatientName") or ""),
+                          str(ds.get("AccessionNumber") or ""))
         handle.seek(0)
         ds = dcmread(handle)
     except MemoryError:

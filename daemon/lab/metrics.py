@@ -1,13 +1,15 @@
 """Prometheus metrics of `stainbridge run` (`[metrics] port`; off when 0, the default).
 
-What this worker did since it started (counters and a histogram, kept in memory):
+What this worker did since it started (counters and histograms, kept in memory):
 ``stainbridge_files_processed_total{outcome}``, ``stainbridge_files_failed_total{reason}``,
-``stainbridge_filing_failures_total`` (recorded files that could not be moved out of the drop folder)
-and ``stainbridge_batch_seconds``. What is true now (read at each scrape): ``stainbridge_queue_depth``
-(files the watcher tracks as waiting or ready: its own count, no walk of the drop folder),
-``stainbridge_served_model_info{site,kind,name,sha256}`` (the versions this worker serves: a promotion shows
-here once the hot swap has loaded it), ``stainbridge_model_swap_refused{site}`` (1 while this worker refuses a
-promoted version; it retries at every poll), ``stainbridge_active_model_info{site,kind,name,sha256}`` (the
+``stainbridge_filing_failures_total`` (recorded files that could not be moved out of the drop folder),
+``stainbridge_predictions_total{label,flagged}``, ``stainbridge_confidence`` and ``stainbridge_batch_seconds``;
+``stainbridge_last_processed_timestamp_seconds``, ``stainbridge_service_state{state}`` (the heartbeat's, see
+``daemon.service.heartbeat``) and ``stainbridge_build_info{version}``. What is true now (read at each scrape):
+``stainbridge_queue_depth`` (files the watcher tracks as waiting or ready: its own count, no walk of the drop
+folder), ``stainbridge_served_model_info{site,kind,name,sha256}`` (the versions this worker serves: a promotion
+shows here once the hot swap has loaded it), ``stainbridge_model_swap_refused{site}`` (1 while this worker refuses
+a promoted version; it retries at every poll), ``stainbridge_active_model_info{site,kind,name,sha256}`` (the
 registry's active versions) and ``stainbridge_last_successful_retraining_timestamp_seconds`` from the database.
 
 The endpoint is plain HTTP without authentication: it listens on 127.0.0.1 unless ``[metrics]
@@ -18,19 +20,22 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from datetime import timezone
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import start_http_server
 from prometheus_client.registry import Collector
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import sessionmaker
 
 from stainbridge.daemon import diskspace
-from stainbridge.daemon.config import ConfigError, Settings
+from stainbridge.daemon.config import ConfigError, LabSettings, Settings
 from stainbridge.daemon.intake import claims
+from stainbridge.daemon.lab.drift import gather_drift
 from stainbridge.daemon.logs import get_logger
 from stainbridge.daemon.pipeline.batch import BatchReport
 from stainbridge.daemon.store import RunStatus, TrainingRun
@@ -39,14 +44,25 @@ from stainbridge.daemon.versions.serving import served
 from stainbridge.daemon.versions.site_state import site_summaries
 
 log = get_logger(__name__)
+
+
+def build_version() -> str:
+    """The installed stainbridge version (``unknown`` for a source tree that is not installed)."""
+    try:
+        return package_version("stainbridge")
+    except PackageNotFoundError:
+        return "unknown"
 BATCH_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+CONFIDENCE_BUCKETS = tuple(round(0.1 * i, 1) for i in range(1, 10)) + (0.95, 0.99)
+STATES = ("ready", "paused", "retrying", "unhealthy", "stopped")  # daemon.service.heartbeat says which
 
 
 class DatabaseCollector(Collector):
     """Gauges read from the database at scrape time; a database that does not answer yields none."""
 
-    def __init__(self, sessions: sessionmaker) -> None:
+    def __init__(self, sessions: sessionmaker, lab: LabSettings | None = None) -> None:
         self.sessions = sessions
+        self.lab = lab or LabSettings()
 
     def collect(self) -> Iterator[Any]:
         try:
@@ -56,6 +72,7 @@ class DatabaseCollector(Collector):
                 sites = site_summaries(session)
                 last = session.scalar(select(func.max(TrainingRun.finished_at))
                                       .where(TrainingRun.status == RunStatus.succeeded))
+                drift = gather_drift(lambda sql: session.execute(text(sql)).all(), self.lab)
         except SQLAlchemyError as exc:
             log.warning("metrics_database_unavailable", error=str(exc).splitlines()[0])
             return
@@ -86,6 +103,11 @@ class DatabaseCollector(Collector):
             reviews.add_metric([site.site], site.reviews)
         yield validated
         yield reviews
+        alerts = GaugeMetricFamily("stainbridge_drift_alert", "1 when the site's latest week moved beyond [lab] "
+                                   "drift bounds from its baseline (docs/lab.md, Drift)", labels=["site"])
+        for site in drift:
+            alerts.add_metric([site.site], 1 if site.latest_alert else 0)
+        yield alerts
         if last is not None:
             if last.tzinfo is None:  # SQLite hands timestamps back without their zone; they are UTC
                 last = last.replace(tzinfo=timezone.utc)
@@ -115,10 +137,26 @@ class ServiceMetrics:
                      "(no files are taken below [paths] min_free_mb)", ["folder"], registry=self.registry)
         for role, folder in diskspace.written_folders(settings).items():
             free.labels(role).set_function(lambda folder=folder: diskspace.free_bytes(folder))
-        self.registry.register(DatabaseCollector(sessions))
+        self.registry.register(DatabaseCollector(sessions, settings.lab))
+        self.predictions = Counter("stainbridge_predictions", "Cells this worker classified, by predicted class and "
+                                   "whether they were flagged for review", ["label", "flagged"], registry=self.registry)
+        self.confidence = Histogram("stainbridge_confidence", "Confidence of each classified cell in its label "
+                                    "(calibrated when the classifier carries a calibration)",
+                                    buckets=CONFIDENCE_BUCKETS, registry=self.registry)
+        self.last_processed = Gauge("stainbridge_last_processed_timestamp_seconds", "When this worker last finished "
+                                    "a file (Unix time; 0 before the first)", registry=self.registry)
+        self.state = Gauge("stainbridge_service_state", "1 for the state this worker's heartbeat says now (ready, "
+                           "paused, retrying, unhealthy, stopped), 0 for the others", ["state"], registry=self.registry)
+        Gauge("stainbridge_build_info", "The stainbridge version running (value 1)", ["version"],
+              registry=self.registry).labels(build_version()).set(1)
         for outcome in ("done", "failed", "duplicate"):
             self.files.labels(outcome)  # present (at 0) from the first scrape
         self._server: Any = None
+
+    def set_state(self, state: str) -> None:
+        """The heartbeat's state (daemon.service.heartbeat.STATES)."""
+        for name in STATES:
+            self.state.labels(name).set(1 if name == state else 0)
 
     def record(self, report: BatchReport) -> None:
         """Count one pipeline report (what the service loop books in Service._account)."""
@@ -128,6 +166,11 @@ class ServiceMetrics:
         for reason, n in report.failures.items():
             self.failures.labels(reason).inc(n)
         self.unfiled.inc(report.unfiled)
+        for label, confidence, flagged in report.predictions:
+            self.predictions.labels(label, "true" if flagged else "false").inc()
+            self.confidence.observe(confidence)
+        if report.handled - report.unfiled > 0:
+            self.last_processed.set_to_current_time()
 
     def record_poison(self, reason: str = "poison") -> None:
         """A file quarantined after failing alone, again and again (`reason`: poison, memory)."""

@@ -142,7 +142,41 @@ def _plots(data: ReportData) -> dict[str, str]:
             for j, n in enumerate(row):
                 ax.text(j, i, str(n), ha="center", va="center", fontsize=8)
         plots["confusion"] = _figure_uri(fig)
+    for drift in data.drift:
+        if drift.weeks:
+            plots[f"drift:{drift.site}"] = _drift_plot(drift)
     return plots
+
+
+def _drift_plot(drift: Any) -> str:
+    """Weekly class shares (stacked bars), mean confidence and share flagged (lines) of one site, on one 0-1 axis;
+    baseline weeks hatched, weeks with an alert marked; the legend below the plot, never over the data."""
+    import matplotlib.pyplot as plt
+
+    weeks = [w.week for w in drift.weeks]
+    labels = sorted({label for w in drift.weeks for label in w.shares})
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    bottom = [0.0] * len(weeks)
+    baseline, alerted = set(drift.baseline), {a.week for a in drift.alerts}
+    for label in labels:
+        heights = [w.shares.get(label, 0.0) for w in drift.weeks]
+        ax.bar(range(len(weeks)), heights, bottom=bottom, width=0.85, label=label,
+               hatch=["//" if w in baseline else "" for w in weeks])
+        bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
+    ax.plot(range(len(weeks)), [w.mean_confidence for w in drift.weeks], color="black", marker=".",
+            label="mean confidence")
+    ax.plot(range(len(weeks)), [w.share_flagged for w in drift.weeks], color="#a33", linestyle="--", marker=".",
+            label="share flagged")
+    for i, week in enumerate(weeks):
+        if week in alerted:
+            ax.annotate("!", (i, 1.02), ha="center", color="#a33", fontweight="bold", annotation_clip=False)
+    step = max(1, len(weeks) // 12)
+    ax.set_xticks(range(0, len(weeks), step), [weeks[i] for i in range(0, len(weeks), step)], rotation=45, ha="right")
+    ax.set_ylim(0, 1.08)
+    ax.set_ylabel("share of the week's cells")
+    ax.set_title(f"site {drift.site}, per week (hatched: baseline; !: alert)")
+    ax.legend(fontsize=7, ncols=4, loc="upper center", bbox_to_anchor=(0.5, -0.32))
+    return _figure_uri(fig)
 
 
 def _when(value: Any) -> str:

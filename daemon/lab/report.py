@@ -9,13 +9,16 @@ registry. Rendering (plots, thumbnails, the HTML template) lives in daemon/lab/r
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date, datetime, time, timedelta, timezone
 from typing import Any
 
 from sqlalchemy import DateTime, bindparam, text
 from sqlalchemy.engine import Engine
 
+from stainbridge.daemon.config import LabSettings
+from stainbridge.daemon.lab.drift import SiteDrift, gather_drift
+from stainbridge.daemon.lab.specimens import SiteSpecimens, gather_specimens
 from stainbridge.daemon.lab.views import day_sql, reason_sql
 
 HISTOGRAM_BINS = 20
@@ -78,6 +81,11 @@ class ReportData:
     usage: list[tuple[str, str, int]] = field(default_factory=list)  # (standardizer, classifier, predictions)
     runs: list[dict[str, Any]] = field(default_factory=list)
     sites: list[tuple[str, str]] = field(default_factory=list)  # (site, its validation line)
+    site: str | None = None  # --site: the report is about this site only
+    site_counts: list[tuple[str, int, int]] = field(default_factory=list)  # (site, classified, flagged)
+    site_classes: dict[tuple[str, str], int] = field(default_factory=dict)  # (site, predicted class) -> cells
+    specimens: list[SiteSpecimens] = field(default_factory=list)  # per site, its specimens' differentials
+    drift: list[SiteDrift] = field(default_factory=list)  # per site, its weeks in the period and their alerts
 
     @property
     def reviewed(self) -> int:
@@ -98,29 +106,32 @@ def _text(sql: str) -> Any:
 IN_PERIOD = "received_at >= :since AND received_at < :until"
 
 
-def gather(engine: Engine, period: Period, database: str) -> ReportData:
-    """Run the report's aggregate queries; nothing here grows with the number of images."""
-    data = ReportData(period=period, generated_at=datetime.now(timezone.utc), database=database)
+def gather(engine: Engine, period: Period, database: str, *, lab: LabSettings | None = None,
+           site: str | None = None) -> ReportData:
+    """Run the report's aggregate queries (of one `site`, or all); nothing here grows with the number of images."""
+    data = ReportData(period=period, generated_at=datetime.now(timezone.utc), database=database, site=site)
     dialect = engine.dialect.name
-    bounds = {"since": period.since, "until": period.until}
+    bounds: dict[str, Any] = {"since": period.since, "until": period.until, **({"site": site} if site else {})}
+    where = IN_PERIOD + (" AND site = :site" if site else "")
+    of_site = "WHERE site = :site" if site else ""
     with engine.connect() as c:
         def rows(sql: str) -> list[Any]:
             return list(c.execute(_text(sql), bounds))
 
         data.status_counts = {status: n for status, n in rows(
-            f"SELECT status, COUNT(*) FROM images WHERE {IN_PERIOD} GROUP BY status")}
+            f"SELECT status, COUNT(*) FROM images WHERE {where} GROUP BY status")}
         data.class_counts = [(label, n) for label, n in rows(
-            f"SELECT label, COUNT(*) AS n FROM latest_results WHERE {IN_PERIOD} GROUP BY label ORDER BY n DESC, label")]
+            f"SELECT label, COUNT(*) AS n FROM latest_results WHERE {where} GROUP BY label ORDER BY n DESC, label")]
         day = day_sql(dialect, "received_at")
         data.daily = [(str(d), label, n) for d, label, n in rows(
-            f"SELECT {day} AS day, label, COUNT(*) FROM latest_results WHERE {IN_PERIOD} "
+            f"SELECT {day} AS day, label, COUNT(*) FROM latest_results WHERE {where} "
             f"GROUP BY {day}, label ORDER BY day, label")]
         bin_sql = (f"CAST(confidence * {HISTOGRAM_BINS} AS INTEGER)" if dialect == "sqlite"
                    else f"CAST(FLOOR(confidence * {HISTOGRAM_BINS}) AS INTEGER)")
-        for bucket, n in rows(f"SELECT {bin_sql} AS b, COUNT(*) FROM latest_results WHERE {IN_PERIOD} GROUP BY b"):
+        for bucket, n in rows(f"SELECT {bin_sql} AS b, COUNT(*) FROM latest_results WHERE {where} GROUP BY b"):
             data.histogram[min(max(int(bucket), 0), HISTOGRAM_BINS - 1)] += n
         shown = ("SELECT image_id, source_name, label, confidence, archive_path, reviewed_label, site FROM {view} "
-                 f"WHERE {IN_PERIOD} ORDER BY {{order}} LIMIT {{limit}}")
+                 f"WHERE {where} ORDER BY {{order}} LIMIT {{limit}}")
         newest = shown.format(view="latest_results", order="received_at DESC, image_id DESC", limit=GRID_IMAGES)
         data.grid = [Shown(*r) for r in rows(newest)]
         lowest = shown.replace("reviewed_label, site FROM", "NULL AS reviewed_label, site FROM")
@@ -128,23 +139,35 @@ def gather(engine: Engine, period: Period, database: str) -> ReportData:
                                                              limit=REVIEW_IMAGES))]
         data.confusion = [tuple(r) for r in rows(
             f"SELECT reviewed_label, label, COUNT(*) FROM latest_results WHERE reviewed_label IS NOT NULL "
-            f"AND {IN_PERIOD} GROUP BY reviewed_label, label")]
+            f"AND {where} GROUP BY reviewed_label, label")]
         reason = reason_sql(dialect)
         data.failures = [(r, n) for r, n in rows(
-            f"SELECT {reason} AS reason, COUNT(*) AS n FROM images WHERE status = 'failed' AND {IN_PERIOD} "
+            f"SELECT {reason} AS reason, COUNT(*) AS n FROM images WHERE status = 'failed' AND {where} "
             "GROUP BY reason ORDER BY n DESC, reason")]
         data.throughput = _throughput(rows(
             f"SELECT COUNT(*), MIN(processed_at), MAX(processed_at), AVG(latency_ms) FROM results "
-            f"WHERE status = 'done' AND {IN_PERIOD}")[0])
+            f"WHERE status = 'done' AND {where}")[0])
         data.usage = [(std, clf, None if tta is None else bool(tta), magnification, n) for std, clf, tta, magnification, n
                       in rows(f"SELECT COALESCE(standardizer, '-'), classifier, tta, magnification, COUNT(*) AS n "
-                              f"FROM latest_results WHERE {IN_PERIOD} "
+                              f"FROM latest_results WHERE {where} "
                               "GROUP BY standardizer, classifier, tta, magnification ORDER BY n DESC, tta")]
         data.versions = [dict(r._mapping) for r in c.execute(text(
-            "SELECT id, kind, name, state, sha256, created_at, promoted_at, reason, header FROM model_versions "
-            "ORDER BY created_at DESC, id DESC LIMIT 50"))]
-        data.sites = [(site, line) for site, line in c.execute(text(
-            "SELECT site, validation FROM site_validation ORDER BY site"))]
+            f"SELECT id, kind, name, state, sha256, created_at, promoted_at, reason, header, site FROM model_versions "
+            f"{of_site} ORDER BY created_at DESC, id DESC LIMIT 50"), bounds)]
+        data.sites = [(name, line) for name, line in c.execute(text(
+            f"SELECT site, validation FROM site_validation {of_site} ORDER BY site"), bounds)]
+        per_site: dict[str, list[int]] = {}
+        for name, label, n, flagged in rows("SELECT site, label, COUNT(*), SUM(CASE WHEN needs_review THEN 1 ELSE 0 "
+                                            f"END) FROM latest_results WHERE {where} GROUP BY site, label"):
+            data.site_classes[(name, label)] = int(n)
+            totals = per_site.setdefault(name, [0, 0])
+            totals[0], totals[1] = totals[0] + int(n), totals[1] + int(flagged or 0)
+        data.site_counts = [(name, n, flagged) for name, (n, flagged) in sorted(per_site.items())]
+        data.specimens = gather_specimens(rows, lab or LabSettings(), site)
+        first, last = (period.since.date().isoformat(), period.until.date().isoformat())
+        data.drift = [replace(d, weeks=[w for w in d.weeks if first <= w.week < last],
+                              alerts=[a for a in d.alerts if first <= a.week < last])
+                      for d in gather_drift(lambda sql: list(c.execute(text(sql), bounds)), lab or LabSettings(), site)]
         data.runs = [dict(r._mapping) for r in c.execute(text(
             "SELECT id, kind, status, trigger, images_used, reason, started_at, finished_at FROM training_runs "
             "ORDER BY started_at DESC, id DESC LIMIT 20"))]

@@ -6,7 +6,8 @@ what its results rest on (docs/sites.md), and `latest_results` carries that text
 output is never mistaken for validated output. Three expressions differ between SQLite and PostgreSQL
 (the UTC day of a timestamp, the reason before the first ':' of an error, a number with two decimals),
 hence one text per dialect. Migrations keep frozen copies (0004; latest_results and site_validation
-since 0008, with the review columns since 0009): a change here needs a new revision.
+since 0008, with the review columns since 0009, the specimen, specimen_differentials and weekly_drift since 0011): a
+change here needs a new revision.
 
 Any later migration that rebuilds a table with batch mode (SQLite) must drop these views and
 `results` first and create them again afterwards (see 0003 for `results`).
@@ -23,12 +24,22 @@ _REASON = {
 }
 
 
+# The UTC week (its Monday) of a timestamp column.
+_WEEK = {"sqlite": "date({col}, '-6 days', 'weekday 1')",
+         "postgresql": "CAST(date_trunc('week', {col} AT TIME ZONE 'UTC') AS date)"}
+
+
 _TWO_DECIMALS = {"sqlite": "printf('%.2f', {col})", "postgresql": "to_char({col}, 'FM0.00')"}
 
 
 def day_sql(dialect: str, column: str) -> str:
     """SQL for the UTC calendar day of a timestamp column."""
     return _DAY[dialect].format(col=column)
+
+
+def week_sql(dialect: str, column: str) -> str:
+    """SQL for the Monday (UTC) of a timestamp column's week."""
+    return _WEEK[dialect].format(col=column)
 
 
 def reason_sql(dialect: str, column: str = "error") -> str:
@@ -46,7 +57,48 @@ ROW_VALIDATION_SQL = """CASE WHEN v.state = 'validated'
        ELSE v.validation END"""
 
 LAB_VIEW_NAMES = ("site_validation", "latest_results", "daily_counts", "low_confidence_queue",
-                  "review_disagreements", "failures_by_reason")
+                  "review_disagreements", "failures_by_reason", "specimen_differentials", "weekly_drift")
+
+# Per site, specimen and predicted class (long format: the classes are whatever the site's classifier knows, so
+# no column per class): cells counted (the cell's current answer, not a duplicate, not flagged for review), their
+# share of the specimen's counted cells in percent, the cells of that best guess flagged for review, and the
+# specimen's totals and first and last image (received_at). Percentages of a specimen sum to 100; a specimen with
+# every cell flagged has NULL percentages. Cells without a specimen are left out.
+SPECIMEN_DIFFERENTIALS_SQL = """CREATE VIEW specimen_differentials AS
+SELECT c.site, c.specimen, c.label, c.cells,
+       CASE WHEN t.cells_counted > 0 THEN CAST(100.0 * c.cells / t.cells_counted AS DOUBLE PRECISION) END AS percent,
+       c.flagged, t.cells_counted, t.cells_flagged, t.first_at, t.last_at
+FROM (SELECT site, specimen, label,
+             SUM(CASE WHEN needs_review THEN 0 ELSE 1 END) AS cells,
+             SUM(CASE WHEN needs_review THEN 1 ELSE 0 END) AS flagged
+      FROM latest_results
+      WHERE specimen IS NOT NULL
+      GROUP BY site, specimen, label) c
+JOIN (SELECT site, specimen,
+             SUM(CASE WHEN needs_review THEN 0 ELSE 1 END) AS cells_counted,
+             SUM(CASE WHEN needs_review THEN 1 ELSE 0 END) AS cells_flagged,
+             MIN(received_at) AS first_at, MAX(received_at) AS last_at
+      FROM latest_results
+      WHERE specimen IS NOT NULL
+      GROUP BY site, specimen) t ON t.site = c.site AND t.specimen = c.specimen"""
+
+
+def weekly_drift_sql(dialect: str) -> str:
+    """CREATE VIEW weekly_drift: per site, UTC week (its Monday) and predicted class, the cells (current answers,
+    flagged ones by their best guess) and their share of the week's cells, with the week's cells, mean confidence
+    (calibrated where recorded) and share flagged for review on every row (daemon/lab/drift.py compares weeks)."""
+    week = week_sql(dialect, "received_at")
+    return f"""CREATE VIEW weekly_drift AS
+SELECT c.site, c.week, c.label, c.cells, CAST(1.0 * c.cells / t.cells AS DOUBLE PRECISION) AS share,
+       t.cells AS week_cells, t.mean_confidence, t.share_flagged
+FROM (SELECT site, {week} AS week, label, COUNT(*) AS cells
+      FROM latest_results
+      GROUP BY site, {week}, label) c
+JOIN (SELECT site, {week} AS week, COUNT(*) AS cells,
+             CAST(AVG(COALESCE(calibrated_confidence, confidence)) AS DOUBLE PRECISION) AS mean_confidence,
+             CAST(AVG(CASE WHEN needs_review THEN 1.0 ELSE 0.0 END) AS DOUBLE PRECISION) AS share_flagged
+      FROM latest_results
+      GROUP BY site, {week}) t ON t.site = c.site AND t.week = c.week"""
 
 
 def site_validation_sql(dialect: str) -> str:
@@ -83,7 +135,7 @@ def lab_views_sql(dialect: str) -> list[str]:
         site_validation_sql(dialect),
         # One row per distinct image content that was classified: its current answer, and what it rests on.
         f"""CREATE VIEW latest_results AS
-SELECT r.image_id, r.source_name, r.site, r.patient_pseudonym, r.study_uid, r.received_at, r.processed_at,
+SELECT r.image_id, r.source_name, r.site, r.specimen, r.patient_pseudonym, r.study_uid, r.received_at, r.processed_at,
        r.label, r.confidence, r.standardizer, r.classifier, r.reviewed_label, r.reviewer, r.archive_path, r.tta,
        r.magnification, {ROW_VALIDATION_SQL} AS validation,
        r.calibrated_confidence, r.ood_score, r.needs_review, r.review_reason
@@ -108,4 +160,6 @@ SELECT {reason} AS reason, site, COUNT(*) AS images, MIN(received_at) AS first_a
 FROM images
 WHERE status = 'failed'
 GROUP BY {reason}, site""",
+        SPECIMEN_DIFFERENTIALS_SQL,
+        weekly_drift_sql(dialect),
     ]

@@ -67,6 +67,8 @@ class BatchReport:
     filing_error: str | None = None  # why, for the service's health and back-off
     failures: dict[str, int] = field(default_factory=dict)
     left_in_place: list[Path] = field(default_factory=list)  # to be offered again later
+    # each classified cell: (label, calibrated confidence or else the plain one, flagged for review), for metrics
+    predictions: list[tuple[str, float, bool]] = field(default_factory=list)
     # per step of `Pipeline.process` (STEPS), logged with the batch: wall seconds, and the process's CPU
     # seconds (all threads) meanwhile: where the service's time and its CPU go
     step_seconds: dict[str, float] = field(default_factory=dict)
@@ -82,6 +84,7 @@ class BatchReport:
         for reason, n in other.failures.items():
             self.failures[reason] = self.failures.get(reason, 0) + n
         self.left_in_place += other.left_in_place
+        self.predictions += other.predictions
         self.unavailable = self.unavailable or other.unavailable
         self.filing_error = self.filing_error or other.filing_error
         for mine, theirs in ((self.step_seconds, other.step_seconds), (self.step_cpu_seconds, other.step_cpu_seconds)):
@@ -109,6 +112,7 @@ class BatchReport:
 class Item:
     candidate: Candidate
     site: str = ""  # by the file's name, then (``[site] source = "institution"``) by its DICOM tag once decoded
+    specimen: str | None = None  # its slide / sample once decoded (``intake.specimens``)
     models: Any = None  # the site's LoadedModels that classified it
     sha256: str | None = None
     image_id: int | None = None

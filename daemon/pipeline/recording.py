@@ -112,10 +112,13 @@ def _record_together(sessions: sessionmaker, items: list[Item], report: BatchRep
                 row.format, row.width, row.height = decoded.format, decoded.width, decoded.height
                 for key, value in decoded.metadata.items():
                     setattr(row, key, value)
+                row.specimen = item.specimen  # DICOM's own, else by name or folder (intake.specimens)
                 session.add(prediction_row(result, image_id=row.id, models=m, latency_ms=item.seconds * 1000,
                                            created_at=now))
                 item.target = ImageStatus.done
                 counts.done += 1
+                confidence = result.calibrated_confidence if result.calibrated_confidence is not None else result.confidence
+                counts.predictions.append((result.label, float(confidence), bool(result.needs_review)))
             else:
                 reason = item.reason or "unknown"
                 row.status, row.error = ImageStatus.failed, storable_text(f"{reason}: {item.detail}")

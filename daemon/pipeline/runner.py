@@ -69,6 +69,7 @@ from stainbridge.daemon.config import Settings
 from stainbridge.daemon.intake import claims
 from stainbridge.daemon.intake.failures import error_summary, storable_source_name, storable_text
 from stainbridge.daemon.intake.sites import site_of_decoded, site_of_file
+from stainbridge.daemon.intake.specimens import specimen_of
 from stainbridge.daemon.intake.walking import Candidate
 from stainbridge.daemon.logs import get_logger
 from stainbridge.daemon.pipeline import filing
@@ -305,6 +306,8 @@ class Pipeline:
         for item in items:
             if item.deferred is None:
                 item.site = site_of_decoded(self.settings.site, item.candidate.source_name, item.decoded.metadata)
+                item.specimen = specimen_of(self.settings.site, self.settings.lab, item.candidate.source_name,
+                                            item.decoded.metadata)
                 by_site.setdefault(item.site, []).append(item)
         for site, group in by_site.items():
             try:

@@ -3,7 +3,8 @@
 Start-up, in order: settings (by the caller), logging (by the CLI), the database (migrations on
 SQLite; on PostgreSQL the schema must already be at head), the models (loaded, verified and
 recorded with their sha256 in ``model_versions``), claims left by a crashed run released, the
-drop-folder watcher started (it scans what is already there), then ``READY=1``. The database
+drop-folder watcher started (it scans what is already there), the heartbeat started (``service.heartbeat``: the
+``workers`` row `stainbridge status` reads; ``stopped`` at a clean exit), then ``READY=1``. The database
 wait lives in ``service.startup``, the health checks and the watchdog thread in ``service.health``.
 
 The loop is ``run()`` repeating ``run_once()``, which takes one micro-batch of ready files
@@ -40,6 +41,7 @@ import signal
 import sys
 import threading
 import time
+from datetime import datetime
 from types import FrameType
 
 from sqlalchemy.engine import Engine
@@ -58,6 +60,7 @@ from stainbridge.daemon.retraining.validation import SampleChooser
 from stainbridge.daemon.schema import safe_url
 from stainbridge.daemon.service import sdnotify
 from stainbridge.daemon.service.health import database_answers, watchdog_loop
+from stainbridge.daemon.service.heartbeat import Heartbeat
 from stainbridge.daemon.service.pacing import Pacing
 from stainbridge.daemon.service.startup import (
     STARTUP_BACKOFF_MAX_SECONDS,
@@ -66,7 +69,7 @@ from stainbridge.daemon.service.startup import (
     connect_and_load,
     startup_errors,
 )
-from stainbridge.daemon.service.tick import MAX_BACKLOG, Tick
+from stainbridge.daemon.service.tick import DRIFT_CHECK_SECONDS, MAX_BACKLOG, Tick
 
 __all__ = [  # start-up's names stay importable from here
     "IDLE_SECONDS", "MAX_BACKLOG", "STARTUP_BACKOFF_MAX_SECONDS", "Service", "StartupError",
@@ -92,12 +95,16 @@ class Service(Tick):
         self._backlog: list[Candidate] = []
         self._heartbeat = time.monotonic()
         self._last_release = time.monotonic()
+        self._last_drift_check = -DRIFT_CHECK_SECONDS  # the first batch looks at once
+        self._drift_said: set[tuple[str, str]] = set()  # (site, week) alerts already logged
         self.pace = Pacing(settings.models.batch_size, f"watching {settings.drop_dir}", self.log)
         self._space_short: str | None = None  # why no files are taken (a volume below [paths] min_free_mb)
         self.handled = 0
         self.scheduler: RetrainingScheduler | None = None
         self.samples: SampleChooser | None = None  # new sites' validation samples (docs/sites.md)
         self.metrics: ServiceMetrics | None = None  # [metrics] port
+        self.last_processed_at: datetime | None = None  # when a file last went through (the heartbeat says it)
+        self.heartbeat: Heartbeat | None = None  # the `workers` row `stainbridge status` reads
 
     # lifecycle -------------------------------------------------------------------------------
 
@@ -118,6 +125,11 @@ class Service(Tick):
             self.watcher = DropFolderWatcher(s)
             self.watcher.start()  # includes the start-up scan
             self.metrics = start_metrics(s, sessions, self.watcher.waiting)
+            self.heartbeat = Heartbeat(sessions, claims.worker_id(), self.state, lambda: self.handled,
+                                       lambda: self.last_processed_at, self.log,
+                                       on_beat=self.metrics.set_state if self.metrics else None)
+            self.heartbeat.forget_gone()
+            self.heartbeat.start()
         self.log.info("ready", drop=str(s.drop_dir), database=safe_url(s.database_url),
                       batch_size=s.models.batch_size, polling=s.watch.polling)
         sdnotify.notify(f"READY=1\nSTATUS=watching {s.drop_dir}")
@@ -163,6 +175,8 @@ class Service(Tick):
             self._stop.set()
             if self.scheduler is not None:
                 self.scheduler.shutdown()
+            if self.heartbeat is not None:
+                self.heartbeat.stop()  # "stopped": `status` says so at once
             if self.metrics is not None:
                 self.metrics.close()
             if self.watcher is not None:
@@ -219,6 +233,18 @@ class Service(Tick):
             "database": database_answers(self.engine),
             "moving": self.pace.moving(max_loop_age),
         }
+
+    def state(self) -> tuple[str, str | None]:
+        """What the heartbeat says: paused (disk space), retrying (a transient failure), unhealthy (a check
+        fails) or ready, and why."""
+        if self._space_short is not None:
+            return "paused", self._space_short
+        if self.pace.trouble is not None:
+            return "retrying", f"retrying in {self.pace.pause:.0f} s: {self.pace.trouble}"
+        failing = [name for name, ok in self.healthy().items() if not ok]
+        if failing:
+            return "unhealthy", "failing: " + ", ".join(failing)
+        return "ready", None
 
     def _watchdog(self, interval: float) -> None:
         watchdog_loop(self._stop, interval, lambda age: self.healthy(max_loop_age=age), lambda: self.pace.trouble,

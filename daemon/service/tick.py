@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import threading
 import time
+from datetime import datetime
 
+from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from structlog.stdlib import BoundLogger
@@ -22,6 +24,7 @@ from stainbridge.daemon.config import Settings
 from stainbridge.daemon.intake import claims
 from stainbridge.daemon.intake.failures import MAX_ATTEMPTS, error_summary, is_transient
 from stainbridge.daemon.intake.watcher import Candidate, DropFolderWatcher
+from stainbridge.daemon.lab.drift import DriftAlert, gather_drift
 from stainbridge.daemon.lab.metrics import ServiceMetrics
 from stainbridge.daemon.pipeline.batch import BatchReport
 from stainbridge.daemon.pipeline.runner import STALE_CLAIM_SECONDS, Pipeline
@@ -29,8 +32,10 @@ from stainbridge.daemon.retraining.validation import SampleChooser
 from stainbridge.daemon.service import sdnotify
 from stainbridge.daemon.service.health import database_answers
 from stainbridge.daemon.service.pacing import Pacing
+from stainbridge.daemon.store import utcnow
 
 MAX_BACKLOG = 1_000  # ready files held in memory between batches
+DRIFT_CHECK_SECONDS = 3600.0  # how often the loop looks for drift (docs/lab.md, "Drift per site")
 
 
 class Tick:
@@ -45,10 +50,13 @@ class Tick:
     metrics: ServiceMetrics | None
     pace: Pacing
     handled: int
+    last_processed_at: datetime | None
     _stop: threading.Event
     _backlog: list[Candidate]
     _heartbeat: float
     _last_release: float
+    _last_drift_check: float
+    _drift_said: set[tuple[str, str]]
     _space_short: str | None
 
     def run_once(self) -> int:
@@ -56,6 +64,7 @@ class Tick:
         assert self.pipeline is not None and self.watcher is not None, "call start() first"
         self._heartbeat = tick = time.monotonic()
         self._release_abandoned_claims()
+        self.check_drift()
         self._swap_models()
         if self.samples is not None:
             self.samples.tick()  # new sites' validation samples (docs/sites.md)
@@ -101,6 +110,8 @@ class Tick:
         elif report.handled:
             self.pace.went_through()
         self.handled += went_through
+        if went_through:
+            self.last_processed_at = utcnow()
         if self.metrics is not None:
             self.metrics.record(report)
         if report.handled:
@@ -174,6 +185,22 @@ class Tick:
             self.log.info("disk_space_recovered", after=before)
             sdnotify.notify(f"STATUS=watching {self.settings.drop_dir}")
         return short is not None
+
+    def check_drift(self) -> list[DriftAlert]:
+        """Now and then (DRIFT_CHECK_SECONDS), log each site's new drift alert of its latest week once; returns them."""
+        if time.monotonic() - self._last_drift_check < DRIFT_CHECK_SECONDS:
+            return []
+        self._last_drift_check = time.monotonic()
+        try:
+            with self.pipeline.sessions() as session:
+                drifts = gather_drift(lambda sql: session.execute(text(sql)).all(), self.settings.lab)
+        except SQLAlchemyError:
+            return []  # run_once reports database errors
+        new = [d.latest_alert for d in drifts if d.latest_alert and (d.site, d.latest_alert.week) not in self._drift_said]
+        for alert in new:
+            self._drift_said.add((alert.site, alert.week))
+            self.log.warning("drift_alert", site=alert.site, week=alert.week, reasons=alert.reasons)
+        return new
 
     def _beat(self) -> None:
         """The loop is alive (also called while hashing a large file)."""
