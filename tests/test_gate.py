@@ -108,18 +108,20 @@ def _register(capsys, path: str) -> int:
     return int(capsys.readouterr().out.split("version ")[1].split()[0])
 
 
+@pytest.mark.parametrize("fitted", ["colour", "macenko"])
 def test_none_is_refused_against_a_fitted_standardizer_without_reviews(settings_factory, lab, models, tmp_path,
-                                                                       monkeypatch, capsys, restore_logging) -> None:
+                                                                       monkeypatch, capsys, restore_logging,
+                                                                       fitted) -> None:
     """`models gate --json` refuses the built-in `none` against a fitted standardizer when no cell is reviewed."""
-    _settings, sessions, engine = _world(settings_factory, lab, tmp_path, monkeypatch,
-                                        standardizer=str(models["colour"]), reviewed=0)
+    active = str(models["colour"]) if fitted == "colour" else fitted
+    _settings, sessions, engine = _world(settings_factory, lab, tmp_path, monkeypatch, standardizer=active, reviewed=0)
     candidate = _register(capsys, "none")
     verdict = _cli_json(capsys, "models", "gate", str(candidate), "--json")
     assert verdict == {"passed": False, "checks": [], "reason": verdict["reason"]}
     assert verdict["reason"].startswith("needs 50 reviewed cells, has 0")
     with sessions() as session:
         assert session.get(ModelVersion, candidate).state is VersionState.candidate  # the gate never promotes
-        assert registry.active_version(session, ModelKind.standardizer, "default").path == str(models["colour"])
+        assert registry.active_version(session, ModelKind.standardizer, "default").path == active
     engine.dispose()
 
 

@@ -14,7 +14,8 @@ reviewed cell is evidence for them. Decisions:
    ``sites validate`` chose), a fixed point: nightly steps of ``margin`` each cannot add up. An
    unvalidated site has no baseline, and the reason says so;
 4. guards on recent unlabelled cells of the site, which can only refuse: ``predicted_classes`` (the
-   candidate's predictions collapse into far fewer classes than the active version's) and
+   candidate's predictions collapse into far fewer classes than the active version's, or than the
+   reviewed cells hold while no better spread than the active version's) and
    ``changed_class`` (the candidate changes the class of many more recent cells than of the reviewed
    ones: the reviews do not cover what it changes). Both compare candidate with active, never with the
    unstandardized image: agreement with the raw image rewards a standardizer for doing nothing.
@@ -57,7 +58,7 @@ log = get_logger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".dcm"}
 # Guards: the candidate's effective number of predicted classes (exp of the entropy of its class mix) below
-# this share of the active version's is a collapse; changing the class of this much larger a share of the
+# this share of the active version's (or of the reviewed cells' classes, when no better than the active) is a collapse; changing the class of this much larger a share of the
 # recent cells than of the reviewed cells means the reviews do not cover what it does.
 COLLAPSE_RATIO = 0.5
 CHANGE_SLACK = 0.25
@@ -205,9 +206,13 @@ def evaluate(settings: Settings, reviewed: Sequence[tuple[Path, str]], active: S
     recent_images, _ = load_images(settings, list(recent)[: cfg.max_gate_images])
     if recent_images:
         a, c = _labels(settings, recent_images, active), _labels(settings, recent_images, candidate)
-        a_classes, c_classes = _effective_classes(a), _effective_classes(c)
+        a_classes, c_classes, reviewed_classes = _effective_classes(a), _effective_classes(c), _effective_classes(truth)
+        # collapsed: far fewer classes than the active version predicts, or than the reviewed cells hold
+        # without being any better spread than the active version (which may have collapsed already)
+        collapsed = c_classes < COLLAPSE_RATIO * a_classes or (c_classes < COLLAPSE_RATIO * reviewed_classes
+                                                               and c_classes <= a_classes)
         checks.append(Check("predicted_classes", round(a_classes, 4), round(c_classes, 4), len(a),
-                            passed=c_classes >= COLLAPSE_RATIO * a_classes))
+                            passed=not collapsed))
         on_reviewed = sum(x != y for x, y in zip(active_labels, candidate_labels)) / len(truth)
         on_recent = sum(x != y for x, y in zip(a, c)) / len(a)
         checks.append(Check("changed_class", round(on_reviewed, 4), round(on_recent, 4), len(a),
@@ -232,7 +237,7 @@ def _decide(checks: list[Check], margin: float, baseline_note: str) -> GateResul
                           f"{check.candidate:.3f} vs {check.active:.3f} on {check.images} reviewed cells, "
                           f"difference 95 % interval [{check.ci_low:+.3f}, {check.ci_high:+.3f}]")
     if failed:
-        return GateResult(False, "; ".join(failed) + (f" ({baseline_note})" if baseline_note else ""), checks)
+        return GateResult(False, "; ".join([*failed, baseline_note] if baseline_note else failed), checks)
     evidence = checks[0]
     reason = (f"balanced accuracy {evidence.candidate:.3f} vs active {evidence.active:.3f} on {evidence.images} "
               f"reviewed cells, difference 95 % interval [{evidence.ci_low:+.3f}, {evidence.ci_high:+.3f}] "
@@ -245,8 +250,8 @@ def _baseline(session: Session, site: str, settings: Settings, active_versions: 
     """The site's validated recipe, loaded (the active models when they are it), and a note for the reason."""
     row = session.scalars(select(Site).where(Site.name == site)).one_or_none()
     if row is None or row.state is not SiteState.validated:
-        return None, (f"site {site} is unvalidated: no validated baseline, compared with the active version only "
-                      f"(`stainbridge sites validate {site}` once it has its reviews)")
+        return None, (f"site {site} is unvalidated: no validated baseline, compared with the active version only; "
+                      f"validate it with `stainbridge sites validate {site}` once it has its reviews")
     note = (f"site {site}'s validated recipe scored {row.balanced_accuracy:.3f} [{row.ci_low:.3f}-{row.ci_high:.3f}] "
             f"on {row.validated_cells} cells when validated")
     ids = (row.standardizer_version_id, row.classifier_version_id)
