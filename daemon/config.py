@@ -102,7 +102,7 @@ class RetrainingSettings:
     reference: Path | None = None  # labeled reference-hospital folder (one sub-folder per class)
     window_days: int = 30  # recent archived images considered by the job
     max_images: int = 2000  # at most this many of them (the newest)
-    held_out_fraction: float = 0.2  # of those, kept out of training for the gate's label-free checks
+    held_out_fraction: float = 0.2  # of those, kept out of training for the gate's guards
     preset: str = "colour"  # `stainbridge train cyclegan --preset`
     epochs: int = 2
     steps_per_epoch: int = 0  # 0: one pass over the data per epoch

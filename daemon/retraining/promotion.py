@@ -29,6 +29,7 @@ interval ``models.validation`` computes for ``sites``.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -113,8 +114,6 @@ def site_profiles(active: Standardizer, candidate: Standardizer) -> dict[str, An
 
 def in_reference_validation(path: Path) -> bool:
     """Whether a reference file is kept out of fine-tuning's reference mix (every fifth, by name hash)."""
-    import hashlib
-
     return int(hashlib.sha256(path.name.encode()).hexdigest(), 16) % 5 == 0
 
 
@@ -159,9 +158,9 @@ def trained_on(session: Session, version: ModelVersion) -> set[str]:
     """sha256 of the site's images whose reviewed labels ``version`` was fine-tuned on: those the nightly run
     that made it recorded, and the files of a hand-run `train finetune`'s --reviewed folder, when it is still there."""
     shas: set[str] = set()
-    if version.training_run_id is not None:
-        run = session.get(TrainingRun, version.training_run_id)
-        shas.update((run.params or {}).get("trained_on") or [] if run is not None else [])
+    run = session.get(TrainingRun, version.training_run_id) if version.training_run_id is not None else None
+    if run is not None:
+        shas.update((run.params or {}).get("trained_on") or [])
     root = (((version.header or {}).get("finetune") or {}).get("reviewed") or {}).get("root")
     if root and Path(root).is_dir():
         from stainbridge.models.inference import file_sha256
