@@ -79,7 +79,7 @@ HELP: dict[tuple[str, ...], str] = {
     ("ingest",): "run the pipeline once over files or folders",
     ("status",): "show queue, model versions and recent results",
     ("demo",): "end-to-end demonstration on synthetic data",
-    ("models",): "list, register, promote and roll back model versions",
+    ("models",): "list, register, gate, promote and roll back model versions",
     ("retrain",): "run the retraining job now",
     ("review",): "import or export expert-confirmed labels",
     ("reprocess",): "classify stored images again with the active models",

@@ -102,16 +102,17 @@ class RetrainingSettings:
     reference: Path | None = None  # labeled reference-hospital folder (one sub-folder per class)
     window_days: int = 30  # recent archived images considered by the job
     max_images: int = 2000  # at most this many of them (the newest)
-    held_out_fraction: float = 0.2  # of those, kept out of training for the gate's label-free checks
+    held_out_fraction: float = 0.2  # of those, kept out of training for the gate's guards
     preset: str = "colour"  # `stainbridge train cyclegan --preset`
     epochs: int = 2
     steps_per_epoch: int = 0  # 0: one pass over the data per epoch
     device: str = "auto"
     nice: int = 10  # priority decrease of the training subprocess
     timeout_minutes: float = 240.0
-    margin: float = 0.02  # a candidate may be at most this much worse than the active version on each check
-    min_reviews: int = 30  # reviewed images needed before reviewed accuracy is part of the gate
-    max_gate_images: int = 200  # images per gate check (reference split, held-out recent images)
+    margin: float = 0.02  # the gate's 95 % lower bound of (candidate - active) balanced accuracy must be above -margin
+    min_reviews: int = 30  # reviewed images needed before the job fine-tunes the classifier on them
+    min_gate_reviews: int = 50  # reviewed cells, not trained on, the gate needs before it can promote anything
+    max_gate_images: int = 200  # cells per gate comparison (reviewed cells, recent cells for the guards)
     review_below: float = 0.6  # `review export` lists, after the flagged cells, predictions less confident than this
     keep_days: int = 30  # run folders (PNG copies of reviewed images) and unused candidates older than this go
 
@@ -256,6 +257,7 @@ VALIDATORS: dict[tuple[str, str], Callable[[Any], Any]] = {
     ("retraining", "timeout_minutes"): check.positive(float),
     ("retraining", "margin"): check.fraction,
     ("retraining", "min_reviews"): check.positive(int),
+    ("retraining", "min_gate_reviews"): check.positive(int),
     ("retraining", "max_gate_images"): check.positive(int),
     ("retraining", "review_below"): check.fraction,
     ("retraining", "keep_days"): check.positive(int),

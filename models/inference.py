@@ -48,8 +48,10 @@ from stainbridge.models.networks import (
 )
 from stainbridge.models.validation import (
     RecipeScore,
+    balanced_accuracy,
     choose_recipe,
     disagreement,
+    paired_difference_interval,
     pool_size,
     score_recipes,
     select_validation_sample,
@@ -71,6 +73,7 @@ __all__ = [
     "RecipeScore",
     "Scores",
     "Standardizer",
+    "balanced_accuracy",
     "choose_recipe",
     "classify_batch",
     "compile_networks",
@@ -80,6 +83,7 @@ __all__ = [
     "full_precision",
     "load_classifier",
     "load_standardizer",
+    "paired_difference_interval",
     "place_model",
     "pool_size",
     "predict_views",

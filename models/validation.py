@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 __all__ = ["BOOTSTRAP_RESAMPLES", "CONFIDENCE_LEVEL", "POOL_FACTOR", "RecipeScore", "balanced_accuracy",
-           "bootstrap_interval", "choose_recipe", "disagreement", "pool_size", "score_recipes",
+           "bootstrap_interval", "choose_recipe", "disagreement", "paired_difference_interval", "pool_size", "score_recipes",
            "select_validation_sample"]
 
 POOL_FACTOR = 4  # the sample of N cells is chosen among the site's first POOL_FACTOR * N cells
@@ -94,14 +94,9 @@ def balanced_accuracy(y_true: Sequence[int], y_pred: Sequence[int]) -> float:
     return float(np.mean([np.mean(pred[truth == k] == k) for k in np.unique(truth)]))
 
 
-def bootstrap_interval(y_true: Sequence[int], y_pred: Sequence[int], *, resamples: int = BOOTSTRAP_RESAMPLES,
-                       level: float = CONFIDENCE_LEVEL, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval of the balanced accuracy: the cells resampled with replacement
-    ``resamples`` times (seeded); each resample averages recall over the classes it contains."""
-    truth, correct = np.asarray(y_true), np.asarray(y_true) == np.asarray(y_pred)
-    if len(truth) == 0:
-        raise ValueError("bootstrap interval of no cells")
-    draws = np.random.default_rng(seed).integers(0, len(truth), size=(resamples, len(truth)))
+def _resampled_balanced_accuracy(truth: np.ndarray, correct: np.ndarray, draws: np.ndarray) -> np.ndarray:
+    """Balanced accuracy of each resample (a row of ``draws``: cell indices); each resample averages recall
+    over the classes it contains."""
     t, c = truth[draws], correct[draws]
     hits, support = [], []
     for k in np.unique(truth):
@@ -111,10 +106,42 @@ def bootstrap_interval(y_true: Sequence[int], y_pred: Sequence[int], *, resample
     support_a, hits_a = np.stack(support), np.stack(hits)
     present = support_a > 0
     recall = np.where(present, hits_a / np.maximum(support_a, 1), 0.0)
-    scores = recall.sum(0) / present.sum(0)
+    return recall.sum(0) / present.sum(0)
+
+
+def _draws(cells: int, resamples: int, seed: int) -> np.ndarray:
+    if cells == 0:
+        raise ValueError("bootstrap interval of no cells")
+    return np.random.default_rng(seed).integers(0, cells, size=(resamples, cells))
+
+
+def _percentiles(scores: np.ndarray, level: float) -> tuple[float, float]:
     tail = (1.0 - level) / 2
     low, high = np.quantile(scores, [tail, 1.0 - tail])
     return float(low), float(high)
+
+
+def bootstrap_interval(y_true: Sequence[int], y_pred: Sequence[int], *, resamples: int = BOOTSTRAP_RESAMPLES,
+                       level: float = CONFIDENCE_LEVEL, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the balanced accuracy: the cells resampled with replacement
+    ``resamples`` times (seeded); each resample averages recall over the classes it contains."""
+    truth = np.asarray(y_true)
+    draws = _draws(len(truth), resamples, seed)
+    return _percentiles(_resampled_balanced_accuracy(truth, truth == np.asarray(y_pred), draws), level)
+
+
+def paired_difference_interval(y_true: Sequence[int], candidate: Sequence[int], active: Sequence[int], *,
+                               resamples: int = BOOTSTRAP_RESAMPLES, level: float = CONFIDENCE_LEVEL,
+                               seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of balanced accuracy(candidate) - balanced accuracy(active) on the same
+    cells: each resample scores both on the same cells, so what they share cancels (a paired comparison)."""
+    truth = np.asarray(y_true)
+    if not len(truth) == len(candidate) == len(active):
+        raise ValueError("the two predictions and the truth cover different cells")
+    draws = _draws(len(truth), resamples, seed)
+    difference = (_resampled_balanced_accuracy(truth, truth == np.asarray(candidate), draws)
+                  - _resampled_balanced_accuracy(truth, truth == np.asarray(active), draws))
+    return _percentiles(difference, level)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from stainbridge.daemon import cli
 from stainbridge.daemon.intake import claims
 from stainbridge.daemon.retraining import nightly as retraining
 from stainbridge.daemon.retraining import runs
-from stainbridge.daemon.store import ModelKind, ModelVersion, RunStatus, TrainingRun, VersionState
+from stainbridge.daemon.store import Image, ModelKind, ModelVersion, Review, RunStatus, TrainingRun, VersionState
 from stainbridge.daemon.versions import registry
 from stainbridge.models.imaging import synthetic
 from tests.daemon_helpers import STAINBRIDGE, subprocess_env, wait_for
@@ -46,23 +46,48 @@ def world(settings_factory, lab, request):
     engine.dispose()
 
 
+def _review_every_image(sessions) -> None:
+    """Every archived image reviewed with its true class (the archive name starts with it)."""
+    with sessions.begin() as session:
+        for image in session.scalars(select(Image)):
+            session.add(Review(image_id=image.id, label=image.source_name.split("-")[0], reviewer="dr a"))
+
+
 @pytest.mark.parametrize("world", ["broken"], indirect=True)
-def test_nightly_run_trains_a_candidate_and_promotes_it_over_a_worse_active(world, lab) -> None:
-    """A run trains a standardizer in a subprocess, registers it as a candidate and promotes it past a broken active one."""
+def test_nightly_run_without_reviews_trains_a_candidate_but_does_not_promote_it(world, lab) -> None:
+    """A run trains a standardizer in a subprocess and registers it, but with no reviewed cell the gate refuses it,
+    even against a broken active version: agreement with the raw image is no evidence."""
     settings, sessions = world
     result = retraining.run_retraining(settings, sessions, trigger="schedule")
-    assert result.status == "succeeded", result.reason
-    assert result.promoted and result.candidate_id
-    assert result.metrics["gate"]["checks"]["reference_accuracy"]["candidate"] > \
-        result.metrics["gate"]["checks"]["reference_accuracy"]["active"]
+    assert result.status == "rejected" and not result.promoted and result.candidate_id
+    assert result.reason.startswith("needs 50 reviewed cells, has 0")
     with sessions() as session:
         run = session.get(TrainingRun, result.run_id)
-        assert run.status is RunStatus.succeeded and run.images_used > 0 and run.held_out_images > 0
+        assert run.status is RunStatus.rejected and run.images_used > 0 and run.held_out_images > 0
         assert run.finished_at is not None and Path(run.log_path).is_file() and run.model_version_id == result.candidate_id
+        assert session.get(ModelVersion, result.candidate_id).state is VersionState.candidate
+        assert registry.active_version(session, ModelKind.standardizer, "default").path == str(lab.broken.resolve())
+
+
+def test_nightly_run_promotes_a_candidate_shown_better_on_the_reviewed_cells(settings_factory, lab, tmp_path) -> None:
+    """With 20 reviewed cells the classifier can read (and [retraining] min_gate_reviews at 20), the trained
+    candidate beats the broken active version on balanced accuracy and is promoted; the broken one is retired."""
+    settings = _settings(settings_factory, lab, lab.broken, retraining_min_gate_reviews=20)
+    engine, sessions = open_world(settings)
+    readable = tmp_path / "readable"  # the lab's classifier is at chance on its incoming protocol: no evidence there
+    synthetic.write_dataset(readable, protocol="reference", per_class=4, size=48, seed=9)
+    archive_incoming(settings, sessions, dataclasses.replace(lab, incoming=readable))
+    _review_every_image(sessions)
+    result = retraining.run_retraining(settings, sessions, trigger="schedule")
+    assert result.status == "succeeded", result.reason
+    evidence = result.metrics["gate"]["checks"]["balanced_accuracy"]
+    assert evidence["images"] == 20 and evidence["candidate"] > evidence["active"] and evidence["ci_low"] > -0.02
+    with sessions() as session:
         active = registry.active_version(session, ModelKind.standardizer, "default")
-        assert active.id == result.candidate_id and active.training_run_id == run.id
+        assert active.id == result.candidate_id and active.training_run_id == result.run_id
         broken = session.scalars(select(ModelVersion).where(ModelVersion.path == str(lab.broken.resolve()))).one()
         assert broken.state is VersionState.retired
+    engine.dispose()
 
 
 @pytest.mark.parametrize("method", ["colour_map", "reinhard"])
@@ -105,14 +130,16 @@ def test_a_site_profile_standardizer_is_re_fitted_not_replaced_by_a_cyclegan(set
         engine.dispose()
 
 
-def test_broken_candidate_is_refused_and_stays_a_candidate(world, lab, monkeypatch) -> None:
-    """A candidate that paints cells black is refused with the failing checks named; the active version stays."""
+def test_broken_candidate_is_refused_and_stays_a_candidate(world, lab, monkeypatch, settings_factory) -> None:
+    """A candidate that paints cells black is refused on the reviewed cells, with the reason; the active version stays."""
     settings, sessions = world
     copy = f"import shutil, sys; a = sys.argv; shutil.copy({str(lab.broken)!r}, a[a.index('--out') + 1])"
     monkeypatch.setattr(runs, "CHILD", copy)
+    settings = _settings(settings_factory, lab, "none", retraining_min_gate_reviews=20)
+    _review_every_image(sessions)
     result = retraining.run_retraining(settings, sessions)
     assert result.status == "rejected" and not result.promoted
-    assert "reference_accuracy" in result.reason and "worse than the active version" in result.reason
+    assert "predictions collapse" in result.reason, result.reason
     with sessions() as session:
         candidate = session.get(ModelVersion, result.candidate_id)
         assert candidate.state is VersionState.candidate and candidate.reason == result.reason

@@ -99,7 +99,8 @@ def broken_classifier(lab, path: Path) -> Path:
 @pytest.fixture
 def reviewed_world(settings_factory, lab, tmp_path, monkeypatch, restore_logging):
     """20 archived incoming images, every one reviewed with its true class through `review import`."""
-    overrides = dict(retraining_min_new_images=1000, retraining_min_reviews=10, retraining_epochs=2)
+    overrides = dict(retraining_min_new_images=1000, retraining_min_reviews=10, retraining_epochs=2,
+                     retraining_min_gate_reviews=5)
     settings = _settings(settings_factory, lab, "none", **overrides)
     engine, sessions = open_world(settings)
     archive_incoming(settings, sessions, lab)
@@ -116,11 +117,12 @@ def reviewed_world(settings_factory, lab, tmp_path, monkeypatch, restore_logging
     engine.dispose()
 
 
-def test_reviews_fine_tune_the_classifier_and_a_candidate_not_worse_is_promoted(reviewed_world, lab,
-                                                                              capsys) -> None:
-    """Imported reviews -> `retrain --now` -> a classifier candidate tuned on them, promoted when not worse,
-    and the service's next model check switches to it."""
+def test_reviews_fine_tune_the_classifier_gated_on_the_reviews_it_did_not_see(reviewed_world, lab, capsys,
+                                                                             monkeypatch) -> None:
+    """Imported reviews -> `retrain --now` -> a classifier candidate tuned on some of them, gated on the others only
+    (with [retraining] margin 1, so that 6 cells are enough to promote), and the service's next check switches to it."""
     settings, sessions = reviewed_world
+    monkeypatch.setenv("STAINBRIDGE_RETRAINING_MARGIN", "1")
     serving = load_models(settings, sessions)
     capsys.readouterr()
     assert cli.main(["retrain", "--now", "--json"]) == 0
@@ -129,11 +131,11 @@ def test_reviews_fine_tune_the_classifier_and_a_candidate_not_worse_is_promoted(
     tuned = result["metrics"]["classifier"]
     assert tuned["status"] == "succeeded" and tuned["promoted"], tuned["reason"]
     checks = tuned["metrics"]["gate"]["checks"]
-    assert checks["reviewed_accuracy"]["candidate"] >= checks["reviewed_accuracy"]["active"]
-    assert checks["reviewed_accuracy"]["margin"] == 0.0 and "reference_accuracy" in checks
     with sessions() as session:
         run = session.get(TrainingRun, tuned["run_id"])
         assert run.kind is ModelKind.classifier and run.status is RunStatus.succeeded
+        assert checks["balanced_accuracy"]["images"] == run.held_out_images  # not the cells it trained on
+        assert len(run.params["trained_on"]) == run.images_used
         assert run.images_used + run.held_out_images == 20 and run.held_out_images > 0 and run.reference_images > 0
         active = registry.active_version(session, ModelKind.classifier, "default")
         assert active.id == tuned["candidate_id"] and active.training_run_id == run.id
@@ -149,14 +151,14 @@ def test_reviews_fine_tune_the_classifier_and_a_candidate_not_worse_is_promoted(
 
 def test_a_broken_classifier_candidate_is_refused_and_stays_a_candidate(reviewed_world, lab, monkeypatch,
                                                                        tmp_path) -> None:
-    """A fine-tune that calls every cell one class is refused on reviewed accuracy; the active classifier stays."""
+    """A fine-tune that calls every cell one class is refused by the gate; the active classifier stays."""
     settings, sessions = reviewed_world
     broken = broken_classifier(lab, tmp_path / "broken-classifier.safetensors")
     monkeypatch.setattr(runs, "CHILD", f"import shutil, sys; a = sys.argv; shutil.copy({str(broken)!r}, "
                                              "a[a.index('--out') + 1])")
     tuned = retraining.run_retraining(settings, sessions).metrics["classifier"]
     assert tuned["status"] == "rejected" and not tuned["promoted"]
-    assert "reviewed_accuracy" in tuned["reason"] and "worse than the active version" in tuned["reason"]
+    assert "predictions collapse" in tuned["reason"] or "not shown to be at most" in tuned["reason"], tuned["reason"]
     with sessions() as session:
         candidate = session.get(ModelVersion, tuned["candidate_id"])
         assert candidate.kind is ModelKind.classifier and candidate.state is VersionState.candidate

@@ -1,8 +1,9 @@
-"""`stainbridge models list | register PATH | promote ID | rollback KIND | history | prune`: the registry by hand.
+"""`stainbridge models list | register PATH | promote ID | rollback KIND | history | prune | gate ID`: the registry by hand.
 
 Every version belongs to one site (docs/sites.md); ``--site`` names it (default ``[site] name``).
 ``register`` loads the file through the inference path (so only a checkpoint that loads can be
-registered) and records it as a candidate of the site; ``promote`` makes a version active for its site
+registered; the built-in standardizers ``none``, ``reinhard`` and ``macenko`` by name) and records it as a
+candidate of the site; ``gate`` runs the promotion gate on a candidate without promoting it; ``promote`` makes a version active for its site
 (no gate: the operator decides); ``rollback`` re-activates the version that served the site before
 the active one (from the promotion history, which ``history`` lists); ``prune`` removes old run folders and
 unused candidates (``daemon.retraining.retention``). The running service picks up a change between two
@@ -58,12 +59,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     prune = sub.add_parser("prune", help="remove run folders and unused candidates older than [retraining] keep_days")
     prune.add_argument("--dry-run", action="store_true", help="only list what would be removed")
     prune.add_argument("--json", action="store_true", help="print what was (or would be) removed as JSON")
+    gate = sub.add_parser("gate", help="run the promotion gate on a registered version, without promoting it")
+    gate.add_argument("id", type=int, metavar="ID")
+    gate.add_argument("--json", action="store_true", help='{"passed", "reason", "checks": [...]}')
+    gate.add_argument("--site", default=None, help="compare on this site's reviews and active versions "
+                                                   "(default: the version's own site)")
 
 
 def _register(session: Session, path: Path, site: str) -> registry.ModelVersion:
+    from stainbridge.daemon.versions.loading import builtin_sha256
     from stainbridge.models.inference import load_classifier, load_standardizer
 
     active_clf = registry.active_version(session, ModelKind.classifier, site)
+    if str(path) in registry.BUILTIN_STANDARDIZERS:
+        if active_clf is None:
+            raise registry.RegistryError(f"site {site!r} has no active classifier: a built-in standardizer takes "
+                                         "its reference stain from it; start the service once first")
+        builtin = load_standardizer(str(path), device="cpu",
+                                    classifier=registry.load_version(active_clf, device="cpu"))
+        return registry.register_model(session, ModelKind.standardizer, str(path), builtin_sha256(builtin.header),
+                                       builtin.header, site=site, state=VersionState.candidate)
     try:
         model = load_classifier(path, device="cpu")
         kind = ModelKind.classifier
@@ -73,6 +88,26 @@ def _register(session: Session, path: Path, site: str) -> registry.ModelVersion:
         kind = ModelKind.standardizer
     return registry.register_model(session, kind, str(path.resolve()), model.sha256, model.header, site=site,
                                    state=VersionState.candidate)
+
+
+def _gate(settings: Settings, sessions: Callable[[], Session], args: argparse.Namespace) -> int:
+    """Print the gate's verdict (exit 0 whether it passed or not: it ran); nothing is promoted."""
+    from stainbridge.daemon.retraining.promotion import GateError, gate_version  # torch: only for this action
+
+    try:
+        result = gate_version(settings, sessions, args.id, site=args.site)  # type: ignore[arg-type]
+    except GateError as exc:
+        print(f"stainbridge models gate: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result.as_json(), indent=2))
+        return 0
+    print(f"version {args.id}: {'passed' if result.passed else 'refused'}: {result.reason}")
+    for c in result.checks:
+        interval = f"  difference 95 % [{c.ci_low:+.3f}, {c.ci_high:+.3f}]" if c.ci_low is not None else ""
+        print(f"  {c.name:<20} active {c.active:.3f}  candidate {c.candidate:.3f}  on {c.images} cells"
+              f"{interval}  {'ok' if c.passed else 'REFUSED'}")
+    return 0
 
 
 def _profile(profile: dict | None) -> str:
@@ -135,10 +170,13 @@ def run(args: argparse.Namespace) -> int:
                 return 0
             if args.action == "prune":
                 return _prune(settings, session, dry_run=args.dry_run, as_json=args.json)
+            if args.action == "gate":
+                return _gate(settings, sessions, args)
             if args.action == "register":
                 path = Path(args.path)
-                if not path.is_file():
-                    print(f"{name}: {path} is not a file", file=sys.stderr)
+                if not path.is_file() and args.path not in registry.BUILTIN_STANDARDIZERS:
+                    print(f"{name}: {path} is not a file (nor a built-in standardizer: "
+                          f"{', '.join(registry.BUILTIN_STANDARDIZERS)})", file=sys.stderr)
                     return 2
                 version = _register(session, path, args.site or settings.site.name)
                 message = (f"registered {version.kind.value} version {version.id} ({version.state.value}) "

@@ -10,8 +10,9 @@ since the last classifier run (by review id). One run is one ``training_runs`` r
 2. the reference folder minus the gate's validation split is linked into ``run-N/reference/``;
 3. ``stainbridge train finetune --init-from <active classifier> --standardizer <active>`` runs
    niced in a subprocess, as the standardizer training does (crash, kill, timeout -> ``failed``);
-4. the checkpoint is registered as a ``candidate`` classifier and the gate
-   (``promotion.evaluate_classifier``) promotes it (``succeeded``) or refuses it (``rejected``).
+4. the checkpoint is registered as a ``candidate`` classifier and the gate (``promotion.gate_version``,
+   on the site's reviewed cells minus those it was trained on, recorded as the run's ``params.trained_on``)
+   promotes it (``succeeded``) or refuses it (``rejected``).
 """
 
 from __future__ import annotations
@@ -99,9 +100,13 @@ def _run(settings: Settings, sessions: sessionmaker, run_id: int, reviewed: list
         return skipped("no reference images to mix in: set [retraining] reference")
     if (short := diskspace.shortage(diskspace.written_folders(settings), settings.paths.min_free_mb)) is not None:
         return skipped(f"{short}; no training until space is freed")
-    held, train = [], []
+    held, train, trained_on = [], [], []
     for sha, path, label, _ in reviewed:
-        (held if runs.is_held_out(sha, cfg.held_out_fraction) else train).append((path, label))
+        if runs.is_held_out(sha, cfg.held_out_fraction):
+            held.append((path, label))
+        else:
+            train.append((path, label))
+            trained_on.append(sha)
     if not held or not train:
         return skipped(f"{len(train)} reviewed images to train on and {len(held)} held out for the gate; "
                        "both are needed: import more reviews or change [retraining] held_out_fraction")
@@ -115,7 +120,6 @@ def _run(settings: Settings, sessions: sessionmaker, run_id: int, reviewed: list
     registry.verify_file(s_active)
     device = settings.models.device
     classifier = registry.load_version(c_active, device=device)
-    standardizer = registry.load_version(s_active, device=device, classifier=classifier)
 
     run_dir = settings.state_dir / "retraining" / f"run-{run_id}"
     reviewed_dir, reference_dir = run_dir / "reviewed", run_dir / "reference"
@@ -133,7 +137,9 @@ def _run(settings: Settings, sessions: sessionmaker, run_id: int, reviewed: list
         run = session.get(TrainingRun, run_id)
         run.images_used, run.held_out_images, run.log_path = len(images), len(held), str(log_path)
         run.reference_images = len(reference)
-        run.params = {**(run.params or {}), "init_from_version": c_active.id, "standardizer_version": s_active.id}
+        # the gate leaves these cells out of the candidate's evidence (promotion.trained_on)
+        run.params = {**(run.params or {}), "init_from_version": c_active.id, "standardizer_version": s_active.id,
+                      "trained_on": sorted(trained_on)}
     cmd = [sys.executable, "-c", runs.CHILD, str(cfg.nice), "train", "finetune", "--init-from", c_active.path,
            "--reviewed", str(reviewed_dir), "--reference", str(reference_dir), "--out", str(out),
            "--standardizer", s_active.path, "--scale", settings.site.scale, "--epochs", str(cfg.epochs),
@@ -151,8 +157,7 @@ def _run(settings: Settings, sessions: sessionmaker, run_id: int, reviewed: list
                                           training_run_id=run_id)
         candidate_id = version.id
         session.get(TrainingRun, run_id).model_version_id = candidate_id
-    gate = promotion.evaluate_classifier(settings, standardizer, classifier, candidate, reviewed=held,
-                                         reference=cfg.reference)
+    gate = promotion.gate_version(settings, sessions, candidate_id)
     metrics = {"gate": gate.metrics(), "training": (candidate.header.get("metrics") or {}).get("final", {})}
     with sessions.begin() as session:
         version = session.get(ModelVersion, candidate_id)

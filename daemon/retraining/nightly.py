@@ -13,8 +13,8 @@ One run, in order (each run is a ``training_runs`` row; every outcome is one of 
 4. the checkpoint registered as a ``candidate`` (sha256, header, training run); its site profile
    (``header["site_profile"]``, re-estimated by the training from the recent images) is recorded
    next to the active one's in the run's and the candidate's metrics;
-5. the gate (``retraining.promotion``): passed -> promoted (``succeeded``), refused -> it stays a
-   candidate with the reason (``rejected``);
+5. the gate (``retraining.promotion``: the site's reviewed cells, the held-out recent images for its
+   guards): passed -> promoted (``succeeded``), refused -> it stays a candidate with the reason (``rejected``);
 6. then the classifier half (``retraining.finetuning``): with enough expert reviews, a second run
    fine-tunes the active classifier; its outcome is in the result's ``metrics.classifier``;
 7. then every unvalidated site with enough reviews is validated (``retraining.validation``):
@@ -31,7 +31,7 @@ from __future__ import annotations
 import sys
 import threading
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -70,19 +70,6 @@ class RetrainResult:
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def recent_images(settings: Settings, sessions: sessionmaker, now: datetime) -> list[tuple[str, Path]]:
-    """(sha256, archived file) of ``[site] name``'s newest classified images in the window, files that still exist."""
-    cfg = settings.retraining
-    with sessions() as session:
-        rows = session.execute(
-            select(Image.sha256, Image.archive_path)
-            .where(Image.status == ImageStatus.done, Image.archive_path.is_not(None), Image.site == settings.site.name,
-                   Image.received_at >= now - timedelta(days=cfg.window_days))
-            .order_by(Image.received_at.desc(), Image.id.desc()).limit(cfg.max_images)
-        ).all()
-    return [(sha, Path(p)) for sha, p in rows if sha and Path(p).is_file()]
 
 
 def _new_since_last_run(sessions: sessionmaker, run_id: int, site: str) -> int:
@@ -198,7 +185,7 @@ def _run(settings: Settings, sessions: sessionmaker, run_id: int, now: datetime,
     if new < cfg.min_new_images:
         return skipped(f"{new} new images since the last run, fewer than [retraining] min_new_images "
                        f"({cfg.min_new_images})", images_used=0)
-    train, held_out = runs.split_held_out(recent_images(settings, sessions, now), cfg.held_out_fraction)
+    train, held_out = runs.split_held_out(runs.recent_images(settings, sessions, now), cfg.held_out_fraction)
     if not train:
         return skipped("no archived images in the window to train on", images_used=0)
 
@@ -243,7 +230,6 @@ def _run(settings: Settings, sessions: sessionmaker, run_id: int, now: datetime,
 
     device = settings.models.device
     classifier = registry.load_version(c_active, device=device)
-    active = registry.load_version(s_active, device=device, classifier=classifier)
     from stainbridge.models.inference import load_standardizer
 
     candidate = load_standardizer(str(out), device=device, classifier=classifier)
@@ -253,10 +239,7 @@ def _run(settings: Settings, sessions: sessionmaker, run_id: int, now: datetime,
                                           training_run_id=run_id)
         candidate_id = version.id
         session.get(TrainingRun, run_id).model_version_id = candidate_id
-    gate = promotion.evaluate(settings, classifier, active, candidate, held_out=held_out,
-                              reviewed=[(p, label) for _, p, label, _ in
-                                        runs.reviewed_images(sessions, settings.site.name)],
-                              reference=cfg.reference)
+    gate = promotion.gate_version(settings, sessions, candidate_id, recent=held_out)
     metrics = {"gate": gate.metrics(), "training": (candidate.header.get("metrics") or {}).get("final", {}),
                "site_profile": gate.site_profile}
     with sessions.begin() as session:
@@ -268,7 +251,6 @@ def _run(settings: Settings, sessions: sessionmaker, run_id: int, now: datetime,
             version.reason = gate.reason
         run = session.get(TrainingRun, run_id)
         run.metrics = metrics
-        run.reference_images = next((c.images for c in gate.checks if c.name == "reference_accuracy"), None)
     status = RunStatus.succeeded if gate.passed else RunStatus.rejected
     runs.finish_run(sessions, run_id, status, gate.reason)
     return RetrainResult(run_id, status.value, candidate_id, gate.passed, gate.reason, metrics)

@@ -13,16 +13,17 @@ import signal
 import subprocess
 import threading
 import time
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import sessionmaker
 
+from stainbridge.daemon.config import Settings
 from stainbridge.daemon.intake import claims
 from stainbridge.daemon.logs import get_logger
-from stainbridge.daemon.store import Image, Review, RunStatus, TrainingRun, utcnow
+from stainbridge.daemon.store import Image, ImageStatus, Review, RunStatus, TrainingRun, utcnow
 
 log = get_logger(__name__)
 PROGRESS_SECONDS = 60.0
@@ -84,6 +85,21 @@ def split_held_out(images: list[tuple[str, Path]], fraction: float) -> tuple[lis
     train = [p for sha, p in images if not is_held_out(sha, fraction)]
     held = [p for sha, p in images if is_held_out(sha, fraction)]
     return train, held
+
+
+def recent_images(settings: Settings, sessions: sessionmaker, now: datetime,
+                  site: str | None = None) -> list[tuple[str, Path]]:
+    """(sha256, archived file) of ``site``'s (default ``[site] name``) newest classified images in the window,
+    files that still exist."""
+    cfg = settings.retraining
+    with sessions() as session:
+        rows = session.execute(
+            select(Image.sha256, Image.archive_path)
+            .where(Image.status == ImageStatus.done, Image.archive_path.is_not(None),
+                   Image.site == (site or settings.site.name), Image.received_at >= now - timedelta(days=cfg.window_days))
+            .order_by(Image.received_at.desc(), Image.id.desc()).limit(cfg.max_images)
+        ).all()
+    return [(sha, Path(p)) for sha, p in rows if sha and Path(p).is_file()]
 
 
 def reviewed_images(sessions: sessionmaker, site: str) -> list[tuple[str, Path, str, datetime]]:
