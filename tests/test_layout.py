@@ -145,6 +145,18 @@ def test_every_daemon_stage_says_what_it_holds_and_may_import() -> None:
             assert "May import" in doc, f"{init}: say what the stage may import"
 
 
+# The commands a lab runs to look, not to classify: they must answer in a second, without torch (seconds to import).
+READ_ONLY_COMMANDS = ["status", "report", "export", "review", "sites", "models", "init", "backup", "restore"]
+
+
+def test_read_only_commands_do_not_import_torch() -> None:
+    """`stainbridge status` on a loaded lab workstation took 12-22 s when it imported torch through a type hint."""
+    modules = ", ".join(f"stainbridge.daemon.commands.{name}" for name in READ_ONLY_COMMANDS)
+    code = f"import sys, importlib\nfor m in '{modules}'.split(', '): importlib.import_module(m)\nprint('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert result.stdout.strip() == "False"
+
+
 @pytest.mark.slow
 def test_wheel_installs_only_the_stainbridge_namespace(tmp_path: Path) -> None:
     """The built wheel holds `stainbridge/` and its dist-info only, and `stainbridge --help` runs from a
