@@ -1,5 +1,6 @@
-"""Drift per site (daemon/lab/drift.py, the weekly_drift view): a site whose output changes after its baseline
-weeks raises an alert that the report, `status` and the metrics show, on both databases."""
+"""Drift per site (daemon/lab/drift.py, the weekly_drift and weekly_stain views): a site whose output or stain
+changes after its baseline weeks raises an alert that the report, `status` and the metrics show, on both databases;
+the service records each image's stain (the live test through `stainbridge run`: tests/test_drift_e2e.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
-
 from prometheus_client.core import GaugeMetricFamily
 from sqlalchemy import insert, select, text
 

@@ -24,7 +24,16 @@ from sqlalchemy import select
 
 from stainbridge.daemon.lab.drift import DRIFT_MIN_CELLS
 from stainbridge.daemon.store import Image, Prediction, make_engine, make_sessionmaker
-from tests.daemon_helpers import CLASSES, STAINBRIDGE, Daemon, scalar, subprocess_env, wait_for, write_cell, write_config
+from tests.daemon_helpers import (
+    CLASSES,
+    STAINBRIDGE,
+    Daemon,
+    scalar,
+    subprocess_env,
+    wait_for,
+    write_cell,
+    write_config,
+)
 
 pytestmark = pytest.mark.slow
 SITE = "test-site"

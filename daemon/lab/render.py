@@ -183,7 +183,7 @@ def _drift_plot(drift: Any) -> str:
     ax.set_ylabel("share of the week's cells")
     ax.set_title(f"site {drift.site}, per week (hatched: baseline; !: alert)")
     if stained:
-        ax.legend(fontsize=7, ncols=4, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         styles = {"background": ("#777", "-"), "nucleus": ("#5b3f99", "-"), "other_stained": ("#c77", ":")}
         for region, (colour, line) in styles.items():
             values = [drift.stain_delta_e.get(w, {}).get(region, float("nan")) for w in weeks]
