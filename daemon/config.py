@@ -132,6 +132,9 @@ class LabSettings:
     drift_baseline_weeks: int = 4
     drift_share_points: float = 15.0
     drift_confidence_drop: float = 0.1
+    # ... or whose background or nucleus stain (mean L*a*b* of the received images) lies more than this CIE76 Delta E
+    # from the baseline's: 10 is above a stable lab's 30-cell-week noise and below every other lab's shift (docs/lab.md).
+    drift_stain_delta_e: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -267,6 +270,7 @@ VALIDATORS: dict[tuple[str, str], Callable[[Any], Any]] = {
     ("lab", "drift_baseline_weeks"): check.positive(int),
     ("lab", "drift_share_points"): check.positive(float),
     ("lab", "drift_confidence_drop"): check.fraction,
+    ("lab", "drift_stain_delta_e"): check.positive(float),
     ("metrics", "port"): check.port,
     ("metrics", "address"): check.string,
     ("logging", "level"): check.choice(*LOG_LEVELS),

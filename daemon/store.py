@@ -40,6 +40,15 @@ NAMING_CONVENTION = {
 }
 
 
+STAIN_REGIONS = ("background", "other_stained", "nucleus")  # models.metrics.STAIN_REGIONS, as stored
+
+
+def stain_columns(summary: dict[str, tuple[float, float, float]]) -> dict[str, float | None]:
+    """The ``images.stain_*`` values of one image's stain summary (region -> L*, a*, b*); a missing region is NULL."""
+    return {f"stain_{region}_{axis}": (summary[region][i] if region in summary else None)
+            for region in STAIN_REGIONS for i, axis in enumerate("lab")}
+
+
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -133,6 +142,17 @@ class Image(Base):
     # Workers that died holding this image's claim, since a claim of it last ended otherwise
     # (intake.claims: quarantined at MAX_CRASHES without being read again).
     crashes: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    # The received image's stain (models.metrics.stain_summary): median CIE L*a*b* of its background, its other
+    # stained pixels (red cells, cytoplasm) and its nucleus; NULL where not measured (before 0012, or too small).
+    stain_background_l: Mapped[float | None] = mapped_column(Float)
+    stain_background_a: Mapped[float | None] = mapped_column(Float)
+    stain_background_b: Mapped[float | None] = mapped_column(Float)
+    stain_other_stained_l: Mapped[float | None] = mapped_column(Float)
+    stain_other_stained_a: Mapped[float | None] = mapped_column(Float)
+    stain_other_stained_b: Mapped[float | None] = mapped_column(Float)
+    stain_nucleus_l: Mapped[float | None] = mapped_column(Float)
+    stain_nucleus_a: Mapped[float | None] = mapped_column(Float)
+    stain_nucleus_b: Mapped[float | None] = mapped_column(Float)
 
     predictions: Mapped[list["Prediction"]] = relationship(back_populates="image", cascade="all, delete-orphan")
 

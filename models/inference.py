@@ -32,6 +32,7 @@ from stainbridge.models.abstention import REASONS as REVIEW_REASONS
 from stainbridge.models.abstention import Abstention, Scores
 from stainbridge.models.checkpoint import CheckpointError, ModelMismatch, file_sha256, fsync_dir
 from stainbridge.models.geometry import SCALE_FROM_PROFILE, Geometry, resolve_geometry
+from stainbridge.models.metrics import STAIN_REGIONS, stain_summary
 from stainbridge.models.networks import (
     CLASSICAL_STANDARDIZERS,
     SITE_PROFILE_METHODS,
@@ -63,6 +64,7 @@ __all__ = [
     "REVIEW_REASONS",
     "SCALE_FROM_PROFILE",
     "SITE_PROFILE_METHODS",
+    "STAIN_REGIONS",
     "Abstention",
     "BatchResult",
     "CheckpointError",
@@ -94,6 +96,7 @@ __all__ = [
     "score_recipes",
     "score_views",
     "select_validation_sample",
+    "stain_summary",
     "view_outputs",
     "wrap_generator",
 ]

@@ -13,8 +13,8 @@ from torch import Tensor
 from stainbridge.models.imaging import classical
 from stainbridge.models.imaging.data import otsu_threshold
 
-__all__ = ["MIN_IMAGES_FOR_BALANCED", "STAIN_REGIONS", "classification_metrics", "draw_confusion_matrix",
-           "stain_distance", "stain_region_colours"]
+__all__ = ["MIN_IMAGES_FOR_BALANCED", "STAIN_REGIONS", "STAIN_SUMMARY_SIDE", "classification_metrics",
+           "draw_confusion_matrix", "stain_distance", "stain_region_colours", "stain_summary"]
 
 MIN_IMAGES_FOR_BALANCED = 10
 
@@ -96,6 +96,17 @@ _MIN_REGION_PIXELS = 8
 SCORED_REGIONS = ("background", "nucleus")
 
 
+def _stain_region_masks(rgb: np.ndarray, od: np.ndarray) -> dict[str, np.ndarray] | None:
+    """The three stain regions of one image (RGB [H,W,3] in [0,1] and its optical density) as boolean masks,
+    or None when it has too few stained or unstained pixels to split."""
+    total, red = od.sum(-1), od[..., 0]
+    stained = total > otsu_threshold(total.ravel())
+    if stained.sum() < _MIN_REGION_PIXELS or (~stained).sum() < _MIN_REGION_PIXELS:
+        return None
+    nucleus = stained & (red > otsu_threshold(red[stained]))
+    return {"background": ~stained, "other_stained": stained & ~nucleus, "nucleus": nucleus}
+
+
 def stain_region_colours(images01: Tensor) -> dict[str, np.ndarray]:
     """Per image, the mean CIE L*a*b* colour of three stain regions found from optical density alone:
     background (low total OD), nucleus (stained and absorbing red light: azure/methylene blue) and the
@@ -106,15 +117,34 @@ def stain_region_colours(images01: Tensor) -> dict[str, np.ndarray]:
     lab = classical.rgb_to_lab(rgb)
     colours: dict[str, list[np.ndarray]] = {r: [] for r in STAIN_REGIONS}
     for i in range(len(rgb)):
-        total, red = od[i].sum(-1), od[i][..., 0]
-        stained = total > otsu_threshold(total.ravel())
-        if stained.sum() < _MIN_REGION_PIXELS or (~stained).sum() < _MIN_REGION_PIXELS:
-            continue
-        nucleus = stained & (red > otsu_threshold(red[stained]))
-        for region, mask in (("background", ~stained), ("other_stained", stained & ~nucleus), ("nucleus", nucleus)):
+        masks = _stain_region_masks(rgb[i], od[i])
+        for region, mask in (masks or {}).items():
             if mask.sum() >= _MIN_REGION_PIXELS:
                 colours[region].append(lab[i][mask].mean(0))
     return {r: np.asarray(v, dtype=np.float64).reshape(-1, 3) for r, v in colours.items()}
+
+
+STAIN_SUMMARY_SIDE = 64  # px: the longest side the image is reduced to before its stain is summarised
+
+
+def stain_summary(image: Image.Image, *, side: int = STAIN_SUMMARY_SIDE) -> dict[str, tuple[float, float, float]]:
+    """One received image's stain: the median CIE L*a*b* colour of each stain region of
+    ``stain_region_colours`` (background, other stained pixels, nucleus), on a copy reduced to at most
+    ``side`` px (box filter), so that it costs about a millisecond at any frame size. The median, not the
+    mean, so that a few mis-assigned edge pixels do not move it. A region too small to measure is left
+    out; an image that cannot be split (blank, or every pixel stained) gives {}."""
+    rgb_image = image.convert("RGB")
+    if max(rgb_image.size) > side:
+        scale = side / max(rgb_image.size)
+        rgb_image = rgb_image.resize((max(1, round(rgb_image.width * scale)), max(1, round(rgb_image.height * scale))),
+                                     Image.Resampling.BOX)
+    rgb = np.asarray(rgb_image, dtype=np.float32) / 255.0
+    masks = _stain_region_masks(rgb, -np.log(np.clip(rgb, 1 / 255, 1.0)))
+    if masks is None:
+        return {}
+    lab = classical.rgb_to_lab(rgb.astype(np.float64))
+    return {region: tuple(float(v) for v in np.median(lab[mask], axis=0))  # type: ignore[misc]
+            for region, mask in masks.items() if mask.sum() >= _MIN_REGION_PIXELS}
 
 
 def stain_distance(images01: Tensor, reference: dict[str, np.ndarray]) -> dict[str, Any]:

@@ -63,10 +63,11 @@ def build_tiny_models(folder: Path) -> TinyModels:
     return TinyModels(clf, gen, clf_sha, gen_sha)
 
 
-def write_cell(path: Path, *, seed: int, label: str = "lymphocyte", size: int = 48, fmt: str = "PNG") -> Path:
-    """A synthetic cell image; a different seed gives different bytes."""
+def write_cell(path: Path, *, seed: int, label: str = "lymphocyte", size: int = 48, fmt: str = "PNG",
+               protocol: str = "incoming") -> Path:
+    """A synthetic cell image stained by `protocol` (models.imaging.synthetic); a different seed gives different bytes."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    img = synthetic.render_cell(label, protocol="incoming", size=size, rng=np.random.default_rng(seed))
+    img = synthetic.render_cell(label, protocol=protocol, size=size, rng=np.random.default_rng(seed))
     img.save(path, format=fmt)
     return path
 

@@ -10,11 +10,16 @@ from typing import Any
 from sqlalchemy import insert, text
 
 from stainbridge.daemon.schema import upgrade_database
-from stainbridge.daemon.store import Image, Review, Site, make_engine
+from stainbridge.daemon.store import Image, Review, Site, make_engine, stain_columns
 
 DAY1 = datetime(2026, 11, 2, 9, 0, tzinfo=timezone.utc)
 DAY2 = datetime(2026, 11, 3, 15, 30, tzinfo=timezone.utc)
 SPECIMENS = {"a.png": "BS-1", "b.png": "BS-1", "c.png": "BS-1", "c-copy.png": "BS-1", "g.png": "BS-2"}
+# The classified images' stain as the service measures it (region -> median L*, a*, b*); week of 2026-11-02 means:
+# background 82 2 8, nucleus 42 20 -28
+STAINS = {"a.png": {"background": (80.0, 2.0, 8.0), "other_stained": (60.0, 20.0, 5.0), "nucleus": (40.0, 20.0, -30.0)},
+          "b.png": {"background": (82.0, 4.0, 10.0), "other_stained": (62.0, 22.0, 6.0), "nucleus": (42.0, 22.0, -26.0)},
+          "c.png": {"background": (84.0, 0.0, 6.0), "nucleus": (44.0, 18.0, -28.0)}}
 
 
 def seed_known_history(url: str) -> None:
@@ -42,7 +47,7 @@ def seed_known_history(url: str) -> None:
             c.execute(insert(Image.__table__),  # typed: timestamps stored exactly as the service stores them
                       [{"id": i, "sha256": None if dup else f"sha{i}", "source_name": name, "site": "hospital-x",
                         "status": status, "error": error, "duplicate_of_id": dup, "received_at": t, "processed_at": t,
-                        "specimen": SPECIMENS.get(name)}
+                        "specimen": SPECIMENS.get(name), **stain_columns(STAINS.get(name, {}))}
                        for i, name, status, error, dup, t in images])
             c.execute(text(
                 "INSERT INTO predictions (id, image_id, label, confidence, probabilities, standardizer_version_id, "

@@ -1,29 +1,54 @@
-"""Drift per site (daemon/lab/drift.py, the weekly_drift view): a site whose output changes after its baseline
-weeks raises an alert that the report, `status` and the metrics show, on both databases."""
+"""Drift per site (daemon/lab/drift.py, the weekly_drift and weekly_stain views): a site whose output or stain
+changes after its baseline weeks raises an alert that the report, `status` and the metrics show, on both databases;
+the service records each image's stain (the live test through `stainbridge run`: tests/test_drift_e2e.py)."""
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime, timedelta
 
+import pytest
 from prometheus_client.core import GaugeMetricFamily
-from sqlalchemy import insert, text
+from sqlalchemy import insert, select, text
 
 from stainbridge.daemon.commands import status
 from stainbridge.daemon.config import LabSettings
-from stainbridge.daemon.lab.drift import DRIFT_MIN_CELLS, Week, compare, gather_drift
+from stainbridge.daemon.lab.drift import DRIFT_MIN_CELLS, Week, compare, gather_drift, site_drift
 from stainbridge.daemon.lab.metrics import DatabaseCollector
 from stainbridge.daemon.lab.render import render
 from stainbridge.daemon.lab.report import Period, gather
 from stainbridge.daemon.schema import upgrade_database
-from stainbridge.daemon.store import Image, ModelVersion, Prediction, make_engine, make_sessionmaker
+from stainbridge.daemon.store import (
+    Image,
+    ModelVersion,
+    Prediction,
+    make_engine,
+    make_sessionmaker,
+    stain_columns,
+)
+from tests.daemon_helpers import write_cell
 
 MONDAY = datetime(2026, 10, 5, 10, 0, tzinfo=UTC)  # weeks of 2026-10-05 ... 2026-11-02
 CELLS = 40
 
 
-def _seed_drifting_site(url: str) -> None:
+BASE_STAIN = {"background": (85.0, 0.0, 5.0), "other_stained": (60.0, 25.0, 5.0), "nucleus": (45.0, 25.0, -35.0)}
+MOVED_NUCLEUS = (57.0, 15.0, -25.0)  # Delta E 18.5 from the baseline's nucleus
+
+
+def _stain(i: int, nucleus_moved: bool) -> dict[str, float | None]:
+    """One cell's stain columns: the site's stain, +-1 L* from cell to cell, the nucleus moved if asked."""
+    wobble = 1.0 if i % 2 else -1.0
+    summary = {region: (lab[0] + wobble, lab[1], lab[2]) for region, lab in BASE_STAIN.items()}
+    if nucleus_moved:
+        summary["nucleus"] = MOVED_NUCLEUS
+    return stain_columns(summary)
+
+
+def _seed_drifting_site(url: str, *, stain_moves: bool = False) -> None:
     """Five weeks of 40 cells at hospital-d: four of half neutrophils, half lymphocytes at confidence 0.9; then a
-    week of 90 % neutrophils at confidence 0.6 with a quarter flagged."""
+    week of 90 % neutrophils at confidence 0.6 with a quarter flagged (and, if `stain_moves`, its nuclei stained
+    differently)."""
     upgrade_database(url)
     engine = make_engine(url)
     images, predictions = [], []
@@ -34,7 +59,8 @@ def _seed_drifting_site(url: str) -> None:
             when = MONDAY + timedelta(weeks=week, hours=i)
             neutrophil = i < (36 if drifted else 20)
             images.append({"id": n, "sha256": f"{n:064x}", "source_name": f"w{week}/c{i}.png", "site": "hospital-d",
-                           "status": "done", "received_at": when, "processed_at": when})
+                           "status": "done", "received_at": when, "processed_at": when,
+                           **_stain(i, drifted and stain_moves)})
             predictions.append({"id": n, "image_id": n, "label": "neutrophil" if neutrophil else "lymphocyte",
                                 "confidence": 0.6 if drifted else 0.9, "probabilities": {},
                                 "classifier_version_id": 100, "latency_ms": 1.0, "created_at": when,
@@ -112,3 +138,90 @@ def test_the_service_logs_a_new_drift_alert_once(make_service, tmp_path) -> None
     assert (alert.site, alert.week) == ("hospital-d", "2026-11-02")
     service._last_drift_check = -3600.0  # an hour later: the same alert is not logged again
     assert service.check_drift() == []
+
+
+def test_weekly_stain_view_holds_each_weeks_mean_stain(database_url: str) -> None:
+    """One row per site and week: the cells measured and the mean of their medians per region, on both databases."""
+    _seed_drifting_site(database_url, stain_moves=True)
+    engine = make_engine(database_url)
+    try:
+        with engine.connect() as c:
+            rows = c.execute(text("SELECT week, cells, background_l, nucleus_l, nucleus_a, nucleus_b, other_stained_b "
+                                  "FROM weekly_stain WHERE site = 'hospital-d' ORDER BY week")).all()
+    finally:
+        engine.dispose()
+    assert [(str(r.week)[:10], r.cells) for r in rows] == [
+        ("2026-10-05", CELLS), ("2026-10-12", CELLS), ("2026-10-19", CELLS), ("2026-10-26", CELLS), ("2026-11-02", CELLS)]
+    assert [round(v, 3) for v in rows[0][2:]] == [85.0, 45.0, 25.0, -35.0, 5.0]
+    assert [round(v, 3) for v in rows[-1][2:]] == [85.0, 57.0, 15.0, -25.0, 5.0]
+
+
+def test_a_stain_shift_alerts_in_status_metrics_and_report(sqlite_url: str, settings_factory) -> None:
+    """A week whose nuclei are stained 18.5 Delta E away from the baseline's alerts with that reason (beyond the
+    default bound of 10); the metric gives each region's Delta E, the report draws the stain under the shares."""
+    _seed_drifting_site(sqlite_url, stain_moves=True)
+    lab = LabSettings()
+    engine = make_engine(sqlite_url)
+    try:
+        with engine.connect() as c:
+            [site] = gather_drift(lambda sql: c.execute(text(sql)).all(), lab)
+        data = gather(engine, Period(), "test", lab=lab)
+        with make_sessionmaker(engine)() as session:
+            report = status.collect(settings_factory(database_url=sqlite_url), session)
+        families = list(DatabaseCollector(make_sessionmaker(engine), lab).collect())
+    finally:
+        engine.dispose()
+    [alert] = site.alerts
+    assert alert.week == "2026-11-02"
+    assert alert.reasons[-1] == "nucleus stain Delta E 18.5 (L*a*b* 57 15 -25; baseline 45 25 -35)"
+    assert "nucleus stain Delta E 18.5" in report.drift[0]
+    [gauge] = [f for f in families if isinstance(f, GaugeMetricFamily) and f.name == "stainbridge_stain_delta_e"]
+    assert {s.labels["region"]: round(s.value, 1) for s in gauge.samples if s.labels["site"] == "hospital-d"} == {
+        "background": 0.0, "other_stained": 0.0, "nucleus": 18.5}
+    assert "nucleus stain Delta E 18.5" in render(data)
+
+
+def test_stain_moves_within_the_bound_or_outside_the_judged_regions_raise_nothing() -> None:
+    """Background and nucleus 5 Delta E away stay within the default bound of 10; the other stained pixels (red cells
+    and cytoplasm, whose colour follows the cells that arrive) are shown but never alert."""
+    base = {"background": (85.0, 0.0, 5.0), "other_stained": (60.0, 25.0, 5.0), "nucleus": (45.0, 25.0, -35.0)}
+    moved = {"background": (90.0, 0.0, 5.0), "other_stained": (80.0, 5.0, 5.0), "nucleus": (45.0, 20.0, -35.0)}
+    weeks = [Week(f"2026-10-{5 + 7 * i:02d}", 40, 0.9, 0.0, {"neutrophil": 1.0}, 40, base) for i in range(4)]
+    weeks.append(Week("2026-11-02", 40, 0.9, 0.0, {"neutrophil": 1.0}, 40, moved))
+    drift = site_drift("s", weeks, LabSettings(), None)
+    assert drift.alerts == []
+    assert round(drift.stain_delta_e["2026-11-02"]["other_stained"], 1) == 28.3
+
+
+def test_baseline_weeks_from_before_the_stain_was_measured_give_way_to_the_first_measured_weeks() -> None:
+    """A site validated before migration 0012 has no measured baseline stain: its first drift_baseline_weeks measured
+    weeks stand in, and a later week is judged against them."""
+    lab = LabSettings(drift_baseline_weeks=2)
+    unmeasured = [Week(f"2026-09-{7 + 7 * i:02d}", 40, 0.9, 0.0, {"neutrophil": 1.0}) for i in range(3)]
+    stain = {"background": (85.0, 0.0, 5.0), "nucleus": (45.0, 25.0, -35.0)}
+    measured = [Week(f"2026-10-{5 + 7 * i:02d}", 40, 0.9, 0.0, {"neutrophil": 1.0}, 40, stain) for i in range(2)]
+    faded = Week("2026-10-19", 40, 0.9, 0.0, {"neutrophil": 1.0}, 40,
+                 {"background": (95.0, 0.0, 2.0), "nucleus": (65.0, 10.0, -15.0)})
+    drift = site_drift("s", [*unmeasured, *measured, faded], lab, "2026-09-21T10:00:00+00:00")
+    assert drift.baseline == ["2026-09-07", "2026-09-14", "2026-09-21"]
+    assert drift.stain_baseline == stain
+    assert [(a.week, [r.split(" (")[0] for r in a.reasons]) for a in drift.alerts] == [
+        ("2026-10-19", ["background stain Delta E 10.4", "nucleus stain Delta E 32.0"])]
+
+
+def test_run_once_records_the_received_images_stain(make_service) -> None:
+    """The service stores each classified image's stain as received: what stain_summary says of the file dropped."""
+    from PIL import Image as PILImage
+
+    from stainbridge.models.metrics import stain_summary
+
+    service = make_service()
+    cell = write_cell(service.settings.drop_dir / "cell.png", seed=3)
+    expected = stain_columns(stain_summary(PILImage.open(cell)))
+    deadline = time.monotonic() + 30
+    while service.run_once() == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with service.pipeline.sessions() as session:
+        row = session.scalars(select(Image)).one()
+        assert {column: getattr(row, column) for column in expected} == pytest.approx(expected)
+    assert None not in expected.values()

@@ -3,6 +3,7 @@ PostgreSQL."""
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
 
 from sqlalchemy import inspect, text
@@ -10,7 +11,7 @@ from sqlalchemy import inspect, text
 from stainbridge.daemon.lab.views import LAB_VIEW_NAMES, lab_views_sql
 from stainbridge.daemon.schema import downgrade_database, upgrade_database
 from stainbridge.daemon.store import RESULTS_VIEW_SQL, Base, make_engine
-from tests.lab_helpers import doc_section, plain, seed_known_history, sql_blocks
+from tests.lab_helpers import DAY1, DAY2, doc_section, plain, seed_known_history, sql_blocks
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
@@ -28,6 +29,8 @@ EXPECTED = {
     # one week (Monday 2026-11-02): a.png monocyte 0.55, b.png neutrophil 0.9, c.png neutrophil 0.4 and flagged
     "weekly_drift": [("2026-11-02", "monocyte", 1, 0.333, 3, 0.617, 0.333),
                      ("2026-11-02", "neutrophil", 2, 0.667, 3, 0.617, 0.333)],
+    # the same week's three cells: the mean of their medians (lab_helpers.STAINS)
+    "weekly_stain": [("2026-11-02", 3, 82.0, 2.0, 8.0, 42.0, 20.0, -28.0)],
 }
 
 
@@ -44,6 +47,26 @@ def test_lab_view_examples_answer_on_both_databases(database_url: str) -> None:
     finally:
         engine.dispose()
     assert answers == EXPECTED
+
+
+def test_failures_by_reason_times_carry_their_zone_on_both_databases(database_url: str) -> None:
+    """first_at and last_at say their zone on SQLite too (ISO 8601 with +00:00, as `export` writes times) and name
+    the same instants as on PostgreSQL; `corrupt` failed on both days, `empty` on the second."""
+    seed_known_history(database_url)
+    engine = make_engine(database_url)
+    try:
+        with engine.connect() as connection:
+            rows = connection.execute(text("SELECT reason, first_at, last_at FROM failures_by_reason "
+                                           "ORDER BY reason")).all()
+    finally:
+        engine.dispose()
+    if database_url.startswith("sqlite"):
+        assert [tuple(r) for r in rows] == [("corrupt", "2026-11-02T09:00:00+00:00", "2026-11-03T15:30:00+00:00"),
+                                            ("empty", "2026-11-03T15:30:00+00:00", "2026-11-03T15:30:00+00:00")]
+    times = {reason: tuple(t if isinstance(t, datetime) else datetime.fromisoformat(t) for t in (first, last))
+             for reason, first, last in rows}
+    assert all(t.tzinfo is not None for pair in times.values() for t in pair)
+    assert times == {"corrupt": (DAY1, DAY2), "empty": (DAY2, DAY2)}
 
 
 def test_downgrade_to_0003_removes_the_lab_views_and_upgrade_restores_them(database_url: str) -> None:

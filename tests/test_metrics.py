@@ -35,3 +35,23 @@ def test_stain_distance_grows_with_a_hue_shift() -> None:
     small = stain_distance(stain_augment.hue_rotate(reference, torch.full((len(reference),), 0.15)), colours)["delta_e"]
     large = stain_distance(stain_augment.hue_rotate(reference, torch.full((len(reference),), 0.6)), colours)["delta_e"]
     assert small < large
+
+
+def test_stain_summary_gives_each_regions_median_colour_and_none_for_a_blank_frame() -> None:
+    """A stained cell gives the median L*a*b* of background, other stained pixels and nucleus (background light,
+    nucleus darker and bluer); another lab's stain moves the nucleus; a blank frame has nothing to measure."""
+    from PIL import Image
+
+    from stainbridge.models.metrics import stain_summary
+
+    incoming = [stain_summary(synthetic.render_cell(label, protocol="incoming", size=96,
+                                                    rng=synthetic.image_rng(0, "incoming", label, 0)))
+                for label in synthetic.CLASSES]
+    faded = [stain_summary(synthetic.render_cell(label, protocol="faded", size=96,
+                                                 rng=synthetic.image_rng(0, "faded", label, 0)))
+             for label in synthetic.CLASSES]
+    assert all(set(s) == set(STAIN_REGIONS) for s in incoming)
+    assert all(s["background"][0] > s["nucleus"][0] + 20 and s["nucleus"][2] < s["background"][2] for s in incoming)
+    nucleus = [np.median([s["nucleus"] for s in summaries], axis=0) for summaries in (incoming, faded)]
+    assert np.linalg.norm(nucleus[0] - nucleus[1]) > 15
+    assert stain_summary(Image.new("RGB", (200, 200), (250, 248, 245))) == {}

@@ -108,6 +108,14 @@ class DatabaseCollector(Collector):
         for site in drift:
             alerts.add_metric([site.site], 1 if site.latest_alert else 0)
         yield alerts
+        stain = GaugeMetricFamily("stainbridge_stain_delta_e", "CIE76 colour difference of the site's latest week "
+                                  "(of 30 measured cells or more) from its baseline's stain, per region; background "
+                                  "and nucleus alert above [lab] drift_stain_delta_e (docs/lab.md, Drift)",
+                                  labels=["site", "region"])
+        for site in drift:
+            for region, value in site.latest_stain_delta_e.items():
+                stain.add_metric([site.site, region], round(value, 3))
+        yield stain
         if last is not None:
             if last.tzinfo is None:  # SQLite hands timestamps back without their zone; they are UTC
                 last = last.replace(tzinfo=timezone.utc)

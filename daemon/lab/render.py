@@ -150,12 +150,17 @@ def _plots(data: ReportData) -> dict[str, str]:
 
 def _drift_plot(drift: Any) -> str:
     """Weekly class shares (stacked bars), mean confidence and share flagged (lines) of one site, on one 0-1 axis;
-    baseline weeks hatched, weeks with an alert marked; the legend below the plot, never over the data."""
+    below it, where the stain was measured, each region's Delta E from the baseline's stain with the alert bound.
+    Baseline weeks hatched, weeks with an alert marked; the legends below their plots, never over the data."""
     import matplotlib.pyplot as plt
 
     weeks = [w.week for w in drift.weeks]
     labels = sorted({label for w in drift.weeks for label in w.shares})
-    fig, ax = plt.subplots(figsize=(7, 3.2))
+    stained = bool(drift.stain_delta_e)
+    if stained:
+        fig, (ax, low) = plt.subplots(2, 1, figsize=(7, 5.4), sharex=True, gridspec_kw={"height_ratios": [3, 1.6]})
+    else:
+        fig, ax = plt.subplots(figsize=(7, 3.2))
     bottom = [0.0] * len(weeks)
     baseline, alerted = set(drift.baseline), {a.week for a in drift.alerts}
     for label in labels:
@@ -171,11 +176,26 @@ def _drift_plot(drift: Any) -> str:
         if week in alerted:
             ax.annotate("!", (i, 1.02), ha="center", color="#a33", fontweight="bold", annotation_clip=False)
     step = max(1, len(weeks) // 12)
-    ax.set_xticks(range(0, len(weeks), step), [weeks[i] for i in range(0, len(weeks), step)], rotation=45, ha="right")
+    bottom_axis = low if stained else ax
+    bottom_axis.set_xticks(range(0, len(weeks), step), [weeks[i] for i in range(0, len(weeks), step)], rotation=45,
+                           ha="right")
     ax.set_ylim(0, 1.08)
     ax.set_ylabel("share of the week's cells")
     ax.set_title(f"site {drift.site}, per week (hatched: baseline; !: alert)")
-    ax.legend(fontsize=7, ncols=4, loc="upper center", bbox_to_anchor=(0.5, -0.32))
+    if stained:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        styles = {"background": ("#777", "-"), "nucleus": ("#5b3f99", "-"), "other_stained": ("#c77", ":")}
+        for region, (colour, line) in styles.items():
+            values = [drift.stain_delta_e.get(w, {}).get(region, float("nan")) for w in weeks]
+            low.plot(range(len(weeks)), values, color=colour, linestyle=line, marker=".",
+                     label=region + (" (not judged)" if region == "other_stained" else ""))
+        if drift.stain_bound is not None:
+            low.axhline(drift.stain_bound, color="#a33", linestyle="--", linewidth=0.8, label="alert bound")
+        low.set_ylim(bottom=0)
+        low.set_ylabel("stain Delta E\nfrom baseline")
+        low.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:
+        ax.legend(fontsize=7, ncols=4, loc="upper center", bbox_to_anchor=(0.5, -0.32))
     return _figure_uri(fig)
 
 

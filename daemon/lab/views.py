@@ -5,15 +5,17 @@ views only filter and aggregate it, so "latest" has one definition. `site_valida
 what its results rest on (docs/sites.md), and `latest_results` carries that text on every row, so day-0
 output is never mistaken for validated output. Three expressions differ between SQLite and PostgreSQL
 (the UTC day of a timestamp, the reason before the first ':' of an error, a number with two decimals),
-hence one text per dialect. Migrations keep frozen copies (0004; latest_results and site_validation
-since 0008, with the review columns since 0009, the specimen, specimen_differentials and weekly_drift since 0011): a
-change here needs a new revision.
+hence one text per dialect (and SQLite's times get their zone written out). Migrations keep frozen copies (0004; latest_results and site_validation
+since 0008, with the review columns since 0009, the specimen, specimen_differentials and weekly_drift since 0011;
+weekly_stain and failures_by_reason's zoned times on SQLite since 0012): a change here needs a new revision.
 
 Any later migration that rebuilds a table with batch mode (SQLite) must drop these views and
 `results` first and create them again afterwards (see 0003 for `results`).
 """
 
 from __future__ import annotations
+
+from stainbridge.daemon.store import STAIN_REGIONS
 
 # The UTC calendar day of a timestamp column, and the failure reason of `images.error`
 # (the pipeline stores "reason: detail", e.g. "corrupt: x.png cannot be decoded").
@@ -30,6 +32,10 @@ _WEEK = {"sqlite": "date({col}, '-6 days', 'weekday 1')",
 
 
 _TWO_DECIMALS = {"sqlite": "printf('%.2f', {col})", "postgresql": "to_char({col}, 'FM0.00')"}
+
+# A timestamp column as shown with its zone: PostgreSQL's timestamptz carries it; SQLite stores UTC text without one,
+# so it is written out as ISO 8601 with its offset (to the second), as `export` writes times.
+_ZONED = {"sqlite": "strftime('%Y-%m-%dT%H:%M:%S', {col}) || '+00:00'", "postgresql": "{col}"}
 
 
 def day_sql(dialect: str, column: str) -> str:
@@ -57,7 +63,8 @@ ROW_VALIDATION_SQL = """CASE WHEN v.state = 'validated'
        ELSE v.validation END"""
 
 LAB_VIEW_NAMES = ("site_validation", "latest_results", "daily_counts", "low_confidence_queue",
-                  "review_disagreements", "failures_by_reason", "specimen_differentials", "weekly_drift")
+                  "review_disagreements", "failures_by_reason", "specimen_differentials", "weekly_drift",
+                  "weekly_stain")
 
 # Per site, specimen and predicted class (long format: the classes are whatever the site's classifier knows, so
 # no column per class): cells counted (the cell's current answer, not a duplicate, not flagged for review), their
@@ -101,6 +108,33 @@ JOIN (SELECT site, {week} AS week, COUNT(*) AS cells,
       GROUP BY site, {week}) t ON t.site = c.site AND t.week = c.week"""
 
 
+def weekly_stain_sql(dialect: str) -> str:
+    """CREATE VIEW weekly_stain: per site and UTC week (its Monday, as in weekly_drift), the classified cells whose
+    stain was measured (current ones, duplicates left out) and the mean of their per-image medians (L*, a*, b*) of
+    each stain region (``images.stain_*``; daemon/lab/drift.py compares them with the baseline's)."""
+    week = week_sql(dialect, "received_at")
+    means = ",\n       ".join(f"CAST(AVG(stain_{region}_{axis}) AS DOUBLE PRECISION) AS {region}_{axis}"
+                              for region in STAIN_REGIONS for axis in "lab")
+    return f"""CREATE VIEW weekly_stain AS
+SELECT site, {week} AS week, COUNT(*) AS cells,
+       {means}
+FROM images
+WHERE status = 'done' AND duplicate_of_id IS NULL AND stain_background_l IS NOT NULL
+GROUP BY site, {week}"""
+
+
+def failures_by_reason_sql(dialect: str) -> str:
+    """CREATE VIEW failures_by_reason: per failure reason and site, the files and the first and last one's arrival
+    (with its zone on both databases)."""
+    reason = reason_sql(dialect)
+    first, last = (_ZONED[dialect].format(col=f"{f}(received_at)") for f in ("MIN", "MAX"))
+    return f"""CREATE VIEW failures_by_reason AS
+SELECT {reason} AS reason, site, COUNT(*) AS images, {first} AS first_at, {last} AS last_at
+FROM images
+WHERE status = 'failed'
+GROUP BY {reason}, site"""
+
+
 def site_validation_sql(dialect: str) -> str:
     """CREATE VIEW site_validation: per site its state, reviews in and needed, the recipe serving it now
     (active standardizer + classifier) and the one validation chose, the score, and one line saying it
@@ -130,7 +164,7 @@ def lab_views_sql(dialect: str) -> list[str]:
     """CREATE VIEW statements for the lab views, in creation order, for 'sqlite' or 'postgresql'."""
     if dialect not in _DAY:
         raise ValueError(f"no lab views for the {dialect!r} dialect; stainbridge supports sqlite and postgresql")
-    day, reason = day_sql(dialect, "received_at"), reason_sql(dialect)
+    day = day_sql(dialect, "received_at")
     return [
         site_validation_sql(dialect),
         # One row per distinct image content that was classified: its current answer, and what it rests on.
@@ -155,11 +189,8 @@ WHERE reviewed_label IS NULL""",
 SELECT image_id, source_name, site, received_at, label, confidence, reviewed_label, reviewer, classifier
 FROM latest_results
 WHERE reviewed_label IS NOT NULL AND reviewed_label <> label""",
-        f"""CREATE VIEW failures_by_reason AS
-SELECT {reason} AS reason, site, COUNT(*) AS images, MIN(received_at) AS first_at, MAX(received_at) AS last_at
-FROM images
-WHERE status = 'failed'
-GROUP BY {reason}, site""",
+        failures_by_reason_sql(dialect),
         SPECIMEN_DIFFERENTIALS_SQL,
         weekly_drift_sql(dialect),
+        weekly_stain_sql(dialect),
     ]

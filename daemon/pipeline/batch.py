@@ -25,6 +25,7 @@ from stainbridge.daemon.intake.failures import storable_text
 from stainbridge.daemon.intake.walking import Candidate
 from stainbridge.daemon.logs import get_logger
 from stainbridge.daemon.store import ImageStatus
+from stainbridge.models.inference import stain_summary
 
 log = get_logger(__name__)
 
@@ -129,6 +130,7 @@ class Item:
     opened: os.stat_result | None = None  # its fstat once read
     skip: str | None = None  # not this worker's to handle now (vanished, changed while read)
     pixels: int = 0  # held in the batch's PixelBudget while decoded
+    stain: dict[str, tuple[float, float, float]] = field(default_factory=dict)  # of the received image, once decoded
 
     def close(self) -> None:
         self.data = None
@@ -252,4 +254,9 @@ def decode_item(item: Item, *, max_pixels: int, max_bytes: int, pseudonym_secret
     if item.decoded is None and item.pixels:
         budget.release(item.pixels)
         item.pixels = 0
+    if item.decoded is not None:
+        try:  # the stain as received, for drift (docs/lab.md): a few milliseconds on a reduced copy
+            item.stain = stain_summary(item.decoded.image)
+        except Exception as exc:  # noqa: BLE001 - a measurement for drift must never fail the cell itself
+            bound.error("stain_summary_failed", error_type=type(exc).__name__)
     item.seconds = time.perf_counter() - started

@@ -21,7 +21,7 @@ from stainbridge.daemon.intake.failures import error_summary, is_transient, stor
 from stainbridge.daemon.logs import get_logger
 from stainbridge.daemon.pipeline import filing
 from stainbridge.daemon.pipeline.batch import BatchReport, Item
-from stainbridge.daemon.store import Image, ImageStatus, Prediction, utcnow
+from stainbridge.daemon.store import Image, ImageStatus, Prediction, stain_columns, utcnow
 from stainbridge.daemon.versions.loading import LoadedModels
 from stainbridge.models.inference import BatchResult, fsync_dir
 
@@ -113,6 +113,8 @@ def _record_together(sessions: sessionmaker, items: list[Item], report: BatchRep
                 for key, value in decoded.metadata.items():
                     setattr(row, key, value)
                 row.specimen = item.specimen  # DICOM's own, else by name or folder (intake.specimens)
+                for column, value in stain_columns(item.stain).items():
+                    setattr(row, column, value)
                 session.add(prediction_row(result, image_id=row.id, models=m, latency_ms=item.seconds * 1000,
                                            created_at=now))
                 item.target = ImageStatus.done
