@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from datetime import timezone
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -37,11 +37,13 @@ from stainbridge.daemon.config import ConfigError, LabSettings, Settings
 from stainbridge.daemon.intake import claims
 from stainbridge.daemon.lab.drift import gather_drift
 from stainbridge.daemon.logs import get_logger
-from stainbridge.daemon.pipeline.batch import BatchReport
 from stainbridge.daemon.store import RunStatus, TrainingRun
 from stainbridge.daemon.versions.registry import active_versions
 from stainbridge.daemon.versions.serving import served
 from stainbridge.daemon.versions.site_state import site_summaries
+
+if TYPE_CHECKING:  # the batch imports the networks (torch); status reads the metrics' states without them
+    from stainbridge.daemon.pipeline.batch import BatchReport
 
 log = get_logger(__name__)
 
