@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 from stainbridge.daemon import diskspace
 from stainbridge.daemon import folders as configured_folders
 from stainbridge.daemon.config import ConfigError, Settings, load_settings
+from stainbridge.daemon.config_values import schedule_trigger
 from stainbridge.daemon.intake.walking import is_ignored_name
 from stainbridge.daemon.lab.drift import gather_drift
 from stainbridge.daemon.schema import (
@@ -76,12 +77,11 @@ def count_waiting(settings: Settings) -> int:
 def next_retraining(settings: Settings, now: datetime | None = None) -> str:
     if not settings.retraining.enabled:
         return "disabled"
-    from apscheduler.triggers.cron import CronTrigger
-
-    trigger = CronTrigger.from_crontab(settings.retraining.schedule)
+    trigger = schedule_trigger(settings.retraining.schedule)
     now = now or datetime.now(trigger.timezone)
     fire = trigger.get_next_fire_time(None, now)
-    return fire.isoformat(timespec="minutes") if fire else "never"
+    seconds = len(settings.retraining.schedule.split()) == 6  # a schedule with a seconds field
+    return fire.isoformat(timespec="seconds" if seconds else "minutes") if fire else "never"
 
 
 @dataclass

@@ -31,6 +31,7 @@ from sqlalchemy import select, text
 from sqlalchemy.engine import Engine
 
 from stainbridge.daemon.config import Settings
+from stainbridge.daemon.config_values import schedule_trigger
 from stainbridge.daemon.logs import get_logger
 from stainbridge.daemon.store import TrainingRun, make_sessionmaker
 
@@ -94,7 +95,7 @@ def run_scheduled(settings: Settings, engine: Engine, *, now: datetime | None = 
     """The scheduled job: under the lock, once per schedule slot. Returns the RetrainResult or None."""
     from stainbridge.daemon.retraining.nightly import run_retraining
 
-    trigger = CronTrigger.from_crontab(settings.retraining.schedule)
+    trigger = schedule_trigger(settings.retraining.schedule)
     now = now or datetime.now(timezone.utc)
     sessions = make_sessionmaker(engine)
     with job_lock(settings, engine) as got:
@@ -118,7 +119,7 @@ class RetrainingScheduler:
                  clock: Callable[[], datetime] | None = None, runner: Callable[[], Any] | None = None) -> None:
         self.settings, self.engine = settings, engine
         self.clock = clock or (lambda: datetime.now(timezone.utc))
-        self.trigger = CronTrigger.from_crontab(settings.retraining.schedule)
+        self.trigger = schedule_trigger(settings.retraining.schedule)
         self.stop_event = threading.Event()
         self.runner = runner or self._run
         self.scheduler = BackgroundScheduler(
