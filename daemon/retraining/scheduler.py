@@ -54,13 +54,18 @@ def fire() -> None:
 
 
 def latest_slot(trigger: CronTrigger, now: datetime) -> datetime:
-    """The most recent time at or before ``now`` that the schedule names."""
-    slot, start = None, now - timedelta(days=400)
-    fire_time = trigger.get_next_fire_time(None, start)
-    while fire_time is not None and fire_time <= now:
-        slot = fire_time
-        fire_time = trigger.get_next_fire_time(fire_time, fire_time + timedelta(seconds=1))
-    return slot or now
+    """The most recent time at or before ``now`` that the schedule names.
+
+    Searched in windows that end at ``now`` and grow: walking slot by slot from 400 days back took 14 s
+    for ``* * * * *`` (half a million slots) at every start and every run, and hours for a seconds schedule."""
+    for span in (timedelta(minutes=1), timedelta(hours=1), timedelta(days=1), timedelta(days=32), timedelta(days=400)):
+        slot, fire_time = None, trigger.get_next_fire_time(None, now - span)
+        while fire_time is not None and fire_time <= now:
+            slot = fire_time
+            fire_time = trigger.get_next_fire_time(fire_time, fire_time + timedelta(seconds=1))
+        if slot is not None:
+            return slot
+    return now
 
 
 @contextmanager
