@@ -144,3 +144,14 @@ def test_status_counts_failures_throughput_models_and_waiting_files(settings_fac
 def test_next_retraining_is_disabled_unless_enabled(settings_factory):
     """With [retraining] enabled = false the report says "disabled"."""
     assert status.next_retraining(settings_factory()) == "disabled"
+
+
+def test_status_does_not_import_torch() -> None:
+    """`status` reads the database only: importing it loads no torch (11 s of a 2-core machine's time under load, when
+    the served-models record imported the model loader for a type hint)."""
+    import subprocess
+    import sys
+
+    code = "import sys; from stainbridge.daemon.commands import status; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

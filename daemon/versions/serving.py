@@ -9,7 +9,7 @@ are gone are removed when a worker writes its own, and ignored by readers.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -17,7 +17,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from stainbridge.daemon.intake import claims
 from stainbridge.daemon.logs import get_logger
 from stainbridge.daemon.store import ModelVersion, ServedModels, utcnow
-from stainbridge.daemon.versions.loading import LoadedModels
+
+if TYPE_CHECKING:  # loading imports torch (models.inference): `status` and the metrics need neither
+    from stainbridge.daemon.versions.loading import LoadedModels
 
 log = get_logger(__name__)
 
