@@ -230,6 +230,8 @@ def _latest_run(session: Session, kind: ModelKind) -> dict[str, Any] | None:
             "reason": last.reason, "candidate_id": last.model_version_id,
             # a run in progress: where it is (retraining.runs.mark_stage) and the log to follow
             "stage": ((last.params or {}).get("stage") or "preparing") if running else None,
+            # its training child's process id while it trains (retraining.runs.record_pid)
+            "pid": (last.params or {}).get("pid") if running else None,
             "log_path": last.log_path}
 
 
@@ -299,8 +301,8 @@ def render(report: StatusReport) -> str:
             lines.append(f"{label:<20}none yet")
         else:
             lines.append(f"{label:<20}run {last['run_id']} {last['status']} ({last['started_at'][:16]}): "
-                         + (f"stage {last['stage']}, log {last['log_path'] or '(not yet)'}" if last["stage"]
-                            else str(last["reason"])))
+                         + (f"stage {last['stage']}, " + (f"pid {last['pid']}, " if last["pid"] else "")
+                            + f"log {last['log_path'] or '(not yet)'}" if last["stage"] else str(last["reason"])))
     lines.append(f"reviews             {report.reviews_total} recorded, {report.candidates} candidate model(s) waiting")
     for volume in report.disk:
         lines.append(f"{'free, ' + volume['role']:<20}{volume['free_mb']} MiB ({volume['folder']})")
