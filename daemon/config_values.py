@@ -9,7 +9,10 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from apscheduler.triggers.cron import CronTrigger
 
 STANDARDIZER_BUILTINS = ("none", "reinhard", "macenko")
 
@@ -158,14 +161,25 @@ def scale(value: Any) -> str:
     return repr(number)
 
 
-def cron(value: Any) -> str:
+def schedule_trigger(text: str) -> CronTrigger:
+    """The cron trigger of ``[retraining] schedule``: five crontab fields (minute hour day month weekday), or
+    six with a leading seconds field (``*/20 * * * * *``), for a job due seconds from now (tests, trying it out)."""
     from apscheduler.triggers.cron import CronTrigger
 
+    fields = text.split()
+    if len(fields) == 6:
+        second, minute, hour, day, month, day_of_week = fields
+        return CronTrigger(second=second, minute=minute, hour=hour, day=day, month=month, day_of_week=day_of_week)
+    return CronTrigger.from_crontab(text)
+
+
+def cron(value: Any) -> str:
     text = string(value)
     try:
-        CronTrigger.from_crontab(text)
+        schedule_trigger(text)
     except ValueError as exc:
-        raise ValueError(f"expected a crontab expression such as '0 2 * * *' ({exc})") from None
+        raise ValueError(f"expected a crontab expression such as '0 2 * * *' (or six fields, the first one "
+                         f"seconds: '*/20 * * * * *') ({exc})") from None
     return text
 
 

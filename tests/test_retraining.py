@@ -255,8 +255,9 @@ def test_a_changed_active_checkpoint_fails_the_run_before_training(settings_fact
         engine.dispose()
 
 
-def test_status_shows_the_running_run_s_stage_and_log(world, monkeypatch, tmp_path, capsys, restore_logging) -> None:
-    """While the training child runs, `status --json` names the run's stage and log, and the log has a progress line."""
+def test_status_shows_the_running_run_s_stage_pid_and_log(world, monkeypatch, tmp_path, capsys, restore_logging) -> None:
+    """While the training child runs, `status` names the run's stage, the child's pid and the log, and the log has a
+    progress line."""
     settings, sessions = world
     pidfile = tmp_path / "child.pid"
     monkeypatch.setattr(runs, "CHILD", "import os, sys, time; os.nice(int(sys.argv[1])); "
@@ -268,10 +269,14 @@ def test_status_shows_the_running_run_s_stage_and_log(world, monkeypatch, tmp_pa
     worker.start()
     pid = int(wait_for(lambda: pidfile.exists() and pidfile.read_text(), 60, "the training child's pid"))
     try:
+        capsys.readouterr()  # the job's log lines so far (structlog prints to stdout until logging is configured)
         assert cli.main(["status", "--json"]) == 0
         running = json.loads(capsys.readouterr().out)["last_retraining"]["standardizer"]
         assert running["status"] == "running" and running["stage"].startswith("training (train cyclegan)")
+        assert running["pid"] == pid
         assert "stage: training (train cyclegan)" in Path(running["log_path"]).read_text()
+        assert cli.main(["status"]) == 0
+        assert f"stage training (train cyclegan), pid {pid}, log {running['log_path']}" in capsys.readouterr().out
     finally:
         os.kill(pid, signal.SIGKILL)
         worker.join(60)

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 from stainbridge.daemon import diskspace
 from stainbridge.daemon import folders as configured_folders
 from stainbridge.daemon.config import ConfigError, Settings, load_settings
+from stainbridge.daemon.config_values import schedule_trigger
 from stainbridge.daemon.intake.walking import is_ignored_name
 from stainbridge.daemon.lab.drift import gather_drift
 from stainbridge.daemon.schema import (
@@ -76,12 +77,11 @@ def count_waiting(settings: Settings) -> int:
 def next_retraining(settings: Settings, now: datetime | None = None) -> str:
     if not settings.retraining.enabled:
         return "disabled"
-    from apscheduler.triggers.cron import CronTrigger
-
-    trigger = CronTrigger.from_crontab(settings.retraining.schedule)
+    trigger = schedule_trigger(settings.retraining.schedule)
     now = now or datetime.now(trigger.timezone)
     fire = trigger.get_next_fire_time(None, now)
-    return fire.isoformat(timespec="minutes") if fire else "never"
+    seconds = len(settings.retraining.schedule.split()) == 6  # a schedule with a seconds field
+    return fire.isoformat(timespec="seconds" if seconds else "minutes") if fire else "never"
 
 
 @dataclass
@@ -230,6 +230,8 @@ def _latest_run(session: Session, kind: ModelKind) -> dict[str, Any] | None:
             "reason": last.reason, "candidate_id": last.model_version_id,
             # a run in progress: where it is (retraining.runs.mark_stage) and the log to follow
             "stage": ((last.params or {}).get("stage") or "preparing") if running else None,
+            # its training child's process id while it trains (retraining.runs.record_pid)
+            "pid": (last.params or {}).get("pid") if running else None,
             "log_path": last.log_path}
 
 
@@ -299,8 +301,8 @@ def render(report: StatusReport) -> str:
             lines.append(f"{label:<20}none yet")
         else:
             lines.append(f"{label:<20}run {last['run_id']} {last['status']} ({last['started_at'][:16]}): "
-                         + (f"stage {last['stage']}, log {last['log_path'] or '(not yet)'}" if last["stage"]
-                            else str(last["reason"])))
+                         + (f"stage {last['stage']}, " + (f"pid {last['pid']}, " if last["pid"] else "")
+                            + f"log {last['log_path'] or '(not yet)'}" if last["stage"] else str(last["reason"])))
     lines.append(f"reviews             {report.reviews_total} recorded, {report.candidates} candidate model(s) waiting")
     for volume in report.disk:
         lines.append(f"{'free, ' + volume['role']:<20}{volume['free_mb']} MiB ({volume['folder']})")

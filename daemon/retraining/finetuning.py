@@ -145,7 +145,8 @@ def _run(settings: Settings, sessions: sessionmaker, run_id: int, reviewed: list
            "--standardizer", s_active.path, "--scale", settings.site.scale, "--epochs", str(cfg.epochs),
            "--device", cfg.device]
     runs.mark_stage(sessions, run_id, "training (train finetune)", log_path)
-    runs.run_training(cmd, log_path, timeout=cfg.timeout_minutes * 60, stop=stop)
+    runs.run_training(cmd, log_path, timeout=cfg.timeout_minutes * 60, stop=stop,
+                      on_start=lambda pid: runs.record_pid(sessions, run_id, pid))
     runs.mark_stage(sessions, run_id, "gate", log_path)
 
     from stainbridge.models.inference import load_classifier

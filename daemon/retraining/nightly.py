@@ -225,7 +225,8 @@ def _run(settings: Settings, sessions: sessionmaker, run_id: int, now: datetime,
         run.params = {**(run.params or {}), "init_from": init_from, "init_from_version": s_active.id if init_from
                       else None, "start": start, "command": command}
     runs.mark_stage(sessions, run_id, f"training ({command})", log_path)
-    runs.run_training(cmd, log_path, timeout=cfg.timeout_minutes * 60, stop=stop)
+    runs.run_training(cmd, log_path, timeout=cfg.timeout_minutes * 60, stop=stop,
+                      on_start=lambda pid: runs.record_pid(sessions, run_id, pid))
     runs.mark_stage(sessions, run_id, "gate", log_path)
 
     device = settings.models.device

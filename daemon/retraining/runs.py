@@ -13,6 +13,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -64,10 +65,12 @@ def progress_line(log_path: Path, stage: str, elapsed: float) -> None:
 
 
 def mark_stage(sessions: sessionmaker, run_id: int, stage: str, log_path: Path) -> None:
-    """The run is now at ``stage``: recorded in ``params.stage`` (with the time) and as a line in its log."""
+    """The run is now at ``stage``: recorded in ``params.stage`` (with the time) and as a line in its log.
+    A new stage drops the training child's ``params.pid``: that process is gone."""
     with sessions.begin() as session:
         run = session.get(TrainingRun, run_id)
-        run.params = {**(run.params or {}), "stage": stage, "stage_at": utcnow().isoformat(timespec="seconds")}
+        params = {key: value for key, value in (run.params or {}).items() if key != "pid"}
+        run.params = {**params, "stage": stage, "stage_at": utcnow().isoformat(timespec="seconds")}
         started = run.started_at
     if started.tzinfo is None:  # SQLite hands timestamps back without their zone; they are UTC
         started = started.replace(tzinfo=utcnow().tzinfo)
@@ -114,13 +117,30 @@ def reviewed_images(sessions: sessionmaker, site: str) -> list[tuple[str, Path, 
     return [(sha, Path(p), label, at) for sha, p, label, at in rows if Path(p).is_file()]
 
 
-def run_training(cmd: list[str], log_path: Path, *, timeout: float, stop: threading.Event | None) -> None:
-    """Run the training subprocess to the end; raise TrainingFailed on any other outcome."""
+def record_pid(sessions: sessionmaker, run_id: int, pid: int) -> None:
+    """The training child's process id in ``params.pid`` while it trains (``status`` shows it: the process to
+    watch, or to kill, on a shared machine)."""
+    with sessions.begin() as session:
+        run = session.get(TrainingRun, run_id)
+        run.params = {**(run.params or {}), "pid": pid}
+
+
+def run_training(cmd: list[str], log_path: Path, *, timeout: float, stop: threading.Event | None,
+                 on_start: Callable[[int], None] | None = None) -> None:
+    """Run the training subprocess to the end; raise TrainingFailed on any other outcome.
+    ``on_start(pid)`` is called once the child exists (the jobs record it with :func:`record_pid`)."""
     env = dict(os.environ)
     with log_path.open("ab") as out:
         child = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                  start_new_session=True)
     log.info("training_started", pid=child.pid, log=str(log_path))
+    if on_start is not None:
+        try:
+            on_start(child.pid)
+        except BaseException:
+            child.kill()  # a child nobody waits for would train on unwatched
+            child.wait()
+            raise
     started = time.monotonic()
     deadline, next_line = started + timeout, started + PROGRESS_SECONDS
     while child.poll() is None:
