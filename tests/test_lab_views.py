@@ -28,6 +28,8 @@ EXPECTED = {
     # one week (Monday 2026-11-02): a.png monocyte 0.55, b.png neutrophil 0.9, c.png neutrophil 0.4 and flagged
     "weekly_drift": [("2026-11-02", "monocyte", 1, 0.333, 3, 0.617, 0.333),
                      ("2026-11-02", "neutrophil", 2, 0.667, 3, 0.617, 0.333)],
+    # the candidate disagrees on a.png too, but a.png is reviewed: only c.png waits
+    "candidate_disagreements": [(3, "c.png", "neutrophil", "lymphocyte", "resnet-v3")],
 }
 
 
