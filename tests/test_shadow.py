@@ -86,3 +86,24 @@ def test_the_gate_refusing_for_too_few_reviews_records_awaiting_evidence(setting
     other_classes = (None, SimpleNamespace(classes=["a", "c"]))
     refused = promotion.evaluate(settings, [], side, other_classes, baseline=None, baseline_note="", recent=[])
     assert refused.verdict is GateVerdict.refused
+
+
+def test_review_export_lists_the_views_disagreements_first_and_once(database_url) -> None:
+    """On the lab history (tests/lab_helpers.py) the candidate's disagreement on c.png leads the queue, as the
+    candidate_disagreements view says, and c.png (also flagged for low confidence) is listed once."""
+    from sqlalchemy import text
+
+    from stainbridge.daemon.commands.review import review_queue
+    from tests.lab_helpers import seed_known_history
+
+    seed_known_history(database_url)
+    engine = make_engine(database_url)
+    try:
+        with make_sessionmaker(engine)() as session:
+            view = [row[0] for row in session.execute(text("SELECT image_id FROM candidate_disagreements"))]
+            queue = [(row["image"], row["tier"]) for row in review_queue(session, 0.6, 10)]
+            capped = review_queue(session, 0.6, 10, disagreements_per_site=0)
+    finally:
+        engine.dispose()
+    assert view == [3] and queue == [(3, "candidate_disagrees")]
+    assert [(row["image"], row["tier"]) for row in capped] == [(3, "low_confidence")]
