@@ -107,3 +107,17 @@ def test_review_export_lists_the_views_disagreements_first_and_once(database_url
         engine.dispose()
     assert view == [3] and queue == [(3, "candidate_disagrees")]
     assert [(row["image"], row["tier"]) for row in capped] == [(3, "low_confidence")]
+
+
+def test_a_candidate_left_behind_is_forgotten_unless_something_serves_with_it() -> None:
+    """NetworkCache.evict frees a dropped candidate's networks (every night's candidate would pile up in a
+    long-running service), but keeps one that now serves (a promoted candidate) and the day-0 recipe's."""
+    from stainbridge.daemon.versions.loading import NetworkCache
+
+    cache = NetworkCache("cpu")
+    dropped, promoted, its_standardizer = object(), object(), object()
+    cache._classifiers.update({"dropped": dropped, "promoted": promoted})
+    cache._standardizers.update({("s", "dropped"): its_standardizer, ("s", "promoted"): object()})
+    cache.evict((dropped, its_standardizer), keep=())
+    cache.evict((promoted,), keep=(promoted,))
+    assert set(cache._classifiers) == {"promoted"} and set(cache._standardizers) == {("s", "promoted")}

@@ -89,13 +89,12 @@ class ShadowLoader:
                              for site, models in served.items() if site in wanted}
         for site, current in served.items():
             candidate, loaded = wanted.get(site), self.shadows.get(site)
-            if candidate is None:
-                if loaded is not None:
-                    del self.shadows[site]
-                    log.info("shadow_stopped", site=site, candidate_version=loaded.version_id)
-                continue
             pair = (current.classifier_version_id, current.standardizer_version_id)
-            if loaded is not None and (loaded.version_id, loaded.active) == (candidate.id, pair):
+            if loaded is not None and candidate is not None and (loaded.version_id, loaded.active) == (candidate.id, pair):
+                continue
+            if loaded is not None:  # the same candidate beside a newly swapped active pair keeps its networks
+                self._drop(site, served, evict=candidate is None or candidate.id != loaded.version_id)
+            if candidate is None:
                 continue
             try:
                 self.shadows[site] = self._load(candidate, current, standardizers[site])
@@ -108,6 +107,15 @@ class ShadowLoader:
             self.refused.pop(candidate.id, None)
             log.info("shadow_started", site=site, candidate_version=candidate.id, kind=candidate.kind.value,
                      candidate=candidate.name, share=self.share)
+
+    def _drop(self, site: str, served: dict[str, LoadedModels], *, evict: bool) -> None:
+        """Stop shadowing ``site`` and free its candidate's networks unless something still serves with them
+        (a promoted candidate is the active version now: the hot swap has just loaded it from the cache)."""
+        old = self.shadows.pop(site)
+        if evict:
+            keep = [n for m in [*served.values(), *self.shadows.values()] for n in (m.classifier, m.standardizer)]
+            self.cache.evict((old.classifier, old.standardizer), keep=keep)
+        log.info("shadow_stopped", site=site, candidate_version=old.version_id)
 
     def _load(self, candidate: ModelVersion, current: LoadedModels,
               active_standardizer: ModelVersion | None) -> ShadowModels:
