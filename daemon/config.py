@@ -114,6 +114,8 @@ class RetrainingSettings:
     min_gate_reviews: int = 50  # reviewed cells, not trained on, the gate needs before it can promote anything
     max_gate_images: int = 200  # cells per gate comparison (reviewed cells, recent cells for the guards)
     review_below: float = 0.6  # `review export` lists, after the flagged cells, predictions less confident than this
+    # Share of new cells a candidate awaiting evidence also scores (shadow predictions, never results); 0: off
+    shadow_share: float = 0.2
     keep_days: int = 30  # run folders (PNG copies of reviewed images) and unused candidates older than this go
 
 
@@ -263,6 +265,7 @@ VALIDATORS: dict[tuple[str, str], Callable[[Any], Any]] = {
     ("retraining", "min_gate_reviews"): check.positive(int),
     ("retraining", "max_gate_images"): check.positive(int),
     ("retraining", "review_below"): check.fraction,
+    ("retraining", "shadow_share"): check.fraction,
     ("retraining", "keep_days"): check.positive(int),
     ("lab", "specimen_pattern"): check.specimen_pattern,
     ("lab", "min_cells"): check.positive(int),

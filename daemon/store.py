@@ -74,6 +74,17 @@ class VersionState(str, enum.Enum):
     retired = "retired"  # served once; `models rollback` may bring it back
 
 
+class GateVerdict(str, enum.Enum):
+    """The promotion gate's last verdict on a version (``model_versions.gate_verdict``; NULL: never gated).
+
+    ``awaiting_evidence``: refused only because the site has fewer than ``[retraining] min_gate_reviews``
+    reviewed cells it was not trained on; the service shadows such a candidate (``daemon.versions.shadow``)."""
+
+    passed = "passed"
+    refused = "refused"  # refused on the evidence (or a guard, or other classes): not awaiting anything
+    awaiting_evidence = "awaiting_evidence"
+
+
 class SiteState(str, enum.Enum):
     """What a site's results rest on: `unvalidated` (the day-0 recipe, no evidence from this site yet) or
     `validated` (its recipe was chosen on reviewed cells of its own; the score is in the `sites` row)."""
@@ -189,6 +200,10 @@ class ModelVersion(Base):
     # The run that trained it (training_runs.id; no FK: training_runs.model_version_id points back).
     training_run_id: Mapped[int | None] = mapped_column(Integer)
     reason: Mapped[str | None] = mapped_column(Text)  # why the gate refused it (or why it was promoted)
+    # The gate's last verdict (nightly job, `models gate`); no CHECK constraint: added in place by migration 0013.
+    gate_verdict: Mapped[GateVerdict | None] = mapped_column(
+        SAEnum(GateVerdict, name="gate_verdict", native_enum=False, create_constraint=False, length=32,
+               values_callable=lambda e: [m.value for m in e]))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     promoted_at: Mapped[datetime | None]
 
@@ -231,6 +246,24 @@ class Prediction(Base):
     image: Mapped[Image] = relationship(back_populates="predictions")
     standardizer_version: Mapped[ModelVersion | None] = relationship(foreign_keys=[standardizer_version_id])
     classifier_version: Mapped[ModelVersion] = relationship(foreign_keys=[classifier_version_id])
+
+
+class ShadowPrediction(Base):
+    """A candidate's answer for a cell the active version classified (``[retraining] shadow_share`` of new cells,
+    while the candidate awaits evidence). Never a result: no view, report or export shows it as one; the review
+    queue lists the cells where it disagrees with the active version first (tier ``candidate_disagrees``)."""
+
+    __tablename__ = "shadow_predictions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"))
+    model_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"), index=True)
+    label: Mapped[str] = mapped_column(String(64))
+    confidence: Mapped[float] = mapped_column(Float)  # the plain softmax probability of the label
+    calibrated_confidence: Mapped[float | None] = mapped_column(Float)  # NULL: the candidate carries no calibration
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (Index("uq_shadow_predictions_image_id_version", "image_id", "model_version_id", unique=True),)
 
 
 class TrainingRun(Base):

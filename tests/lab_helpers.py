@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import insert, text
 
 from stainbridge.daemon.schema import upgrade_database
-from stainbridge.daemon.store import Image, Review, Site, make_engine, stain_columns
+from stainbridge.daemon.store import Image, Review, ShadowPrediction, Site, make_engine, stain_columns
 
 DAY1 = datetime(2026, 11, 2, 9, 0, tzinfo=timezone.utc)
 DAY2 = datetime(2026, 11, 3, 15, 30, tzinfo=timezone.utc)
@@ -25,7 +25,8 @@ STAINS = {"a.png": {"background": (80.0, 2.0, 8.0), "other_stained": (60.0, 20.0
 def seed_known_history(url: str) -> None:
     """Three classified images (one re-classified, one reviewed in agreement, one in disagreement, one
     unreviewed at low confidence and flagged for it), a duplicate, three failures (two reasons) and a pending file;
-    a.png, b.png and c.png (and its duplicate) are specimen BS-1, the pending g.png BS-2."""
+    a.png, b.png and c.png (and its duplicate) are specimen BS-1, the pending g.png BS-2; a candidate classifier
+    awaiting evidence shadowed a.png and c.png and disagrees on both."""
     upgrade_database(url)
     engine = make_engine(url)
     try:
@@ -69,6 +70,17 @@ def seed_known_history(url: str) -> None:
             c.execute(insert(Review.__table__),
                       [{"image_id": 1, "label": "monocyte", "reviewer": "dr-a", "created_at": DAY2},
                        {"image_id": 2, "label": "lymphocyte", "reviewer": "dr-a", "created_at": DAY2}])
+            # a candidate classifier awaiting evidence (the site's newest version), shadowing c.png (unreviewed, it
+            # disagrees) and a.png (reviewed): only c.png is a candidate disagreement
+            c.execute(text(
+                "INSERT INTO model_versions (id, kind, site, name, path, sha256, header, metrics, state, gate_verdict, "
+                "created_at) VALUES (4, 'classifier', 'hospital-x', 'resnet-v3', '/m/c3', 'c3', '{}', '{}', "
+                "'candidate', 'awaiting_evidence', :t)"), {"t": DAY2})
+            c.execute(insert(ShadowPrediction.__table__),
+                      [{"image_id": 3, "model_version_id": 4, "label": "lymphocyte", "confidence": 0.7,
+                        "calibrated_confidence": None, "created_at": DAY2},
+                       {"image_id": 1, "model_version_id": 4, "label": "lymphocyte", "confidence": 0.8,
+                        "calibrated_confidence": None, "created_at": DAY2}])
     finally:
         engine.dispose()
 

@@ -31,6 +31,8 @@ EXPECTED = {
                      ("2026-11-02", "neutrophil", 2, 0.667, 3, 0.617, 0.333)],
     # the same week's three cells: the mean of their medians (lab_helpers.STAINS)
     "weekly_stain": [("2026-11-02", 3, 82.0, 2.0, 8.0, 42.0, 20.0, -28.0)],
+    # the candidate disagrees on a.png too, but a.png is reviewed: only c.png waits
+    "candidate_disagreements": [(3, "c.png", "neutrophil", "lymphocyte", "resnet-v3")],
 }
 
 

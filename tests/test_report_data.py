@@ -33,14 +33,18 @@ def test_report_aggregates_on_both_databases(database_url: str) -> None:
     assert data.accuracy == 0.5
     assert data.failures == [("corrupt", 2), ("empty", 1)]
     assert [s.source_name for s in data.lowest] == ["c.png"]
+    # the review queue's first tier, as review export lists it: the shadowed candidate disagrees on c.png
+    assert data.disagreements == [(3, "c.png", "hospital-x", "neutrophil", "lymphocyte", "resnet-v3")]
+    assert data.disagreements_total == 1
     assert [s.source_name for s in data.grid] == ["c.png", "b.png", "a.png"]
     assert data.usage == [("cyclegan-a", "resnet-v2", True, 1.25, 2), ("cyclegan-a", "resnet-v2", False, 1.25, 1)]
     assert data.site_profile == {"magnification": 1.25, "method": "test"}
     assert data.throughput["done"] == 3 and data.throughput["latency_ms"] == 12.0
     assert [(v["name"], v["state"]) for v in data.versions] == [  # newest first
-        ("resnet-v2", "active"), ("resnet-v1", "retired"), ("cyclegan-a", "active")]
+        ("resnet-v3", "candidate"), ("resnet-v2", "active"), ("resnet-v1", "retired"), ("cyclegan-a", "active")]
     page = render(data)
     assert "Accuracy against 2 reviewed images: <b>50.0%</b>" in page and "magnification" in page
+    assert 'id="candidate-disagreements"' in page and "<td>lymphocyte</td>" in page
 
 
 def test_report_period_and_export_stream_on_both_databases(database_url: str) -> None:

@@ -17,7 +17,16 @@ from stainbridge.daemon import cli
 from stainbridge.daemon.intake import claims
 from stainbridge.daemon.retraining import nightly as retraining
 from stainbridge.daemon.retraining import runs
-from stainbridge.daemon.store import Image, ModelKind, ModelVersion, Review, RunStatus, TrainingRun, VersionState
+from stainbridge.daemon.store import (
+    GateVerdict,
+    Image,
+    ModelKind,
+    ModelVersion,
+    Review,
+    RunStatus,
+    TrainingRun,
+    VersionState,
+)
 from stainbridge.daemon.versions import registry
 from stainbridge.models.imaging import synthetic
 from tests.daemon_helpers import STAINBRIDGE, subprocess_env, wait_for
@@ -65,7 +74,9 @@ def test_nightly_run_without_reviews_trains_a_candidate_but_does_not_promote_it(
         run = session.get(TrainingRun, result.run_id)
         assert run.status is RunStatus.rejected and run.images_used > 0 and run.held_out_images > 0
         assert run.finished_at is not None and Path(run.log_path).is_file() and run.model_version_id == result.candidate_id
-        assert session.get(ModelVersion, result.candidate_id).state is VersionState.candidate
+        candidate = session.get(ModelVersion, result.candidate_id)
+        assert candidate.state is VersionState.candidate
+        assert candidate.gate_verdict is GateVerdict.awaiting_evidence  # so the service shadows it (issue 23)
         assert registry.active_version(session, ModelKind.standardizer, "default").path == str(lab.broken.resolve())
 
 

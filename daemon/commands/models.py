@@ -3,7 +3,8 @@
 Every version belongs to one site (docs/sites.md); ``--site`` names it (default ``[site] name``).
 ``register`` loads the file through the inference path (so only a checkpoint that loads can be
 registered; the built-in standardizers ``none``, ``reinhard`` and ``macenko`` by name) and records it as a
-candidate of the site; ``gate`` runs the promotion gate on a candidate without promoting it; ``promote`` makes a version active for its site
+candidate of the site; ``gate`` runs the promotion gate on a candidate without promoting it (and keeps the verdict on
+it: one refused only for too few reviews is shadowed by the service); ``promote`` makes a version active for its site
 (no gate: the operator decides); ``rollback`` re-activates the version that served the site before
 the active one (from the promotion history, which ``history`` lists); ``prune`` removes old run folders and
 unused candidates (``daemon.retraining.retention``). The running service picks up a change between two
@@ -91,14 +92,20 @@ def _register(session: Session, path: Path, site: str) -> registry.ModelVersion:
 
 
 def _gate(settings: Settings, sessions: Callable[[], Session], args: argparse.Namespace) -> int:
-    """Print the gate's verdict (exit 0 whether it passed or not: it ran); nothing is promoted."""
-    from stainbridge.daemon.retraining.promotion import GateError, gate_version  # torch: only for this action
+    """Print the gate's verdict (exit 0 whether it passed or not: it ran); nothing is promoted. The verdict is kept
+    on a candidate of the site (``gate_verdict``): one refused only for too few reviews is shadowed by the service."""
+    from stainbridge.daemon.retraining.promotion import (  # torch: only for this action
+        GateError,
+        gate_version,
+        record_verdict_of,
+    )
 
     try:
         result = gate_version(settings, sessions, args.id, site=args.site)  # type: ignore[arg-type]
     except GateError as exc:
         print(f"stainbridge models gate: {exc}", file=sys.stderr)
         return 1
+    record_verdict_of(sessions, args.id, result, args.site)  # type: ignore[arg-type]
     if args.json:
         print(json.dumps(result.as_json(), indent=2))
         return 0

@@ -2,7 +2,9 @@
 
 ``export`` writes the review queue, with an empty ``label`` column for the hematologist to fill in, as
 UTF-8 with a byte-order mark for Excel and with names that would start a formula neutralized
-(``commands.spreadsheet``), tier by tier (column ``tier``): first each unvalidated site's validation sample
+(``commands.spreadsheet``), tier by tier (column ``tier``): first the cells where a site's shadowed candidate
+disagrees with the active version (``candidate_disagrees``: the ``candidate_disagreements`` view, at most
+``[retraining] min_gate_reviews`` per site; docs/retraining.md, "Shadow"), then each unvalidated site's validation sample
 (``validation_sample``: the cells the service chose from its first ones, docs/sites.md; ``validation_rank``
 1, 2, ... in review order; bounded by ``[site] validation_reviews``), then the cells the service flagged as
 not one of the known classes, then those it flagged for a low calibrated confidence, then any other whose
@@ -28,7 +30,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from sqlalchemy import ColumnElement, case, func, or_, select
+from sqlalchemy import ColumnElement, case, column, func, or_, select, table
 from sqlalchemy.orm import Session
 
 from stainbridge.daemon.commands.models import database
@@ -50,8 +52,12 @@ from stainbridge.daemon.versions import registry
 
 EXPORT_COLUMNS = ["image", "sha256", "source_name", "archive_path", "site", "specimen", "tier", "validation_rank", "predicted",
                   "confidence", "calibrated_confidence", "label", "reviewer", "time", "comment", "thumbnail"]
-# The review queue's tiers after the validation samples, in the order a hematologist sees them (see review_tiers).
+# The review queue's tiers, in the order a hematologist sees them: the candidate's disagreements, the validation
+# samples, then REVIEW_TIERS (see review_tiers).
+CANDIDATE_TIER = "candidate_disagrees"
 VALIDATION_TIER = "validation_sample"
+# The view that defines the first tier (daemon.lab.views): the report lists the same cells.
+CANDIDATE_DISAGREEMENTS = table("candidate_disagreements", column("image_id"))
 REVIEW_TIERS = ("not_a_known_class", "low_confidence", "below_threshold")
 THUMBNAIL_PX = 192
 
@@ -204,9 +210,12 @@ def review_tiers(below: float) -> list[tuple[str, ColumnElement[bool]]]:
     return [(name, conditions[name]) for name in REVIEW_TIERS]
 
 
-def review_queue(session: Session, below: float, limit: int, site: str | None = None) -> list[dict[str, object]]:
-    """Unreviewed cells in review order: the validation samples of unvalidated sites (by site, in review order),
-    then tier by tier (``review_tiers``), least confident first within a tier; at most ``limit``."""
+def review_queue(session: Session, below: float, limit: int, site: str | None = None, *,
+                 disagreements_per_site: int = 50) -> list[dict[str, object]]:
+    """Unreviewed cells in review order: where a shadowed candidate disagrees with the active version (at most
+    ``disagreements_per_site`` per site, ``[retraining] min_gate_reviews``: what its gate waits for), the validation
+    samples of unvalidated sites (by site, in review order), then tier by tier (``review_tiers``); least confident
+    first within a tier; at most ``limit``."""
     tiers = review_tiers(below)
     tier = case(*[(condition, rank) for rank, (_, condition) in enumerate(tiers)], else_=len(tiers))
     latest = select(Prediction.image_id, func.max(Prediction.id).label("pid")).group_by(Prediction.image_id).subquery()
@@ -217,17 +226,32 @@ def review_queue(session: Session, below: float, limit: int, site: str | None = 
                   .where(Image.status == ImageStatus.done, Review.id.is_(None)))
     if site is not None:
         unreviewed = unreviewed.where(Image.site == site)
-    sample = session.execute(
+    least_confident = func.coalesce(Prediction.calibrated_confidence, Prediction.confidence)
+    per_site: dict[str, int] = {}
+    disagreeing = []
+    for row in session.execute(unreviewed.where(Image.id.in_(select(CANDIDATE_DISAGREEMENTS.c.image_id)))
+                               .order_by(Image.site, least_confident, Image.id)).all():
+        per_site[row[0].site] = per_site.get(row[0].site, 0) + 1
+        if per_site[row[0].site] <= disagreements_per_site:
+            disagreeing.append(row)
+    disagreeing = sorted(disagreeing, key=lambda row: (row[1].calibrated_confidence if row[1].calibrated_confidence
+                                                       is not None else row[1].confidence, row[0].id))[:limit]
+    first = {row[0].id for row in disagreeing}
+    sample = [row for row in session.execute(
         unreviewed.join(Site, Site.id == ValidationCell.site_id).where(Site.state == SiteState.unvalidated)
-        .order_by(Site.name, ValidationCell.rank).limit(limit)).all()
+        .order_by(Site.name, ValidationCell.rank).limit(limit + len(first))).all() if row[0].id not in first]
     shown = {row[0].id for row in sample}
     rest = session.execute(
         unreviewed.where(or_(*[c for _, c in tiers]))
-        .order_by(tier, func.coalesce(Prediction.calibrated_confidence, Prediction.confidence), Image.id)
-        .limit(limit + len(shown))).all()
-    rows = (sample + [row for row in rest if row[0].id not in shown])[:limit]
+        .order_by(tier, least_confident, Image.id)
+        .limit(limit + len(shown) + len(first))).all()
+    rows = (disagreeing + sample + [row for row in rest if row[0].id not in shown | first])[:limit]
+
+    def tier_of(image_id: int, rank: int) -> str:
+        return CANDIDATE_TIER if image_id in first else VALIDATION_TIER if image_id in shown else tiers[rank][0]
+
     return [{"image": i.id, "sha256": i.sha256, "source_name": i.source_name, "archive_path": i.archive_path or "",
-             "site": i.site, "specimen": i.specimen or "", "tier": VALIDATION_TIER if i.id in shown else tiers[rank][0],
+             "site": i.site, "specimen": i.specimen or "", "tier": tier_of(i.id, rank),
              "validation_rank": vrank if i.id in shown else "", "predicted": p.label,
              "confidence": round(p.confidence, 4),
              "calibrated_confidence": "" if p.calibrated_confidence is None else round(p.calibrated_confidence, 4),
@@ -264,7 +288,8 @@ def run(args: argparse.Namespace) -> int:
                 session.commit()
                 print(counts.summary())
                 return 0
-            queue = review_queue(session, settings.retraining.review_below, args.limit, args.site)
+            queue = review_queue(session, settings.retraining.review_below, args.limit, args.site,
+                                 disagreements_per_site=settings.retraining.min_gate_reviews)
     except (ConfigError, SchemaError, ReviewFileError) as exc:
         print(f"{name}: {exc}", file=sys.stderr)
         return 1
@@ -278,8 +303,10 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if out is not sys.stdout:
             out.close()
-    counts = {name: sum(1 for row in queue if row["tier"] == name) for name in (VALIDATION_TIER, *REVIEW_TIERS)}
+    counts = {name: sum(1 for row in queue if row["tier"] == name)
+              for name in (CANDIDATE_TIER, VALIDATION_TIER, *REVIEW_TIERS)}
     print(f"{len(queue)} image(s) written to {'standard output' if args.out == '-' else args.out}: "
+          f"{counts[CANDIDATE_TIER]} where a candidate awaiting evidence disagrees, "
           f"{counts[VALIDATION_TIER]} of validation samples, {counts['not_a_known_class']} flagged as not a known "
           f"class, {counts['low_confidence']} flagged for low confidence, {counts['below_threshold']} more below "
           f"confidence {settings.retraining.review_below}"

@@ -25,6 +25,7 @@ from stainbridge.daemon.config import ConfigError, Settings, load_settings
 from stainbridge.daemon.config_values import schedule_trigger
 from stainbridge.daemon.intake.walking import is_ignored_name
 from stainbridge.daemon.lab.drift import gather_drift
+from stainbridge.daemon.retraining.shadowing import shadow_summaries
 from stainbridge.daemon.schema import (
     SchemaError,
     require_database,
@@ -116,6 +117,8 @@ class StatusReport:
     workers: list[dict[str, Any]] = field(default_factory=list)  # live ones, else the newest that went silent
     last_processed_at: str | None = None  # the newest processed_at of any image, whichever worker did it
     drift: list[str] = field(default_factory=list)  # sites whose latest week drifted from their baseline, in words
+    # per site, the candidate that awaits evidence and is shadowed (daemon.retraining.shadowing.ShadowSummary)
+    shadow: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _local_midnight_utc() -> datetime:
@@ -167,6 +170,7 @@ def collect(settings: Settings, session: Session) -> StatusReport:
         **_liveness(session),
         drift=[d.latest_alert.describe() for d in gather_drift(lambda sql: session.execute(text(sql)).all(),
                                                                    settings.lab) if d.latest_alert],
+        shadow=[summary.as_json() for summary in shadow_summaries(session, settings.retraining)],
     )
 
 
@@ -266,6 +270,14 @@ def _service_lines(report: StatusReport) -> list[str]:
     return lines
 
 
+def _shadow_line(s: dict[str, Any]) -> str:
+    share = "" if s["disagreement_share"] is None else f" ({s['disagreement_share']:.0%})"
+    off = "; shadowing is off ([retraining] shadow_share = 0)" if s["share"] <= 0 else ""
+    return (f"candidate {s['kind']} version {s['version']} ({s['name']}) awaits evidence: {s['cells']} cell(s) "
+            f"shadowed, {s['disagreements']} disagree{share}; the gate has {s['reviews']} of {s['reviews_needed']} "
+            f"reviewed cells{off}")
+
+
 def render(report: StatusReport) -> str:
     lines = [
         *_service_lines(report),
@@ -304,6 +316,8 @@ def render(report: StatusReport) -> str:
                          + (f"stage {last['stage']}, " + (f"pid {last['pid']}, " if last["pid"] else "")
                             + f"log {last['log_path'] or '(not yet)'}" if last["stage"] else str(last["reason"])))
     lines.append(f"reviews             {report.reviews_total} recorded, {report.candidates} candidate model(s) waiting")
+    for shadow in report.shadow:
+        lines.append(f"{'shadow ' + shadow['site']:<20}" + _shadow_line(shadow))
     for volume in report.disk:
         lines.append(f"{'free, ' + volume['role']:<20}{volume['free_mb']} MiB ({volume['folder']})")
     if report.disk_short:

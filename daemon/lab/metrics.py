@@ -10,7 +10,10 @@ What this worker did since it started (counters and histograms, kept in memory):
 folder), ``stainbridge_served_model_info{site,kind,name,sha256}`` (the versions this worker serves: a promotion
 shows here once the hot swap has loaded it), ``stainbridge_model_swap_refused{site}`` (1 while this worker refuses
 a promoted version; it retries at every poll), ``stainbridge_active_model_info{site,kind,name,sha256}`` (the
-registry's active versions) and ``stainbridge_last_successful_retraining_timestamp_seconds`` from the database.
+registry's active versions), ``stainbridge_last_successful_retraining_timestamp_seconds`` and, per site whose
+candidate awaits evidence (docs/retraining.md, "Shadow"), ``stainbridge_shadow_candidate_info{site,kind,name,version}``,
+``stainbridge_shadow_cells{site}``, ``stainbridge_shadow_disagreement_share{site}``,
+``stainbridge_shadow_gate_reviews{site}`` and ``stainbridge_shadow_gate_reviews_needed{site}`` from the database.
 
 The endpoint is plain HTTP without authentication: it listens on 127.0.0.1 unless ``[metrics]
 address`` says otherwise; expose it only to the lab's monitoring network.
@@ -33,10 +36,11 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import sessionmaker
 
 from stainbridge.daemon import diskspace
-from stainbridge.daemon.config import ConfigError, LabSettings, Settings
+from stainbridge.daemon.config import ConfigError, LabSettings, RetrainingSettings, Settings
 from stainbridge.daemon.intake import claims
 from stainbridge.daemon.lab.drift import gather_drift
 from stainbridge.daemon.logs import get_logger
+from stainbridge.daemon.retraining.shadowing import ShadowSummary, shadow_summaries
 from stainbridge.daemon.store import RunStatus, TrainingRun
 from stainbridge.daemon.versions.registry import active_versions
 from stainbridge.daemon.versions.serving import served
@@ -62,9 +66,11 @@ STATES = ("ready", "paused", "retrying", "unhealthy", "stopped")  # daemon.servi
 class DatabaseCollector(Collector):
     """Gauges read from the database at scrape time; a database that does not answer yields none."""
 
-    def __init__(self, sessions: sessionmaker, lab: LabSettings | None = None) -> None:
+    def __init__(self, sessions: sessionmaker, lab: LabSettings | None = None,
+                 retraining: RetrainingSettings | None = None) -> None:
         self.sessions = sessions
         self.lab = lab or LabSettings()
+        self.retraining = retraining or RetrainingSettings()
 
     def collect(self) -> Iterator[Any]:
         try:
@@ -75,6 +81,7 @@ class DatabaseCollector(Collector):
                 last = session.scalar(select(func.max(TrainingRun.finished_at))
                                       .where(TrainingRun.status == RunStatus.succeeded))
                 drift = gather_drift(lambda sql: session.execute(text(sql)).all(), self.lab)
+                shadows = shadow_summaries(session, self.retraining)
         except SQLAlchemyError as exc:
             log.warning("metrics_database_unavailable", error=str(exc).splitlines()[0])
             return
@@ -118,12 +125,35 @@ class DatabaseCollector(Collector):
             for region, value in site.latest_stain_delta_e.items():
                 stain.add_metric([site.site, region], round(value, 3))
         yield stain
+        yield from _shadow_metrics(shadows)
         if last is not None:
             if last.tzinfo is None:  # SQLite hands timestamps back without their zone; they are UTC
                 last = last.replace(tzinfo=timezone.utc)
             yield GaugeMetricFamily("stainbridge_last_successful_retraining_timestamp_seconds",
                                     "When the last successful retraining run finished (Unix time)",
                                     value=last.timestamp())
+
+
+def _shadow_metrics(shadows: list[ShadowSummary]) -> Iterator[GaugeMetricFamily]:
+    """Per site whose newest candidate awaits evidence: which, the cells it scored, how often it disagrees with the
+    active version, and the reviewed cells its gate has against those it needs."""
+    info = GaugeMetricFamily("stainbridge_shadow_candidate_info", "The candidate a site shadows while it awaits "
+                             "evidence (value 1)", labels=["site", "kind", "name", "version"])
+    cells = GaugeMetricFamily("stainbridge_shadow_cells", "Cells the shadowed candidate scored", labels=["site"])
+    share = GaugeMetricFamily("stainbridge_shadow_disagreement_share", "Share of the shadowed cells where the "
+                              "candidate's label differs from the active version's", labels=["site"])
+    reviews = GaugeMetricFamily("stainbridge_shadow_gate_reviews", "Reviewed cells the gate counts as evidence "
+                                "for the shadowed candidate", labels=["site"])
+    needed = GaugeMetricFamily("stainbridge_shadow_gate_reviews_needed", "Reviewed cells the gate needs "
+                               "([retraining] min_gate_reviews)", labels=["site"])
+    for s in shadows:
+        info.add_metric([s.site, s.kind, s.name, str(s.version)], 1)
+        cells.add_metric([s.site], s.cells)
+        if s.disagreement_share is not None:
+            share.add_metric([s.site], s.disagreement_share)
+        reviews.add_metric([s.site], s.reviews)
+        needed.add_metric([s.site], s.reviews_needed)
+    yield from (info, cells, share, reviews, needed)
 
 
 class ServiceMetrics:
@@ -147,7 +177,7 @@ class ServiceMetrics:
                      "(no files are taken below [paths] min_free_mb)", ["folder"], registry=self.registry)
         for role, folder in diskspace.written_folders(settings).items():
             free.labels(role).set_function(lambda folder=folder: diskspace.free_bytes(folder))
-        self.registry.register(DatabaseCollector(sessions, settings.lab))
+        self.registry.register(DatabaseCollector(sessions, settings.lab, settings.retraining))
         self.predictions = Counter("stainbridge_predictions", "Cells this worker classified, by predicted class and "
                                    "whether they were flagged for review", ["label", "flagged"], registry=self.registry)
         self.confidence = Histogram("stainbridge_confidence", "Confidence of each classified cell in its label "

@@ -24,6 +24,7 @@ from stainbridge.daemon.lab.views import day_sql, reason_sql
 HISTOGRAM_BINS = 20
 GRID_IMAGES = 12  # incoming images shown before and after standardization
 REVIEW_IMAGES = 12  # lowest-confidence unreviewed images shown for review
+DISAGREEMENT_ROWS = 50  # cells where a shadowed candidate disagrees, listed for review first
 EARLIEST = datetime(1970, 1, 1, tzinfo=timezone.utc)
 LATEST = datetime(9999, 1, 1, tzinfo=timezone.utc)
 
@@ -73,6 +74,10 @@ class ReportData:
     histogram: list[int] = field(default_factory=lambda: [0] * HISTOGRAM_BINS)
     grid: list[Shown] = field(default_factory=list)
     lowest: list[Shown] = field(default_factory=list)
+    # cells `review export` lists first (view candidate_disagreements, any period): (image_id, source_name, site,
+    # active label, candidate label, candidate); and how many there are in all
+    disagreements: list[tuple[int, str, str, str, str, str]] = field(default_factory=list)
+    disagreements_total: int = 0
     confusion: list[tuple[str, str, int]] = field(default_factory=list)  # (reviewed, predicted, n)
     failures: list[tuple[str, int]] = field(default_factory=list)
     throughput: dict[str, Any] = field(default_factory=lambda: _throughput((0, None, None, None)))
@@ -137,6 +142,11 @@ def gather(engine: Engine, period: Period, database: str, *, lab: LabSettings | 
         lowest = shown.replace("reviewed_label, site FROM", "NULL AS reviewed_label, site FROM")
         data.lowest = [Shown(*r) for r in rows(lowest.format(view="low_confidence_queue", order="confidence, image_id",
                                                              limit=REVIEW_IMAGES))]
+        disagree = f"FROM candidate_disagreements {'WHERE site = :site' if site else ''}"
+        data.disagreements = [tuple(r) for r in c.execute(text(
+            f"SELECT image_id, source_name, site, label, candidate_label, candidate {disagree} "
+            f"ORDER BY COALESCE(calibrated_confidence, confidence), image_id LIMIT {DISAGREEMENT_ROWS}"), bounds)]
+        data.disagreements_total = int(c.execute(text(f"SELECT COUNT(*) {disagree}"), bounds).scalar_one())
         data.confusion = [tuple(r) for r in rows(
             f"SELECT reviewed_label, label, COUNT(*) FROM latest_results WHERE reviewed_label IS NOT NULL "
             f"AND {where} GROUP BY reviewed_label, label")]

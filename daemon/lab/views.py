@@ -5,9 +5,10 @@ views only filter and aggregate it, so "latest" has one definition. `site_valida
 what its results rest on (docs/sites.md), and `latest_results` carries that text on every row, so day-0
 output is never mistaken for validated output. Three expressions differ between SQLite and PostgreSQL
 (the UTC day of a timestamp, the reason before the first ':' of an error, a number with two decimals),
-hence one text per dialect (and SQLite's times get their zone written out). Migrations keep frozen copies (0004; latest_results and site_validation
-since 0008, with the review columns since 0009, the specimen, specimen_differentials and weekly_drift since 0011;
-weekly_stain and failures_by_reason's zoned times on SQLite since 0012): a change here needs a new revision.
+hence one text per dialect (and SQLite's times get their zone written out). Migrations keep frozen copies (0004;
+latest_results and site_validation since 0008, with the review columns since 0009, the specimen,
+specimen_differentials and weekly_drift since 0011; weekly_stain and failures_by_reason's zoned times on SQLite since
+0012; candidate_disagreements since 0013): a change here needs a new revision.
 
 Any later migration that rebuilds a table with batch mode (SQLite) must drop these views and
 `results` first and create them again afterwards (see 0003 for `results`).
@@ -64,7 +65,28 @@ ROW_VALIDATION_SQL = """CASE WHEN v.state = 'validated'
 
 LAB_VIEW_NAMES = ("site_validation", "latest_results", "daily_counts", "low_confidence_queue",
                   "review_disagreements", "failures_by_reason", "specimen_differentials", "weekly_drift",
-                  "weekly_stain")
+                  "weekly_stain", "candidate_disagreements")
+
+# The candidate each site shadows (daemon.versions.shadow.shadowed_candidates says the same in the ORM): the site's
+# newest registered version, while it is a candidate whose last gate verdict is "awaiting_evidence". A newer
+# version of the site (of either kind) supersedes it; promotion (active) or a verdict on evidence ends it.
+SHADOWED_CANDIDATES_SQL = """SELECT v.id, v.site, v.kind, v.name
+FROM model_versions v
+JOIN (SELECT site, MAX(id) AS id FROM model_versions GROUP BY site) n ON n.id = v.id
+WHERE v.state = 'candidate' AND v.gate_verdict = 'awaiting_evidence'"""
+
+# The review queue's first tier (`review export`, tier candidate_disagrees) and the report's list of the same cells:
+# unreviewed classified cells whose shadow prediction by their site's shadowed candidate differs from their current
+# answer (which the active version gave: shadow predictions are never results).
+CANDIDATE_DISAGREEMENTS_SQL = f"""CREATE VIEW candidate_disagreements AS
+SELECT r.image_id, r.source_name, r.site, r.received_at, r.label, r.confidence, r.calibrated_confidence,
+       sp.label AS candidate_label, sp.confidence AS candidate_confidence,
+       sp.calibrated_confidence AS candidate_calibrated_confidence,
+       c.id AS candidate_version_id, c.kind AS candidate_kind, c.name AS candidate, r.archive_path
+FROM latest_results r
+JOIN shadow_predictions sp ON sp.image_id = r.image_id
+JOIN ({SHADOWED_CANDIDATES_SQL}) c ON c.id = sp.model_version_id AND c.site = r.site
+WHERE r.reviewed_label IS NULL AND sp.label <> r.label"""
 
 # Per site, specimen and predicted class (long format: the classes are whatever the site's classifier knows, so
 # no column per class): cells counted (the cell's current answer, not a duplicate, not flagged for review), their
@@ -193,4 +215,5 @@ WHERE reviewed_label IS NOT NULL AND reviewed_label <> label""",
         SPECIMEN_DIFFERENTIALS_SQL,
         weekly_drift_sql(dialect),
         weekly_stain_sql(dialect),
+        CANDIDATE_DISAGREEMENTS_SQL,
     ]

@@ -122,6 +122,7 @@ class Item:
     detail: str = ""
     seconds: float = 0.0  # decode time
     result: Any = None  # BatchResult
+    shadow: Any = None  # (candidate version id, BatchResult) when its site's shadowed candidate also scored it
     target: ImageStatus | None = None  # status to file by (done -> archive, failed -> quarantine)
     deferred: str | None = None  # a transient failure: release the claim, leave the file in place
     created_row: bool = False  # this batch created the (unclaimed, failed) row of a refused entry

@@ -21,7 +21,7 @@ from stainbridge.daemon.intake.failures import error_summary, is_transient, stor
 from stainbridge.daemon.logs import get_logger
 from stainbridge.daemon.pipeline import filing
 from stainbridge.daemon.pipeline.batch import BatchReport, Item
-from stainbridge.daemon.store import Image, ImageStatus, Prediction, stain_columns, utcnow
+from stainbridge.daemon.store import Image, ImageStatus, Prediction, ShadowPrediction, stain_columns, utcnow
 from stainbridge.daemon.versions.loading import LoadedModels
 from stainbridge.models.inference import BatchResult, fsync_dir
 
@@ -66,6 +66,14 @@ def prediction_row(result: BatchResult, *, image_id: int, models: LoadedModels, 
         latency_ms=round(latency_ms, 3), tta=result.tta, magnification=result.magnification,
         calibrated_confidence=result.calibrated_confidence, ood_score=result.ood_score,
         needs_review=result.needs_review, review_reason=result.review_reason, created_at=created_at)
+
+
+def shadow_row(shadow: tuple[int, BatchResult], *, image_id: int, created_at: datetime) -> ShadowPrediction:
+    """The stored form of a shadowed candidate's answer for one image (``versions.shadow``)."""
+    version_id, result = shadow
+    return ShadowPrediction(image_id=image_id, model_version_id=version_id, label=result.label,
+                            confidence=result.confidence, calibrated_confidence=result.calibrated_confidence,
+                            created_at=created_at)
 
 
 def _record_together(sessions: sessionmaker, items: list[Item], report: BatchReport) -> list[Item]:
@@ -117,6 +125,8 @@ def _record_together(sessions: sessionmaker, items: list[Item], report: BatchRep
                     setattr(row, column, value)
                 session.add(prediction_row(result, image_id=row.id, models=m, latency_ms=item.seconds * 1000,
                                            created_at=now))
+                if item.shadow is not None:  # beside the result, in its transaction; never a result itself
+                    session.add(shadow_row(item.shadow, image_id=row.id, created_at=now))
                 item.target = ImageStatus.done
                 counts.done += 1
                 confidence = result.calibrated_confidence if result.calibrated_confidence is not None else result.confidence

@@ -84,6 +84,7 @@ from stainbridge.daemon.pipeline.batch import (
 from stainbridge.daemon.pipeline.claiming import claim_items
 from stainbridge.daemon.pipeline.recording import file_items, record
 from stainbridge.daemon.store import Image, ImageStatus, utcnow
+from stainbridge.daemon.versions.shadow import in_shadow_sample
 from stainbridge.daemon.versions.site_models import SiteModels
 from stainbridge.models.inference import run_batch
 
@@ -344,6 +345,25 @@ class Pipeline:
         share = (time.perf_counter() - started) / len(items)
         for item, result in zip(items, results, strict=True):
             item.result, item.seconds = result, item.seconds + share
+        self._shadow(items)
+
+    def _shadow(self, items: list[Item]) -> None:
+        """Score the shadowed share of the items with their site's candidate awaiting evidence (versions.shadow).
+        Its answers are recorded apart and never become results; a failure costs the shadow rows, nothing else."""
+        shadow = self.models.shadow(items[0].site)
+        share = self.settings.retraining.shadow_share
+        chosen = [i for i in items if shadow is not None and i.sha256 and in_shadow_sample(i.sha256, share)]
+        if not chosen:
+            return
+        try:
+            results = run_batch([i.decoded.image for i in chosen], shadow.standardizer, shadow.classifier,
+                                scale=self.settings.site.scale, tta=self.settings.models.tta)
+        except Exception as exc:  # noqa: BLE001 - the results are already there; only the shadow is lost
+            log.warning("shadow_failed", site=items[0].site, candidate_version=shadow.version_id, cells=len(chosen),
+                        error=error_summary(exc))
+            return
+        for item, result in zip(chosen, results, strict=True):
+            item.shadow = (shadow.version_id, result)
 
     def warm_up(self) -> None:
         """Run the models once on a probe image before READY=1: the first batch's one-time costs

@@ -162,11 +162,9 @@ def _run(settings: Settings, sessions: sessionmaker, run_id: int, reviewed: list
     metrics = {"gate": gate.metrics(), "training": (candidate.header.get("metrics") or {}).get("final", {})}
     with sessions.begin() as session:
         version = session.get(ModelVersion, candidate_id)
-        version.metrics = {**(version.metrics or {}), "gate": gate.metrics()}
+        promotion.record_verdict(version, gate)
         if gate.passed:
             registry.activate(session, version, reason=gate.reason, actor=f"nightly job, run {run_id}")
-        else:
-            version.reason = gate.reason
         session.get(TrainingRun, run_id).metrics = metrics
     status = RunStatus.succeeded if gate.passed else RunStatus.rejected
     runs.finish_run(sessions, run_id, status, gate.reason)

@@ -245,11 +245,10 @@ def _run(settings: Settings, sessions: sessionmaker, run_id: int, now: datetime,
                "site_profile": gate.site_profile}
     with sessions.begin() as session:
         version = session.get(ModelVersion, candidate_id)
-        version.metrics = {**(version.metrics or {}), "gate": gate.metrics(), "site_profile": gate.site_profile}
+        promotion.record_verdict(version, gate)
+        version.metrics = {**version.metrics, "site_profile": gate.site_profile}
         if gate.passed:
             registry.activate(session, version, reason=gate.reason, actor=f"nightly job, run {run_id}")
-        else:
-            version.reason = gate.reason
         run = session.get(TrainingRun, run_id)
         run.metrics = metrics
     status = RunStatus.succeeded if gate.passed else RunStatus.rejected

@@ -45,7 +45,16 @@ from stainbridge.daemon.config import Settings
 from stainbridge.daemon.intake import decoding
 from stainbridge.daemon.logs import get_logger
 from stainbridge.daemon.retraining import runs
-from stainbridge.daemon.store import ModelKind, ModelVersion, Site, SiteState, TrainingRun, utcnow
+from stainbridge.daemon.store import (
+    GateVerdict,
+    ModelKind,
+    ModelVersion,
+    Site,
+    SiteState,
+    TrainingRun,
+    VersionState,
+    utcnow,
+)
 from stainbridge.daemon.versions import registry
 from stainbridge.models.inference import (
     Classifier,
@@ -91,9 +100,17 @@ class GateResult:
     reason: str
     checks: list[Check] = field(default_factory=list)
     site_profile: dict[str, Any] | None = None  # {"active": ..., "candidate": ...} for standardizers
+    awaiting_evidence: bool = False  # refused only for too few reviewed cells: the service shadows it meanwhile
+
+    @property
+    def verdict(self) -> GateVerdict:
+        """What ``model_versions.gate_verdict`` records."""
+        if self.passed:
+            return GateVerdict.passed
+        return GateVerdict.awaiting_evidence if self.awaiting_evidence else GateVerdict.refused
 
     def metrics(self) -> dict[str, Any]:
-        out = {"passed": self.passed, "reason": self.reason,
+        out = {"passed": self.passed, "reason": self.reason, "verdict": self.verdict.value,
                "checks": {c.name: {k: v for k, v in asdict(c).items() if k != "name"} for c in self.checks}}
         if self.site_profile is not None:
             out["site_profile"] = self.site_profile
@@ -194,7 +211,8 @@ def evaluate(settings: Settings, reviewed: Sequence[tuple[Path, str]], active: S
     if len(images) < cfg.min_gate_reviews:
         return GateResult(False, f"needs {cfg.min_gate_reviews} reviewed cells, has {len(images)} "
                                  "([retraining] min_gate_reviews; cells the candidate was trained on do not count): "
-                                 "review the cells `stainbridge review export` lists and `stainbridge review import` them")
+                                 "review the cells `stainbridge review export` lists and `stainbridge review import` them",
+                          awaiting_evidence=True)
     truth = [reviewed[i][1] for i in kept]
     active_labels, candidate_labels = _labels(settings, images, active), _labels(settings, images, candidate)
     checks = [_compare("balanced_accuracy", truth, candidate_labels, active_labels, cfg.margin)]
@@ -267,6 +285,26 @@ def _baseline(session: Session, site: str, settings: Settings, active_versions: 
     except (registry.RegistryError, OSError) as exc:
         raise GateError(f"site {site}'s validated recipe (versions {ids[0]}, {ids[1]}) does not load: {exc}; "
                         f"restore it or validate the site again with `stainbridge sites validate {site}`") from None
+
+
+def record_verdict(version: ModelVersion, result: GateResult) -> None:
+    """Keep the gate's verdict on a candidate (``gate_verdict``, ``metrics.gate``, the reason of a refusal): a candidate
+    refused only for too few reviewed cells is shadowed by the service until a later verdict. The caller commits."""
+    version.gate_verdict = result.verdict
+    version.metrics = {**(version.metrics or {}), "gate": result.metrics()}
+    if not result.passed:
+        version.reason = result.reason
+
+
+def record_verdict_of(sessions: sessionmaker, version_id: int, result: GateResult, site: str | None = None) -> bool:
+    """`models gate`: record the verdict when ``version_id`` is still a candidate gated on its own site (``site``
+    None or the version's); returns whether it did. Nothing is promoted."""
+    with sessions.begin() as session:
+        version = session.get(ModelVersion, version_id)
+        if version is None or version.state is not VersionState.candidate or site not in (None, version.site):
+            return False
+        record_verdict(version, result)
+    return True
 
 
 def gate_version(settings: Settings, sessions: sessionmaker, version_id: int, *, site: str | None = None,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,9 +134,18 @@ class NetworkCache:
         self.device = device
         self._classifiers: dict[str, Classifier] = {}
         self._standardizers: dict[tuple[str, str], Standardizer] = {}
+        self._pinned: set[int] = set()  # the day-0 recipe's networks: every new site starts on them
         if day0 is not None:
             self._classifiers[day0.classifier.sha256] = day0.classifier
             self._standardizers[(day0.standardizer_sha256, day0.classifier.sha256)] = day0.standardizer
+            self._pinned = {id(day0.classifier), id(day0.standardizer)}
+
+    def evict(self, networks: Iterable[Any], *, keep: Iterable[Any]) -> None:
+        """Forget ``networks`` (a candidate no longer shadowed) unless one of ``keep`` (what serves) or day 0's is
+        the same object: a long-running service must not hold every night's candidate in memory."""
+        drop = {id(n) for n in networks} - {id(n) for n in keep} - self._pinned
+        self._classifiers = {k: v for k, v in self._classifiers.items() if id(v) not in drop}
+        self._standardizers = {k: v for k, v in self._standardizers.items() if id(v) not in drop}
 
     def recipe(self, standardizer: str, classifier: str) -> Recipe:
         """A recipe from a standardizer (checkpoint or built-in name) and a classifier checkpoint, loaded once."""
