@@ -51,7 +51,6 @@ from stainbridge.daemon.store import (
     ModelVersion,
     Site,
     SiteState,
-    TrainingRun,
     VersionState,
     utcnow,
 )
@@ -169,21 +168,6 @@ def _labels(settings: Settings, images: list[PILImage.Image], side: Side) -> lis
         out += [r.label for r in run_batch(images[start:start + size], standardizer, classifier,
                                            scale=settings.site.scale, tta=settings.models.tta)]
     return out
-
-
-def trained_on(session: Session, version: ModelVersion) -> set[str]:
-    """sha256 of the site's images whose reviewed labels ``version`` was fine-tuned on: those the nightly run
-    that made it recorded, and the files of a hand-run `train finetune`'s --reviewed folder, when it is still there."""
-    shas: set[str] = set()
-    run = session.get(TrainingRun, version.training_run_id) if version.training_run_id is not None else None
-    if run is not None:
-        shas.update((run.params or {}).get("trained_on") or [])
-    root = (((version.header or {}).get("finetune") or {}).get("reviewed") or {}).get("root")
-    if root and Path(root).is_dir():
-        from stainbridge.models.inference import file_sha256
-
-        shas.update(file_sha256(p) for p in Path(root).rglob("*") if p.is_file() and not p.is_symlink())
-    return shas
 
 
 def _effective_classes(labels: Sequence[str]) -> float:
@@ -332,7 +316,7 @@ def gate_version(settings: Settings, sessions: sessionmaker, version_id: int, *,
         else:
             candidate = (registry.load_version(version, device=device, classifier=classifier), classifier)
         baseline, note = _baseline(session, site, settings, (s_active, c_active), active)
-        excluded = trained_on(session, version)
+        excluded = runs.trained_on(session, version)
     reviewed = [(path, label) for sha, path, label, _ in runs.reviewed_images(sessions, site) if sha not in excluded]
     if recent is None:
         recent = [path for _, path in runs.recent_images(settings, sessions, now or utcnow(), site)]

@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
-from sqlalchemy.orm import sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 
 from stainbridge.daemon.config import Settings
 from stainbridge.daemon.intake import claims
 from stainbridge.daemon.logs import get_logger
-from stainbridge.daemon.store import Image, ImageStatus, Review, RunStatus, TrainingRun, utcnow
+from stainbridge.daemon.store import Image, ImageStatus, ModelVersion, Review, RunStatus, TrainingRun, utcnow
 
 log = get_logger(__name__)
 PROGRESS_SECONDS = 60.0
@@ -161,3 +161,18 @@ def run_training(cmd: list[str], log_path: Path, *, timeout: float, stop: thread
                else f"exited with status {child.returncode}")
         tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] if log_path.exists() else []
         raise TrainingFailed(f"training {how}; see {log_path}" + (f" ({tail[0][:300]})" if tail else ""))
+
+
+def trained_on(session: Session, version: ModelVersion) -> set[str]:
+    """sha256 of the site's images whose reviewed labels ``version`` was fine-tuned on: those the nightly run
+    that made it recorded, and the files of a hand-run `train finetune`'s --reviewed folder, when it is still there."""
+    shas: set[str] = set()
+    run = session.get(TrainingRun, version.training_run_id) if version.training_run_id is not None else None
+    if run is not None:
+        shas.update((run.params or {}).get("trained_on") or [])
+    root = (((version.header or {}).get("finetune") or {}).get("reviewed") or {}).get("root")
+    if root and Path(root).is_dir():
+        from stainbridge.models.inference import file_sha256
+
+        shas.update(file_sha256(p) for p in Path(root).rglob("*") if p.is_file() and not p.is_symlink())
+    return shas

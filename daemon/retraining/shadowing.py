@@ -2,7 +2,7 @@
 
 For each site's shadowed candidate (``daemon.versions.shadow.shadowed_candidates``): the cells it scored, how many
 of those it labels otherwise than their current answer (the active version's), and the gate's evidence so far:
-the site's reviewed, archived cells it was not trained on (``promotion.trained_on``) against ``[retraining]
+the site's reviewed, archived cells it was not trained on (``runs.trained_on``) against ``[retraining]
 min_gate_reviews``. The gate itself also leaves out a reviewed cell whose archived file is gone or unreadable.
 """
 
@@ -15,7 +15,7 @@ from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
 from stainbridge.daemon.config import RetrainingSettings
-from stainbridge.daemon.retraining.promotion import trained_on
+from stainbridge.daemon.retraining.runs import trained_on
 from stainbridge.daemon.store import Image, ImageStatus, ModelVersion, Prediction, Review, ShadowPrediction
 from stainbridge.daemon.versions.shadow import shadowed_candidates
 

@@ -19,14 +19,17 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from stainbridge.daemon.logs import get_logger
 from stainbridge.daemon.store import GateVerdict, ModelKind, ModelVersion, VersionState
-from stainbridge.daemon.versions.loading import LoadedModels, NetworkCache
-from stainbridge.models.inference import Classifier, Standardizer
+
+if TYPE_CHECKING:  # the networks import torch; status asks which candidate is shadowed without them
+    from stainbridge.daemon.versions.loading import LoadedModels, NetworkCache
+    from stainbridge.models.inference import Classifier, Standardizer
 
 log = get_logger(__name__)
 
