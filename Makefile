@@ -21,8 +21,9 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -e '.[dev]'
 	touch $(STAMP)
 
+# --durations: the slowest tests at the end of every run, so CI's log says where the suite's minutes go.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=40
 
 # The unit tests and the quick service tests (under 3 minutes on 2 cores): every test that needs PostgreSQL,
 # Chromium or a GPU, or takes more than about 10 s, carries a marker and is left out here.
