@@ -101,9 +101,13 @@ def test_models_commands(sqlite_url, tmp_path, monkeypatch, capsys, restore_logg
                                 site="default")
         registry.register_model(s, ModelKind.standardizer, "none", "0" * 64, {}, site="default")
     engine.dispose()
-    assert cli.main(["models", "register", str(tiny.standardizer)]) == 0
-    assert cli.main(["models", "promote", "3"]) == 0
     capsys.readouterr()
+    assert cli.main(["models", "register", str(tiny.standardizer)]) == 0
+    assert capsys.readouterr().out.strip().endswith(  # a candidate: the service does not switch to it
+        "(candidate) for site default; `stainbridge models gate 3` judges it on reviewed cells, "
+        "`stainbridge models promote 3` serves it")
+    assert cli.main(["models", "promote", "3"]) == 0
+    assert capsys.readouterr().out.strip().endswith("a running service switches at its next batch")
     assert cli.main(["models", "list", "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
     assert {k for v in listed for k in v} >= {"id", "kind", "site", "name", "state", "sha256", "created_at", "metrics"}

@@ -27,6 +27,8 @@ from stainbridge.daemon.schema import SchemaError, prepare_database
 from stainbridge.daemon.store import ModelKind, VersionState, make_engine, make_sessionmaker
 from stainbridge.daemon.versions import registry
 
+SWITCHES = "; a running service switches at its next batch"  # the registry poll (versions.hotswap)
+
 
 @contextmanager
 def database(settings: Settings) -> Iterator[Callable[[], Session]]:
@@ -188,15 +190,18 @@ def run(args: argparse.Namespace) -> int:
                 version = _register(session, path, args.site or settings.site.name)
                 message = (f"registered {version.kind.value} version {version.id} ({version.state.value}) "
                            f"for site {version.site}")
+                message += (f"; `stainbridge models gate {version.id}` judges it on reviewed cells, "
+                            f"`stainbridge models promote {version.id}` serves it"
+                            if version.state is VersionState.candidate else SWITCHES)
             elif args.action == "promote":
                 version = registry.promote(session, args.id, reason=args.reason)
                 message = (f"version {version.id} ({version.name}) is now the active {version.kind.value} "
-                           f"of site {version.site}")
+                           f"of site {version.site}{SWITCHES}")
             else:
                 site = args.site or settings.site.name
                 old, new = registry.rollback(session, args.kind, site, reason=args.reason)
                 message = (f"rolled back {args.kind} of site {site}: version {old.id} retired, version {new.id} "
-                           f"({new.name}) active")
+                           f"({new.name}) active{SWITCHES}")
             session.commit()
     except (ConfigError, SchemaError, registry.RegistryError) as exc:
         print(f"{name}: {exc}", file=sys.stderr)
@@ -204,5 +209,5 @@ def run(args: argparse.Namespace) -> int:
     except Exception as exc:  # noqa: BLE001 - a file that does not load is an operator error, not a crash
         print(f"{name}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
-    print(message + "; a running service switches at its next batch")
+    print(message)
     return 0
