@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -160,7 +162,10 @@ class Daemon:
         self.process: subprocess.Popen[bytes] | None = None
         self.messages: list[str] = []
         self.starts = 0
-        self.socket_path = workdir / f"notify-{os.getpid()}-{id(self)}.sock"
+        # An AF_UNIX path holds at most 107 bytes: pytest-xdist's tmp_path (.../popen-gw0/test_long_name0/w1) does
+        # not leave room, so the socket lives in a short private folder of its own.
+        self.socket_dir = Path(tempfile.mkdtemp(prefix="sb-notify-"))
+        self.socket_path = self.socket_dir / "notify.sock"
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(str(self.socket_path))
         self.sock.setblocking(False)
@@ -236,6 +241,7 @@ class Daemon:
             self.process.kill()
             self.process.wait(timeout=30)
         self.sock.close()
+        shutil.rmtree(self.socket_dir, ignore_errors=True)
 
 
 def bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
