@@ -95,21 +95,27 @@ def test_weekly_drift_view_holds_each_weeks_shares_confidence_and_flags(database
     assert round(last.mean_confidence, 3) == 0.6 and round(last.share_flagged, 3) == 0.25
 
 
-def test_a_drifting_week_alerts_in_report_status_and_metrics(database_url: str, settings_factory) -> None:
-    """The fifth week moved beyond the bounds: the report lists it with its reasons, `status` says DRIFT, the
-    metric is 1; the four baseline weeks raise nothing."""
-    _seed_drifting_site(database_url)
+def _drift_everywhere(url: str, settings_factory):
+    """The one site's drift, the report's data, `status`'s report and the metric families, from the database."""
     lab = LabSettings()
-    engine = make_engine(database_url)
+    engine = make_engine(url)
     try:
         with engine.connect() as c:
             [site] = gather_drift(lambda sql: c.execute(text(sql)).all(), lab)
         data = gather(engine, Period(), "test", lab=lab)
         with make_sessionmaker(engine)() as session:
-            report = status.collect(settings_factory(database_url=database_url), session)
+            report = status.collect(settings_factory(database_url=url), session)
         families = list(DatabaseCollector(make_sessionmaker(engine), lab).collect())
     finally:
         engine.dispose()
+    return site, data, report, families
+
+
+def test_a_drifting_week_alerts_in_report_status_and_metrics(database_url: str, settings_factory) -> None:
+    """The fifth week moved beyond the bounds: the report lists it with its reasons, `status` says DRIFT, the
+    metric is 1; the four baseline weeks raise nothing."""
+    _seed_drifting_site(database_url)
+    site, data, report, families = _drift_everywhere(database_url, settings_factory)
     assert site.baseline == ["2026-10-05", "2026-10-12", "2026-10-19", "2026-10-26"]
     assert [(a.week, a.reasons) for a in site.alerts] == [("2026-11-02", [
         "lymphocyte 10% (baseline 50%)", "neutrophil 90% (baseline 50%)", "mean confidence 0.60 (baseline 0.90)",
@@ -160,17 +166,7 @@ def test_a_stain_shift_alerts_in_status_metrics_and_report(sqlite_url: str, sett
     """A week whose nuclei are stained 18.5 Delta E away from the baseline's alerts with that reason (beyond the
     default bound of 10); the metric gives each region's Delta E, the report draws the stain under the shares."""
     _seed_drifting_site(sqlite_url, stain_moves=True)
-    lab = LabSettings()
-    engine = make_engine(sqlite_url)
-    try:
-        with engine.connect() as c:
-            [site] = gather_drift(lambda sql: c.execute(text(sql)).all(), lab)
-        data = gather(engine, Period(), "test", lab=lab)
-        with make_sessionmaker(engine)() as session:
-            report = status.collect(settings_factory(database_url=sqlite_url), session)
-        families = list(DatabaseCollector(make_sessionmaker(engine), lab).collect())
-    finally:
-        engine.dispose()
+    site, data, report, families = _drift_everywhere(sqlite_url, settings_factory)
     [alert] = site.alerts
     assert alert.week == "2026-11-02"
     assert alert.reasons[-1] == "nucleus stain Delta E 18.5 (L*a*b* 57 15 -25; baseline 45 25 -35)"
