@@ -33,7 +33,7 @@ test: $(STAMP)
 # Chromium or a GPU, or takes more than about 10 s, carries a marker and is left out here.
 FAST := not slow and not postgres and not browser and not cuda and not burst
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "$(FAST)"
+	$(PY) -m pytest -q $(XDIST) -m "$(FAST)"
 
 demo: $(STAMP)
 	$(VENV)/bin/stainbridge demo
