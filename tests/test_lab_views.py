@@ -11,6 +11,7 @@ from sqlalchemy import inspect, text
 from stainbridge.daemon.lab.views import LAB_VIEW_NAMES, lab_views_sql
 from stainbridge.daemon.schema import downgrade_database, upgrade_database
 from stainbridge.daemon.store import RESULTS_VIEW_SQL, Base, make_engine
+from tests.daemon_helpers import query
 from tests.lab_helpers import DAY1, DAY2, doc_section, plain, seed_known_history, sql_blocks
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -55,13 +56,7 @@ def test_failures_by_reason_times_carry_their_zone_on_both_databases(database_ur
     """first_at and last_at say their zone on SQLite too (ISO 8601 with +00:00, as `export` writes times) and name
     the same instants as on PostgreSQL; `corrupt` failed on both days, `empty` on the second."""
     seed_known_history(database_url)
-    engine = make_engine(database_url)
-    try:
-        with engine.connect() as connection:
-            rows = connection.execute(text("SELECT reason, first_at, last_at FROM failures_by_reason "
-                                           "ORDER BY reason")).all()
-    finally:
-        engine.dispose()
+    rows = query(database_url, "SELECT reason, first_at, last_at FROM failures_by_reason ORDER BY reason")
     if database_url.startswith("sqlite"):
         assert [tuple(r) for r in rows] == [("corrupt", "2026-11-02T09:00:00+00:00", "2026-11-03T15:30:00+00:00"),
                                             ("empty", "2026-11-03T15:30:00+00:00", "2026-11-03T15:30:00+00:00")]
